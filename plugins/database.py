@@ -1,0 +1,100 @@
+"""Database plugin: the ``table``, ``row`` and public ``view`` pages, and the table, field, row and
+view messages of PROTOCOL.md §3 and §6 (database plugin table)."""
+from tornado_rt import MessageType, PageType, Plugin, normalize_id
+
+
+def _table_group(params):
+    return f"table-{normalize_id(params['table_id'])}"
+
+
+def _row_group(params):
+    return f"table-{normalize_id(params['table_id'])}-row-{normalize_id(params['row_id'])}"
+
+
+def _table_permission(params):
+    return f"permissions-table-{normalize_id(params['table_id'])}"
+
+
+def _can_view_table(principal, params, policy):
+    table_id = normalize_id(params["table_id"])
+    return table_id is not None and policy.can_view_table(principal, table_id)
+
+
+def _can_view_row(principal, params, policy):
+    table_id, row_id = normalize_id(params["table_id"]), normalize_id(params["row_id"])
+    return table_id is not None and row_id is not None and policy.can_view_row(principal, table_id, row_id)
+
+
+def _can_view_public_view(principal, params, policy):
+    slug, token = params["slug"], params["token"]
+    if not isinstance(slug, str) or (token is not None and not isinstance(token, str)):
+        return False
+    return policy.can_view_public_view(slug, token)
+
+
+def _table_deleted(ctx, message):
+    table_id = message["table_id"]
+    ctx.drop_permission_group(f"permissions-table-{normalize_id(table_id)}")
+    if ctx.directory is not None and normalize_id(table_id) is not None:
+        ctx.directory.remove_table(table_id)
+
+
+def _page_table(*payload, key="table_id", **kw):
+    return dict(audience="page", page="table", keys={"table_id": key}, payload=payload, **kw)
+
+
+def _explicit_crud(prefix, obj):
+    """view_filter_created / _updated / _deleted and their payload keys."""
+    return [
+        MessageType(f"{prefix}_created", payload=(obj,)),
+        MessageType(f"{prefix}_updated", payload=(f"{obj}_id", obj)),
+        MessageType(f"{prefix}_deleted", payload=("view_id", f"{obj}_id")),
+    ]
+
+
+plugin = Plugin(
+    "database",
+    page_types=[
+        PageType("table", ("table_id",), _table_group, _can_view_table, _table_permission),
+        PageType("row", ("table_id", "row_id"), _row_group, _can_view_row, _table_permission),
+        PageType("view", ("slug", "token"), "view-{slug}", _can_view_public_view,
+                 required=("slug",), anonymous=True),
+    ],
+    message_types=[
+        MessageType("table_created", "table_workspace", keys={"table_id": "table.id"}, payload=("table",)),
+        MessageType("table_updated", "table_workspace", keys={"table_id": "table_id"},
+                    payload=("table_id", "table", "force_table_refresh")),
+        MessageType("table_deleted", "table_workspace", keys={"table_id": "table_id"},
+                    payload=("database_id", "table_id"), effect=_table_deleted),
+        MessageType("tables_re_ordered", payload=("database_id", "order"), aliases=("tables_reordered",)),
+        MessageType("field_created", **_page_table("field", "related_fields", key="field.table_id")),
+        MessageType("field_restored", **_page_table("field", "related_fields", key="field.table_id")),
+        MessageType("field_updated", **_page_table("field_id", "field", "related_fields", key="field.table_id")),
+        MessageType("field_deleted", **_page_table("table_id", "field_id", "related_fields")),
+        MessageType("rows_created", **_page_table("table_id", "rows", "metadata", "before_row_id")),
+        MessageType("rows_updated", **_page_table("table_id", "rows_before_update", "rows", "metadata",
+                                                  "updated_field_ids")),
+        MessageType("rows_deleted", **_page_table("table_id", "row_ids", "rows")),
+        MessageType("before_rows_update", **_page_table("table_id", "rows")),
+        MessageType("before_rows_delete", **_page_table("table_id", "rows")),
+        MessageType("row_history_updated", "page", page="row", keys={"table_id": "table_id", "row_id": "row_id"},
+                    payload=("row_history_entry", "table_id", "row_id")),
+        MessageType("view_created", **_page_table("view", key="view.table_id")),
+        MessageType("view_updated", **_page_table("view_id", "view", key="view.table_id")),
+        MessageType("view_deleted", **_page_table("table_id", "view_id")),
+        *_explicit_crud("view_filter", "view_filter"),
+        *_explicit_crud("view_filter_group", "view_filter_group"),
+        *_explicit_crud("view_sort", "view_sort"),
+        *_explicit_crud("view_decoration", "view_decoration"),
+        *_explicit_crud("view_group_by", "view_group_by"),
+        MessageType("view_field_options_updated", payload=("view_id", "field_options")),
+        MessageType("views_reordered", **_page_table("table_id", "order")),
+        MessageType("row_orders_recalculated", **_page_table("table_id")),
+        MessageType("rows_ai_values_generation_error", **_page_table("table_id")),
+        MessageType("force_view_rows_refresh"),
+        MessageType("force_view_refresh"),
+        MessageType("field_rule_created", **_page_table("table_id")),
+        MessageType("field_rule_updated", **_page_table("table_id")),
+        MessageType("field_rule_deleted", **_page_table("table_id")),
+    ],
+)

@@ -1,0 +1,41 @@
+"""tornado-rt: a Baserow-compatible real-time WebSocket server on Tornado.
+
+Public API (everything else is internal and may change):
+
+Server
+    :class:`RealtimeServer` — wire it into a Tornado app (``routes()`` / ``make_app()``), then
+    ``publish()`` / ``publish_individual()`` / ``disconnect()`` / ``revoke()`` from any thread,
+    ``publish_async()`` on the loop, ``shutdown()`` to close every connection with 1001.
+    :class:`Settings` — every limit and switch, with documented defaults.
+    :func:`web_socket_id_from_request` — the ``WebSocketId`` header of a REST call.
+Plugins
+    :class:`Plugin`, :class:`PageType`, :class:`MessageType`, :class:`Registry`;
+    :data:`ENTRY_POINT_GROUP` (``"tornado_rt.plugins"``).
+Access and identity
+    :class:`AccessPolicy` (implement it over your database), :class:`Directory` (the default,
+    in memory), :class:`Principal`, :func:`normalize_id`, :class:`JWTAuthenticator`.
+Event bus
+    :class:`Broker` (interface), :class:`LocalBroker` (default, in-process).
+Errors
+    :class:`PublishError` (names the message type and the key), :class:`BrokerUnavailable`.
+Close codes
+    :mod:`tornado_rt.closecodes`.
+"""
+from . import closecodes
+from .auth import JWTAuthenticator
+from .broker import Broker, BrokerUnavailable, LocalBroker
+from .envelope import PublishError
+from .policy import AccessPolicy, Directory
+from .principal import Principal, normalize_id
+from .registry import ENTRY_POINT_GROUP, MessageType, PageType, Plugin, Registry
+from .server import RealtimeServer, web_socket_id_from_request
+from .settings import Settings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccessPolicy", "Broker", "BrokerUnavailable", "Directory", "ENTRY_POINT_GROUP",
+    "JWTAuthenticator", "LocalBroker", "MessageType", "PageType", "Plugin", "Principal",
+    "PublishError", "RealtimeServer", "Registry", "Settings", "closecodes", "normalize_id",
+    "web_socket_id_from_request",
+]

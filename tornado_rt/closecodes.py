@@ -1,0 +1,27 @@
+"""Close codes and refusals used by tornado-rt (documented in the README).
+
+=====  ==========================================================================
+code   meaning
+=====  ==========================================================================
+1001   going away: the server shuts down (after flushing what was published)
+1009   an incoming message is larger than ``Settings.max_message_size``
+1011   internal error while handling this connection (logged, never expected)
+1013   try again later: ``Settings.max_connections_per_user`` reached
+4001   authentication failed (sent after ``{"type":"authentication","success":false}``)
+4003   force disconnect (after ``{"type":"force_disconnect"}``)
+4008   policy violation: too many messages per second or too many subscriptions
+4009   slow consumer: the connection did not read and its outgoing buffer passed
+       ``Settings.max_outgoing_buffer``
+=====  ==========================================================================
+
+Refused upgrades (before a WebSocket exists): HTTP 403 for an Origin outside the allow-list,
+HTTP 503 when ``Settings.max_connections`` is reached.
+"""
+GOING_AWAY = 1001
+MESSAGE_TOO_BIG = 1009
+INTERNAL_ERROR = 1011
+TRY_AGAIN_LATER = 1013
+AUTHENTICATION_FAILED = 4001
+FORCE_DISCONNECT = 4003
+POLICY_VIOLATION = 4008
+SLOW_CONSUMER = 4009

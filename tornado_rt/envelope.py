@@ -1,0 +1,238 @@
+"""Envelopes: what travels from a publisher through the broker to every process's router.
+
+An :class:`Envelope` holds a message already serialized (``data``, JSON text) together with its
+audience in a resolved-enough, serializable form, so that a broker can ship it to other processes
+as it is. This module also turns a publisher's ``message`` + ``to`` into an envelope, validating
+against the registry; every refusal is a :class:`PublishError` naming the type and the key.
+
+Audience specs (lists, so that they survive JSON):
+
+* ``["page", group]`` — connections subscribed to that page group;
+* ``["users", [user ids]]``;
+* ``["all"]`` — every connection, anonymous ones included;
+* ``["workspaces", [workspace ids], extra user id or None]`` — current members (at delivery);
+* ``["table_workspace", table id, extra]`` — members of the table's workspace;
+* ``["user_workspaces", user id, extra]`` — members of every workspace of the user.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Hashable, Iterable, List, Mapping, Optional
+
+import ujson
+
+from .principal import normalize_id
+from .registry import MessageType, Registry
+
+MESSAGE, INDIVIDUAL, DISCONNECT, REVOKE = "message", "individual", "disconnect", "revoke"
+
+_MISSING = object()
+
+
+class PublishError(ValueError):
+    """A publish was refused. ``field`` is the dotted path of the offending value (or None),
+    ``message_type`` the type concerned (or None)."""
+
+    def __init__(self, text: str, field: Optional[str] = None, message_type: Optional[str] = None):
+        super().__init__(text)
+        self.field = field
+        self.message_type = message_type
+
+
+class Envelope:
+    """One unit of delivery. ``message`` (the dict) is kept in-process only, to spare effects a
+    re-parse; brokers ship :meth:`to_wire` and rebuild with :meth:`from_wire`."""
+
+    __slots__ = ("kind", "type", "data", "audience", "ignore", "exclude", "payloads",
+                 "user_ids", "permission_group", "message")
+
+    def __init__(self, kind: str, type: Optional[str] = None, data: Optional[str] = None,
+                 audience: Optional[list] = None, ignore: Any = None,
+                 exclude: Optional[list] = None, payloads: Optional[list] = None,
+                 user_ids: Optional[list] = None, permission_group: Optional[str] = None,
+                 message: Optional[dict] = None):
+        self.kind = kind
+        self.type = type
+        self.data = data
+        self.audience = audience
+        self.ignore = ignore
+        self.exclude = exclude
+        self.payloads = payloads
+        self.user_ids = user_ids
+        self.permission_group = permission_group
+        self.message = message
+
+    def to_wire(self) -> Dict[str, Any]:
+        wire = {"k": self.kind}
+        for name, key in (("type", "t"), ("data", "d"), ("audience", "a"), ("ignore", "i"),
+                          ("exclude", "x"), ("payloads", "p"), ("user_ids", "u"),
+                          ("permission_group", "g")):
+            value = getattr(self, name)
+            if value is not None:
+                wire[key] = value
+        return wire
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> "Envelope":
+        return cls(wire["k"], wire.get("t"), wire.get("d"), wire.get("a"), wire.get("i"),
+                   wire.get("x"), wire.get("p"), wire.get("u"), wire.get("g"))
+
+    def __repr__(self) -> str:
+        return f"Envelope({self.kind!r}, type={self.type!r}, audience={self.audience!r})"
+
+
+def dumps(message: Any, field: str = "message", message_type: Optional[str] = None) -> str:
+    """Serialize once. Values JSON cannot hold are a PublishError, not a crash."""
+    try:
+        text = ujson.dumps(message, ensure_ascii=False, reject_bytes=True)
+        text.encode("utf-8")
+    except (TypeError, ValueError, OverflowError, UnicodeError) as exc:
+        raise PublishError(f"{field} cannot be serialized as JSON: {exc}", field, message_type) from None
+    return text
+
+
+def get_path(obj: Any, path: str) -> Any:
+    """Read a dotted path (``"field.table_id"``) from nested dicts; ``_MISSING`` when absent."""
+    for part in path.split("."):
+        if not isinstance(obj, Mapping) or part not in obj:
+            return _MISSING
+        obj = obj[part]
+    return obj
+
+
+def id_list(values: Any, field: str, message_type: Optional[str]) -> List[Hashable]:
+    if not isinstance(values, (list, tuple, set, frozenset)):
+        raise PublishError(f"{field} must be a list of ids", field, message_type)
+    ids = []
+    for i, value in enumerate(values):
+        canonical = normalize_id(value)
+        if canonical is None:
+            raise PublishError(f"{field}[{i}] is not an id", f"{field}[{i}]", message_type)
+        ids.append(canonical)
+    return ids
+
+
+def _one_id(value: Any, field: str, message_type: Optional[str]) -> Hashable:
+    canonical = normalize_id(value)
+    if canonical is None:
+        raise PublishError(f"{field} is not an id", field, message_type)
+    return canonical
+
+
+def message_type_of(registry: Registry, message: Any, field: str = "message") -> MessageType:
+    if not isinstance(message, Mapping):
+        raise PublishError(f"{field} must be a JSON object", field)
+    name = message.get("type")
+    if not isinstance(name, str):
+        raise PublishError(f"{field}.type is missing or not a string", f"{field}.type")
+    mt = registry.message_type(name)
+    if mt is None:
+        raise PublishError(f"message type {name!r} is not registered", f"{field}.type", name)
+    if mt.audience == "server":
+        raise PublishError(f"message type {name!r} is generated by the server and cannot be published",
+                           f"{field}.type", name)
+    for key in mt.payload:
+        if key not in message:
+            raise PublishError(f"message type {name!r} needs the payload key {key!r}",
+                               f"{field}.{key}", name)
+    return mt
+
+
+def parse_audience(registry: Registry, to: Any, field: str = "to",
+                   message_type: Optional[str] = None) -> list:
+    """Turn an explicit ``to`` (same shape in Python and over HTTP) into an audience spec."""
+    if not isinstance(to, Mapping) or not to:
+        raise PublishError(f"{field} must be an object naming one audience", field, message_type)
+    kinds = [k for k in ("page", "workspace_id", "workspace_ids", "user_ids", "all_users") if k in to]
+    if len(kinds) != 1:
+        raise PublishError(f"{field} must name exactly one of page, workspace_id, workspace_ids, "
+                           "user_ids, all_users", field, message_type)
+    kind = kinds[0]
+    if kind == "page":
+        pt = registry.page_type(to["page"])
+        if pt is None:
+            raise PublishError(f"page type {to['page']!r} is not registered", f"{field}.page", message_type)
+        params = pt.params_from(to)
+        missing = pt.missing(params)
+        if missing is not None:
+            raise PublishError(f"page {pt.name!r} needs the parameter {missing!r}",
+                               f"{field}.{missing}", message_type)
+        return ["page", pt.group(params)]
+    if len(to) != 1:
+        extra = sorted(k for k in to if k != kind)[0]
+        raise PublishError(f"unexpected key {extra!r} in {field}", f"{field}.{extra}", message_type)
+    if kind == "workspace_id":
+        return ["workspaces", [_one_id(to[kind], f"{field}.workspace_id", message_type)], None]
+    if kind == "workspace_ids":
+        return ["workspaces", id_list(to[kind], f"{field}.workspace_ids", message_type), None]
+    if kind == "user_ids":
+        return ["users", id_list(to[kind], f"{field}.user_ids", message_type)]
+    if to[kind] is not True:
+        raise PublishError(f"{field}.all_users must be true", f"{field}.all_users", message_type)
+    return ["all"]
+
+
+def default_audience(registry: Registry, mt: MessageType, message: Mapping[str, Any],
+                     name: str, field: str = "message") -> list:
+    """The message type's default audience, with routing keys read from the payload."""
+    def key(param: str) -> Any:
+        path = mt.keys[param]
+        value = get_path(message, path)
+        if value is _MISSING or value is None:
+            raise PublishError(f"message type {name!r} has no audience: payload key {path!r} is "
+                               f"missing and no explicit audience was given", f"{field}.{path}", name)
+        return value
+
+    if mt.audience == "explicit":
+        raise PublishError(f"message type {name!r} has no default audience; name one with 'to'",
+                           "to", name)
+    extra = None
+    if mt.also_user:
+        value = get_path(message, mt.also_user)
+        if value is not _MISSING:
+            extra = normalize_id(value)
+    if mt.audience == "page":
+        pt = registry.page_type(mt.page)
+        params = {param: key(param) for param in mt.keys}
+        return ["page", pt.group(pt.params_from(params))]
+    if mt.audience == "workspace":
+        return ["workspaces", [_one_id(key("workspace_id"), f"{field}.{mt.keys['workspace_id']}", name)], extra]
+    if mt.audience == "table_workspace":
+        return ["table_workspace", _one_id(key("table_id"), f"{field}.{mt.keys['table_id']}", name), extra]
+    return ["user_workspaces", _one_id(key("user_id"), f"{field}.{mt.keys['user_id']}", name), extra]
+
+
+def message_envelope(registry: Registry, message: Any, to: Any = None,
+                     ignore_web_socket_id: Optional[str] = None,
+                     exclude_user_ids: Optional[Iterable[Any]] = None,
+                     prefix: str = "") -> Envelope:
+    """Validate and serialize one publish. ``prefix`` prefixes error fields (``[2].``)."""
+    field = prefix + "message"
+    mt = message_type_of(registry, message, field)
+    name = message["type"]
+    if to is None:
+        audience = default_audience(registry, mt, message, name, field)
+    else:
+        audience = parse_audience(registry, to, prefix + "to", name)
+    exclude = None
+    if exclude_user_ids:
+        exclude = id_list(list(exclude_user_ids), prefix + "exclude_user_ids", name)
+    if ignore_web_socket_id is not None and not isinstance(ignore_web_socket_id, str):
+        raise PublishError("ignore_web_socket_id must be a string", prefix + "ignore_web_socket_id", name)
+    return Envelope(MESSAGE, name, dumps(message, field, name), audience, ignore_web_socket_id or None,
+                    exclude, message=message if mt.effect else None)
+
+
+def individual_envelope(registry: Registry, payloads: Any, ignore_web_socket_id: Optional[str] = None,
+                        prefix: str = "") -> Envelope:
+    """One message per user: ``{user_id: message}``; each message is validated like a publish."""
+    field = prefix + "individual"
+    if not isinstance(payloads, Mapping) or not payloads:
+        raise PublishError(f"{field} must be a non-empty object of user id -> message", field)
+    items = []
+    for user, message in payloads.items():
+        user_id = _one_id(user, f"{field}.{user}", None)
+        message_type_of(registry, message, f"{field}.{user}")
+        items.append([user_id, message["type"], dumps(message, f"{field}.{user}", message["type"])])
+    if ignore_web_socket_id is not None and not isinstance(ignore_web_socket_id, str):
+        raise PublishError("ignore_web_socket_id must be a string", prefix + "ignore_web_socket_id")
+    return Envelope(INDIVIDUAL, payloads=items, ignore=ignore_web_socket_id or None)

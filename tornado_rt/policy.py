@@ -1,0 +1,245 @@
+"""Access policy: who belongs to which workspace, and who may view which page.
+
+:class:`AccessPolicy` is the interface an embedding application implements on top of its own
+database. Every method may be a plain function or ``async``; tornado-rt awaits when it has to and
+keeps message order either way. :class:`Directory` is the default in-memory implementation: the
+application (or the standalone server's ``PUT /api/directory``) fills it, and the built-in plugins
+keep it current from the published events (``group_user_added``, ``group_deleted``,
+``table_deleted``, ...).
+"""
+from __future__ import annotations
+
+import hmac
+from typing import Any, Awaitable, Dict, Hashable, Iterable, Mapping, Optional, Set, Union
+
+from .principal import Principal, normalize_id
+
+Id = Hashable
+MaybeAwaitable = Union[Any, Awaitable[Any]]
+
+
+class AccessPolicy:
+    """Interface between tornado-rt and the application's idea of membership and visibility.
+
+    Ids passed in are canonical (:func:`tornado_rt.principal.normalize_id`); ids returned may be
+    ints or strings and are normalized by the caller. Methods may return awaitables.
+    """
+
+    def workspace_members(self, workspace_id: Id) -> MaybeAwaitable:
+        """User ids of the current members of a workspace (empty when unknown)."""
+        raise NotImplementedError
+
+    def user_workspaces(self, user_id: Id) -> MaybeAwaitable:
+        """Workspace ids the user is a member of."""
+        raise NotImplementedError
+
+    def table_workspace(self, table_id: Id) -> MaybeAwaitable:
+        """Workspace id of a table, or None when unknown."""
+        raise NotImplementedError
+
+    def workspace_tables(self, workspace_id: Id) -> MaybeAwaitable:
+        """Table ids of a workspace (used to revoke pages when a member leaves)."""
+        raise NotImplementedError
+
+    def can_view_table(self, principal: Principal, table_id: Id) -> MaybeAwaitable:
+        raise NotImplementedError
+
+    def can_view_row(self, principal: Principal, table_id: Id, row_id: Id) -> MaybeAwaitable:
+        """Default: whoever may view the table may view its rows."""
+        return self.can_view_table(principal, table_id)
+
+    def can_view_public_view(self, slug: str, token: Optional[str]) -> MaybeAwaitable:
+        raise NotImplementedError
+
+
+class Directory(AccessPolicy):
+    """In-memory directory: workspaces -> members, tables -> workspace, public views.
+
+    Snapshot form (also the body of ``PUT /api/directory``)::
+
+        {"workspaces": {"1": [10, 11]}, "tables": {"7": 1},
+         "public_views": {"abc123": {"table_id": 7, "token": null}}}
+
+    A user may view a table when it belongs to a workspace the user is a member of; a row when its
+    table is viewable; a public view when its slug exists and, if it has a token (password), the
+    given token matches (compared in constant time).
+
+    Not thread-safe: use it on the IOLoop thread (the server's publish path already does).
+    """
+
+    def __init__(self, snapshot: Optional[Mapping[str, Any]] = None):
+        self._members: Dict[Id, Set[Id]] = {}
+        self._user_workspaces: Dict[Id, Set[Id]] = {}
+        self._tables: Dict[Id, Id] = {}
+        self._workspace_tables: Dict[Id, Set[Id]] = {}
+        self._views: Dict[str, tuple] = {}
+        if snapshot:
+            self.load(snapshot)
+
+    # --- AccessPolicy --------------------------------------------------------------------------
+    def workspace_members(self, workspace_id: Id) -> Set[Id]:
+        return self._members.get(workspace_id, set())
+
+    def user_workspaces(self, user_id: Id) -> Set[Id]:
+        return self._user_workspaces.get(user_id, set())
+
+    def table_workspace(self, table_id: Id) -> Optional[Id]:
+        return self._tables.get(table_id)
+
+    def workspace_tables(self, workspace_id: Id) -> Set[Id]:
+        return self._workspace_tables.get(workspace_id, set())
+
+    def can_view_table(self, principal: Principal, table_id: Id) -> bool:
+        if principal.user_id is None:
+            return False
+        workspace = self._tables.get(table_id)
+        return workspace is not None and principal.user_id in self._members.get(workspace, ())
+
+    def can_view_public_view(self, slug: str, token: Optional[str]) -> bool:
+        view = self._views.get(slug)
+        if view is None:
+            return False
+        expected = view[1]
+        if expected is None:
+            return True
+        if not isinstance(token, str):
+            return False
+        return hmac.compare_digest(expected.encode(), token.encode())
+
+    # --- mutation API ---------------------------------------------------------------------------
+    def set_workspace(self, workspace_id: Any, member_ids: Iterable[Any] = ()) -> None:
+        """Create or replace a workspace with exactly these members."""
+        ws = _id(workspace_id, "workspace_id")
+        for user in self._members.pop(ws, set()):
+            self._user_workspaces.get(user, set()).discard(ws)
+        self._members[ws] = set()
+        for user in member_ids:
+            self.add_member(ws, user)
+
+    def add_member(self, workspace_id: Any, user_id: Any) -> None:
+        ws, user = _id(workspace_id, "workspace_id"), _id(user_id, "user_id")
+        self._members.setdefault(ws, set()).add(user)
+        self._user_workspaces.setdefault(user, set()).add(ws)
+
+    def remove_member(self, workspace_id: Any, user_id: Any) -> None:
+        ws, user = _id(workspace_id, "workspace_id"), _id(user_id, "user_id")
+        self._members.get(ws, set()).discard(user)
+        spaces = self._user_workspaces.get(user)
+        if spaces is not None:
+            spaces.discard(ws)
+            if not spaces:
+                del self._user_workspaces[user]
+
+    def remove_workspace(self, workspace_id: Any) -> None:
+        """Forget a workspace, its memberships and its tables (and their public views)."""
+        ws = _id(workspace_id, "workspace_id")
+        for user in list(self._members.get(ws, ())):
+            self.remove_member(ws, user)
+        self._members.pop(ws, None)
+        for table in list(self._workspace_tables.get(ws, ())):
+            self.remove_table(table)
+
+    def remove_user(self, user_id: Any) -> None:
+        """The user leaves every workspace."""
+        user = _id(user_id, "user_id")
+        for ws in list(self._user_workspaces.get(user, ())):
+            self.remove_member(ws, user)
+
+    def set_table(self, table_id: Any, workspace_id: Any) -> None:
+        table, ws = _id(table_id, "table_id"), _id(workspace_id, "workspace_id")
+        old = self._tables.get(table)
+        if old is not None:
+            self._workspace_tables.get(old, set()).discard(table)
+        self._tables[table] = ws
+        self._workspace_tables.setdefault(ws, set()).add(table)
+
+    def remove_table(self, table_id: Any) -> None:
+        table = _id(table_id, "table_id")
+        ws = self._tables.pop(table, None)
+        if ws is not None:
+            tables = self._workspace_tables.get(ws)
+            if tables is not None:
+                tables.discard(table)
+                if not tables:
+                    del self._workspace_tables[ws]
+        for slug in [s for s, (t, _) in self._views.items() if t == table]:
+            del self._views[slug]
+
+    def set_public_view(self, slug: str, table_id: Any = None, token: Optional[str] = None) -> None:
+        if not isinstance(slug, str) or not slug:
+            raise ValueError("slug must be a non-empty string")
+        if token is not None and not isinstance(token, str):
+            raise ValueError("token must be a string or null")
+        self._views[slug] = (normalize_id(table_id), token)
+
+    def remove_public_view(self, slug: str) -> None:
+        self._views.pop(slug, None)
+
+    def clear(self) -> None:
+        self._members.clear()
+        self._user_workspaces.clear()
+        self._tables.clear()
+        self._workspace_tables.clear()
+        self._views.clear()
+
+    def load(self, snapshot: Mapping[str, Any]) -> None:
+        """Replace everything with ``snapshot`` (validated first: on error nothing changes).
+
+        Raises ``ValueError`` whose ``field`` attribute is the dotted path of the bad value.
+        """
+        fresh = Directory()
+        if not isinstance(snapshot, Mapping):
+            raise _field_error("the directory must be a JSON object", None)
+        unknown = set(snapshot) - {"workspaces", "tables", "public_views"}
+        if unknown:
+            name = sorted(unknown)[0]
+            raise _field_error(f"unknown key {name!r}", name)
+        workspaces = snapshot.get("workspaces") or {}
+        if not isinstance(workspaces, Mapping):
+            raise _field_error("workspaces must be an object of id -> list of user ids", "workspaces")
+        for ws, members in workspaces.items():
+            if normalize_id(ws) is None:
+                raise _field_error("workspace id must be an id", f"workspaces.{ws}")
+            if not isinstance(members, list) or any(normalize_id(m) is None for m in members):
+                raise _field_error("members must be a list of user ids", f"workspaces.{ws}")
+            fresh.set_workspace(ws, members)
+        tables = snapshot.get("tables") or {}
+        if not isinstance(tables, Mapping):
+            raise _field_error("tables must be an object of table id -> workspace id", "tables")
+        for table, ws in tables.items():
+            if normalize_id(table) is None or normalize_id(ws) is None:
+                raise _field_error("table and workspace ids must be ids", f"tables.{table}")
+            fresh.set_table(table, ws)
+        views = snapshot.get("public_views") or {}
+        if not isinstance(views, Mapping):
+            raise _field_error("public_views must be an object of slug -> view", "public_views")
+        for slug, view in views.items():
+            if not isinstance(view, Mapping):
+                raise _field_error("a public view must be an object", f"public_views.{slug}")
+            token = view.get("token")
+            if token is not None and not isinstance(token, str):
+                raise _field_error("token must be a string or null", f"public_views.{slug}.token")
+            fresh.set_public_view(slug, view.get("table_id"), token)
+        self._members, self._user_workspaces = fresh._members, fresh._user_workspaces
+        self._tables, self._workspace_tables, self._views = fresh._tables, fresh._workspace_tables, fresh._views
+
+    def snapshot(self) -> Dict[str, Any]:
+        """The directory in its JSON snapshot form (ids as object keys become strings)."""
+        return {
+            "workspaces": {str(ws): sorted(m, key=str) for ws, m in self._members.items()},
+            "tables": {str(t): ws for t, ws in self._tables.items()},
+            "public_views": {s: {"table_id": t, "token": tok} for s, (t, tok) in self._views.items()},
+        }
+
+
+def _id(value: Any, name: str) -> Id:
+    canonical = normalize_id(value)
+    if canonical is None:
+        raise _field_error(f"{name} must be an integer or a non-empty string", name)
+    return canonical
+
+
+def _field_error(message: str, field: Optional[str]) -> ValueError:
+    err = ValueError(message)
+    err.field = field  # type: ignore[attr-defined]
+    return err

@@ -1,0 +1,238 @@
+"""The router: turns an envelope that reached this process into writes to its connections.
+
+Every process runs every envelope through its own router, in the order the broker hands them
+over: audiences that depend on membership are resolved here against the access policy *at
+delivery*, so that processes that apply the same events in the same order agree on who is a
+member. After delivery the message type's side effect (directory update, page revocation) runs
+through an :class:`EffectContext`.
+
+The access policy may be asynchronous. The router drives each envelope as a small generator that
+yields policy results; while nothing is awaitable the whole envelope is handled synchronously
+(the common case, and the fast one). The first awaitable switches the router into a queue that
+keeps later envelopes waiting behind it, so message order never depends on policy latency.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import inspect
+import logging
+from typing import Any, Callable, Hashable, Iterable, Optional, Set
+
+import ujson
+
+from . import closecodes
+from .envelope import DISCONNECT, INDIVIDUAL, MESSAGE, REVOKE, Envelope
+from .hub import Hub, text_frame
+from .policy import AccessPolicy, Directory
+from .principal import normalize_id
+from .registry import Registry
+
+log = logging.getLogger("tornado_rt.router")
+
+_FORCE_DISCONNECT = text_frame(b'{"type":"force_disconnect"}')
+
+
+def page_frame(kind: str, page: str, parameters: dict) -> bytes:
+    """A ``page_add`` / ``page_discard`` message, framed."""
+    return text_frame(ujson.dumps({"type": kind, "page": page, "parameters": parameters},
+                                  ensure_ascii=False).encode())
+
+
+class Subscription:
+    """One page a connection is subscribed to (stored in ``conn.pages[group]``)."""
+
+    __slots__ = ("page", "parameters", "permission_group")
+
+    def __init__(self, page: str, parameters: dict, permission_group: Optional[str]):
+        self.page = page
+        self.parameters = parameters
+        self.permission_group = permission_group
+
+
+class EffectContext:
+    """What a message type's side effect may do. Given to ``MessageType.effect(ctx, message)``.
+
+    ``directory``: the in-memory :class:`~tornado_rt.policy.Directory` when the server uses one,
+    else ``None`` (the application's own policy is then the source of truth). ``policy``: the
+    access policy. ``revoke`` and ``drop_permission_group`` act on this process's connections.
+    """
+
+    def __init__(self, router: "Router"):
+        self._router = router
+        self.policy = router.policy
+        self.directory = router.policy if isinstance(router.policy, Directory) else None
+
+    def revoke(self, user_ids: Iterable[Any], permission_group: str) -> int:
+        return self._router.revoke(user_ids, permission_group)
+
+    def drop_permission_group(self, permission_group: str) -> int:
+        return self._router.drop_permission_group(permission_group)
+
+    @staticmethod
+    def then(value: Any, fn: Callable[[Any], Any]) -> Any:
+        """Apply ``fn`` to a policy result that may be awaitable; returns an awaitable if it was."""
+        if inspect.isawaitable(value):
+            async def later() -> Any:
+                return fn(await value)
+            return later()
+        return fn(value)
+
+
+class Router:
+    """Delivers envelopes to this process's connections; see the module docstring."""
+
+    def __init__(self, registry: Registry, policy: AccessPolicy, hub: Hub,
+                 on_delivered: Optional[Callable[[str, int], None]] = None):
+        self.registry = registry
+        self.policy = policy
+        self.hub = hub
+        self.on_delivered = on_delivered
+        self.effects = EffectContext(self)
+        self._backlog: Optional[collections.deque] = None
+        self._idle: Optional[asyncio.Future] = None
+
+    # --- ordered driving ------------------------------------------------------------------------
+    def dispatch(self, envelope: Envelope) -> None:
+        """Deliver now, or queue behind an envelope that is waiting for an async policy."""
+        if self._backlog is not None:
+            self._backlog.append(envelope)
+            return
+        steps = self._steps(envelope)
+        pending = self._drive(steps, None)
+        if pending is not None:
+            self._backlog = collections.deque()
+            asyncio.ensure_future(self._drain(steps, pending))
+
+    @staticmethod
+    def _drive(steps, value: Any) -> Any:
+        """Run ``steps`` until done (None) or until it yields an awaitable (returned)."""
+        try:
+            while True:
+                value = steps.send(value)
+                if inspect.isawaitable(value):
+                    return value
+        except StopIteration:
+            return None
+        except Exception:
+            log.exception("delivery failed")
+            return None
+
+    async def _drain(self, steps, pending) -> None:
+        try:
+            while True:
+                while pending is not None:
+                    try:
+                        value = await pending
+                    except Exception:
+                        log.exception("access policy failed during delivery; envelope dropped")
+                        steps.close()
+                        break
+                    pending = self._drive(steps, value)
+                if not self._backlog:
+                    break
+                steps = self._steps(self._backlog.popleft())
+                pending = self._drive(steps, None)
+        finally:
+            self._backlog = None
+            idle, self._idle = self._idle, None
+            if idle is not None and not idle.done():
+                idle.set_result(None)
+
+    async def wait_idle(self) -> None:
+        """Return once every envelope handed to :meth:`dispatch` so far has been delivered."""
+        if self._backlog is None:
+            return
+        if self._idle is None:
+            self._idle = asyncio.get_running_loop().create_future()
+        await self._idle
+
+    # --- the steps of one envelope --------------------------------------------------------------
+    def _steps(self, env: Envelope):
+        kind = env.kind
+        hub = self.hub
+        if kind == MESSAGE:
+            audience = env.audience
+            how = audience[0]
+            if how == "page":
+                conns = hub.groups.get(audience[1], ())
+            elif how == "users":
+                conns = hub.user_connections(audience[1])
+            elif how == "all":
+                conns = list(hub.connections.values())
+            else:
+                members = yield from self._members(audience)
+                conns = hub.user_connections(members)
+            exclude = set(env.exclude) if env.exclude else None
+            n = hub.deliver(text_frame(env.data.encode()), conns, env.ignore, exclude)
+            if self.on_delivered is not None:
+                self.on_delivered(env.type, n)
+            mt = self.registry.message_type(env.type)
+            if mt is not None and mt.effect is not None:
+                message = env.message if env.message is not None else ujson.loads(env.data)
+                result = mt.effect(self.effects, message)
+                if inspect.isawaitable(result):
+                    yield result
+        elif kind == INDIVIDUAL:
+            for user_id, type_name, data in env.payloads:
+                conns = hub.users.get(normalize_id(user_id), ())
+                n = hub.deliver(text_frame(data.encode()), conns, env.ignore)
+                if self.on_delivered is not None:
+                    self.on_delivered(type_name, n)
+        elif kind == DISCONNECT:
+            self.disconnect(env.user_ids or (), env.ignore or ())
+        elif kind == REVOKE:
+            self.revoke(env.user_ids or (), env.permission_group)
+        else:
+            log.warning("unknown envelope kind %r ignored", kind)
+
+    def _members(self, audience: list):
+        """Generator: the user ids of a membership audience (policy calls yielded)."""
+        how = audience[0]
+        policy = self.policy
+        if how == "workspaces":
+            workspaces = audience[1]
+        elif how == "table_workspace":
+            workspace = yield policy.table_workspace(audience[1])
+            workspaces = [] if workspace is None else [workspace]
+        else:  # user_workspaces
+            workspaces = yield policy.user_workspaces(audience[1])
+        members: Set[Hashable] = set()
+        for workspace in workspaces or ():
+            found = yield policy.workspace_members(normalize_id(workspace))
+            members.update(normalize_id(m) for m in found or ())
+        extra = audience[2] if len(audience) > 2 else None
+        if extra is not None:
+            members.add(extra)
+        return members
+
+    # --- server-initiated subscription changes ---------------------------------------------------
+    def disconnect(self, user_ids: Iterable[Any], ignore_web_socket_ids: Iterable[str] = ()) -> int:
+        """Send force_disconnect and close (4003) every connection of these users but the spared."""
+        spared = set(ignore_web_socket_ids)
+        conns = [c for c in self.hub.user_connections(normalize_id(u) for u in user_ids)
+                 if c.web_socket_id not in spared]
+        for conn in conns:
+            self.hub.send(conn, _FORCE_DISCONNECT)
+            self.hub.close(conn, closecodes.FORCE_DISCONNECT, "force disconnect")
+        return len(conns)
+
+    def revoke(self, user_ids: Iterable[Any], permission_group: str) -> int:
+        """Drop the users' pages in ``permission_group``, one page_discard per dropped page."""
+        conns = self.hub.user_connections(normalize_id(u) for u in user_ids)
+        return self._drop(conns, permission_group)
+
+    def drop_permission_group(self, permission_group: str) -> int:
+        """Drop every connection's pages in ``permission_group`` (the table was deleted)."""
+        return self._drop(list(self.hub.connections.values()), permission_group)
+
+    def _drop(self, conns: Iterable[Any], permission_group: str) -> int:
+        hub = self.hub
+        dropped = 0
+        for conn in conns:
+            groups = [g for g, sub in conn.pages.items() if sub.permission_group == permission_group]
+            for group in groups:
+                sub = hub.unsubscribe(conn, group)
+                hub.send(conn, page_frame("page_discard", sub.page, sub.parameters))
+                dropped += 1
+        return dropped

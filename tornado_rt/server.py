@@ -1,0 +1,285 @@
+"""The facade an embedding application touches: :class:`RealtimeServer`.
+
+It wires settings, registry, access policy, authenticator, hub, router and broker together,
+gives Tornado routes, and offers the publish API. Publishing is safe from any thread: the message
+is validated and serialized on the calling thread and handed to the IOLoop with
+``IOLoop.add_callback`` when the caller is not on it.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+import uuid
+from collections import Counter
+from typing import Any, Dict, Hashable, Iterable, List, Mapping, Optional, Sequence
+
+from tornado.ioloop import IOLoop
+from tornado.web import Application, RequestHandler
+
+from . import closecodes
+from .auth import Authenticator, JWTAuthenticator
+from .broker import Broker, LocalBroker
+from .connection import RealtimeHandler
+from .envelope import (DISCONNECT, INDIVIDUAL, MESSAGE, REVOKE, Envelope, PublishError,
+                       individual_envelope, message_envelope, id_list)
+from .hub import Hub
+from .policy import AccessPolicy, Directory
+from .principal import normalize_id
+from .protocol import ClientProtocol
+from .registry import Plugin, Registry, entry_point_plugins
+from .router import Router
+from .settings import Settings
+
+log = logging.getLogger("tornado_rt.server")
+
+CLOSE_REASONS = {
+    None: "client", 1000: "normal", 1001: "going_away", 1009: "message_too_big",
+    1011: "internal_error", 1013: "too_many_connections_per_user",
+    4001: "authentication_failed", 4003: "force_disconnect", 4008: "policy_violation",
+    4009: "slow_consumer",
+}
+
+
+def builtin_plugins() -> List[Plugin]:
+    """The core, database and premium plugins."""
+    from tornado_rt_plugins import core, database, premium
+    return [core.plugin, database.plugin, premium.plugin]
+
+
+def web_socket_id_from_request(handler: RequestHandler) -> Optional[str]:
+    """The ``WebSocketId`` header of a REST call (PROTOCOL.md §7), or None if absent or malformed.
+
+    Pass it on as ``ignore_web_socket_id`` so the sender's own connection is skipped.
+    """
+    value = handler.request.headers.get("WebSocketId")
+    if not value:
+        return None
+    try:
+        return str(uuid.UUID(value.strip()))
+    except ValueError:
+        return None
+
+
+class Counters:
+    """Plain counters the metrics endpoint reads at scrape time (nothing on the hot path but +=)."""
+
+    __slots__ = ("published", "delivered", "closed", "auth_failures", "connections_opened")
+
+    def __init__(self) -> None:
+        self.published: Counter = Counter()
+        self.delivered: Counter = Counter()
+        self.closed: Counter = Counter()
+        self.auth_failures = 0
+        self.connections_opened = 0
+
+    def on_delivered(self, message_type: str, n: int) -> None:
+        self.delivered[message_type] += n
+
+
+class RealtimeServer:
+    """A Baserow-compatible real-time server to embed in a Tornado application.
+
+    ``settings``: :class:`~tornado_rt.Settings` (keyword overrides are applied on top).
+    ``plugins``: extra plugins beside the built-in core, database and premium plugins and the
+    installed ``tornado_rt.plugins`` entry points (``load_entry_points=False`` skips those), or
+    pass a ready ``registry``. ``policy``: your :class:`~tornado_rt.AccessPolicy`; default a fresh
+    in-memory :class:`~tornado_rt.Directory`. ``authenticator``: callable token -> principal, user
+    id or None (sync or async); default a :class:`~tornado_rt.JWTAuthenticator` when a JWT key is
+    configured. ``broker``: default :class:`~tornado_rt.LocalBroker`.
+    """
+
+    def __init__(self, settings: Optional[Settings] = None, *, plugins: Iterable[Plugin] = (),
+                 registry: Optional[Registry] = None, load_entry_points: bool = True,
+                 policy: Optional[AccessPolicy] = None, authenticator: Optional[Authenticator] = None,
+                 broker: Optional[Broker] = None, **overrides: Any):
+        settings = settings or Settings()
+        if overrides:
+            settings = settings.replace(**overrides)
+        self.settings = settings
+        if registry is None:
+            chosen = builtin_plugins() + list(plugins)
+            if load_entry_points:
+                chosen += entry_point_plugins(exclude=[p.name for p in chosen])
+            registry = Registry(chosen)
+        self.registry = registry
+        self.policy = policy if policy is not None else Directory()
+        if authenticator is None and (settings.jwt_secret or settings.jwt_public_key):
+            authenticator = JWTAuthenticator(settings)
+        self.authenticator = authenticator
+        self.allowed_origins = {o.lower().rstrip("/") for o in settings.allowed_origins or ()}
+        self.counters = Counters()
+        self.hub = Hub(settings.max_outgoing_buffer)
+        self.router = Router(self.registry, self.policy, self.hub, self.counters.on_delivered)
+        self.protocol = ClientProtocol(self.registry, self.policy, self.hub, settings.max_subscriptions)
+        self.broker = broker if broker is not None else LocalBroker()
+        self.broker.attach(self.router.dispatch)
+        self._loop: Optional[IOLoop] = None
+        self._thread: Optional[int] = None
+        self._closing = False
+
+    @property
+    def directory(self) -> Optional[Directory]:
+        """The in-memory directory, when the server uses one (the default)."""
+        return self.policy if isinstance(self.policy, Directory) else None
+
+    # --- wiring ---------------------------------------------------------------------------------
+    def routes(self, mount: str = "") -> list:
+        """Tornado URL rules for the WebSocket endpoint, optionally under ``mount`` (e.g. "/rt")."""
+        path = mount.rstrip("/") + self.settings.path_prefix
+        return [(path.rstrip("/") + "/?", RealtimeHandler, {"server": self})]
+
+    def make_app(self, extra_routes: Sequence = (), **app_settings: Any) -> Application:
+        """A Tornado Application serving the endpoint (plus ``extra_routes``)."""
+        return Application(list(extra_routes) + self.routes(), **app_settings)
+
+    async def start(self) -> None:
+        """Bind to the running IOLoop and start the broker. Call once, on the loop."""
+        self._bind()
+        await self.broker.start()
+
+    def _bind(self) -> None:
+        if self._loop is not None:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError("tornado-rt is not bound to an IOLoop yet: await server.start() on "
+                               "the loop (or accept a connection) before publishing from other threads") from None
+        self._loop = IOLoop.current()
+        self._thread = threading.get_ident()
+        self.hub.bind(running.call_soon)
+
+    def _connected(self, conn: RealtimeHandler) -> None:
+        self._bind()
+        self.counters.connections_opened += 1
+        self.hub.add(conn)
+
+    def _disconnected(self, conn: RealtimeHandler, closed_by: Optional[int]) -> None:
+        if conn.web_socket_id is not None and conn.web_socket_id in self.hub.connections:
+            self.hub.remove(conn)
+            self.counters.closed[CLOSE_REASONS.get(closed_by, str(closed_by))] += 1
+
+    # --- publishing -----------------------------------------------------------------------------
+    def publish(self, message: Mapping[str, Any], to: Optional[Mapping[str, Any]] = None, *,
+                ignore_web_socket_id: Optional[str] = None,
+                exclude_user_ids: Optional[Iterable[Any]] = None) -> None:
+        """Publish one message to its type's default audience, or to ``to``.
+
+        ``to`` is one of ``{"page": NAME, ...params}``, ``{"workspace_id": ID}``,
+        ``{"workspace_ids": [...]}``, ``{"user_ids": [...]}``, ``{"all_users": True}``.
+        ``ignore_web_socket_id`` skips that one connection; ``exclude_user_ids`` skips every
+        connection of those users. Raises :class:`~tornado_rt.PublishError` (naming the type and
+        the key) before anything is sent. Safe from any thread; fire-and-forget.
+        """
+        self._submit(message_envelope(self.registry, message, to, ignore_web_socket_id, exclude_user_ids))
+
+    def publish_individual(self, payloads: Mapping[Any, Mapping[str, Any]], *,
+                           ignore_web_socket_id: Optional[str] = None) -> None:
+        """Send each user its own message: ``{user_id: message}``."""
+        self._submit(individual_envelope(self.registry, payloads, ignore_web_socket_id))
+
+    def disconnect(self, user_ids: Iterable[Any], ignore_web_socket_ids: Iterable[str] = ()) -> int:
+        """Force-disconnect (4003) every connection of these users except the listed ones.
+
+        Returns how many connections of this process it closes (0 when called off-loop)."""
+        users = id_list(list(user_ids), "user_ids", None)
+        spared = [w for w in ignore_web_socket_ids if isinstance(w, str)]
+        count = 0
+        if self._on_loop():
+            count = sum(1 for c in self.hub.user_connections(users) if c.web_socket_id not in spared)
+        self._submit(Envelope(DISCONNECT, user_ids=users, ignore=spared))
+        return count
+
+    def revoke(self, user_ids: Iterable[Any], permission_group: str) -> int:
+        """Drop these users' pages in ``permission_group`` with ``page_discard`` (PROTOCOL.md §4).
+
+        Returns how many pages of this process it drops (0 when called off-loop)."""
+        users = id_list(list(user_ids), "user_ids", None)
+        if not isinstance(permission_group, str) or not permission_group:
+            raise PublishError("permission_group must be a non-empty string", "permission_group")
+        count = 0
+        if self._on_loop():
+            count = sum(1 for c in self.hub.user_connections(users)
+                        for s in c.pages.values() if s.permission_group == permission_group)
+        self._submit(Envelope(REVOKE, user_ids=users, permission_group=permission_group))
+        return count
+
+    async def publish_async(self, message: Mapping[str, Any], to: Optional[Mapping[str, Any]] = None, *,
+                            ignore_web_socket_id: Optional[str] = None,
+                            exclude_user_ids: Optional[Iterable[Any]] = None) -> None:
+        """Like :meth:`publish`, awaited on the loop: returns once the broker took the message and
+        this process's connections have it queued; raises ``BrokerUnavailable`` if the broker is down."""
+        await self.submit([message_envelope(self.registry, message, to, ignore_web_socket_id, exclude_user_ids)])
+
+    async def submit(self, envelopes: Sequence[Envelope]) -> None:
+        """Hand prepared envelopes to the broker in order and wait for local delivery (on the loop)."""
+        self._bind()
+        for env in envelopes:
+            self._count(env)
+            result = self.broker.publish(env)
+            if inspect.isawaitable(result):
+                await result
+        await self.router.wait_idle()
+
+    def _on_loop(self) -> bool:
+        return self._thread is not None and threading.get_ident() == self._thread
+
+    def _submit(self, env: Envelope) -> None:
+        if self._loop is None:
+            self._bind()
+        if threading.get_ident() == self._thread:
+            self._publish_now(env)
+        else:
+            self._loop.add_callback(self._publish_now, env)
+
+    def _count(self, env: Envelope) -> None:
+        if env.kind == MESSAGE:
+            self.counters.published[env.type] += 1
+        elif env.kind == INDIVIDUAL:
+            for _, name, _ in env.payloads:
+                self.counters.published[name] += 1
+
+    def _publish_now(self, env: Envelope) -> None:
+        self._count(env)
+        try:
+            result = self.broker.publish(env)
+        except Exception:
+            log.exception("publish of %r failed", env)
+            return
+        if inspect.isawaitable(result):
+            future = asyncio.ensure_future(result)
+            future.add_done_callback(_log_failure)
+
+    # --- introspection and shutdown ---------------------------------------------------------------
+    def stats(self) -> Dict[str, Any]:
+        """Numbers for ``GET /api/stats`` and the metrics endpoint."""
+        hub = self.hub
+        return {
+            "connections": len(hub.connections),
+            "authenticated_users": len(hub.users),
+            "anonymous_connections": hub.anonymous,
+            "pages": len(hub.groups),
+            "subscriptions": hub.subscriptions,
+            "messages_published": sum(self.counters.published.values()),
+            "messages_delivered": sum(self.counters.delivered.values()),
+        }
+
+    async def shutdown(self, timeout: float = 5.0) -> None:
+        """Close every connection with 1001 after flushing what was already published, wait (at
+        most ``timeout`` seconds) for them to go, then stop the broker. Call on the loop."""
+        self._closing = True
+        await self.router.wait_idle()
+        self.hub.flush()
+        for conn in list(self.hub.connections.values()):
+            self.hub.close(conn, closecodes.GOING_AWAY, "server shutting down")
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.hub.connections and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        await self.broker.close()
+
+
+def _log_failure(future: "asyncio.Future") -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("publish failed: %s", future.exception())
