@@ -1,0 +1,656 @@
+"""The HTTP server API of the standalone server (SERVER_API.md).
+
+``POST /api/publish``, ``POST /api/disconnect``, ``POST /api/revoke``, ``PUT``/``GET
+/api/directory`` (and its incremental endpoints), ``GET /api/stats``, ``GET /api/openapi.json``,
+``GET /healthz`` and ``GET /metrics``, beside the WebSocket endpoint of the same
+:class:`~tornado_rt.RealtimeServer`. There is no second routing path: an HTTP publish is turned
+into envelopes by :mod:`tornado_rt.envelope` exactly as a Python publish is, and handed to
+``server.submit``.
+
+:func:`make_app` assembles the Tornado application; the command line (:mod:`tornado_rt.cli`) uses
+it and so can tests or an embedding program.
+
+Rules every endpoint follows:
+
+* Under ``/api/``: ``Authorization: Bearer <api key>``, compared in constant time with every
+  configured key; missing or wrong gives 401 before the body is read.
+* JSON in (``Content-Type: application/json``, else 415), JSON out. Errors are
+  ``{"error": "<sentence>", "field": "<dotted path or null>"}`` with 400, 401, 404, 405, 413
+  (body over ``max_body_size``, checked on ``Content-Length`` before reading and while reading a
+  chunked body), 415, and 503 when the broker cannot take a publish.
+* The access log never holds a JWT or an API key: headers are never logged and the query values
+  that may carry a token are redacted.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import json
+import logging
+import re
+import time
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+from tornado.ioloop import IOLoop
+from tornado.web import Application, HTTPError, RequestHandler, stream_request_body
+
+from . import __version__
+from .broker import BrokerUnavailable
+from .envelope import PublishError, individual_envelope, message_envelope
+from .policy import Directory
+from .principal import normalize_id
+from .server import RealtimeServer, web_socket_id_from_request
+
+log = logging.getLogger("tornado_rt.httpapi")
+access_log = logging.getLogger("tornado.access")
+
+#: Default limit of a request body (``max_body_size``): 10 MiB.
+DEFAULT_MAX_BODY_SIZE = 10 * 1024 * 1024
+
+#: Buckets of the publish-to-write latency histogram, in seconds.
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                   0.25, 0.5, 1.0, 2.5, 5.0)
+
+_SECRET_IN_QUERY = re.compile(r"((?:^|[?&;])(?:jwt_token|token|access_token|api_key|key)=)[^&;#]*",
+                              re.IGNORECASE)
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` with the values of query arguments that may carry a credential replaced."""
+    return _SECRET_IN_QUERY.sub(r"\1[redacted]", uri or "")
+
+
+def log_request(handler: RequestHandler) -> None:
+    """The application's ``log_function``: one access-log line per request, credentials never
+    included (no headers at all; token-like query values redacted)."""
+    status = handler.get_status()
+    if status < 400:
+        emit = access_log.info
+    elif status < 500:
+        emit = access_log.warning
+    else:
+        emit = access_log.error
+    request = handler.request
+    emit("%d %s %s (%s) %.2fms", status, request.method, redact_uri(request.uri or ""),
+         request.remote_ip, 1000.0 * request.request_time())
+
+
+class ApiError(HTTPError):
+    """An error answered as ``{"error": message, "field": field}`` with ``status``."""
+
+    def __init__(self, status: int, message: str, field: Optional[str] = None,
+                 headers: Optional[Dict[str, str]] = None):
+        super().__init__(status)
+        self.message = message
+        self.field = field
+        self.headers = headers or {}
+
+
+# --- metrics ----------------------------------------------------------------------------------------
+
+class ServerCollector:
+    """A Prometheus collector reading the server's plain counters at scrape time, so that the hot
+    path pays nothing for metrics (``Counters`` are dict increments)."""
+
+    def __init__(self, server: RealtimeServer):
+        self.server = server
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        server = self.server
+        stats = server.stats()
+        counters = server.counters
+        info = GaugeMetricFamily("tornado_rt_build_info", "tornado-rt version", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+        for name, key, text in (
+            ("tornado_rt_connections", "connections", "Open, authenticated WebSocket connections"),
+            ("tornado_rt_authenticated_users", "authenticated_users", "Distinct users connected"),
+            ("tornado_rt_anonymous_connections", "anonymous_connections", "Anonymous connections"),
+            ("tornado_rt_pages", "pages", "Pages with at least one subscriber"),
+            ("tornado_rt_subscriptions", "subscriptions", "Page subscriptions over all connections"),
+        ):
+            yield GaugeMetricFamily(name, text, value=stats[key])
+        yield CounterMetricFamily("tornado_rt_connections_opened", "Connections authenticated since start",
+                                  value=counters.connections_opened)
+        yield CounterMetricFamily("tornado_rt_authentication_failures",
+                                  "Connections refused with 4001 since start", value=counters.auth_failures)
+        closed = CounterMetricFamily("tornado_rt_connections_closed",
+                                     "Connections closed since start, by reason", labels=["reason"])
+        for reason, n in sorted(counters.closed.items()):
+            closed.add_metric([reason], n)
+        yield closed
+        published = CounterMetricFamily("tornado_rt_messages_published",
+                                        "Messages published since start, by type", labels=["type"])
+        for name, n in sorted(counters.published.items()):
+            published.add_metric([name], n)
+        yield published
+        delivered = CounterMetricFamily("tornado_rt_messages_delivered",
+                                        "Message copies queued to connections since start, by type",
+                                        labels=["type"])
+        for name, n in sorted(counters.delivered.items()):
+            delivered.add_metric([name], n)
+        yield delivered
+
+
+class Metrics:
+    """The Prometheus registry of one application: the server collector, the publish-to-write
+    histogram and the standard process/platform/GC collectors."""
+
+    def __init__(self, server: RealtimeServer):
+        from prometheus_client import (CollectorRegistry, GCCollector, Histogram, PlatformCollector,
+                                       ProcessCollector)
+
+        self.registry = CollectorRegistry()
+        self.registry.register(ServerCollector(server))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        self.publish_latency = Histogram(
+            "tornado_rt_publish_to_write_seconds",
+            "From the HTTP publish handing an envelope to the server until the frames are written "
+            "to the sockets of this process (one observation per envelope)",
+            buckets=LATENCY_BUCKETS, registry=self.registry)
+
+    def observe_publish(self, started: float, envelopes: int) -> None:
+        elapsed = time.perf_counter() - started
+        observe = self.publish_latency.observe
+        for _ in range(envelopes):
+            observe(elapsed)
+
+    def exposition(self) -> bytes:
+        from prometheus_client import generate_latest
+        return generate_latest(self.registry)
+
+
+# --- shared state and the handler base ---------------------------------------------------------------
+
+class HttpApi:
+    """What the handlers of one application share."""
+
+    def __init__(self, server: RealtimeServer, api_keys: Sequence[str], max_body_size: int,
+                 metrics: Optional[Metrics]):
+        keys = [k for k in api_keys if isinstance(k, str) and k]
+        if not keys:
+            raise ValueError("the HTTP server API needs at least one non-empty API key")
+        if max_body_size <= 0:
+            raise ValueError("max_body_size must be positive")
+        self.server = server
+        self._key_digests = [hashlib.sha256(k.encode("utf-8")).digest() for k in keys]
+        self.max_body_size = max_body_size
+        self.metrics = metrics
+
+    def authorized(self, header: Optional[str]) -> bool:
+        """Whether an ``Authorization`` header names a configured key (constant time: every key
+        is compared, over equal-length digests)."""
+        if not header:
+            return False
+        scheme, _, credentials = header.strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        given = hashlib.sha256(credentials.strip().encode("utf-8", "replace")).digest()
+        found = False
+        for digest in self._key_digests:
+            found |= hmac.compare_digest(digest, given)
+        return found
+
+
+_METHODS = ("get", "post", "put", "delete", "patch", "head", "options")
+
+
+def _unless_answered(method: Any) -> Any:
+    @functools.wraps(method)
+    def wrapper(self: "ApiHandler", *args: Any) -> Any:
+        if self._finished:  # already answered while the body streamed in (413)
+            return None
+        return method(self, *args)
+    return wrapper
+
+
+@stream_request_body
+class ApiHandler(RequestHandler):
+    """Base of every endpoint: key check, method check, content type, body limit, JSON errors."""
+
+    #: Whether the endpoint needs ``Authorization: Bearer <api key>``.
+    requires_key = True
+    #: Methods that read a JSON body.
+    json_methods: Sequence[str] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in _METHODS:
+            if name in cls.__dict__:
+                setattr(cls, name, _unless_answered(cls.__dict__[name]))
+
+    def initialize(self, api: HttpApi) -> None:
+        self.api = api
+        self.server = api.server
+        self._chunks: Optional[List[bytes]] = []
+        self._size = 0
+
+    @classmethod
+    def implemented_methods(cls) -> List[str]:
+        """The HTTP methods this handler answers (upper case)."""
+        return [m.upper() for m in _METHODS if getattr(cls, m) is not getattr(RequestHandler, m)]
+
+    def set_default_headers(self) -> None:
+        self.set_header("Cache-Control", "no-store")
+
+    def prepare(self) -> None:
+        self._lift_connection_limit()
+        if self.requires_key and not self.api.authorized(self.request.headers.get("Authorization")):
+            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <api key>'",
+                           headers={"WWW-Authenticate": 'Bearer realm="tornado-rt"'})
+        method = self.request.method or ""
+        allowed = self.implemented_methods()
+        if method not in allowed:
+            raise ApiError(405, f"{method} is not allowed on {self.request.path}; use {' or '.join(allowed)}",
+                           headers={"Allow": ", ".join(allowed)})
+        if method.lower() in self.json_methods:
+            content_type = self.request.headers.get("Content-Type", "")
+            media = content_type.split(";", 1)[0].strip().lower()
+            if media != "application/json" and not media.endswith("+json"):
+                raise ApiError(415, "the body must be JSON: send the header 'Content-Type: application/json'")
+        length = self.request.headers.get("Content-Length")
+        if length is not None and length.strip().isdigit() and int(length) > self.api.max_body_size:
+            raise ApiError(413, f"the body is larger than the limit of {self.api.max_body_size} bytes")
+
+    def _lift_connection_limit(self) -> None:
+        # The body limit is enforced by this class, with a JSON 413 (Tornado's own limit answers a
+        # bare 400). An early answer closes the connection, so an oversized body is not read.
+        connection = self.request.connection
+        if hasattr(connection, "set_max_body_size"):
+            connection.set_max_body_size(1 << 62)
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._finished or self._chunks is None:
+            return
+        self._size += len(chunk)
+        if self._size > self.api.max_body_size:
+            self._chunks = None
+            self.fail(413, f"the body is larger than the limit of {self.api.max_body_size} bytes")
+            return
+        self._chunks.append(chunk)
+
+    # --- helpers for the endpoints ---------------------------------------------------------------
+    def json_body(self) -> Any:
+        data = b"".join(self._chunks or ())
+        if not data.strip():
+            raise ApiError(400, "the body is empty; send a JSON document")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(400, "the body is not valid UTF-8") from None
+        try:
+            return json.loads(text, parse_constant=_reject_constant)
+        except RecursionError:
+            raise ApiError(400, "the body is nested too deeply") from None
+        except ValueError as exc:
+            raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+
+    def json_object(self, allowed: Sequence[str], required: Sequence[str] = ()) -> Dict[str, Any]:
+        """The body as a JSON object with only ``allowed`` keys and every ``required`` one."""
+        body = self.json_body()
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        for key in body:
+            if key not in allowed:
+                raise ApiError(400, f"unexpected key {key!r}; allowed: {', '.join(allowed)}", key)
+        for key in required:
+            if key not in body:
+                raise ApiError(400, f"{key!r} is required", key)
+        return body
+
+    def reply(self, obj: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.finish(json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
+
+    def fail(self, status: int, message: str, field: Optional[str] = None) -> None:
+        """Answer an error now (used where raising is not possible)."""
+        self.clear()
+        self.set_header("Connection", "close")
+        self.reply({"error": message, "field": field}, status)
+
+    def directory(self) -> Directory:
+        directory = self.server.directory
+        if directory is None:
+            raise ApiError(404, "this server's access policy is not the in-memory directory")
+        return directory
+
+    # --- error output and logging ----------------------------------------------------------------
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, ApiError):
+            message, field = exc.message, exc.field
+            for name, value in exc.headers.items():
+                self.set_header(name, value)
+        elif status_code == 405:
+            message, field = f"{self.request.method} is not a supported method", None
+        elif status_code >= 500:
+            message, field = "internal server error", None
+        else:
+            message, field = self._reason, None
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.finish(json.dumps({"error": message, "field": field}, ensure_ascii=False, separators=(",", ":")))
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, HTTPError):
+            return  # the access log has the status; the client has the sentence
+        log.error("uncaught exception in %s", self._request_summary(), exc_info=(typ, value, tb))
+
+    def _request_summary(self) -> str:
+        return "%s %s (%s)" % (self.request.method, redact_uri(self.request.uri or ""), self.request.remote_ip)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+# --- endpoints ----------------------------------------------------------------------------------------
+
+class PublishHandler(ApiHandler):
+    """``POST /api/publish``: one envelope or an array of them, all validated before any is
+    published; answers once this process's connections have them queued."""
+
+    json_methods = ("post",)
+    MESSAGE_KEYS = ("message", "to", "ignore_web_socket_id", "exclude_user_ids")
+    INDIVIDUAL_KEYS = ("individual", "ignore_web_socket_id")
+
+    async def post(self) -> None:
+        body = self.json_body()
+        batch = isinstance(body, list)
+        items = body if batch else [body]
+        sender = web_socket_id_from_request(self)
+        envelopes = []
+        for i, item in enumerate(items):
+            prefix = f"[{i}]." if batch else ""
+            try:
+                envelopes.append(self._envelope(item, prefix, sender))
+            except PublishError as exc:
+                raise ApiError(400, str(exc), exc.field) from None
+        started = time.perf_counter()
+        try:
+            await self.server.submit(envelopes)
+        except BrokerUnavailable as exc:
+            raise ApiError(503, f"the broker cannot take the publish: {exc}") from None
+        metrics = self.api.metrics
+        if metrics is not None and envelopes:
+            # Runs after the hub's flush, which delivery scheduled before it.
+            IOLoop.current().add_callback(metrics.observe_publish, started, len(envelopes))
+        self.reply({"published": len(envelopes)})
+
+    def _envelope(self, item: Any, prefix: str, sender: Optional[str]) -> Any:
+        registry = self.server.registry
+        if not isinstance(item, dict):
+            raise PublishError("an envelope must be a JSON object", prefix.rstrip(".") or None)
+        individual = "individual" in item
+        allowed = self.INDIVIDUAL_KEYS if individual else self.MESSAGE_KEYS
+        for key in item:
+            if key not in allowed:
+                hint = " (an envelope has either message and to, or individual)" if individual else ""
+                raise PublishError(f"unexpected key {key!r} in the envelope{hint}", prefix + key)
+        ignore = item["ignore_web_socket_id"] if "ignore_web_socket_id" in item else sender
+        if individual:
+            return individual_envelope(registry, item["individual"], ignore, prefix)
+        if "message" not in item:
+            raise PublishError("the envelope needs a message (or individual payloads)", prefix + "message")
+        exclude = item.get("exclude_user_ids")
+        if exclude is not None and not isinstance(exclude, list):
+            raise PublishError("exclude_user_ids must be a list of user ids", prefix + "exclude_user_ids")
+        return message_envelope(registry, item["message"], item.get("to"), ignore, exclude, prefix)
+
+
+def _id_list(value: Any, field: str) -> list:
+    if not isinstance(value, list):
+        raise ApiError(400, f"{field} must be a list of ids", field)
+    for i, item in enumerate(value):
+        if normalize_id(item) is None:
+            raise ApiError(400, f"{field}[{i}] is not an id", f"{field}[{i}]")
+    return value
+
+
+class DisconnectHandler(ApiHandler):
+    """``POST /api/disconnect``: force_disconnect (4003) for every connection of the users, except
+    ``ignore_web_socket_ids`` (default: the request's ``WebSocketId`` header, if any)."""
+
+    json_methods = ("post",)
+
+    async def post(self) -> None:
+        body = self.json_object(("user_ids", "ignore_web_socket_ids"), required=("user_ids",))
+        users = _id_list(body["user_ids"], "user_ids")
+        if "ignore_web_socket_ids" in body:
+            spared = body["ignore_web_socket_ids"]
+            if spared is None:
+                spared = []
+            if not isinstance(spared, list) or not all(isinstance(w, str) for w in spared):
+                raise ApiError(400, "ignore_web_socket_ids must be a list of strings", "ignore_web_socket_ids")
+        else:
+            sender = web_socket_id_from_request(self)
+            spared = [sender] if sender else []
+        try:
+            disconnected = await self.server.disconnect_async(users, spared)
+        except BrokerUnavailable as exc:
+            raise ApiError(503, f"the broker cannot take the disconnect: {exc}") from None
+        self.reply({"disconnected": disconnected})
+
+
+class RevokeHandler(ApiHandler):
+    """``POST /api/revoke``: drop the users' pages in a permission group, with page_discard."""
+
+    json_methods = ("post",)
+
+    async def post(self) -> None:
+        body = self.json_object(("user_ids", "permission_group"), required=("user_ids", "permission_group"))
+        users = _id_list(body["user_ids"], "user_ids")
+        try:
+            discarded = await self.server.revoke_async(users, body["permission_group"])
+        except PublishError as exc:
+            raise ApiError(400, str(exc), exc.field) from None
+        except BrokerUnavailable as exc:
+            raise ApiError(503, f"the broker cannot take the revoke: {exc}") from None
+        self.reply({"discarded": discarded})
+
+
+def _directory_counts(directory: Directory) -> Dict[str, int]:
+    snapshot = directory.snapshot()
+    return {name: len(snapshot[name]) for name in ("workspaces", "tables", "public_views")}
+
+
+class DirectoryHandler(ApiHandler):
+    """``PUT /api/directory`` replaces the directory (validated first; on error nothing changes);
+    ``GET /api/directory`` returns its snapshot."""
+
+    json_methods = ("put",)
+
+    def get(self) -> None:
+        self.reply(self.directory().snapshot())
+
+    def put(self) -> None:
+        directory = self.directory()
+        body = self.json_body()
+        try:
+            directory.load(body)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), getattr(exc, "field", None)) from None
+        self.reply(_directory_counts(directory))
+
+
+def _apply(change: Any, *args: Any) -> None:
+    try:
+        change(*args)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), getattr(exc, "field", None)) from None
+
+
+class DirectoryWorkspaceHandler(ApiHandler):
+    """``PUT /api/directory/workspaces/{workspace_id}`` ``{"members": [...]}`` creates or
+    replaces one workspace; ``DELETE`` forgets it with its tables and public views."""
+
+    json_methods = ("put",)
+
+    def put(self, workspace_id: str) -> None:
+        body = self.json_object(("members",), required=("members",))
+        members = _id_list(body["members"], "members")
+        _apply(self.directory().set_workspace, workspace_id, members)
+        self.reply({"ok": True})
+
+    def delete(self, workspace_id: str) -> None:
+        _apply(self.directory().remove_workspace, workspace_id)
+        self.reply({"ok": True})
+
+
+class DirectoryMemberHandler(ApiHandler):
+    """``PUT``/``DELETE /api/directory/workspaces/{workspace_id}/members/{user_id}``: add or
+    remove one member (no body)."""
+
+    def put(self, workspace_id: str, user_id: str) -> None:
+        _apply(self.directory().add_member, workspace_id, user_id)
+        self.reply({"ok": True})
+
+    def delete(self, workspace_id: str, user_id: str) -> None:
+        _apply(self.directory().remove_member, workspace_id, user_id)
+        self.reply({"ok": True})
+
+
+class DirectoryTableHandler(ApiHandler):
+    """``PUT /api/directory/tables/{table_id}`` ``{"workspace_id": ID}``; ``DELETE`` forgets it."""
+
+    json_methods = ("put",)
+
+    def put(self, table_id: str) -> None:
+        body = self.json_object(("workspace_id",), required=("workspace_id",))
+        if normalize_id(body["workspace_id"]) is None:
+            raise ApiError(400, "workspace_id must be an id", "workspace_id")
+        _apply(self.directory().set_table, table_id, body["workspace_id"])
+        self.reply({"ok": True})
+
+    def delete(self, table_id: str) -> None:
+        _apply(self.directory().remove_table, table_id)
+        self.reply({"ok": True})
+
+
+class DirectoryPublicViewHandler(ApiHandler):
+    """``PUT /api/directory/public_views/{slug}`` ``{"table_id": ID, "token": null}``; ``DELETE``."""
+
+    json_methods = ("put",)
+
+    def put(self, slug: str) -> None:
+        body = self.json_object(("table_id", "token"))
+        table_id = body.get("table_id")
+        if table_id is not None and normalize_id(table_id) is None:
+            raise ApiError(400, "table_id must be an id or null", "table_id")
+        token = body.get("token")
+        if token is not None and not isinstance(token, str):
+            raise ApiError(400, "token must be a string or null", "token")
+        _apply(self.directory().set_public_view, slug, table_id, token)
+        self.reply({"ok": True})
+
+    def delete(self, slug: str) -> None:
+        self.directory().remove_public_view(slug)
+        self.reply({"ok": True})
+
+
+class StatsHandler(ApiHandler):
+    """``GET /api/stats``."""
+
+    def get(self) -> None:
+        self.reply(self.server.stats())
+
+
+class OpenApiHandler(ApiHandler):
+    """``GET /api/openapi.json``: the OpenAPI 3 document of this application."""
+
+    def initialize(self, api: HttpApi, document: Dict[str, Any]) -> None:  # type: ignore[override]
+        super().initialize(api)
+        self.document = document
+
+    def get(self) -> None:
+        self.reply(self.document)
+
+
+class HealthHandler(ApiHandler):
+    """``GET /healthz`` (no key)."""
+
+    requires_key = False
+
+    def get(self) -> None:
+        self.reply({"status": "ok"})
+
+
+class MetricsHandler(ApiHandler):
+    """``GET /metrics`` (no key): Prometheus text exposition."""
+
+    requires_key = False
+
+    def get(self) -> None:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(self.api.metrics.exposition())
+
+
+class NotFoundHandler(ApiHandler):
+    """Every path no route matches: 404 in the JSON error form."""
+
+    requires_key = False
+
+    def prepare(self) -> None:
+        self._lift_connection_limit()
+        raise ApiError(404, f"no such endpoint: {self.request.path}")
+
+
+# --- assembly -----------------------------------------------------------------------------------------
+
+#: The HTTP routes: (OpenAPI path template, Tornado pattern, handler). The WebSocket route comes
+#: from ``server.routes()``; ``/metrics`` is added when metrics are on.
+API_ROUTES = [
+    ("/api/publish", r"/api/publish", PublishHandler),
+    ("/api/disconnect", r"/api/disconnect", DisconnectHandler),
+    ("/api/revoke", r"/api/revoke", RevokeHandler),
+    ("/api/directory", r"/api/directory", DirectoryHandler),
+    ("/api/directory/workspaces/{workspace_id}", r"/api/directory/workspaces/([^/]+)",
+     DirectoryWorkspaceHandler),
+    ("/api/directory/workspaces/{workspace_id}/members/{user_id}",
+     r"/api/directory/workspaces/([^/]+)/members/([^/]+)", DirectoryMemberHandler),
+    ("/api/directory/tables/{table_id}", r"/api/directory/tables/([^/]+)", DirectoryTableHandler),
+    ("/api/directory/public_views/{slug}", r"/api/directory/public_views/([^/]+)",
+     DirectoryPublicViewHandler),
+    ("/api/stats", r"/api/stats", StatsHandler),
+    ("/api/openapi.json", r"/api/openapi\.json", OpenApiHandler),
+    ("/healthz", r"/healthz", HealthHandler),
+]
+METRICS_ROUTE = ("/metrics", r"/metrics", MetricsHandler)
+
+
+def make_app(server: RealtimeServer, api_keys: Sequence[str], *, metrics: bool = True,
+             max_body_size: int = DEFAULT_MAX_BODY_SIZE, **app_settings: Any) -> Application:
+    """The standalone server's Tornado application: the WebSocket endpoint of ``server`` plus the
+    HTTP server API.
+
+    ``api_keys``: the keys accepted as ``Authorization: Bearer <key>`` (at least one).
+    ``metrics``: serve ``GET /metrics``. ``max_body_size``: request body limit in bytes (413
+    above it). Other keyword arguments are Tornado application settings. The application's
+    ``http_api`` attribute is the :class:`HttpApi` (its ``metrics.registry`` is the Prometheus
+    registry) and ``openapi`` is the OpenAPI document.
+    """
+    api = HttpApi(server, api_keys, max_body_size, Metrics(server) if metrics else None)
+    routes = list(API_ROUTES) + ([METRICS_ROUTE] if metrics else [])
+    from .openapi import openapi_document
+    ws_path = server.settings.path_prefix
+    document = openapi_document([template for template, _, _ in routes], ws_path, max_body_size)
+    handlers: list = []
+    for _, pattern, handler in routes:
+        kwargs: Dict[str, Any] = {"api": api}
+        if handler is OpenApiHandler:
+            kwargs["document"] = document
+        handlers.append((pattern, handler, kwargs))
+    app_settings.setdefault("log_function", log_request)
+    app_settings.setdefault("default_handler_class", NotFoundHandler)
+    app_settings.setdefault("default_handler_args", {"api": api})
+    app = server.make_app(handlers, **app_settings)
+    app.http_api = api  # type: ignore[attr-defined]
+    app.openapi = document  # type: ignore[attr-defined]
+    return app
