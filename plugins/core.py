@@ -3,6 +3,8 @@
 Message types and their default audiences follow PROTOCOL.md §6 (core plugin table). Side effects
 keep the in-memory directory current and revoke pages when a member leaves a workspace.
 """
+import inspect
+
 from tornado_rt import MessageType, Plugin
 
 
@@ -37,8 +39,27 @@ def _remove_workspace(ctx, message):
 
 
 def _remove_user(ctx, message):
-    if ctx.directory is not None:
-        ctx.directory.remove_user(message["user_id"])
+    """The user leaves every workspace, losing every table page it had (PROTOCOL.md §4)."""
+    user_id = message["user_id"]
+
+    def leave(workspaces):
+        workspaces = list(workspaces or ())
+        pending = [ctx.policy.workspace_tables(ws) for ws in workspaces]
+
+        def revoke(table_lists):
+            for tables in table_lists:
+                for table_id in tables or ():
+                    ctx.revoke([user_id], f"permissions-table-{table_id}")
+            if ctx.directory is not None:
+                ctx.directory.remove_user(user_id)
+
+        if any(inspect.isawaitable(p) for p in pending):
+            async def gather():
+                return [await p if inspect.isawaitable(p) else p for p in pending]
+            return ctx.then(gather(), revoke)
+        return revoke(pending)
+
+    return ctx.then(ctx.policy.user_workspaces(user_id), leave)
 
 
 def _workspace(*payload, key="workspace_id", **kw):

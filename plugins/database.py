@@ -32,10 +32,22 @@ def _can_view_public_view(principal, params, policy):
     return policy.can_view_public_view(slug, token)
 
 
+def _table_created(ctx, message):
+    """Published to an explicit workspace, the new table joins that workspace in the directory
+    (Baserow's payload does not carry the workspace, so the audience is the only source)."""
+    audience = ctx.audience
+    table_id = normalize_id(message["table"].get("id")) if isinstance(message["table"], dict) else None
+    if (ctx.directory is not None and table_id is not None and audience and audience[0] == "workspaces"
+            and len(audience[1]) == 1):
+        ctx.directory.set_table(table_id, audience[1][0])
+
+
 def _table_deleted(ctx, message):
-    table_id = message["table_id"]
-    ctx.drop_permission_group(f"permissions-table-{normalize_id(table_id)}")
-    if ctx.directory is not None and normalize_id(table_id) is not None:
+    table_id = normalize_id(message["table_id"])
+    ctx.drop_permission_group(f"permissions-table-{table_id}")
+    if ctx.directory is not None and table_id is not None:
+        for slug in ctx.directory.public_views_of_table(table_id):
+            ctx.drop_group(f"view-{slug}")
         ctx.directory.remove_table(table_id)
 
 
@@ -61,7 +73,8 @@ plugin = Plugin(
                  required=("slug",), anonymous=True),
     ],
     message_types=[
-        MessageType("table_created", "table_workspace", keys={"table_id": "table.id"}, payload=("table",)),
+        MessageType("table_created", "table_workspace", keys={"table_id": "table.id"}, payload=("table",),
+                    effect=_table_created),
         MessageType("table_updated", "table_workspace", keys={"table_id": "table_id"},
                     payload=("table_id", "table", "force_table_refresh")),
         MessageType("table_deleted", "table_workspace", keys={"table_id": "table_id"},

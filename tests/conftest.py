@@ -1,5 +1,6 @@
 """Shared fixtures: a real tornado-rt server listening on a free port (pytest-tornado), real
 WebSocket clients, JWTs, and the barrier that proves a message did NOT arrive."""
+import asyncio
 import itertools
 import time
 
@@ -33,14 +34,25 @@ def make_token(user_id=1, secret=SECRET, algorithm="HS256", lifetime=300, **clai
     return jwt.encode({k: v for k, v in payload.items() if v is not None}, secret, algorithm=algorithm)
 
 
-@pytest.fixture
-def settings():
-    return Settings(jwt_secret=SECRET, ping_interval=0)
+def pytest_configure(config):
+    config.addinivalue_line("markers", "rt_settings(**overrides): Settings overrides for the `settings` fixture")
+    config.addinivalue_line("markers", "rt_server(**kwargs): extra RealtimeServer keyword arguments "
+                                       "for the `server` fixture (plugins= is added to the test plugin)")
 
 
 @pytest.fixture
-def server(settings):
-    srv = RealtimeServer(settings, plugins=[test_plugin], load_entry_points=False)
+def settings(request):
+    marker = request.node.get_closest_marker("rt_settings")
+    overrides = dict(marker.kwargs) if marker else {}
+    return Settings(**{"jwt_secret": SECRET, "ping_interval": 0, **overrides})
+
+
+@pytest.fixture
+def server(settings, request):
+    marker = request.node.get_closest_marker("rt_server")
+    kwargs = {"load_entry_points": False, **(marker.kwargs if marker else {})}
+    kwargs["plugins"] = [test_plugin, *kwargs.get("plugins", ())]
+    srv = RealtimeServer(settings, **kwargs)
     d = srv.directory
     d.set_workspace(1, [1, 2, 3])
     d.set_workspace(2, [4])
@@ -90,6 +102,12 @@ class Client:
             pass
         return self.conn.close_code
 
+    async def expect_close(self):
+        """Assert that the server closes the connection with nothing more sent; return the code."""
+        msg = await self.conn.read_message()
+        assert msg is None, f"expected the connection to close, got {msg!r}"
+        return self.conn.close_code
+
     def close(self):
         self.conn.close()
 
@@ -98,10 +116,13 @@ class Client:
 def connect(ws_url):
     clients = []
 
-    async def _connect(token=None, user_id=1, authenticate=True, url=None):
-        if token is None:
-            token = make_token(user_id)
-        conn = await websocket_connect(f"{url or ws_url}?jwt_token={token}")
+    async def _connect(token=None, user_id=1, authenticate=True, url=None, query=None):
+        """``query``: the raw query string (e.g. "" for no token at all) instead of ?jwt_token=."""
+        if query is None:
+            if token is None:
+                token = make_token(user_id)
+            query = f"?jwt_token={token}"
+        conn = await websocket_connect(f"{url or ws_url}{query}")
         client = Client(conn)
         clients.append(client)
         if authenticate:
@@ -132,3 +153,11 @@ def barrier(server):
 
 def id_of(value):
     return normalize_id(value)
+
+
+async def wait_until(condition, timeout=5.0):
+    """Wait for ``condition()`` to become true (e.g. the server has run ``on_close``)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)  # barrier-ok: waits for a condition, asserts nothing about time

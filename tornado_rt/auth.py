@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import traceback
 from typing import Any, Awaitable, Callable, Optional, Union
 
 import jwt
@@ -87,6 +88,15 @@ def to_principal(result: AuthResult) -> Optional[Principal]:
     return Principal(user_id) if user_id is not None else None
 
 
+def log_authenticator_error(token: Optional[str]) -> None:
+    """Log the exception being handled by an authenticator's caller, with ``token`` redacted:
+    the embedder's exception may quote the token, and tokens never reach a log."""
+    text = traceback.format_exc().rstrip()
+    if token:
+        text = text.replace(token, "[redacted]")
+    log.error("authenticator raised; connection refused\n%s", text)
+
+
 async def authenticate(authenticator: Authenticator, token: str) -> Optional[Principal]:
     """Run a sync or async authenticator; an exception in it counts as a refusal (and is logged)."""
     try:
@@ -94,6 +104,6 @@ async def authenticate(authenticator: Authenticator, token: str) -> Optional[Pri
         if inspect.isawaitable(result):
             result = await result
     except Exception:  # the embedder's code: refuse, never crash the connection handling
-        log.exception("authenticator raised; connection refused")
+        log_authenticator_error(token)
         return None
     return to_principal(result)

@@ -14,22 +14,48 @@ import uuid
 from typing import Any, Optional
 
 import ujson
-from tornado.websocket import WebSocketHandler
+from tornado.httputil import HTTPHeaders
+from tornado.websocket import WebSocketHandler, WebSocketProtocol13
 
 from . import closecodes
-from .auth import authenticate, to_principal
+from .auth import log_authenticator_error, to_principal
 from .hub import text_frame
 from .principal import ANONYMOUS
 
 log = logging.getLogger("tornado_rt.connection")
 
 _TOKEN_IN_QUERY = re.compile(r"(jwt_token=)[^&]*", re.IGNORECASE)
+_NO_HEADERS = HTTPHeaders()
 _AUTH_FAILED = text_frame(b'{"type":"authentication","success":false,"web_socket_id":null}')
 
 
 def redact(text: str) -> str:
     """Hide the value of ``jwt_token`` in a URI or query string."""
     return _TOKEN_IN_QUERY.sub(r"\1[redacted]", text)
+
+
+class _Protocol(WebSocketProtocol13):
+    """Tornado's RFC 6455 protocol with one hook: the moment the server starts closing (a limit,
+    a force disconnect, shutdown, a missed pong, an oversized frame, or the echo of the client's
+    own close), the connection leaves the hub. So nothing is written after the close frame
+    (RFC 6455 §5.5.1) and its subscriptions are released at once, not when the peer answers.
+
+    A peer that missed its pong is aborted at once: it is not answering, and waiting for its
+    close frame (Tornado waits 5 s) would only keep its socket and buffers alive.
+    """
+
+    def close(self, code: Optional[int] = None, reason: Optional[str] = None) -> None:
+        handler = self.handler
+        silent = reason == _PING_TIMED_OUT and not self.client_terminated
+        if handler._closed_by is None and not self.client_terminated:
+            handler._closed_by = "ping_timeout" if silent else code
+        handler._release()
+        super().close(code, reason)
+        if silent:
+            self._abort()
+
+
+_PING_TIMED_OUT = "ping timed out"  # the reason Tornado's periodic ping closes with
 
 
 class RealtimeHandler(WebSocketHandler):
@@ -48,7 +74,8 @@ class RealtimeHandler(WebSocketHandler):
         self.out: list = []
         self.stream = None
         self._token: Optional[str] = None
-        self._closed_by: Optional[int] = None
+        self._closed_by: Any = None  # close code, or "ping_timeout"; None: the client went
+        self.disconnected = False  # True once the TCP connection is gone (on_close ran)
         self._tokens = float(server.settings.max_incoming_burst)
         self._refilled = 0.0
 
@@ -65,10 +92,11 @@ class RealtimeHandler(WebSocketHandler):
         request.uri = redact(request.uri)
         request.query = redact(request.query)
         limit = self.server.settings.max_connections
-        if limit and len(self.server.hub.connections) >= limit:
+        if self.server._closing or (limit and len(self.server.hub.connections) >= limit):
             self.set_status(503)
             self.set_header("Content-Type", "application/json")
-            self.finish('{"error":"the server has reached its connection limit","field":null}')
+            self.finish('{"error":"the server is shutting down","field":null}' if self.server._closing
+                        else '{"error":"the server has reached its connection limit","field":null}')
             return
         await super().get(*args, **kwargs)
 
@@ -90,6 +118,10 @@ class RealtimeHandler(WebSocketHandler):
     def ping_timeout(self) -> Optional[float]:  # type: ignore[override]
         return self.server.settings.ping_timeout or None
 
+    def get_websocket_protocol(self) -> Optional[WebSocketProtocol13]:
+        protocol = super().get_websocket_protocol()
+        return None if protocol is None else _Protocol(self, False, protocol.params)
+
     def get_compression_options(self) -> None:
         return None  # frames are shared between recipients; compression would make them per-peer
 
@@ -108,24 +140,35 @@ class RealtimeHandler(WebSocketHandler):
         try:
             result = server.authenticator(token)
         except Exception:
-            log.exception("authenticator raised; connection refused")
+            log_authenticator_error(token)
             return self._opened(None)
         if inspect.isawaitable(result):
-            return self._open_async(token)
+            return self._open_async(result, token)
         return self._opened(to_principal(result))
 
-    async def _open_async(self, token: str) -> None:
-        self._opened(await authenticate(self.server.authenticator, token))
+    async def _open_async(self, pending: Any, token: str) -> None:
+        """Await the async authenticator's result (it is called once per connection)."""
+        try:
+            result = await pending
+        except Exception:
+            log_authenticator_error(token)
+            result = None
+        self._opened(to_principal(result))
 
     def _opened(self, principal: Any) -> None:
         server = self.server
         hub = server.hub
         if self.stream is None or self.stream.closed():
             return
+        if principal is not None and principal.user_id is None and not server.settings.allow_anonymous:
+            principal = None  # an embedder's authenticator answered "anonymous": same switch
         if principal is None:
             server.counters.auth_failures += 1
             hub.send(self, _AUTH_FAILED)
             hub.close(self, closecodes.AUTHENTICATION_FAILED, "authentication failed")
+            return
+        if server._closing:  # an async authenticator answered after shutdown() began
+            hub.close(self, closecodes.GOING_AWAY, "server shutting down")
             return
         limit = server.settings.max_connections_per_user
         if limit and principal.user_id is not None and len(hub.users.get(principal.user_id, ())) >= limit:
@@ -135,9 +178,23 @@ class RealtimeHandler(WebSocketHandler):
         self.user_id = principal.user_id
         self.web_socket_id = str(uuid.uuid4())
         self._refilled = time.monotonic()
+        self._shed_handshake_state()
         server._connected(self)
         hub.send(self, text_frame(ujson.dumps(
             {"type": "authentication", "success": True, "web_socket_id": self.web_socket_id}).encode()))
+
+    def _shed_handshake_state(self) -> None:
+        """Drop what only the HTTP handshake needed (headers, arguments, UI namespaces): a
+        connection lives for hours and this is most of an idle connection's memory."""
+        request = self.request
+        request.headers = _NO_HEADERS
+        request.arguments = request.query_arguments = request.body_arguments = {}
+        request.files = {}
+        request.body = b""
+        self._headers = _NO_HEADERS
+        self.ui = None  # type: ignore[assignment]
+        self.path_args = self.open_args = ()
+        self.path_kwargs = self.open_kwargs = {}
 
     def on_message(self, message: Any) -> Optional[Any]:
         if self.web_socket_id is None or self.stream is None:
@@ -161,14 +218,20 @@ class RealtimeHandler(WebSocketHandler):
         if self._closed_by is None:
             self._closed_by = 1000 if code is None else code
         stream = self.stream
+        self._release()
         if code == closecodes.SLOW_CONSUMER and stream is not None:
             # Its buffer is full: a close frame would wait behind it. Drop the connection now.
-            self.out.clear()
             stream.close()
             return
         super().close(code, reason)
 
-    def on_close(self) -> None:
-        self.server._disconnected(self, self._closed_by)
+    def _release(self) -> None:
+        """Leave the hub (subscriptions released, counted in ``counters.closed``) and take the
+        stream away from it: nothing more is queued or written for this connection. Idempotent."""
         self.stream = None
+        self.server._disconnected(self, self._closed_by)
+
+    def on_close(self) -> None:
+        self._release()
+        self.disconnected = True
         self.out.clear()

@@ -83,7 +83,8 @@ class Envelope:
 def dumps(message: Any, field: str = "message", message_type: Optional[str] = None) -> str:
     """Serialize once. Values JSON cannot hold are a PublishError, not a crash."""
     try:
-        text = ujson.dumps(message, ensure_ascii=False, reject_bytes=True)
+        # allow_nan=False: NaN and Infinity are not JSON (a browser's JSON.parse rejects them)
+        text = ujson.dumps(message, ensure_ascii=False, reject_bytes=True, allow_nan=False)
         text.encode("utf-8")
     except (TypeError, ValueError, OverflowError, UnicodeError) as exc:
         raise PublishError(f"{field} cannot be serialized as JSON: {exc}", field, message_type) from None
@@ -182,6 +183,14 @@ def default_audience(registry: Registry, mt: MessageType, message: Mapping[str, 
                                f"missing and no explicit audience was given", f"{field}.{path}", name)
         return value
 
+    def key_id(param: str) -> Hashable:
+        canonical = normalize_id(key(param))
+        if canonical is None:
+            path = mt.keys[param]
+            raise PublishError(f"message type {name!r}: payload key {path!r} is not an id",
+                               f"{field}.{path}", name)
+        return canonical
+
     if mt.audience == "explicit":
         raise PublishError(f"message type {name!r} has no default audience; name one with 'to'",
                            "to", name)
@@ -192,13 +201,18 @@ def default_audience(registry: Registry, mt: MessageType, message: Mapping[str, 
             extra = normalize_id(value)
     if mt.audience == "page":
         pt = registry.page_type(mt.page)
-        params = {param: key(param) for param in mt.keys}
-        return ["page", pt.group(pt.params_from(params))]
+        params = pt.params_from({param: key(param) for param in mt.keys})
+        missing = pt.missing(params)
+        if missing is not None:
+            path = mt.keys.get(missing, missing)
+            raise PublishError(f"message type {name!r}: payload key {path!r} is not a valid "
+                               f"{missing}", f"{field}.{path}", name)
+        return ["page", pt.group(params)]
     if mt.audience == "workspace":
-        return ["workspaces", [_one_id(key("workspace_id"), f"{field}.{mt.keys['workspace_id']}", name)], extra]
+        return ["workspaces", [key_id("workspace_id")], extra]
     if mt.audience == "table_workspace":
-        return ["table_workspace", _one_id(key("table_id"), f"{field}.{mt.keys['table_id']}", name), extra]
-    return ["user_workspaces", _one_id(key("user_id"), f"{field}.{mt.keys['user_id']}", name), extra]
+        return ["table_workspace", key_id("table_id"), extra]
+    return ["user_workspaces", key_id("user_id"), extra]
 
 
 def message_envelope(registry: Registry, message: Any, to: Any = None,
@@ -229,8 +243,12 @@ def individual_envelope(registry: Registry, payloads: Any, ignore_web_socket_id:
     if not isinstance(payloads, Mapping) or not payloads:
         raise PublishError(f"{field} must be a non-empty object of user id -> message", field)
     items = []
+    seen = set()
     for user, message in payloads.items():
         user_id = _one_id(user, f"{field}.{user}", None)
+        if user_id in seen:  # 1 and "1": two copies for one connection (PROTOCOL.md §5 rule 3)
+            raise PublishError(f"{field} names user {user_id!r} twice", f"{field}.{user}")
+        seen.add(user_id)
         message_type_of(registry, message, f"{field}.{user}")
         items.append([user_id, message["type"], dumps(message, f"{field}.{user}", message["type"])])
     if ignore_web_socket_id is not None and not isinstance(ignore_web_socket_id, str):

@@ -188,7 +188,8 @@ class Hub:
             stream.write(data)
         except StreamClosedError:
             return
-        if limit and len(stream._write_buffer) > limit:
+        buffered = stream._write_buffer  # None when this write found the peer gone (reset)
+        if limit and buffered is not None and len(buffered) > limit:
             if self.on_slow_consumer is not None:
                 self.on_slow_consumer(conn)
             self.close(conn, closecodes.SLOW_CONSUMER, "slow consumer")

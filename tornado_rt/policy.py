@@ -172,6 +172,11 @@ class Directory(AccessPolicy):
             raise ValueError("token must be a string or null")
         self._views[slug] = (normalize_id(table_id), token)
 
+    def public_views_of_table(self, table_id: Any) -> list:
+        """Slugs of the public views of a table."""
+        table = normalize_id(table_id)
+        return [slug for slug, (t, _) in self._views.items() if t == table]
+
     def remove_public_view(self, slug: str) -> None:
         self._views.pop(slug, None)
 

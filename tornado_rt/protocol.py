@@ -42,8 +42,20 @@ def parse(registry: Registry, text: Any) -> List[Action]:
         if key in obj:
             page_type = registry.page_type(obj[key])
             if page_type is not None:
-                actions.append((key, page_type, page_type.params_from(obj)))
+                params = page_type.params_from(obj)
+                if not _json_safe(params):
+                    return []  # e.g. 1e999 or NaN: echoed back it would not be JSON
+                actions.append((key, page_type, params))
     return actions
+
+
+def _json_safe(params: dict) -> bool:
+    """Whether ``params`` can be echoed as JSON (ujson reads 1e999 as inf and NaN as nan)."""
+    try:
+        ujson.dumps(params, allow_nan=False)
+    except (OverflowError, ValueError):
+        return False
+    return True
 
 
 class ClientProtocol:

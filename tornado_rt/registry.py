@@ -146,14 +146,16 @@ class Registry:
             self.add(plugin)
 
     def add(self, plugin: Plugin) -> None:
-        """Register a plugin. A name already taken by another plugin raises ``ValueError``."""
+        """Register a plugin. A name already taken raises ``ValueError`` and registers nothing."""
         if plugin.name in self.plugins:
             raise ValueError(f"plugin {plugin.name!r} is already registered")
+        claims: Dict[Tuple[str, str], str] = {}  # taken only once every name is free
         for pt in plugin.page_types:
-            self._claim("page type", pt.name, plugin)
+            self._claim("page type", pt.name, plugin, claims)
         for mt in plugin.message_types:
             for name in (mt.name, *mt.aliases):
-                self._claim("message type", name, plugin)
+                self._claim("message type", name, plugin, claims)
+        self._owner.update(claims)
         self.plugins[plugin.name] = plugin
         for pt in plugin.page_types:
             self.page_types[pt.name] = pt
@@ -161,11 +163,11 @@ class Registry:
             for name in (mt.name, *mt.aliases):
                 self.message_types[name] = mt
 
-    def _claim(self, kind: str, name: str, plugin: Plugin) -> None:
-        owner = self._owner.get((kind, name))
+    def _claim(self, kind: str, name: str, plugin: Plugin, claims: Dict[Tuple[str, str], str]) -> None:
+        owner = self._owner.get((kind, name)) or claims.get((kind, name))
         if owner is not None:
             raise ValueError(f"{kind} {name!r} of plugin {plugin.name!r} is already registered by {owner!r}")
-        self._owner[(kind, name)] = plugin.name
+        claims[(kind, name)] = plugin.name
 
     def page_type(self, name: Any) -> Optional[PageType]:
         return self.page_types.get(name) if isinstance(name, str) else None

@@ -34,9 +34,14 @@ _FORCE_DISCONNECT = text_frame(b'{"type":"force_disconnect"}')
 
 
 def page_frame(kind: str, page: str, parameters: dict) -> bytes:
-    """A ``page_add`` / ``page_discard`` message, framed."""
-    return text_frame(ujson.dumps({"type": kind, "page": page, "parameters": parameters},
-                                  ensure_ascii=False).encode())
+    """A ``page_add`` / ``page_discard`` message, framed. ``parameters`` are echoed as the client
+    sent them; a lone surrogate (valid JSON escape, not encodable as UTF-8) is echoed escaped."""
+    message = {"type": kind, "page": page, "parameters": parameters}
+    try:
+        data = ujson.dumps(message, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        data = ujson.dumps(message).encode()
+    return text_frame(data)
 
 
 class Subscription:
@@ -55,13 +60,20 @@ class EffectContext:
 
     ``directory``: the in-memory :class:`~tornado_rt.policy.Directory` when the server uses one,
     else ``None`` (the application's own policy is then the source of truth). ``policy``: the
-    access policy. ``revoke`` and ``drop_permission_group`` act on this process's connections.
+    access policy. ``audience``: the audience spec the message was delivered to (see
+    :mod:`tornado_rt.envelope`), e.g. ``["workspaces", [3], None]`` for an explicit workspace.
+    ``revoke``, ``drop_permission_group`` and ``drop_group`` act on this process's connections.
     """
 
     def __init__(self, router: "Router"):
         self._router = router
         self.policy = router.policy
         self.directory = router.policy if isinstance(router.policy, Directory) else None
+        self.audience: Optional[list] = None
+
+    def drop_group(self, group: str) -> int:
+        """Drop every connection's subscription to the page ``group`` (with ``page_discard``)."""
+        return self._router.drop_group(group)
 
     def revoke(self, user_ids: Iterable[Any], permission_group: str) -> int:
         return self._router.revoke(user_ids, permission_group)
@@ -170,6 +182,7 @@ class Router:
             mt = self.registry.message_type(env.type)
             if mt is not None and mt.effect is not None:
                 message = env.message if env.message is not None else ujson.loads(env.data)
+                self.effects.audience = env.audience
                 result = mt.effect(self.effects, message)
                 if inspect.isawaitable(result):
                     yield result
@@ -225,6 +238,15 @@ class Router:
     def drop_permission_group(self, permission_group: str) -> int:
         """Drop every connection's pages in ``permission_group`` (the table was deleted)."""
         return self._drop(list(self.hub.connections.values()), permission_group)
+
+    def drop_group(self, group: str) -> int:
+        """Drop every connection's subscription to the page ``group`` (a public view went away)."""
+        hub = self.hub
+        conns = list(hub.groups.get(group, ()))
+        for conn in conns:
+            sub = hub.unsubscribe(conn, group)
+            hub.send(conn, page_frame("page_discard", sub.page, sub.parameters))
+        return len(conns)
 
     def _drop(self, conns: Iterable[Any], permission_group: str) -> int:
         hub = self.hub

@@ -38,7 +38,7 @@ CLOSE_REASONS = {
     None: "client", 1000: "normal", 1001: "going_away", 1009: "message_too_big",
     1011: "internal_error", 1013: "too_many_connections_per_user",
     4001: "authentication_failed", 4003: "force_disconnect", 4008: "policy_violation",
-    4009: "slow_consumer",
+    4009: "slow_consumer", "ping_timeout": "ping_timeout",
 }
 
 
@@ -206,6 +206,28 @@ class RealtimeServer:
         self._submit(Envelope(REVOKE, user_ids=users, permission_group=permission_group))
         return count
 
+    async def disconnect_async(self, user_ids: Iterable[Any], ignore_web_socket_ids: Iterable[str] = ()) -> int:
+        """Like :meth:`disconnect`, awaited on the loop: returns the count once this process's
+        connections are closed; raises ``BrokerUnavailable`` if the broker is down."""
+        self._bind()
+        users = id_list(list(user_ids), "user_ids", None)
+        spared = [w for w in ignore_web_socket_ids if isinstance(w, str)]
+        count = sum(1 for c in self.hub.user_connections(users) if c.web_socket_id not in spared)
+        await self.submit([Envelope(DISCONNECT, user_ids=users, ignore=spared)])
+        return count
+
+    async def revoke_async(self, user_ids: Iterable[Any], permission_group: str) -> int:
+        """Like :meth:`revoke`, awaited on the loop: returns the count once this process's pages
+        are dropped; raises ``BrokerUnavailable`` if the broker is down."""
+        self._bind()
+        users = id_list(list(user_ids), "user_ids", None)
+        if not isinstance(permission_group, str) or not permission_group:
+            raise PublishError("permission_group must be a non-empty string", "permission_group")
+        count = sum(1 for c in self.hub.user_connections(users)
+                    for s in c.pages.values() if s.permission_group == permission_group)
+        await self.submit([Envelope(REVOKE, user_ids=users, permission_group=permission_group)])
+        return count
+
     async def publish_async(self, message: Mapping[str, Any], to: Optional[Mapping[str, Any]] = None, *,
                             ignore_web_socket_id: Optional[str] = None,
                             exclude_user_ids: Optional[Iterable[Any]] = None) -> None:
@@ -268,15 +290,19 @@ class RealtimeServer:
 
     async def shutdown(self, timeout: float = 5.0) -> None:
         """Close every connection with 1001 after flushing what was already published, wait (at
-        most ``timeout`` seconds) for them to go, then stop the broker. Call on the loop."""
-        self._closing = True
+        most ``timeout`` seconds) for their TCP connections to end, then stop the broker. Call on
+        the loop. From the start of the call on, new upgrades are refused with HTTP 503."""
+        self._closing = True  # from now on upgrades get HTTP 503
         await self.router.wait_idle()
         self.hub.flush()
-        for conn in list(self.hub.connections.values()):
+        closing = list(self.hub.connections.values())
+        for conn in closing:
             self.hub.close(conn, closecodes.GOING_AWAY, "server shutting down")
-        deadline = asyncio.get_running_loop().time() + timeout
-        while self.hub.connections and asyncio.get_running_loop().time() < deadline:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while closing and loop.time() < deadline:
             await asyncio.sleep(0.01)
+            closing = [c for c in closing if not getattr(c, "disconnected", True)]
         await self.broker.close()
 
 
