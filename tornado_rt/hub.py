@@ -19,7 +19,7 @@ import logging
 import struct
 from typing import Any, Callable, Dict, Hashable, Iterable, List, Optional, Set
 
-from tornado.iostream import StreamClosedError
+from tornado.iostream import IOStream, StreamClosedError
 
 from . import closecodes
 
@@ -184,6 +184,19 @@ class Hub:
         stream = conn.stream
         if stream is None:
             return
+        if stream.__class__ is IOStream and not stream._write_buffer and not stream.closed():
+            # Nothing of this connection is waiting in Tornado's buffer, so order allows a direct
+            # send; when the kernel takes it all (the usual case) the IOStream machinery (a
+            # Future, buffer bookkeeping) is skipped. Plain TCP only: TLS streams go through
+            # IOStream.write. Whatever is left, and every error, takes the normal path.
+            try:
+                sent = stream.socket.send(data)
+            except OSError:
+                sent = 0
+            if sent == len(data):
+                return
+            if sent:
+                data = memoryview(data)[sent:]
         try:
             stream.write(data)
         except StreamClosedError:
