@@ -11,11 +11,15 @@ code   meaning
 4003   force disconnect (after ``{"type":"force_disconnect"}``)
 4008   policy violation: too many messages per second or too many subscriptions
 4009   slow consumer: the connection did not read and its outgoing buffer passed
-       ``Settings.max_outgoing_buffer``
+       ``Settings.max_outgoing_buffer``. No close frame can get through the full buffer, so
+       the TCP connection is dropped at once; metrics count it as ``slow_consumer``
 =====  ==========================================================================
 
+A peer that misses its pong (``Settings.ping_timeout``) is dropped at once, without waiting for
+its answer to Tornado's close frame; metrics count it as ``ping_timeout``.
+
 Refused upgrades (before a WebSocket exists): HTTP 403 for an Origin outside the allow-list,
-HTTP 503 when ``Settings.max_connections`` is reached.
+HTTP 503 when ``Settings.max_connections`` is reached or ``RealtimeServer.shutdown()`` has begun.
 """
 GOING_AWAY = 1001
 MESSAGE_TOO_BIG = 1009

@@ -38,7 +38,8 @@ class Settings:
         ``max_outgoing_buffer`` bytes queued for one connection that it has not read yet
         (default 8 MiB; over it the slow consumer is closed with 4009, the others are unaffected).
         ``ping_interval`` seconds between server pings (default 25; 0 disables) and
-        ``ping_timeout`` seconds to wait for the pong (default 20); a silent peer is closed.
+        ``ping_timeout`` seconds to wait for the pong (default 20); a silent peer is dropped at
+        once and its subscriptions released.
     """
 
     jwt_secret: Optional[str] = None

@@ -1,0 +1,159 @@
+"""A WebSocket client done by hand over a plain socket, for the hardening tests.
+
+The ordinary clients (Tornado's, ``websockets``) always read and always answer pings. To play a
+client that *stops reading*, never answers a ping, or vanishes with a TCP reset, the tests need
+the socket itself: :class:`RawClient` does the HTTP upgrade by hand, sends masked frames, reads
+frames only when asked, and can reset the connection (``SO_LINGER`` 0, then close).
+
+It uses the running asyncio loop's ``sock_*`` calls on a non-blocking socket, so it can share
+the loop with the server under test (pytest-tornado's ``gen_test``).
+"""
+import asyncio
+import base64
+import os
+import socket
+import struct
+from typing import Any, Optional, Tuple
+
+import ujson
+
+TEXT, BINARY, CLOSE, PING, PONG = 0x1, 0x2, 0x8, 0x9, 0xA
+
+
+def client_frame(payload: bytes, opcode: int = TEXT, fin: bool = True) -> bytes:
+    """A masked client-to-server frame (RFC 6455 §5.2) around ``payload``."""
+    n = len(payload)
+    first = (0x80 if fin else 0) | opcode
+    if n < 126:
+        header = struct.pack("!BB", first, 0x80 | n)
+    elif n < 65536:
+        header = struct.pack("!BBH", first, 0x80 | 126, n)
+    else:
+        header = struct.pack("!BBQ", first, 0x80 | 127, n)
+    mask = os.urandom(4)
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload)) if n < 4096 else _mask_fast(payload, mask)
+    return header + mask + body
+
+
+def _mask_fast(payload: bytes, mask: bytes) -> bytes:
+    n = len(payload)
+    key = int.from_bytes((mask * (n // 4 + 1))[:n], "big")
+    return (int.from_bytes(payload, "big") ^ key).to_bytes(n, "big")
+
+
+class HandshakeRefused(Exception):
+    """The server answered the upgrade with an HTTP status other than 101 (``status``)."""
+
+    def __init__(self, status: int, head: bytes):
+        super().__init__(f"upgrade refused with HTTP {status}")
+        self.status = status
+        self.head = head
+
+
+class RawClient:
+    """One hand-made WebSocket connection. Create with :meth:`connect`."""
+
+    def __init__(self, sock: socket.socket, buffered: bytes):
+        self.sock = sock
+        self.buf = buffered
+        self.loop = asyncio.get_running_loop()
+
+    @classmethod
+    async def connect(cls, port: int, query: str, rcvbuf: Optional[int] = None,
+                      path: str = "/ws/core/", headers: str = "") -> "RawClient":
+        """Upgrade ``ws://127.0.0.1:port{path}{query}``; raises :class:`HandshakeRefused` on a
+        non-101 answer. ``rcvbuf`` sets a small ``SO_RCVBUF`` before connecting."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        request = (f"GET {path}{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                   f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                   f"{headers}\r\n")
+        await loop.sock_sendall(sock, request.encode("latin-1"))
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = await loop.sock_recv(sock, 65536)
+            if not chunk:
+                sock.close()
+                raise HandshakeRefused(0, buf)
+            buf += chunk
+        head, rest = buf.split(b"\r\n\r\n", 1)
+        status = int(head.split(b" ", 2)[1])
+        if status != 101:
+            sock.close()
+            raise HandshakeRefused(status, head)
+        return cls(sock, rest)
+
+    # --- sending --------------------------------------------------------------------------------
+    async def send_raw(self, data: bytes) -> None:
+        await self.loop.sock_sendall(self.sock, data)
+
+    async def send(self, obj: Any) -> None:
+        """Send a text frame: ``obj`` as JSON, or a str as it is."""
+        text = obj if isinstance(obj, str) else ujson.dumps(obj)
+        await self.send_raw(client_frame(text.encode()))
+
+    # --- receiving ------------------------------------------------------------------------------
+    async def _fill(self, n: int) -> bool:
+        while len(self.buf) < n:
+            chunk = await self.loop.sock_recv(self.sock, 65536)
+            if not chunk:
+                return False
+            self.buf += chunk
+        return True
+
+    async def recv_frame(self) -> Optional[Tuple[int, bytes]]:
+        """The next frame as ``(opcode, payload)``, or None at end of stream."""
+        if not await self._fill(2):
+            return None
+        first, second = self.buf[0], self.buf[1]
+        n, offset = second & 0x7F, 2
+        if n == 126:
+            if not await self._fill(4):
+                return None
+            n, offset = struct.unpack("!H", self.buf[2:4])[0], 4
+        elif n == 127:
+            if not await self._fill(10):
+                return None
+            n, offset = struct.unpack("!Q", self.buf[2:10])[0], 10
+        if not await self._fill(offset + n):
+            return None
+        payload = self.buf[offset:offset + n]
+        self.buf = self.buf[offset + n:]
+        return first & 0x0F, payload
+
+    async def recv(self) -> Any:
+        """The next text message, decoded (pings are skipped without an answer)."""
+        while True:
+            frame = await self.recv_frame()
+            assert frame is not None, "connection closed"
+            opcode, payload = frame
+            if opcode == TEXT:
+                return ujson.loads(payload)
+            assert opcode == PING, f"unexpected frame {opcode}: {payload[:80]!r}"
+
+    async def close_code(self) -> Optional[int]:
+        """Read to the end: the code of the server's close frame, or None if the stream ended
+        (EOF or reset) without one."""
+        try:
+            while True:
+                frame = await self.recv_frame()
+                if frame is None:
+                    return None
+                if frame[0] == CLOSE:
+                    return struct.unpack("!H", frame[1][:2])[0] if len(frame[1]) >= 2 else 1005
+        except ConnectionResetError:
+            return None
+
+    # --- ending ---------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Abort the TCP connection with a reset (SO_LINGER 0, then close)."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+    def close(self) -> None:
+        self.sock.close()
