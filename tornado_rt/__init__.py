@@ -15,7 +15,9 @@ Access and identity
     :class:`AccessPolicy` (implement it over your database), :class:`Directory` (the default,
     in memory), :class:`Principal`, :func:`normalize_id`, :class:`JWTAuthenticator`.
 Event bus
-    :class:`Broker` (interface), :class:`LocalBroker` (default, in-process).
+    :class:`Broker` (interface), :class:`LocalBroker` (default, in-process),
+    ``RedisBroker`` (several processes over Redis pub/sub; needs ``pip install tornado-rt[redis]``;
+    imported on first access, or ``from tornado_rt.redis_broker import RedisBroker``).
 Errors
     :class:`PublishError` (names the message type and the key), :class:`BrokerUnavailable`.
 Close codes
@@ -39,3 +41,13 @@ __all__ = [
     "PublishError", "RealtimeServer", "Registry", "Settings", "closecodes", "normalize_id",
     "web_socket_id_from_request",
 ]
+
+
+def __getattr__(name: str):
+    """``tornado_rt.RedisBroker`` is imported on first use only, so that tornado-rt never needs
+    the optional ``redis`` package unless the Redis broker is used (not in ``__all__`` for the
+    same reason)."""
+    if name == "RedisBroker":
+        from .redis_broker import RedisBroker
+        return RedisBroker
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -43,6 +43,12 @@ Publishing
     command, when the subscription breaks before the envelope came back, or after
     ``delivery_timeout`` seconds.
 
+Connections
+    Two connections of redis-py's asyncio client (``redis.asyncio.connection``; hiredis parses
+    replies when installed): one subscribed, one for publishing. Not the pooled ``Redis`` client:
+    concurrent publishes could leave on different pooled connections and overtake each other,
+    and one owned connection lets the broker pipeline a batch of ``PUBLISH`` commands in one write.
+
 Failure
     WebSocket clients are never touched by a Redis outage. Socket timeouts are short and there are
     no command retries, so publishing fails fast. The subscriber reconnects with capped exponential
@@ -69,6 +75,7 @@ import logging
 import re
 import uuid
 from typing import Any, Deque, Dict, List, Optional, Tuple
+from urllib.parse import urlsplit
 
 import ujson
 
@@ -86,12 +93,20 @@ log = logging.getLogger("tornado_rt.redis")
 #: Envelopes sent in one pipelined write to Redis at most.
 MAX_BATCH = 512
 
-_PASSWORD = re.compile(r"(//[^:/@]*:)[^@/]*@")
+_QUERY_PASSWORD = re.compile(r"([?&;]password=)[^&;#]*", re.IGNORECASE)
 
 
 def redact_url(url: str) -> str:
-    """The URL with its password replaced by ``***`` (for logs and error messages)."""
-    return _PASSWORD.sub(r"\1***@", url)
+    """The URL with its password (in the user part or the query) replaced by ``***``, for logs
+    and error messages."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is not None:
+            host = parts.netloc.rsplit("@", 1)[1]
+            url = parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
+    except ValueError:
+        return "<unparsable URL>"
+    return _QUERY_PASSWORD.sub(r"\1***", url)
 
 
 class RedisBroker(Broker):
@@ -101,11 +116,14 @@ class RedisBroker(Broker):
     ``unix:///path.sock`` — anything redis-py's ``ConnectionPool.from_url`` takes.
     ``channel_prefix``: processes with the same prefix on the same Redis form one server
     (default ``"tornado-rt"``; the channel is ``"<prefix>:envelopes"``).
-    ``socket_timeout`` / ``connect_timeout``: seconds for one Redis read/write / connect (default
-    2.0 / 1.0): a publish never waits longer than that for Redis.
+    ``connect_timeout``: seconds for the TCP connect (default 1.0); ``socket_timeout``: seconds
+    for the rest of a Redis exchange — the connection handshake, the reply to ``SUBSCRIBE``, one
+    pipelined batch of ``PUBLISH`` commands and their replies (default 2.0). A publish never waits
+    longer than that for Redis: it fails with ``BrokerUnavailable``.
     ``reconnect_min`` / ``reconnect_max``: backoff of the subscriber between attempts (0.1 → 5 s).
     ``health_check_interval``: seconds of silence on the subscription before a ``PING`` (default 5).
-    ``delivery_timeout``: seconds a publish waits for its envelope to come back (default 10).
+    ``delivery_timeout``: seconds a publish waits for its envelope to come back (default 10;
+    checked every ``health_check_interval``).
     ``start_timeout``: how long :meth:`start` keeps trying to subscribe before it raises
     ``BrokerUnavailable`` (default 5).
     """
@@ -119,7 +137,6 @@ class RedisBroker(Broker):
             raise ValueError("channel_prefix must be a non-empty string")
         self.url = url
         self.channel = f"{channel_prefix}:envelopes"
-        self._channel_bytes = self.channel.encode()
         # protocol=2: subscription replies are plain arrays. No command retries: fail fast.
         # socket_timeout=None: redis-py would arm a timer for every reply read; the broker bounds
         # a whole batch of publishes instead, and watches the subscription with PING.
@@ -130,6 +147,7 @@ class RedisBroker(Broker):
         kwargs["protocol"] = 2
         kwargs["socket_timeout"] = None
         self.socket_timeout = socket_timeout
+        self.connect_timeout = connect_timeout
         self._publish_prefix = b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n" % (
             len(self.channel.encode()), self.channel.encode())
         self.reconnect_min = reconnect_min
@@ -141,8 +159,8 @@ class RedisBroker(Broker):
         self._seq = itertools.count(1)
         self._deliver = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
-        # seq -> (future, deadline); insertion order is publish order.
-        self._pending: Dict[int, Tuple[asyncio.Future, float]] = {}
+        # seq -> (future, deadline, envelope); insertion order is publish order.
+        self._pending: Dict[int, Tuple[asyncio.Future, float, Envelope]] = {}
         self._outbox: Deque[Tuple[int, bytes]] = collections.deque()
         self._wake: Optional[asyncio.Event] = None
         self._subscribed = False
@@ -180,8 +198,9 @@ class RedisBroker(Broker):
         self._tasks = [self._loop.create_task(self._subscribe_forever()),
                        self._loop.create_task(self._write_forever())]
         try:
-            await asyncio.wait_for(self._ready.wait(), self.start_timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.start_timeout):
+                await self._ready.wait()
+        except TimeoutError:
             await self.close()
             raise self._unavailable(f"not reachable within {self.start_timeout:g} s "
                                     f"({self._last_error or 'no reply'})") from None
@@ -192,11 +211,8 @@ class RedisBroker(Broker):
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
+        # gather: the tasks' own CancelledError is collected, a cancellation of close() is not.
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._subscribed = False
         self._fail_pending(self._unavailable("broker closed"))
         self._outbox.clear()
@@ -211,7 +227,9 @@ class RedisBroker(Broker):
         """Queue ``envelope`` for Redis; see the module docstring for what the future means."""
         if not self._subscribed:
             self.publish_failures += 1
-            if self._closed or not self._tasks:
+            if self._closed:
+                raise self._unavailable("broker closed")
+            if not self._tasks:
                 raise self._unavailable("broker not started")
             raise self._unavailable(f"not connected ({self._last_error or 'reconnecting'})")
         seq = next(self._seq)
@@ -222,9 +240,13 @@ class RedisBroker(Broker):
         payload = ujson.dumps(wire, ensure_ascii=False).encode()
         if data is not None:
             payload += b"\n" + data.encode()
+        # The envelope is delivered here when it comes back, without decoding it again. Its
+        # ``message`` dict belongs to the caller, who may change it before then: drop it, so that
+        # side effects here read the published text like every other process does.
+        envelope.message = None
         loop = self._loop
         future = loop.create_future()
-        self._pending[seq] = (future, loop.time() + self.delivery_timeout)
+        self._pending[seq] = (future, loop.time() + self.delivery_timeout, envelope)
         self._outbox.append((seq, payload))
         self._wake.set()
         return future
@@ -247,23 +269,36 @@ class RedisBroker(Broker):
                 try:
                     conn = self._pub_conn
                     if conn is None:
-                        conn = self._pool.make_connection()
-                        await conn.connect()
+                        conn = await self._connect()
                         self._pub_conn = conn
-                    await asyncio.wait_for(self._send(conn, batch), self.socket_timeout)
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the
+                    # cancellation of close() when the inner call finishes at the same moment.
+                    async with asyncio.timeout(self.socket_timeout):
+                        await self._send(conn, batch)
                 except asyncio.CancelledError:
                     raise
-                except (RedisError, OSError, asyncio.TimeoutError) as exc:
-                    if isinstance(exc, asyncio.TimeoutError):
+                except Exception as exc:  # the writer must survive anything: Redis, OS, timeouts
+                    if isinstance(exc, TimeoutError):
                         exc = TimeoutError(f"no reply from Redis within {self.socket_timeout:g} s")
                     self._last_error = _describe(exc)
-                    log.warning("publish to Redis failed: %s", self._last_error)
+                    log.warning("publish to Redis failed: %s", self._last_error,
+                                exc_info=not isinstance(exc, (RedisError, OSError)))
                     conn, self._pub_conn = self._pub_conn, None
                     if conn is not None:
                         await _disconnect(conn)
                     error = self._unavailable(f"publish failed ({self._last_error})")
                     for seq, _ in batch:
                         self._fail(seq, error)
+
+    async def _connect(self) -> Any:
+        conn = self._pool.make_connection()
+        try:
+            async with asyncio.timeout(self.connect_timeout + self.socket_timeout):
+                await conn.connect()  # TCP connect, then the handshake (CLIENT SETNAME, AUTH, SELECT)
+        except BaseException:
+            await _disconnect(conn)
+            raise
+        return conn
 
     async def _send(self, conn: Any, batch: List[Tuple[int, bytes]]) -> None:
         """One pipelined write of PUBLISH commands, then their replies (subscriber counts)."""
@@ -286,9 +321,11 @@ class RedisBroker(Broker):
             conn = self._pool.make_connection()
             self._sub_conn = conn
             try:
-                await conn.connect()
+                async with asyncio.timeout(self.connect_timeout + self.socket_timeout):
+                    await conn.connect()  # TCP connect, then the handshake (CLIENT SETNAME, AUTH, SELECT)
                 await conn.send_command("SUBSCRIBE", self.channel, check_health=False)
-                reply = await asyncio.wait_for(conn.read_response(), self.socket_timeout)
+                async with asyncio.timeout(self.socket_timeout):
+                    reply = await conn.read_response()
                 if not (isinstance(reply, list) and reply and reply[0] == b"subscribe"):
                     raise _protocol_error(f"unexpected reply to SUBSCRIBE: {reply!r}")
                 self._subscribed = True
@@ -304,15 +341,19 @@ class RedisBroker(Broker):
                 await self._read(conn, interval)
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError, asyncio.TimeoutError) as exc:
-                if isinstance(exc, asyncio.TimeoutError):
+            except Exception as exc:  # the subscriber must survive anything: Redis, OS, timeouts
+                if isinstance(exc, TimeoutError):
                     exc = TimeoutError(f"no reply from Redis within {self.socket_timeout:g} s")
                 self._last_error = _describe(exc)
+                if not isinstance(exc, (RedisError, OSError)):
+                    log.error("unexpected error on the Redis subscription", exc_info=exc)
                 if self._subscribed:
                     log.warning("Redis subscription lost: %s; reconnecting", self._last_error)
                 else:
-                    log.warning("cannot subscribe to Redis at %s: %s; retrying in %.1f s",
-                                redact_url(self.url), self._last_error, delay)
+                    # Before the first subscription start() reports the failure itself.
+                    log.log(logging.WARNING if self.subscriptions else logging.DEBUG,
+                            "cannot subscribe to Redis at %s: %s; retrying in %.1f s",
+                            redact_url(self.url), self._last_error, delay)
             finally:
                 was_subscribed, self._subscribed = self._subscribed, False
                 if was_subscribed:
@@ -346,33 +387,40 @@ class RedisBroker(Broker):
 
     async def _watch(self, conn: Any, interval: float) -> None:
         loop = self._loop
-        pinged = False
+        pinged_at: Optional[float] = None
         while True:
             await asyncio.sleep(interval)
             now = loop.time()
             self._expire(now)
-            if now - self._last_read < interval:
-                pinged = False
-            elif not pinged:
-                await conn.send_command("PING", check_health=False)
-                pinged = True
-            else:
+            if pinged_at is not None and self._last_read < pinged_at:
                 self._last_error = f"no reply to PING within {interval:g} s"
                 log.warning("Redis subscription silent: %s; reconnecting", self._last_error)
                 await _disconnect(conn)  # the reader's pending read fails, and it reconnects
                 return
+            pinged_at = None
+            if now - self._last_read >= interval:
+                pinged_at = now
+                try:
+                    await conn.send_command("PING", check_health=False)
+                except Exception:  # the connection is broken: the reader sees it too
+                    await _disconnect(conn)
+                    return
 
     def _on_message(self, payload: bytes) -> None:
         self.received += 1
+        entry = None
         try:
             cut = payload.find(b"\n")
-            if cut < 0:
-                wire = ujson.loads(payload)
+            wire = ujson.loads(payload if cut < 0 else payload[:cut])
+            if wire.get("o") == self.origin:
+                entry = self._pending.pop(wire.get("n"), None)
+            if entry is not None:
+                envelope = entry[2]  # our own: the original, no need to decode it
             else:
-                wire = ujson.loads(payload[:cut])
-                wire["d"] = payload[cut + 1:].decode()
-            envelope = Envelope.from_wire(wire)
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+                if cut >= 0:
+                    wire["d"] = payload[cut + 1:].decode()
+                envelope = Envelope.from_wire(wire)
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
             log.error("ignored a malformed envelope on Redis channel %s", self.channel)
             return
         deliver = self._deliver
@@ -381,10 +429,8 @@ class RedisBroker(Broker):
                 deliver(envelope)
             except Exception:
                 log.exception("delivery of %r failed", envelope)
-        if wire.get("o") == self.origin:
-            entry = self._pending.pop(wire.get("n"), None)
-            if entry is not None and not entry[0].done():
-                entry[0].set_result(None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_result(None)
 
     # --- pending publishes ----------------------------------------------------------------------
     def _fail(self, seq: int, error: BaseException) -> None:
@@ -400,7 +446,7 @@ class RedisBroker(Broker):
     def _expire(self, now: float) -> None:
         """Fail publishes whose envelope has not come back within ``delivery_timeout``."""
         expired = []
-        for seq, (_, deadline) in self._pending.items():
+        for seq, (_, deadline, _) in self._pending.items():
             if deadline > now:
                 break
             expired.append(seq)
