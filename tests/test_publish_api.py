@@ -259,3 +259,27 @@ async def test_publish_from_a_thread_before_the_server_is_bound_fails_clearly():
         await server.start()
         await asyncio.get_running_loop().run_in_executor(pool, server.publish, rows())  # now fine
     await server.shutdown()
+
+
+@pytest.mark.gen_test
+async def test_changing_the_dict_after_a_foreign_thread_publish_changes_nothing(server, connect):
+    """Only the serialized text travels: the side effect (directory) and the delivered message
+    are what was published, even when the caller reuses its dict before the loop runs them."""
+    import threading
+
+    newcomer = await connect(user_id=50)
+    message = {"type": "group_user_added", "id": 1, "workspace_id": 2,
+               "workspace_user": {"user_id": 50}}
+
+    def publish_then_mutate():
+        server.publish(message)
+        message["workspace_user"]["user_id"] = 51
+        message["workspace_id"] = 1
+
+    worker = threading.Thread(target=publish_then_mutate)
+    worker.start()
+    worker.join()  # the loop is blocked meanwhile: the callback runs only after the mutation
+    got = await newcomer.recv()
+    assert got["workspace_id"] == 2 and got["workspace_user"] == {"user_id": 50}
+    assert 50 in server.directory.workspace_members(2)
+    assert 51 not in server.directory.workspace_members(1)

@@ -39,17 +39,18 @@ class PublishError(ValueError):
 
 
 class Envelope:
-    """One unit of delivery. ``message`` (the dict) is kept in-process only, to spare effects a
-    re-parse; brokers ship :meth:`to_wire` and rebuild with :meth:`from_wire`."""
+    """One unit of delivery. Brokers ship :meth:`to_wire` and rebuild with :meth:`from_wire`.
+
+    Only the serialized text travels, never the publisher's dict: a caller that changes its dict
+    after ``publish()`` returns cannot change what is delivered or what side effects see."""
 
     __slots__ = ("kind", "type", "data", "audience", "ignore", "exclude", "payloads",
-                 "user_ids", "permission_group", "message")
+                 "user_ids", "permission_group")
 
     def __init__(self, kind: str, type: Optional[str] = None, data: Optional[str] = None,
                  audience: Optional[list] = None, ignore: Any = None,
                  exclude: Optional[list] = None, payloads: Optional[list] = None,
-                 user_ids: Optional[list] = None, permission_group: Optional[str] = None,
-                 message: Optional[dict] = None):
+                 user_ids: Optional[list] = None, permission_group: Optional[str] = None):
         self.kind = kind
         self.type = type
         self.data = data
@@ -59,7 +60,6 @@ class Envelope:
         self.payloads = payloads
         self.user_ids = user_ids
         self.permission_group = permission_group
-        self.message = message
 
     def to_wire(self) -> Dict[str, Any]:
         wire = {"k": self.kind}
@@ -233,7 +233,7 @@ def message_envelope(registry: Registry, message: Any, to: Any = None,
     if ignore_web_socket_id is not None and not isinstance(ignore_web_socket_id, str):
         raise PublishError("ignore_web_socket_id must be a string", prefix + "ignore_web_socket_id", name)
     return Envelope(MESSAGE, name, dumps(message, field, name), audience, ignore_web_socket_id or None,
-                    exclude, message=message if mt.effect else None)
+                    exclude)
 
 
 def individual_envelope(registry: Registry, payloads: Any, ignore_web_socket_id: Optional[str] = None,

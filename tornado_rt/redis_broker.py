@@ -240,10 +240,7 @@ class RedisBroker(Broker):
         payload = ujson.dumps(wire, ensure_ascii=False).encode()
         if data is not None:
             payload += b"\n" + data.encode()
-        # The envelope is delivered here when it comes back, without decoding it again. Its
-        # ``message`` dict belongs to the caller, who may change it before then: drop it, so that
-        # side effects here read the published text like every other process does.
-        envelope.message = None
+        # The envelope is delivered here when it comes back, without decoding it again.
         loop = self._loop
         future = loop.create_future()
         self._pending[seq] = (future, loop.time() + self.delivery_timeout, envelope)

@@ -181,7 +181,7 @@ class Router:
                 self.on_delivered(env.type, n)
             mt = self.registry.message_type(env.type)
             if mt is not None and mt.effect is not None:
-                message = env.message if env.message is not None else ujson.loads(env.data)
+                message = ujson.loads(env.data)  # effects are rare; the text is the truth
                 self.effects.audience = env.audience
                 result = mt.effect(self.effects, message)
                 if inspect.isawaitable(result):

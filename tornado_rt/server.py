@@ -20,7 +20,7 @@ from tornado.web import Application, RequestHandler
 
 from . import closecodes
 from .auth import Authenticator, JWTAuthenticator
-from .broker import Broker, LocalBroker
+from .broker import Broker, BrokerUnavailable, LocalBroker
 from .connection import RealtimeHandler
 from .envelope import (DISCONNECT, INDIVIDUAL, MESSAGE, REVOKE, Envelope, PublishError,
                        individual_envelope, message_envelope, id_list)
@@ -267,6 +267,9 @@ class RealtimeServer:
         self._count(env)
         try:
             result = self.broker.publish(env)
+        except BrokerUnavailable as exc:
+            log.error("publish of %r failed: %s", env, exc)
+            return
         except Exception:
             log.exception("publish of %r failed", env)
             return
@@ -308,4 +311,4 @@ class RealtimeServer:
 
 def _log_failure(future: "asyncio.Future") -> None:
     if not future.cancelled() and future.exception() is not None:
-        log.error("publish failed: %s", future.exception())
+        log.error("publish failed: %s", future.exception())  # one line: no traceback per publish
