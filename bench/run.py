@@ -1,0 +1,886 @@
+#!/usr/bin/env python
+"""tornado-rt benchmark: tornado-rt against three reference servers, side by side, in one run.
+
+    python bench/run.py --quick     # smoke run, small numbers, about 2 minutes
+    python bench/run.py             # the full measurement (about 15 minutes on 2 cores)
+    python bench/run.py --profile   # py-spy profile of tornado-rt during the 1,000-subscriber fan-out
+
+See bench/README.md for what every number means. Each server runs in its own process (started
+fresh for every scenario), the load client in ``--workers`` other processes, the publisher in
+this one; all traffic stays on 127.0.0.1 and every child process is ended when this one ends
+(normally, on error or on Ctrl-C).
+"""
+from __future__ import annotations
+
+import argparse
+import array
+import asyncio
+import atexit
+import json
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SERVERS_DIR = os.path.join(HERE, "servers")
+RESULTS_DIR = os.path.join(HERE, "results")
+sys.path.insert(0, HERE)
+sys.path.insert(1, SERVERS_DIR)
+
+import wsclient  # noqa: E402
+from wsclient import Stats, open_connection  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+SERVERS = {  # name -> (script, label)
+    "tornado-rt": ("tornado_rt_server.py", "tornado-rt"),
+    "naive-tornado": ("naive_tornado.py", "naive Tornado"),
+    "websockets": ("websockets_broadcast.py", "websockets.broadcast"),
+    "channels": ("channels_server.py", "Channels+daphne"),
+}
+SCENARIOS = ("fanout", "latency", "pages", "memory", "storm")
+
+FULL = dict(fanout_sizes=[1000, 5000], duration=10.0, batch=8, window=48,
+            latency_subs=1000, latency_rate=200.0, latency_warmup=1.0, latency_sample=10,
+            latency_lazy_period=0.02,
+            pages_conns=5000, pages_chunk=250, pages_window=2,
+            memory_conns=10000, memory_warm=100, storm_conns=5000,
+            concurrency=128, drain_timeout=60.0, latency_drain=20.0, settle=3.0)
+QUICK = dict(FULL, fanout_sizes=[200], duration=2.0, latency_subs=200, latency_warmup=0.5,
+             pages_conns=200, memory_conns=1000, memory_warm=20, storm_conns=500,
+             drain_timeout=15.0, latency_drain=10.0, settle=2.0)
+
+# --- child process bookkeeping ---------------------------------------------------------------------
+_children: List[Any] = []
+
+
+def _cleanup() -> None:
+    for child in list(_children):
+        try:
+            child.stop()
+        except Exception:
+            pass
+    _children.clear()
+
+
+atexit.register(_cleanup)
+
+
+def _on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def proc_cpu(pid: int) -> float:
+    """utime + stime of a process (all its threads) in seconds, from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_rss(pid: int) -> int:
+    """VmRSS of a process in bytes, from /proc/<pid>/status."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def machine_cpu() -> Tuple[float, float]:
+    """(busy, total) jiffies of all CPUs from /proc/stat, to tell how loaded the machine was."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    return sum(v) - idle, sum(v)
+
+
+def self_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """One server under test, in its own process (and session, so Ctrl-C reaches only us)."""
+
+    def __init__(self, name: str, log_name: str, lifetime: float):
+        self.name = name
+        self.port = free_port()
+        os.makedirs(os.path.join(RESULTS_DIR, "logs"), exist_ok=True)
+        self.log_path = os.path.join(RESULTS_DIR, "logs", f"{log_name}.log")
+        self.ready_file = os.path.join(tempfile.gettempdir(), f"tornado-rt-bench-{os.getpid()}-{self.port}.ready")
+        script = os.path.join(SERVERS_DIR, SERVERS[name][0])
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, script, "--port", str(self.port), "--ready-file", self.ready_file,
+             "--lifetime", str(lifetime)],
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, preexec_fn=_die_with_parent, cwd=HERE)
+        _children.append(self)
+        self.pid = self.proc.pid
+        deadline = time.monotonic() + 60
+        while not os.path.exists(self.ready_file):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {self.proc.returncode}; see {self.log_path}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not start within 60 s; see {self.log_path}")
+            time.sleep(0.02)
+
+    def cpu(self) -> float:
+        return proc_cpu(self.pid)
+
+    def rss(self) -> int:
+        return proc_rss(self.pid)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+        try:
+            os.unlink(self.ready_file)
+        except FileNotFoundError:
+            pass
+        if self in _children:
+            _children.remove(self)
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: the server gets SIGTERM if this process dies, whatever the way (Linux prctl)."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except Exception:  # not Linux: the server's own --lifetime still ends it
+        pass
+
+
+class ClientPool:
+    """The load client processes; connection i goes to worker i % workers."""
+
+    def __init__(self, workers: int, port: int, lifetime: float):
+        ctx = mp.get_context("spawn")
+        self.n = workers
+        self.totals = ctx.RawArray("q", workers)
+        self.mins = ctx.RawArray("q", workers)
+        self.commands = []
+        self.replies = []
+        self.procs = []
+        for i in range(workers):
+            cmd_r, cmd_w = ctx.Pipe(duplex=False)
+            rep_r, rep_w = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=wsclient.worker_main, daemon=True, name=f"bench-client-{i}",
+                            args=(i, cmd_r, rep_w, self.totals, self.mins, port, lifetime, SERVERS_DIR))
+            p.start()
+            cmd_r.close()
+            rep_w.close()
+            self.commands.append(cmd_w)
+            self.replies.append(rep_r)
+            self.procs.append(p)
+        _children.append(self)
+
+    def _ask(self, msgs: Sequence[tuple], timeout: float) -> List[tuple]:
+        for pipe, msg in zip(self.commands, msgs):
+            pipe.send(msg)
+        replies = []
+        deadline = time.monotonic() + timeout
+        for i, pipe in enumerate(self.replies):
+            while not pipe.poll(0.2):
+                if not self.procs[i].is_alive():
+                    raise RuntimeError(f"client worker {i} died (exit code {self.procs[i].exitcode})")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"client worker {i} did not answer {msgs[i][0]!r} within {timeout:.0f} s")
+            replies.append(pipe.recv())
+        return replies
+
+    def connect(self, specs: Sequence[Tuple[int, Tuple[int, ...]]], concurrency: int,
+                timeout: float = 300.0) -> Dict[str, Any]:
+        """Open ``specs`` (user id, table ids) connections; returns counts and timing."""
+        self._ask([("prepare", list(specs[i::self.n])) for i in range(self.n)], 120)
+        per = max(1, concurrency // self.n)
+        t0 = time.time()
+        replies = self._ask([("connect", per)] * self.n, timeout)
+        errors = sorted({e for r in replies for e in r[5]})
+        return {"ok": sum(r[1] for r in replies), "failed": sum(r[2] for r in replies),
+                "t0": t0, "t_last": max(r[4] for r in replies), "errors": errors[:5]}
+
+    def latency(self, from_seq: Optional[int]) -> None:
+        """Record latencies of messages with seq >= ``from_seq`` from now on (None: stop)."""
+        self._ask([("latency", from_seq)] * self.n, 30)
+
+    def lazy(self, sample: int, period: float) -> None:
+        self._ask([("lazy", sample, period)] * self.n, 30)
+
+    def report(self, expected: Optional[int]) -> Dict[str, Any]:
+        replies = [r[1] for r in self._ask([("report", expected)] * self.n, 120)]
+        out = {k: sum(r[k] for r in replies)
+               for k in ("connections", "received", "reads", "order_errors", "unexpected", "closed")}
+        out["msgs_per_read"] = out["received"] / out["reads"] if out["reads"] else None
+        if expected is not None:
+            out["lost"] = sum(r["lost"] for r in replies)
+            out["extra"] = sum(r["extra"] for r in replies)
+        out["errors"] = sorted({e for r in replies for e in r["errors"]})[:5]
+        lat = array.array("q")
+        for r in replies:
+            lat.frombytes(r["latency"])
+        out["latency_us"] = lat
+        return out
+
+    def total(self) -> int:
+        return sum(self.totals[:])
+
+    def minimum(self) -> int:
+        return min(self.mins[:])
+
+    def cpu(self) -> float:
+        return sum(proc_cpu(p.pid) for p in self.procs if p.is_alive())
+
+    def stop(self) -> None:
+        for pipe in self.commands:
+            try:
+                pipe.send(("exit",))
+            except (OSError, BrokenPipeError):
+                pass
+        for p in self.procs:
+            p.join(3)
+            if p.is_alive():
+                p.kill()
+                p.join(3)
+        for pipe in self.commands + self.replies:
+            pipe.close()
+        if self in _children:
+            _children.remove(self)
+
+
+# --- publishing ------------------------------------------------------------------------------------
+def trigger(seq: int, rounds: int, t0: int, n: int, ts: Optional[int] = None) -> bytes:
+    if ts is None:
+        return b'{"seq":%d,"rounds":%d,"t0":%d,"n":%d}' % (seq, rounds, t0, n)
+    return b'{"seq":%d,"rounds":%d,"t0":%d,"n":%d,"ts":%d}' % (seq, rounds, t0, n, ts)
+
+
+async def open_publisher(port: int):
+    pub = await open_connection(port, "/bench/publish", Stats(), publisher=True)
+    if pub.error:
+        raise RuntimeError(f"publisher connection failed: {pub.error}")
+    return pub
+
+
+def send_round(pub, seq: int, rounds: int, ntables: int, chunk: int) -> None:
+    """Publish ``rounds`` rounds starting at ``seq``; one round = one message to each table 1..ntables."""
+    if ntables == 1:
+        pub.send_text(trigger(seq, rounds, 1, 1))
+        return
+    for r in range(rounds):
+        for t0 in range(1, ntables + 1, chunk):
+            pub.send_text(trigger(seq + r, 1, t0, min(chunk, ntables + 1 - t0)))
+
+
+async def wait_drained(pool: ClientPool, target: int, timeout: float, settle: float) -> bool:
+    """Wait until every connection has ``target`` messages. Gives up (False) when ``timeout``
+    passes, or when the count has moved and then stopped moving for ``settle`` seconds (a server
+    that drops messages); what is missing then is reported as lost."""
+    deadline = time.monotonic() + timeout
+    last_total, last_change, moved = pool.total(), time.monotonic(), False
+    while True:
+        if pool.minimum() >= target:
+            return True
+        now = time.monotonic()
+        total = pool.total()
+        if total != last_total:
+            last_total, last_change, moved = total, now, True
+        elif (moved and now - last_change > settle) or now > deadline:
+            return False
+        await asyncio.sleep(0.002)
+
+
+async def windowed(pool: ClientPool, server: ServerProcess, cfg: dict, ntables: int, rounds_per_send: int,
+                   window: int, chunk: int) -> Dict[str, Any]:
+    """Publish as fast as the server absorbs for ``duration`` s, never more than a window of rounds
+    ahead of the slowest connection; then drain. Returns the measured window's figures.
+
+    A warm-up round, fully delivered, comes first; its delivery time sets the window actually
+    used: as many rounds as the server delivers in about a second, at least 2, at most
+    ``window``. So a fast server always has work queued while a slow one never has more in
+    flight than it can deliver in a few seconds (bounded drain, bounded buffers)."""
+    pub = await open_publisher(server.port)
+    try:
+        t_warm, cpu_warm, total_warm = time.monotonic(), server.cpu(), pool.total()
+        send_round(pub, 0, 1, ntables, chunk)
+        seq = 1
+        if not await wait_drained(pool, seq, max(cfg["drain_timeout"], 120.0), cfg["settle"]):
+            # Not even one round arrives in full (a server that drops): report the warm-up itself.
+            wall, cpu, delivered = time.monotonic() - t_warm, server.cpu() - cpu_warm, pool.total() - total_warm
+            return {"error": "warm-up round not fully delivered; figures are over the warm-up",
+                    "rounds": seq, "delivered": delivered, "wall_s": wall, "drained": False,
+                    "msgs_per_s": delivered / wall, "server_cpu_s": cpu,
+                    "cpu_s_per_million": cpu / delivered * 1e6 if delivered else None,
+                    "server_cpu_util": cpu / wall}
+        round_s = time.monotonic() - t_warm
+        window = max(2, min(window, int(1.0 / round_s) if round_s > 0 else window))
+        per_send = max(1, min(rounds_per_send, window // 2))
+        drain_timeout = max(cfg["drain_timeout"], 3 * window * round_s)
+        total0, cpu0, ccpu0 = pool.total(), server.cpu(), pool.cpu()
+        mbusy0, mall0 = machine_cpu()
+        pcpu0 = self_cpu()
+        t0 = time.monotonic()
+        deadline = t0 + cfg["duration"]
+        while time.monotonic() < deadline:
+            while seq - pool.minimum() < window:
+                send_round(pub, seq, per_send, ntables, chunk)
+                seq += per_send
+            await asyncio.sleep(0.001)
+        drained = await wait_drained(pool, seq, drain_timeout, cfg["settle"])
+        t1 = time.monotonic()
+        cpu1, ccpu1, total1 = server.cpu(), pool.cpu(), pool.total()
+        mbusy1, mall1 = machine_cpu()
+        pcpu1 = self_cpu()
+    finally:
+        pub.close()
+    delivered = total1 - total0
+    wall = t1 - t0
+    return {"rounds": seq, "measured_rounds": seq - 1, "warmup_round_s": round_s, "window": window,
+            "rounds_per_trigger": per_send, "delivered": delivered,
+            "wall_s": wall, "msgs_per_s": delivered / wall if wall else 0.0,
+            "publishes_per_s": (seq - 1) * ntables / wall if wall else 0.0,
+            "server_cpu_s": cpu1 - cpu0,
+            "cpu_s_per_million": (cpu1 - cpu0) / delivered * 1e6 if delivered else None,
+            "server_cpu_util": (cpu1 - cpu0) / wall if wall else 0.0,
+            "client_cpu_util": (ccpu1 - ccpu0) / wall if wall else 0.0,
+            "publisher_cpu_util": (pcpu1 - pcpu0) / wall if wall else 0.0,
+            "machine_busy_cores": (mbusy1 - mbusy0) / (mall1 - mall0) * (os.cpu_count() or 1) if mall1 > mall0 else None,
+            "drained": drained}
+
+
+# --- scenarios -------------------------------------------------------------------------------------
+def _with_server(name: str, tag: str, cfg: dict, body) -> Dict[str, Any]:
+    server = ServerProcess(name, f"{name}-{tag}", lifetime=cfg["lifetime"])
+    pool = ClientPool(cfg["workers"], server.port, lifetime=cfg["lifetime"])
+    try:
+        result = body(server, pool)
+        result["server_alive"] = server.alive()
+        return result
+    finally:
+        pool.stop()
+        server.stop()
+
+
+def _setup(pool: ClientPool, specs, cfg) -> Dict[str, Any]:
+    c = pool.connect(specs, cfg["concurrency"])
+    if c["failed"]:
+        raise RuntimeError(f"{c['failed']} of {len(specs)} connections failed: {c['errors']}")
+    return c
+
+
+def _finish(result: Dict[str, Any], report: Dict[str, Any]) -> Dict[str, Any]:
+    result.update({k: report[k] for k in ("lost", "extra", "order_errors", "unexpected", "closed",
+                                          "msgs_per_read") if k in report})
+    result["connections"] = report["connections"]
+    if report["errors"]:
+        result["client_errors"] = report["errors"]
+    return result
+
+
+def scenario_fanout(name: str, subs: int, cfg: dict) -> Dict[str, Any]:
+    def body(server, pool):
+        c = _setup(pool, [(i + 1, (1,)) for i in range(subs)], cfg)
+        result = asyncio.run(windowed(pool, server, cfg, 1, cfg["batch"], cfg["window"], 1))
+        result["setup_s"] = c["t_last"] - c["t0"]
+        return _finish(result, pool.report(result["rounds"]))
+    return _with_server(name, f"fanout-{subs}", cfg, body)
+
+
+def scenario_pages(name: str, cfg: dict) -> Dict[str, Any]:
+    n = cfg["pages_conns"]
+
+    def body(server, pool):
+        _setup(pool, [(i + 1, (i + 1,)) for i in range(n)], cfg)
+        result = asyncio.run(windowed(pool, server, cfg, n, 1, cfg["pages_window"], cfg["pages_chunk"]))
+        return _finish(result, pool.report(result["rounds"]))
+    return _with_server(name, "pages", cfg, body)
+
+
+def scenario_latency(name: str, cfg: dict) -> Dict[str, Any]:
+    subs, rate = cfg["latency_subs"], cfg["latency_rate"]
+
+    async def drive(server, pool) -> Dict[str, Any]:
+        pub = await open_publisher(server.port)
+        try:
+            async def paced(seq0: int, count: int) -> None:
+                # Open loop: publish i is due at start + i/rate and carries that wall-clock time
+                # as its timestamp, so any backlog (in the publisher, the kernel or the server's
+                # inbound queue) counts as latency instead of silently lowering the rate.
+                start = time.monotonic()
+                start_us = time.time_ns() // 1000
+                for i in range(count):
+                    delay = start + i / rate - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    pub.send_text(trigger(seq0 + i, 1, 1, 1, start_us + int(i * 1e6 / rate)))
+
+            warm = max(1, int(cfg["latency_warmup"] * rate))
+            await paced(0, warm)
+            warm_drained = await wait_drained(pool, warm, cfg["latency_drain"], cfg["settle"])
+            pool.latency(warm)  # record latencies of seq >= warm only
+            count = int(cfg["duration"] * rate)
+            cpu0, t0, total0 = server.cpu(), time.monotonic(), pool.total()
+            ccpu0, (mbusy0, mall0) = pool.cpu(), machine_cpu()
+            await paced(warm, count)
+            sent = time.monotonic() - t0
+            drained = await wait_drained(pool, warm + count, cfg["latency_drain"], cfg["settle"])
+            cpu1, t1, total1 = server.cpu(), time.monotonic(), pool.total()
+            ccpu1, (mbusy1, mall1) = pool.cpu(), machine_cpu()
+            delivered = total1 - total0
+            return {"rounds": warm + count, "publishes": count, "publish_s": sent,
+                    "achieved_rate": count / sent if sent else 0.0, "drained": drained,
+                    "warmup_drained": warm_drained, "delivered": delivered, "server_cpu_s": cpu1 - cpu0,
+                    "cpu_s_per_million": (cpu1 - cpu0) / delivered * 1e6 if delivered else None,
+                    "server_cpu_util": (cpu1 - cpu0) / (t1 - t0),
+                    "client_cpu_util": (ccpu1 - ccpu0) / (t1 - t0),
+                    "machine_busy_cores": (mbusy1 - mbusy0) / (mall1 - mall0) * (os.cpu_count() or 1)
+                    if mall1 > mall0 else None}
+        finally:
+            pub.close()
+
+    def body(server, pool):
+        _setup(pool, [(i + 1, (1,)) for i in range(subs)], cfg)
+        if cfg["latency_sample"] > 1:
+            pool.lazy(cfg["latency_sample"], cfg["latency_lazy_period"])
+        result = asyncio.run(drive(server, pool))
+        report = pool.report(result["rounds"])
+        lat = sorted(report.pop("latency_us"))
+        # Percentiles over every delivery that was due: one not received by the end of the drain
+        # counts as infinitely late (reported as None, "undelivered").
+        sampled = sum(1 for i in range(subs) if (i // cfg["workers"]) % cfg["latency_sample"] == 0)
+        expected = sampled * result.get("publishes", 0)
+        result["sampled_connections"] = sampled
+        result["samples"] = len(lat)
+        result["undelivered"] = max(0, expected - len(lat))
+        for key, q in (("p50_ms", 50), ("p99_ms", 99), ("max_ms", 100)):
+            k = int(round(q / 100 * (expected - 1))) if expected else 0
+            result[key] = lat[k] / 1000 if k < len(lat) else None
+        return _finish(result, report)
+    return _with_server(name, "latency", cfg, body)
+
+
+def scenario_memory(name: str, cfg: dict) -> Dict[str, Any]:
+    n, warm = cfg["memory_conns"], cfg["memory_warm"]
+
+    def pages(i: int) -> Tuple[int, int]:
+        return (1 + i % 1000, 1001 + i % 1000)
+
+    def body(server, pool):
+        _setup(pool, [(i + 1, pages(i)) for i in range(warm)], cfg)
+        time.sleep(1.0)
+        before = server.rss()
+        c = _setup(pool, [(warm + i + 1, pages(warm + i)) for i in range(n)], cfg)
+        time.sleep(2.0)
+        after = server.rss()
+        report = pool.report(None)
+        result = {"rss_before_mib": before / 2**20, "rss_after_mib": after / 2**20,
+                  "kib_per_conn": (after - before) / n / 1024,
+                  "setup_conns_per_s": n / (c["t_last"] - c["t0"])}
+        return _finish(result, report)
+    return _with_server(name, "memory", cfg, body)
+
+
+def scenario_storm(name: str, cfg: dict) -> Dict[str, Any]:
+    n = cfg["storm_conns"]
+
+    def body(server, pool):
+        _setup(pool, [(i + 1, ()) for i in range(20)], cfg)  # warm-up: first-connection costs
+        cpu0 = server.cpu()
+        c = pool.connect([(100 + i, ()) for i in range(n)], cfg["concurrency"])
+        cpu1 = server.cpu()
+        wall = c["t_last"] - c["t0"]
+        result = {"connections_ok": c["ok"], "failed": c["failed"], "wall_s": wall,
+                  "conns_per_s": c["ok"] / wall if wall else 0.0,
+                  "server_cpu_ms_per_conn": (cpu1 - cpu0) / max(1, c["ok"]) * 1000}
+        if c["errors"]:
+            result["client_errors"] = c["errors"]
+        return result
+    return _with_server(name, "storm", cfg, body)
+
+
+def run_scenario(key: str, name: str, cfg: dict) -> Dict[str, Any]:
+    if key.startswith("fanout-"):
+        return scenario_fanout(name, int(key.split("-")[1]), cfg)
+    return {"latency": scenario_latency, "pages": scenario_pages, "memory": scenario_memory,
+            "storm": scenario_storm}[key](name, cfg)
+
+
+# --- reporting -------------------------------------------------------------------------------------
+# (scenario key prefix, metric, label, better: "high"/"low"/"zero", format)
+METRICS = [
+    ("fanout", "msgs_per_s", "delivered msgs/s", "high", "{:,.0f}"),
+    ("fanout", "cpu_s_per_million", "server CPU s / 1M msgs", "low", "{:.2f}"),
+    ("fanout", "server_cpu_util", "server CPU (cores)", None, "{:.2f}"),
+    ("fanout", "client_cpu_util", "load-client CPU (cores)", None, "{:.2f}"),
+    ("fanout", "msgs_per_read", "msgs per client socket read", None, "{:.1f}"),
+    ("fanout", "lost", "lost", "zero", "{:,}"),
+    ("latency", "p50_ms", "p50 latency ms", "low", "{:.1f}"),
+    ("latency", "p99_ms", "p99 latency ms", "low", "{:.1f}"),
+    ("latency", "max_ms", "max latency ms", "low", "{:.1f}"),
+    ("latency", "cpu_s_per_million", "server CPU s / 1M msgs (fixed rate)", "low", "{:.2f}"),
+    ("latency", "server_cpu_util", "server CPU (cores)", None, "{:.2f}"),
+    ("latency", "client_cpu_util", "load-client CPU (cores)", None, "{:.2f}"),
+    ("latency", "lost", "lost", "zero", "{:,}"),
+    ("pages", "msgs_per_s", "delivered msgs/s", "high", "{:,.0f}"),
+    ("pages", "cpu_s_per_million", "server CPU s / 1M msgs", "low", "{:.2f}"),
+    ("pages", "lost", "lost", "zero", "{:,}"),
+    ("memory", "kib_per_conn", "RSS KiB / idle connection", "low", "{:.1f}"),
+    ("storm", "conns_per_s", "connects/s (JWT + auth message)", "high", "{:,.0f}"),
+    ("storm", "server_cpu_ms_per_conn", "server CPU ms / connect", "low", "{:.3f}"),
+]
+
+
+def scenario_title(key: str, cfg: dict) -> str:
+    if key.startswith("fanout-"):
+        return f"fan-out, 1 page x {int(key.split('-')[1]):,} subs"
+    return {"latency": f"latency, {cfg['latency_subs']:,} subs @ {cfg['latency_rate']:.0f} pub/s",
+            "pages": f"{cfg['pages_conns']:,} pages x 1 sub",
+            "memory": f"memory, {cfg['memory_conns']:,} idle conns x 2 pages",
+            "storm": f"connect storm, {cfg['storm_conns']:,} conns"}[key]
+
+
+def markdown(results: Dict[str, Dict[str, Any]], servers: Sequence[str], cfg: dict, meta: dict) -> str:
+    base = "tornado-rt"
+    head = ["scenario", "metric"] + [SERVERS[s][1] for s in servers]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, by_server in results.items():
+        prefix = key.split("-")[0]
+        for scen, metric, label, better, fmt in METRICS:
+            if scen != prefix:
+                continue
+            row = [scenario_title(key, cfg), label]
+            ref = by_server.get(base, {}).get(metric)
+            for s in servers:
+                r = by_server.get(s)
+                if r is None:
+                    row.append("")
+                    continue
+                if "error" in r and r.get(metric) is None and metric != "lost":
+                    row.append("error")
+                    continue
+                v = r.get(metric)
+                if v is None:
+                    row.append("undelivered" if metric.endswith("_ms") and r.get("undelivered") else "n/a")
+                    continue
+                cell = fmt.format(v)
+                if metric == "lost":
+                    if r.get("drained") is False:
+                        cell += " (not drained)"
+                    if r.get("order_errors"):
+                        cell += f" ({r['order_errors']:,} out of order)"
+                    if r.get("closed"):
+                        cell += f" ({r['closed']:,} closed)"
+                elif better in ("high", "low") and s != base and isinstance(ref, (int, float)) and ref:
+                    cell += f" ({v / ref:.2f}x)"
+                row.append(cell)
+            lines.append("| " + " | ".join(row) + " |")
+    out = ["## tornado-rt benchmark" + (" (quick)" if meta["quick"] else ""), "",
+           f"{meta['date']} · {meta['machine']} · Python {meta['python']} · command: `{meta['command']}`", "",
+           "\n".join(lines), "",
+           "(Nx) = reference ÷ tornado-rt. For msgs/s and connects/s higher is better (a ratio below 1 "
+           "means tornado-rt is faster); for CPU, latency and RSS lower is better (a ratio above 1 "
+           "means tornado-rt is better).", ""]
+    out += targets(results, servers)
+    return "\n".join(out) + "\n"
+
+
+def targets(results: Dict[str, Dict[str, Any]], servers: Sequence[str]) -> List[str]:
+    def get(key, server, metric):
+        return results.get(key, {}).get(server, {}).get(metric)
+
+    lines = ["Targets of issue 4 (tornado-rt):", ""]
+    fan_keys = [k for k in results if k.startswith("fanout-")]
+    for key in fan_keys:
+        rt = get(key, "tornado-rt", "cpu_s_per_million")
+        for ref, limit in (("websockets", 0.5), ("channels", 0.01)):
+            other = get(key, ref, "cpu_s_per_million")
+            if rt and other:
+                ratio = rt / other
+                lines.append(f"- {key}: CPU/msg vs {SERVERS[ref][1]} = {ratio:.3f}x (target <= {limit}x): "
+                             + ("met" if ratio <= limit else "NOT met"))
+    p99 = get("latency", "tornado-rt", "p99_ms")
+    if p99 is not None:
+        lines.append(f"- p99 latency = {p99:.1f} ms (target <= 25 ms): " + ("met" if p99 <= 25 else "NOT met"))
+    elif "tornado-rt" in results.get("latency", {}):
+        lines.append("- p99 latency: more than 1% undelivered (target <= 25 ms): NOT met")
+    kib = get("memory", "tornado-rt", "kib_per_conn")
+    if kib is not None:
+        lines.append(f"- RSS per idle connection = {kib:.1f} KiB (target <= 10 KiB): "
+                     + ("met" if kib <= 10 else "NOT met"))
+    cps = get("storm", "tornado-rt", "conns_per_s")
+    if cps is not None:
+        lines.append(f"- connects/s = {cps:,.0f} (target >= 2,000): " + ("met" if cps >= 2000 else "NOT met"))
+    lost = [f"{k}={v['tornado-rt'].get('lost')}" for k, v in results.items()
+            if "tornado-rt" in v and v["tornado-rt"].get("lost")]
+    if any(k in results for k in ("latency", "pages")) or fan_keys:
+        lines.append("- zero messages lost: " + ("met" if not lost else "NOT met (" + ", ".join(lost) + ")"))
+    return lines + [""]
+
+
+def versions() -> Dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for pkg in ("tornado", "ujson", "PyJWT", "websockets", "channels", "daphne", "Django", "Twisted", "autobahn"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+# --- profiling -------------------------------------------------------------------------------------
+def summarize_profile(raw_path: str, top: int = 25) -> str:
+    """Self and inclusive sample shares per function (and the hottest lines) from py-spy's
+    collapsed-stack output (``--format raw``)."""
+    self_fn: Counter = Counter()
+    self_line: Counter = Counter()
+    incl: Counter = Counter()
+    total = 0
+    with open(raw_path) as f:
+        for line in f:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if not stack:
+                continue
+            n = int(count)
+            total += n
+            frames = stack.split(";")
+            self_line[_short(frames[-1])] += n
+            names = [_function(fr) for fr in frames]
+            self_fn[names[-1]] += n
+            for name in set(names):
+                incl[name] += n
+    if not total:
+        return "no samples"
+    out = [f"{total} samples (on-CPU only; idle waits excluded)", "", "Top self time by function:"]
+    out += [f"  {n / total * 100:5.1f}%  {fr}" for fr, n in self_fn.most_common(top)]
+    out += ["", "Top inclusive time by function:"]
+    out += [f"  {n / total * 100:5.1f}%  {fr}" for fr, n in incl.most_common(top)]
+    out += ["", "Hottest lines (self):"]
+    out += [f"  {n / total * 100:5.1f}%  {fr}" for fr, n in self_line.most_common(12)]
+    return "\n".join(out)
+
+
+def _short(frame: str) -> str:
+    # "name (path/to/file.py:123)" -> "name (file.py:123)"
+    name, _, loc = frame.partition(" (")
+    if loc:
+        path, _, rest = loc.rpartition(":")
+        return f"{name} ({os.path.basename(path)}:{rest}"
+    return frame
+
+
+def _function(frame: str) -> str:
+    # "name (path/to/file.py:123)" -> "name (file.py)"
+    name, _, loc = frame.partition(" (")
+    if loc:
+        return f"{name} ({os.path.basename(loc.rpartition(':')[0])})"
+    return frame
+
+
+def run_profile(cfg: dict, what: str, subs: int) -> None:
+    """Run one scenario against tornado-rt with py-spy sampling the server during the measured
+    window; writes the collapsed stacks and a summary next to the results."""
+    spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.path.exists(spy):
+        sys.exit("py-spy not found: pip install py-spy (into the same environment)")
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    tag = {"fanout": f"fanout-{subs}", "pages": f"pages-{cfg['pages_conns']}",
+           "storm": f"storm-{cfg['storm_conns']}"}[what]
+    raw = os.path.join(RESULTS_DIR, f"profile-tornado-rt-{tag}.txt")
+
+    def body(server, pool):
+        if what == "fanout":
+            _setup(pool, [(i + 1, (1,)) for i in range(subs)], cfg)
+            drive = lambda: windowed(pool, server, cfg, 1, cfg["batch"], cfg["window"], 1)  # noqa: E731
+        elif what == "pages":
+            n = cfg["pages_conns"]
+            _setup(pool, [(i + 1, (i + 1,)) for i in range(n)], cfg)
+            drive = lambda: windowed(pool, server, cfg, n, 1, cfg["pages_window"], cfg["pages_chunk"])  # noqa: E731
+        else:
+            _setup(pool, [(i + 1, ()) for i in range(20)], cfg)
+
+            async def drive():
+                await asyncio.sleep(0)
+                c = pool.connect([(100 + i, ()) for i in range(cfg["storm_conns"])], cfg["concurrency"])
+                return {"rounds": 0, "conns_per_s": c["ok"] / (c["t_last"] - c["t0"])}
+        spy_proc = subprocess.Popen(
+            [spy, "record", "--pid", str(server.pid), "--rate", "200", "--nonblocking", "--format", "raw",
+             "--output", raw, "--duration", str(int(cfg["duration"]) + 1)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _children.append(_Killable(spy_proc))
+        time.sleep(0.5)
+        result = asyncio.run(drive())
+        try:
+            _, err = spy_proc.communicate(timeout=cfg["duration"] + 30)
+        except subprocess.TimeoutExpired:
+            spy_proc.kill()
+            err = b""
+        if spy_proc.returncode:
+            print("py-spy:", err.decode(errors="replace")[-500:], file=sys.stderr)
+        return _finish(result, pool.report(result["rounds"] if what != "storm" else None))
+
+    result = _with_server("tornado-rt", f"profile-{tag}", cfg, body)
+    if what == "storm":
+        print(f"{tag} under py-spy: {result['conns_per_s']:,.0f} connects/s")
+    else:
+        print(f"{tag} under py-spy: {result.get('msgs_per_s', 0):,.0f} msgs/s, "
+              f"{result.get('cpu_s_per_million') or 0:.2f} CPU s/1M, lost {result.get('lost')}, "
+              f"{result.get('msgs_per_read') or 0:.1f} msgs per client read")
+    if os.path.exists(raw):
+        summary = summarize_profile(raw)
+        with open(raw.replace(".txt", "-summary.txt"), "w") as f:
+            f.write(summary + "\n")
+        print(summary)
+        print(f"\ncollapsed stacks: {raw} (flamegraph.pl or speedscope.app read them)")
+
+
+class _Killable:
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+# --- main ------------------------------------------------------------------------------------------
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small numbers for a smoke run (~2 min)")
+    p.add_argument("--servers", default=",".join(SERVERS), help="comma list of " + ", ".join(SERVERS))
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma list of " + ", ".join(SCENARIOS))
+    p.add_argument("--fanout-sizes", help="comma list of subscriber counts for the fan-out scenario")
+    p.add_argument("--duration", type=float, help="seconds of publishing per throughput/latency scenario")
+    p.add_argument("--batch", type=int, help="messages per publish trigger in the fan-out (default 8)")
+    p.add_argument("--latency-sample", type=int,
+                   help="latency scenario: every Nth connection reads at once and is timed, the others "
+                        "read every 20 ms (default 10; 1 = every connection reads at once)")
+    p.add_argument("--workers", type=int, default=max(2, min(8, (os.cpu_count() or 2))),
+                   help="load-client processes (default: CPU count, at least 2, at most 8)")
+    p.add_argument("--profile", nargs="?", const="fanout", choices=("fanout", "pages", "storm"),
+                   help="only profile tornado-rt with py-spy during the fan-out (size: first of "
+                        "--fanout-sizes, default 1000), the many-pages scenario or the connect storm")
+    p.add_argument("--out", default=os.path.join(RESULTS_DIR, "latest"), help="results path prefix (.json/.md)")
+    args = p.parse_args(argv)
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    wsclient.raise_nofile()
+    cfg = dict(QUICK if args.quick else FULL)
+    if args.fanout_sizes:
+        cfg["fanout_sizes"] = [int(x) for x in args.fanout_sizes.split(",") if x]
+    if args.duration:
+        cfg["duration"] = args.duration
+    if args.batch:
+        cfg["batch"] = args.batch
+    if args.latency_sample:
+        cfg["latency_sample"] = max(1, args.latency_sample)
+    cfg["workers"] = args.workers
+    cfg["lifetime"] = 1200.0
+
+    if args.profile:
+        run_profile(cfg, args.profile, cfg["fanout_sizes"][0] if args.fanout_sizes else 1000)
+        return 0
+
+    servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    for s in servers:
+        if s not in SERVERS:
+            p.error(f"unknown server {s!r}")
+    for s in scenarios:
+        if s not in SCENARIOS:
+            p.error(f"unknown scenario {s!r}")
+    if "channels" in servers:
+        try:
+            import channels  # noqa: F401
+            import daphne  # noqa: F401
+        except ImportError:
+            p.error("the channels reference needs `pip install -r bench/requirements.txt`")
+
+    keys = []
+    for s in scenarios:
+        keys += [f"fanout-{n}" for n in cfg["fanout_sizes"]] if s == "fanout" else [s]
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": args.quick,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Linux {platform.release()}",
+            "python": platform.python_version(), "command": " ".join(["python", "bench/run.py"] + list(argv or sys.argv[1:])),
+            "versions": versions(), "config": cfg,
+            "loadavg_at_start": os.getloadavg()}
+    results: Dict[str, Dict[str, Any]] = {}
+    started = time.monotonic()
+    try:
+        for key in keys:
+            results[key] = {}
+            for name in servers:
+                t = time.monotonic()
+                print(f"[{time.monotonic() - started:6.1f}s] {key:<12} {name:<14}", end=" ", flush=True)
+                try:
+                    r = run_scenario(key, name, cfg)
+                except Exception as exc:  # one server failing must not lose the others' numbers
+                    r = {"error": f"{type(exc).__name__}: {exc}"}
+                r["elapsed_s"] = time.monotonic() - t
+                results[key][name] = r
+                print(_line(key, r), flush=True)
+    except KeyboardInterrupt:
+        print("\ninterrupted; partial results follow", file=sys.stderr)
+    finally:
+        _cleanup()
+    meta["elapsed_s"] = time.monotonic() - started
+    meta["loadavg_at_end"] = os.getloadavg()
+    text = markdown(results, servers, cfg, meta)
+    print()
+    print(text)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=2, default=str)
+    with open(args.out + ".md", "w") as f:
+        f.write(text)
+    print(f"written: {args.out}.json, {args.out}.md")
+    return 0
+
+
+def _line(key: str, r: Dict[str, Any]) -> str:
+    if "error" in r and len(r) <= 2:
+        return "ERROR " + r["error"]
+    parts = []
+    for k, fmt in (("msgs_per_s", "{:,.0f} msg/s"), ("cpu_s_per_million", "{:.2f} CPU s/1M"),
+                   ("p50_ms", "p50 {:.1f} ms"), ("p99_ms", "p99 {:.1f} ms"), ("max_ms", "max {:.1f} ms"),
+                   ("kib_per_conn", "{:.1f} KiB/conn"), ("conns_per_s", "{:,.0f} conn/s"),
+                   ("lost", "lost {:,}"), ("server_cpu_util", "server {:.2f} cores"),
+                   ("client_cpu_util", "client {:.2f} cores"), ("publisher_cpu_util", "publisher {:.2f}"),
+                   ("machine_busy_cores", "machine busy {:.2f} cores")):
+        if r.get(k) is not None:
+            parts.append(fmt.format(r[k]))
+    if r.get("error"):
+        parts.append("ERROR " + r["error"])
+    if r.get("drained") is False:
+        parts.append("NOT DRAINED")
+    parts.append(f"({r['elapsed_s']:.0f}s)")
+    return ", ".join(parts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

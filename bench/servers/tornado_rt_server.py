@@ -1,0 +1,56 @@
+"""tornado-rt under test: a RealtimeServer with a directory (workspace 1: users, tables) and the
+benchmark publish trigger (see common.py). Publishing goes through the public
+``RealtimeServer.publish()`` API with the message type's default audience (page table)."""
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import common  # noqa: E402
+from tornado.websocket import WebSocketHandler  # noqa: E402
+
+from tornado_rt import RealtimeServer, Settings  # noqa: E402
+
+
+def build(users: int, tables: int) -> RealtimeServer:
+    server = RealtimeServer(Settings(jwt_secret=common.SECRET), load_entry_points=False)
+    directory = server.directory
+    directory.set_workspace(1, range(1, users + 1))
+    for table_id in range(1, tables + 1):
+        directory.set_table(table_id, 1)
+    return server
+
+
+def publisher_handler(server: RealtimeServer):
+    publish = server.publish
+    message = common.rows_updated
+    now = time.time_ns
+
+    class Publisher(WebSocketHandler):
+        def on_message(self, raw):
+            seq, rounds, t0, n, ts = common.parse_trigger(raw)
+            for r in range(rounds):
+                for table_id in range(t0, t0 + n):
+                    publish(message(table_id, seq + r, ts or now() // 1000))
+
+    return Publisher
+
+
+async def main() -> None:
+    args = common.cli(__doc__)
+    common.prepare_process(args.lifetime)
+    server = build(args.users, args.tables)
+    app = server.make_app(extra_routes=[(common.PUBLISH_PATH, publisher_handler(server))])
+    app.listen(args.port, "127.0.0.1", backlog=1024)
+    await server.start()
+    common.mark_ready(args.ready_file, args.port)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
