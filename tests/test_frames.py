@@ -54,3 +54,27 @@ async def test_many_messages_coalesced_in_one_write_arrive_as_separate_frames(se
     for msg in sent:
         assert ujson.loads(await client.recv()) == msg
     await client.close()
+
+
+@pytest.mark.gen_test
+async def test_connections_send_without_nagle_delay(server, connect):
+    import socket
+
+    client = await connect(user_id=1)
+    conn = server.hub.connections[client.web_socket_id]
+    assert conn.stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+def test_tune_gc_freezes_start_up_objects_and_raises_the_threshold():
+    import gc
+
+    from tornado_rt import tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc(threshold=12345)
+        assert gc.get_threshold() == (12345, before[1], before[2])
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

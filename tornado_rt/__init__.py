@@ -8,6 +8,7 @@ Server
     ``publish_async()`` on the loop, ``shutdown()`` to close every connection with 1001.
     :class:`Settings` — every limit and switch, with documented defaults.
     :func:`web_socket_id_from_request` — the ``WebSocketId`` header of a REST call.
+    :func:`tune_gc` — garbage-collector settings for a long-running server process.
 Plugins
     :class:`Plugin`, :class:`PageType`, :class:`MessageType`, :class:`Registry`;
     :data:`ENTRY_POINT_GROUP` (``"tornado_rt.plugins"``).
@@ -30,7 +31,7 @@ from .envelope import PublishError
 from .policy import AccessPolicy, Directory
 from .principal import Principal, normalize_id
 from .registry import ENTRY_POINT_GROUP, MessageType, PageType, Plugin, Registry
-from .server import RealtimeServer, web_socket_id_from_request
+from .server import RealtimeServer, tune_gc, web_socket_id_from_request
 from .settings import Settings
 
 __version__ = "0.1.0"
@@ -39,7 +40,7 @@ __all__ = [
     "AccessPolicy", "Broker", "BrokerUnavailable", "Directory", "ENTRY_POINT_GROUP",
     "JWTAuthenticator", "LocalBroker", "MessageType", "PageType", "Plugin", "Principal",
     "PublishError", "RealtimeServer", "Registry", "Settings", "closecodes", "normalize_id",
-    "web_socket_id_from_request",
+    "tune_gc", "web_socket_id_from_request",
 ]
 
 

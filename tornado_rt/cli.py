@@ -561,7 +561,7 @@ async def serve(config: Config) -> int:
     from tornado.netutil import bind_sockets
 
     from .httpapi import make_app
-    from .server import RealtimeServer
+    from .server import RealtimeServer, tune_gc
 
     broker = make_broker(config)
     server = RealtimeServer(settings(config), broker=broker)
@@ -579,8 +579,11 @@ async def serve(config: Config) -> int:
         for sock in sockets:
             sock.close()
         raise ConfigError(f"{config.label('broker')}: cannot start the broker: {exc}") from None
-    http_server = HTTPServer(app)
+    # Headers up to 160 KiB: an oversized token then gets its documented 4001, not a dropped
+    # connection (Tornado's default limit is 64 KiB).
+    http_server = HTTPServer(app, max_header_size=160 * 1024)
     http_server.add_sockets(sockets)
+    tune_gc()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -6,6 +6,7 @@ server when it goes. It never decides who receives a published message.
 """
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import re
@@ -15,6 +16,7 @@ from typing import Any, Optional
 
 import ujson
 from tornado.httputil import HTTPHeaders
+from tornado.ioloop import PeriodicCallback
 from tornado.websocket import WebSocketHandler, WebSocketProtocol13
 
 from . import closecodes
@@ -36,26 +38,66 @@ def redact(text: str) -> str:
 
 class _Protocol(WebSocketProtocol13):
     """Tornado's RFC 6455 protocol with one hook: the moment the server starts closing (a limit,
-    a force disconnect, shutdown, a missed pong, an oversized frame, or the echo of the client's
-    own close), the connection leaves the hub. So nothing is written after the close frame
-    (RFC 6455 §5.5.1) and its subscriptions are released at once, not when the peer answers.
-
-    A peer that missed its pong is aborted at once: it is not answering, and waiting for its
-    close frame (Tornado waits 5 s) would only keep its socket and buffers alive.
+    a force disconnect, shutdown, an oversized frame, or the echo of the client's own close), the
+    connection leaves the hub. So nothing is written after the close frame (RFC 6455 §5.5.1) and
+    its subscriptions are released at once, not when the peer answers.
     """
 
     def close(self, code: Optional[int] = None, reason: Optional[str] = None) -> None:
         handler = self.handler
-        silent = reason == _PING_TIMED_OUT and not self.client_terminated
         if handler._closed_by is None and not self.client_terminated:
-            handler._closed_by = "ping_timeout" if silent else code
+            handler._closed_by = code
         handler._release()
         super().close(code, reason)
-        if silent:
-            self._abort()
 
 
-_PING_TIMED_OUT = "ping timed out"  # the reason Tornado's periodic ping closes with
+_PING = b"\x89\x00"  # an empty ping frame: the same bytes for every connection
+
+
+class Heartbeat:
+    """One timer for all connections instead of Tornado's timer per connection.
+
+    Every ``interval`` seconds each authenticated connection is queued the same empty ping frame
+    (through the hub, in order with its messages); ``timeout`` seconds later every connection that
+    has not answered with a pong since is dropped at once (counted as ``ping_timeout``) and its
+    subscriptions released: a peer that does not answer pings would not answer a close frame either.
+    """
+
+    def __init__(self, hub: Any, interval: float, timeout: float):
+        self.hub = hub
+        self.interval = interval
+        self.timeout = timeout
+        self._timer: Optional[PeriodicCallback] = None
+        self._check: Optional[Any] = None
+
+    def start(self) -> None:
+        if self._timer is None and self.interval:
+            self._timer = PeriodicCallback(self.ping, self.interval * 1000)
+            self._timer.start()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer = None
+        if self._check is not None:
+            self._check.cancel()
+            self._check = None
+
+    def ping(self) -> None:
+        if self._check is not None:  # timeout <= interval: the last round's deadline has come
+            self._check.cancel()
+            self.drop_silent()
+        hub = self.hub
+        for conn in list(hub.connections.values()):
+            conn.awaiting_pong = True
+            hub.send(conn, _PING)
+        if self.timeout and self._check is None:
+            self._check = asyncio.get_running_loop().call_later(self.timeout, self.drop_silent)
+
+    def drop_silent(self) -> None:
+        self._check = None
+        for conn in [c for c in self.hub.connections.values() if c.awaiting_pong]:
+            conn.ping_timed_out()
 
 
 class RealtimeHandler(WebSocketHandler):
@@ -76,11 +118,13 @@ class RealtimeHandler(WebSocketHandler):
         self._token: Optional[str] = None
         self._closed_by: Any = None  # close code, or "ping_timeout"; None: the client went
         self.disconnected = False  # True once the TCP connection is gone (on_close ran)
+        self.awaiting_pong = False  # a heartbeat ping is unanswered
         self._tokens = float(server.settings.max_incoming_burst)
         self._refilled = 0.0
 
     # --- handshake ------------------------------------------------------------------------------
-    async def get(self, *args: Any, **kwargs: Any) -> None:
+    def get(self, *args: Any, **kwargs: Any) -> Optional[Any]:
+        # Not a coroutine itself: it returns Tornado's, so a connection holds one frame less.
         request = self.request
         raw = request.query_arguments.pop("jwt_token", None)
         request.arguments.pop("jwt_token", None)
@@ -97,8 +141,8 @@ class RealtimeHandler(WebSocketHandler):
             self.set_header("Content-Type", "application/json")
             self.finish('{"error":"the server is shutting down","field":null}' if self.server._closing
                         else '{"error":"the server has reached its connection limit","field":null}')
-            return
-        await super().get(*args, **kwargs)
+            return None
+        return super().get(*args, **kwargs)
 
     def check_origin(self, origin: str) -> bool:
         allowed = self.server.settings.allowed_origins
@@ -112,11 +156,18 @@ class RealtimeHandler(WebSocketHandler):
 
     @property
     def ping_interval(self) -> Optional[float]:  # type: ignore[override]
-        return self.server.settings.ping_interval or None
+        return None  # pings come from the server's shared Heartbeat, not a timer per connection
 
-    @property
-    def ping_timeout(self) -> Optional[float]:  # type: ignore[override]
-        return self.server.settings.ping_timeout or None
+    def on_pong(self, data: bytes) -> None:
+        self.awaiting_pong = False
+
+    def ping_timed_out(self) -> None:
+        """Drop a peer that did not answer the heartbeat ping (no close handshake)."""
+        if self._closed_by is None:
+            self._closed_by = "ping_timeout"
+        self._release()
+        if self.ws_connection is not None:
+            self.ws_connection._abort()
 
     def get_websocket_protocol(self) -> Optional[WebSocketProtocol13]:
         protocol = super().get_websocket_protocol()
@@ -179,6 +230,7 @@ class RealtimeHandler(WebSocketHandler):
         self.web_socket_id = str(uuid.uuid4())
         self._refilled = time.monotonic()
         self._shed_handshake_state()
+        self.set_nodelay(True)  # real-time: no Nagle delay on small frames
         server._connected(self)
         hub.send(self, text_frame(ujson.dumps(
             {"type": "authentication", "success": True, "web_socket_id": self.web_socket_id}).encode()))

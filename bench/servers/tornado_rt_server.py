@@ -14,7 +14,7 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import common  # noqa: E402
 from tornado.websocket import WebSocketHandler  # noqa: E402
 
-from tornado_rt import RealtimeServer, Settings  # noqa: E402
+from tornado_rt import RealtimeServer, Settings, tune_gc  # noqa: E402
 
 
 def build(users: int, tables: int) -> RealtimeServer:
@@ -48,6 +48,7 @@ async def main() -> None:
     app = server.make_app(extra_routes=[(common.PUBLISH_PATH, publisher_handler(server))])
     app.listen(args.port, "127.0.0.1", backlog=1024)
     await server.start()
+    tune_gc()  # what `tornado-rt serve` does at start (README: Performance)
     common.mark_ready(args.ready_file, args.port)
     await asyncio.Event().wait()
 
