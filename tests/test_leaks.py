@@ -223,3 +223,18 @@ async def test_many_connect_disconnect_cycles_leave_nothing(server, connect, bar
         await wait_until(lambda: not server.hub.connections)
         assert_empty(server)
     await assert_freed()
+
+
+@pytest.mark.gen_test
+async def test_an_open_connection_keeps_nothing_of_its_handshake(server, connect, barrier):
+    """Idle memory: headers, arguments and the HTTP connection objects are dropped after the
+    upgrade, and the connection still works afterwards."""
+    client = await connect(user_id=1)
+    conn = server.hub.connections[client.web_socket_id]
+    assert len(conn.request.headers) == 0 and conn.request.query_arguments == {}
+    assert conn.request.connection is None and conn.request.server_connection is None
+    assert conn.ui is None and conn.path_args == ()
+    await client.subscribe("table", table_id=10)
+    server.publish({"type": "rows_deleted", "table_id": 10, "row_ids": [1], "rows": []})
+    assert (await client.recv())["type"] == "rows_deleted"
+    await barrier(client)

@@ -243,6 +243,7 @@ class RealtimeHandler(WebSocketHandler):
         request.arguments = request.query_arguments = request.body_arguments = {}
         request.files = {}
         request.body = b""
+        request.connection = request.server_connection = None  # the stream is detached
         self._headers = _NO_HEADERS
         self.ui = None  # type: ignore[assignment]
         self.path_args = self.open_args = ()
