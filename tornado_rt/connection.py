@@ -17,6 +17,7 @@ from typing import Any, Optional
 import ujson
 from tornado.httputil import HTTPHeaders
 from tornado.ioloop import PeriodicCallback
+from tornado.iostream import IOStream
 from tornado.websocket import WebSocketHandler, WebSocketProtocol13
 
 from . import closecodes
@@ -115,6 +116,8 @@ class RealtimeHandler(WebSocketHandler):
         self.pages: dict = {}
         self.out: list = []
         self.stream = None
+        self.sock = None
+        self.backlog = False
         self._token: Optional[str] = None
         self._closed_by: Any = None  # close code, or "ping_timeout"; None: the client went
         self.disconnected = False  # True once the TCP connection is gone (on_close ran)
@@ -181,7 +184,9 @@ class RealtimeHandler(WebSocketHandler):
 
     # --- lifetime -------------------------------------------------------------------------------
     def open(self, *args: Any, **kwargs: Any) -> Optional[Any]:
-        self.stream = self.ws_connection.stream
+        self.stream = stream = self.ws_connection.stream
+        # Direct sends (see Hub) only on plain TCP: TLS bytes must go through the SSL stream.
+        self.sock = stream.socket if stream.__class__ is IOStream else None
         token, self._token = self._token, None
         server = self.server
         if token == "anonymous":
@@ -281,7 +286,7 @@ class RealtimeHandler(WebSocketHandler):
     def _release(self) -> None:
         """Leave the hub (subscriptions released, counted in ``counters.closed``) and take the
         stream away from it: nothing more is queued or written for this connection. Idempotent."""
-        self.stream = None
+        self.stream = self.sock = None
         self.server._disconnected(self, self._closed_by)
 
     def on_close(self) -> None:

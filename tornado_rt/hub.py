@@ -11,7 +11,9 @@ that connection's unsent bytes against ``max_outgoing_buffer``.
 
 A connection object given to the hub must have the attributes ``web_socket_id``, ``user_id``,
 ``pages`` (dict: group -> subscription), ``out`` (list of pending frames), ``stream`` (a Tornado
-IOStream, or None while not open) and a method ``close(code, reason)``.
+IOStream, or None while not open), ``sock`` (the plain TCP socket behind the stream, or None
+when direct sends are not allowed: TLS, not open, closing), ``backlog`` (whether Tornado still
+buffers bytes of it) and a method ``close(code, reason)``.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import logging
 import struct
 from typing import Any, Callable, Dict, Hashable, Iterable, List, Optional, Set
 
-from tornado.iostream import IOStream, StreamClosedError
+from tornado.iostream import StreamClosedError
 
 from . import closecodes
 
@@ -164,12 +166,13 @@ class Hub:
             self._call_soon(self.flush)
 
     def flush(self) -> None:
-        """Write every dirty connection's queued frames with one stream write each."""
+        """Write every dirty connection's queued frames with one socket write each."""
         self._flush_scheduled = False
         dirty, self._dirty = self._dirty, []
+        write = self._write
         limit = self.max_outgoing_buffer
         for conn in dirty:
-            self._write(conn, limit)
+            write(conn, limit)
 
     def flush_one(self, conn: Any) -> None:
         """Write what is queued for ``conn`` now (before closing it, for instance)."""
@@ -181,28 +184,32 @@ class Hub:
             return
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
-        stream = conn.stream
-        if stream is None:
-            return
-        if stream.__class__ is IOStream and not stream._write_buffer and not stream.closed():
-            # Nothing of this connection is waiting in Tornado's buffer, so order allows a direct
-            # send; when the kernel takes it all (the usual case) the IOStream machinery (a
-            # Future, buffer bookkeeping) is skipped. Plain TCP only: TLS streams go through
-            # IOStream.write. Whatever is left, and every error, takes the normal path.
+        sock = conn.sock
+        if sock is not None and not conn.backlog:
+            # Nothing of this connection waits in Tornado's buffer, so order allows a direct send;
+            # when the kernel takes it all (the usual case) the IOStream machinery (a Future,
+            # buffer bookkeeping) is skipped. Whatever is left, and every error, goes the normal way.
             try:
-                sent = stream.socket.send(data)
+                sent = sock.send(data)
             except OSError:
                 sent = 0
             if sent == len(data):
                 return
             if sent:
                 data = memoryview(data)[sent:]
+        stream = conn.stream
+        if stream is None:
+            return
         try:
             stream.write(data)
         except StreamClosedError:
             return
         buffered = stream._write_buffer  # None when this write found the peer gone (reset)
-        if limit and buffered is not None and len(buffered) > limit:
+        if buffered is None:
+            return
+        size = len(buffered)
+        conn.backlog = size > 0  # direct sends wait until Tornado has written all of it
+        if limit and size > limit:
             if self.on_slow_consumer is not None:
                 self.on_slow_consumer(conn)
             self.close(conn, closecodes.SLOW_CONSUMER, "slow consumer")
