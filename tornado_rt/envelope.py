@@ -16,7 +16,8 @@ Audience specs (lists, so that they survive JSON):
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Hashable, Iterable, List, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, Dict, Hashable, Iterable, List, Optional
 
 import ujson
 
@@ -93,6 +94,8 @@ def dumps(message: Any, field: str = "message", message_type: Optional[str] = No
 
 def get_path(obj: Any, path: str) -> Any:
     """Read a dotted path (``"field.table_id"``) from nested dicts; ``_MISSING`` when absent."""
+    if type(obj) is dict and "." not in path:  # the common case, on the publish hot path
+        return obj.get(path, _MISSING)
     for part in path.split("."):
         if not isinstance(obj, Mapping) or part not in obj:
             return _MISSING
@@ -172,26 +175,39 @@ def parse_audience(registry: Registry, to: Any, field: str = "to",
     return ["all"]
 
 
+def _key(message: Mapping[str, Any], mt: MessageType, param: str, name: str, field: str) -> Any:
+    """The routing key ``param`` of a message type, read from the payload (present, not null)."""
+    path = mt.keys[param]
+    value = get_path(message, path)
+    if value is _MISSING or value is None:
+        raise PublishError(f"message type {name!r} has no audience: payload key {path!r} is "
+                           f"missing and no explicit audience was given", f"{field}.{path}", name)
+    return value
+
+
+def _key_id(message: Mapping[str, Any], mt: MessageType, param: str, name: str, field: str) -> Hashable:
+    canonical = normalize_id(_key(message, mt, param, name, field))
+    if canonical is None:
+        path = mt.keys[param]
+        raise PublishError(f"message type {name!r}: payload key {path!r} is not an id",
+                           f"{field}.{path}", name)
+    return canonical
+
+
 def default_audience(registry: Registry, mt: MessageType, message: Mapping[str, Any],
                      name: str, field: str = "message") -> list:
     """The message type's default audience, with routing keys read from the payload."""
-    def key(param: str) -> Any:
-        path = mt.keys[param]
-        value = get_path(message, path)
-        if value is _MISSING or value is None:
-            raise PublishError(f"message type {name!r} has no audience: payload key {path!r} is "
-                               f"missing and no explicit audience was given", f"{field}.{path}", name)
-        return value
-
-    def key_id(param: str) -> Hashable:
-        canonical = normalize_id(key(param))
-        if canonical is None:
-            path = mt.keys[param]
-            raise PublishError(f"message type {name!r}: payload key {path!r} is not an id",
-                               f"{field}.{path}", name)
-        return canonical
-
-    if mt.audience == "explicit":
+    audience = mt.audience
+    if audience == "page":
+        pt = registry.page_type(mt.page)
+        params = pt.params_from({param: _key(message, mt, param, name, field) for param in mt.keys})
+        missing = pt.missing(params)
+        if missing is not None:
+            path = mt.keys.get(missing, missing)
+            raise PublishError(f"message type {name!r}: payload key {path!r} is not a valid "
+                               f"{missing}", f"{field}.{path}", name)
+        return ["page", pt.group(params)]
+    if audience == "explicit":
         raise PublishError(f"message type {name!r} has no default audience; name one with 'to'",
                            "to", name)
     extra = None
@@ -199,20 +215,11 @@ def default_audience(registry: Registry, mt: MessageType, message: Mapping[str, 
         value = get_path(message, mt.also_user)
         if value is not _MISSING:
             extra = normalize_id(value)
-    if mt.audience == "page":
-        pt = registry.page_type(mt.page)
-        params = pt.params_from({param: key(param) for param in mt.keys})
-        missing = pt.missing(params)
-        if missing is not None:
-            path = mt.keys.get(missing, missing)
-            raise PublishError(f"message type {name!r}: payload key {path!r} is not a valid "
-                               f"{missing}", f"{field}.{path}", name)
-        return ["page", pt.group(params)]
-    if mt.audience == "workspace":
-        return ["workspaces", [key_id("workspace_id")], extra]
-    if mt.audience == "table_workspace":
-        return ["table_workspace", key_id("table_id"), extra]
-    return ["user_workspaces", key_id("user_id"), extra]
+    if audience == "workspace":
+        return ["workspaces", [_key_id(message, mt, "workspace_id", name, field)], extra]
+    if audience == "table_workspace":
+        return ["table_workspace", _key_id(message, mt, "table_id", name, field), extra]
+    return ["user_workspaces", _key_id(message, mt, "user_id", name, field), extra]
 
 
 def message_envelope(registry: Registry, message: Any, to: Any = None,

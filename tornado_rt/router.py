@@ -110,6 +110,11 @@ class Router:
         if self._backlog is not None:
             self._backlog.append(envelope)
             return
+        if envelope.kind == MESSAGE and envelope.audience[0] == "page":
+            mt = self.registry.message_type(envelope.type)
+            if mt is None or mt.effect is None:  # the common case: no policy call, no effect
+                self._deliver(envelope, self.hub.groups.get(envelope.audience[1], ()))
+                return
         steps = self._steps(envelope)
         pending = self._drive(steps, None)
         if pending is not None:
@@ -175,10 +180,7 @@ class Router:
             else:
                 members = yield from self._members(audience)
                 conns = hub.user_connections(members)
-            exclude = set(env.exclude) if env.exclude else None
-            n = hub.deliver(text_frame(env.data.encode()), conns, env.ignore, exclude)
-            if self.on_delivered is not None:
-                self.on_delivered(env.type, n)
+            self._deliver(env, conns)
             mt = self.registry.message_type(env.type)
             if mt is not None and mt.effect is not None:
                 message = ujson.loads(env.data)  # effects are rare; the text is the truth
@@ -198,6 +200,13 @@ class Router:
             self.revoke(env.user_ids or (), env.permission_group)
         else:
             log.warning("unknown envelope kind %r ignored", kind)
+
+    def _deliver(self, env: Envelope, conns: Any) -> None:
+        """Frame a message envelope once and queue it for ``conns`` (minus the excluded)."""
+        exclude = set(env.exclude) if env.exclude else None
+        n = self.hub.deliver(text_frame(env.data.encode()), conns, env.ignore, exclude)
+        if self.on_delivered is not None:
+            self.on_delivered(env.type, n)
 
     def _members(self, audience: list):
         """Generator: the user ids of a membership audience (policy calls yielded)."""

@@ -293,7 +293,7 @@ class RealtimeServer:
         except Exception:
             log.exception("publish of %r failed", env)
             return
-        if inspect.isawaitable(result):
+        if result is not None and inspect.isawaitable(result):
             future = asyncio.ensure_future(result)
             future.add_done_callback(_log_failure)
 
