@@ -46,7 +46,10 @@ SERVERS = {  # name -> (script, label)
     "naive-tornado": ("naive_tornado.py", "naive Tornado"),
     "websockets": ("websockets_broadcast.py", "websockets.broadcast"),
     "channels": ("channels_server.py", "Channels+daphne"),
+    # two tornado_rt_server.py processes sharing a bench-owned redis-server (RedisPair below)
+    "tornado-rt-redis": ("tornado_rt_server.py", "tornado-rt, 2 procs + Redis"),
 }
+FANOUT_ONLY = {"tornado-rt-redis"}  # servers the other scenarios skip ("n/a")
 SCENARIOS = ("fanout", "latency", "pages", "memory", "storm")
 
 FULL = dict(fanout_sizes=[1000, 5000], duration=10.0, batch=8, window=48,
@@ -117,7 +120,7 @@ def free_port() -> int:
 class ServerProcess:
     """One server under test, in its own process (and session, so Ctrl-C reaches only us)."""
 
-    def __init__(self, name: str, log_name: str, lifetime: float):
+    def __init__(self, name: str, log_name: str, lifetime: float, extra_args: Sequence[str] = ()):
         self.name = name
         self.port = free_port()
         os.makedirs(os.path.join(RESULTS_DIR, "logs"), exist_ok=True)
@@ -127,7 +130,7 @@ class ServerProcess:
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, script, "--port", str(self.port), "--ready-file", self.ready_file,
-             "--lifetime", str(lifetime)],
+             "--lifetime", str(lifetime), *extra_args],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, preexec_fn=_die_with_parent, cwd=HERE)
         _children.append(self)
@@ -150,13 +153,7 @@ class ServerProcess:
         return self.proc.poll() is None
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        _terminate(self.proc)
         self.log.close()
         try:
             os.unlink(self.ready_file)
@@ -164,6 +161,123 @@ class ServerProcess:
             pass
         if self in _children:
             _children.remove(self)
+
+
+def _terminate(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+class RedisServer:
+    """A private redis-server for the ``tornado-rt-redis`` variant: loopback only, a fresh port,
+    no persistence (``--save ''``, no AOF), ended with the other children."""
+
+    def __init__(self, log_name: str):
+        exe = shutil.which("redis-server") or "/usr/bin/redis-server"
+        if not os.path.exists(exe):
+            raise RuntimeError("redis-server not found (Debian package redis-server)")
+        self.port = free_port()
+        self.version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.strip()
+        os.makedirs(os.path.join(RESULTS_DIR, "logs"), exist_ok=True)
+        self.log_path = os.path.join(RESULTS_DIR, "logs", f"{log_name}.log")
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--daemonize", "no"],
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, preexec_fn=_die_with_parent, cwd=tempfile.gettempdir())
+        _children.append(self)
+        self.pid = self.proc.pid
+        deadline = time.monotonic() + 10
+        while not self._pong():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"redis-server did not start (exit code {self.proc.returncode}); "
+                                   f"see {self.log_path}")
+            time.sleep(0.02)
+
+    def _pong(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def cpu(self) -> float:
+        """On-CPU seconds of all its threads from /proc/<pid>/task/*/schedstat (nanoseconds):
+        Redis uses only a few clock ticks of utime + stime in a measured window."""
+        try:
+            total = 0
+            for tid in os.listdir(f"/proc/{self.pid}/task"):
+                with open(f"/proc/{self.pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            return total / 1e9
+        except (OSError, ValueError, IndexError):  # no schedstat: fall back to clock ticks
+            return proc_cpu(self.pid)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        _terminate(self.proc)
+        self.log.close()
+        if self in _children:
+            _children.remove(self)
+
+
+class RedisPair:
+    """``tornado-rt-redis``: a RedisServer and two tornado_rt_server.py processes (A, B) using it
+    as their broker. Quacks like a ServerProcess: ``port`` is A's (the publish trigger goes there),
+    ``ports`` both (the load client splits its connections over them), ``cpu()`` is A + B; Redis's
+    CPU is read separately through ``redis``."""
+
+    def __init__(self, name: str, log_name: str, lifetime: float):
+        self.name = name
+        self.procs: List[ServerProcess] = []
+        self.redis = RedisServer(f"{log_name}-redis")
+        try:
+            for part in ("a", "b"):
+                self.procs.append(ServerProcess(name, f"{log_name}-{part}", lifetime,
+                                                ["--broker", self.redis.url]))
+        except BaseException:
+            self.stop()
+            raise
+        self.port = self.procs[0].port
+        self.ports = [p.port for p in self.procs]
+        self.pid = self.procs[0].pid
+
+    def cpu(self) -> float:
+        return sum(p.cpu() for p in self.procs)
+
+    def cpu_by_process(self) -> List[float]:
+        return [p.cpu() for p in self.procs]
+
+    def rss(self) -> int:
+        return sum(p.rss() for p in self.procs)
+
+    def alive(self) -> bool:
+        return self.redis.alive() and all(p.alive() for p in self.procs)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.stop()
+        self.redis.stop()
+
+
+def start_server(name: str, log_name: str, lifetime: float):
+    if name == "tornado-rt-redis":
+        return RedisPair(name, log_name, lifetime)
+    return ServerProcess(name, log_name, lifetime)
 
 
 def _die_with_parent() -> None:
@@ -176,11 +290,14 @@ def _die_with_parent() -> None:
 
 
 class ClientPool:
-    """The load client processes; connection i goes to worker i % workers."""
+    """The load client processes; connection i goes to worker i % workers and to server port
+    ports[i % len(ports)] (one port except for tornado-rt-redis: an even split over A and B)."""
 
-    def __init__(self, workers: int, port: int, lifetime: float):
+    def __init__(self, workers: int, ports: Sequence[int], lifetime: float):
         ctx = mp.get_context("spawn")
         self.n = workers
+        self.ports = list(ports)
+        port = self.ports[0]
         self.totals = ctx.RawArray("q", workers)
         self.mins = ctx.RawArray("q", workers)
         self.commands = []
@@ -216,6 +333,8 @@ class ClientPool:
     def connect(self, specs: Sequence[Tuple[int, Tuple[int, ...]]], concurrency: int,
                 timeout: float = 300.0) -> Dict[str, Any]:
         """Open ``specs`` (user id, table ids) connections; returns counts and timing."""
+        if len(self.ports) > 1:
+            specs = [(user, pages, self.ports[i % len(self.ports)]) for i, (user, pages) in enumerate(specs)]
         self._ask([("prepare", list(specs[i::self.n])) for i in range(self.n)], 120)
         per = max(1, concurrency // self.n)
         t0 = time.time()
@@ -340,7 +459,10 @@ async def windowed(pool: ClientPool, server: ServerProcess, cfg: dict, ntables: 
         window = max(2, min(window, int(1.0 / round_s) if round_s > 0 else window))
         per_send = max(1, min(rounds_per_send, window // 2))
         drain_timeout = max(cfg["drain_timeout"], 3 * window * round_s)
+        redis = getattr(server, "redis", None)  # tornado-rt-redis: its redis-server, counted apart
         total0, cpu0, ccpu0 = pool.total(), server.cpu(), pool.cpu()
+        rcpu0 = redis.cpu() if redis else 0.0
+        parts0 = server.cpu_by_process() if hasattr(server, "cpu_by_process") else None
         mbusy0, mall0 = machine_cpu()
         pcpu0 = self_cpu()
         t0 = time.monotonic()
@@ -353,13 +475,25 @@ async def windowed(pool: ClientPool, server: ServerProcess, cfg: dict, ntables: 
         drained = await wait_drained(pool, seq, drain_timeout, cfg["settle"])
         t1 = time.monotonic()
         cpu1, ccpu1, total1 = server.cpu(), pool.cpu(), pool.total()
+        rcpu1 = redis.cpu() if redis else 0.0
+        parts1 = server.cpu_by_process() if parts0 else None
         mbusy1, mall1 = machine_cpu()
         pcpu1 = self_cpu()
     finally:
         pub.close()
     delivered = total1 - total0
     wall = t1 - t0
-    return {"rounds": seq, "measured_rounds": seq - 1, "warmup_round_s": round_s, "window": window,
+    extra: Dict[str, Any] = {}
+    if redis:
+        publishes = (seq - 1) * ntables
+        extra = {"redis_cpu_s": rcpu1 - rcpu0,
+                 "redis_cpu_s_per_million": (rcpu1 - rcpu0) / delivered * 1e6 if delivered else None,
+                 "redis_cpu_util": (rcpu1 - rcpu0) / wall if wall else 0.0,
+                 "redis_cpu_us_per_publish": (rcpu1 - rcpu0) / publishes * 1e6 if publishes else None,
+                 "redis_server": redis.version}
+    if parts0:
+        extra["server_cpu_s_by_process"] = [b - a for a, b in zip(parts0, parts1)]
+    return {**extra, "rounds": seq, "measured_rounds": seq - 1, "warmup_round_s": round_s, "window": window,
             "rounds_per_trigger": per_send, "delivered": delivered,
             "wall_s": wall, "msgs_per_s": delivered / wall if wall else 0.0,
             "publishes_per_s": (seq - 1) * ntables / wall if wall else 0.0,
@@ -374,8 +508,12 @@ async def windowed(pool: ClientPool, server: ServerProcess, cfg: dict, ntables: 
 
 # --- scenarios -------------------------------------------------------------------------------------
 def _with_server(name: str, tag: str, cfg: dict, body) -> Dict[str, Any]:
-    server = ServerProcess(name, f"{name}-{tag}", lifetime=cfg["lifetime"])
-    pool = ClientPool(cfg["workers"], server.port, lifetime=cfg["lifetime"])
+    server = start_server(name, f"{name}-{tag}", lifetime=cfg["lifetime"])
+    try:
+        pool = ClientPool(cfg["workers"], getattr(server, "ports", [server.port]), lifetime=cfg["lifetime"])
+    except BaseException:
+        server.stop()
+        raise
     try:
         result = body(server, pool)
         result["server_alive"] = server.alive()
@@ -523,6 +661,8 @@ def scenario_storm(name: str, cfg: dict) -> Dict[str, Any]:
 
 
 def run_scenario(key: str, name: str, cfg: dict) -> Dict[str, Any]:
+    if name in FANOUT_ONLY and not key.startswith("fanout-"):
+        return {"skipped": "fan-out scenario only"}
     if key.startswith("fanout-"):
         return scenario_fanout(name, int(key.split("-")[1]), cfg)
     return {"latency": scenario_latency, "pages": scenario_pages, "memory": scenario_memory,
@@ -534,6 +674,7 @@ def run_scenario(key: str, name: str, cfg: dict) -> Dict[str, Any]:
 METRICS = [
     ("fanout", "msgs_per_s", "delivered msgs/s", "high", "{:,.0f}"),
     ("fanout", "cpu_s_per_million", "server CPU s / 1M msgs", "low", "{:.2f}"),
+    ("fanout", "redis_cpu_s_per_million", "Redis CPU s / 1M msgs (not in server CPU)", None, "{:.3f}"),
     ("fanout", "server_cpu_util", "server CPU (cores)", None, "{:.2f}"),
     ("fanout", "client_cpu_util", "load-client CPU (cores)", None, "{:.2f}"),
     ("fanout", "msgs_per_read", "msgs per client socket read", None, "{:.1f}"),
@@ -572,6 +713,8 @@ def markdown(results: Dict[str, Dict[str, Any]], servers: Sequence[str], cfg: di
         for scen, metric, label, better, fmt in METRICS:
             if scen != prefix:
                 continue
+            if metric.startswith("redis_") and not any(metric in r for r in by_server.values()):
+                continue  # Redis rows only when tornado-rt-redis ran
             row = [scenario_title(key, cfg), label]
             ref = by_server.get(base, {}).get(metric)
             for s in servers:
@@ -605,6 +748,7 @@ def markdown(results: Dict[str, Dict[str, Any]], servers: Sequence[str], cfg: di
            "means tornado-rt is faster); for CPU, latency and RSS lower is better (a ratio above 1 "
            "means tornado-rt is better).", ""]
     out += targets(results, servers)
+    out += redis_cost(results)
     return "\n".join(out) + "\n"
 
 
@@ -641,10 +785,32 @@ def targets(results: Dict[str, Dict[str, Any]], servers: Sequence[str]) -> List[
     return lines + [""]
 
 
+def redis_cost(results: Dict[str, Dict[str, Any]]) -> List[str]:
+    """What going through Redis costs per publish (each publish crosses Redis once) and per
+    delivered message: tornado-rt-redis (2 processes + Redis) against tornado-rt (1 process)."""
+    lines = []
+    for key, by_server in results.items():
+        one, two = by_server.get("tornado-rt", {}), by_server.get("tornado-rt-redis", {})
+        if not (key.startswith("fanout-") and one.get("cpu_s_per_million") and two.get("cpu_s_per_million")
+                and two.get("redis_cpu_s") is not None):
+            continue
+        pub1 = one["server_cpu_s"] / one["measured_rounds"] * 1e6  # µs CPU per publish (fan-out: 1 table)
+        pub2 = two["server_cpu_s"] / two["measured_rounds"] * 1e6
+        rpub = two["redis_cpu_us_per_publish"]
+        total = two["cpu_s_per_million"] + two["redis_cpu_s_per_million"]
+        lines.append(f"- {key}: per publish, tornado-rt {pub1:,.0f} µs CPU in 1 process; 2 processes over "
+                     f"Redis {pub2:,.0f} µs (+{pub2 - pub1:,.0f} µs, {pub2 / pub1:.2f}x) plus {rpub:,.1f} µs in "
+                     f"Redis. Per 1M delivered: {one['cpu_s_per_million']:.2f} -> "
+                     f"{two['cpu_s_per_million']:.2f} s (+{two['cpu_s_per_million'] - one['cpu_s_per_million']:.2f}), "
+                     f"{total:.2f} s with Redis ({total / one['cpu_s_per_million']:.2f}x).")
+    return ["Cost of going through Redis (tornado-rt-redis against tornado-rt):", ""] + lines + [""] if lines else []
+
+
 def versions() -> Dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
     out = {}
-    for pkg in ("tornado", "ujson", "PyJWT", "websockets", "channels", "daphne", "Django", "Twisted", "autobahn"):
+    for pkg in ("tornado", "ujson", "PyJWT", "websockets", "channels", "daphne", "Django", "Twisted", "autobahn",
+                "redis", "hiredis"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -772,7 +938,8 @@ class _Killable:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small numbers for a smoke run (~2 min)")
-    p.add_argument("--servers", default=",".join(SERVERS), help="comma list of " + ", ".join(SERVERS))
+    p.add_argument("--servers", help="comma list of " + ", ".join(SERVERS) + " (default: all; tornado-rt-redis "
+                   "only when redis-server and the redis package are installed)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma list of " + ", ".join(SCENARIOS))
     p.add_argument("--fanout-sizes", help="comma list of subscriber counts for the fan-out scenario")
     p.add_argument("--duration", type=float, help="seconds of publishing per throughput/latency scenario")
@@ -806,7 +973,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run_profile(cfg, args.profile, cfg["fanout_sizes"][0] if args.fanout_sizes else 1000)
         return 0
 
-    servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    if args.servers:
+        servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    else:
+        servers = [s for s in SERVERS if s != "tornado-rt-redis" or not _redis_missing()]
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     for s in servers:
         if s not in SERVERS:
@@ -820,6 +990,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             import daphne  # noqa: F401
         except ImportError:
             p.error("the channels reference needs `pip install -r bench/requirements.txt`")
+    if "tornado-rt-redis" in servers and _redis_missing():
+        p.error("tornado-rt-redis needs " + _redis_missing())
 
     keys = []
     for s in scenarios:
@@ -862,7 +1034,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def _redis_missing() -> str:
+    """What tornado-rt-redis lacks to run ("" when nothing)."""
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        return "`pip install -e '.[redis]'` (redis-py with hiredis)"
+    if not (shutil.which("redis-server") or os.path.exists("/usr/bin/redis-server")):
+        return "redis-server (Debian package redis-server)"
+    return ""
+
+
 def _line(key: str, r: Dict[str, Any]) -> str:
+    if "skipped" in r:
+        return "skipped: " + r["skipped"]
     if "error" in r and len(r) <= 2:
         return "ERROR " + r["error"]
     parts = []
@@ -870,6 +1055,7 @@ def _line(key: str, r: Dict[str, Any]) -> str:
                    ("p50_ms", "p50 {:.1f} ms"), ("p99_ms", "p99 {:.1f} ms"), ("max_ms", "max {:.1f} ms"),
                    ("kib_per_conn", "{:.1f} KiB/conn"), ("conns_per_s", "{:,.0f} conn/s"),
                    ("lost", "lost {:,}"), ("server_cpu_util", "server {:.2f} cores"),
+                   ("redis_cpu_util", "redis {:.3f} cores"),
                    ("client_cpu_util", "client {:.2f} cores"), ("publisher_cpu_util", "publisher {:.2f}"),
                    ("machine_busy_cores", "machine busy {:.2f} cores")):
         if r.get(k) is not None:

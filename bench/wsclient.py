@@ -333,8 +333,9 @@ class Worker:
     """Owns a share of the connections; driven by commands from the benchmark process.
 
     Commands (tuples over the pipe) and replies:
-    ``("prepare", specs)`` -> ``("prepared", n)``: specs are ``(user_id, (table ids...))``; makes the
-    JWTs now so that token creation stays out of any timing.
+    ``("prepare", specs)`` -> ``("prepared", n)``: specs are ``(user_id, (table ids...))`` or
+    ``(user_id, (table ids...), port)`` (default: the worker's port); makes the JWTs now so that
+    token creation stays out of any timing.
     ``("connect", concurrency)`` -> ``("connected", ok, failed, t_first, t_last, errors)``: opens
     the prepared connections, at most ``concurrency`` handshakes in flight; times are
     ``time.time()`` of the first attempt and of the last completed setup.
@@ -355,7 +356,7 @@ class Worker:
         self.parent = os.getppid()
         self.stats = Stats(totals, mins, index)
         self.conns: List[WSConn] = []
-        self.prepared: List[Tuple[bytes, Sequence[int]]] = []
+        self.prepared: List[Tuple[bytes, Sequence[int], int]] = []
         self.done: Optional[asyncio.Future] = None
 
     async def main(self) -> None:
@@ -402,8 +403,8 @@ class Worker:
         name = cmd[0]
         if name == "prepare":
             from common import make_token  # bench/servers is on sys.path
-            self.prepared = [(f"/ws/core/?jwt_token={make_token(user)}".encode(), tuple(pages))
-                             for user, pages in cmd[1]]
+            self.prepared = [(f"/ws/core/?jwt_token={make_token(spec[0])}".encode(), tuple(spec[1]),
+                              spec[2] if len(spec) > 2 else self.port) for spec in cmd[1]]
             self.replies.send(("prepared", len(self.prepared)))
         elif name == "connect":
             asyncio.ensure_future(self._connect(cmd[1]))
@@ -424,17 +425,17 @@ class Worker:
     async def _connect(self, concurrency: int) -> None:
         specs, self.prepared = self.prepared, []
         sem = asyncio.Semaphore(max(1, concurrency))
-        port, stats = self.port, self.stats
+        stats = self.stats
         t_first = time.time()
         t_last = [t_first]
 
-        async def one(path: bytes, pages):
+        async def one(path: bytes, pages, port: int):
             async with sem:
                 conn = await open_connection(port, path.decode(), stats, pages)
                 t_last[0] = time.time()
                 return conn
 
-        conns = await asyncio.gather(*(one(p, pages) for p, pages in specs))
+        conns = await asyncio.gather(*(one(p, pages, port) for p, pages, port in specs))
         ok = [c for c in conns if c.error is None]
         failed = [c for c in conns if c.error is not None]
         self.conns.extend(ok)

@@ -110,13 +110,18 @@ def dumps(obj: Any) -> str:
 
 # --- process plumbing -----------------------------------------------------------------------------
 def cli(description: str) -> argparse.Namespace:
+    return parser(description).parse_args()
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """The options every server takes (a server may add its own before parsing)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--users", type=int, default=20000, help="members of workspace 1 (user ids 1..N)")
     p.add_argument("--tables", type=int, default=20000, help="tables 1..N, all in workspace 1")
     p.add_argument("--ready-file", help="written once the server listens")
     p.add_argument("--lifetime", type=float, default=1800.0, help="exit by itself after this many seconds")
-    return p.parse_args()
+    return p
 
 
 def prepare_process(lifetime: float) -> None:

@@ -1,12 +1,15 @@
 """tornado-rt under test: a RealtimeServer with a directory (workspace 1: users, tables) and the
 benchmark publish trigger (see common.py). Publishing goes through the public
-``RealtimeServer.publish()`` API with the message type's default audience (page table)."""
+``RealtimeServer.publish()`` API with the message type's default audience (page table).
+``--broker redis://...``: use a RedisBroker on that Redis instead of the in-process broker (the
+``tornado-rt-redis`` variant runs two of these on one Redis)."""
 from __future__ import annotations
 
 import asyncio
 import os
 import sys
 import time
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -17,8 +20,12 @@ from tornado.websocket import WebSocketHandler  # noqa: E402
 from tornado_rt import RealtimeServer, Settings, tune_gc  # noqa: E402
 
 
-def build(users: int, tables: int) -> RealtimeServer:
-    server = RealtimeServer(Settings(jwt_secret=common.SECRET), load_entry_points=False)
+def build(users: int, tables: int, broker_url: Optional[str] = None) -> RealtimeServer:
+    broker = None
+    if broker_url:
+        from tornado_rt.redis_broker import RedisBroker
+        broker = RedisBroker(broker_url)
+    server = RealtimeServer(Settings(jwt_secret=common.SECRET), load_entry_points=False, broker=broker)
     directory = server.directory
     directory.set_workspace(1, range(1, users + 1))
     for table_id in range(1, tables + 1):
@@ -42,9 +49,11 @@ def publisher_handler(server: RealtimeServer):
 
 
 async def main() -> None:
-    args = common.cli(__doc__)
+    parser = common.parser(__doc__)
+    parser.add_argument("--broker", help="redis://host:port/db: publish through a RedisBroker (default: in-process)")
+    args = parser.parse_args()
     common.prepare_process(args.lifetime)
-    server = build(args.users, args.tables)
+    server = build(args.users, args.tables, args.broker)
     app = server.make_app(extra_routes=[(common.PUBLISH_PATH, publisher_handler(server))])
     app.listen(args.port, "127.0.0.1", backlog=1024)
     await server.start()
