@@ -129,7 +129,7 @@ class RedisProcess:
                 raise RuntimeError(f"redis-server exited with {self.proc.returncode} on port {self.port}")
             if time.monotonic() > deadline:
                 raise RuntimeError("redis-server did not answer PING within 10 s")
-            time.sleep(0.02)
+            time.sleep(0.02)  # barrier-ok: polling until redis-server answers PING
         return self
 
     def kill(self) -> None:
