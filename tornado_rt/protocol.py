@@ -117,7 +117,7 @@ class ClientProtocol:
         if group not in conn.pages and len(conn.pages) >= self.max_subscriptions:
             conn.violate("too many subscriptions")
             return
-        self.hub.subscribe(conn, group, Subscription(page_type.name, params, page_type.permission_group(params)))
+        self.hub.subscribe(conn, group, Subscription(page_type, params))
         self.hub.send(conn, page_frame("page_add", page_type.name, params))
 
     def remove_page(self, conn: Any, page_type: PageType, params: dict) -> None:

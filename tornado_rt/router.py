@@ -26,7 +26,7 @@ from .envelope import DISCONNECT, INDIVIDUAL, MESSAGE, REVOKE, Envelope
 from .hub import Hub, text_frame
 from .policy import AccessPolicy, Directory
 from .principal import normalize_id
-from .registry import Registry
+from .registry import PageType, Registry
 
 log = logging.getLogger("tornado_rt.router")
 
@@ -45,14 +45,30 @@ def page_frame(kind: str, page: str, parameters: dict) -> bytes:
 
 
 class Subscription:
-    """One page a connection is subscribed to (stored in ``conn.pages[group]``)."""
+    """One page a connection is subscribed to (stored in ``conn.pages[group]``).
 
-    __slots__ = ("page", "parameters", "permission_group")
+    Kept small, since an idle connection is mostly its subscriptions: the shared page type and
+    the parameter values; the parameters dict and the permission group are derived when a
+    revocation or a ``page_discard`` needs them (rare, next to delivery).
+    """
 
-    def __init__(self, page: str, parameters: dict, permission_group: Optional[str]):
-        self.page = page
-        self.parameters = parameters
-        self.permission_group = permission_group
+    __slots__ = ("page_type", "values")
+
+    def __init__(self, page_type: PageType, parameters: dict):
+        self.page_type = page_type
+        self.values = tuple(parameters[p] for p in page_type.parameters)
+
+    @property
+    def page(self) -> str:
+        return self.page_type.name
+
+    @property
+    def parameters(self) -> dict:
+        return dict(zip(self.page_type.parameters, self.values))
+
+    @property
+    def permission_group(self) -> Optional[str]:
+        return self.page_type.permission_group(self.parameters)
 
 
 class EffectContext:

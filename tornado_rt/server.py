@@ -137,6 +137,7 @@ class RealtimeServer:
         self._loop: Optional[IOLoop] = None
         self._thread: Optional[int] = None
         self._closing = False
+        self._ws_params: Any = None  # Tornado's WebSocket parameters, shared by all connections
 
     @property
     def directory(self) -> Optional[Directory]:
