@@ -10,10 +10,9 @@ The literal token ``anonymous`` never reaches the authenticator: the connection 
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import traceback
-from typing import Any, Awaitable, Callable, Optional, Union
+from typing import Awaitable, Callable, Optional, Union
 
 import jwt
 
@@ -95,15 +94,3 @@ def log_authenticator_error(token: Optional[str]) -> None:
     if token:
         text = text.replace(token, "[redacted]")
     log.error("authenticator raised; connection refused\n%s", text)
-
-
-async def authenticate(authenticator: Authenticator, token: str) -> Optional[Principal]:
-    """Run a sync or async authenticator; an exception in it counts as a refusal (and is logged)."""
-    try:
-        result = authenticator(token)
-        if inspect.isawaitable(result):
-            result = await result
-    except Exception:  # the embedder's code: refuse, never crash the connection handling
-        log_authenticator_error(token)
-        return None
-    return to_principal(result)

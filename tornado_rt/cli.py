@@ -454,7 +454,7 @@ def _load_public_key(value: str, label: str, source: str) -> str:
         load_pem_public_key(pem.encode("utf-8"))
     except ImportError:  # pragma: no cover - pyjwt[crypto] is a dependency
         pass
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError):
         where = "the value" if pem is value else value
         raise ConfigError(f"{label}: {where} is not a PEM public key") from None
     return pem

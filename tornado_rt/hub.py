@@ -47,15 +47,13 @@ def text_frame(payload: bytes) -> bytes:
 class Hub:
     """Connection index and fan-out for one process. Use only on the IOLoop thread."""
 
-    def __init__(self, max_outgoing_buffer: int = 8 * 1024 * 1024,
-                 on_slow_consumer: Optional[Callable[[Any], None]] = None):
+    def __init__(self, max_outgoing_buffer: int = 8 * 1024 * 1024):
         self.connections: Dict[str, Any] = {}
         self.users: Dict[Hashable, Set[Any]] = {}
         self.groups: Dict[str, Set[Any]] = {}
         self.anonymous = 0
         self.delivered = 0
         self.max_outgoing_buffer = max_outgoing_buffer
-        self.on_slow_consumer = on_slow_consumer
         self._dirty: List[Any] = []
         self._flush_scheduled = False
         self._call_soon: Optional[Callable[..., Any]] = None
@@ -210,8 +208,6 @@ class Hub:
         size = len(buffered)
         conn.backlog = size > 0  # direct sends wait until Tornado has written all of it
         if limit and size > limit:
-            if self.on_slow_consumer is not None:
-                self.on_slow_consumer(conn)
             self.close(conn, closecodes.SLOW_CONSUMER, "slow consumer")
 
     def close(self, conn: Any, code: int, reason: str) -> None:

@@ -13,7 +13,6 @@ from importlib import metadata
 from typing import (Any, Awaitable, Callable, Dict, Iterable, Mapping, Optional, Sequence,
                     Tuple, Union)
 
-from .principal import Principal
 
 log = logging.getLogger("tornado_rt.registry")
 

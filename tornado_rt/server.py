@@ -14,7 +14,7 @@ import logging
 import threading
 import uuid
 from collections import Counter
-from typing import Any, Dict, Hashable, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from tornado.ioloop import IOLoop
 from tornado.web import Application, RequestHandler
@@ -27,7 +27,6 @@ from .envelope import (DISCONNECT, INDIVIDUAL, MESSAGE, REVOKE, Envelope, Publis
                        individual_envelope, message_envelope, id_list)
 from .hub import Hub
 from .policy import AccessPolicy, Directory
-from .principal import normalize_id
 from .protocol import ClientProtocol
 from .registry import Plugin, Registry, entry_point_plugins
 from .router import Router
