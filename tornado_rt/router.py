@@ -266,20 +266,20 @@ class Router:
 
     def drop_group(self, group: str) -> int:
         """Drop every connection's subscription to the page ``group`` (a public view went away)."""
-        hub = self.hub
-        conns = list(hub.groups.get(group, ()))
+        conns = list(self.hub.groups.get(group, ()))
         for conn in conns:
-            sub = hub.unsubscribe(conn, group)
-            hub.send(conn, page_frame("page_discard", sub.page, sub.parameters))
+            self._discard(conn, group)
         return len(conns)
 
     def _drop(self, conns: Iterable[Any], permission_group: str) -> int:
-        hub = self.hub
         dropped = 0
         for conn in conns:
-            groups = [g for g, sub in conn.pages.items() if sub.permission_group == permission_group]
-            for group in groups:
-                sub = hub.unsubscribe(conn, group)
-                hub.send(conn, page_frame("page_discard", sub.page, sub.parameters))
+            for group in [g for g, sub in conn.pages.items() if sub.permission_group == permission_group]:
+                self._discard(conn, group)
                 dropped += 1
         return dropped
+
+    def _discard(self, conn: Any, group: str) -> None:
+        """Take ``conn`` off ``group`` and tell it with ``page_discard``."""
+        sub = self.hub.unsubscribe(conn, group)
+        self.hub.send(conn, page_frame("page_discard", sub.page, sub.parameters))

@@ -204,48 +204,54 @@ class RealtimeServer:
         """Force-disconnect (4003) every connection of these users except the listed ones.
 
         Returns how many connections of this process it closes (0 when called off-loop)."""
-        users = id_list(list(user_ids), "user_ids", None)
-        spared = [w for w in ignore_web_socket_ids if isinstance(w, str)]
-        count = 0
-        if self._on_loop():
-            count = sum(1 for c in self.hub.user_connections(users) if c.web_socket_id not in spared)
-        self._submit(Envelope(DISCONNECT, user_ids=users, ignore=spared))
+        env = self._disconnect_envelope(user_ids, ignore_web_socket_ids)
+        count = self._local_count(env) if self._on_loop() else 0
+        self._submit(env)
         return count
 
     def revoke(self, user_ids: Iterable[Any], permission_group: str) -> int:
         """Drop these users' pages in ``permission_group`` with ``page_discard`` (PROTOCOL.md §4).
 
         Returns how many pages of this process it drops (0 when called off-loop)."""
-        users = id_list(list(user_ids), "user_ids", None)
-        if not isinstance(permission_group, str) or not permission_group:
-            raise PublishError("permission_group must be a non-empty string", "permission_group")
-        count = 0
-        if self._on_loop():
-            count = sum(1 for c in self.hub.user_connections(users)
-                        for s in c.pages.values() if s.permission_group == permission_group)
-        self._submit(Envelope(REVOKE, user_ids=users, permission_group=permission_group))
+        env = self._revoke_envelope(user_ids, permission_group)
+        count = self._local_count(env) if self._on_loop() else 0
+        self._submit(env)
         return count
 
     async def disconnect_async(self, user_ids: Iterable[Any], ignore_web_socket_ids: Iterable[str] = ()) -> int:
         """Like :meth:`disconnect`, awaited on the loop: returns the count once this process's
         connections are closed; raises ``BrokerUnavailable`` if the broker is down."""
-        self._bind()
-        users = id_list(list(user_ids), "user_ids", None)
-        spared = [w for w in ignore_web_socket_ids if isinstance(w, str)]
-        count = sum(1 for c in self.hub.user_connections(users) if c.web_socket_id not in spared)
-        await self.submit([Envelope(DISCONNECT, user_ids=users, ignore=spared)])
-        return count
+        return await self._submit_counted(self._disconnect_envelope(user_ids, ignore_web_socket_ids))
 
     async def revoke_async(self, user_ids: Iterable[Any], permission_group: str) -> int:
         """Like :meth:`revoke`, awaited on the loop: returns the count once this process's pages
         are dropped; raises ``BrokerUnavailable`` if the broker is down."""
-        self._bind()
+        return await self._submit_counted(self._revoke_envelope(user_ids, permission_group))
+
+    @staticmethod
+    def _disconnect_envelope(user_ids: Iterable[Any], ignore_web_socket_ids: Iterable[str]) -> Envelope:
+        users = id_list(list(user_ids), "user_ids", None)
+        spared = [w for w in ignore_web_socket_ids if isinstance(w, str)]
+        return Envelope(DISCONNECT, user_ids=users, ignore=spared)
+
+    @staticmethod
+    def _revoke_envelope(user_ids: Iterable[Any], permission_group: str) -> Envelope:
         users = id_list(list(user_ids), "user_ids", None)
         if not isinstance(permission_group, str) or not permission_group:
             raise PublishError("permission_group must be a non-empty string", "permission_group")
-        count = sum(1 for c in self.hub.user_connections(users)
-                    for s in c.pages.values() if s.permission_group == permission_group)
-        await self.submit([Envelope(REVOKE, user_ids=users, permission_group=permission_group)])
+        return Envelope(REVOKE, user_ids=users, permission_group=permission_group)
+
+    def _local_count(self, env: Envelope) -> int:
+        """Connections (disconnect) or pages (revoke) of this process that ``env`` acts on."""
+        conns = self.hub.user_connections(env.user_ids)
+        if env.kind == DISCONNECT:
+            return sum(1 for c in conns if c.web_socket_id not in env.ignore)
+        return sum(1 for c in conns for s in c.pages.values() if s.permission_group == env.permission_group)
+
+    async def _submit_counted(self, env: Envelope) -> int:
+        self._bind()
+        count = self._local_count(env)
+        await self.submit([env])
         return count
 
     async def publish_async(self, message: Mapping[str, Any], to: Optional[Mapping[str, Any]] = None, *,
