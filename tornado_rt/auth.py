@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import traceback
-from typing import Awaitable, Callable, Optional, Union
+from typing import Any, Awaitable, Callable, Dict, Optional, Tuple, Union
 
 import jwt
 
 from .principal import Principal, normalize_id
+from .refusals import refuse
 from .settings import Settings
 
 log = logging.getLogger("tornado_rt.auth")
@@ -30,7 +31,8 @@ _HMAC = ("HS256", "HS384", "HS512")
 class JWTAuthenticator:
     """Validate a JWT and return the principal named by its user claim.
 
-    Refused (returns ``None``): a token over ``max_token_length`` bytes, ``alg: none`` or any
+    Each refusal is counted and logged once at INFO with its reason code (:func:`refuse_token`),
+    never with the token. Refused (returns ``None``): a token over ``max_token_length`` bytes, ``alg: none`` or any
     algorithm outside the allow-list, a bad signature, ``exp`` missing or past, ``nbf`` in the
     future, a wrong ``aud``/``iss`` when configured, a ``token_type`` other than ``access``, a
     missing or non-id user claim. Asymmetric and HMAC algorithms never share a key: HMAC
@@ -49,34 +51,84 @@ class JWTAuthenticator:
         self._options = {"require": ["exp"]}
 
     def __call__(self, token: str) -> Optional[Principal]:
+        principal, reason, context = self.check(token)
+        if principal is None:
+            refuse_token(reason, **context)
+        return principal
+
+    def check(self, token: str) -> Tuple[Optional[Principal], str, Dict[str, Any]]:
+        """Validate without logging: ``(principal, "", {})`` or ``(None, reason, context)``.
+
+        ``reason`` is one of :data:`tornado_rt.refusals.TOKEN_REASONS`; ``context`` holds what may
+        be logged beside it (``user_id`` only once the signature is verified; never the token).
+        """
         s = self.settings
         if len(token) > s.max_token_length:
-            return None
+            return None, "too_long", {"length": len(token)}
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
-            return None
+            return None, "malformed", {}
         alg = header.get("alg")
-        if alg in self._hmac:
+        if isinstance(alg, str) and alg in self._hmac:
             key, algorithms = s.jwt_secret, [alg]
-        elif alg in self._asym:
+        elif isinstance(alg, str) and alg in self._asym:
             key, algorithms = s.jwt_public_key, [alg]
         else:
-            return None
+            return None, "algorithm", {"alg": alg[:32] if isinstance(alg, str) else None}
         try:
             claims = jwt.decode(
                 token, key, algorithms=algorithms, options=self._options, leeway=s.jwt_leeway,
                 audience=s.jwt_audience, issuer=s.jwt_issuer,
             )
+        except jwt.InvalidSignatureError:
+            return None, "bad_signature", {"alg": alg}
+        except jwt.ExpiredSignatureError:
+            return None, "expired", self._verified_user(token, key, algorithms)
+        except jwt.MissingRequiredClaimError as exc:
+            return None, "missing_claim", {"claim": exc.claim, **self._verified_user(token, key, algorithms)}
+        except jwt.ImmatureSignatureError:
+            return None, "not_yet_valid", self._verified_user(token, key, algorithms)
+        except jwt.InvalidAudienceError:
+            return None, "wrong_audience", self._verified_user(token, key, algorithms)
+        except jwt.InvalidIssuerError:
+            return None, "wrong_issuer", self._verified_user(token, key, algorithms)
+        except jwt.InvalidIssuedAtError:
+            return None, "invalid_claim", {"claim": "iat", **self._verified_user(token, key, algorithms)}
         except (jwt.PyJWTError, ValueError, TypeError):
-            return None
+            return None, "malformed", {}
+        user_id = normalize_id(claims.get(s.jwt_user_claim))
         token_type = claims.get("token_type")
         if token_type is not None and token_type != "access":
-            return None
-        user_id = normalize_id(claims.get(s.jwt_user_claim))
+            return None, "refresh_token" if token_type == "refresh" else "invalid_claim", \
+                {"claim": "token_type", "user_id": user_id}
         if user_id is None:
-            return None
-        return Principal(user_id, claims)
+            if s.jwt_user_claim not in claims:
+                return None, "missing_claim", {"claim": s.jwt_user_claim}
+            return None, "invalid_claim", {"claim": s.jwt_user_claim}
+        return Principal(user_id, claims), "", {}
+
+    def _verified_user(self, token: str, key: Any, algorithms: list) -> Dict[str, Any]:
+        """``{"user_id": id}`` of a token whose signature verifies but whose claims were refused
+        (so the id is the issuer's, not an attacker's); ``{}`` otherwise."""
+        try:
+            claims = jwt.decode(token, key, algorithms=algorithms,
+                                options={"verify_exp": False, "verify_nbf": False, "verify_iat": False,
+                                         "verify_aud": False, "verify_iss": False})
+        except (jwt.PyJWTError, ValueError, TypeError):
+            return {}
+        user_id = normalize_id(claims.get(self.settings.jwt_user_claim))
+        return {} if user_id is None else {"user_id": user_id}
+
+
+def refuse_token(reason: str, **context: Any) -> None:
+    """Count and log one refused token (kind ``token``; see :mod:`tornado_rt.refusals`).
+
+    The JWT authenticator calls it with its reason; the connection calls it for the refusals it
+    decides itself (``missing``, ``anonymous_disabled``, ``no_authenticator``,
+    ``authenticator_refused``). Never pass the token.
+    """
+    refuse("token", reason, **context)
 
 
 def to_principal(result: AuthResult) -> Optional[Principal]:
@@ -94,3 +146,4 @@ def log_authenticator_error(token: Optional[str]) -> None:
     if token:
         text = text.replace(token, "[redacted]")
     log.error("authenticator raised; connection refused\n%s", text)
+    refuse_token("authenticator_error")

@@ -40,6 +40,7 @@ from .broker import BrokerUnavailable
 from .envelope import PublishError, individual_envelope, message_envelope
 from .policy import Directory
 from .principal import normalize_id
+from . import refusals
 from .server import RealtimeServer, web_socket_id_from_request
 
 log = logging.getLogger("tornado_rt.httpapi")
@@ -133,6 +134,13 @@ class ServerCollector:
         for name, n in sorted(counters.delivered.items()):
             delivered.add_metric([name], n)
         yield delivered
+        refused = CounterMetricFamily(
+            "tornado_rt_refusals", "Refusals since the process started, by what was refused (token, "
+            "subscription, frame) and the reason code; every refusal counts, logged or not",
+            labels=["kind", "reason"])
+        for (kind, reason), n in sorted(refusals.REFUSALS.counts().items()):
+            refused.add_metric([kind, reason], n)
+        yield refused
 
 
 class Metrics:

@@ -1,0 +1,172 @@
+"""Refusals made visible to the operator: one call counts a refusal and logs it, rate-limited.
+
+:func:`refuse` is the one entry point::
+
+    refuse("token", "expired", user_id=7)
+    refuse("subscription", "not_a_member", level=logging.INFO, key=web_socket_id,
+           page="table", table_id=10, user_id=7)
+    refuse("frame", "not_json", level=logging.DEBUG, key=web_socket_id)
+
+* ``kind`` says what was refused (``token``, ``subscription``, ``frame``, ...) and ``reason`` why,
+  as a short code (``expired``, ``bad_signature``, ...). Both become the labels of the Prometheus
+  counter ``tornado_rt_refusals_total{kind, reason}`` (exposed on ``/metrics`` by
+  :mod:`tornado_rt.httpapi`). Every refusal is counted, including those whose log line is
+  suppressed.
+* The log line goes to the logger ``tornado_rt.refusals`` at ``level`` (INFO by default):
+  ``refused token: reason=expired user_id=7``. The context is written as ``key=value`` pairs in
+  the order given, values with ``repr`` for strings so that a hostile value cannot forge a line.
+  Never pass a credential: a context key that names one (``token``, ``jwt_token``, ``api_key``,
+  ...) raises ``ValueError`` so the mistake shows up in the first test, not in a log.
+* Logging must not become an amplifier: at most :attr:`Refusals.per_second` lines per second in
+  total, and at most :attr:`Refusals.per_key_per_second` per ``key`` (e.g. one connection's
+  ``web_socket_id``) when a key is given. Lines over either limit are dropped and counted; when
+  the second ends, one WARNING line says how many were suppressed, by kind.
+
+The counts are per process (module-level :data:`REFUSALS`), like Prometheus's default registry:
+several servers in one process add up. :meth:`Refusals.counts` returns a snapshot.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any, Callable, Dict, Hashable, Optional, Tuple
+
+log = logging.getLogger("tornado_rt.refusals")
+
+#: Context keys that could carry a credential; :func:`refuse` refuses them.
+FORBIDDEN_CONTEXT = frozenset({"token", "jwt_token", "jwt", "api_key", "key_value", "secret", "password",
+                               "authorization"})
+
+#: The reasons a token is refused, with what each means (docs/protocol.md lists them too).
+TOKEN_REASONS: Dict[str, str] = {
+    "missing": "no jwt_token query argument, or an empty one",
+    "too_long": "longer than Settings.max_token_length",
+    "malformed": "not a JWT: the header or payload does not decode",
+    "algorithm": "the alg of the header is not in the allow-list (including none)",
+    "bad_signature": "the signature does not verify with the configured key",
+    "expired": "exp is in the past (beyond jwt_leeway)",
+    "not_yet_valid": "nbf or iat is in the future",
+    "missing_claim": "a required claim is absent: exp, the user claim, or aud/iss when configured",
+    "wrong_audience": "aud does not match Settings.jwt_audience",
+    "wrong_issuer": "iss does not match Settings.jwt_issuer",
+    "invalid_claim": "a claim has a value of the wrong type (e.g. a user claim that is not an id)",
+    "refresh_token": "token_type is present and is not access (e.g. a refresh token)",
+    "anonymous_disabled": "jwt_token=anonymous while anonymous connections are off",
+    "no_authenticator": "the server has no JWT key and no authenticator",
+    "authenticator_error": "the authenticator raised (the traceback is logged, redacted)",
+    "authenticator_refused": "an embedder's authenticator answered None",
+}
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value)
+    if value is None or isinstance(value, (bool, int, float)):
+        return str(value)
+    return repr(value)
+
+
+class Refusals:
+    """Counts refusals by ``(kind, reason)`` and logs them under a rate limit (see the module)."""
+
+    def __init__(self, per_second: int = 20, per_key_per_second: int = 5,
+                 clock: Callable[[], float] = time.monotonic, logger: logging.Logger = log):
+        self.per_second = per_second
+        self.per_key_per_second = per_key_per_second
+        self._clock = clock
+        self._log = logger
+        self._lock = threading.Lock()
+        self._counts: Dict[Tuple[str, str], int] = {}
+        self._window = -1  # the whole second the current counts of lines belong to
+        self._lines = 0
+        self._per_key: Dict[Hashable, int] = {}
+        self._suppressed: Dict[str, int] = {}
+        self._report_scheduled = False
+
+    def counts(self) -> Dict[Tuple[str, str], int]:
+        """``{(kind, reason): n}`` since start (a copy)."""
+        with self._lock:
+            return dict(self._counts)
+
+    def count(self, kind: str, reason: str) -> int:
+        with self._lock:
+            return self._counts.get((kind, reason), 0)
+
+    def refuse(self, kind: str, reason: str, *, level: int = logging.INFO, key: Optional[Hashable] = None,
+               **context: Any) -> None:
+        """Count one refusal and log it unless the rate limit says otherwise."""
+        bad = FORBIDDEN_CONTEXT.intersection(k.lower() for k in context)
+        if bad:
+            raise ValueError(f"refuse(): never log a credential (context key {sorted(bad)[0]!r})")
+        schedule = False
+        with self._lock:
+            self._counts[(kind, reason)] = self._counts.get((kind, reason), 0) + 1
+            if not self._log.isEnabledFor(level):
+                return
+            report = self._roll()
+            allowed = self._lines < self.per_second
+            if allowed and key is not None:
+                allowed = self._per_key.get(key, 0) < self.per_key_per_second
+            if allowed:
+                self._lines += 1
+                if key is not None:
+                    self._per_key[key] = self._per_key.get(key, 0) + 1
+            else:
+                self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+                schedule = not self._report_scheduled
+                self._report_scheduled = True
+        if report:
+            self._report(report)
+        if allowed:
+            parts = [f"reason={reason}"] + [f"{k}={_format_value(v)}" for k, v in context.items()]
+            self._log.log(level, "refused %s: %s", kind, " ".join(parts))
+        elif schedule:
+            self._schedule_report()
+
+    # --- the per-second window ---------------------------------------------------------------------
+    def _roll(self) -> Dict[str, int]:
+        """Start a new window when the second changed; return what the last one suppressed.
+        Called with the lock held."""
+        window = int(self._clock())
+        if window == self._window:
+            return {}
+        self._window = window
+        self._lines = 0
+        self._per_key.clear()
+        suppressed, self._suppressed = self._suppressed, {}
+        self._report_scheduled = False
+        return suppressed
+
+    def _report(self, suppressed: Dict[str, int]) -> None:
+        total = sum(suppressed.values())
+        by_kind = ", ".join(f"{kind}={n}" for kind, n in sorted(suppressed.items()))
+        self._log.warning("%d refusal log lines suppressed in the last second (%s); "
+                          "the counters on /metrics count every refusal", total, by_kind)
+
+    def _schedule_report(self) -> None:
+        """Report the suppressed lines when the window ends, even if no refusal follows."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # not on a loop: reported by the next refusal after the window
+        delay = max(0.0, self._window + 1 - self._clock()) + 0.001
+        loop.call_later(delay, self.flush)
+
+    def flush(self) -> None:
+        """Log the suppressed count of a finished window now (the timer calls this)."""
+        with self._lock:
+            report = self._roll() if int(self._clock()) != self._window else {}
+        if report:
+            self._report(report)
+
+
+#: The process's refusals: what :func:`refuse` counts and ``/metrics`` exposes.
+REFUSALS = Refusals()
+
+
+def refuse(kind: str, reason: str, *, level: int = logging.INFO, key: Optional[Hashable] = None,
+           **context: Any) -> None:
+    """Count and log one refusal on :data:`REFUSALS` (see the module docstring)."""
+    REFUSALS.refuse(kind, reason, level=level, key=key, **context)
