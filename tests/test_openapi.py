@@ -1,6 +1,6 @@
 """``GET /api/openapi.json``: an OpenAPI 3 document that lists exactly the routes the application
 serves (compared with Tornado's route table), with working references, and whose security
-claims match the server's behaviour."""
+claims match the server's behaviour; it is public, and ``GET /api/docs`` renders it."""
 import json
 import re
 
@@ -48,7 +48,10 @@ async def test_served_document_parses_and_is_openapi_3(app, http_server, base_ur
     assert document["openapi"].startswith("3.")
     assert document["info"]["title"] and document["info"]["version"]
     assert document == json.loads(json.dumps(app.openapi))
-    status, _, _ = await Api(base_url).call("GET", "/api/openapi.json", key=None)
+    # public since issue 11: the same document without a key, while the operations keep theirs
+    status, public, _ = await Api(base_url).call("GET", "/api/openapi.json", key=None)
+    assert status == 200 and public == document
+    status, _, _ = await Api(base_url).call("GET", "/api/stats", key=None)
     assert status == 401
 
 

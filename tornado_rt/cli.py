@@ -1,4 +1,5 @@
-"""``tornado-rt serve``: the standalone server (SERVER_API.md).
+"""``tornado-rt serve``: the standalone server (docs/server-api.md); ``tornado-rt types``: the
+message catalogue (:mod:`tornado_rt.catalogue`).
 
 Every option has an environment variable (``TORNADO_RT_<NAME>``) and a key of the TOML config
 file (the option's snake_case name, listed by ``tornado-rt serve --help``). Precedence: command
@@ -298,8 +299,8 @@ TORNADO_RT_API_KEYS=key1,key2) or with its snake_case name as a key of the TOML 
 Precedence: command line > environment > config file > default.
 
 The HTTP server API (Authorization: Bearer <api key>): POST /api/publish, POST /api/disconnect,
-POST /api/revoke, PUT/GET /api/directory, GET /api/stats, GET /api/openapi.json; without a key:
-GET /healthz, GET /metrics. WebSocket: ws://HOST:PORT/ws/core/?jwt_token=<JWT>.
+POST /api/revoke, PUT/GET /api/directory, GET /api/stats; without a key: GET /api/types,
+GET /api/openapi.json, GET /api/docs, GET /healthz, GET /metrics. WebSocket: ws://HOST:PORT/ws/core/?jwt_token=<JWT>.
 """
 
 
@@ -313,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the standalone server: WebSocket endpoint for browsers, HTTP server API for "
                     "your backend.",
         epilog=_EPILOG.format(names=names), formatter_class=argparse.RawDescriptionHelpFormatter)
+    types = commands.add_parser(
+        "types", help="list every registered message type",
+        description="List every message type of the plugins 'serve' would load (built-in and "
+                    "installed entry points): plugin, default audience, routing keys and the payload "
+                    "keys a publish must carry.")
+    types.add_argument("--json", action="store_true", help="print JSON (the same as GET /api/types)")
     groups = {
         "server": serve.add_argument_group("server"),
         "auth": serve.add_argument_group("authentication and access"),
@@ -625,10 +632,22 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _types(as_json: bool) -> int:
+    """``tornado-rt types [--json]``."""
+    import json
+
+    from .catalogue import catalogue, serve_registry, table
+    registry = serve_registry()
+    sys.stdout.write(json.dumps(catalogue(registry), indent=2) + "\n" if as_json else table(registry))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``tornado-rt`` command; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.command == "types":
+        return _types(args.json)
     if args.command != "serve":
         parser.print_help(sys.stderr)
         return 2

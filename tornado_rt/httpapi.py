@@ -1,9 +1,9 @@
-"""The HTTP server API of the standalone server (SERVER_API.md).
+"""The HTTP server API of the standalone server (docs/server-api.md).
 
 ``POST /api/publish``, ``POST /api/disconnect``, ``POST /api/revoke``, ``PUT``/``GET
-/api/directory`` (and its incremental endpoints), ``GET /api/stats``, ``GET /api/openapi.json``,
-``GET /healthz`` and ``GET /metrics``, beside the WebSocket endpoint of the same
-:class:`~tornado_rt.RealtimeServer`. There is no second routing path: an HTTP publish is turned
+/api/directory`` (and its incremental endpoints), ``GET /api/stats``, ``GET /api/types``,
+``GET /api/openapi.json``, ``GET /api/docs``, ``GET /healthz`` and ``GET /metrics``, beside the
+WebSocket endpoint of the same :class:`~tornado_rt.RealtimeServer`. There is no second routing path: an HTTP publish is turned
 into envelopes by :mod:`tornado_rt.envelope` exactly as a Python publish is, and handed to
 ``server.submit``.
 
@@ -13,7 +13,9 @@ it and so can tests or an embedding program.
 Rules every endpoint follows:
 
 * Under ``/api/``: ``Authorization: Bearer <api key>``, compared in constant time with every
-  configured key; missing or wrong gives 401 before the body is read.
+  configured key; missing or wrong gives 401 before the body is read. Public (no key): the
+  descriptions of the API, ``GET /api/types``, ``GET /api/openapi.json`` and ``GET /api/docs``
+  (they describe what any client of the protocol must know anyway and hold no data).
 * JSON in (``Content-Type: application/json``, else 415), JSON out. Errors are
   ``{"error": "<sentence>", "field": "<dotted path or null>"}`` with 400, 401, 404, 405, 413
   (body over ``max_body_size``, checked on ``Content-Length`` before reading and while reading a
@@ -568,8 +570,22 @@ class StatsHandler(ApiHandler):
         self.reply(self.server.stats())
 
 
+class TypesHandler(ApiHandler):
+    """``GET /api/types`` (no key): the message catalogue of this server's registry
+    (:func:`tornado_rt.catalogue.catalogue`, the same as ``tornado-rt types --json``)."""
+
+    requires_key = False
+
+    def get(self) -> None:
+        from .catalogue import catalogue
+        self.reply(catalogue(self.server.registry))
+
+
 class OpenApiHandler(ApiHandler):
-    """``GET /api/openapi.json``: the OpenAPI 3 document of this application."""
+    """``GET /api/openapi.json`` (no key): the OpenAPI 3 document of this application. The
+    operations it describes still need the key."""
+
+    requires_key = False
 
     def initialize(self, api: HttpApi, document: Dict[str, Any]) -> None:  # type: ignore[override]
         super().initialize(api)
@@ -577,6 +593,22 @@ class OpenApiHandler(ApiHandler):
 
     def get(self) -> None:
         self.reply(self.document)
+
+
+class DocsHandler(ApiHandler):
+    """``GET /api/docs`` (no key): a self-contained HTML page (no CDN, no external script) that
+    fetches ``/api/openapi.json`` and lists its operations and schemas."""
+
+    requires_key = False
+
+    def get(self) -> None:
+        from .openapi import DOCS_PAGE
+        self.set_header("Content-Type", "text/html; charset=UTF-8")
+        self.set_header("Content-Security-Policy",
+                        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                        "connect-src 'self'")
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.finish(DOCS_PAGE)
 
 
 class HealthHandler(ApiHandler):
@@ -627,7 +659,9 @@ API_ROUTES = [
     ("/api/directory/public_views/{slug}", r"/api/directory/public_views/([^/]+)",
      DirectoryPublicViewHandler),
     ("/api/stats", r"/api/stats", StatsHandler),
+    ("/api/types", r"/api/types", TypesHandler),
     ("/api/openapi.json", r"/api/openapi\.json", OpenApiHandler),
+    ("/api/docs", r"/api/docs", DocsHandler),
     ("/healthz", r"/healthz", HealthHandler),
 ]
 METRICS_ROUTE = ("/metrics", r"/metrics", MetricsHandler)
@@ -648,7 +682,8 @@ def make_app(server: RealtimeServer, api_keys: Sequence[str], *, metrics: bool =
     routes = list(API_ROUTES) + ([METRICS_ROUTE] if metrics else [])
     from .openapi import openapi_document
     ws_path = server.settings.path_prefix
-    document = openapi_document([template for template, _, _ in routes], ws_path, max_body_size)
+    document = openapi_document([template for template, _, _ in routes], ws_path, max_body_size,
+                                registry=server.registry)
     handlers: list = []
     for _, pattern, handler in routes:
         kwargs: Dict[str, Any] = {"api": api}
