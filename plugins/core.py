@@ -1,6 +1,6 @@
 """Core plugin: users, workspaces (Baserow's "groups"), applications, notifications.
 
-Message types and their default audiences follow PROTOCOL.md §6 (core plugin table). Side effects
+Message types and their default audiences follow docs/protocol.md §6 and its message catalogue. Side effects
 keep the in-memory directory current and revoke pages when a member leaves a workspace.
 """
 import inspect
@@ -39,7 +39,7 @@ def _remove_workspace(ctx, message):
 
 
 def _remove_user(ctx, message):
-    """The user leaves every workspace, losing every table page it had (PROTOCOL.md §4)."""
+    """The user leaves every workspace, losing every table page it had (docs/protocol.md §4)."""
     user_id = message["user_id"]
 
     def leave(workspaces):

@@ -1,5 +1,5 @@
 """Database plugin: the ``table``, ``row`` and public ``view`` pages, and the table, field, row and
-view messages of PROTOCOL.md §3 and §6 (database plugin table)."""
+view messages of docs/protocol.md §3 and §6 (and its message catalogue)."""
 from tornado_rt import MessageType, PageType, Plugin, normalize_id
 
 

@@ -1,4 +1,4 @@
-"""Premium plugin: row comments (PROTOCOL.md §6, premium plugin table)."""
+"""Premium plugin: row comments (docs/protocol.md §6 and its message catalogue)."""
 from tornado_rt import MessageType, Plugin
 
 _COMMENT = dict(audience="page", page="table", keys={"table_id": "row_comment.table_id"}, payload=("row_comment",))

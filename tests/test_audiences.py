@@ -1,4 +1,4 @@
-"""PROTOCOL.md §6: default audiences of the built-in message types, every explicit audience kind,
+"""docs/protocol.md §6: default audiences of the built-in message types, every explicit audience kind,
 and the message types with side effects on the directory."""
 import pytest
 

@@ -1,4 +1,4 @@
-"""PROTOCOL.md §1: connecting, the authentication message, and every way a token is refused."""
+"""docs/protocol.md §1: connecting, the authentication message, and every way a token is refused."""
 import asyncio
 import base64
 import hashlib

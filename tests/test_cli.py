@@ -21,7 +21,7 @@ from tornado_rt import cli
 
 BASE = ["serve", "--port", "0", "--jwt-secret", SECRET, "--api-key", API_KEY]
 
-# The command line table of SERVER_API.md (kept here, not derived from the code under test).
+# The command line table of docs/server-api.md (kept here, not derived from the code under test).
 SPEC_OPTIONS = [
     ("--host", "TORNADO_RT_HOST"), ("--port", "TORNADO_RT_PORT"), ("--jwt-secret", "TORNADO_RT_JWT_SECRET"),
     ("--jwt-public-key", "TORNADO_RT_JWT_PUBLIC_KEY"), ("--jwt-algorithm", "TORNADO_RT_JWT_ALGORITHMS"),

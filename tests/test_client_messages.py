@@ -1,4 +1,4 @@
-"""PROTOCOL.md §2: client -> server messages (page, remove_page, garbage, limits)."""
+"""docs/protocol.md §2: client -> server messages (page, remove_page, garbage, limits)."""
 import pytest
 import ujson
 

@@ -1,4 +1,4 @@
-"""PROTOCOL.md §5, rules 1-4: who receives a message, exactly once, in publish order."""
+"""docs/protocol.md §5, rules 1-4: who receives a message, exactly once, in publish order."""
 import pytest
 
 from tornado_rt import PublishError

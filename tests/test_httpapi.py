@@ -1,4 +1,4 @@
-"""The HTTP server API (SERVER_API.md).
+"""The HTTP server API (docs/server-api.md).
 
 Part 1, end to end: a real ``tornado-rt serve`` subprocess, real WebSocket clients, publishes over
 HTTP, and exactly who received what (non-delivery proven by a marker that must come next).

@@ -4,7 +4,7 @@ disconnects, subscribes, unsubscribes, membership changes (``group_user_added`` 
 audience kind (page ``table``/``row``/``view``, ``workspace``, ``workspaces``, ``users``,
 ``all_users``, ``individual``, the table's workspace, the user's workspaces), with sender
 exclusion (``ignore_web_socket_id``) and ``exclude_user_ids``, against a live server and a small
-pure-Python reference model of PROTOCOL.md §4-§5. After every step each connection has received
+pure-Python reference model of docs/protocol.md §4-§5. After every step each connection has received
 exactly what the model says: no loss, no leak, no duplicate, order kept. The hub's indexes are
 compared with the model too.
 

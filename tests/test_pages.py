@@ -1,4 +1,4 @@
-"""PROTOCOL.md §3: the table, row and view page types, their groups and access checks."""
+"""docs/protocol.md §3: the table, row and view page types, their groups and access checks."""
 import pytest
 
 from tornado_rt import PageType, Plugin

@@ -1,4 +1,4 @@
-"""The Python publish API: validation errors (PROTOCOL.md §6) and publishing from other threads."""
+"""The Python publish API: validation errors (docs/protocol.md §6) and publishing from other threads."""
 import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor

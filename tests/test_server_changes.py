@@ -1,4 +1,4 @@
-"""PROTOCOL.md §4: subscription changes the server initiates (revoke, member removed, table
+"""docs/protocol.md §4: subscription changes the server initiates (revoke, member removed, table
 deleted, force disconnect, close)."""
 import base64
 import os

@@ -1,4 +1,4 @@
-"""Close codes and refusals used by tornado-rt (documented in the README).
+"""Close codes and refusals used by tornado-rt (documented in docs/protocol.md, "Close codes").
 
 =====  ==========================================================================
 code   meaning

@@ -253,7 +253,7 @@ def individual_envelope(registry: Registry, payloads: Any, ignore_web_socket_id:
     seen = set()
     for user, message in payloads.items():
         user_id = _one_id(user, f"{field}.{user}", None)
-        if user_id in seen:  # 1 and "1": two copies for one connection (PROTOCOL.md §5 rule 3)
+        if user_id in seen:  # 1 and "1": two copies for one connection (docs/protocol.md §5 rule 3)
             raise PublishError(f"{field} names user {user_id!r} twice", f"{field}.{user}")
         seen.add(user_id)
         message_type_of(registry, message, f"{field}.{user}")

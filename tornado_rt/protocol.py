@@ -1,4 +1,4 @@
-"""What a client message means (PROTOCOL.md §2), kept apart from sockets.
+"""What a client message means (docs/protocol.md §2), kept apart from sockets.
 
 :class:`ClientProtocol` reads one incoming text frame for one connection and acts on the hub:
 subscribe (``page``) after the page type's access check, unsubscribe (``remove_page``), and the

@@ -66,7 +66,7 @@ def tune_gc(threshold: int = 50_000) -> None:
 
 
 def web_socket_id_from_request(handler: RequestHandler) -> Optional[str]:
-    """The ``WebSocketId`` header of a REST call (PROTOCOL.md §7), or None if absent or malformed.
+    """The ``WebSocketId`` header of a REST call (docs/protocol.md §7), or None if absent or malformed.
 
     Pass it on as ``ignore_web_socket_id`` so the sender's own connection is skipped.
     """
@@ -210,7 +210,7 @@ class RealtimeServer:
         return count
 
     def revoke(self, user_ids: Iterable[Any], permission_group: str) -> int:
-        """Drop these users' pages in ``permission_group`` with ``page_discard`` (PROTOCOL.md §4).
+        """Drop these users' pages in ``permission_group`` with ``page_discard`` (docs/protocol.md §4).
 
         Returns how many pages of this process it drops (0 when called off-loop)."""
         env = self._revoke_envelope(user_ids, permission_group)

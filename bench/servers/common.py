@@ -1,7 +1,7 @@
 """What every benchmark server shares: the payload, the JWT check, the directory, the CLI.
 
 Each server under test is a separate process started by ``bench/run.py``; they all speak the
-same minimal subset of the Baserow WebSocket protocol (PROTOCOL.md §1-§2):
+same minimal subset of the Baserow WebSocket protocol (docs/protocol.md §1-§2):
 
 * ``GET /ws/core/?jwt_token=<JWT>`` -> ``{"type":"authentication","success":true,"web_socket_id":...}``
   (bad token: ``success:false`` and close 4001);
