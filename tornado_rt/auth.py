@@ -48,7 +48,7 @@ class JWTAuthenticator:
             raise ValueError("jwt_secret is required for " + ", ".join(self._hmac))
         if self._asym and not settings.jwt_public_key:
             raise ValueError("jwt_public_key is required for " + ", ".join(self._asym))
-        self._options = {"require": ["exp"]}
+        self._options: Any = {"require": ["exp"]}  # pyjwt's Options TypedDict
 
     def __call__(self, token: str) -> Optional[Principal]:
         principal, reason, context = self.check(token)
@@ -70,6 +70,7 @@ class JWTAuthenticator:
         except jwt.PyJWTError:
             return None, "malformed", {}
         alg = header.get("alg")
+        key: Any  # present: __init__ refuses an allowed algorithm without its key
         if isinstance(alg, str) and alg in self._hmac:
             key, algorithms = s.jwt_secret, [alg]
         elif isinstance(alg, str) and alg in self._asym:

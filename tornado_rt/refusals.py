@@ -59,6 +59,25 @@ TOKEN_REASONS: Dict[str, str] = {
     "authenticator_refused": "an embedder's authenticator answered None",
 }
 
+#: Reason codes for refused subscriptions (``kind="subscription"``, INFO; with the page, its
+#: parameters and the user as context). Reported by the connection layer.
+SUBSCRIPTION_REASONS: Dict[str, str] = {
+    "unknown_page_type": "no page type of that name is registered",
+    "missing_parameter": "a required parameter of the page type is absent or null",
+    "anonymous": "an anonymous connection asked for a page that needs a user",
+    "not_a_member": "the access check refused: the user may not see the page",
+    "unknown_table": "the table is not in the directory",
+    "bad_token": "the token of a password-protected public view does not match",
+    "access_check_error": "the access check raised (logged with its traceback)",
+}
+
+#: Reason codes for ignored frames (``kind="frame"``, DEBUG).
+FRAME_REASONS: Dict[str, str] = {
+    "not_json": "the text frame is not valid JSON",
+    "not_an_object": "the JSON is not an object",
+    "binary": "a binary frame",
+}
+
 
 def _format_value(value: Any) -> str:
     if isinstance(value, str):
