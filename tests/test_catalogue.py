@@ -4,11 +4,12 @@
 renders the public OpenAPI document in a real headless browser."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
+
+from tools import need
 
 from conftest import test_plugin
 from standalone import API_KEY, Api, clean_env, run_cli
@@ -163,12 +164,13 @@ async def test_api_docs_page_is_public_and_self_contained(app, http_server, base
         assert needle not in page, needle
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs the chromium package (headless browser)")
 @pytest.mark.gen_test(timeout=60)
 async def test_api_docs_page_renders_every_operation_in_a_browser(app, http_server, base_url):
     """A real headless browser loads /api/docs, which fetches /api/openapi.json and lists every
     operation and schema of it."""
     from tornado.ioloop import IOLoop
+
+    need("chromium", "the Debian package chromium")
 
     def dump():
         return subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu",
