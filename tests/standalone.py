@@ -51,12 +51,12 @@ class ServeProcess:
     """``tornado-rt serve`` running as a subprocess; ``ws_url`` and ``http_url`` come from its
     start-up line (so ``--port 0`` is exercised)."""
 
-    def __init__(self, args, env=None, argv0=None):
+    def __init__(self, args, env=None, argv0=None, preexec_fn=None):
         self.stderr_file = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
         cmd = [argv0, *args] if argv0 else command(*args)
         self.proc = subprocess.Popen(cmd, env=env if env is not None else clean_env(),
                                      stdout=subprocess.PIPE, stderr=self.stderr_file,
-                                     stdin=subprocess.DEVNULL, text=True, bufsize=1)
+                                     stdin=subprocess.DEVNULL, text=True, bufsize=1, preexec_fn=preexec_fn)
         self.stdout_lines = []
         self._lines = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)

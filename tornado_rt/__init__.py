@@ -9,6 +9,9 @@ Server
     :class:`Settings` — every limit and switch, with documented defaults.
     :func:`web_socket_id_from_request` — the ``WebSocketId`` header of a REST call.
     :func:`tune_gc` — garbage-collector settings for a long-running server process.
+    :class:`GuardedHTTPServer`, :func:`listen` — the HTTP server to run it on: header, idle and
+    body timeouts, no body where none is taken, a per-address cap, and an accept loop that
+    survives running out of file descriptors; :func:`mark_authenticated`, :func:`raise_fd_limit`.
 Plugins
     :class:`Plugin`, :class:`PageType`, :class:`MessageType`, :class:`Registry`;
     :data:`ENTRY_POINT_GROUP` (``"tornado_rt.plugins"``).
@@ -28,6 +31,7 @@ from . import closecodes
 from .auth import JWTAuthenticator
 from .broker import Broker, BrokerUnavailable, LocalBroker
 from .envelope import PublishError
+from .listener import GuardedHTTPServer, listen, mark_authenticated, raise_fd_limit
 from .policy import AccessPolicy, Directory
 from .principal import Principal, normalize_id
 from .registry import ENTRY_POINT_GROUP, MessageType, PageType, Plugin, Registry
@@ -38,9 +42,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AccessPolicy", "Broker", "BrokerUnavailable", "Directory", "ENTRY_POINT_GROUP",
-    "JWTAuthenticator", "LocalBroker", "MessageType", "PageType", "Plugin", "Principal",
-    "PublishError", "RealtimeServer", "Registry", "Settings", "closecodes", "normalize_id",
-    "tune_gc", "web_socket_id_from_request",
+    "GuardedHTTPServer", "JWTAuthenticator", "LocalBroker", "MessageType", "PageType", "Plugin", "Principal",
+    "PublishError", "RealtimeServer", "Registry", "Settings", "closecodes", "listen", "mark_authenticated",
+    "normalize_id", "raise_fd_limit", "tune_gc", "web_socket_id_from_request",
 ]
 
 

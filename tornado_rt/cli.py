@@ -245,6 +245,16 @@ OPTIONS: Tuple[Option, ...] = (
            group="limits"),
     Option("ping_interval", "--ping-interval", 25.0, _float(0), "seconds between server pings, 0 = none",
            metavar="SECONDS", group="limits"),
+    Option("header_timeout", "--header-timeout", 10.0, _float(0),
+           "seconds from accept until the first request head is complete (the connection is closed after)",
+           metavar="SECONDS", group="limits"),
+    Option("idle_timeout", "--idle-timeout", 60.0, _float(0),
+           "seconds a keep-alive HTTP connection may wait for its next request", metavar="SECONDS", group="limits"),
+    Option("body_timeout", "--body-timeout", 60.0, _float(0), "seconds to receive a request body",
+           metavar="SECONDS", group="limits"),
+    Option("max_unauthenticated_per_address", "--max-unauthenticated-per-address", 0, _int(0),
+           "TCP connections per client address not yet upgraded to a WebSocket nor authenticated with an "
+           "API key, 0 = unlimited (closed at once above it)", metavar="N", group="limits"),
     Option("ping_timeout", "--ping-timeout", 20.0, _float(0), "seconds to wait for a pong", metavar="SECONDS",
            group="limits"),
     Option("dev", "--dev", False, _bool,
@@ -489,6 +499,10 @@ def settings(config: Config) -> Settings:
         max_outgoing_buffer=config.max_outgoing_buffer,
         ping_interval=config.ping_interval,
         ping_timeout=config.ping_timeout,
+        header_timeout=config.header_timeout,
+        idle_timeout=config.idle_timeout,
+        body_timeout=config.body_timeout,
+        max_unauthenticated_per_address=config.max_unauthenticated_per_address,
     )
 
 
@@ -564,12 +578,13 @@ def dev_banner(config: Config, base_http: str, ws_url: str) -> str:
 
 async def serve(config: Config) -> int:
     """Run until SIGINT/SIGTERM; returns the exit code."""
-    from tornado.httpserver import HTTPServer
     from tornado.netutil import bind_sockets
 
     from .httpapi import make_app
+    from .listener import GuardedHTTPServer, attach_metrics
     from .server import RealtimeServer, tune_gc
 
+    _raise_fd_limit()
     broker = make_broker(config)
     server = RealtimeServer(settings(config), broker=broker)
     if config.dev and server.directory is not None:
@@ -588,7 +603,10 @@ async def serve(config: Config) -> int:
         raise ConfigError(f"{config.label('broker')}: cannot start the broker: {exc}") from None
     # Headers up to 160 KiB: an oversized token then gets its documented 4001, not a dropped
     # connection (Tornado's default limit is 64 KiB).
-    http_server = HTTPServer(app, max_header_size=160 * 1024)
+    # The guarded server adds the header/idle/body timeouts, the per-address cap and an accept
+    # loop that survives running out of file descriptors (tornado_rt.listener).
+    http_server = GuardedHTTPServer(app, settings=server.settings, max_header_size=160 * 1024)
+    attach_metrics(http_server, app)
     http_server.add_sockets(sockets)
     tune_gc()
 
@@ -625,6 +643,26 @@ async def serve(config: Config) -> int:
         log.warning("some HTTP connections did not close in time")
     log.info("stopped")
     return 0
+
+
+def _raise_fd_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (each connection is a descriptor) and log
+    the result."""
+    from .listener import raise_fd_limit
+
+    try:
+        result = raise_fd_limit()
+    except (OSError, ValueError) as exc:
+        log.warning("file descriptor limit: could not raise the soft RLIMIT_NOFILE: %s", exc)
+        return
+    if result is None:  # pragma: no cover - not on Unix
+        return
+    before, after, hard = result
+    if after != before:
+        log.info("file descriptor limit: raised the soft RLIMIT_NOFILE from %d to %d (hard limit %s)",
+                 before, after, hard)
+    else:
+        log.info("file descriptor limit: RLIMIT_NOFILE %d (hard limit %s)", after, hard)
 
 
 def _setup_logging(level: str) -> None:

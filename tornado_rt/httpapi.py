@@ -40,6 +40,7 @@ from tornado.web import Application, HTTPError, RequestHandler, stream_request_b
 from . import __version__
 from .broker import BrokerUnavailable
 from .envelope import PublishError, individual_envelope, message_envelope
+from .listener import mark_authenticated
 from .policy import Directory
 from .principal import normalize_id
 from . import refusals
@@ -253,6 +254,8 @@ class ApiHandler(RequestHandler):
         if self.requires_key and not self.api.authorized(self.request.headers.get("Authorization")):
             raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <api key>'",
                            headers={"WWW-Authenticate": 'Bearer realm="tornado-rt"'})
+        if self.requires_key:
+            mark_authenticated(self.request)  # no longer counts against max_unauthenticated_per_address
         method = self.request.method or ""
         allowed = self.implemented_methods()
         if method not in allowed:
@@ -264,6 +267,15 @@ class ApiHandler(RequestHandler):
             if media != "application/json" and not media.endswith("+json"):
                 raise ApiError(415, "the body must be JSON: send the header 'Content-Type: application/json'")
         length = self.request.headers.get("Content-Length")
+        if method.lower() not in self.json_methods:
+            # No body is read here: refuse one at the head (GuardedHTTPServer does the same
+            # before the application; this covers an embedder's plain HTTPServer).
+            if "Transfer-Encoding" in self.request.headers:
+                raise ApiError(413, f"{method} {self.request.path} takes no request body; this request "
+                                    "announces one (Transfer-Encoding)", "Transfer-Encoding")
+            if length is not None and length.strip() != "0":
+                raise ApiError(413, f"{method} {self.request.path} takes no request body; this request "
+                                    f"announces one (Content-Length: {length.strip()[:20]})", "Content-Length")
         if length is not None and length.strip().isdigit() and int(length) > self.api.max_body_size:
             raise ApiError(413, f"the body is larger than the limit of {self.api.max_body_size} bytes")
 
@@ -277,6 +289,8 @@ class ApiHandler(RequestHandler):
     def data_received(self, chunk: bytes) -> None:
         if self._finished or self._chunks is None:
             return
+        if (self.request.method or "").lower() not in self.json_methods:
+            return  # never buffered (refused at the head when announced)
         self._size += len(chunk)
         if self._size > self.api.max_body_size:
             self._chunks = None

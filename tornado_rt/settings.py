@@ -40,6 +40,19 @@ class Settings:
         ``ping_interval`` seconds between server pings (default 25; 0 disables) and
         ``ping_timeout`` seconds to wait for the pong (default 20); a silent peer is dropped at
         once and its subscriptions released.
+
+    HTTP and TCP (used by :class:`~tornado_rt.listener.GuardedHTTPServer`, which ``tornado-rt
+    serve`` runs; an embedding program passes these settings to it or to
+    :func:`~tornado_rt.listen`)
+        ``header_timeout`` seconds from the accept until the first request head is complete
+        (default 10; then the connection is closed: a slowloris is cut off).
+        ``idle_timeout`` seconds a keep-alive HTTP connection may wait for its next request, head
+        included (default 60).
+        ``body_timeout`` seconds to receive a request body (default 60).
+        ``max_unauthenticated_per_address`` TCP connections per peer address that are neither
+        upgraded to a WebSocket nor authenticated with an API key (default 0 = unlimited; over
+        it the connection is closed at once). Behind a reverse proxy every client has the
+        proxy's address: set the limit in the proxy instead.
     """
 
     jwt_secret: Optional[str] = None
@@ -65,6 +78,11 @@ class Settings:
     ping_interval: float = 25.0
     ping_timeout: float = 20.0
 
+    header_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    body_timeout: float = 60.0
+    max_unauthenticated_per_address: int = 0
+
     def __post_init__(self) -> None:
         self.jwt_algorithms = tuple(self.jwt_algorithms)
         for alg in self.jwt_algorithms:
@@ -78,6 +96,11 @@ class Settings:
         for name in ("max_message_size", "max_subscriptions", "max_outgoing_buffer", "max_token_length"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        for name in ("header_timeout", "idle_timeout", "body_timeout"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} must be a positive number of seconds")
+        if self.max_unauthenticated_per_address < 0:
+            raise ValueError("max_unauthenticated_per_address must be 0 (unlimited) or positive")
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)

@@ -1,0 +1,524 @@
+"""The TCP and HTTP front: an ``HTTPServer`` that keeps working when peers are hostile or the
+process runs out of file descriptors.
+
+:class:`GuardedHTTPServer` is Tornado's ``HTTPServer`` with:
+
+* **An accept loop that survives fd exhaustion.** Tornado's accept handler raises on ``EMFILE`` /
+  ``ENFILE`` on every loop turn (a busy loop and a traceback per attempt) while the pending
+  clients time out. Here, when ``accept()`` fails for lack of descriptors (or buffers), one spare
+  descriptor kept for the purpose is closed, the pending connections are accepted and closed at
+  once (the client reads EOF instead of hanging; each counted as refused with reason
+  ``fd_limit``), the spare is taken back, and accepting pauses for a short delay that doubles up
+  to one second while the condition lasts. One WARNING names the limit (then at most one a
+  minute, with the count); established connections are not touched; accepting resumes by itself
+  when descriptors are free again.
+* **Timeouts** (:class:`~tornado_rt.Settings`): ``header_timeout`` for the head of a connection's
+  first request (counted from the accept, TLS handshake included: a slowloris is cut off),
+  ``idle_timeout`` for a keep-alive connection waiting for its next request (which also bounds
+  that request's head), and ``body_timeout`` for a request body. WebSocket connections leave
+  these behind once upgraded; the heartbeat watches them.
+* **No body where none is taken**: a ``GET``/``HEAD``/``DELETE``/``OPTIONS`` request (the
+  WebSocket upgrade, ``/healthz``, ``/metrics`` included) that announces a body
+  (``Content-Length`` other than 0, or ``Transfer-Encoding``) is answered 413 (400 for a
+  malformed ``Content-Length``) with a JSON error naming the header, as soon as its head is
+  read; the body is never read and the connection is closed.
+* **A per-address cap on unauthenticated connections** (``max_unauthenticated_per_address``,
+  0 = off): a TCP connection counts against its peer address from the accept until it is
+  upgraded to a WebSocket (whose token is checked at once), makes a request that
+  :func:`mark_authenticated` vouches for (the HTTP server API does, after the key check), or
+  closes. A connection beyond the cap is closed at once, counted (``address_limit``).
+
+Refusals and timeouts are counted in :class:`ListenerStats` (Prometheus collector:
+:meth:`GuardedHTTPServer.collector`) and logged rate-limited (one line a minute per kind).
+
+:func:`listen` binds and starts one; :func:`raise_fd_limit` raises the soft ``RLIMIT_NOFILE`` to
+the hard limit (``tornado-rt serve`` does at start).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import time
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
+
+from tornado import httputil
+from tornado.httpserver import HTTPServer
+from tornado.ioloop import IOLoop
+from tornado.iostream import IOStream
+from tornado.netutil import bind_sockets
+
+from .settings import Settings
+
+log = logging.getLogger("tornado_rt.listener")
+
+#: Methods whose requests must not carry a body.
+BODYLESS_METHODS = ("GET", "HEAD", "DELETE", "OPTIONS")
+
+#: ``accept()`` errors meaning "no descriptor (or buffer) for a new connection right now".
+EXHAUSTION_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+#: Connections accepted (or refused) per readiness event, as Tornado's own accept handler.
+ACCEPT_BATCH = 128
+
+#: The pause of the accept loop after a failed ``accept()``: first, and largest (seconds).
+MIN_PAUSE = 0.05
+MAX_PAUSE = 1.0
+
+#: Seconds between two log lines of the same kind of refusal.
+LOG_INTERVAL = 60.0
+
+_STREAM_ATTR = "_tornado_rt_listener"
+
+
+# --- process-wide helpers ----------------------------------------------------------------------------
+
+def fd_limits() -> Optional[Tuple[int, int]]:
+    """``(soft, hard)`` of ``RLIMIT_NOFILE``, or None where there is no such limit."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Unix
+        return None
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def raise_fd_limit() -> Optional[Tuple[int, int, int]]:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; returns ``(before, after, hard)`` or
+    None where there is no such limit. Raises ``OSError`` / ``ValueError`` if the system refuses.
+    An unlimited hard limit is not a valid soft limit for descriptors: then the largest of
+    2**20, 65536 and 10240 the system accepts is used."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Unix
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY:
+        if soft == resource.RLIM_INFINITY or soft >= hard:
+            return soft, soft, hard
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return soft, hard, hard
+    error: Optional[Exception] = None
+    for target in (1 << 20, 65536, 10240):
+        if soft != resource.RLIM_INFINITY and soft >= target:
+            return soft, soft, hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return soft, target, hard
+        except (OSError, ValueError) as exc:
+            error = exc
+    assert error is not None
+    raise error
+
+
+def _describe_limit() -> str:
+    limits = fd_limits()
+    if limits is None:  # pragma: no cover - not on Unix
+        return "the system's file descriptor limit"
+    soft, hard = limits
+    return f"RLIMIT_NOFILE soft limit {soft}, hard limit {hard}"
+
+
+class _Spare:
+    """One descriptor held in reserve, so that a process out of descriptors can still accept a
+    pending connection in order to close it (instead of leaving the client hanging)."""
+
+    def __init__(self) -> None:
+        self.fd: Optional[int] = None
+
+    def acquire(self) -> bool:
+        if self.fd is None:
+            try:
+                self.fd = os.open(os.devnull, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError:
+                return False
+        return True
+
+    def refuse_pending(self, sock: socket.socket, limit: int) -> int:
+        """Accept and close up to ``limit`` pending connections of ``sock``; how many."""
+        if self.fd is None:
+            return 0
+        os.close(self.fd)
+        self.fd = None
+        refused = 0
+        try:
+            for _ in range(limit):
+                try:
+                    connection, _address = sock.accept()
+                except ConnectionAbortedError:
+                    continue
+                except OSError:  # nothing pending (BlockingIOError), or still no descriptor
+                    break
+                connection.close()
+                refused += 1
+        finally:
+            self.acquire()
+        return refused
+
+
+_SPARE = _Spare()
+
+
+class _RateLimitedLog:
+    """At most one line per ``interval`` seconds per key; the next line says how many were
+    held back."""
+
+    def __init__(self, interval: float = LOG_INTERVAL):
+        self.interval = interval
+        self._last: Dict[str, float] = {}
+        self._held: Dict[str, int] = {}
+
+    def __call__(self, key: str, level: int, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._held[key] = self._held.get(key, 0) + 1
+            return
+        self._last[key] = now
+        held = self._held.pop(key, 0)
+        if held:
+            message += " (%d more since the last such line)"
+            args = (*args, held)
+        log.log(level, message, *args)
+
+
+# --- statistics ----------------------------------------------------------------------------------------
+
+class ListenerStats:
+    """Plain counters of one :class:`GuardedHTTPServer`, read by :meth:`GuardedHTTPServer.collector`.
+
+    ``refused``: connections closed at accept, by reason (``fd_limit``, ``address_limit``);
+    ``header_timeouts``: connections closed for not sending a request head in time;
+    ``bodies_refused``: requests refused for announcing a body on a bodyless method;
+    ``accept_errors``: other ``accept()`` failures.
+    """
+
+    __slots__ = ("refused", "header_timeouts", "bodies_refused", "accept_errors")
+
+    def __init__(self) -> None:
+        self.refused: Dict[str, int] = {"fd_limit": 0, "address_limit": 0}
+        self.header_timeouts = 0
+        self.bodies_refused = 0
+        self.accept_errors = 0
+
+
+class ListenerCollector:
+    """Prometheus collector of a :class:`GuardedHTTPServer` (register it in your registry)."""
+
+    def __init__(self, server: "GuardedHTTPServer"):
+        self.server = server
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        stats = self.server.stats
+        refused = CounterMetricFamily(
+            "tornado_rt_connections_refused",
+            "TCP connections closed at accept, by reason (fd_limit: out of file descriptors; "
+            "address_limit: max_unauthenticated_per_address)", labels=["reason"])
+        for reason, n in sorted(stats.refused.items()):
+            refused.add_metric([reason], n)
+        yield refused
+        yield CounterMetricFamily("tornado_rt_http_header_timeouts",
+                                  "Connections closed for not completing a request head within header_timeout",
+                                  value=stats.header_timeouts)
+        yield CounterMetricFamily("tornado_rt_http_bodies_refused",
+                                  "Requests refused at the head for announcing a body on a method that takes none",
+                                  value=stats.bodies_refused)
+        yield CounterMetricFamily("tornado_rt_accept_errors",
+                                  "accept() failures other than a lack of file descriptors",
+                                  value=stats.accept_errors)
+        yield GaugeMetricFamily("tornado_rt_unauthenticated_connections",
+                                "TCP connections not yet upgraded or authenticated",
+                                value=self.server.unauthenticated_count())
+
+
+# --- the accept loop -------------------------------------------------------------------------------------
+
+class _Acceptor:
+    """The accept handler of one listening socket, with a pause (back-off) after a failure."""
+
+    def __init__(self, server: "GuardedHTTPServer", sock: socket.socket):
+        self.server = server
+        self.sock = sock
+        self.io_loop = IOLoop.current()
+        self.delay = MIN_PAUSE
+        self.paused: Optional[object] = None
+        self.removed = False
+        self.io_loop.add_handler(sock, self._on_readable, IOLoop.READ)
+
+    def remove(self) -> None:
+        self.removed = True
+        if self.paused is not None:
+            self.io_loop.remove_timeout(self.paused)
+            self.paused = None
+        else:
+            self.io_loop.remove_handler(self.sock)
+
+    def _on_readable(self, fd: Any, events: int) -> None:
+        server = self.server
+        for _ in range(ACCEPT_BATCH):
+            if self.removed or self.paused is not None:
+                return
+            try:
+                connection, address = self.sock.accept()
+            except BlockingIOError:
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                server._accept_failed(self, exc)
+                return
+            self.delay = MIN_PAUSE
+            server._accepted(connection, address)
+
+    def pause(self) -> None:
+        if self.paused is not None or self.removed:
+            return
+        self.io_loop.remove_handler(self.sock)
+        self.paused = self.io_loop.call_later(self.delay, self._resume)
+        self.delay = min(self.delay * 2, MAX_PAUSE)
+
+    def _resume(self) -> None:
+        self.paused = None
+        if not self.removed:
+            self.io_loop.add_handler(self.sock, self._on_readable, IOLoop.READ)
+
+
+# --- the server --------------------------------------------------------------------------------------------
+
+class GuardedHTTPServer(HTTPServer):
+    """Tornado's ``HTTPServer`` with the defences described in :mod:`tornado_rt.listener`.
+
+    ``settings``: a :class:`~tornado_rt.Settings` to take ``header_timeout``, ``idle_timeout``,
+    ``body_timeout`` and ``max_unauthenticated_per_address`` from (explicit keyword arguments
+    win; without either, the :class:`~tornado_rt.Settings` defaults). ``bodyless_methods``:
+    methods whose requests may not announce a body. Other keyword arguments go to
+    ``HTTPServer`` (``max_header_size``, ``ssl_options``, ``xheaders``, ...), except
+    ``idle_connection_timeout`` and ``body_timeout``, which these settings replace.
+    """
+
+    def initialize(self, request_callback: Any, *, settings: Optional[Settings] = None,  # type: ignore[override]
+                   header_timeout: Optional[float] = None, idle_timeout: Optional[float] = None,
+                   body_timeout: Optional[float] = None,
+                   max_unauthenticated_per_address: Optional[int] = None,
+                   bodyless_methods: Iterable[str] = BODYLESS_METHODS, **kwargs: Any) -> None:
+        if "idle_connection_timeout" in kwargs:
+            raise TypeError("GuardedHTTPServer: use idle_timeout (and header_timeout), not idle_connection_timeout")
+        base = settings if settings is not None else Settings()
+        chosen = base.replace(**{name: value for name, value in (
+            ("header_timeout", header_timeout), ("idle_timeout", idle_timeout),
+            ("body_timeout", body_timeout),
+            ("max_unauthenticated_per_address", max_unauthenticated_per_address)) if value is not None})
+        self.header_timeout = chosen.header_timeout
+        self.idle_timeout = chosen.idle_timeout
+        self.max_unauthenticated_per_address = chosen.max_unauthenticated_per_address
+        self.bodyless_methods = frozenset(m.upper() for m in bodyless_methods)
+        self.stats = ListenerStats()
+        self._log = _RateLimitedLog()
+        self._exhausted = False
+        self._unauthenticated: Dict[str, Set[IOStream]] = {}
+        self._header_deadlines: Dict[IOStream, Any] = {}
+        super().initialize(request_callback, idle_connection_timeout=chosen.idle_timeout,
+                           body_timeout=chosen.body_timeout, **kwargs)
+
+    # --- accepting ----------------------------------------------------------------------------------
+    def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
+        """Start accepting on ``sockets`` with the guarded accept loop."""
+        _SPARE.acquire()
+        for sock in sockets:
+            self._sockets[sock.fileno()] = sock
+            self._handlers[sock.fileno()] = _Acceptor(self, sock).remove
+
+    def _accepted(self, connection: socket.socket, address: Any) -> None:
+        if self._exhausted:
+            self._exhausted = False
+            self._log("fd_recovered", logging.INFO, "file descriptors are available again: accepting "
+                      "connections (%d refused so far for lack of them)", self.stats.refused["fd_limit"])
+        try:
+            self._handle_connection(connection, address)
+        except OSError as exc:  # a peer that vanished during the TLS set-up
+            log.debug("connection from %s dropped at accept: %s", address, exc)
+            connection.close()
+
+    def _accept_failed(self, acceptor: _Acceptor, exc: OSError) -> None:
+        if exc.errno in EXHAUSTION_ERRNOS:
+            self._exhausted = True
+            if not _SPARE.acquire():  # the spare was lost: only pause
+                refused = 0
+            else:
+                refused = _SPARE.refuse_pending(acceptor.sock, ACCEPT_BATCH)
+            self.stats.refused["fd_limit"] += refused
+            self._log("fd_limit", logging.WARNING,
+                      "out of file descriptors (%s: %s): new connections are closed at once until "
+                      "some close; established ones are served (tornado_rt_connections_refused_total"
+                      "{reason=\"fd_limit\"} = %d)", errno.errorcode.get(exc.errno or 0, exc.errno),
+                      _describe_limit(), self.stats.refused["fd_limit"])
+        else:
+            self.stats.accept_errors += 1
+            self._log(f"accept_{exc.errno}", logging.WARNING, "accept() failed: %s; pausing briefly", exc)
+        acceptor.pause()
+
+    # --- connections --------------------------------------------------------------------------------
+    def handle_stream(self, stream: IOStream, address: Any) -> None:
+        host = address[0] if isinstance(address, tuple) and address else None
+        cap = self.max_unauthenticated_per_address
+        if cap and host is not None:
+            held = self._unauthenticated.get(host)
+            if held is not None and len(held) >= cap:
+                self.stats.refused["address_limit"] += 1
+                self._log("address_limit", logging.WARNING,
+                          "refused a connection from %s: it already has %d unauthenticated connections "
+                          "(max_unauthenticated_per_address)", host, len(held))
+                stream.close()
+                return
+        if host is not None:
+            self._unauthenticated.setdefault(host, set()).add(stream)
+            setattr(stream, _STREAM_ATTR, (self, host))
+        self._header_deadlines[stream] = stream.io_loop.call_later(
+            self.header_timeout, self._header_timed_out, stream)
+        super().handle_stream(stream, address)
+
+    def _header_timed_out(self, stream: IOStream) -> None:
+        if self._header_deadlines.pop(stream, None) is None or stream.closed():
+            return
+        self.stats.header_timeouts += 1
+        self._log("header_timeout", logging.INFO, "closed a connection that sent no complete request head "
+                  "within header_timeout (%gs)", self.header_timeout)
+        stream.close()
+
+    def _head_received(self, stream: IOStream) -> None:
+        deadline = self._header_deadlines.pop(stream, None)
+        if deadline is not None:
+            stream.io_loop.remove_timeout(deadline)
+
+    def release(self, stream: IOStream) -> None:
+        """``stream`` no longer counts as unauthenticated (idempotent)."""
+        guard = getattr(stream, _STREAM_ATTR, None)
+        if guard is None or guard[0] is not self:
+            return
+        delattr(stream, _STREAM_ATTR)
+        host = guard[1]
+        held = self._unauthenticated.get(host)
+        if held is not None:
+            held.discard(stream)
+            if not held:
+                del self._unauthenticated[host]
+
+    def unauthenticated_count(self) -> int:
+        return sum(len(s) for s in self._unauthenticated.values())
+
+    def on_close(self, server_conn: Any) -> None:
+        # The HTTP connection ended: closed, or detached for a WebSocket (upgraded).
+        stream = getattr(server_conn, "stream", None)
+        if stream is not None:
+            self._head_received(stream)
+            self.release(stream)
+        super().on_close(server_conn)
+
+    def start_request(self, server_conn: Any, request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:
+        return _RequestGuard(self, server_conn, request_conn, super().start_request(server_conn, request_conn))
+
+    def _refuse_body(self, request_conn: Any, start_line: httputil.RequestStartLine,
+                     headers: httputil.HTTPHeaders, stream: Optional[IOStream]) -> bool:
+        """Answer a request that announces a body on a bodyless method; False if it announces none."""
+        method = start_line.method.upper()
+        if method not in self.bodyless_methods:
+            return False
+        length = headers.get("Content-Length")
+        encoding = headers.get("Transfer-Encoding")
+        path = start_line.path.split("?", 1)[0]
+        if encoding is not None:
+            status, field, text = 413, "Transfer-Encoding", f"{method} {path} takes no request body; this " \
+                                                            f"request announces one (Transfer-Encoding)"
+        elif length is not None and length.strip() != "0":
+            if length.strip().isdigit():
+                status, field, text = 413, "Content-Length", f"{method} {path} takes no request body; this " \
+                                                            f"request announces {int(length)} bytes"
+            else:
+                status, field, text = 400, "Content-Length", "Content-Length is not a number"
+        else:
+            return False
+        self.stats.bodies_refused += 1
+        address = getattr(getattr(request_conn, "context", None), "remote_ip", "?")
+        self._log("body_refused", logging.WARNING, "refused %s %s from %s: a request body on a method "
+                  "that takes none (%s)", method, path, address, field)
+        body = json.dumps({"error": text, "field": field}).encode()
+        if hasattr(request_conn, "set_max_body_size"):
+            request_conn.set_max_body_size(1 << 62)  # no second, bare 400 from Tornado's own check
+        reason = "Content Too Large" if status == 413 else "Bad Request"
+        request_conn.write_headers(
+            httputil.ResponseStartLine("HTTP/1.1", status, reason),
+            httputil.HTTPHeaders({"Content-Type": "application/json; charset=UTF-8", "Content-Length": str(len(body)),
+                                  "Connection": "close", "Cache-Control": "no-store"}),
+            body)
+        request_conn.finish()  # the body is not read: the connection closes once this is sent
+        return True
+
+
+class _RequestGuard(httputil.HTTPMessageDelegate):
+    """Wraps the application's delegate of one request: ends the header deadline, refuses a body
+    on a bodyless method before the application sees the request."""
+
+    __slots__ = ("server", "server_conn", "request_conn", "delegate", "refused")
+
+    def __init__(self, server: GuardedHTTPServer, server_conn: Any, request_conn: Any,
+                 delegate: httputil.HTTPMessageDelegate):
+        self.server = server
+        self.server_conn = server_conn
+        self.request_conn = request_conn
+        self.delegate = delegate
+        self.refused = False
+
+    def headers_received(self, start_line: Any, headers: httputil.HTTPHeaders) -> Any:
+        stream = getattr(self.server_conn, "stream", None)
+        if stream is not None:
+            self.server._head_received(stream)
+        if self.server._refuse_body(self.request_conn, start_line, headers, stream):
+            self.refused = True
+            return None
+        return self.delegate.headers_received(start_line, headers)
+
+    def data_received(self, chunk: bytes) -> Any:
+        if self.refused:
+            return None
+        return self.delegate.data_received(chunk)
+
+    def finish(self) -> None:
+        if not self.refused:
+            self.delegate.finish()
+
+    def on_connection_close(self) -> None:
+        if not self.refused:
+            self.delegate.on_connection_close()
+
+
+def mark_authenticated(request: httputil.HTTPServerRequest) -> None:
+    """Tell the :class:`GuardedHTTPServer` that ``request`` carried a valid credential, so its
+    TCP connection no longer counts against ``max_unauthenticated_per_address``. Call it from
+    a handler once the credential is checked; a no-op under any other server."""
+    stream = getattr(request.connection, "stream", None)
+    guard = getattr(stream, _STREAM_ATTR, None)
+    if guard is not None:
+        guard[0].release(stream)
+
+
+def listen(app: Any, port: int, address: str = "", *, settings: Optional[Settings] = None,
+           backlog: int = 128, reuse_port: bool = False, **kwargs: Any) -> GuardedHTTPServer:
+    """Bind ``address:port`` and serve ``app`` on it with a :class:`GuardedHTTPServer` (the
+    guarded counterpart of ``app.listen``). ``settings`` and ``kwargs`` as for the server. When
+    ``app`` is the HTTP server API (:func:`tornado_rt.httpapi.make_app`) with metrics, the
+    listener's counters join its ``/metrics``."""
+    sockets: List[socket.socket] = bind_sockets(port, address or None, backlog=backlog, reuse_port=reuse_port)
+    server = GuardedHTTPServer(app, settings=settings, **kwargs)
+    server.add_sockets(sockets)
+    attach_metrics(server, app)
+    return server
+
+
+def attach_metrics(server: GuardedHTTPServer, app: Any) -> None:
+    """Add ``server``'s counters to the ``/metrics`` of ``app`` if it is the HTTP server API."""
+    metrics = getattr(getattr(app, "http_api", None), "metrics", None)
+    if metrics is not None:
+        metrics.registry.register(ListenerCollector(server))
