@@ -584,7 +584,6 @@ async def serve(config: Config) -> int:
     from .listener import GuardedHTTPServer, attach_metrics
     from .server import RealtimeServer, tune_gc
 
-    _raise_fd_limit()
     broker = make_broker(config)
     server = RealtimeServer(settings(config), broker=broker)
     if config.dev and server.directory is not None:
@@ -601,10 +600,11 @@ async def serve(config: Config) -> int:
         for sock in sockets:
             sock.close()
         raise ConfigError(f"{config.label('broker')}: cannot start the broker: {exc}") from None
-    # Headers up to 160 KiB: an oversized token then gets its documented 4001, not a dropped
-    # connection (Tornado's default limit is 64 KiB).
+    _raise_fd_limit()  # after every refusal, which must stay one line on stderr
     # The guarded server adds the header/idle/body timeouts, the per-address cap and an accept
-    # loop that survives running out of file descriptors (tornado_rt.listener).
+    # loop that survives running out of file descriptors (tornado_rt.listener). Headers up to
+    # 160 KiB: an oversized token then gets its documented 4001, not a dropped connection
+    # (Tornado's default limit is 64 KiB).
     http_server = GuardedHTTPServer(app, settings=server.settings, max_header_size=160 * 1024)
     attach_metrics(http_server, app)
     http_server.add_sockets(sockets)
