@@ -78,12 +78,14 @@ def main() -> int:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TORNADO_RT_")}
     proc = subprocess.Popen([sys.executable, "-m", "tornado_rt", "serve", "--port", "0", "--jwt-secret", "s" * 32,
                              "--api-key", "k" * 32, "--log-level", "error"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                            cwd="/")  # not this directory: -m would import its tornado_rt first
     try:
         line = proc.stdout.readline()
         port = int(re.search(r"http://[^:]+:(\d+)/", line).group(1))
-        import tornado_rt
-        print(f"tornado_rt from {os.path.dirname(tornado_rt.__file__)}; server pid {proc.pid}", flush=True)
+        where = subprocess.run([sys.executable, "-c", "import tornado_rt; print(tornado_rt.__file__)"], env=env,
+                               cwd="/", capture_output=True, text=True).stdout.strip()
+        print(f"server: {where}, pid {proc.pid}", flush=True)
         size = args.size * MIB
         head = (f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {size}\r\n\r\n").encode()
         round_(port, proc.pid, f"{args.count} x {args.size} MiB to GET /healthz", head, args.count, size)
