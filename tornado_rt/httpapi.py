@@ -13,9 +13,15 @@ it and so can tests or an embedding program.
 Rules every endpoint follows:
 
 * Under ``/api/``: ``Authorization: Bearer <api key>``, compared in constant time with every
-  configured key; missing or wrong gives 401 before the body is read. Public (no key): the
-  descriptions of the API, ``GET /api/types``, ``GET /api/openapi.json`` and ``GET /api/docs``
-  (they describe what any client of the protocol must know anyway and hold no data).
+  configured key; missing or wrong gives 401 at the request head, before the body is read (the
+  handlers stream bodies: ``prepare`` runs before any of it arrives). A valid key also releases
+  the connection from ``max_unauthenticated_per_address`` (:func:`~tornado_rt.mark_authenticated`).
+  Public (no key): the descriptions of the API, ``GET /api/types``, ``GET /api/openapi.json`` and
+  ``GET /api/docs`` (they describe what any client of the protocol must know anyway and hold no
+  data).
+* A method that takes no body (every ``GET`` and ``DELETE``, the bodyless ``PUT``) refuses one
+  announced at the head with 413 naming ``Content-Length`` / ``Transfer-Encoding`` and never
+  buffers it (:class:`~tornado_rt.GuardedHTTPServer` refuses it even before the application).
 * JSON in (``Content-Type: application/json``, else 415), JSON out. Errors are
   ``{"error": "<sentence>", "field": "<dotted path or null>"}`` with 400, 401, 404, 405, 413
   (body over ``max_body_size``, checked on ``Content-Length`` before reading and while reading a
