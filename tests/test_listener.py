@@ -382,17 +382,12 @@ def test_cli_sources_and_refusals(tmp_path):
 # --- in-process, as an embedding program uses it -------------------------------------------------------
 
 @pytest.mark.gen_test(timeout=30)
-async def test_embedded_guarded_server_refuses_an_upgrade_body_and_cuts_a_slowloris():
-    from tornado.netutil import bind_sockets
-
-    from tornado_rt import GuardedHTTPServer
+async def test_embedded_listen_refuses_an_upgrade_body_and_cuts_a_slowloris():
+    from tornado_rt import listen
 
     rt = RealtimeServer(Settings(jwt_secret=SECRET, ping_interval=0), load_entry_points=False)
-    app = make_app(rt, [API_KEY])
-    sockets = bind_sockets(0, "127.0.0.1")
-    port = sockets[0].getsockname()[1]
-    server = GuardedHTTPServer(app, settings=Settings(header_timeout=0.5))
-    server.add_sockets(sockets)
+    server = listen(make_app(rt, [API_KEY]), 0, "127.0.0.1", settings=Settings(header_timeout=0.5))
+    port = server.ports[0]
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(request_bytes("GET", "/ws/core/?jwt_token=anonymous",
@@ -405,6 +400,14 @@ async def test_embedded_guarded_server_refuses_an_upgrade_body_and_cuts_a_slowlo
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never completed
         assert await asyncio.wait_for(reader.read(), WAIT) == b""  # EOF: closed by the server
         writer.close()
-        assert server.stats.header_timeouts == 1 and server.stats.bodies_refused == 1
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request_bytes("GET", "/metrics"))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+        length = int(re.search(rb"Content-Length: (\d+)", head, re.I).group(1))
+        text = (await asyncio.wait_for(reader.readexactly(length), WAIT)).decode()
+        writer.close()
+        assert metric(text, "tornado_rt_http_header_timeouts_total") == 1
+        assert metric(text, "tornado_rt_http_bodies_refused_total") == 1
     finally:
         server.stop()

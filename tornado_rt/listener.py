@@ -406,6 +406,11 @@ class GuardedHTTPServer(HTTPServer):
             if not held:
                 del self._unauthenticated[host]
 
+    @property
+    def ports(self) -> List[int]:
+        """The local ports of the listening sockets (``listen(app, 0)`` picks a free one)."""
+        return [sock.getsockname()[1] for sock in self._sockets.values() if sock.family != socket.AF_UNIX]
+
     def unauthenticated_count(self) -> int:
         return sum(len(s) for s in self._unauthenticated.values())
 
