@@ -184,6 +184,21 @@ async def test_out_of_file_descriptors_refuses_counts_logs_once_and_recovers():
         proc.kill()
 
 
+def test_serve_raises_the_soft_fd_limit_to_the_hard_limit():
+    def soft_below_hard():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (100, 200))
+
+    proc = ServeProcess(BASE, preexec_fn=soft_below_hard)
+    try:
+        with open(f"/proc/{proc.proc.pid}/limits") as fh:
+            line = next(line for line in fh if line.startswith("Max open files"))
+        assert line.split()[3:5] == ["200", "200"], line
+        assert "raised the soft RLIMIT_NOFILE from 100 to 200 (hard limit 200)" in proc.stderr()
+        assert proc.stop() == 0, proc.output()
+    finally:
+        proc.kill()
+
+
 # --- (2) timeouts --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -245,6 +245,8 @@ OPTIONS: Tuple[Option, ...] = (
            group="limits"),
     Option("ping_interval", "--ping-interval", 25.0, _float(0), "seconds between server pings, 0 = none",
            metavar="SECONDS", group="limits"),
+    Option("ping_timeout", "--ping-timeout", 20.0, _float(0), "seconds to wait for a pong", metavar="SECONDS",
+           group="limits"),
     Option("header_timeout", "--header-timeout", 10.0, _float(0),
            "seconds from accept until the first request head is complete (the connection is closed after)",
            metavar="SECONDS", group="limits"),
@@ -255,8 +257,6 @@ OPTIONS: Tuple[Option, ...] = (
     Option("max_unauthenticated_per_address", "--max-unauthenticated-per-address", 0, _int(0),
            "TCP connections per client address not yet upgraded to a WebSocket nor authenticated with an "
            "API key, 0 = unlimited (closed at once above it)", metavar="N", group="limits"),
-    Option("ping_timeout", "--ping-timeout", 20.0, _float(0), "seconds to wait for a pong", metavar="SECONDS",
-           group="limits"),
     Option("dev", "--dev", False, _bool,
            "development mode: generate a JWT secret and an API key when none is given and print them with "
            "a JWT for user 1, a curl publish example and a browser snippet; seed a demo directory; "
@@ -658,11 +658,14 @@ def _raise_fd_limit() -> None:
     if result is None:  # pragma: no cover - not on Unix
         return
     before, after, hard = result
+    import resource
+
+    hard_text = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
     if after != before:
         log.info("file descriptor limit: raised the soft RLIMIT_NOFILE from %d to %d (hard limit %s)",
-                 before, after, hard)
+                 before, after, hard_text)
     else:
-        log.info("file descriptor limit: RLIMIT_NOFILE %d (hard limit %s)", after, hard)
+        log.info("file descriptor limit: RLIMIT_NOFILE %d (hard limit %s)", after, hard_text)
 
 
 def _setup_logging(level: str) -> None:

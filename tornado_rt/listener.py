@@ -426,7 +426,7 @@ class GuardedHTTPServer(HTTPServer):
         return _RequestGuard(self, server_conn, request_conn, super().start_request(server_conn, request_conn))
 
     def _refuse_body(self, request_conn: Any, start_line: httputil.RequestStartLine,
-                     headers: httputil.HTTPHeaders, stream: Optional[IOStream]) -> bool:
+                     headers: httputil.HTTPHeaders) -> bool:
         """Answer a request that announces a body on a bodyless method; False if it announces none."""
         method = start_line.method.upper()
         if method not in self.bodyless_methods:
@@ -480,7 +480,7 @@ class _RequestGuard(httputil.HTTPMessageDelegate):
         stream = getattr(self.server_conn, "stream", None)
         if stream is not None:
             self.server._head_received(stream)
-        if self.server._refuse_body(self.request_conn, start_line, headers, stream):
+        if self.server._refuse_body(self.request_conn, start_line, headers):
             self.refused = True
             return None
         return self.delegate.headers_received(start_line, headers)
