@@ -7,9 +7,10 @@ process runs out of file descriptors.
   ``ENFILE`` on every loop turn (a busy loop and a traceback per attempt) while the pending
   clients time out. Here, when ``accept()`` fails for lack of descriptors (or buffers), one spare
   descriptor kept for the purpose is closed, the pending connections are accepted and closed at
-  once (the client reads EOF instead of hanging; each counted as refused with reason
-  ``fd_limit``), the spare is taken back, and accepting pauses for a short delay that doubles up
-  to one second while the condition lasts. One WARNING names the limit (then at most one a
+  once (each counted as refused with reason ``fd_limit``), the spare is taken back, and
+  accepting pauses for a short delay that doubles up to one second while the condition lasts;
+  connections arriving meanwhile are refused the same way when it ends, so a client reads EOF
+  within about a second instead of hanging until its own timeout. One WARNING names the limit (then at most one a
   minute, with the count); established connections are not touched; accepting resumes by itself
   when descriptors are free again.
 * **Timeouts** (:class:`~tornado_rt.Settings`): ``header_timeout`` for the head of a connection's
