@@ -36,15 +36,14 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 from . import __version__
 from .errors import FieldError
-from .settings import (LOG_LEVELS, OPTIONS, SERVER_OPTIONS, Option, SettingError, Settings, markdown_table,
-                       write_readme)
+from .settings import (HMAC_ALGORITHMS, LOG_LEVELS, OPTIONS, SERVER_OPTIONS, Option, SettingError, Settings,
+                       markdown_table, write_readme)
 
 __all__ = ["ConfigError", "Config", "OPTIONS", "build_parser", "resolve", "settings", "make_broker", "serve",
            "main", "LOG_LEVELS"]
 
 PROG = "tornado-rt"
 ENV_CONFIG = "TORNADO_RT_CONFIG"
-_HMAC = ("HS256", "HS384", "HS512")
 
 log = logging.getLogger("tornado_rt.cli")
 
@@ -234,8 +233,8 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
 def _check(config: Config) -> None:
     """Cross-option checks: keys present (or generated with --dev), key file readable."""
     algorithms = config.jwt_algorithms
-    hmac_algs = [a for a in algorithms if a in _HMAC]
-    asym_algs = [a for a in algorithms if a not in _HMAC]
+    hmac_algs = [a for a in algorithms if a in HMAC_ALGORITHMS]
+    asym_algs = [a for a in algorithms if a not in HMAC_ALGORITHMS]
     if config.jwt_public_key is not None:
         config.jwt_public_key_pem = _load_public_key(config.jwt_public_key, config.label("jwt_public_key"),
                                                      config.sources["jwt_public_key"])
@@ -345,7 +344,7 @@ def dev_banner(config: Config, base_http: str, ws_url: str) -> str:
     if "api_key" in config.generated:
         lines.append(f"  API key (generated):    {config.generated['api_key']}")
     api_key = config.api_keys[0]
-    hmac_algs = [a for a in config.jwt_algorithms if a in _HMAC]
+    hmac_algs = [a for a in config.jwt_algorithms if a in HMAC_ALGORITHMS]
     token = None
     if hmac_algs and config.jwt_secret:
         claims = {config.jwt_user_claim: 1, "exp": int(time.time()) + 24 * 3600, "token_type": "access"}

@@ -72,15 +72,14 @@ import asyncio
 import collections
 import itertools
 import logging
-import re
 import uuid
 from typing import Any, Deque, Dict, List, Optional, Tuple
-from urllib.parse import urlsplit
 
 import ujson
 
 from .broker import Broker, BrokerUnavailable
 from .envelope import Envelope
+from .redaction import redact_url
 
 try:
     from redis.asyncio.connection import ConnectionPool
@@ -92,21 +91,6 @@ log = logging.getLogger("tornado_rt.redis")
 
 #: Envelopes sent in one pipelined write to Redis at most.
 MAX_BATCH = 512
-
-_QUERY_PASSWORD = re.compile(r"([?&;]password=)[^&;#]*", re.IGNORECASE)
-
-
-def redact_url(url: str) -> str:
-    """The URL with its password (in the user part or the query) replaced by ``***``, for logs
-    and error messages."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is not None:
-            host = parts.netloc.rsplit("@", 1)[1]
-            url = parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
-    except ValueError:
-        return "<unparsable URL>"
-    return _QUERY_PASSWORD.sub(r"\1***", url)
 
 
 class RedisBroker(Broker):
@@ -171,10 +155,8 @@ class RedisBroker(Broker):
         self._pub_conn = None
         self._last_error: Optional[str] = None
         self._last_read = 0.0
-        #: Numbers for monitoring: subscriptions made (1 + reconnects), envelopes received, refused.
+        #: Subscriptions made (1 + reconnects): tells a reconnect from the first subscription.
         self.subscriptions = 0
-        self.received = 0
-        self.publish_failures = 0
 
     # --- state ----------------------------------------------------------------------------------
     @property
@@ -226,7 +208,6 @@ class RedisBroker(Broker):
     def publish(self, envelope: Envelope) -> "asyncio.Future[None]":
         """Queue ``envelope`` for Redis; see the module docstring for what the future means."""
         if not self._subscribed:
-            self.publish_failures += 1
             if self._closed:
                 raise self._unavailable("broker closed")
             if not self._tasks:
@@ -404,7 +385,6 @@ class RedisBroker(Broker):
                     return
 
     def _on_message(self, payload: bytes) -> None:
-        self.received += 1
         entry = None
         try:
             cut = payload.find(b"\n")
@@ -433,7 +413,6 @@ class RedisBroker(Broker):
     def _fail(self, seq: int, error: BaseException) -> None:
         entry = self._pending.pop(seq, None)
         if entry is not None and not entry[0].done():
-            self.publish_failures += 1
             entry[0].set_exception(error)
 
     def _fail_pending(self, error: BaseException) -> None:

@@ -38,11 +38,13 @@ from urllib.parse import urlsplit
 from .errors import FieldError
 from .redaction import redact_url
 
-__all__ = ["SUPPORTED_ALGORITHMS", "LOG_LEVELS", "Option", "SettingError", "Settings", "Standalone",
-           "OPTIONS", "setting", "markdown_table"]
+__all__ = ["SUPPORTED_ALGORITHMS", "HMAC_ALGORITHMS", "LOG_LEVELS", "Option", "SettingError", "Settings",
+           "Standalone", "OPTIONS", "setting", "markdown_table", "write_readme"]
 
 #: Algorithms the default JWT authenticator may be configured to accept. ``none`` is never one.
 SUPPORTED_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "EdDSA")
+#: The HMAC ones: they take ``jwt_secret``; the others take ``jwt_public_key``.
+HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 #: Values of ``--broker`` that mean the in-process event bus.
 IN_PROCESS = ("in-process", "local", "memory")
