@@ -35,6 +35,7 @@ import logging
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
+from tornado.http1connection import HTTP1Connection
 from tornado.ioloop import IOLoop
 from tornado.web import Application, HTTPError, RequestHandler, stream_request_body
 
@@ -265,7 +266,7 @@ class ApiHandler(RequestHandler):
         # The body limit is enforced by this class, with a JSON 413 (Tornado's own limit answers a
         # bare 400). An early answer closes the connection, so an oversized body is not read.
         connection = self.request.connection
-        if hasattr(connection, "set_max_body_size"):
+        if isinstance(connection, HTTP1Connection):
             connection.set_max_body_size(1 << 62)
 
     def data_received(self, chunk: bytes) -> None:
@@ -592,8 +593,11 @@ class MetricsHandler(ApiHandler):
     def get(self) -> None:
         from prometheus_client import CONTENT_TYPE_LATEST
 
+        metrics = self.api.metrics
+        if metrics is None:  # the route exists only with metrics; an embedder may mount it anyway
+            raise ApiError(404, "metrics are off on this server")
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.finish(self.api.metrics.exposition())
+        self.finish(metrics.exposition())
 
 
 class NotFoundHandler(ApiHandler):

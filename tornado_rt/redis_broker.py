@@ -141,14 +141,13 @@ class RedisBroker(Broker):
         self.start_timeout = start_timeout
         self.origin = uuid.uuid4().hex[:16]
         self._seq = itertools.count(1)
-        self._deliver = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         # seq -> (future, deadline, envelope); insertion order is publish order.
         self._pending: Dict[int, Tuple[asyncio.Future, float, Envelope]] = {}
         self._outbox: Deque[Tuple[int, bytes]] = collections.deque()
-        self._wake: Optional[asyncio.Event] = None
+        self._wake = asyncio.Event()  # (an Event binds to the running loop on first use)
         self._subscribed = False
-        self._ready: Optional[asyncio.Event] = None
+        self._ready = asyncio.Event()
         self._closed = False
         self._tasks: List[asyncio.Task] = []
         self._sub_conn = None
@@ -223,6 +222,7 @@ class RedisBroker(Broker):
             payload += b"\n" + data.encode()
         # The envelope is delivered here when it comes back, without decoding it again.
         loop = self._loop
+        assert loop is not None  # start() sets it before the subscription can exist
         future = loop.create_future()
         self._pending[seq] = (future, loop.time() + self.delivery_timeout, envelope)
         self._outbox.append((seq, payload))
@@ -236,7 +236,7 @@ class RedisBroker(Broker):
             await wake.wait()
             wake.clear()
             while outbox:
-                batch = []
+                batch: List[Tuple[int, bytes]] = []
                 while outbox and len(batch) < MAX_BATCH:
                     seq, payload = outbox.popleft()
                     entry = pending.get(seq)
@@ -348,11 +348,11 @@ class RedisBroker(Broker):
         """Deliver every channel message until the connection breaks (raises). A watchdog task
         sends PING after ``interval`` seconds of silence and breaks the connection when the
         following interval brings nothing either."""
-        self._last_read = self._loop.time()
-        watchdog = self._loop.create_task(self._watch(conn, interval))
+        loop = asyncio.get_running_loop()
+        self._last_read = loop.time()
+        watchdog = loop.create_task(self._watch(conn, interval))
         try:
             channel_message = b"message"
-            loop = self._loop
             on_message = self._on_message
             read = conn.read_response
             while True:
@@ -364,7 +364,7 @@ class RedisBroker(Broker):
             watchdog.cancel()
 
     async def _watch(self, conn: Any, interval: float) -> None:
-        loop = self._loop
+        loop = asyncio.get_running_loop()
         pinged_at: Optional[float] = None
         while True:
             await asyncio.sleep(interval)
