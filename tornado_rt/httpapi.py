@@ -47,12 +47,13 @@ from .policy import Directory
 from .redaction import redact_uri
 from . import refusals
 from .server import RealtimeServer, web_socket_id_from_request
+from .settings import Standalone
 
 log = logging.getLogger("tornado_rt.httpapi")
 access_log = logging.getLogger("tornado.access")
 
-#: Default limit of a request body (``max_body_size``): 10 MiB.
-DEFAULT_MAX_BODY_SIZE = 10 * 1024 * 1024
+#: Default limit of a request body: the ``max_body_size`` setting's (10 MiB).
+DEFAULT_MAX_BODY_SIZE: int = Standalone.max_body_size
 
 #: Buckets of the publish-to-write latency histogram, in seconds.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
