@@ -31,7 +31,6 @@ limit refused from the command line gives exit code 2 and names the option
 from __future__ import annotations
 
 import dataclasses
-import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
@@ -132,11 +131,16 @@ def _non_empty(value: Any) -> str:
     return value
 
 
+def _integer(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"must be an integer, got {value!r}")
+    return value
+
+
 def at_least(low: int, high: Optional[int] = None) -> Check:
     """An integer from ``low`` (to ``high``)."""
     def check(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"must be an integer, got {value!r}")
+        value = _integer(value)
         if value < low or (high is not None and value > high):
             if high is not None:
                 raise ValueError(f"must be from {low} to {high}, got {value}")
@@ -270,8 +274,8 @@ class Option:
         return self.check(value)
 
     def parse(self, value: Any) -> Any:
-        """Convert a value given as text or TOML, then check it (an ``invert`` flag keeps the
-        option's sense: True for ``--no-anonymous``)."""
+        """Convert a value given as text or TOML, then check it. (The value of an ``invert``
+        flag is the option's: True for ``--no-anonymous``.)"""
         return self.validate(_CONVERTERS[self.type](value))
 
     def default_text(self) -> str:
@@ -285,16 +289,23 @@ class Option:
         return str(self.default)
 
 
-def _type_of(default: Any, check: Optional[Check]) -> Tuple[str, Check]:
+def _type_of(default: Any) -> str:
     if isinstance(default, bool):
-        return "bool", check or _flag
+        return "bool"
     if isinstance(default, int):
-        return "int", check or at_least(-sys.maxsize)
+        return "int"
     if isinstance(default, float):
-        return "float", check or number_at_least(float("-inf"))
+        return "float"
     if isinstance(default, tuple):
-        return "list", check or each(_non_empty)
-    return "str", check or _is_str
+        return "list"
+    return "str"
+
+
+#: The check of a setting declared without one: its type only.
+_TYPE_CHECKS: Dict[str, Check] = {
+    "bool": _flag, "int": _integer, "float": number_at_least(float("-inf")), "list": each(_non_empty),
+    "str": _is_str,
+}
 
 
 def setting(default: Any, help: str, check: Optional[Check] = None, *, type: Optional[str] = None,
@@ -306,8 +317,8 @@ def setting(default: Any, help: str, check: Optional[Check] = None, *, type: Opt
     The type (``str``, ``int``, ``float``, ``bool``, ``list``) is inferred from ``default``
     unless given (a ``None`` default is a string); ``check`` validates and may normalise the value
     (default: the type only). See :class:`Option` for the rest."""
-    inferred, check = _type_of(default, check)
-    type = type or inferred
+    type = type or _type_of(default)
+    check = check or _TYPE_CHECKS[type]
     kind = kind or ("flag" if type == "bool" else "list" if type == "list" else "value")
     option = Option(default=default, help=help, type=type, check=check, group=group, kind=kind,
                     metavar=metavar, flag_name=flag, key_name=key, invert=invert, env=env, in_file=in_file,
