@@ -219,8 +219,8 @@ class Directory(AccessPolicy):
         if not isinstance(tables, Mapping):
             raise DirectoryError("tables must be an object of table id -> workspace id", "tables")
         for table, ws in tables.items():
-            if normalize_id(table) is None or normalize_id(ws) is None:
-                raise DirectoryError("table and workspace ids must be ids", f"tables.{table}")
+            for value in (table, ws):
+                require_id(value, f"tables.{table}", DirectoryError, text="table and workspace ids must be ids")
             fresh.set_table(table, ws)
         views = snapshot.get("public_views") or {}
         if not isinstance(views, Mapping):
