@@ -179,9 +179,13 @@ def _key(message: Mapping[str, Any], mt: MessageType, param: str, name: str, fie
 
 
 def _key_id(message: Mapping[str, Any], mt: MessageType, param: str, name: str, field: str) -> Hashable:
-    path = mt.keys[param]
-    return require_id(_key(message, mt, param, name, field), f"{field}.{path}", PublishError,
-                      text=f"message type {name!r}: payload key {path!r} is not an id", message_type=name)
+    # On the publish hot path: the refusal's strings are built only when refusing.
+    canonical = normalize_id(_key(message, mt, param, name, field))
+    if canonical is None:
+        path = mt.keys[param]
+        raise PublishError(f"message type {name!r}: payload key {path!r} is not an id",
+                           f"{field}.{path}", name)
+    return canonical
 
 
 def default_audience(registry: Registry, mt: MessageType, message: Mapping[str, Any],

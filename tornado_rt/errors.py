@@ -51,4 +51,8 @@ def require_ids(values: Any, field: str, error: Type[FieldError] = FieldError, *
     is not one (``field``) or item by item (``field[i]``)."""
     if not isinstance(values, containers):
         raise error(f"{field} must be a list of ids", field, **extra)
-    return [require_id(value, f"{field}[{i}]", error, **extra) for i, value in enumerate(values)]
+    ids = [normalize_id(value) for value in values]  # (a publish's audience: no per-item strings)
+    if None in ids:
+        where = f"{field}[{ids.index(None)}]"
+        raise error(f"{where} is not an id", where, **extra)
+    return ids
