@@ -96,7 +96,8 @@ class Config:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{PROG}: error: {message} (see '{PROG} serve --help')\n")
+        command = self.prog if self.prog.endswith(" settings") else f"{PROG} serve"
+        self.exit(2, f"{PROG}: error: {message} (see '{command} --help')\n")
 
 
 _EPILOG = """\
@@ -461,10 +462,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "types":
         return _types(args.json)
     if args.command == "settings":
-        if args.write_readme:
-            write_readme(args.write_readme)
-        else:
+        if not args.write_readme:
             sys.stdout.write(markdown_table())
+            return 0
+        try:
+            write_readme(args.write_readme)
+        except (OSError, ValueError) as exc:  # unreadable, or without the markers
+            why = exc.strerror if isinstance(exc, OSError) else "the settings-table markers are missing"
+            print(f"{PROG}: error: --write-readme: {args.write_readme}: {why}", file=sys.stderr)
+            return 2
         return 0
     if args.command != "serve":
         parser.print_help(sys.stderr)
