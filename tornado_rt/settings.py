@@ -422,7 +422,8 @@ class Settings:
 @dataclasses.dataclass
 class Standalone:
     """The options of ``tornado-rt serve`` that are not server :class:`Settings` (an embedding
-    application listens, authenticates its backend and picks a broker in its own code)."""
+    application listens, authenticates its backend and picks a broker in its own code). Only a
+    declaration: :mod:`tornado_rt.cli` reads and checks these options."""
 
     host: str = setting("127.0.0.1", "listen address", metavar="HOST")
     port: int = setting(8000, "listen port; 0 picks a free one (the start-up line shows it)", at_least(0, 65535),
@@ -447,9 +448,6 @@ class Standalone:
         False, "development mode: generate a JWT secret and an API key when none is given and print them with "
         "a JWT for user 1, a curl publish example and a browser snippet; seed a demo directory; allow any "
         "Origin unless --allowed-origin is given. Never in production.", env=False)
-
-    def __post_init__(self) -> None:
-        _validate_fields(self, STANDALONE_OPTIONS)
 
 
 SERVER_OPTIONS = _options_of(Settings, "server")
