@@ -4,6 +4,7 @@ Message types and their default audiences follow docs/protocol.md §6 and its me
 keep the in-memory directory current and revoke pages when a member leaves a workspace.
 """
 import inspect
+from typing import Any, Dict
 
 from tornado_rt import MessageType, Plugin
 
@@ -66,7 +67,7 @@ def _workspace(*payload, key="workspace_id", **kw):
     return dict(audience="workspace", keys={"workspace_id": key}, payload=payload, **kw)
 
 
-_USER = dict(audience="user_workspaces", keys={"user_id": "user.id"}, payload=("user",))
+_USER: Dict[str, Any] = dict(audience="user_workspaces", keys={"user_id": "user.id"}, payload=("user",))
 
 plugin = Plugin("core", message_types=[
     *(MessageType(name, "server") for name in

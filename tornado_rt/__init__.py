@@ -6,7 +6,8 @@ Server
     :class:`RealtimeServer` — wire it into a Tornado app (``routes()`` / ``make_app()``), then
     ``publish()`` / ``publish_individual()`` / ``disconnect()`` / ``revoke()`` from any thread,
     ``publish_async()`` on the loop, ``shutdown()`` to close every connection with 1001.
-    :class:`Settings` — every limit and switch, with documented defaults.
+    :class:`Settings` — every limit and switch, with documented defaults (declared once in
+    :mod:`tornado_rt.settings`, which the command line and the README table derive from).
     :func:`web_socket_id_from_request` — the ``WebSocketId`` header of a REST call.
     :func:`tune_gc` — garbage-collector settings for a long-running server process.
     :class:`GuardedHTTPServer`, :func:`listen` — the HTTP server to run it on: header, idle and
@@ -23,14 +24,20 @@ Event bus
     ``RedisBroker`` (several processes over Redis pub/sub; needs ``pip install tornado-rt[redis]``;
     imported on first access, or ``from tornado_rt.redis_broker import RedisBroker``).
 Errors
-    :class:`PublishError` (names the message type and the key), :class:`BrokerUnavailable`.
+    :class:`FieldError` — base of every refusal that names the offending value in ``field``:
+    :class:`PublishError` (also names the message type), ``tornado_rt.policy.DirectoryError``,
+    ``tornado_rt.settings.SettingError`` (the last three are also ``ValueError``).
+    :class:`BrokerUnavailable`.
 Close codes
     :mod:`tornado_rt.closecodes`.
 """
+from typing import Any
+
 from . import closecodes
 from .auth import JWTAuthenticator
 from .broker import Broker, BrokerUnavailable, LocalBroker
 from .envelope import PublishError
+from .errors import FieldError
 from .listener import GuardedHTTPServer, listen, mark_authenticated, raise_fd_limit
 from .policy import AccessPolicy, Directory
 from .principal import Principal, normalize_id
@@ -41,14 +48,14 @@ from .settings import Settings
 __version__ = "0.1.0"
 
 __all__ = [
-    "AccessPolicy", "Broker", "BrokerUnavailable", "Directory", "ENTRY_POINT_GROUP",
+    "AccessPolicy", "Broker", "BrokerUnavailable", "Directory", "ENTRY_POINT_GROUP", "FieldError",
     "GuardedHTTPServer", "JWTAuthenticator", "LocalBroker", "MessageType", "PageType", "Plugin", "Principal",
     "PublishError", "RealtimeServer", "Registry", "Settings", "closecodes", "listen", "mark_authenticated",
     "normalize_id", "raise_fd_limit", "tune_gc", "web_socket_id_from_request",
 ]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     """``tornado_rt.RedisBroker`` is imported on first use only, so that tornado-rt never needs
     the optional ``redis`` package unless the Redis broker is used (not in ``__all__`` for the
     same reason)."""

@@ -17,15 +17,14 @@ from typing import Any, Awaitable, Callable, Dict, Optional, Tuple, Union
 import jwt
 
 from .principal import Principal, normalize_id
+from .redaction import redact_secret
 from .refusals import refuse
-from .settings import Settings
+from .settings import HMAC_ALGORITHMS, Settings
 
 log = logging.getLogger("tornado_rt.auth")
 
 AuthResult = Union[Principal, int, str, None]
 Authenticator = Callable[[str], Union[AuthResult, Awaitable[AuthResult]]]
-
-_HMAC = ("HS256", "HS384", "HS512")
 
 
 class JWTAuthenticator:
@@ -42,8 +41,8 @@ class JWTAuthenticator:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self._hmac = tuple(a for a in settings.jwt_algorithms if a in _HMAC)
-        self._asym = tuple(a for a in settings.jwt_algorithms if a not in _HMAC)
+        self._hmac = tuple(a for a in settings.jwt_algorithms if a in HMAC_ALGORITHMS)
+        self._asym = tuple(a for a in settings.jwt_algorithms if a not in HMAC_ALGORITHMS)
         if self._hmac and not settings.jwt_secret:
             raise ValueError("jwt_secret is required for " + ", ".join(self._hmac))
         if self._asym and not settings.jwt_public_key:
@@ -143,8 +142,6 @@ def to_principal(result: AuthResult) -> Optional[Principal]:
 def log_authenticator_error(token: Optional[str]) -> None:
     """Log the exception being handled by an authenticator's caller, with ``token`` redacted:
     the embedder's exception may quote the token, and tokens never reach a log."""
-    text = traceback.format_exc().rstrip()
-    if token:
-        text = text.replace(token, "[redacted]")
+    text = redact_secret(traceback.format_exc().rstrip(), token)
     log.error("authenticator raised; connection refused\n%s", text)
     refuse_token("authenticator_error")

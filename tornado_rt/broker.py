@@ -31,6 +31,9 @@ class BrokerUnavailable(RuntimeError):
 class Broker:
     """Interface of an event bus. See the module docstring for the contract."""
 
+    #: The router's entry point, once :meth:`attach` was called.
+    _deliver: Optional[Deliver] = None
+
     def attach(self, deliver: Deliver) -> None:
         self._deliver = deliver
 
@@ -46,8 +49,6 @@ class Broker:
 
 class LocalBroker(Broker):
     """In-process bus: ``publish`` hands the envelope straight to this process's router."""
-
-    _deliver: Optional[Deliver] = None
 
     def publish(self, envelope: Envelope) -> None:
         if self._deliver is None:

@@ -1,14 +1,21 @@
 """``tornado-rt serve``: the standalone server (docs/server-api.md); ``tornado-rt types``: the
 message catalogue (:mod:`tornado_rt.catalogue`).
 
-Every option has an environment variable (``TORNADO_RT_<NAME>``) and a key of the TOML config
-file (the option's snake_case name, listed by ``tornado-rt serve --help``). Precedence: command
-line > environment > config file > default. An empty environment variable counts as unset.
+The options are not declared here: every one is a field of :class:`tornado_rt.settings.Settings`
+(a server setting) or :class:`tornado_rt.settings.Standalone` (an option of this command only),
+and this module derives the command line, the environment variables and the config file keys
+from them. Every option has an environment variable (``TORNADO_RT_<NAME>``) and a key of the TOML
+config file (the option's snake_case name, listed by ``tornado-rt serve --help``). Precedence:
+command line > environment > config file > default. An empty environment variable counts as
+unset.
 
 Refusals (missing key, invalid value, unreadable file, bad TOML, unusable broker URL, a port that
 cannot be bound) print one line ``tornado-rt: error: <option>: <why>`` on stderr and exit with
 code 2. SIGINT/SIGTERM stop accepting, close every WebSocket with 1001 and exit 0; a second
 signal exits at once.
+
+``tornado-rt settings --markdown`` prints the README's settings table; ``--write-readme FILE``
+rewrites it in place.
 """
 from __future__ import annotations
 
@@ -25,253 +32,44 @@ import socket
 import sys
 import textwrap
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
-from urllib.parse import urlsplit
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 from . import __version__
-from .settings import SUPPORTED_ALGORITHMS, Settings
+from .errors import FieldError
+from .settings import (HMAC_ALGORITHMS, LOG_LEVELS, OPTIONS, SERVER_OPTIONS, Option, SettingError, Settings,
+                       markdown_table, write_readme)
+
+__all__ = ["ConfigError", "Config", "OPTIONS", "build_parser", "resolve", "settings", "make_broker", "serve",
+           "main", "LOG_LEVELS"]
 
 PROG = "tornado-rt"
 ENV_CONFIG = "TORNADO_RT_CONFIG"
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-IN_PROCESS = ("in-process", "local", "memory")
-_HMAC = ("HS256", "HS384", "HS512")
 
 log = logging.getLogger("tornado_rt.cli")
 
 
-class ConfigError(Exception):
-    """A refusal to start: one line naming the option."""
+class ConfigError(FieldError):
+    """A refusal to start: one line naming the option (``field``: the option as the user gave
+    it, e.g. ``--port`` or ``TORNADO_RT_PORT (--port)``)."""
+
+    def __init__(self, message: str, field: Optional[str] = None):
+        super().__init__(message, field)
 
 
-# --- value parsers: take a string (command line, environment) or a TOML value --------------------------
-
-def _text(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"must be a string, got {value!r}")
-    value = value.strip()
-    if not value:
-        raise ValueError("must not be empty")
-    return value
+def _refuse(label: str, why: str) -> ConfigError:
+    return ConfigError(f"{label}: {why}", label)
 
 
-def _int(low: int, high: Optional[int] = None) -> Callable[[Any], int]:
-    def parse(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ValueError(f"must be an integer, got {value!r}")
-        try:
-            number = int(value.strip()) if isinstance(value, str) else value
-        except ValueError:
-            raise ValueError(f"must be an integer, got {value!r}") from None
-        if number < low or (high is not None and number > high):
-            raise ValueError(f"must be from {low} to {high}, got {number}" if high is not None
-                             else f"must be at least {low}, got {number}")
-        return number
-    return parse
-
-
-def _float(low: float) -> Callable[[Any], float]:
-    def parse(value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError(f"must be a number, got {value!r}")
-        try:
-            number = float(value)
-        except ValueError:
-            raise ValueError(f"must be a number, got {value!r}") from None
-        if not number >= low or number == float("inf"):
-            raise ValueError(f"must be a number of at least {low}, got {value!r}")
-        return number
-    return parse
-
-
-def _bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        word = value.strip().lower()
-        if word in ("1", "true", "yes", "on"):
-            return True
-        if word in ("0", "false", "no", "off"):
-            return False
-    raise ValueError(f"must be true or false (1/0, yes/no), got {value!r}")
-
-
-def _list(item: Callable[[Any], Any]) -> Callable[[Any], List[Any]]:
-    """A list: a comma-separated string, a TOML array, or repeated command-line options."""
-    def parse(value: Any) -> List[Any]:
-        if isinstance(value, str):
-            parts = [p for p in (s.strip() for s in value.split(",")) if p]
-        elif isinstance(value, list):
-            parts = value
-        else:
-            raise ValueError(f"must be a list, got {value!r}")
-        if not parts:
-            raise ValueError("must not be empty")
-        return [item(p) for p in parts]
-    return parse
-
-
-def _algorithm(value: Any) -> str:
-    name = _text(value)
-    for alg in SUPPORTED_ALGORITHMS:
-        if alg.lower() == name.lower():
-            return alg
-    raise ValueError(f"unknown algorithm {name!r}; choose from {', '.join(SUPPORTED_ALGORITHMS)}")
-
-
-def _origin(value: Any) -> str:
-    origin = _text(value)
-    if origin != "*" and "://" not in origin:
-        raise ValueError(f"an origin looks like https://app.example.com (or * for any), got {origin!r}")
-    return origin
-
-
-def _log_level(value: Any) -> str:
-    level = _text(value).lower()
-    if level not in LOG_LEVELS:
-        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
-    return level
-
-
-def redact_url(url: str) -> str:
-    """``url`` without its password (for messages)."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        netloc = parts.netloc.rsplit("@", 1)[1]
-        user = f"{parts.username}:" if parts.username else ":"
-        return parts._replace(netloc=f"{user}[redacted]@{netloc}").geturl()
-    except ValueError:
-        return "[unparsable URL]"
-
-
-def _broker(value: Any) -> Optional[str]:
-    url = _text(value)
-    if url.lower() in IN_PROCESS:
-        return None
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError as exc:
-        raise ValueError(f"not a valid URL {redact_url(url)!r}: {exc}") from None
-    if parts.scheme not in ("redis", "rediss", "unix") or (parts.scheme != "unix" and not parts.hostname):
-        raise ValueError(f"use 'in-process' or a Redis URL like redis://127.0.0.1:6379/0, got {redact_url(url)!r}")
-    return url
-
-
-def _path_prefix(value: Any) -> str:
-    prefix = _text(value)
-    if not prefix.startswith("/") or not prefix.endswith("/"):
-        raise ValueError(f"must start and end with '/', got {prefix!r}")
-    return prefix
-
-
-# --- the option table -------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Option:
-    """One setting of ``tornado-rt serve``: ``name`` is its TOML key and the suffix of its
-    environment variable; ``kind`` is ``value``, ``list`` (repeatable) or ``flag``."""
-
-    name: str
-    flag: str
-    default: Any
-    parse: Callable[[Any], Any]
-    help: str
-    kind: str = "value"
-    metavar: Optional[str] = None
-    env: Optional[str] = "auto"
-    group: str = "server"
-    shown_default: Optional[str] = None  # how --help shows the default, when not the value itself
-
-    @property
-    def env_var(self) -> Optional[str]:
-        return f"TORNADO_RT_{self.name.upper()}" if self.env == "auto" else self.env
-
-
-OPTIONS: Tuple[Option, ...] = (
-    Option("host", "--host", "127.0.0.1", _text, "listen address", metavar="HOST"),
-    Option("port", "--port", 8000, _int(0, 65535), "listen port; 0 picks a free one (the start-up line shows it)",
-           metavar="PORT"),
-    Option("jwt_secret", "--jwt-secret", None, _text, "shared secret of the HS* algorithms", metavar="SECRET",
-           group="auth"),
-    Option("jwt_public_key", "--jwt-public-key", None, _text,
-           "PEM file with the public key for RS*/ES*/EdDSA (the environment variable may also hold the PEM itself)",
-           metavar="FILE", group="auth"),
-    Option("jwt_algorithms", "--jwt-algorithm", ["HS256"], _list(_algorithm),
-           f"accepted JWT algorithm, repeatable (env and config: a list); one of {', '.join(SUPPORTED_ALGORITHMS)}",
-           kind="list", metavar="ALG", group="auth"),
-    Option("jwt_user_claim", "--jwt-user-claim", "user_id", _text, "claim holding the user id", metavar="CLAIM",
-           group="auth"),
-    Option("jwt_leeway", "--jwt-leeway", 0.0, _float(0), "seconds of clock skew tolerated on exp/nbf",
-           metavar="SECONDS", group="auth"),
-    Option("jwt_audience", "--jwt-audience", None, _text, "required aud claim (checked when set)", metavar="AUD",
-           group="auth"),
-    Option("jwt_issuer", "--jwt-issuer", None, _text, "required iss claim (checked when set)", metavar="ISS",
-           group="auth"),
-    Option("no_anonymous", "--no-anonymous", False, _bool, "refuse jwt_token=anonymous", kind="flag",
-           group="auth"),
-    Option("api_keys", "--api-key", [], _list(_text),
-           "key accepted by the HTTP server API as 'Authorization: Bearer KEY', repeatable "
-           "(env and config: a list)", kind="list", metavar="KEY", group="auth"),
-    Option("allowed_origins", "--allowed-origin", None, _list(_origin),
-           "WebSocket Origin allowed, repeatable (env and config: a list); '*' allows any", kind="list",
-           metavar="ORIGIN", group="auth", shown_default="same host only"),
-    Option("broker", "--broker", None, _broker,
-           "event bus: 'in-process' or a Redis URL such as redis://127.0.0.1:6379/0 (needs the redis extra)",
-           metavar="URL", shown_default="in-process"),
-    Option("log_level", "--log-level", "info", _log_level, f"one of {', '.join(LOG_LEVELS)}", metavar="LEVEL"),
-    Option("path_prefix", "--path-prefix", "/ws/core/", _path_prefix, "path of the WebSocket endpoint",
-           metavar="PATH"),
-    Option("no_metrics", "--no-metrics", False, _bool, "do not serve GET /metrics", kind="flag"),
-    Option("max_body_size", "--max-body-size", 10 * 1024 * 1024, _int(1),
-           "largest HTTP request body in bytes (413 above it)", metavar="BYTES", group="limits"),
-    Option("max_message_size", "--max-message-size", 64 * 1024, _int(1),
-           "largest incoming WebSocket message in bytes (close 1009 above it)", metavar="BYTES", group="limits"),
-    Option("max_subscriptions", "--max-subscriptions", 1000, _int(1),
-           "pages per connection (close 4008 above it)", metavar="N", group="limits"),
-    Option("max_incoming_rate", "--max-incoming-rate", 50.0, _float(0),
-           "client messages per second per connection, 0 = unlimited (close 4008 above it)", metavar="N",
-           group="limits"),
-    Option("max_incoming_burst", "--max-incoming-burst", 200, _int(1), "burst of the incoming rate limit",
-           metavar="N", group="limits"),
-    Option("max_connections", "--max-connections", 0, _int(0),
-           "connections in this process, 0 = unlimited (HTTP 503 above it)", metavar="N", group="limits"),
-    Option("max_connections_per_user", "--max-connections-per-user", 0, _int(0),
-           "connections per user, 0 = unlimited (close 1013 above it)", metavar="N", group="limits"),
-    Option("max_outgoing_buffer", "--max-outgoing-buffer", 8 * 1024 * 1024, _int(1),
-           "bytes queued for a connection that does not read (close 4009 above it)", metavar="BYTES",
-           group="limits"),
-    Option("ping_interval", "--ping-interval", 25.0, _float(0), "seconds between server pings, 0 = none",
-           metavar="SECONDS", group="limits"),
-    Option("ping_timeout", "--ping-timeout", 20.0, _float(0), "seconds to wait for a pong", metavar="SECONDS",
-           group="limits"),
-    Option("header_timeout", "--header-timeout", 10.0, _float(0),
-           "seconds from accept until the first request head is complete (the connection is closed after)",
-           metavar="SECONDS", group="limits"),
-    Option("idle_timeout", "--idle-timeout", 60.0, _float(0),
-           "seconds a keep-alive HTTP connection may wait for its next request", metavar="SECONDS", group="limits"),
-    Option("body_timeout", "--body-timeout", 60.0, _float(0), "seconds to receive a request body",
-           metavar="SECONDS", group="limits"),
-    Option("max_unauthenticated_per_address", "--max-unauthenticated-per-address", 0, _int(0),
-           "TCP connections per client address not yet upgraded to a WebSocket nor authenticated with an "
-           "API key, 0 = unlimited (closed at once above it)", metavar="N", group="limits"),
-    Option("dev", "--dev", False, _bool,
-           "development mode: generate a JWT secret and an API key when none is given and print them with "
-           "a JWT for user 1, a curl publish example and a browser snippet; seed a demo directory; "
-           "allow any Origin unless --allowed-origin is given. Never in production.",
-           kind="flag", env=None),
-)
-OPTIONS_BY_NAME: Dict[str, Option] = {o.name: o for o in OPTIONS}
-# Keys of the config file: every option except --dev (command line only), plus nothing else.
-CONFIG_KEYS = tuple(o.name for o in OPTIONS if o.env is not None)
+OPTIONS_BY_NAME: Dict[str, Option] = {o.key: o for o in OPTIONS}
+# Keys of the config file: every option except --dev (command line only) and --config itself.
+CONFIG_KEYS = tuple(o.toml_key for o in OPTIONS if o.toml_key)
 
 
 @dataclasses.dataclass
 class Config:
-    """The resolved configuration of ``tornado-rt serve``. ``sources`` tells, per option, where
-    its value came from (``--flag``, ``ENV_VAR``, ``key in FILE`` or ``default``)."""
+    """The resolved configuration of ``tornado-rt serve``: one value per option ``key``
+    (``config.port``). ``sources`` tells, per option, where its value came from (``--flag``,
+    ``ENV_VAR``, ``key in FILE`` or ``default``)."""
 
     values: Dict[str, Any]
     sources: Dict[str, str]
@@ -298,7 +96,8 @@ class Config:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{PROG}: error: {message} (see '{PROG} serve --help')\n")
+        command = self.prog if self.prog.endswith(" settings") else f"{PROG} serve"
+        self.exit(2, f"{PROG}: error: {message} (see '{command} --help')\n")
 
 
 _EPILOG = """\
@@ -314,11 +113,19 @@ GET /api/openapi.json, GET /api/docs, GET /healthz, GET /metrics. WebSocket: ws:
 """
 
 
+def _help_text(option: Option) -> str:
+    """The ``--help`` line of an option: its help, its environment variable and its default."""
+    env = f"env: {option.env_var}" if option.env_var else "command line only"
+    shown = option.default_text()
+    default = f"; default: {shown}" if shown else ""
+    return f"{option.help} [{env}{default}]"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="A Baserow-compatible real-time WebSocket server.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    names = "\n  ".join(textwrap.wrap(", ".join(o.name for o in OPTIONS if o.env is not None), 96))
+    names = "\n  ".join(textwrap.wrap(", ".join(CONFIG_KEYS), 96))
     serve = commands.add_parser(
         "serve", help="run the standalone server",
         description="Run the standalone server: WebSocket endpoint for browsers, HTTP server API for "
@@ -335,24 +142,24 @@ def build_parser() -> argparse.ArgumentParser:
         "auth": serve.add_argument_group("authentication and access"),
         "limits": serve.add_argument_group("limits"),
     }
-    serve.add_argument("--config", metavar="FILE", default=None,
-                       help=f"TOML file with the same keys in snake_case [env: {ENV_CONFIG}]")
     for option in OPTIONS:
-        env = f"env: {option.env_var}" if option.env_var else "command line only"
-        shown = option.shown_default
-        if shown is None and option.kind != "flag" and option.default not in (None, []):
-            shown = ",".join(option.default) if isinstance(option.default, list) else str(option.default)
-        default = f"; default: {shown}" if shown else ""
-        text = f"{option.help} [{env}{default}]".replace("%", "%%")
+        text = _help_text(option).replace("%", "%%")
         group = groups[option.group]
         if option.kind == "flag":
-            group.add_argument(option.flag, dest=option.name, action="store_const", const=True, default=None,
+            group.add_argument(option.flag, dest=option.key, action="store_const", const=True, default=None,
                                help=text)
         elif option.kind == "list":
-            group.add_argument(option.flag, dest=option.name, action="append", default=None,
+            group.add_argument(option.flag, dest=option.key, action="append", default=None,
                                metavar=option.metavar, help=text)
         else:
-            group.add_argument(option.flag, dest=option.name, default=None, metavar=option.metavar, help=text)
+            group.add_argument(option.flag, dest=option.key, default=None, metavar=option.metavar, help=text)
+    table = commands.add_parser(
+        "settings", help="print the settings table (the README's) as Markdown",
+        description="Print every setting (server settings and standalone options) as the README's "
+                    "Markdown table, or rewrite that table in a README.")
+    what = table.add_mutually_exclusive_group(required=True)
+    what.add_argument("--markdown", action="store_true", help="print the table on stdout")
+    what.add_argument("--write-readme", metavar="FILE", help="replace the table between the markers in FILE")
     return parser
 
 
@@ -365,53 +172,60 @@ def _read_config_file(path: str, label: str) -> Dict[str, Any]:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
     except OSError as exc:
-        raise ConfigError(f"{label}: cannot read {path}: {exc.strerror or exc}") from None
+        raise _refuse(label, f"cannot read {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{label}: {path} is not valid TOML: {exc}") from None
+        raise _refuse(label, f"{path} is not valid TOML: {exc}") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"{label}: {path} is not UTF-8 text") from None
+        raise _refuse(label, f"{path} is not UTF-8 text") from None
     for key in data:
         if key not in CONFIG_KEYS:
             close = difflib.get_close_matches(key, CONFIG_KEYS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{key} in {path}: unknown key{hint}")
+            raise _refuse(f"{key} in {path}", f"unknown key{hint}")
     return data
+
+
+def _default(option: Option) -> Any:
+    """The default as the option holds it (``no_anonymous`` is False when ``allow_anonymous`` is True)."""
+    if option.invert:
+        return not option.default
+    return list(option.default) if isinstance(option.default, (list, tuple)) else option.default
 
 
 def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
     """Apply command line > environment > config file > default to every option and validate
     each value. Raises :class:`ConfigError` (one line naming the option)."""
-    config_path = args.config
-    label = "--config"
-    if config_path is None and environ.get(ENV_CONFIG, "").strip():
-        config_path, label = environ[ENV_CONFIG].strip(), f"{ENV_CONFIG} (--config)"
-    file_values = _read_config_file(config_path, label) if config_path else {}
-    config_dir = os.path.dirname(os.path.abspath(config_path)) if config_path else None
-
     values: Dict[str, Any] = {}
     sources: Dict[str, str] = {}
-    for option in OPTIONS:
-        given = getattr(args, option.name, None)
+    config_path: Optional[str] = None
+    file_values: Dict[str, Any] = {}
+    # --config first: the file may hold any other key
+    for option in sorted(OPTIONS, key=lambda o: o.key != "config"):
+        key = option.key
+        given = getattr(args, key, None)
         env = option.env_var
         if given is not None:
             raw, source = given, option.flag
         elif env and environ.get(env, "").strip():
             raw, source = environ[env], env
-        elif option.name in file_values:
-            raw, source = file_values[option.name], f"{option.name} in {config_path}"
+        elif key in file_values:
+            raw, source = file_values[key], f"{key} in {config_path}"
         else:
-            values[option.name] = list(option.default) if isinstance(option.default, list) else option.default
-            sources[option.name] = "default"
+            values[key] = _default(option)
+            sources[key] = "default"
             continue
         named = source if source == option.flag else f"{source} ({option.flag})"
         try:
-            values[option.name] = option.parse(raw)
+            values[key] = option.parse(raw)
         except ValueError as exc:
-            raise ConfigError(f"{named}: {exc}") from None
-        sources[option.name] = source
-        if (option.name == "jwt_public_key" and source.endswith(f"in {config_path}")
-                and not values[option.name].startswith("-----BEGIN")):
-            values[option.name] = os.path.join(config_dir, values[option.name])
+            raise _refuse(named, str(exc)) from None
+        sources[key] = source
+        if key == "config":
+            config_path = values[key]
+            file_values = _read_config_file(values[key], named)
+        elif (key == "jwt_public_key" and config_path and source.endswith(f"in {config_path}")
+                and not values[key].startswith("-----BEGIN")):
+            values[key] = os.path.join(os.path.dirname(os.path.abspath(config_path)), values[key])
     config = Config(values, sources, config_path)
     _check(config)
     return config
@@ -420,39 +234,38 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
 def _check(config: Config) -> None:
     """Cross-option checks: keys present (or generated with --dev), key file readable."""
     algorithms = config.jwt_algorithms
-    hmac_algs = [a for a in algorithms if a in _HMAC]
-    asym_algs = [a for a in algorithms if a not in _HMAC]
+    hmac_algs = [a for a in algorithms if a in HMAC_ALGORITHMS]
+    asym_algs = [a for a in algorithms if a not in HMAC_ALGORITHMS]
     if config.jwt_public_key is not None:
         config.jwt_public_key_pem = _load_public_key(config.jwt_public_key, config.label("jwt_public_key"),
                                                      config.sources["jwt_public_key"])
     if asym_algs and config.jwt_public_key_pem is None:
-        raise ConfigError(f"--jwt-public-key: required for {', '.join(asym_algs)} (a PEM file with the public key)")
+        raise _refuse("--jwt-public-key", f"required for {', '.join(asym_algs)} (a PEM file with the public key)")
     if hmac_algs and not config.jwt_secret:
         if config.dev:
             config.values["jwt_secret"] = config.generated["jwt_secret"] = secrets.token_urlsafe(32)
         elif config.jwt_public_key_pem is not None:
-            raise ConfigError(f"--jwt-algorithm: {', '.join(hmac_algs)} needs --jwt-secret; with "
-                              "--jwt-public-key name its algorithm, e.g. --jwt-algorithm RS256")
+            raise _refuse("--jwt-algorithm", f"{', '.join(hmac_algs)} needs --jwt-secret; with "
+                          "--jwt-public-key name its algorithm, e.g. --jwt-algorithm RS256")
         else:
-            raise ConfigError("--jwt-secret: no JWT key configured; give --jwt-secret (HS*) or "
-                              "--jwt-public-key (RS*/ES*/EdDSA), or run with --dev to generate one")
+            raise _refuse("--jwt-secret", "no JWT key configured; give --jwt-secret (HS*) or "
+                          "--jwt-public-key (RS*/ES*/EdDSA), or run with --dev to generate one")
     if not config.api_keys:
         if config.dev:
             key = secrets.token_urlsafe(24)
             config.values["api_keys"] = [key]
             config.generated["api_key"] = key
         else:
-            raise ConfigError("--api-key: no API key configured for the HTTP server API; give --api-key "
-                              "(or TORNADO_RT_API_KEYS), or run with --dev to generate one")
+            raise _refuse("--api-key", "no API key configured for the HTTP server API; give --api-key "
+                          "(or TORNADO_RT_API_KEYS), or run with --dev to generate one")
     if config.dev and config.allowed_origins is None:
         config.values["allowed_origins"] = ["*"]
     try:
         settings(config)
-    except ValueError as exc:
-        text = str(exc)
-        names = sorted((o.name for o in OPTIONS), key=len, reverse=True)
-        name = next((n for n in names if text.startswith(n)), None)
-        raise ConfigError(f"{config.label(name)}: {text}" if name else f"configuration: {text}") from None
+    except SettingError as exc:  # a check across settings (each value passed its own already)
+        option = next((o for o in SERVER_OPTIONS if o.name == exc.field), None)
+        label = config.label(option.key) if option else "configuration"
+        raise _refuse(label, exc.message) from None
 
 
 def _load_public_key(value: str, label: str, source: str) -> str:
@@ -463,9 +276,9 @@ def _load_public_key(value: str, label: str, source: str) -> str:
             with open(value, "r", encoding="utf-8") as fh:
                 pem = fh.read()
         except OSError as exc:
-            raise ConfigError(f"{label}: cannot read {value}: {exc.strerror or exc}") from None
+            raise _refuse(label, f"cannot read {value}: {exc.strerror or exc}") from None
         except UnicodeDecodeError:
-            raise ConfigError(f"{label}: {value} is not a PEM text file") from None
+            raise _refuse(label, f"{value} is not a PEM text file") from None
     try:
         from cryptography.hazmat.primitives.serialization import load_pem_public_key
         load_pem_public_key(pem.encode("utf-8"))
@@ -473,37 +286,23 @@ def _load_public_key(value: str, label: str, source: str) -> str:
         pass
     except (ValueError, TypeError):
         where = "the value" if pem is value else value
-        raise ConfigError(f"{label}: {where} is not a PEM public key") from None
+        raise _refuse(label, f"{where} is not a PEM public key") from None
     return pem
 
 
 def settings(config: Config) -> Settings:
-    """The :class:`~tornado_rt.Settings` of a resolved configuration."""
-    return Settings(
-        jwt_secret=config.jwt_secret,
-        jwt_public_key=config.jwt_public_key_pem,
-        jwt_algorithms=tuple(config.jwt_algorithms),
-        jwt_user_claim=config.jwt_user_claim,
-        jwt_leeway=config.jwt_leeway,
-        jwt_audience=config.jwt_audience,
-        jwt_issuer=config.jwt_issuer,
-        allow_anonymous=not config.no_anonymous,
-        path_prefix=config.path_prefix,
-        allowed_origins=config.allowed_origins,
-        max_message_size=config.max_message_size,
-        max_subscriptions=config.max_subscriptions,
-        max_incoming_rate=config.max_incoming_rate,
-        max_incoming_burst=config.max_incoming_burst,
-        max_connections=config.max_connections,
-        max_connections_per_user=config.max_connections_per_user,
-        max_outgoing_buffer=config.max_outgoing_buffer,
-        ping_interval=config.ping_interval,
-        ping_timeout=config.ping_timeout,
-        header_timeout=config.header_timeout,
-        idle_timeout=config.idle_timeout,
-        body_timeout=config.body_timeout,
-        max_unauthenticated_per_address=config.max_unauthenticated_per_address,
-    )
+    """The :class:`~tornado_rt.Settings` of a resolved configuration (every server setting;
+    ``jwt_public_key`` is the PEM read from the file the option names)."""
+    given: Dict[str, Any] = {}
+    for option in SERVER_OPTIONS:
+        value = config.values[option.key]
+        if option.invert:
+            value = not value
+        elif option.type == "list" and value is not None:
+            value = tuple(value)
+        given[option.name] = value
+    given["jwt_public_key"] = config.jwt_public_key_pem
+    return Settings(**given)
 
 
 def make_broker(config: Config) -> Any:
@@ -516,12 +315,12 @@ def make_broker(config: Config) -> Any:
         from .redis_broker import RedisBroker
     except ImportError as exc:
         if isinstance(exc, ModuleNotFoundError) and exc.name == f"{__package__}.redis_broker":
-            raise ConfigError(f"{label}: this version of tornado-rt has no Redis broker; use 'in-process'") from None
-        raise ConfigError(f"{label}: the Redis broker needs the redis extra: pip install 'tornado-rt[redis]'") from None
+            raise _refuse(label, "this version of tornado-rt has no Redis broker; use 'in-process'") from None
+        raise _refuse(label, "the Redis broker needs the redis extra: pip install 'tornado-rt[redis]'") from None
     try:
-        return RedisBroker(url)
+        return RedisBroker(url, config.redis_channel_prefix)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{label}: {exc}") from None
+        raise _refuse(label, str(exc)) from None
 
 
 # --- serving ----------------------------------------------------------------------------------------
@@ -546,7 +345,7 @@ def dev_banner(config: Config, base_http: str, ws_url: str) -> str:
     if "api_key" in config.generated:
         lines.append(f"  API key (generated):    {config.generated['api_key']}")
     api_key = config.api_keys[0]
-    hmac_algs = [a for a in config.jwt_algorithms if a in _HMAC]
+    hmac_algs = [a for a in config.jwt_algorithms if a in HMAC_ALGORITHMS]
     token = None
     if hmac_algs and config.jwt_secret:
         claims = {config.jwt_user_claim: 1, "exp": int(time.time()) + 24 * 3600, "token_type": "access"}
@@ -593,13 +392,13 @@ async def serve(config: Config) -> int:
         sockets = bind_sockets(config.port, config.host)
     except OSError as exc:
         label = config.label("host") if isinstance(exc, socket.gaierror) else config.label("port")
-        raise ConfigError(f"{label}: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
+        raise _refuse(label, f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
     try:
         await server.start()
     except Exception as exc:
         for sock in sockets:
             sock.close()
-        raise ConfigError(f"{config.label('broker')}: cannot start the broker: {exc}") from None
+        raise _refuse(config.label('broker'), f"cannot start the broker: {exc}") from None
     _raise_fd_limit()  # after every refusal, which must stay one line on stderr
     # The guarded server adds the header/idle/body timeouts, the per-address cap and an accept
     # loop that survives running out of file descriptors (tornado_rt.listener). Headers up to
@@ -689,6 +488,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.command == "types":
         return _types(args.json)
+    if args.command == "settings":
+        if not args.write_readme:
+            sys.stdout.write(markdown_table())
+            return 0
+        try:
+            write_readme(args.write_readme)
+        except (OSError, ValueError) as exc:  # unreadable, or without the markers
+            why = exc.strerror if isinstance(exc, OSError) else "the settings-table markers are missing"
+            print(f"{PROG}: error: --write-readme: {args.write_readme}: {why}", file=sys.stderr)
+            return 2
+        return 0
     if args.command != "serve":
         parser.print_help(sys.stderr)
         return 2

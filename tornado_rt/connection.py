@@ -10,7 +10,6 @@ import asyncio
 import collections
 import inspect
 import logging
-import re
 import sys
 import time
 import uuid
@@ -26,17 +25,12 @@ from . import closecodes
 from .auth import log_authenticator_error, to_principal
 from .hub import text_frame
 from .principal import ANONYMOUS
+from .redaction import redact_uri as redact
 
 log = logging.getLogger("tornado_rt.connection")
 
-_TOKEN_IN_QUERY = re.compile(r"(jwt_token=)[^&]*", re.IGNORECASE)
 _NO_HEADERS = HTTPHeaders()
 _AUTH_FAILED = text_frame(b'{"type":"authentication","success":false,"web_socket_id":null}')
-
-
-def redact(text: str) -> str:
-    """Hide the value of ``jwt_token`` in a URI or query string."""
-    return _TOKEN_IN_QUERY.sub(r"\1[redacted]", text)
 
 
 class _Protocol(WebSocketProtocol13):

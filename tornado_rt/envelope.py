@@ -21,21 +21,21 @@ from typing import Any, Dict, Hashable, Iterable, List, Optional
 
 import ujson
 
+from .errors import FieldError, require_id, require_ids
 from .principal import normalize_id
-from .registry import MessageType, Registry
+from .registry import MessageType, PageType, Registry
 
 MESSAGE, INDIVIDUAL, DISCONNECT, REVOKE = "message", "individual", "disconnect", "revoke"
 
 _MISSING = object()
 
 
-class PublishError(ValueError):
+class PublishError(FieldError, ValueError):
     """A publish was refused. ``field`` is the dotted path of the offending value (or None),
     ``message_type`` the type concerned (or None)."""
 
     def __init__(self, text: str, field: Optional[str] = None, message_type: Optional[str] = None):
-        super().__init__(text)
-        self.field = field
+        super().__init__(text, field)
         self.message_type = message_type
 
 
@@ -104,22 +104,16 @@ def get_path(obj: Any, path: str) -> Any:
 
 
 def id_list(values: Any, field: str, message_type: Optional[str]) -> List[Hashable]:
-    if not isinstance(values, (list, tuple, set, frozenset)):
-        raise PublishError(f"{field} must be a list of ids", field, message_type)
-    ids = []
-    for i, value in enumerate(values):
-        canonical = normalize_id(value)
-        if canonical is None:
-            raise PublishError(f"{field}[{i}] is not an id", f"{field}[{i}]", message_type)
-        ids.append(canonical)
-    return ids
+    """Canonical ids of a list, tuple or set (a PublishError naming ``field`` or ``field[i]``)."""
+    return require_ids(values, field, PublishError, containers=(list, tuple, set, frozenset),
+                       message_type=message_type)
 
 
-def _one_id(value: Any, field: str, message_type: Optional[str]) -> Hashable:
-    canonical = normalize_id(value)
-    if canonical is None:
-        raise PublishError(f"{field} is not an id", field, message_type)
-    return canonical
+def _page_type(registry: Registry, name: Any, field: str, message_type: Optional[str]) -> PageType:
+    pt = registry.page_type(name)
+    if pt is None:
+        raise PublishError(f"page type {name!r} is not registered", field, message_type)
+    return pt
 
 
 def message_type_of(registry: Registry, message: Any, field: str = "message") -> MessageType:
@@ -152,9 +146,7 @@ def parse_audience(registry: Registry, to: Any, field: str = "to",
                            "user_ids, all_users", field, message_type)
     kind = kinds[0]
     if kind == "page":
-        pt = registry.page_type(to["page"])
-        if pt is None:
-            raise PublishError(f"page type {to['page']!r} is not registered", f"{field}.page", message_type)
+        pt = _page_type(registry, to["page"], f"{field}.page", message_type)
         params = pt.params_from(to)
         missing = pt.missing(params)
         if missing is not None:
@@ -165,7 +157,8 @@ def parse_audience(registry: Registry, to: Any, field: str = "to",
         extra = sorted(k for k in to if k != kind)[0]
         raise PublishError(f"unexpected key {extra!r} in {field}", f"{field}.{extra}", message_type)
     if kind == "workspace_id":
-        return ["workspaces", [_one_id(to[kind], f"{field}.workspace_id", message_type)], None]
+        return ["workspaces", [require_id(to[kind], f"{field}.workspace_id", PublishError,
+                                          message_type=message_type)], None]
     if kind == "workspace_ids":
         return ["workspaces", id_list(to[kind], f"{field}.workspace_ids", message_type), None]
     if kind == "user_ids":
@@ -186,6 +179,7 @@ def _key(message: Mapping[str, Any], mt: MessageType, param: str, name: str, fie
 
 
 def _key_id(message: Mapping[str, Any], mt: MessageType, param: str, name: str, field: str) -> Hashable:
+    # On the publish hot path: the refusal's strings are built only when refusing.
     canonical = normalize_id(_key(message, mt, param, name, field))
     if canonical is None:
         path = mt.keys[param]
@@ -199,7 +193,7 @@ def default_audience(registry: Registry, mt: MessageType, message: Mapping[str, 
     """The message type's default audience, with routing keys read from the payload."""
     audience = mt.audience
     if audience == "page":
-        pt = registry.page_type(mt.page)
+        pt = _page_type(registry, mt.page, f"{field}.type", name)
         params = pt.params_from({param: _key(message, mt, param, name, field) for param in mt.keys})
         missing = pt.missing(params)
         if missing is not None:
@@ -252,7 +246,7 @@ def individual_envelope(registry: Registry, payloads: Any, ignore_web_socket_id:
     items = []
     seen = set()
     for user, message in payloads.items():
-        user_id = _one_id(user, f"{field}.{user}", None)
+        user_id = require_id(user, f"{field}.{user}", PublishError)
         if user_id in seen:  # 1 and "1": two copies for one connection (docs/protocol.md §5 rule 3)
             raise PublishError(f"{field} names user {user_id!r} twice", f"{field}.{user}")
         seen.add(user_id)

@@ -23,7 +23,9 @@ Rules every endpoint follows:
   announced at the head with 413 naming ``Content-Length`` / ``Transfer-Encoding`` and never
   buffers it (:class:`~tornado_rt.GuardedHTTPServer` refuses it even before the application).
 * JSON in (``Content-Type: application/json``, else 415), JSON out. Errors are
-  ``{"error": "<sentence>", "field": "<dotted path or null>"}`` with 400, 401, 404, 405, 413
+  ``{"error": "<sentence>", "field": "<dotted path or null>"}`` with 400 (any
+  :class:`~tornado_rt.errors.FieldError` a handler raises: a refused publish, directory change or
+  id), 401, 404, 405, 413
   (body over ``max_body_size``, checked on ``Content-Length`` before reading and while reading a
   chunked body), 415, and 503 when the broker cannot take a publish.
 * The access log never holds a JWT or an API key: headers are never logged and the query values
@@ -36,40 +38,33 @@ import hashlib
 import hmac
 import json
 import logging
-import re
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
+from tornado.http1connection import HTTP1Connection
 from tornado.ioloop import IOLoop
 from tornado.web import Application, HTTPError, RequestHandler, stream_request_body
 
 from . import __version__
 from .broker import BrokerUnavailable
 from .envelope import PublishError, individual_envelope, message_envelope
+from .errors import FieldError, require_id, require_ids
 from .listener import mark_authenticated
 from .policy import Directory
-from .principal import normalize_id
+from .redaction import redact_uri
 from . import refusals
 from .server import RealtimeServer, web_socket_id_from_request
+from .settings import Standalone
 
 log = logging.getLogger("tornado_rt.httpapi")
 access_log = logging.getLogger("tornado.access")
 
-#: Default limit of a request body (``max_body_size``): 10 MiB.
-DEFAULT_MAX_BODY_SIZE = 10 * 1024 * 1024
+#: Default limit of a request body: the ``max_body_size`` setting's (10 MiB).
+DEFAULT_MAX_BODY_SIZE: int = Standalone.max_body_size
 
 #: Buckets of the publish-to-write latency histogram, in seconds.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1.0, 2.5, 5.0)
-
-_SECRET_IN_QUERY = re.compile(r"((?:^|[?&;])(?:jwt_token|token|access_token|api_key|key)=)[^&;#]*",
-                              re.IGNORECASE)
-
-
-def redact_uri(uri: str) -> str:
-    """``uri`` with the values of query arguments that may carry a credential replaced."""
-    return _SECRET_IN_QUERY.sub(r"\1[redacted]", uri or "")
-
 
 def log_request(handler: RequestHandler) -> None:
     """The application's ``log_function``: one access-log line per request, credentials never
@@ -86,12 +81,13 @@ def log_request(handler: RequestHandler) -> None:
          request.remote_ip, 1000.0 * request.request_time())
 
 
-class ApiError(HTTPError):
-    """An error answered as ``{"error": message, "field": field}`` with ``status``."""
+class ApiError(HTTPError, FieldError):
+    """An error answered as ``{"error": message, "field": field}`` with ``status`` (any other
+    :class:`~tornado_rt.errors.FieldError` raised by a handler is answered the same way with 400)."""
 
     def __init__(self, status: int, message: str, field: Optional[str] = None,
                  headers: Optional[Dict[str, str]] = None):
-        super().__init__(status)
+        HTTPError.__init__(self, status)
         self.message = message
         self.field = field
         self.headers = headers or {}
@@ -289,7 +285,7 @@ class ApiHandler(RequestHandler):
         # The body limit is enforced by this class, with a JSON 413 (Tornado's own limit answers a
         # bare 400). An early answer closes the connection, so an oversized body is not read.
         connection = self.request.connection
-        if hasattr(connection, "set_max_body_size"):
+        if isinstance(connection, HTTP1Connection):
             connection.set_max_body_size(1 << 62)
 
     def data_received(self, chunk: bytes) -> None:
@@ -357,6 +353,9 @@ class ApiHandler(RequestHandler):
             message, field = exc.message, exc.field
             for name, value in exc.headers.items():
                 self.set_header(name, value)
+        elif isinstance(exc, FieldError):  # a refused value: the client's mistake, named
+            self.set_status(400)
+            message, field = exc.message, exc.field
         elif status_code == 405:
             message, field = f"{self.request.method} is not a supported method", None
         elif status_code >= 500:
@@ -367,7 +366,7 @@ class ApiHandler(RequestHandler):
         self.finish(json.dumps({"error": message, "field": field}, ensure_ascii=False, separators=(",", ":")))
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        if isinstance(value, HTTPError):
+        if isinstance(value, (HTTPError, FieldError)):
             return  # the access log has the status; the client has the sentence
         log.error("uncaught exception in %s", self._request_summary(), exc_info=(typ, value, tb))
 
@@ -396,11 +395,7 @@ class PublishHandler(ApiHandler):
         sender = web_socket_id_from_request(self)
         envelopes = []
         for i, item in enumerate(items):
-            prefix = f"[{i}]." if batch else ""
-            try:
-                envelopes.append(self._envelope(item, prefix, sender))
-            except PublishError as exc:
-                raise ApiError(400, str(exc), exc.field) from None
+            envelopes.append(self._envelope(item, f"[{i}]." if batch else "", sender))
         started = time.perf_counter()
         try:
             await self.server.submit(envelopes)
@@ -433,15 +428,6 @@ class PublishHandler(ApiHandler):
         return message_envelope(registry, item["message"], item.get("to"), ignore, exclude, prefix)
 
 
-def _id_list(value: Any, field: str) -> list:
-    if not isinstance(value, list):
-        raise ApiError(400, f"{field} must be a list of ids", field)
-    for i, item in enumerate(value):
-        if normalize_id(item) is None:
-            raise ApiError(400, f"{field}[{i}] is not an id", f"{field}[{i}]")
-    return value
-
-
 class DisconnectHandler(ApiHandler):
     """``POST /api/disconnect``: force_disconnect (4003) for every connection of the users, except
     ``ignore_web_socket_ids`` (default: the request's ``WebSocketId`` header, if any)."""
@@ -450,7 +436,7 @@ class DisconnectHandler(ApiHandler):
 
     async def post(self) -> None:
         body = self.json_object(("user_ids", "ignore_web_socket_ids"), required=("user_ids",))
-        users = _id_list(body["user_ids"], "user_ids")
+        users = require_ids(body["user_ids"], "user_ids")
         if "ignore_web_socket_ids" in body:
             spared = body["ignore_web_socket_ids"]
             if spared is None:
@@ -474,11 +460,9 @@ class RevokeHandler(ApiHandler):
 
     async def post(self) -> None:
         body = self.json_object(("user_ids", "permission_group"), required=("user_ids", "permission_group"))
-        users = _id_list(body["user_ids"], "user_ids")
+        users = require_ids(body["user_ids"], "user_ids")
         try:
             discarded = await self.server.revoke_async(users, body["permission_group"])
-        except PublishError as exc:
-            raise ApiError(400, str(exc), exc.field) from None
         except BrokerUnavailable as exc:
             raise ApiError(503, f"the broker cannot take the revoke: {exc}") from None
         self.reply({"discarded": discarded})
@@ -500,19 +484,8 @@ class DirectoryHandler(ApiHandler):
 
     def put(self) -> None:
         directory = self.directory()
-        body = self.json_body()
-        try:
-            directory.load(body)
-        except ValueError as exc:
-            raise ApiError(400, str(exc), getattr(exc, "field", None)) from None
+        directory.load(self.json_body())
         self.reply(_directory_counts(directory))
-
-
-def _apply(change: Any, *args: Any) -> None:
-    try:
-        change(*args)
-    except ValueError as exc:
-        raise ApiError(400, str(exc), getattr(exc, "field", None)) from None
 
 
 class DirectoryWorkspaceHandler(ApiHandler):
@@ -523,12 +496,12 @@ class DirectoryWorkspaceHandler(ApiHandler):
 
     def put(self, workspace_id: str) -> None:
         body = self.json_object(("members",), required=("members",))
-        members = _id_list(body["members"], "members")
-        _apply(self.directory().set_workspace, workspace_id, members)
+        members = require_ids(body["members"], "members")
+        self.directory().set_workspace(workspace_id, members)
         self.reply({"ok": True})
 
     def delete(self, workspace_id: str) -> None:
-        _apply(self.directory().remove_workspace, workspace_id)
+        self.directory().remove_workspace(workspace_id)
         self.reply({"ok": True})
 
 
@@ -537,11 +510,11 @@ class DirectoryMemberHandler(ApiHandler):
     remove one member (no body)."""
 
     def put(self, workspace_id: str, user_id: str) -> None:
-        _apply(self.directory().add_member, workspace_id, user_id)
+        self.directory().add_member(workspace_id, user_id)
         self.reply({"ok": True})
 
     def delete(self, workspace_id: str, user_id: str) -> None:
-        _apply(self.directory().remove_member, workspace_id, user_id)
+        self.directory().remove_member(workspace_id, user_id)
         self.reply({"ok": True})
 
 
@@ -552,13 +525,12 @@ class DirectoryTableHandler(ApiHandler):
 
     def put(self, table_id: str) -> None:
         body = self.json_object(("workspace_id",), required=("workspace_id",))
-        if normalize_id(body["workspace_id"]) is None:
-            raise ApiError(400, "workspace_id must be an id", "workspace_id")
-        _apply(self.directory().set_table, table_id, body["workspace_id"])
+        workspace_id = require_id(body["workspace_id"], "workspace_id", text="workspace_id must be an id")
+        self.directory().set_table(table_id, workspace_id)
         self.reply({"ok": True})
 
     def delete(self, table_id: str) -> None:
-        _apply(self.directory().remove_table, table_id)
+        self.directory().remove_table(table_id)
         self.reply({"ok": True})
 
 
@@ -569,13 +541,7 @@ class DirectoryPublicViewHandler(ApiHandler):
 
     def put(self, slug: str) -> None:
         body = self.json_object(("table_id", "token"))
-        table_id = body.get("table_id")
-        if table_id is not None and normalize_id(table_id) is None:
-            raise ApiError(400, "table_id must be an id or null", "table_id")
-        token = body.get("token")
-        if token is not None and not isinstance(token, str):
-            raise ApiError(400, "token must be a string or null", "token")
-        _apply(self.directory().set_public_view, slug, table_id, token)
+        self.directory().set_public_view(slug, body.get("table_id"), body.get("token"))
         self.reply({"ok": True})
 
     def delete(self, slug: str) -> None:
@@ -648,8 +614,11 @@ class MetricsHandler(ApiHandler):
     def get(self) -> None:
         from prometheus_client import CONTENT_TYPE_LATEST
 
+        metrics = self.api.metrics
+        if metrics is None:  # the route exists only with metrics; an embedder may mount it anyway
+            raise ApiError(404, "metrics are off on this server")
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.finish(self.api.metrics.exposition())
+        self.finish(metrics.exposition())
 
 
 class NotFoundHandler(ApiHandler):

@@ -12,10 +12,16 @@ from __future__ import annotations
 import hmac
 from typing import Any, Awaitable, Dict, Hashable, Iterable, Mapping, Optional, Set, Union
 
+from .errors import FieldError, require_id, require_ids
 from .principal import Principal, normalize_id
 
 Id = Hashable
 MaybeAwaitable = Union[Any, Awaitable[Any]]
+
+
+class DirectoryError(FieldError, ValueError):
+    """A change of the :class:`Directory` was refused; ``field`` names the bad value (the dotted
+    path in a snapshot, e.g. ``"workspaces.7"``, or the argument, e.g. ``"table_id"``)."""
 
 
 class AccessPolicy:
@@ -167,10 +173,12 @@ class Directory(AccessPolicy):
 
     def set_public_view(self, slug: str, table_id: Any = None, token: Optional[str] = None) -> None:
         if not isinstance(slug, str) or not slug:
-            raise ValueError("slug must be a non-empty string")
+            raise DirectoryError("slug must be a non-empty string", "slug")
         if token is not None and not isinstance(token, str):
-            raise ValueError("token must be a string or null")
-        self._views[slug] = (normalize_id(table_id), token)
+            raise DirectoryError("token must be a string or null", "token")
+        table = None if table_id is None else require_id(table_id, "table_id", DirectoryError,
+                                                          text="table_id must be an id or null")
+        self._views[slug] = (table, token)
 
     def public_views_of_table(self, table_id: Any) -> list:
         """Slugs of the public views of a table."""
@@ -190,41 +198,44 @@ class Directory(AccessPolicy):
     def load(self, snapshot: Mapping[str, Any]) -> None:
         """Replace everything with ``snapshot`` (validated first: on error nothing changes).
 
-        Raises ``ValueError`` whose ``field`` attribute is the dotted path of the bad value.
+        Raises :class:`DirectoryError` (a ``ValueError``) whose ``field`` is the dotted path of the
+        bad value.
         """
         fresh = Directory()
         if not isinstance(snapshot, Mapping):
-            raise _field_error("the directory must be a JSON object", None)
+            raise DirectoryError("the directory must be a JSON object", None)
         unknown = set(snapshot) - {"workspaces", "tables", "public_views"}
         if unknown:
             name = sorted(unknown)[0]
-            raise _field_error(f"unknown key {name!r}", name)
+            raise DirectoryError(f"unknown key {name!r}", name)
         workspaces = snapshot.get("workspaces") or {}
         if not isinstance(workspaces, Mapping):
-            raise _field_error("workspaces must be an object of id -> list of user ids", "workspaces")
+            raise DirectoryError("workspaces must be an object of id -> list of user ids", "workspaces")
         for ws, members in workspaces.items():
-            if normalize_id(ws) is None:
-                raise _field_error("workspace id must be an id", f"workspaces.{ws}")
-            if not isinstance(members, list) or any(normalize_id(m) is None for m in members):
-                raise _field_error("members must be a list of user ids", f"workspaces.{ws}")
-            fresh.set_workspace(ws, members)
+            where = f"workspaces.{ws}"
+            require_id(ws, where, DirectoryError, text="workspace id must be an id")
+            fresh.set_workspace(ws, require_ids(members, where, DirectoryError))
         tables = snapshot.get("tables") or {}
         if not isinstance(tables, Mapping):
-            raise _field_error("tables must be an object of table id -> workspace id", "tables")
+            raise DirectoryError("tables must be an object of table id -> workspace id", "tables")
         for table, ws in tables.items():
-            if normalize_id(table) is None or normalize_id(ws) is None:
-                raise _field_error("table and workspace ids must be ids", f"tables.{table}")
+            for value in (table, ws):
+                require_id(value, f"tables.{table}", DirectoryError, text="table and workspace ids must be ids")
             fresh.set_table(table, ws)
         views = snapshot.get("public_views") or {}
         if not isinstance(views, Mapping):
-            raise _field_error("public_views must be an object of slug -> view", "public_views")
+            raise DirectoryError("public_views must be an object of slug -> view", "public_views")
         for slug, view in views.items():
             if not isinstance(view, Mapping):
-                raise _field_error("a public view must be an object", f"public_views.{slug}")
+                raise DirectoryError("a public view must be an object", f"public_views.{slug}")
             token = view.get("token")
             if token is not None and not isinstance(token, str):
-                raise _field_error("token must be a string or null", f"public_views.{slug}.token")
-            fresh.set_public_view(slug, view.get("table_id"), token)
+                raise DirectoryError("token must be a string or null", f"public_views.{slug}.token")
+            table_id = view.get("table_id")
+            if table_id is not None:
+                require_id(table_id, f"public_views.{slug}.table_id", DirectoryError,
+                           text="table_id must be an id or null")
+            fresh.set_public_view(slug, table_id, token)
         self._members, self._user_workspaces = fresh._members, fresh._user_workspaces
         self._tables, self._workspace_tables, self._views = fresh._tables, fresh._workspace_tables, fresh._views
 
@@ -238,13 +249,4 @@ class Directory(AccessPolicy):
 
 
 def _id(value: Any, name: str) -> Id:
-    canonical = normalize_id(value)
-    if canonical is None:
-        raise _field_error(f"{name} must be an integer or a non-empty string", name)
-    return canonical
-
-
-def _field_error(message: str, field: Optional[str]) -> ValueError:
-    err = ValueError(message)
-    err.field = field  # type: ignore[attr-defined]
-    return err
+    return require_id(value, name, DirectoryError, text=f"{name} must be an integer or a non-empty string")

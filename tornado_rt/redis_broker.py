@@ -72,15 +72,14 @@ import asyncio
 import collections
 import itertools
 import logging
-import re
 import uuid
 from typing import Any, Deque, Dict, List, Optional, Tuple
-from urllib.parse import urlsplit
 
 import ujson
 
 from .broker import Broker, BrokerUnavailable
 from .envelope import Envelope
+from .redaction import redact_url
 
 try:
     from redis.asyncio.connection import ConnectionPool
@@ -92,21 +91,6 @@ log = logging.getLogger("tornado_rt.redis")
 
 #: Envelopes sent in one pipelined write to Redis at most.
 MAX_BATCH = 512
-
-_QUERY_PASSWORD = re.compile(r"([?&;]password=)[^&;#]*", re.IGNORECASE)
-
-
-def redact_url(url: str) -> str:
-    """The URL with its password (in the user part or the query) replaced by ``***``, for logs
-    and error messages."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is not None:
-            host = parts.netloc.rsplit("@", 1)[1]
-            url = parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
-    except ValueError:
-        return "<unparsable URL>"
-    return _QUERY_PASSWORD.sub(r"\1***", url)
 
 
 class RedisBroker(Broker):
@@ -157,24 +141,21 @@ class RedisBroker(Broker):
         self.start_timeout = start_timeout
         self.origin = uuid.uuid4().hex[:16]
         self._seq = itertools.count(1)
-        self._deliver = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         # seq -> (future, deadline, envelope); insertion order is publish order.
         self._pending: Dict[int, Tuple[asyncio.Future, float, Envelope]] = {}
         self._outbox: Deque[Tuple[int, bytes]] = collections.deque()
-        self._wake: Optional[asyncio.Event] = None
+        self._wake = asyncio.Event()  # (an Event binds to the running loop on first use)
         self._subscribed = False
-        self._ready: Optional[asyncio.Event] = None
+        self._ready = asyncio.Event()
         self._closed = False
         self._tasks: List[asyncio.Task] = []
         self._sub_conn = None
         self._pub_conn = None
         self._last_error: Optional[str] = None
         self._last_read = 0.0
-        #: Numbers for monitoring: subscriptions made (1 + reconnects), envelopes received, refused.
+        #: Subscriptions made (1 + reconnects): tells a reconnect from the first subscription.
         self.subscriptions = 0
-        self.received = 0
-        self.publish_failures = 0
 
     # --- state ----------------------------------------------------------------------------------
     @property
@@ -226,7 +207,6 @@ class RedisBroker(Broker):
     def publish(self, envelope: Envelope) -> "asyncio.Future[None]":
         """Queue ``envelope`` for Redis; see the module docstring for what the future means."""
         if not self._subscribed:
-            self.publish_failures += 1
             if self._closed:
                 raise self._unavailable("broker closed")
             if not self._tasks:
@@ -242,6 +222,7 @@ class RedisBroker(Broker):
             payload += b"\n" + data.encode()
         # The envelope is delivered here when it comes back, without decoding it again.
         loop = self._loop
+        assert loop is not None  # start() sets it before the subscription can exist
         future = loop.create_future()
         self._pending[seq] = (future, loop.time() + self.delivery_timeout, envelope)
         self._outbox.append((seq, payload))
@@ -255,7 +236,7 @@ class RedisBroker(Broker):
             await wake.wait()
             wake.clear()
             while outbox:
-                batch = []
+                batch: List[Tuple[int, bytes]] = []
                 while outbox and len(batch) < MAX_BATCH:
                     seq, payload = outbox.popleft()
                     entry = pending.get(seq)
@@ -367,11 +348,11 @@ class RedisBroker(Broker):
         """Deliver every channel message until the connection breaks (raises). A watchdog task
         sends PING after ``interval`` seconds of silence and breaks the connection when the
         following interval brings nothing either."""
-        self._last_read = self._loop.time()
-        watchdog = self._loop.create_task(self._watch(conn, interval))
+        loop = asyncio.get_running_loop()
+        self._last_read = loop.time()
+        watchdog = loop.create_task(self._watch(conn, interval))
         try:
             channel_message = b"message"
-            loop = self._loop
             on_message = self._on_message
             read = conn.read_response
             while True:
@@ -383,7 +364,7 @@ class RedisBroker(Broker):
             watchdog.cancel()
 
     async def _watch(self, conn: Any, interval: float) -> None:
-        loop = self._loop
+        loop = asyncio.get_running_loop()
         pinged_at: Optional[float] = None
         while True:
             await asyncio.sleep(interval)
@@ -404,7 +385,6 @@ class RedisBroker(Broker):
                     return
 
     def _on_message(self, payload: bytes) -> None:
-        self.received += 1
         entry = None
         try:
             cut = payload.find(b"\n")
@@ -433,7 +413,6 @@ class RedisBroker(Broker):
     def _fail(self, seq: int, error: BaseException) -> None:
         entry = self._pending.pop(seq, None)
         if entry is not None and not entry[0].done():
-            self.publish_failures += 1
             entry[0].set_exception(error)
 
     def _fail_pending(self, error: BaseException) -> None:
