@@ -93,7 +93,7 @@ class ClientProtocol:
         if page_type.missing(params) is not None:
             return None
         try:
-            allowed = page_type.can_add(principal, params, self.policy)
+            allowed = page_type.check(principal, params, self.policy, getattr(conn, "web_socket_id", None))
         except Exception:
             log.exception("access check of page %r failed; subscription refused", page_type.name)
             return None

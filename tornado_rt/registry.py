@@ -8,6 +8,7 @@ passed to :class:`~tornado_rt.RealtimeServer` directly.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from importlib import metadata
 from typing import (Any, Awaitable, Callable, Dict, Iterable, Mapping, Optional, Sequence,
@@ -35,9 +36,12 @@ class PageType:
     ``permission_group``: template or callable, or ``None``; revoking a user from it drops the page.
     ``can_add(principal, params, policy)``: the access check, sync or async, returns a bool.
     ``anonymous``: whether anonymous connections may subscribe.
+    A ``can_add`` that accepts a keyword argument ``web_socket_id`` also receives the id of the
+    subscribing connection (what the access webhook sends to the backend).
     """
 
-    __slots__ = ("name", "parameters", "required", "_group", "_permission_group", "can_add", "anonymous")
+    __slots__ = ("name", "parameters", "required", "_group", "_permission_group", "can_add", "anonymous",
+                 "_wants_socket")
 
     def __init__(self, name: str, parameters: Sequence[str], group: Union[str, Callable[[Params], str]],
                  can_add: CanAdd, permission_group: Union[str, Callable[[Params], str], None] = None,
@@ -49,6 +53,14 @@ class PageType:
         self._permission_group = permission_group
         self.can_add = can_add
         self.anonymous = anonymous
+        self._wants_socket = _accepts_keyword(can_add, "web_socket_id")
+
+    def check(self, principal: Any, params: Params, policy: Any,
+              web_socket_id: Optional[str] = None) -> Union[bool, Awaitable[bool]]:
+        """Run the access check ``can_add`` (passing ``web_socket_id`` when it accepts it)."""
+        if self._wants_socket:
+            return self.can_add(principal, params, policy, web_socket_id=web_socket_id)
+        return self.can_add(principal, params, policy)
 
     def params_from(self, message: Mapping[str, Any]) -> Params:
         """The declared parameters of a client message or an audience, missing ones as ``None``."""
@@ -173,6 +185,15 @@ class Registry:
 
     def message_type(self, name: Any) -> Optional[MessageType]:
         return self.message_types.get(name) if isinstance(name, str) else None
+
+
+def _accepts_keyword(fn: Any, name: str) -> bool:
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    param = parameters.get(name)
+    return param is not None and param.kind in (param.KEYWORD_ONLY, param.POSITIONAL_OR_KEYWORD)
 
 
 def entry_point_plugins(exclude: Iterable[str] = ()) -> list:
