@@ -1,0 +1,173 @@
+"""The access webhook: the application's backend decides who may subscribe to a page.
+
+The "subscribe proxy" pattern of standalone real-time servers: for a page whose access is
+``webhook``, tornado-rt asks ``POST <url>`` with the JSON body ::
+
+    {"user_id": 10, "page": "dashboard", "parameters": {"dashboard_id": 7},
+     "web_socket_id": "9f0c..."}
+
+and the header ``Authorization: Bearer <api key>``. A ``200`` answer ``{"allow": true}`` admits
+the subscription, ``{"allow": false}`` refuses it (no reply to the client, as for any refused
+page). Everything else refuses (fail closed) and is logged with its reason: a timeout, a refused
+connection, another status, a body that is not JSON or whose ``allow`` is not a boolean.
+
+Decisions (allow and deny, not failures) are cached for ``cache_ttl`` seconds per
+(user, page, parameters); 0 disables the cache. With a cache the backend must not decide on the
+``web_socket_id``. At most ``max_concurrency`` calls are in flight; more wait for a free slot, and
+the wait counts against ``timeout`` (the whole decision never takes longer than ``timeout``).
+
+For embedders: ``AccessWebhook(...).page_check("dashboard")`` is a ``can_add`` for a
+:class:`~tornado_rt.PageType`; :meth:`AccessWebhook.guard` puts already registered page types
+(the built-in ``table``, ``row``, ``view``) behind the webhook instead of their own check.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import time
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+
+from .registry import PageType, Params, Registry
+
+log = logging.getLogger("tornado_rt.webhook")
+
+#: Outcomes counted in :attr:`AccessWebhook.decisions` (and the metric
+#: ``tornado_rt_access_webhook_decisions_total``).
+OUTCOMES = ("allow", "deny", "cached_allow", "cached_deny", "timeout", "error")
+
+
+class AccessWebhook:
+    """Asks the backend at ``url`` whether a subscription is allowed (see the module docstring).
+
+    ``api_key``: sent as ``Authorization: Bearer <api_key>`` (None: no header). ``timeout``:
+    seconds for one decision, waiting for a free slot included (default 2). ``cache_ttl``: seconds
+    a decision is reused (default 5; 0 = never). ``max_concurrency``: calls in flight at most
+    (default 16). ``max_cache_entries``: oldest decisions are dropped beyond it (default 100000).
+    """
+
+    def __init__(self, url: str, api_key: Optional[str] = None, *, timeout: float = 2.0,
+                 cache_ttl: float = 5.0, max_concurrency: int = 16, max_cache_entries: int = 100_000):
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ValueError(f"the access webhook URL must be http:// or https://, got {url!r}")
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        if cache_ttl < 0:
+            raise ValueError("cache_ttl must not be negative")
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+        self.url = url
+        self.timeout = float(timeout)
+        self.cache_ttl = float(cache_ttl)
+        self.max_concurrency = max_concurrency
+        self.max_cache_entries = max_cache_entries
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._cache: "collections.OrderedDict[Tuple[Any, str, str], Tuple[float, bool]]" = \
+            collections.OrderedDict()
+        self._semaphore: Optional[asyncio.Semaphore] = None
+        self._client: Optional[AsyncHTTPClient] = None
+        #: Decisions since start, by outcome (see :data:`OUTCOMES`).
+        self.decisions: Dict[str, int] = dict.fromkeys(OUTCOMES, 0)
+        #: Calls to the backend in flight right now.
+        self.in_flight = 0
+
+    # --- page access checks -----------------------------------------------------------------------
+    def page_check(self, page: str) -> Callable[..., Any]:
+        """A ``can_add(principal, params, policy, *, web_socket_id)`` asking this webhook about
+        page type ``page``."""
+        def can_add(principal: Any, params: Params, policy: Any, *, web_socket_id: Optional[str] = None) -> Any:
+            return self.decide(principal.user_id, page, params, web_socket_id)
+        can_add.__qualname__ = f"AccessWebhook.page_check({page!r})"
+        return can_add
+
+    def guard(self, registry: Registry, page_names: Iterable[str]) -> None:
+        """Replace the access check of these registered page types by this webhook (a copy of each
+        page type is registered in its place: the plugin's own objects stay untouched).
+        Raises ``ValueError`` naming an unknown page type."""
+        for name in page_names:
+            pt = registry.page_type(name)
+            if pt is None:
+                raise ValueError(f"page type {name!r} is not registered (known: {', '.join(sorted(registry.page_types))})")
+            registry.page_types[name] = PageType(
+                pt.name, pt.parameters, pt._group, self.page_check(pt.name), pt._permission_group,
+                required=pt.required, anonymous=pt.anonymous)
+
+    # --- the decision ---------------------------------------------------------------------------
+    async def decide(self, user_id: Any, page: str, params: Params, web_socket_id: Optional[str] = None) -> bool:
+        """Whether ``user_id`` may subscribe to ``page`` with ``params`` (False on any failure)."""
+        key = (user_id, page, json.dumps(params, sort_keys=True, default=str))
+        if self.cache_ttl > 0:
+            hit = self._cache.get(key)
+            if hit is not None:
+                expires, allowed = hit
+                if expires > time.monotonic():
+                    self.decisions["cached_allow" if allowed else "cached_deny"] += 1
+                    return allowed
+                del self._cache[key]
+        body = json.dumps({"user_id": user_id, "page": page, "parameters": params, "web_socket_id": web_socket_id})
+        try:
+            async with asyncio.timeout(self.timeout):
+                allowed = await self._call(body)
+        except TimeoutError:
+            self.decisions["timeout"] += 1
+            log.warning("access webhook: no decision within %g s for page %r of user %r: refused",
+                        self.timeout, page, user_id)
+            return False
+        except _Refusal as exc:
+            self.decisions["error"] += 1
+            log.warning("access webhook: %s (page %r, user %r): refused", exc, page, user_id)
+            return False
+        self.decisions["allow" if allowed else "deny"] += 1
+        if not allowed:
+            log.info("access webhook denied page %r to user %r", page, user_id)
+        if self.cache_ttl > 0:
+            self._cache[key] = (time.monotonic() + self.cache_ttl, allowed)
+            while len(self._cache) > self.max_cache_entries:
+                self._cache.popitem(last=False)
+        return allowed
+
+    async def _call(self, body: str) -> bool:
+        if self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(self.max_concurrency)
+            self._client = AsyncHTTPClient(force_instance=True, max_clients=self.max_concurrency)
+        assert self._client is not None
+        async with self._semaphore:
+            self.in_flight += 1
+            try:
+                request = HTTPRequest(self.url, method="POST", body=body, headers=self._headers,
+                                      connect_timeout=self.timeout, request_timeout=self.timeout,
+                                      follow_redirects=False)
+                try:
+                    response = await self._client.fetch(request, raise_error=False)
+                except Exception as exc:  # DNS, refused connection, TLS...
+                    raise _Refusal(f"cannot reach {self.url}: {exc}") from None
+            finally:
+                self.in_flight -= 1
+        if response.code == 599:
+            raise _Refusal(f"cannot reach {self.url}: {response.error}")
+        if response.code != 200:
+            raise _Refusal(f"{self.url} answered HTTP {response.code}")
+        try:
+            answer = json.loads(response.body or b"")
+        except ValueError:
+            raise _Refusal(f"{self.url} answered a body that is not JSON") from None
+        allow = answer.get("allow") if isinstance(answer, dict) else None
+        if not isinstance(allow, bool):
+            raise _Refusal(f"{self.url} answered without a boolean \"allow\"")
+        return allow
+
+    def close(self) -> None:
+        """Close the HTTP client (the webhook can be used again afterwards)."""
+        if self._client is not None:
+            self._client.close()
+        self._client = None
+        self._semaphore = None
+
+
+class _Refusal(Exception):
+    """A failed call to the backend (the reason is logged, the subscription refused)."""
