@@ -9,14 +9,19 @@ keep it current from the published events (``group_user_added``, ``group_deleted
 """
 from __future__ import annotations
 
+import functools
 import hmac
-from typing import Any, Awaitable, Dict, Hashable, Iterable, Mapping, Optional, Set, Union
+import logging
+from typing import Any, Awaitable, Callable, Dict, Hashable, Iterable, Mapping, Optional, Set, TypeVar, Union
 
 from .errors import FieldError, require_id, require_ids
 from .principal import Principal, normalize_id
 
+log = logging.getLogger("tornado_rt.directory")
+
 Id = Hashable
 MaybeAwaitable = Union[Any, Awaitable[Any]]
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 class DirectoryError(FieldError, ValueError):
@@ -58,6 +63,23 @@ class AccessPolicy:
         raise NotImplementedError
 
 
+def _persisted(method: _F) -> _F:
+    """Save the directory to its store once the outermost mutation returns (a mutation calling
+    others saves once)."""
+    @functools.wraps(method)
+    def wrapper(self: "Directory", *args: Any, **kwargs: Any) -> Any:
+        if self._store is None:
+            return method(self, *args, **kwargs)
+        self._depth += 1
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self._save()
+    return wrapper  # type: ignore[return-value]
+
+
 class Directory(AccessPolicy):
     """In-memory directory: workspaces -> members, tables -> workspace, public views.
 
@@ -71,16 +93,61 @@ class Directory(AccessPolicy):
     given token matches (compared in constant time).
 
     Not thread-safe: use it on the IOLoop thread (the server's publish path already does).
+
+    ``store``: a :class:`~tornado_rt.directory_store.DirectoryStore` (e.g.
+    :class:`~tornado_rt.directory_store.FileDirectoryStore`) that makes the directory survive a
+    restart: the directory is loaded from it here (a store without a snapshot yet is given the
+    empty one, which proves it writable), every change is saved to it once the outermost mutation
+    returns, and :meth:`reload` reads it again. A failed save is logged and counted
+    (``save_failures``, ``last_save_error``); the directory in memory stays current.
     """
 
-    def __init__(self, snapshot: Optional[Mapping[str, Any]] = None):
+    def __init__(self, snapshot: Optional[Mapping[str, Any]] = None, *, store: Any = None):
         self._members: Dict[Id, Set[Id]] = {}
         self._user_workspaces: Dict[Id, Set[Id]] = {}
         self._tables: Dict[Id, Id] = {}
         self._workspace_tables: Dict[Id, Set[Id]] = {}
         self._views: Dict[str, tuple] = {}
+        self._depth = 0
+        self._store = None
+        self.save_failures = 0
+        self.last_save_error: Optional[str] = None
         if snapshot:
             self.load(snapshot)
+        if store is not None:
+            stored = store.load()
+            if stored is not None:
+                self.load(stored)
+            self._store = store
+            if stored is None:
+                store.save(self.snapshot())
+
+    @property
+    def store(self) -> Any:
+        """The store this directory is saved to, or None."""
+        return self._store
+
+    def reload(self) -> None:
+        """Replace the directory with the store's snapshot (without saving it back). Raises what
+        the store raises, or ``ValueError`` for an invalid snapshot; the directory is then unchanged."""
+        if self._store is None:
+            raise ValueError("this directory has no store to reload from")
+        stored = self._store.load()
+        self._depth += 1  # no save of what was just read
+        try:
+            self.load(stored if stored is not None else {})
+        finally:
+            self._depth -= 1
+
+    def _save(self) -> None:
+        try:
+            self._store.save(self.snapshot())  # type: ignore[union-attr]
+        except Exception as exc:
+            self.save_failures += 1
+            self.last_save_error = str(exc)
+            log.error("could not save the directory: %s", exc)
+        else:
+            self.last_save_error = None
 
     # --- AccessPolicy --------------------------------------------------------------------------
     def workspace_members(self, workspace_id: Id) -> Set[Id]:
@@ -113,6 +180,7 @@ class Directory(AccessPolicy):
         return hmac.compare_digest(expected.encode(), token.encode())
 
     # --- mutation API ---------------------------------------------------------------------------
+    @_persisted
     def set_workspace(self, workspace_id: Any, member_ids: Iterable[Any] = ()) -> None:
         """Create or replace a workspace with exactly these members."""
         ws = _id(workspace_id, "workspace_id")
@@ -122,11 +190,13 @@ class Directory(AccessPolicy):
         for user in member_ids:
             self.add_member(ws, user)
 
+    @_persisted
     def add_member(self, workspace_id: Any, user_id: Any) -> None:
         ws, user = _id(workspace_id, "workspace_id"), _id(user_id, "user_id")
         self._members.setdefault(ws, set()).add(user)
         self._user_workspaces.setdefault(user, set()).add(ws)
 
+    @_persisted
     def remove_member(self, workspace_id: Any, user_id: Any) -> None:
         ws, user = _id(workspace_id, "workspace_id"), _id(user_id, "user_id")
         self._members.get(ws, set()).discard(user)
@@ -136,6 +206,7 @@ class Directory(AccessPolicy):
             if not spaces:
                 del self._user_workspaces[user]
 
+    @_persisted
     def remove_workspace(self, workspace_id: Any) -> None:
         """Forget a workspace, its memberships and its tables (and their public views)."""
         ws = _id(workspace_id, "workspace_id")
@@ -145,12 +216,14 @@ class Directory(AccessPolicy):
         for table in list(self._workspace_tables.get(ws, ())):
             self.remove_table(table)
 
+    @_persisted
     def remove_user(self, user_id: Any) -> None:
         """The user leaves every workspace."""
         user = _id(user_id, "user_id")
         for ws in list(self._user_workspaces.get(user, ())):
             self.remove_member(ws, user)
 
+    @_persisted
     def set_table(self, table_id: Any, workspace_id: Any) -> None:
         table, ws = _id(table_id, "table_id"), _id(workspace_id, "workspace_id")
         old = self._tables.get(table)
@@ -159,6 +232,7 @@ class Directory(AccessPolicy):
         self._tables[table] = ws
         self._workspace_tables.setdefault(ws, set()).add(table)
 
+    @_persisted
     def remove_table(self, table_id: Any) -> None:
         table = _id(table_id, "table_id")
         ws = self._tables.pop(table, None)
@@ -171,6 +245,7 @@ class Directory(AccessPolicy):
         for slug in [s for s, (t, _) in self._views.items() if t == table]:
             del self._views[slug]
 
+    @_persisted
     def set_public_view(self, slug: str, table_id: Any = None, token: Optional[str] = None) -> None:
         if not isinstance(slug, str) or not slug:
             raise DirectoryError("slug must be a non-empty string", "slug")
@@ -185,9 +260,11 @@ class Directory(AccessPolicy):
         table = normalize_id(table_id)
         return [slug for slug, (t, _) in self._views.items() if t == table]
 
+    @_persisted
     def remove_public_view(self, slug: str) -> None:
         self._views.pop(slug, None)
 
+    @_persisted
     def clear(self) -> None:
         self._members.clear()
         self._user_workspaces.clear()
@@ -195,6 +272,7 @@ class Directory(AccessPolicy):
         self._workspace_tables.clear()
         self._views.clear()
 
+    @_persisted
     def load(self, snapshot: Mapping[str, Any]) -> None:
         """Replace everything with ``snapshot`` (validated first: on error nothing changes).
 
