@@ -32,7 +32,7 @@ import socket
 import sys
 import textwrap
 import time
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from . import __version__
 from .errors import FieldError
@@ -62,7 +62,11 @@ def _refuse(label: str, why: str) -> ConfigError:
 
 OPTIONS_BY_NAME: Dict[str, Option] = {o.key: o for o in OPTIONS}
 # Keys of the config file: every option except --dev (command line only) and --config itself.
-CONFIG_KEYS = tuple(o.toml_key for o in OPTIONS if o.toml_key)
+# Also the [[page_types]] and [[message_types]] tables (tornado_rt.typesconfig, docs/standalone.md).
+TYPES_KEYS = ("page_types", "message_types")
+CONFIG_KEYS = tuple(o.toml_key for o in OPTIONS if o.toml_key) + TYPES_KEYS
+# Options naming a file: relative to the config file's folder when given there.
+_FILE_OPTIONS = ("jwt_public_key", "types", "directory")
 
 
 @dataclasses.dataclass
@@ -76,6 +80,9 @@ class Config:
     config_file: Optional[str] = None
     jwt_public_key_pem: Optional[str] = None
     generated: Dict[str, str] = dataclasses.field(default_factory=dict)
+    types_table: Dict[str, Any] = dataclasses.field(default_factory=dict)  # [[page_types]] ... of the file
+    plugins: List[Any] = dataclasses.field(default_factory=list)  # the configured types
+    webhook: Any = None  # the AccessWebhook of --access-url
 
     def __getattr__(self, name: str) -> Any:
         values = self.__dict__.get("values")
@@ -137,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "installed entry points): plugin, default audience, routing keys and the payload "
                     "keys a publish must carry.")
     types.add_argument("--json", action="store_true", help="print JSON (the same as GET /api/types)")
+    types.add_argument("--config", metavar="FILE", default=None,
+                       help="also list the [[page_types]] / [[message_types]] of this config file")
+    types.add_argument("--types", metavar="FILE", default=None,
+                       help="also list the types declared in this file (as 'serve --types FILE')")
     groups = {
         "server": serve.add_argument_group("server"),
         "auth": serve.add_argument_group("authentication and access"),
@@ -223,10 +234,11 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
         if key == "config":
             config_path = values[key]
             file_values = _read_config_file(values[key], named)
-        elif (key == "jwt_public_key" and config_path and source.endswith(f"in {config_path}")
+        elif (key in _FILE_OPTIONS and config_path and source.endswith(f"in {config_path}")
                 and not values[key].startswith("-----BEGIN")):
             values[key] = os.path.join(os.path.dirname(os.path.abspath(config_path)), values[key])
     config = Config(values, sources, config_path)
+    config.types_table = {k: file_values[k] for k in TYPES_KEYS if k in file_values}
     _check(config)
     return config
 
@@ -260,12 +272,25 @@ def _check(config: Config) -> None:
                           "(or TORNADO_RT_API_KEYS), or run with --dev to generate one")
     if config.dev and config.allowed_origins is None:
         config.values["allowed_origins"] = ["*"]
+    _check_types(config)
     try:
         settings(config)
     except SettingError as exc:  # a check across settings (each value passed its own already)
         option = next((o for o in SERVER_OPTIONS if o.name == exc.field), None)
         label = config.label(option.key) if option else "configuration"
         raise _refuse(label, exc.message) from None
+
+
+def _check_types(config: Config) -> None:
+    """The access webhook and the configured types (tornado_rt.startup), refused before anything starts."""
+    from .startup import StartupError, access_webhook, configured_types
+
+    try:
+        config.webhook = access_webhook(config.values)
+        page_check = config.webhook.page_check if config.webhook is not None else None
+        config.plugins = configured_types(config.values, config.types_table, config.config_file, page_check)
+    except StartupError as exc:
+        raise _refuse(config.label(exc.option) if exc.option else "--config", str(exc)) from None
 
 
 def _load_public_key(value: str, label: str, source: str) -> str:
@@ -382,11 +407,20 @@ async def serve(config: Config) -> int:
     from .httpapi import make_app
     from .listener import GuardedHTTPServer, attach_metrics
     from .server import RealtimeServer, tune_gc
+    from .startup import StartupError, guard_pages, log_startup, make_directory, reload_directory
 
     broker = make_broker(config)
-    server = RealtimeServer(settings(config), broker=broker)
-    if config.dev and server.directory is not None:
-        server.directory.load({"workspaces": {"1": [1]}, "tables": {"1": 1}})
+    try:
+        directory = make_directory(config.directory)
+        try:
+            server = RealtimeServer(settings(config), broker=broker, plugins=config.plugins, policy=directory)
+        except ValueError as exc:  # a configured type named like one of another plugin
+            raise StartupError("types" if config.types else None, str(exc)) from None
+        guard_pages(server, config.webhook, config.access_pages)
+    except StartupError as exc:
+        raise _refuse(config.label(exc.option) if exc.option else "--config", str(exc)) from None
+    if config.dev and directory.store is None:
+        directory.load({"workspaces": {"1": [1]}, "tables": {"1": 1}})
     app = make_app(server, config.api_keys, metrics=not config.no_metrics, max_body_size=config.max_body_size)
     try:
         sockets = bind_sockets(config.port, config.host)
@@ -400,6 +434,7 @@ async def serve(config: Config) -> int:
             sock.close()
         raise _refuse(config.label('broker'), f"cannot start the broker: {exc}") from None
     _raise_fd_limit()  # after every refusal, which must stay one line on stderr
+    log_startup(server, config.plugins, directory, config.webhook)  # likewise
     # The guarded server adds the header/idle/body timeouts, the per-address cap and an accept
     # loop that survives running out of file descriptors (tornado_rt.listener). Headers up to
     # 160 KiB: an oversized token then gets its documented 4001, not a dropped connection
@@ -423,6 +458,8 @@ async def serve(config: Config) -> int:
             loop.add_signal_handler(signum, on_signal, signum)
         except (NotImplementedError, RuntimeError):  # pragma: no cover - not on Unix
             signal.signal(signum, lambda s, _f: loop.call_soon_threadsafe(on_signal, s))
+    if hasattr(signal, "SIGHUP"):
+        loop.add_signal_handler(signal.SIGHUP, reload_directory, directory)
 
     port = sockets[0].getsockname()[1]
     host = _display_host(config.host)
@@ -440,6 +477,8 @@ async def serve(config: Config) -> int:
         await asyncio.wait_for(http_server.close_all_connections(), timeout=5.0)
     except asyncio.TimeoutError:
         log.warning("some HTTP connections did not close in time")
+    if config.webhook is not None:
+        config.webhook.close()
     log.info("stopped")
     return 0
 
@@ -472,14 +511,27 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _types(as_json: bool) -> int:
-    """``tornado-rt types [--json]``."""
+def _types(as_json: bool, config_file: Optional[str] = None, types_file: Optional[str] = None) -> int:
+    """``tornado-rt types [--json] [--config FILE] [--types FILE]``."""
     import json
 
     from .catalogue import catalogue, serve_registry, table
+    from .startup import StartupError, configured_types
+
     registry = serve_registry()
+    declared = _read_config_file(config_file, "--config") if config_file else {}
+    try:  # pages behind the access webhook are listed, never served, here: their check refuses
+        for plugin in configured_types({"types": types_file}, {k: declared[k] for k in TYPES_KEYS if k in declared},
+                                       config_file, lambda page: _deny):
+            registry.add(plugin)
+    except StartupError as exc:
+        raise _refuse("--types" if exc.option else "--config", str(exc)) from None
     sys.stdout.write(json.dumps(catalogue(registry), indent=2) + "\n" if as_json else table(registry))
     return 0
+
+
+def _deny(*args: Any, **kwargs: Any) -> bool:
+    return False
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -487,7 +539,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.command == "types":
-        return _types(args.json)
+        try:
+            return _types(args.json, args.config, args.types)
+        except ConfigError as exc:
+            print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
+            return 2
     if args.command == "settings":
         if not args.write_readme:
             sys.stdout.write(markdown_table())

@@ -230,6 +230,17 @@ def _broker(value: Any) -> Optional[str]:
     return url
 
 
+def _http_url(value: Any) -> str:
+    url = _non_empty(value).strip()
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise ValueError(f"not a valid URL {redact_url(url)!r}: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL, got {redact_url(url)!r}")
+    return url
+
+
 # --- the declaration ---------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -464,6 +475,25 @@ class Standalone:
     no_metrics: bool = setting(False, "do not serve GET /metrics", shown_default="metrics on")
     max_body_size: int = setting(10 * 1024 * 1024, "largest HTTP request body in bytes (413 above it)",
                                  at_least(1), metavar=_BYTES, group="limits")
+    types: Optional[str] = setting(
+        None, "TOML file declaring [[page_types]] and [[message_types]] (the config file may hold them too; "
+        "a relative path in the config file is relative to it; docs/standalone.md)", metavar="FILE")
+    directory: Optional[str] = setting(
+        None, "JSON file keeping the directory across restarts: loaded at start (refused with the position of "
+        "an error), rewritten atomically on every change, reloaded on SIGHUP", metavar="FILE")
+    access_url: Optional[str] = setting(
+        None, "access webhook: POST URL decides the subscriptions to pages whose access is 'webhook' (and to "
+        "--access-page pages); timeouts and errors refuse", _http_url, metavar="URL", group="auth")
+    access_pages: Tuple[str, ...] = setting(
+        (), "registered page type (e.g. table, row, view) whose subscriptions the access webhook decides "
+        "instead of its own check, repeatable (env and config: a list)", flag="--access-page", metavar="PAGE",
+        group="auth")
+    access_timeout: float = setting(2.0, "seconds the access webhook may take to decide (then refused)",
+                                    positive_number, metavar="SECONDS", group="auth")
+    access_cache_ttl: float = setting(5.0, "seconds an access webhook decision is reused, 0 = never",
+                                      number_at_least(0), metavar="SECONDS", group="auth")
+    access_concurrency: int = setting(16, "access webhook calls in flight at most", at_least(1), metavar="N",
+                                      group="auth")
     dev: bool = setting(
         False, "development mode: generate a JWT secret and an API key when none is given and print them with "
         "a JWT for user 1, a curl publish example and a browser snippet; seed a demo directory; allow any "

@@ -43,7 +43,7 @@ import difflib
 import inspect
 import logging
 import string
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set
 
 from .principal import normalize_id
 from .registry import AUDIENCES, MessageType, PageType, Params, Plugin
@@ -59,6 +59,8 @@ CONFIG_AUDIENCES = tuple(a for a in AUDIENCES if a != "server")
 #: The routing key each non-page audience reads from the payload.
 AUDIENCE_KEY = {"workspace": "workspace_id", "table_workspace": "table_id", "user_workspaces": "user_id"}
 TOP_KEYS = ("page_types", "message_types")
+#: Keys of a client's page message that cannot be parameters.
+RESERVED_PARAMETERS = ("page", "remove_page")
 
 #: ``page_check(page_name) -> can_add``: how ``access = "webhook"`` page types get their check.
 WebhookFactory = Callable[[str], Callable[..., Any]]
@@ -77,8 +79,8 @@ class TypesConfigError(ValueError):
         self.why = why
 
 
-def load_types_file(path: str, *, webhook: Optional[WebhookFactory] = None,
-                    known_pages: Iterable[str] = (), name: Optional[str] = None) -> Plugin:
+def load_types_file(path: str, *, webhook: Optional[WebhookFactory] = None, known_pages: Iterable[str] = (),
+                    known_messages: Iterable[str] = (), name: Optional[str] = None) -> Plugin:
     """The :class:`~tornado_rt.Plugin` declared by a TOML file (see the module docstring).
 
     Raises :class:`TypesConfigError` for an unreadable file, bad TOML or a bad declaration."""
@@ -97,18 +99,22 @@ def load_types_file(path: str, *, webhook: Optional[WebhookFactory] = None,
         if key not in TOP_KEYS:
             raise TypesConfigError(path, None, key, f"unknown key{_hint(key, TOP_KEYS)}; a types file "
                                    "holds only [[page_types]] and [[message_types]]")
-    return load_types(data, source=path, webhook=webhook, known_pages=known_pages, name=name)
+    return load_types(data, source=path, webhook=webhook, known_pages=known_pages, known_messages=known_messages,
+                      name=name)
 
 
 def load_types(table: Mapping[str, Any], *, source: str = "<dict>", webhook: Optional[WebhookFactory] = None,
-               known_pages: Iterable[str] = (), name: Optional[str] = None) -> Plugin:
+               known_pages: Iterable[str] = (), known_messages: Iterable[str] = (),
+               name: Optional[str] = None) -> Plugin:
     """The :class:`~tornado_rt.Plugin` declared by ``{"page_types": [...], "message_types": [...]}``
     (other keys of ``table`` are ignored: it may be a whole config file).
 
     ``webhook``: ``page_check(page_name) -> can_add`` for the page types with ``access =
     "webhook"`` (e.g. :meth:`tornado_rt.webhook.AccessWebhook.page_check`); without it such a page
     type is an error. ``known_pages``: page types registered elsewhere (the built-in ``table``,
-    ...) that message types may name. ``name``: the plugin's name (default ``types:<source>``).
+    ...; names, or a mapping of name to :class:`~tornado_rt.PageType` to check the message types'
+    keys against their parameters): message types may name them, page types may not take their names. ``known_messages``:
+    message type names taken elsewhere (refused here with the entry named). ``name``: the plugin's name (default ``types:<source>``).
     Raises :class:`TypesConfigError`."""
     if not isinstance(table, Mapping):
         raise TypesConfigError(source, None, None, "the type declarations must be a table")
@@ -116,22 +122,31 @@ def load_types(table: Mapping[str, Any], *, source: str = "<dict>", webhook: Opt
     messages_raw = _array(table, "message_types", source)
     page_types: List[PageType] = []
     pages: Dict[str, PageType] = {}
+    known: Dict[str, Optional[PageType]] = (dict(known_pages) if isinstance(known_pages, Mapping)
+                                            else dict.fromkeys(known_pages))
     for i, raw in enumerate(pages_raw):
         pt = _page_type(raw, f"page_types[{i}]", source, webhook)
         if pt.name in pages:
             raise TypesConfigError(source, _entry("page_types", i, raw), "name",
                                    f"page type {pt.name!r} is declared twice")
+        if pt.name in known:
+            raise TypesConfigError(source, _entry("page_types", i, raw), "name",
+                                   f"page type {pt.name!r} is already registered by another plugin")
         pages[pt.name] = pt
         page_types.append(pt)
-    known = set(known_pages)
+    taken = set(known_messages)
     message_types: List[MessageType] = []
     names: Set[str] = set()
     for i, raw in enumerate(messages_raw):
         mt = _message_type(raw, i, source, pages, known)
         for n in (mt.name, *mt.aliases):
+            key = "name" if n == mt.name else "aliases"
             if n in names:
-                raise TypesConfigError(source, _entry("message_types", i, raw), "name",
+                raise TypesConfigError(source, _entry("message_types", i, raw), key,
                                        f"message type {n!r} is declared twice")
+            if n in taken:
+                raise TypesConfigError(source, _entry("message_types", i, raw), key,
+                                       f"message type {n!r} is already registered by another plugin")
             names.add(n)
         message_types.append(mt)
     return Plugin(name or f"types:{source}", page_types, message_types)
@@ -152,6 +167,9 @@ def _page_type(raw: Any, label: str, source: str, webhook: Optional[WebhookFacto
     parameters = _names(raw, "parameters", fail, required=True)
     if len(set(parameters)) != len(parameters):
         raise fail("parameters", "a parameter is listed twice")
+    for p in parameters:
+        if p in RESERVED_PARAMETERS:
+            raise fail("parameters", f"{p!r} is a key of the client's message itself, not a parameter name")
     required = _names(raw, "required", fail, required=False)
     if required is None:
         required = parameters
@@ -284,7 +302,8 @@ async def _is_member_async(user: Any, members: Any) -> bool:
 
 # --- message types ------------------------------------------------------------------------------------
 
-def _message_type(raw: Any, i: int, source: str, pages: Mapping[str, PageType], known: Set[str]) -> MessageType:
+def _message_type(raw: Any, i: int, source: str, pages: Mapping[str, PageType],
+                  known: Mapping[str, Optional[PageType]]) -> MessageType:
     label = f"message_types[{i}]"
     entry = _entry_of(label, raw)
     if not isinstance(raw, Mapping):
@@ -312,7 +331,7 @@ def _message_type(raw: Any, i: int, source: str, pages: Mapping[str, PageType], 
             raise fail("page", "missing; audience = \"page\" needs the page type")
         if not isinstance(page, str):
             raise fail("page", f"must be a page type name, got {page!r}")
-        pt = pages.get(page)
+        pt = pages.get(page) or known.get(page)
         if pt is None and page not in known:
             raise fail("page", f"page type {page!r} is not declared here nor registered")
         if pt is not None:
@@ -402,8 +421,3 @@ def _names(raw: Mapping[str, Any], key: str, fail: Callable[[Optional[str], str]
         if identifiers and not item.isidentifier():
             raise fail(key, f"{item!r} is not a valid parameter name (letters, digits, _)")
     return list(value)
-
-
-def describe(plugins: Iterable[Plugin]) -> List[Tuple[str, List[str], List[str]]]:
-    """(plugin name, page type names, message type names) of each plugin, for the start-up log."""
-    return [(p.name, [pt.name for pt in p.page_types], [mt.name for mt in p.message_types]) for p in plugins]

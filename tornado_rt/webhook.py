@@ -139,8 +139,10 @@ class AccessWebhook:
         async with self._semaphore:
             self.in_flight += 1
             try:
+                # The decision's deadline is the asyncio timeout around this call; Tornado's own
+                # timeouts are only a backstop that frees the connection soon after it.
                 request = HTTPRequest(self.url, method="POST", body=body, headers=self._headers,
-                                      connect_timeout=self.timeout, request_timeout=self.timeout,
+                                      connect_timeout=self.timeout + 1, request_timeout=self.timeout + 1,
                                       follow_redirects=False)
                 try:
                     response = await self._client.fetch(request, raise_error=False)
