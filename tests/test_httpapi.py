@@ -77,7 +77,7 @@ async def expect(message, recipients):
 
 @pytest.mark.gen_test(timeout=20)
 async def test_healthz_needs_no_key_and_directory_round_trips(serve, api, directory):
-    assert await api.ok("GET", "/healthz", key=None) == {"status": "ok"}
+    assert await api.ok("GET", "/healthz", key=None) == {"status": "ok", "broker": {"kind": "in-process", "connected": True}}
     await directory()
     assert await api.ok("GET", "/api/directory") == {
         "workspaces": {"1": [1, 2, 3], "2": [4]},
@@ -533,7 +533,8 @@ async def test_503_when_the_broker_cannot_take_the_publish(io_loop):
         status, body, _ = await api.call("POST", "/api/publish", {"message": OK_MESSAGE})
         assert_error(status, body, 503)
         assert "down" in body["error"]
-        assert await api.ok("GET", "/healthz") == {"status": "ok"}  # the process is fine
+        assert await api.ok("GET", "/healthz") == {  # the process is fine: a broker refusing one publish
+            "status": "ok", "broker": {"kind": "DownBroker", "connected": True}}  # is not "unreachable"
     finally:
         http_server.stop()
 
@@ -550,4 +551,4 @@ async def test_the_process_survives_bad_input(local_api):
         status, body, _ = await local_api.call("POST", "/api/publish", raw=raw)
         assert status == 400, (raw[:60], body)
     assert await local_api.publish({"message": OK_MESSAGE, "to": {"all_users": True}}) == {"published": 1}
-    assert await local_api.ok("GET", "/healthz", key=None) == {"status": "ok"}
+    assert await local_api.ok("GET", "/healthz", key=None) == {"status": "ok", "broker": {"kind": "in-process", "connected": True}}

@@ -119,6 +119,25 @@ class ServerCollector:
             ("tornado_rt_subscriptions", "subscriptions", "Page subscriptions over all connections"),
         ):
             yield GaugeMetricFamily(name, text, value=stats[key])
+        broker = broker_health(server)
+        connected = GaugeMetricFamily("tornado_rt_broker_connected",
+                                      "1 while the broker is reachable (in-process: always), else 0",
+                                      labels=["kind"])
+        connected.add_metric([broker["kind"]], 1 if broker["connected"] else 0)
+        yield connected
+        directory = server.directory
+        if directory is not None and directory.store is not None:
+            yield CounterMetricFamily("tornado_rt_directory_save_failures",
+                                      "Directory changes that could not be saved to --directory since start",
+                                      value=directory.save_failures)
+        webhook = getattr(server, "access_webhook", None)
+        if webhook is not None:
+            decisions = CounterMetricFamily("tornado_rt_access_webhook_decisions",
+                                            "Access webhook decisions since start, by outcome "
+                                            "(timeout and error refuse)", labels=["outcome"])
+            for outcome, n in sorted(webhook.decisions.items()):
+                decisions.add_metric([outcome], n)
+            yield decisions
         yield CounterMetricFamily("tornado_rt_connections_opened", "Connections authenticated since start",
                                   value=counters.connections_opened)
         yield CounterMetricFamily("tornado_rt_authentication_failures",
@@ -597,13 +616,34 @@ class DocsHandler(ApiHandler):
         self.finish(DOCS_PAGE)
 
 
+def broker_health(server: RealtimeServer) -> Dict[str, Any]:
+    """``{"kind", "connected"}`` of the server's broker: ``in-process`` is always connected; a
+    broker with a ``connected`` attribute (Redis) reports it."""
+    broker = server.broker
+    kind = getattr(broker, "kind", None)
+    if not isinstance(kind, str):
+        name = type(broker).__name__
+        kind = {"LocalBroker": "in-process", "RedisBroker": "redis"}.get(name, name)
+    connected = getattr(broker, "connected", True)
+    return {"kind": kind, "connected": bool(connected)}
+
+
 class HealthHandler(ApiHandler):
-    """``GET /healthz`` (no key)."""
+    """``GET /healthz`` (no key): ``{"status": "ok" | "degraded", "broker": {"kind",
+    "connected"}}`` plus ``"directory": {"saved", "save_failures"}`` when the directory is kept in
+    a file; 503 with status ``degraded`` while the broker is unreachable, so that a load balancer
+    drains the process (its WebSocket clients stay connected; publishes get 503 meanwhile)."""
 
     requires_key = False
 
     def get(self) -> None:
-        self.reply({"status": "ok"})
+        broker = broker_health(self.server)
+        body: Dict[str, Any] = {"status": "ok" if broker["connected"] else "degraded", "broker": broker}
+        directory = self.server.directory
+        if directory is not None and directory.store is not None:
+            body["directory"] = {"saved": directory.last_save_error is None,
+                                 "save_failures": directory.save_failures}
+        self.reply(body, 200 if broker["connected"] else 503)
 
 
 class MetricsHandler(ApiHandler):

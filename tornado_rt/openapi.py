@@ -62,6 +62,12 @@ _WEB_SOCKET_ID_HEADER = {
     "schema": {"type": "string", "format": "uuid"},
 }
 
+_HEALTH = {"type": "object", "required": ["status", "broker"], "properties": {
+    "status": {"type": "string", "enum": ["ok", "degraded"]},
+    "broker": {"type": "object", "properties": {"kind": {"type": "string"}, "connected": {"type": "boolean"}}},
+    "directory": {"type": "object", "properties": {"saved": {"type": "boolean"},
+                                                   "save_failures": {"type": "integer"}}},
+}}
 _ID = {"oneOf": [{"type": "integer"}, {"type": "string", "minLength": 1, "maxLength": 256}],
        "description": "An id: an integer or a non-empty string (\"7\" and 7 are the same id)."}
 
@@ -296,8 +302,8 @@ _OPERATIONS: Dict[str, Dict[str, Any]] = {
                       "405": _error("Method not allowed")},
     }},
     "/healthz": {"get": {
-        "summary": "Liveness (no key)", "security": [],
-        "responses": {"200": _ok("Alive", {"type": "object", "properties": {"status": {"type": "string", "enum": ["ok"]}}}),
+        "summary": "Health (no key): 503 while the broker is unreachable", "security": [],
+        "responses": {"200": _ok("Healthy", _HEALTH), "503": _ok("Degraded: the broker is unreachable", _HEALTH),
                       "405": _error("Method not allowed")},
     }},
     "/metrics": {"get": {
