@@ -15,10 +15,14 @@ Server
     survives running out of file descriptors; :func:`mark_authenticated`, :func:`raise_fd_limit`.
 Plugins
     :class:`Plugin`, :class:`PageType`, :class:`MessageType`, :class:`Registry`;
-    :data:`ENTRY_POINT_GROUP` (``"tornado_rt.plugins"``).
+    :data:`ENTRY_POINT_GROUP` (``"tornado_rt.plugins"``); :func:`load_types` /
+    :func:`load_types_file` turn ``[[page_types]]`` / ``[[message_types]]`` declarations (a dict
+    or a TOML file) into a plugin, :class:`TypesConfigError` names the file, entry and key.
 Access and identity
     :class:`AccessPolicy` (implement it over your database), :class:`Directory` (the default,
-    in memory), :class:`Principal`, :func:`normalize_id`, :class:`JWTAuthenticator`.
+    in memory; ``Directory(store=FileDirectoryStore(path))`` survives restarts, see
+    :class:`DirectoryStore`), :class:`Principal`, :func:`normalize_id`, :class:`JWTAuthenticator`,
+    :class:`AccessWebhook` (the backend decides subscriptions: ``page_check(page)`` is a ``can_add``).
 Event bus
     :class:`Broker` (interface), :class:`LocalBroker` (default, in-process),
     ``RedisBroker`` (several processes over Redis pub/sub; needs ``pip install tornado-rt[redis]``;
@@ -36,6 +40,7 @@ from typing import Any
 from . import closecodes
 from .auth import JWTAuthenticator
 from .broker import Broker, BrokerUnavailable, LocalBroker
+from .directory_store import DirectoryStore, FileDirectoryStore
 from .envelope import PublishError
 from .errors import FieldError
 from .listener import GuardedHTTPServer, listen, mark_authenticated, raise_fd_limit
@@ -44,13 +49,16 @@ from .principal import Principal, normalize_id
 from .registry import ENTRY_POINT_GROUP, MessageType, PageType, Plugin, Registry
 from .server import RealtimeServer, tune_gc, web_socket_id_from_request
 from .settings import Settings
+from .typesconfig import TypesConfigError, load_types, load_types_file
+from .webhook import AccessWebhook
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AccessPolicy", "Broker", "BrokerUnavailable", "Directory", "ENTRY_POINT_GROUP", "FieldError",
-    "GuardedHTTPServer", "JWTAuthenticator", "LocalBroker", "MessageType", "PageType", "Plugin", "Principal",
-    "PublishError", "RealtimeServer", "Registry", "Settings", "closecodes", "listen", "mark_authenticated",
+    "AccessPolicy", "AccessWebhook", "Broker", "BrokerUnavailable", "Directory", "DirectoryStore",
+    "ENTRY_POINT_GROUP", "FieldError", "FileDirectoryStore", "GuardedHTTPServer", "JWTAuthenticator",
+    "LocalBroker", "MessageType", "PageType", "Plugin", "Principal", "PublishError", "RealtimeServer", "Registry",
+    "Settings", "TypesConfigError", "closecodes", "listen", "load_types", "load_types_file", "mark_authenticated",
     "normalize_id", "raise_fd_limit", "tune_gc", "web_socket_id_from_request",
 ]
 
