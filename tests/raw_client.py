@@ -106,6 +106,13 @@ class RawClient:
             self.buf += chunk
         return True
 
+    def recv_now(self) -> bytes:
+        """Read what has already arrived, without waiting and without letting the loop run
+        (raises ``BlockingIOError`` when nothing has); it is kept for :meth:`recv_frame`."""
+        chunk = self.sock.recv(65536)
+        self.buf += chunk
+        return chunk
+
     async def recv_frame(self) -> Optional[Tuple[int, bytes]]:
         """The next frame as ``(opcode, payload)``, or None at end of stream."""
         if not await self._fill(2):
