@@ -3,7 +3,6 @@
 Message types and their default audiences follow docs/protocol.md §6 and its message catalogue. Side effects
 keep the in-memory directory current and revoke pages when a member leaves a workspace.
 """
-import inspect
 from typing import Any, Dict
 
 from tornado_rt import MessageType, Plugin
@@ -45,7 +44,6 @@ def _remove_user(ctx, message):
 
     def leave(workspaces):
         workspaces = list(workspaces or ())
-        pending = [ctx.policy.workspace_tables(ws) for ws in workspaces]
 
         def revoke(table_lists):
             for tables in table_lists:
@@ -54,11 +52,7 @@ def _remove_user(ctx, message):
             if ctx.directory is not None:
                 ctx.directory.remove_user(user_id)
 
-        if any(inspect.isawaitable(p) for p in pending):
-            async def gather():
-                return [await p if inspect.isawaitable(p) else p for p in pending]
-            return ctx.then(gather(), revoke)
-        return revoke(pending)
+        return ctx.then(ctx.gather(ctx.policy.workspace_tables(ws) for ws in workspaces), revoke)
 
     return ctx.then(ctx.policy.user_workspaces(user_id), leave)
 

@@ -61,8 +61,8 @@ async def test_connections_send_without_nagle_delay(server, connect):
     import socket
 
     client = await connect(user_id=1)
-    conn = server.hub.connections[client.web_socket_id]
-    assert conn.stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    session = server.hub.connections[client.web_socket_id]
+    assert session.transport.stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 
 def test_tune_gc_freezes_start_up_objects_and_raises_the_threshold():

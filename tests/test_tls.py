@@ -43,8 +43,8 @@ async def test_messages_reach_a_wss_client_intact(server, https_server, https_po
                           ssl_options=client_context)
     conn = await websocket_connect(request)
     assert ujson.loads(await conn.read_message())["success"] is True
-    handler = next(iter(server.hub.connections.values()))
-    assert handler.sock is None  # no direct sends on a TLS stream
+    session = next(iter(server.hub.connections.values()))
+    assert session.transport.sock is None  # no direct sends on a TLS stream
     await conn.write_message(ujson.dumps({"page": "table", "table_id": 10}))
     assert ujson.loads(await conn.read_message())["type"] == "page_add"
     sent = [{"type": "rows_created", "table_id": 10, "rows": [{"id": n, "v": "é" * n}], "metadata": {},

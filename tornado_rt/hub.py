@@ -6,22 +6,20 @@ whether a user may see a page (that is :mod:`tornado_rt.policy`'s job) and never
 
 Fan-out is the hot path. Per recipient it does one list append (and, for the first message of
 the loop iteration, one more append to the dirty list). Once per IOLoop iteration :meth:`Hub.flush`
-joins each dirty connection's frames and hands them to its stream in a single write, then checks
-that connection's unsent bytes against ``max_outgoing_buffer``.
+hands each dirty session's queue to its transport, which writes it with one write (see
+:class:`tornado_rt.transport.Transport`), and checks the bytes still buffered against
+``max_outgoing_buffer``.
 
-A connection object given to the hub must have the attributes ``web_socket_id``, ``user_id``,
-``pages`` (dict: group -> subscription), ``out`` (list of pending frames), ``stream`` (a Tornado
-IOStream, or None while not open), ``sock`` (the plain TCP socket behind the stream, or None
-when direct sends are not allowed: TLS, not open, closing), ``backlog`` (whether Tornado still
-buffers bytes of it) and a method ``close(code, reason)``.
+The hub indexes :class:`~tornado_rt.session.Session` objects: ``web_socket_id``, ``user_id``,
+``pages`` (dict: group -> subscription), ``out`` (list of queued frames), ``transport`` (with
+``flush() -> bytes still buffered``) and ``close(code, reason)``. Only the session mutates its
+own state; the hub mutates only its indexes, ``pages`` and ``out``.
 """
 from __future__ import annotations
 
 import logging
 import struct
 from typing import Any, Callable, Dict, Hashable, Iterable, List, Optional, Set
-
-from tornado.iostream import StreamClosedError
 
 from . import closecodes
 
@@ -52,7 +50,6 @@ class Hub:
         self.users: Dict[Hashable, Set[Any]] = {}
         self.groups: Dict[str, Set[Any]] = {}
         self.anonymous = 0
-        self.delivered = 0
         self.max_outgoing_buffer = max_outgoing_buffer
         self._dirty: List[Any] = []
         self._flush_scheduled = False
@@ -142,10 +139,8 @@ class Hub:
                 mark(conn)
             out.append(frame)
             n += 1
-        if n:
-            self.delivered += n
-            if not self._flush_scheduled:
-                self._schedule()
+        if n and not self._flush_scheduled:
+            self._schedule()
         return n
 
     def send(self, conn: Any, frame: bytes) -> None:
@@ -164,55 +159,16 @@ class Hub:
             self._call_soon(self.flush)
 
     def flush(self) -> None:
-        """Write every dirty connection's queued frames with one socket write each."""
+        """Write every dirty session's queued frames with one write each."""
         self._flush_scheduled = False
         dirty, self._dirty = self._dirty, []
-        write = self._write
         limit = self.max_outgoing_buffer
-        for conn in dirty:
-            write(conn, limit)
-
-    def flush_one(self, conn: Any) -> None:
-        """Write what is queued for ``conn`` now (before closing it, for instance)."""
-        self._write(conn, 0)
-
-    def _write(self, conn: Any, limit: int) -> None:
-        out = conn.out
-        if not out:
-            return
-        data = out[0] if len(out) == 1 else b"".join(out)
-        out.clear()
-        sock = conn.sock
-        if sock is not None and not conn.backlog:
-            # Nothing of this connection waits in Tornado's buffer, so order allows a direct send;
-            # when the kernel takes it all (the usual case) the IOStream machinery (a Future,
-            # buffer bookkeeping) is skipped. Whatever is left, and every error, goes the normal way.
-            try:
-                sent = sock.send(data)
-            except OSError:
-                sent = 0
-            if sent == len(data):
-                return
-            if sent:
-                data = memoryview(data)[sent:]
-        stream = conn.stream
-        if stream is None:
-            return
-        try:
-            stream.write(data)
-        except StreamClosedError:
-            return
-        buffered = stream._write_buffer  # None when this write found the peer gone (reset)
-        if buffered is None:
-            return
-        size = len(buffered)
-        conn.backlog = size > 0  # direct sends wait until Tornado has written all of it
-        if limit and size > limit:
-            self.close(conn, closecodes.SLOW_CONSUMER, "slow consumer")
+        for session in dirty:
+            if session.transport.flush() > limit and limit:
+                session.close(closecodes.SLOW_CONSUMER, "slow consumer")
 
     def close(self, conn: Any, code: int, reason: str) -> None:
-        """Flush what is queued for ``conn``, then close it with ``code``."""
-        self.flush_one(conn)
+        """Close ``conn`` with ``code`` after what is queued for it."""
         try:
             conn.close(code, reason)
         except Exception:  # a connection closing under us must not break a fan-out

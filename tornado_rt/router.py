@@ -6,23 +6,24 @@ delivery*, so that processes that apply the same events in the same order agree 
 member. After delivery the message type's side effect (directory update, page revocation) runs
 through an :class:`EffectContext`.
 
-The access policy may be asynchronous. The router drives each envelope as a small generator that
-yields policy results; while nothing is awaitable the whole envelope is handled synchronously
-(the common case, and the fast one). The first awaitable switches the router into a queue that
-keeps later envelopes waiting behind it, so message order never depends on policy latency.
+The access policy and the side effects may be asynchronous (see :mod:`tornado_rt.hooks`, the
+one place that tells sync from async). An envelope whose hooks answer at once is delivered at
+once (the common case, and the fast one; a page audience without an effect never calls a hook).
+When a hook answers with an awaitable, the router keeps every later envelope in a queue until
+that one is done, so message order never depends on policy latency.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
-import inspect
 import logging
-from typing import Any, Callable, Hashable, Iterable, Optional, Set
+from typing import Any, Awaitable, Callable, Iterable, Optional
 
 import ujson
 
 from . import closecodes
 from .envelope import DISCONNECT, INDIVIDUAL, MESSAGE, REVOKE, Envelope
+from .hooks import Hooks, gather, pending, then
 from .hub import Hub, text_frame
 from .policy import AccessPolicy, Directory
 from .principal import normalize_id
@@ -100,111 +101,87 @@ class EffectContext:
     @staticmethod
     def then(value: Any, fn: Callable[[Any], Any]) -> Any:
         """Apply ``fn`` to a policy result that may be awaitable; returns an awaitable if it was."""
-        if inspect.isawaitable(value):
-            async def later() -> Any:
-                return fn(await value)
-            return later()
-        return fn(value)
+        return then(value, fn)
+
+    @staticmethod
+    def gather(values: Iterable[Any]) -> Any:
+        """The list of policy results ``values``; an awaitable of it if any was awaitable."""
+        return gather(values)
 
 
 class Router:
     """Delivers envelopes to this process's connections; see the module docstring."""
 
     def __init__(self, registry: Registry, policy: AccessPolicy, hub: Hub,
-                 on_delivered: Optional[Callable[[str, int], None]] = None):
+                 on_delivered: Optional[Callable[[str, int], None]] = None,
+                 hooks: Optional[Hooks] = None):
         self.registry = registry
         self.policy = policy
         self.hub = hub
+        self.hooks = hooks if hooks is not None else Hooks(None, policy)
         self.on_delivered = on_delivered
         self.effects = EffectContext(self)
-        self._backlog: Optional[collections.deque] = None
+        self._waiting: Optional[collections.deque] = None  # envelopes behind an async one
         self._idle: Optional[asyncio.Future] = None
 
-    # --- ordered driving ------------------------------------------------------------------------
+    # --- in order ---------------------------------------------------------------------------------
     def dispatch(self, envelope: Envelope) -> None:
-        """Deliver now, or queue behind an envelope that is waiting for an async policy."""
-        if self._backlog is not None:
-            self._backlog.append(envelope)
+        """Deliver now, or queue behind an envelope that is waiting for an async hook."""
+        if self._waiting is not None:
+            self._waiting.append(envelope)
             return
         if envelope.kind == MESSAGE and envelope.audience[0] == "page":
             mt = self.registry.message_type(envelope.type)
             if mt is None or mt.effect is None:  # the common case: no policy call, no effect
                 self._deliver(envelope, self.hub.groups.get(envelope.audience[1], ()))
                 return
-        steps = self._steps(envelope)
-        pending = self._drive(steps, None)
-        if pending is not None:
-            self._backlog = collections.deque()
-            asyncio.ensure_future(self._drain(steps, pending))
+        waiting = self._route(envelope)
+        if waiting is not None:
+            self._waiting = collections.deque()
+            asyncio.ensure_future(self._finish_in_order(waiting))
 
-    @staticmethod
-    def _drive(steps, value: Any) -> Any:
-        """Run ``steps`` until done (None) or until it yields an awaitable (returned)."""
+    def _route(self, envelope: Envelope) -> Optional[Awaitable[Any]]:
+        """Deliver one envelope; returns None when done, or what is left to await."""
         try:
-            while True:
-                value = steps.send(value)
-                if inspect.isawaitable(value):
-                    return value
-        except StopIteration:
-            return None
+            return pending(self._handle(envelope))
         except Exception:
             log.exception("delivery failed")
             return None
 
-    async def _drain(self, steps, pending) -> None:
+    async def _finish_in_order(self, waiting: Optional[Awaitable[Any]]) -> None:
+        """Await the envelope in progress, then deliver the queued ones in order (awaiting again
+        whenever one of them waits for a hook)."""
         try:
-            while True:
-                while pending is not None:
-                    try:
-                        value = await pending
-                    except Exception:
-                        log.exception("access policy failed during delivery; envelope dropped")
-                        steps.close()
-                        break
-                    pending = self._drive(steps, value)
-                if not self._backlog:
-                    break
-                steps = self._steps(self._backlog.popleft())
-                pending = self._drive(steps, None)
+            while waiting is not None:
+                try:
+                    await waiting
+                except Exception:
+                    log.exception("access policy failed during delivery; envelope dropped")
+                waiting = None
+                while waiting is None and self._waiting:
+                    waiting = self._route(self._waiting.popleft())
         finally:
-            self._backlog = None
+            self._waiting = None
             idle, self._idle = self._idle, None
             if idle is not None and not idle.done():
                 idle.set_result(None)
 
     async def wait_idle(self) -> None:
         """Return once every envelope handed to :meth:`dispatch` so far has been delivered."""
-        if self._backlog is None:
+        if self._waiting is None:
             return
         if self._idle is None:
             self._idle = asyncio.get_running_loop().create_future()
         await self._idle
 
-    # --- the steps of one envelope --------------------------------------------------------------
-    def _steps(self, env: Envelope):
+    # --- one envelope -------------------------------------------------------------------------------
+    def _handle(self, env: Envelope) -> Any:
+        """Deliver ``env``; returns None, or an awaitable when a hook answered asynchronously."""
         kind = env.kind
         hub = self.hub
         if kind == MESSAGE:
-            audience = env.audience
-            how = audience[0]
-            if how == "page":
-                conns = hub.groups.get(audience[1], ())
-            elif how == "users":
-                conns = hub.user_connections(audience[1])
-            elif how == "all":
-                conns = list(hub.connections.values())
-            else:
-                members = yield from self._members(audience)
-                conns = hub.user_connections(members)
-            self._deliver(env, conns)
-            mt = self.registry.message_type(env.type)
-            if mt is not None and mt.effect is not None:
-                message = ujson.loads(env.data)  # effects are rare; the text is the truth
-                self.effects.audience = env.audience
-                result = mt.effect(self.effects, message)
-                if inspect.isawaitable(result):
-                    yield result
-        elif kind == INDIVIDUAL:
+            return then(self._audience(env.audience), lambda conns: self._deliver_message(env, conns))
+        if kind == INDIVIDUAL:
             for user_id, type_name, data in env.payloads:
                 conns = hub.users.get(normalize_id(user_id), ())
                 n = hub.deliver(text_frame(data.encode()), conns, env.ignore)
@@ -216,6 +193,29 @@ class Router:
             self.revoke(env.user_ids or (), env.permission_group)
         else:
             log.warning("unknown envelope kind %r ignored", kind)
+        return None
+
+    def _audience(self, audience: list) -> Any:
+        """The connections of an audience (an awaitable of them when the policy is async)."""
+        how = audience[0]
+        hub = self.hub
+        if how == "page":
+            return hub.groups.get(audience[1], ())
+        if how == "users":
+            return hub.user_connections(audience[1])
+        if how == "all":
+            return list(hub.connections.values())
+        return then(self.hooks.members(audience), hub.user_connections)
+
+    def _deliver_message(self, env: Envelope, conns: Any) -> Any:
+        """Deliver, then run the message type's side effect (which may return an awaitable)."""
+        self._deliver(env, conns)
+        mt = self.registry.message_type(env.type)
+        if mt is None or mt.effect is None:
+            return None
+        message = ujson.loads(env.data)  # effects are rare; the text is the truth
+        self.effects.audience = env.audience
+        return self.hooks.effect(mt.effect, self.effects, message)
 
     def _deliver(self, env: Envelope, conns: Any) -> None:
         """Frame a message envelope once and queue it for ``conns`` (minus the excluded)."""
@@ -223,26 +223,6 @@ class Router:
         n = self.hub.deliver(text_frame(env.data.encode()), conns, env.ignore, exclude)
         if self.on_delivered is not None:
             self.on_delivered(env.type, n)
-
-    def _members(self, audience: list):
-        """Generator: the user ids of a membership audience (policy calls yielded)."""
-        how = audience[0]
-        policy = self.policy
-        if how == "workspaces":
-            workspaces = audience[1]
-        elif how == "table_workspace":
-            workspace = yield policy.table_workspace(audience[1])
-            workspaces = [] if workspace is None else [workspace]
-        else:  # user_workspaces
-            workspaces = yield policy.user_workspaces(audience[1])
-        members: Set[Hashable] = set()
-        for workspace in workspaces or ():
-            found = yield policy.workspace_members(normalize_id(workspace))
-            members.update(normalize_id(m) for m in found or ())
-        extra = audience[2] if len(audience) > 2 else None
-        if extra is not None:
-            members.add(extra)
-        return members
 
     # --- server-initiated subscription changes ---------------------------------------------------
     def disconnect(self, user_ids: Iterable[Any], ignore_web_socket_ids: Iterable[str] = ()) -> int:

@@ -25,11 +25,12 @@ from .broker import Broker, BrokerUnavailable, LocalBroker
 from .connection import Heartbeat, RealtimeHandler
 from .envelope import (DISCONNECT, INDIVIDUAL, MESSAGE, REVOKE, Envelope, PublishError,
                        individual_envelope, message_envelope, id_list)
+from .hooks import Hooks
 from .hub import Hub
 from .policy import AccessPolicy, Directory
-from .protocol import ClientProtocol
 from .registry import Plugin, Registry, entry_point_plugins
 from .router import Router
+from .session import Session, SessionContext
 from .settings import Settings
 
 log = logging.getLogger("tornado_rt.server")
@@ -104,13 +105,15 @@ class RealtimeServer:
     pass a ready ``registry``. ``policy``: your :class:`~tornado_rt.AccessPolicy`; default a fresh
     in-memory :class:`~tornado_rt.Directory`. ``authenticator``: callable token -> principal, user
     id or None (sync or async); default a :class:`~tornado_rt.JWTAuthenticator` when a JWT key is
-    configured. ``broker``: default :class:`~tornado_rt.LocalBroker`.
+    configured. ``broker``: default :class:`~tornado_rt.LocalBroker`. ``handler_class``: a
+    subclass of :class:`~tornado_rt.connection.RealtimeHandler` to serve the endpoint with.
     """
 
     def __init__(self, settings: Optional[Settings] = None, *, plugins: Iterable[Plugin] = (),
                  registry: Optional[Registry] = None, load_entry_points: bool = True,
                  policy: Optional[AccessPolicy] = None, authenticator: Optional[Authenticator] = None,
-                 broker: Optional[Broker] = None, **overrides: Any):
+                 broker: Optional[Broker] = None, handler_class: type = RealtimeHandler,
+                 **overrides: Any):
         settings = settings or Settings()
         if overrides:
             settings = settings.replace(**overrides)
@@ -124,19 +127,37 @@ class RealtimeServer:
         self.policy = policy if policy is not None else Directory()
         if authenticator is None and (settings.jwt_secret or settings.jwt_public_key):
             authenticator = JWTAuthenticator(settings)
-        self.authenticator = authenticator
         self.allowed_origins = {o.lower().rstrip("/") for o in settings.allowed_origins or ()}
+        if not (isinstance(handler_class, type) and issubclass(handler_class, RealtimeHandler)):
+            raise TypeError("handler_class must be a subclass of tornado_rt.connection.RealtimeHandler")
+        self.handler_class = handler_class
         self.counters = Counters()
         self.hub = Hub(settings.max_outgoing_buffer)
-        self.router = Router(self.registry, self.policy, self.hub, self.counters.on_delivered)
-        self.protocol = ClientProtocol(self.registry, self.policy, self.hub, settings.max_subscriptions)
+        self.hooks = Hooks(authenticator, self.policy)
+        self.router = Router(self.registry, self.policy, self.hub, self.counters.on_delivered, self.hooks)
+        self.sessions = SessionContext(self.hub, self.hooks, self.registry, settings,
+                                       opened=self._connected, left=self._disconnected,
+                                       auth_failed=self._auth_failed)
         self.broker = broker if broker is not None else LocalBroker()
         self.broker.attach(self.router.dispatch)
         self.heartbeat = Heartbeat(self.hub, settings.ping_interval, settings.ping_timeout)
         self._loop: Optional[IOLoop] = None
         self._thread: Optional[int] = None
-        self._closing = False
         self._ws_params: Any = None  # Tornado's WebSocket parameters, shared by all connections
+
+    @property
+    def authenticator(self) -> Optional[Authenticator]:
+        """The authenticator (token -> principal, user id or None; sync or async)."""
+        return self.hooks.authenticator
+
+    @authenticator.setter
+    def authenticator(self, value: Optional[Authenticator]) -> None:
+        self.hooks.authenticator = value
+
+    @property
+    def _closing(self) -> bool:
+        """Shutdown has begun: upgrades are refused, no new session opens."""
+        return self.sessions.closing
 
     @property
     def directory(self) -> Optional[Directory]:
@@ -147,7 +168,7 @@ class RealtimeServer:
     def routes(self, mount: str = "") -> list:
         """Tornado URL rules for the WebSocket endpoint, optionally under ``mount`` (e.g. "/rt")."""
         path = mount.rstrip("/") + self.settings.path_prefix
-        return [(path.rstrip("/") + "/?", RealtimeHandler, {"server": self})]
+        return [(path.rstrip("/") + "/?", self.handler_class, {"server": self})]
 
     def make_app(self, extra_routes: Sequence = (), **app_settings: Any) -> Application:
         """A Tornado Application serving the endpoint (plus ``extra_routes``)."""
@@ -171,15 +192,16 @@ class RealtimeServer:
         self.hub.bind(running.call_soon)
         self.heartbeat.start()
 
-    def _connected(self, conn: RealtimeHandler) -> None:
+    def _connected(self, session: Session) -> None:
         self._bind()
         self.counters.connections_opened += 1
-        self.hub.add(conn)
 
-    def _disconnected(self, conn: RealtimeHandler, closed_by: Optional[int]) -> None:
-        if conn.web_socket_id is not None and conn.web_socket_id in self.hub.connections:
-            self.hub.remove(conn)
-            self.counters.closed[CLOSE_REASONS.get(closed_by, str(closed_by))] += 1
+    def _disconnected(self, session: Session) -> None:
+        closed_by = session.closed_by
+        self.counters.closed[CLOSE_REASONS.get(closed_by, str(closed_by))] += 1
+
+    def _auth_failed(self) -> None:
+        self.counters.auth_failures += 1
 
     # --- publishing -----------------------------------------------------------------------------
     def publish(self, message: Mapping[str, Any], to: Optional[Mapping[str, Any]] = None, *,
@@ -321,7 +343,7 @@ class RealtimeServer:
         """Close every connection with 1001 after flushing what was already published, wait (at
         most ``timeout`` seconds) for their TCP connections to end, then stop the broker. Call on
         the loop. From the start of the call on, new upgrades are refused with HTTP 503."""
-        self._closing = True  # from now on upgrades get HTTP 503
+        self.sessions.closing = True  # from now on upgrades get HTTP 503
         self.heartbeat.stop()
         await self.router.wait_idle()
         self.hub.flush()

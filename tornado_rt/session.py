@@ -1,0 +1,279 @@
+"""The session: one connection's protocol logic, without I/O (sans-I/O).
+
+A :class:`Session` is what the hub indexes. It holds the connection's state (:class:`State`),
+its principal, its subscriptions (``pages``), its heartbeat and incoming-rate state, and ``out``,
+the frames queued for it and not yet written. It reads client frames and decides: authentication,
+``page`` / ``remove_page`` (PROTOCOL.md §2), the limits, and when to close. It never touches a
+socket: frames go to ``out`` (through the hub, which schedules one flush per loop iteration)
+and a close is asked of its ``transport`` (the :class:`~tornado_rt.transport.Transport` of the
+Tornado adapter, or anything with ``close(code, reason)`` and ``abort()``).
+
+Entry points, one per event of the connection:
+
+* :meth:`authenticate` ``(token)``: once, when the WebSocket is open.
+* :meth:`receive_frame` ``(opcode, data)``: every frame the transport hands over.
+* :meth:`ping` / :meth:`ping_timed_out`: the shared heartbeat.
+* :meth:`close` / :meth:`drop`: the server closes it (with a close frame / at once).
+* :meth:`closing` and :meth:`connection_lost`: the transport reports the closing handshake
+  and the end of the TCP connection.
+
+Each returns None, or an awaitable when an application hook answered asynchronously; the caller
+waits for it before feeding the next frame (Tornado does so with ``on_message``'s result).
+"""
+from __future__ import annotations
+
+import enum
+import time
+import uuid
+from typing import Any, Awaitable, Callable, Dict, Optional
+
+import ujson
+
+from . import closecodes
+from .hooks import Hooks, pending, then
+from .hub import Hub, text_frame
+from .principal import ANONYMOUS, Principal
+from .protocol import parse
+from .registry import PageType, Registry
+from .router import Subscription, page_frame
+
+TEXT, BINARY, CLOSE, PING, PONG = 0x1, 0x2, 0x8, 0x9, 0xA
+
+_AUTH_FAILED = text_frame(b'{"type":"authentication","success":false,"web_socket_id":null}')
+PING_FRAME = b"\x89\x00"  # an empty ping frame: the same bytes for every connection
+
+
+class State(enum.IntEnum):
+    AUTHENTICATING = 0  # open at the WebSocket level, waiting for the authenticator
+    OPEN = 1            # authenticated and in the hub
+    CLOSING = 2         # a close frame was sent or asked for, or the connection is being dropped
+    CLOSED = 3          # the TCP connection is gone
+
+
+class SessionContext:
+    """What every session of one server shares: the hub, the application's hooks, the registry,
+    the limits, and the server's callbacks for a session that opens or leaves. ``closing``:
+    the server is shutting down (no new session opens)."""
+
+    __slots__ = ("hub", "hooks", "registry", "policy", "max_subscriptions", "max_incoming_rate",
+                 "max_incoming_burst", "max_message_size", "allow_anonymous",
+                 "max_connections_per_user", "closing", "opened", "left", "auth_failed")
+
+    def __init__(self, hub: Hub, hooks: Hooks, registry: Registry, settings: Any,
+                 opened: Callable[["Session"], None] = lambda s: None,
+                 left: Callable[["Session"], None] = lambda s: None,
+                 auth_failed: Callable[[], None] = lambda: None):
+        self.hub = hub
+        self.hooks = hooks
+        self.registry = registry
+        self.policy = hooks.policy
+        self.max_subscriptions = settings.max_subscriptions
+        self.max_incoming_rate = settings.max_incoming_rate
+        self.max_incoming_burst = settings.max_incoming_burst
+        self.max_message_size = settings.max_message_size
+        self.allow_anonymous = settings.allow_anonymous
+        self.max_connections_per_user = settings.max_connections_per_user
+        self.closing = False
+        self.opened = opened
+        self.left = left
+        self.auth_failed = auth_failed
+
+
+class Session:
+    """One connection's protocol state; see the module docstring."""
+
+    __slots__ = ("ctx", "transport", "state", "web_socket_id", "principal", "user_id", "pages",
+                 "out", "closed_by", "awaiting_pong", "_tokens", "_refilled", "__weakref__")
+
+    def __init__(self, ctx: SessionContext, transport: Any = None):
+        self.ctx = ctx
+        self.transport = transport
+        self.state = State.AUTHENTICATING
+        self.web_socket_id: Optional[str] = None
+        self.principal: Optional[Principal] = None
+        self.user_id: Any = None
+        self.pages: Dict[str, Subscription] = {}
+        self.out: list = []  # frames queued, not yet written (the hub appends, the transport drains)
+        self.closed_by: Any = None  # close code, or "ping_timeout"; None: the client closed
+        self.awaiting_pong = False
+        self._tokens = float(ctx.max_incoming_burst)
+        self._refilled = 0.0
+
+    @property
+    def disconnected(self) -> bool:
+        """Whether the TCP connection is gone."""
+        return self.state is State.CLOSED
+
+    def data_to_send(self) -> list:
+        """Take the queued frames (for a caller without a transport, e.g. a test)."""
+        frames = list(self.out)
+        self.out.clear()
+        return frames
+
+    # --- authentication ---------------------------------------------------------------------------
+    def authenticate(self, token: Optional[str]) -> Optional[Awaitable[None]]:
+        """Decide who this is: ``anonymous`` by the setting, anything else by the authenticator."""
+        ctx = self.ctx
+        if token == "anonymous":
+            return self._authenticated(ANONYMOUS if ctx.allow_anonymous else None)
+        if not token:
+            return self._authenticated(None)
+        return pending(then(ctx.hooks.authenticate(token), self._authenticated))
+
+    def _authenticated(self, principal: Optional[Principal]) -> None:
+        ctx = self.ctx
+        hub = ctx.hub
+        if self.state is not State.AUTHENTICATING:
+            return  # the client left while the authenticator was thinking
+        if principal is not None and principal.user_id is None and not ctx.allow_anonymous:
+            principal = None  # an embedder's authenticator answered "anonymous": same switch
+        if principal is None:
+            ctx.auth_failed()
+            hub.send(self, _AUTH_FAILED)
+            self.close(closecodes.AUTHENTICATION_FAILED, "authentication failed")
+            return
+        if ctx.closing:  # the server began shutting down meanwhile
+            self.close(closecodes.GOING_AWAY, "server shutting down")
+            return
+        limit = ctx.max_connections_per_user
+        if limit and principal.user_id is not None and len(hub.users.get(principal.user_id, ())) >= limit:
+            self.close(closecodes.TRY_AGAIN_LATER, "too many connections for this user")
+            return
+        self.principal = principal
+        self.user_id = principal.user_id
+        self.web_socket_id = str(uuid.uuid4())
+        self.state = State.OPEN
+        self._refilled = time.monotonic()
+        hub.add(self)
+        ctx.opened(self)
+        hub.send(self, text_frame(ujson.dumps(
+            {"type": "authentication", "success": True, "web_socket_id": self.web_socket_id}).encode()))
+
+    # --- incoming frames ----------------------------------------------------------------------------
+    def receive_frame(self, opcode: int, data: Any) -> Optional[Awaitable[None]]:
+        """One frame from the client (a whole text or binary message, a ping, a pong). The one
+        place every incoming frame passes, so the incoming limits can count any kind."""
+        if opcode == PONG:
+            self.awaiting_pong = False
+            return None
+        if opcode != TEXT and opcode != BINARY:
+            return None  # ping: Tornado answers with the pong through the transport
+        if self.state is not State.OPEN:
+            return None
+        ctx = self.ctx
+        if len(data) > ctx.max_message_size:
+            self.close(closecodes.MESSAGE_TOO_BIG, "message too big")
+            return None
+        if ctx.max_incoming_rate:
+            now = time.monotonic()
+            tokens = min(ctx.max_incoming_burst, self._tokens + (now - self._refilled) * ctx.max_incoming_rate)
+            self._refilled = now
+            if tokens < 1:
+                self.close(closecodes.POLICY_VIOLATION, "too many messages")
+                return None
+            self._tokens = tokens - 1
+        if opcode == BINARY:
+            return None
+        actions = parse(ctx.registry, data)
+        if not actions:
+            return None
+        kind, page_type, params = actions[0]
+        if kind == "remove_page":
+            self._remove_page(page_type, params)
+            return None
+        rest = actions[1:]
+        return pending(then(self._add_page(page_type, params),
+                            lambda _: [self._remove_page(pt, p) for _, pt, p in rest]))
+
+    def _add_page(self, page_type: PageType, params: dict) -> Any:
+        principal = self.principal
+        assert principal is not None
+        if principal.user_id is None and not page_type.anonymous:
+            return None
+        if page_type.missing(params) is not None:
+            return None
+        ctx = self.ctx
+        allowed = ctx.hooks.can_add(page_type, principal, params, ctx.policy)
+        return then(allowed, lambda ok: self._subscribe(page_type, params) if ok else None)
+
+    def _subscribe(self, page_type: PageType, params: dict) -> None:
+        if self.state is not State.OPEN:
+            return  # closed while an asynchronous access check was pending
+        group = page_type.group(params)
+        if group not in self.pages and len(self.pages) >= self.ctx.max_subscriptions:
+            self.close(closecodes.POLICY_VIOLATION, "too many subscriptions")
+            return
+        hub = self.ctx.hub
+        hub.subscribe(self, group, Subscription(page_type, params))
+        hub.send(self, page_frame("page_add", page_type.name, params))
+
+    def _remove_page(self, page_type: PageType, params: dict) -> None:
+        if self.state is not State.OPEN:
+            return
+        hub = self.ctx.hub
+        if page_type.missing(params) is None:
+            hub.unsubscribe(self, page_type.group(params))
+        hub.send(self, page_frame("page_discard", page_type.name, params))
+
+    # --- heartbeat ------------------------------------------------------------------------------
+    def ping(self) -> None:
+        """Queue the shared ping frame (in order with the messages) and wait for a pong."""
+        self.awaiting_pong = True
+        self.ctx.hub.send(self, PING_FRAME)
+
+    def ping_timed_out(self) -> None:
+        if self.closed_by is None:
+            self.closed_by = "ping_timeout"
+        self.drop()
+
+    # --- closing --------------------------------------------------------------------------------
+    def close(self, code: int, reason: str) -> None:
+        """Close with a close frame, after what is already queued; leave the hub at once."""
+        if self.state >= State.CLOSING:
+            return
+        self.state = State.CLOSING
+        if self.closed_by is None:
+            self.closed_by = code
+        if code == closecodes.SLOW_CONSUMER:
+            # Its buffer is full: a close frame would wait behind it. Drop the connection now.
+            self._leave()
+            self._abort()
+            return
+        if self.transport is not None:
+            self.transport.close(code, reason)
+        self._leave()
+
+    def drop(self) -> None:
+        """Drop the TCP connection without a close frame (a peer that does not answer pings)."""
+        if self.state >= State.CLOSING:
+            return
+        self.state = State.CLOSING
+        self._leave()
+        self._abort()
+
+    def _abort(self) -> None:
+        self.out.clear()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def closing(self, code: Optional[int], by_client: bool) -> None:
+        """The transport started the closing handshake (the client's close echoed, a frame too
+        big, or our own :meth:`close`): nothing more is queued, the subscriptions go now."""
+        if self.state >= State.CLOSING:
+            return  # our own close(): it leaves once the close frame is written
+        self.state = State.CLOSING
+        if self.closed_by is None and not by_client:
+            self.closed_by = code
+        self._leave()
+
+    def connection_lost(self) -> None:
+        """The TCP connection is gone."""
+        self.state = State.CLOSED
+        self._leave()
+        self.out.clear()
+
+    def _leave(self) -> None:
+        """Leave the hub (subscriptions released, counted once by the server). Idempotent."""
+        if self.web_socket_id is not None and self.web_socket_id in self.ctx.hub.connections:
+            self.ctx.hub.remove(self)
+            self.ctx.left(self)
