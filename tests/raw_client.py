@@ -12,6 +12,7 @@ import asyncio
 import base64
 import os
 import socket
+import ssl
 import struct
 from typing import Any, Optional, Tuple
 
@@ -53,43 +54,88 @@ class HandshakeRefused(Exception):
 class RawClient:
     """One hand-made WebSocket connection. Create with :meth:`connect`."""
 
-    def __init__(self, sock: socket.socket, buffered: bytes):
+    def __init__(self, sock: socket.socket, buffered: bytes, tls: Optional[ssl.SSLObject] = None,
+                 bios: Optional[Tuple[ssl.MemoryBIO, ssl.MemoryBIO]] = None):
         self.sock = sock
         self.buf = buffered
         self.loop = asyncio.get_running_loop()
+        self.tls = tls  # TLS done by hand too (memory BIOs), so reading stays under our control
+        self.bios = bios
 
     @classmethod
     async def connect(cls, port: int, query: str, rcvbuf: Optional[int] = None,
-                      path: str = "/ws/core/", headers: str = "") -> "RawClient":
-        """Upgrade ``ws://127.0.0.1:port{path}{query}``; raises :class:`HandshakeRefused` on a
-        non-101 answer. ``rcvbuf`` sets a small ``SO_RCVBUF`` before connecting."""
+                      path: str = "/ws/core/", headers: str = "",
+                      tls: Optional[ssl.SSLContext] = None) -> "RawClient":
+        """Upgrade ``ws://127.0.0.1:port{path}{query}`` (``wss://`` with a client ``tls``
+        context); raises :class:`HandshakeRefused` on a non-101 answer. ``rcvbuf`` sets a small
+        ``SO_RCVBUF`` before connecting."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
         await loop.sock_connect(sock, ("127.0.0.1", port))
+        client = cls(sock, b"")
+        if tls is not None:
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            client.tls = tls.wrap_bio(incoming, outgoing, server_hostname="localhost")
+            client.bios = (incoming, outgoing)
+            while True:
+                try:
+                    client.tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    await client._send_tls()
+                    data = await loop.sock_recv(sock, 65536)
+                    if not data:
+                        raise HandshakeRefused(0, b"")
+                    incoming.write(data)
+            await client._send_tls()
         key = base64.b64encode(os.urandom(16)).decode()
         request = (f"GET {path}{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
                    f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
                    f"{headers}\r\n")
-        await loop.sock_sendall(sock, request.encode("latin-1"))
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            chunk = await loop.sock_recv(sock, 65536)
-            if not chunk:
+        await client.send_raw(request.encode("latin-1"))
+        while b"\r\n\r\n" not in client.buf:
+            if not await client._fill(len(client.buf) + 1):
                 sock.close()
-                raise HandshakeRefused(0, buf)
-            buf += chunk
-        head, rest = buf.split(b"\r\n\r\n", 1)
+                raise HandshakeRefused(0, client.buf)
+        head, rest = client.buf.split(b"\r\n\r\n", 1)
         status = int(head.split(b" ", 2)[1])
         if status != 101:
             sock.close()
             raise HandshakeRefused(status, head)
-        return cls(sock, rest)
+        client.buf = rest
+        return client
+
+    async def _send_tls(self) -> None:
+        assert self.bios is not None
+        data = self.bios[1].read()
+        if data:
+            await self.loop.sock_sendall(self.sock, data)
+
+    def _received(self, chunk: bytes) -> None:
+        """Network bytes in: append what they carry (decrypted under TLS) to the buffer."""
+        if self.tls is None:
+            self.buf += chunk
+            return
+        assert self.bios is not None
+        self.bios[0].write(chunk)
+        while True:
+            try:
+                data = self.tls.read(65536)
+            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                return
+            if not data:
+                return
+            self.buf += data
 
     # --- sending --------------------------------------------------------------------------------
     async def send_raw(self, data: bytes) -> None:
+        if self.tls is not None:
+            self.tls.write(data)
+            await self._send_tls()
+            return
         await self.loop.sock_sendall(self.sock, data)
 
     async def send(self, obj: Any) -> None:
@@ -103,14 +149,15 @@ class RawClient:
             chunk = await self.loop.sock_recv(self.sock, 65536)
             if not chunk:
                 return False
-            self.buf += chunk
+            self._received(chunk)
         return True
 
     def recv_now(self) -> bytes:
         """Read what has already arrived, without waiting and without letting the loop run
-        (raises ``BlockingIOError`` when nothing has); it is kept for :meth:`recv_frame`."""
+        (raises ``BlockingIOError`` when nothing has); it is kept for :meth:`recv_frame`.
+        Returns the network bytes read (empty at end of stream)."""
         chunk = self.sock.recv(65536)
-        self.buf += chunk
+        self._received(chunk)
         return chunk
 
     async def recv_frame(self) -> Optional[Tuple[int, bytes]]:

@@ -54,3 +54,39 @@ async def test_messages_reach_a_wss_client_intact(server, https_server, https_po
     for msg in sent:
         assert ujson.loads(await conn.read_message()) == msg
     conn.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_publish_after_a_partly_written_pong_over_tls(server, https_server, https_port):
+    """The one-writer scenario (tests/test_one_writer.py) over TLS: Tornado holds the rest of a
+    pong (plaintext, before encryption) when a message is published: the client reads the pongs
+    intact, then the message."""
+    from test_one_writer import PONG_PAYLOAD, assert_intact, fill_with_pongs, make_room, rows, server_side
+    from raw_client import PONG, TEXT, RawClient
+
+    client_context = ssl.create_default_context()
+    client_context.check_hostname = False
+    client_context.verify_mode = ssl.CERT_NONE
+    raw = await RawClient.connect(https_port, f"?jwt_token={make_token(1)}", rcvbuf=4096, tls=client_context)
+    web_socket_id = (await raw.recv())["web_socket_id"]
+    await raw.send({"page": "table", "table_id": 10})
+    assert (await raw.recv())["type"] == "page_add"
+    protocol, stream = server_side(server, web_socket_id)
+    assert server.hub.connections[web_socket_id].transport.sock is None
+    import socket
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    await fill_with_pongs(raw, protocol, stream)
+    make_room(raw, stream.socket)
+    server.publish(rows(1))
+    frames = []
+    while not frames or frames[-1][0] != TEXT:
+        frame = await raw.recv_frame()
+        assert frame is not None, "connection closed"
+        frames.append(frame)
+        assert_intact(frames[-1:])
+    assert [f[0] for f in frames[:-1]] == [PONG] * (len(frames) - 1)
+    assert all(f[1] == PONG_PAYLOAD for f in frames[:-1])
+    assert ujson.loads(frames[-1][1]) == rows(1)
+    server.publish(rows(2))
+    assert await raw.recv() == rows(2)
+    raw.close()

@@ -208,6 +208,7 @@ class Transport:
 
     def close(self, code: Optional[int], reason: Optional[str]) -> None:
         """Start the closing handshake: the queue, then the close frame (through Tornado)."""
+        self.flush()  # the queue first (with the fallback protocol Tornado writes the close frame)
         handler = self.protocol.handler
         if handler.ws_connection is not None:
             handler.ws_connection.close(code, reason)

@@ -1,0 +1,175 @@
+"""The contract with Tornado's internals (issue 9 §3): everything tornado-rt relies on is checked
+in tornado_rt/transport.py, and these tests fail loudly when a Tornado upgrade changes any of it.
+When the internals differ, the server falls back to Tornado's public API with one warning, and
+messages still arrive: proven over a real socket with the fallback forced."""
+import logging
+import socket
+
+import pytest
+import tornado
+from tornado.iostream import IOStream
+from tornado.web import Application
+from tornado.websocket import WebSocketProtocol13
+
+from conftest import make_token
+from raw_client import PING, PONG, TEXT, RawClient, client_frame
+from test_one_writer import assert_intact, fill_with_pongs, make_room, rows, stalled_client
+from tornado_rt import RealtimeServer, transport
+from tornado_rt.connection import RealtimeHandler
+
+
+def test_the_tornado_version_is_one_we_have_tested():
+    major, minor = tornado.version_info[:2]
+    assert (6, 3) <= (major, minor) < (7, 0), f"Tornado {tornado.version}: check transport.py, then the pin"
+
+
+def test_websocket_protocol_internals_are_as_expected():
+    assert transport.protocol_problems() == []
+    assert transport.INTERNALS.protocol is True
+    # the frame writer we override is the one Tornado's pong and close go through
+    import inspect
+    source = inspect.getsource(WebSocketProtocol13._send_pong) + inspect.getsource(WebSocketProtocol13.close)
+    assert source.count("self._write_frame(") == 2
+    assert "self._write_frame(" in inspect.getsource(WebSocketProtocol13.write_ping)
+
+
+@pytest.mark.gen_test
+async def test_iostream_internals_are_as_expected():
+    a, b = socket.socketpair()
+    stream = IOStream(a)
+    try:
+        assert transport.stream_problems(stream) == []
+        # the write indexes tell exactly how many bytes Tornado holds
+        b.setblocking(False)
+        await stream.write(b"x" * 10)
+        assert stream._total_write_index == stream._total_write_done_index == 10
+    finally:
+        stream.close()
+        b.close()
+
+
+@pytest.mark.gen_test
+async def test_a_live_connection_uses_the_internals(server, connect):
+    client = await connect(user_id=1)
+    session = server.hub.connections[client.web_socket_id]
+    assert transport.INTERNALS.stream is True
+    assert type(session.transport.protocol) is transport.RealtimeProtocol
+    assert session.transport.sock is not None  # plain TCP: direct sends allowed
+    stream = session.transport.stream
+    assert type(stream._write_futures) is type(stream._write_buffer._buffers) is transport._SmallQueue
+
+
+class StandIn:
+    """An object lacking every internal (what a future Tornado could look like to the check)."""
+
+
+def test_the_check_reports_a_stand_in_and_warns_once(caplog):
+    assert len(transport.stream_problems(StandIn())) == 4
+    assert len(transport.protocol_problems(StandIn)) == 2
+
+    class Renamed(WebSocketProtocol13):
+        def _write_frame(self, fin, opcode, data):  # a changed signature
+            pass
+    assert transport.protocol_problems(Renamed) == [
+        "WebSocketProtocol13._write_frame takes ['self', 'fin', 'opcode', 'data']"]
+
+    internals = transport.Internals()
+    assert internals.protocol is True and internals.stream is None
+    with caplog.at_level(logging.WARNING, logger="tornado_rt.transport"):
+        assert internals.check_stream(StandIn()) is False
+        assert internals.check_stream(StandIn()) is False
+    warnings = [r for r in caplog.records if r.name == "tornado_rt.transport"]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    assert "public API" in warnings[0].getMessage()
+
+
+@pytest.fixture
+def fallback(monkeypatch):
+    """Run the server as if Tornado's internals had changed (the check said so)."""
+    monkeypatch.setattr(transport.INTERNALS, "protocol", False)
+    monkeypatch.setattr(transport.INTERNALS, "stream", False)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_messages_arrive_with_the_fallback(fallback, server, connect, barrier):
+    clients = [await connect(user_id=u) for u in (1, 2)]
+    for c in clients:
+        await c.subscribe("table", table_id=10)
+    session = server.hub.connections[clients[0].web_socket_id]
+    assert type(session.transport.protocol) is transport.PublicProtocol
+    assert session.transport.sock is None  # no direct sends
+    assert session.transport.stream.max_write_buffer_size == server.settings.max_outgoing_buffer
+    assert type(session.transport.stream._write_futures).__name__ == "deque"  # left as it is
+    sent = [rows(n) for n in range(200)]
+    for msg in sent:
+        server.publish(msg)
+    for c in clients:
+        for msg in sent:
+            assert await c.recv() == msg
+    await barrier(*clients)
+    server.disconnect([2])
+    assert await clients[1].recv() == {"type": "force_disconnect"}
+    assert await clients[1].expect_close() == 4003
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_pong_and_publish_stay_intact_with_the_fallback(fallback, server, http_server, http_port):
+    raw, protocol, stream = await stalled_client(server, http_port)
+    await fill_with_pongs(raw, protocol, stream)
+    make_room(raw, stream.socket)
+    server.publish(rows(1))
+    frames = []
+    while not frames or frames[-1][0] != TEXT:
+        frames.append(await raw.recv_frame())
+        assert_intact(frames[-1:])
+    assert [f[0] for f in frames[:-1]] == [PONG] * (len(frames) - 1)
+    raw.close()
+
+
+# --- subclassing the handler ------------------------------------------------------------------------
+
+SEEN = []
+
+
+class TaggingHandler(RealtimeHandler):
+    """A subclass, as the docs allow: it records the frames its connections receive."""
+
+    def on_message(self, message):
+        SEEN.append(message)
+        return super().on_message(message)
+
+
+@pytest.fixture
+def app(request):
+    if "subclass_server" in request.fixturenames:
+        return request.getfixturevalue("subclass_server").make_app()
+    return request.getfixturevalue("server").make_app()
+
+
+@pytest.fixture
+def subclass_server(settings):
+    return RealtimeServer(settings, load_entry_points=False, handler_class=TaggingHandler)
+
+
+@pytest.mark.gen_test
+async def test_handler_class_serves_the_endpoint(subclass_server, http_server, http_port):
+    SEEN.clear()
+    subclass_server.directory.set_workspace(1, [1])
+    subclass_server.directory.set_table(10, 1)
+    raw = await RawClient.connect(http_port, f"?jwt_token={make_token(1)}")
+    assert (await raw.recv())["success"] is True
+    await raw.send({"page": "table", "table_id": 10})
+    assert (await raw.recv())["type"] == "page_add"
+    assert SEEN == ['{"page":"table","table_id":10}']
+    await raw.send_raw(client_frame(b"hi", PING))
+    assert await raw.recv_frame() == (PONG, b"hi")
+    subclass_server.publish(rows(1))
+    assert await raw.recv() == rows(1)
+    (session,) = subclass_server.hub.connections.values()
+    assert type(session.transport.handler) is TaggingHandler
+    raw.close()
+
+
+def test_handler_class_must_be_a_realtime_handler():
+    with pytest.raises(TypeError, match="handler_class"):
+        RealtimeServer(load_entry_points=False, handler_class=Application)
