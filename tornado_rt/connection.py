@@ -70,10 +70,10 @@ class RealtimeHandler(WebSocketHandler):
 
     def initialize(self, server: Any) -> None:
         self.server = server
-        self.session: Optional[Session] = None
+        self.session: Session = None  # type: ignore[assignment]  # set by open()
         self._token: Optional[str] = None
 
-    def get(self, *args: Any, **kwargs: Any) -> Optional[Any]:
+    def get(self, *args: Any, **kwargs: Any) -> Optional[Any]:  # type: ignore[override]
         # Not a coroutine itself: it returns Tornado's, so a connection holds one frame less.
         request = self.request
         raw = request.query_arguments.pop("jwt_token", None)
@@ -113,14 +113,15 @@ class RealtimeHandler(WebSocketHandler):
         return None  # frames are shared between recipients; compression would make them per-peer
 
     def get_websocket_protocol(self) -> Optional[WebSocketProtocol13]:
-        return transport.make_protocol(self, super().get_websocket_protocol(), self.server)
+        protocol: Any = super().get_websocket_protocol()  # Tornado's version check and parameters
+        return transport.make_protocol(self, protocol, self.server)
 
     def _request_summary(self) -> str:
         return "%s %s (%s)" % (self.request.method, redact(self.request.uri or ""), self.request.remote_ip)
 
     # --- Tornado -> session -------------------------------------------------------------------
     def open(self, *args: Any, **kwargs: Any) -> Optional[Any]:
-        protocol = self.ws_connection
+        protocol: Any = self.ws_connection
         self.session = session = Session(self.server.sessions)
         session.transport = protocol.transport = transport.Transport(
             protocol, session.out, self.server.settings.max_outgoing_buffer)

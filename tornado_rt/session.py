@@ -115,9 +115,11 @@ class Session:
         """Decide who this is: ``anonymous`` by the setting, anything else by the authenticator."""
         ctx = self.ctx
         if token == "anonymous":
-            return self._authenticated(ANONYMOUS if ctx.allow_anonymous else None)
+            self._authenticated(ANONYMOUS if ctx.allow_anonymous else None)
+            return None
         if not token:
-            return self._authenticated(None)
+            self._authenticated(None)
+            return None
         return pending(then(ctx.hooks.authenticate(token), self._authenticated))
 
     def _authenticated(self, principal: Optional[Principal]) -> None:
@@ -182,8 +184,11 @@ class Session:
             self._remove_page(page_type, params)
             return None
         rest = actions[1:]
-        return pending(then(self._add_page(page_type, params),
-                            lambda _: [self._remove_page(pt, p) for _, pt, p in rest]))
+
+        def remove_rest(_: Any) -> None:  # after the page's access check, whenever it answers
+            for _kind, other_type, other_params in rest:
+                self._remove_page(other_type, other_params)
+        return pending(then(self._add_page(page_type, params), remove_rest))
 
     def _add_page(self, page_type: PageType, params: dict) -> Any:
         principal = self.principal

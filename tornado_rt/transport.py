@@ -243,7 +243,8 @@ class RealtimeProtocol(WebSocketProtocol13):
         return transport.send_frame(frame, opcode)
 
     def close(self, code: Optional[int] = None, reason: Optional[str] = None) -> None:
-        self.handler.closing(code, self.client_terminated)
+        handler: Any = self.handler
+        handler.closing(code, self.client_terminated)
         super().close(code, reason)
 
     async def _receive_frame_loop(self) -> None:
@@ -259,7 +260,7 @@ class RealtimeProtocol(WebSocketProtocol13):
         except asyncio.CancelledError:
             self._abort()
         except Exception:  # what RequestHandler._execute did for the awaited loop: log, drop
-            if not self.stream or not self.stream.io_loop.asyncio_loop.is_closed():
+            if not self.stream or not self.stream.io_loop.asyncio_loop.is_closed():  # type: ignore[attr-defined]
                 self.handler.log_exception(*sys.exc_info())
             try:
                 self._abort()
@@ -273,7 +274,8 @@ class PublicProtocol(WebSocketProtocol13):
     transport: Optional[Transport] = None
 
     def close(self, code: Optional[int] = None, reason: Optional[str] = None) -> None:
-        self.handler.closing(code, self.client_terminated)
+        handler: Any = self.handler
+        handler.closing(code, self.client_terminated)
         super().close(code, reason)
 
 
