@@ -148,8 +148,9 @@ async def test_close_behind_a_partly_written_pong_then_publish(server, http_serv
 
 @pytest.mark.gen_test(timeout=60)
 async def test_partly_written_close_frame_then_publish_sends_nothing_after_it(server, http_server, http_port):
-    """The close frame itself is cut by the kernel (Tornado holds its tail) and a message is
-    published and flushed in the same iteration: nothing follows the close frame."""
+    """The close frame (with a long reason) is written while Tornado still holds the rest of a
+    pong, so it waits in Tornado's buffer behind it; a message is published and flushed in the
+    same iteration: the frames arrive intact and nothing follows the close frame."""
     raw, protocol, stream = await stalled_client(server, http_port)
     await fill_with_pongs(raw, protocol, stream)
     (conn,) = server.hub.connections.values()
