@@ -67,9 +67,11 @@ EXPECTED_REASON = {"malformed_payload": "malformed", "algorithm_none": "algorith
 
 
 @pytest.fixture
-def settings():
+def settings(request):
     from tornado_rt import Settings
-    return Settings(jwt_secret=SECRET, ping_interval=0, jwt_audience=AUD, jwt_issuer=ISS)
+    marker = request.node.get_closest_marker("rt_settings")  # honoured, as in conftest
+    return Settings(jwt_secret=SECRET, ping_interval=0, jwt_audience=AUD, jwt_issuer=ISS,
+                    **(marker.kwargs if marker else {}))
 
 
 @pytest.fixture
@@ -160,16 +162,12 @@ async def test_authenticator_error_is_counted_without_the_token(fresh_refusals, 
 
 
 @pytest.mark.rt_settings(allow_anonymous=False)
-@pytest.mark.xfail(strict=True, reason="connection.py calls refuse_token('anonymous_disabled') once the "
-                                      "session/transport rewrite lands (issue 11 item 4)")
 @pytest.mark.gen_test
 async def test_anonymous_disabled_is_counted(fresh_refusals, refusal_log, ws_url, base_url):
     await refused_over_socket(ws_url, "?jwt_token=anonymous")
     assert await token_refusals(base_url) == {"anonymous_disabled": 1.0}
 
 
-@pytest.mark.xfail(strict=True, reason="connection.py calls refuse_token('missing') once the "
-                                      "session/transport rewrite lands (issue 11 item 4)")
 @pytest.mark.gen_test
 async def test_missing_token_is_counted(fresh_refusals, refusal_log, ws_url, base_url):
     await refused_over_socket(ws_url, "")

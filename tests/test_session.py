@@ -327,3 +327,17 @@ def test_an_idle_session_is_small():
     assert not hasattr(s, "__dict__")
     size = sys.getsizeof(s) + sys.getsizeof(s.pages) + sys.getsizeof(s.out)
     assert size < 400, size
+
+
+def test_refused_tokens_are_counted_with_their_reason(monkeypatch):
+    from tornado_rt import refusals
+    fresh = refusals.Refusals()
+    monkeypatch.setattr(refusals, "REFUSALS", fresh)
+    World(allow_anonymous=False).session("anonymous")
+    World().new().authenticate("")
+    world = World()
+    world.ctx.hooks.authenticator = None
+    world.new().authenticate("some-token")
+    World().session("not-a-jwt")
+    assert fresh.counts() == {("token", "anonymous_disabled"): 1, ("token", "missing"): 1,
+                              ("token", "no_authenticator"): 1, ("token", "malformed"): 1}

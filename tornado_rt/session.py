@@ -3,7 +3,7 @@
 A :class:`Session` is what the hub indexes. It holds the connection's state (:class:`State`),
 its principal, its subscriptions (``pages``), its heartbeat and incoming-rate state, and ``out``,
 the frames queued for it and not yet written. It reads client frames and decides: authentication,
-``page`` / ``remove_page`` (PROTOCOL.md §2), the limits, and when to close. It never touches a
+``page`` / ``remove_page`` (docs/protocol.md §2), the limits, and when to close. It never touches a
 socket: frames go to ``out`` (through the hub, which schedules one flush per loop iteration)
 and a close is asked of its ``transport`` (the :class:`~tornado_rt.transport.Transport` of the
 Tornado adapter, or anything with ``close(code, reason)`` and ``abort()``).
@@ -30,6 +30,7 @@ from typing import Any, Awaitable, Callable, Dict, Optional
 import ujson
 
 from . import closecodes
+from .auth import refuse_token
 from .hooks import Hooks, pending, then
 from .hub import Hub, text_frame
 from .principal import ANONYMOUS, Principal
@@ -115,9 +116,12 @@ class Session:
         """Decide who this is: ``anonymous`` by the setting, anything else by the authenticator."""
         ctx = self.ctx
         if token == "anonymous":
+            if not ctx.allow_anonymous:
+                refuse_token("anonymous_disabled")
             self._authenticated(ANONYMOUS if ctx.allow_anonymous else None)
             return None
-        if not token:
+        if not token or ctx.hooks.authenticator is None:
+            refuse_token("missing" if not token else "no_authenticator")
             self._authenticated(None)
             return None
         return pending(then(ctx.hooks.authenticate(token), self._authenticated))
