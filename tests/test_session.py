@@ -39,6 +39,9 @@ class Wire:
     def abort(self):
         self.calls.append(("abort",))
 
+    def gone(self):
+        return False
+
 
 async def _gate_can_add(principal, params, policy):
     await GATE.wait()

@@ -6,7 +6,8 @@ the frames queued for it and not yet written. It reads client frames and decides
 ``page`` / ``remove_page`` (docs/protocol.md §2), the limits, and when to close. It never touches a
 socket: frames go to ``out`` (through the hub, which schedules one flush per loop iteration)
 and a close is asked of its ``transport`` (the :class:`~tornado_rt.transport.Transport` of the
-Tornado adapter, or anything with ``close(code, reason)`` and ``abort()``).
+Tornado adapter, or anything with ``close(code, reason)``, ``abort()``, ``gone()`` and, for the
+hub, ``flush()``).
 
 Entry points, one per event of the connection:
 
@@ -129,7 +130,7 @@ class Session:
     def _authenticated(self, principal: Optional[Principal]) -> None:
         ctx = self.ctx
         hub = ctx.hub
-        if self.state is not State.AUTHENTICATING:
+        if self.state is not State.AUTHENTICATING or (self.transport is not None and self.transport.gone()):
             return  # the client left while the authenticator was thinking
         if principal is not None and principal.user_id is None and not ctx.allow_anonymous:
             principal = None  # an embedder's authenticator answered "anonymous": same switch
@@ -157,8 +158,11 @@ class Session:
 
     # --- incoming frames ----------------------------------------------------------------------------
     def receive_frame(self, opcode: int, data: Any) -> Optional[Awaitable[None]]:
-        """One frame from the client (a whole text or binary message, a ping, a pong). The one
-        place every incoming frame passes, so the incoming limits can count any kind."""
+        """One frame from the client: the one entry point for every incoming frame, so the
+        incoming limits can count any kind. Today the transport hands over what Tornado's
+        callbacks expose: whole text and binary messages, pings and pongs (the rate limit counts
+        the messages, as before); single continuation and close frames would need a hook in
+        Tornado's frame reader (in transport.py), and any other opcode is ignored here."""
         if opcode == PONG:
             self.awaiting_pong = False
             return None

@@ -149,6 +149,10 @@ class Transport:
     def handler(self) -> Any:
         return self.protocol.handler
 
+    def gone(self) -> bool:
+        """Whether nothing can be written any more (close frame sent, or the stream closed)."""
+        return self.closed or self.stream.closed()
+
     def flush(self) -> int:
         """Write the queue; returns how many bytes Tornado still holds for this connection."""
         out = self.out
