@@ -142,6 +142,7 @@ async def test_close_behind_a_partly_written_pong_then_publish(server, http_serv
     assert set(kinds[:-2]) <= {PONG}
     assert ujson.loads(frames[-2][1]) == {"type": "force_disconnect"}
     assert frames[-1][1][:2] == (4003).to_bytes(2, "big")
+    await raw.send_raw(client_frame(frames[-1][1][:2], CLOSE))  # answer it: the server ends TCP
     assert await raw.recv_frame() is None  # nothing after the close frame
     raw.close()
 
@@ -163,5 +164,6 @@ async def test_partly_written_close_frame_then_publish_sends_nothing_after_it(se
     kinds = [f[0] for f in frames]
     assert kinds[-1] == CLOSE and set(kinds[:-1]) <= {PONG}, kinds
     assert frames[-1][1] == (4008).to_bytes(2, "big") + b"r" * 120
+    await raw.send_raw(client_frame(frames[-1][1][:2], CLOSE))  # answer it: the server ends TCP
     assert await raw.recv_frame() is None
     raw.close()
