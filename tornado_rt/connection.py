@@ -102,11 +102,11 @@ class RealtimeHandler(WebSocketHandler):
         return "*" in allowed or origin.lower().rstrip("/") in self.server.allowed_origins
 
     @property
-    def max_message_size(self) -> int:  # type: ignore[override]
+    def max_message_size(self) -> int:
         return self.server.settings.max_message_size
 
     @property
-    def ping_interval(self) -> Optional[float]:  # type: ignore[override]
+    def ping_interval(self) -> Optional[float]:
         return None  # pings come from the server's shared Heartbeat, not a timer per connection
 
     def get_compression_options(self) -> None:

@@ -130,10 +130,11 @@ class Router:
         if self._waiting is not None:
             self._waiting.append(envelope)
             return
-        if envelope.kind == MESSAGE and envelope.audience[0] == "page":
+        audience = envelope.audience
+        if audience is not None and audience[0] == "page" and envelope.kind == MESSAGE:
             mt = self.registry.message_type(envelope.type)
             if mt is None or mt.effect is None:  # the common case: no policy call, no effect
-                self._deliver(envelope, self.hub.groups.get(envelope.audience[1], ()))
+                self._deliver(envelope, self.hub.groups.get(audience[1], ()))
                 return
         waiting = self._route(envelope)
         if waiting is not None:
@@ -180,9 +181,10 @@ class Router:
         kind = env.kind
         hub = self.hub
         if kind == MESSAGE:
+            assert env.audience is not None, "a message envelope names its audience"
             return then(self._audience(env.audience), lambda conns: self._deliver_message(env, conns))
         if kind == INDIVIDUAL:
-            for user_id, type_name, data in env.payloads:
+            for user_id, type_name, data in env.payloads or ():
                 conns = hub.users.get(normalize_id(user_id), ())
                 n = hub.deliver(text_frame(data.encode()), conns, env.ignore)
                 if self.on_delivered is not None:
@@ -190,6 +192,7 @@ class Router:
         elif kind == DISCONNECT:
             self.disconnect(env.user_ids or (), env.ignore or ())
         elif kind == REVOKE:
+            assert env.permission_group, "a revoke envelope names its permission group"
             self.revoke(env.user_ids or (), env.permission_group)
         else:
             log.warning("unknown envelope kind %r ignored", kind)
@@ -213,16 +216,18 @@ class Router:
         mt = self.registry.message_type(env.type)
         if mt is None or mt.effect is None:
             return None
-        message = ujson.loads(env.data)  # effects are rare; the text is the truth
+        message = ujson.loads(env.data or "")  # effects are rare; the text is the truth
         self.effects.audience = env.audience
         return self.hooks.effect(mt.effect, self.effects, message)
 
     def _deliver(self, env: Envelope, conns: Any) -> None:
         """Frame a message envelope once and queue it for ``conns`` (minus the excluded)."""
+        data, type_name = env.data, env.type
+        assert data is not None and type_name is not None, "a message envelope has a type and text"
         exclude = set(env.exclude) if env.exclude else None
-        n = self.hub.deliver(text_frame(env.data.encode()), conns, env.ignore, exclude)
+        n = self.hub.deliver(text_frame(data.encode()), conns, env.ignore, exclude)
         if self.on_delivered is not None:
-            self.on_delivered(env.type, n)
+            self.on_delivered(type_name, n)
 
     # --- server-initiated subscription changes ---------------------------------------------------
     def disconnect(self, user_ids: Iterable[Any], ignore_web_socket_ids: Iterable[str] = ()) -> int:

@@ -265,7 +265,7 @@ class RealtimeServer:
 
     def _local_count(self, env: Envelope) -> int:
         """Connections (disconnect) or pages (revoke) of this process that ``env`` acts on."""
-        conns = self.hub.user_connections(env.user_ids)
+        conns = self.hub.user_connections(env.user_ids or ())
         if env.kind == DISCONNECT:
             return sum(1 for c in conns if c.web_socket_id not in env.ignore)
         return sum(1 for c in conns for s in c.pages.values() if s.permission_group == env.permission_group)
@@ -302,13 +302,15 @@ class RealtimeServer:
         if threading.get_ident() == self._thread:
             self._publish_now(env)
         else:
-            self._loop.add_callback(self._publish_now, env)
+            loop = self._loop
+            assert loop is not None  # _bind() set it or raised
+            loop.add_callback(self._publish_now, env)
 
     def _count(self, env: Envelope) -> None:
         if env.kind == MESSAGE:
             self.counters.published[env.type] += 1
         elif env.kind == INDIVIDUAL:
-            for _, name, _ in env.payloads:
+            for _, name, _ in env.payloads or ():
                 self.counters.published[name] += 1
 
     def _publish_now(self, env: Envelope) -> None:
