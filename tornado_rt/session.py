@@ -206,7 +206,7 @@ class Session:
         if page_type.missing(params) is not None:
             return None
         ctx = self.ctx
-        allowed = ctx.hooks.can_add(page_type, principal, params, ctx.policy)
+        allowed = ctx.hooks.can_add(page_type, principal, params, ctx.policy, self.web_socket_id)
         return then(allowed, lambda ok: self._subscribe(page_type, params) if ok else None)
 
     def _subscribe(self, page_type: PageType, params: dict) -> None:
