@@ -584,7 +584,8 @@ class Positions:
     A message carries ``"position": {"epoch": E, "offset": N}`` only on a connection opened with
     ``positions=1``; a ``page_add`` may carry the ``position`` of the page. The page of a message
     is found by its epoch (learned from ``page_add``), else by the page's parameters in the
-    message (``page``/``parameters`` keys, or e.g. ``table_id``), else when only one page is
+    message (``page``/``parameters`` keys, or e.g. ``table_id``; the most specific page wins),
+    else when only one page is
     subscribed. Without positions nothing is stored and nothing is sent.
     """
 
@@ -626,6 +627,9 @@ class Positions:
                     return key
         candidates = [key for key, params in pages.items()
                       if params and all(message.get(name) == value for name, value in params.items())]
+        if candidates:  # the most specific page: a row (table_id, row_id) before its table
+            most = max(len(pages[key]) for key in candidates)
+            candidates = [key for key in candidates if len(pages[key]) == most]
         if len(candidates) == 1:
             return candidates[0]
         if len(pages) == 1:
@@ -780,7 +784,9 @@ class Subscriber:
 
     async def ready(self, timeout: Optional[float] = None) -> None:
         """Wait until a connection is open and every page has its ``page_add`` on it (after a
-        reconnect: resubscribed)."""
+        reconnect: resubscribed). It describes the connection as this client knows it: right
+        after a drop that has not been read yet it still returns at once (wait for the ``open``
+        state of ``on_state`` to follow a reconnect)."""
         await asyncio.wait_for(self._synced.wait(), timeout)
 
     async def receive(self, timeout: Optional[float] = None) -> Dict[str, Any]:
