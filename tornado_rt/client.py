@@ -247,6 +247,12 @@ class Publisher(_PublisherBase):
         is published. Returns ``{"published": n}``."""
         return self._publish(self._with_ids([as_envelope(i) for i in items]), web_socket_id)
 
+    def publish_envelope(self, envelope: Mapping[str, Any], *, web_socket_id: Optional[str] = None
+                         ) -> Dict[str, Any]:
+        """Publish one envelope as the HTTP API takes it (``message``/``to``/... or
+        ``individual``); errors name fields without the ``[i].`` of a batch."""
+        return self._publish(self._with_ids([dict(envelope)])[0], web_socket_id)
+
     def publish_individual(self, payloads: Mapping[Any, Mapping[str, Any]],
                            ignore_web_socket_id: Optional[str] = None, *, id: Optional[str] = None,
                            web_socket_id: Optional[str] = None) -> Dict[str, Any]:
@@ -445,6 +451,11 @@ class AsyncPublisher(_PublisherBase):
                            ) -> Dict[str, Any]:
         """See :meth:`Publisher.publish_many`."""
         return await self._publish(self._with_ids([as_envelope(i) for i in items]), web_socket_id)
+
+    async def publish_envelope(self, envelope: Mapping[str, Any], *, web_socket_id: Optional[str] = None
+                               ) -> Dict[str, Any]:
+        """See :meth:`Publisher.publish_envelope`."""
+        return await self._publish(self._with_ids([dict(envelope)])[0], web_socket_id)
 
     async def publish_individual(self, payloads: Mapping[Any, Mapping[str, Any]],
                                  ignore_web_socket_id: Optional[str] = None, *, id: Optional[str] = None,
