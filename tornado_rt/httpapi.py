@@ -711,6 +711,7 @@ API_ROUTES = [
     ("/api/openapi.json", r"/api/openapi\.json", OpenApiHandler),
     ("/api/docs", r"/api/docs", DocsHandler),
     ("/healthz", r"/healthz", HealthHandler),
+    ("/client/tornado-rt.js", r"/client/tornado-rt\.js", ClientScriptHandler),
 ]
 METRICS_ROUTE = ("/metrics", r"/metrics", MetricsHandler)
 
@@ -738,7 +739,6 @@ def make_app(server: RealtimeServer, api_keys: Sequence[str], *, metrics: bool =
         if handler is OpenApiHandler:
             kwargs["document"] = document
         handlers.append((pattern, handler, kwargs))
-    handlers.append((r"/client/tornado-rt\.js", ClientScriptHandler, {"api": api}))
     app_settings.setdefault("log_function", log_request)
     app_settings.setdefault("default_handler_class", NotFoundHandler)
     app_settings.setdefault("default_handler_args", {"api": api})
