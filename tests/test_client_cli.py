@@ -2,6 +2,7 @@
 ``tornado-rt serve`` (same configuration sources as serve: flags, environment, config file)."""
 import json
 import queue
+import signal
 import subprocess
 import threading
 import time
@@ -156,3 +157,17 @@ def test_listen_with_a_refused_token_exits_1_without_reconnecting(rt):
     result = run_cli(["listen", "--token", "not-a-jwt", "--page", "table:table_id=1"], env=env_for(rt))
     assert result.returncode == 1 and not result.stdout
     assert "refused the token" in result.stderr and "reconnecting" not in result.stderr
+
+
+def test_listen_runs_until_interrupted_and_exits_0(rt):
+    listen = subprocess.Popen(command("listen", "--user", "1", "--page", "table:table_id=1"), env=env_for(rt),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        Lines(listen.stderr).wait_for("subscribed to table")
+        listen.send_signal(signal.SIGINT)
+        out, _ = listen.communicate(timeout=30)
+    finally:
+        if listen.poll() is None:
+            listen.kill()
+            listen.wait()
+    assert listen.returncode == 0 and out == ""

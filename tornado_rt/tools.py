@@ -314,13 +314,13 @@ async def _listen(url: str, token: Any, pages: List[Tuple[str, Dict[str, Any]]],
     stopping = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait([printing, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():  # interrupted: a normal end
+            printing.cancel()
+            return 0
+        return printing.result()
     finally:
         stopping.cancel()
         await subscriber.close()
-    if printing.done():
-        return printing.result()
-    printing.cancel()
-    return 0
 
 
 def run_listen(config: Config, args: argparse.Namespace) -> int:
