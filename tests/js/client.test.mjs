@@ -131,3 +131,22 @@ test("Node without a WebSocket constructor gets a clear error", LIMIT, (t) => {
   if (globalThis.WebSocket) return t.skip("this Node has a global WebSocket");
   assert.throws(() => new TornadoRT(WS_URL, { token: "t", WebSocket: undefined }), /no WebSocket here/);
 });
+
+test("recovery hook: positions kept per page (no sockets)", LIMIT, () => {
+  const rt = new TornadoRT(WS_URL, { token: "t", WebSocket, positions: true });
+  rt._pages.set("table", { page: "table", params: { table_id: 1 } });
+  rt._pages.set("row", { page: "row", params: { table_id: 1, row_id: 2 } });
+  rt._dispatch(rowsCreated(1)); // no position: nothing kept
+  assert.equal(rt.positions.size, 0);
+  rt._dispatch({ type: "page_add", page: "table", parameters: { table_id: 1 }, position: { epoch: "e1", offset: 4 } });
+  rt._dispatch({ ...rowsCreated(1), position: { epoch: "e1", offset: 5 } });
+  assert.deepEqual(rt.positions.get("table"), { epoch: "e1", offset: 5 });
+  rt._dispatch({ type: "row_comment", table_id: 1, row_id: 2, position: { epoch: "e2", offset: 9 } });
+  assert.deepEqual(rt.positions.get("row"), { epoch: "e2", offset: 9 });
+  const failed = [];
+  rt.on("recovery_failed", (frame) => failed.push(frame.page));
+  rt._dispatch({ type: "page_add", page: "table", parameters: { table_id: 1 }, recovered: false,
+    position: { epoch: "e3", offset: 0 } });
+  assert.deepEqual(failed, ["table"]);
+  assert.deepEqual(rt.positions.get("table"), { epoch: "e3", offset: 0 });
+});

@@ -60,6 +60,7 @@ export class TornadoRT {
     this.closeReason = null;
     this.connections = 0;
     this.positions = new Map(); // page key -> {epoch, offset} (recovery extension hook)
+    this._epochs = new Map(); // epoch -> page key
     this._pages = new Map(); // key -> {page, params}
     this._adding = new Map(); // key -> [resolve functions]
     this._removing = new Map();
@@ -305,6 +306,29 @@ export class TornadoRT {
     return null;
   }
 
+  // Recovery hook: the page of a message with a position is found by its epoch (learned from
+  // page_add), else by the page's parameters in the message (the most specific page wins), else
+  // when only one page is subscribed.
+  _keepPosition(frame) {
+    const position = frame.position;
+    if (!position || typeof position.epoch !== "string" || !Number.isInteger(position.offset)) return;
+    let key = this._epochs.get(position.epoch) ?? null;
+    if (key === null) {
+      let best = [];
+      let most = 0;
+      for (const [candidate, { params }] of this._pages) {
+        const names = Object.keys(params);
+        if (!names.length || !names.every((name) => frame[name] === params[name])) continue;
+        if (names.length > most) { best = [candidate]; most = names.length; } else if (names.length === most) best.push(candidate);
+      }
+      if (best.length === 1) key = best[0];
+      else if (this._pages.size === 1) key = this._pages.keys().next().value;
+      if (key === null) return;
+      this._epochs.set(position.epoch, key);
+    }
+    this.positions.set(key, { epoch: position.epoch, offset: position.offset });
+  }
+
   _forget(key) {
     this._pages.delete(key);
     this.positions.delete(key);
@@ -318,6 +342,7 @@ export class TornadoRT {
         const position = frame.position;
         if (position && typeof position.epoch === "string" && Number.isInteger(position.offset)) {
           this.positions.set(key, { epoch: position.epoch, offset: position.offset });
+          this._epochs.set(position.epoch, key);
         }
         const waiting = this._adding.get(key) || [];
         this._adding.delete(key);
@@ -337,10 +362,7 @@ export class TornadoRT {
         if (key !== null) this._forget(key); // revoked by the server: not subscribed again
       }
     }
-    if (this.options.positions && frame.position && typeof frame.position.epoch === "string") {
-      const key = this._pages.size === 1 ? this._pages.keys().next().value : null;
-      if (key !== null) this.positions.set(key, { epoch: frame.position.epoch, offset: frame.position.offset });
-    }
+    if (this.options.positions) this._keepPosition(frame);
     this._emit("message", frame);
     if (typeof frame.type === "string" && !["message", "state", "subscribed", "recovery_failed"].includes(frame.type)) {
       this._emit(frame.type, frame);
