@@ -1003,6 +1003,8 @@ class Subscriber:
                 if frame.get("recovered") is False:
                     self._messages.put_nowait(frame)  # the application must refetch this page
                 return
+            if kind == "page_add":
+                return  # only ever an answer to this client: a page unsubscribed meanwhile
             if kind == "page_discard":
                 waiting: List[asyncio.Future] = []
                 for removed in list(self._removing):

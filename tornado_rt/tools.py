@@ -280,8 +280,9 @@ async def _listen(url: str, token: Any, pages: List[Tuple[str, Dict[str, Any]]],
         if state == "open":
             print(f"{PROG}: connected (web_socket_id {info.get('web_socket_id')})", file=sys.stderr, flush=True)
         elif state == "reconnecting" and "delay" in info:
-            print(f"{PROG}: connection lost (close code {info.get('close_code')}); reconnecting in "
-                  f"{info['delay']:.1f}s", file=sys.stderr, flush=True)
+            why = (f"connection lost (close code {info['close_code']})" if info.get("close_code") is not None
+                   else "cannot connect")
+            print(f"{PROG}: {why}; retrying in {info['delay']:.1f}s", file=sys.stderr, flush=True)
 
     subscriber = Subscriber(url, token, on_state=on_state)
     stop = asyncio.Event()

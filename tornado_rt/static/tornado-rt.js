@@ -351,6 +351,7 @@ export class TornadoRT {
         if (frame.recovered === false) this._emit("recovery_failed", frame);
         return;
       }
+      if (frame.type === "page_add") return; // only ever an answer to this client: a page unsubscribed meanwhile
       if (frame.type === "page_discard") {
         for (const [removed, fns] of this._removing) {
           if (fns.page === frame.page && matches(fns.params, params)) {
