@@ -179,3 +179,29 @@ def test_listen_runs_until_interrupted_and_exits_0(rt):
             listen.kill()
             listen.wait()
     assert listen.returncode == 0 and out == ""
+
+
+def test_listen_reconnects_after_a_server_restart():
+    server = ServeProcess(SERVE)
+    port = server.port
+    env = env_for(server)
+    listen = subprocess.Popen(command("listen", "--user", "1", "--page", "table:table_id=1", "--count", "2"),
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              stdin=subprocess.DEVNULL)
+    try:
+        notes = Lines(listen.stderr)
+        notes.wait_for("subscribed to table")
+        assert run_cli(["publish", json.dumps(ROWS)], env=env).returncode == 0
+        assert server.stop() == 0
+        server = ServeProcess(SERVE[:3] + [str(port)] + SERVE[4:])
+        notes.wait_for("subscribed again to 1 page(s)")
+        again = dict(ROWS, rows=[{"id": 2}])
+        assert run_cli(["publish", json.dumps(again)], env=env).returncode == 0
+        out, _ = listen.communicate(timeout=30)
+    finally:
+        if listen.poll() is None:
+            listen.kill()
+            listen.wait()
+        assert server.stop() == 0
+    assert listen.returncode == 0
+    assert [json.loads(line) for line in out.splitlines()] == [ROWS, again]

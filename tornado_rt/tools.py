@@ -20,7 +20,7 @@ import re
 import signal
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from .cli import PROG, Config, ConfigError, _display_host, _setup_logging, resolve
 from .settings import HMAC_ALGORITHMS as _HMAC
@@ -276,14 +276,25 @@ def _count(value: Optional[str]) -> Optional[int]:
 async def _listen(url: str, token: Any, pages: List[Tuple[str, Dict[str, Any]]], count: Optional[int]) -> int:
     from .client import ClientError, Subscriber
 
+    async def resubscribed() -> None:
+        try:
+            await subscriber.ready(timeout=60)
+        except asyncio.TimeoutError:
+            print(f"{PROG}: some pages were not subscribed again", file=sys.stderr, flush=True)
+            return
+        print(f"{PROG}: subscribed again to {len(subscriber.pages)} page(s)", file=sys.stderr, flush=True)
+
     def on_state(state: str, info: Dict[str, Any]) -> None:
         if state == "open":
             print(f"{PROG}: connected (web_socket_id {info.get('web_socket_id')})", file=sys.stderr, flush=True)
+            if subscriber.connections > 1 and pages:
+                pending.add(asyncio.ensure_future(resubscribed()))
         elif state == "reconnecting" and "delay" in info:
             why = (f"connection lost (close code {info['close_code']})" if info.get("close_code") is not None
                    else "cannot connect")
             print(f"{PROG}: {why}; retrying in {info['delay']:.1f}s", file=sys.stderr, flush=True)
 
+    pending: Set["asyncio.Future[None]"] = set()
     subscriber = Subscriber(url, token, on_state=on_state)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -321,6 +332,8 @@ async def _listen(url: str, token: Any, pages: List[Tuple[str, Dict[str, Any]]],
         return printing.result()
     finally:
         stopping.cancel()
+        for task in pending:
+            task.cancel()
         await subscriber.close()
 
 
