@@ -808,7 +808,7 @@ class Subscriber:
         if item is _END:
             self._ended = True
             raise StopAsyncIteration
-        return item  # type: ignore[no-any-return]
+        return item  # type: ignore[no-any-return,unused-ignore]
 
     def __aiter__(self) -> AsyncIterator[Dict[str, Any]]:
         return self
