@@ -2,6 +2,7 @@
 asyncio) and the reconnecting Subscriber (restart, force disconnect, bad tokens)."""
 import asyncio
 import itertools
+import os
 import socket
 
 import pytest
@@ -75,6 +76,25 @@ async def test_sync_publisher_publishes_over_one_kept_alive_connection(rt):
         assert await sub.receive(10) == rows_created(1)
         assert await sub.receive(10) == rows_created(2)
         assert await sub.receive(10) == {"type": "user_data_updated", "user_data": {"n": 3}}
+
+
+def test_a_forked_process_never_shares_the_parents_kept_alive_socket(rt):
+    """A Celery prefork worker inherits the publisher: it must open its own connection."""
+    with Publisher(rt.base, API_KEY) as pub:
+        assert pub.publish(rows_created(1)) == {"published": 1}
+        inherited = pub._idle[0].sock.getsockname()  # the parent's connection, by its local port
+        pid = os.fork()
+        if pid == 0:  # the child: publish, then report whether a new socket carried it
+            try:
+                ok = (pub.publish(rows_created(2)) == {"published": 1}
+                      and pub._idle[0].sock.getsockname() != inherited)
+            except BaseException:
+                ok = False
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert pub.publish(rows_created(3)) == {"published": 1}  # the parent's connection still works
+        assert pub._idle[0].sock.getsockname() == inherited
 
 
 @pytest.mark.gen_test(timeout=30)

@@ -30,6 +30,7 @@ import http.client
 import inspect
 import json
 import logging
+import os
 import random
 import select
 import ssl as ssl_module
@@ -229,6 +230,7 @@ class Publisher(_PublisherBase):
         super().__init__(url, api_key, **kwargs)
         self._idle: List[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
+        self._pid = os.getpid()
 
     # -- the API ---------------------------------------------------------------------------------
     def publish(self, message: Mapping[str, Any], to: Any = None, ignore_web_socket_id: Optional[str] = None,
@@ -321,6 +323,11 @@ class Publisher(_PublisherBase):
 
     def _checkout(self) -> http.client.HTTPConnection:
         with self._lock:
+            if self._pid != os.getpid():  # forked (a Celery prefork worker): never share a socket
+                self._pid = os.getpid()
+                for conn in self._idle:
+                    conn.close()
+                self._idle = []
             while self._idle:
                 conn = self._idle.pop()
                 if _usable(conn.sock):
