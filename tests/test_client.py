@@ -256,6 +256,8 @@ async def test_force_disconnect_with_a_fixed_token_is_final(rt):
         await sub.wait_closed()  # the connection loop is over: nothing can reconnect
         assert states == ["connecting", "open", "closed"]
         assert sub.state == "closed" and sub.close_code == 4003 and sub.connections == 1
+        with pytest.raises(ConnectionFailed, match="closed"):
+            await sub.subscribe("table", table_id=1)  # at once, not after the subscribe timeout
         assert (await pub.request("GET", "/api/stats"))["connections"] == 0
 
 

@@ -764,6 +764,8 @@ class Subscriber:
         The page is subscribed again after every reconnect. Raises :class:`SubscribeTimeout`
         (and forgets the page) when no ``page_add`` comes within ``timeout`` (default
         ``subscribe_timeout``)."""
+        if self._finished:
+            raise ConnectionFailed(f"the subscriber is closed ({self.close_reason})", sent=False)
         key = page_key(page, params)
         self._pages[key] = dict(params)
         self._page_names[key] = page

@@ -81,6 +81,7 @@ test("force disconnect with a fixed token is final", LIMIT, async () => {
   assert.equal(rt.closeCode, 4003);
   assert.deepEqual(states, ["connecting", "open", "closed"]);
   assert.equal(rt._timer, null); // no reconnect scheduled
+  await assert.rejects(rt.subscribe("table", { table_id: 1 }), /closed/); // at once
   assert.equal((await api("api/stats")).connections, 0);
 });
 

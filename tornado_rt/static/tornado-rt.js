@@ -93,6 +93,7 @@ export class TornadoRT {
   // Subscribe (again after every reconnect); resolves with the page_add, rejects after
   // subscribeTimeout ms without one (unknown page, access denied, parameter missing).
   subscribe(page, params = {}) {
+    if (this._finished) return Promise.reject(new Error(`the client is closed (${this.closeReason})`));
     const key = pageKey(page, params);
     this._pages.set(key, { page, params: { ...params } });
     const done = new Promise((resolve, reject) => {
