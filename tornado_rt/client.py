@@ -873,6 +873,7 @@ class Subscriber:
 
         attempt = 0  # failed attempts since the last open connection (the backoff exponent)
         finals = 0  # 4001/4003 closes in a row, each followed by a new token
+        retried_4001 = False  # the current token was fetched because the previous one got 4001
         token: Optional[str] = None
         while not self._closing:
             if self.connections == 0 and attempt == 0 and finals == 0:
@@ -910,11 +911,12 @@ class Subscriber:
                         break
                     if authenticated:
                         attempt = 0
+                        retried_4001 = False
                     if code in FINAL_CLOSE_CODES:
                         # Final unless a new token is to be had; a token fetched after a 4001 that
                         # fails again is final too (no loop of bad tokens).
                         fresh = None
-                        if callable(self._token_source) and not (code == 4001 and finals and not authenticated):
+                        if callable(self._token_source) and not (code == 4001 and retried_4001):
                             try:
                                 fresh = await self._fresh_token()
                             except Exception as exc:
@@ -926,6 +928,7 @@ class Subscriber:
                             self._finish(code, reason or what, error)
                             return
                         token = fresh
+                        retried_4001 = code == 4001
                         finals += 1
                         if finals == 1:
                             await self._set_state(RECONNECTING, {"attempt": 0, "delay": 0.0, "close_code": code})

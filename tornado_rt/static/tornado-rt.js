@@ -70,6 +70,7 @@ export class TornadoRT {
     this._closing = false;
     this._attempt = 0;
     this._finals = 0;
+    this._retried4001 = false; // the current token was fetched because the previous one got 4001
     this._token = null;
     this._opened = null;
   }
@@ -212,6 +213,7 @@ export class TornadoRT {
         this.webSocketId = frame.web_socket_id;
         this.connections += 1;
         this._attempt = 0;
+        this._retried4001 = false;
         this._setState("open", { webSocketId: this.webSocketId });
         if (this._opened && this._opened.resolve) this._opened.resolve(this);
         for (const key of this._pages.keys()) this._sendSubscribe(key);
@@ -235,7 +237,7 @@ export class TornadoRT {
     }
     if (FINAL_CLOSE_CODES.includes(code)) {
       let fresh = null;
-      if (typeof this._tokenSource === "function" && !(code === 4001 && this._finals && !authenticated)) {
+      if (typeof this._tokenSource === "function" && !(code === 4001 && this._retried4001)) {
         try { fresh = await this._fetchToken(); } catch (error) { fresh = null; }
       }
       if (fresh === null || fresh === this._token) {
@@ -243,6 +245,7 @@ export class TornadoRT {
         return;
       }
       this._finals += 1;
+      this._retried4001 = code === 4001;
       if (this._finals === 1) {
         this._setState("reconnecting", { attempt: 0, delay: 0, closeCode: code });
         this._open(fresh);
