@@ -44,6 +44,8 @@ __all__ = ["ConfigError", "Config", "OPTIONS", "build_parser", "resolve", "setti
 
 PROG = "tornado-rt"
 ENV_CONFIG = "TORNADO_RT_CONFIG"
+#: Sub-commands whose usage errors point at their own --help.
+TOOL_COMMANDS = (" settings", " token", " publish", " listen")
 
 log = logging.getLogger("tornado_rt.cli")
 
@@ -66,7 +68,7 @@ OPTIONS_BY_NAME: Dict[str, Option] = {o.key: o for o in OPTIONS}
 TYPES_KEYS = ("page_types", "message_types")
 CONFIG_KEYS = tuple(o.toml_key for o in OPTIONS if o.toml_key) + TYPES_KEYS
 # Options naming a file: relative to the config file's folder when given there.
-_FILE_OPTIONS = ("jwt_public_key", "types", "directory")
+_FILE_OPTIONS = ("jwt_public_key", "jwt_private_key", "types", "directory")
 
 
 @dataclasses.dataclass
@@ -103,7 +105,7 @@ class Config:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        command = self.prog if self.prog.endswith(" settings") else f"{PROG} serve"
+        command = self.prog if self.prog.endswith(TOOL_COMMANDS) else f"{PROG} serve"
         self.exit(2, f"{PROG}: error: {message} (see '{command} --help')\n")
 
 
@@ -148,6 +150,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also list the [[page_types]] / [[message_types]] of this config file")
     types.add_argument("--types", metavar="FILE", default=None,
                        help="also list the types declared in this file (as 'serve --types FILE')")
+    _add_options(serve)
+    from .tools import add_tool_commands
+    add_tool_commands(commands, _add_options)
+    table = commands.add_parser(
+        "settings", help="print the settings table (the README's) as Markdown",
+        description="Print every setting (server settings and standalone options) as the README's "
+                    "Markdown table, or rewrite that table in a README.")
+    what = table.add_mutually_exclusive_group(required=True)
+    what.add_argument("--markdown", action="store_true", help="print the table on stdout")
+    what.add_argument("--write-readme", metavar="FILE", help="replace the table between the markers in FILE")
+    return parser
+
+
+def _add_options(serve: argparse.ArgumentParser) -> None:
+    """The option table on a sub-command: ``serve`` and the tools read the same configuration."""
     groups = {
         "server": serve.add_argument_group("server"),
         "auth": serve.add_argument_group("authentication and access"),
@@ -164,14 +181,6 @@ def build_parser() -> argparse.ArgumentParser:
                                metavar=option.metavar, help=text)
         else:
             group.add_argument(option.flag, dest=option.key, default=None, metavar=option.metavar, help=text)
-    table = commands.add_parser(
-        "settings", help="print the settings table (the README's) as Markdown",
-        description="Print every setting (server settings and standalone options) as the README's "
-                    "Markdown table, or rewrite that table in a README.")
-    what = table.add_mutually_exclusive_group(required=True)
-    what.add_argument("--markdown", action="store_true", help="print the table on stdout")
-    what.add_argument("--write-readme", metavar="FILE", help="replace the table between the markers in FILE")
-    return parser
 
 
 # --- resolution -------------------------------------------------------------------------------------
@@ -203,9 +212,10 @@ def _default(option: Option) -> Any:
     return list(option.default) if isinstance(option.default, (list, tuple)) else option.default
 
 
-def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
+def resolve(args: argparse.Namespace, environ: Mapping[str, str], check: bool = True) -> Config:
     """Apply command line > environment > config file > default to every option and validate
-    each value. Raises :class:`ConfigError` (one line naming the option)."""
+    each value. Raises :class:`ConfigError` (one line naming the option). ``check=False`` skips
+    the cross-option checks of ``serve`` (the tools need only some keys)."""
     values: Dict[str, Any] = {}
     sources: Dict[str, str] = {}
     config_path: Optional[str] = None
@@ -239,7 +249,8 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
             values[key] = os.path.join(os.path.dirname(os.path.abspath(config_path)), values[key])
     config = Config(values, sources, config_path)
     config.types_table = {k: file_values[k] for k in TYPES_KEYS if k in file_values}
-    _check(config)
+    if check:
+        _check(config)
     return config
 
 
@@ -544,6 +555,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except ConfigError as exc:
             print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
             return 2
+    if args.command in ("token", "publish", "listen"):
+        from .tools import run_tool
+        return run_tool(args)
     if args.command == "settings":
         if not args.write_readme:
             sys.stdout.write(markdown_table())

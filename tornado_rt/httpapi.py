@@ -38,6 +38,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
@@ -661,6 +662,24 @@ class MetricsHandler(ApiHandler):
         self.finish(metrics.exposition())
 
 
+class ClientScriptHandler(ApiHandler):
+    """``GET /client/tornado-rt.js`` (no key): the browser / Node client, an ES module. Any origin
+    may load it (module scripts are fetched with CORS); browsers revalidate it with the ETag."""
+
+    requires_key = False
+    PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "tornado-rt.js")
+
+    def set_default_headers(self) -> None:
+        self.set_header("Cache-Control", "no-cache")
+
+    def get(self) -> None:
+        with open(self.PATH, "rb") as fh:
+            script = fh.read()
+        self.set_header("Content-Type", "text/javascript; charset=utf-8")
+        self.set_header("Access-Control-Allow-Origin", "*")
+        self.finish(script)
+
+
 class NotFoundHandler(ApiHandler):
     """Every path no route matches: 404 in the JSON error form."""
 
@@ -692,6 +711,7 @@ API_ROUTES = [
     ("/api/openapi.json", r"/api/openapi\.json", OpenApiHandler),
     ("/api/docs", r"/api/docs", DocsHandler),
     ("/healthz", r"/healthz", HealthHandler),
+    ("/client/tornado-rt.js", r"/client/tornado-rt\.js", ClientScriptHandler),
 ]
 METRICS_ROUTE = ("/metrics", r"/metrics", MetricsHandler)
 

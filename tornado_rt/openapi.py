@@ -306,6 +306,12 @@ _OPERATIONS: Dict[str, Dict[str, Any]] = {
         "responses": {"200": _ok("Healthy", _HEALTH), "503": _ok("Degraded: the broker is unreachable", _HEALTH),
                       "405": _error("Method not allowed")},
     }},
+    "/client/tornado-rt.js": {"get": {
+        "summary": "The browser / Node client, an ES module (no key; any origin may load it)", "security": [],
+        "responses": {"200": {"description": "JavaScript",
+                              "content": {"text/javascript": {"schema": {"type": "string"}}}},
+                      "405": _error("Method not allowed")},
+    }},
     "/metrics": {"get": {
         "summary": "Prometheus text exposition (no key)", "security": [],
         "responses": {"200": {"description": "Metrics", "content": {"text/plain": {"schema": {"type": "string"}}}},

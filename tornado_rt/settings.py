@@ -464,6 +464,10 @@ class Standalone:
     api_keys: Tuple[str, ...] = setting(
         (), "key accepted by the HTTP server API as 'Authorization: Bearer KEY', repeatable (env and config: "
         "a list)", flag="--api-key", metavar="KEY", group="auth")
+    jwt_private_key: Optional[str] = setting(
+        None, "private key (PEM file; the environment variable may hold the PEM itself) used only by "
+        "'tornado-rt token' and 'listen --user' to sign tokens for RS*/ES*/EdDSA; the server never needs it",
+        metavar="FILE", group="auth")
     broker: Optional[str] = setting(
         None, "event bus: 'in-process' or a Redis URL such as redis://127.0.0.1:6379/0 (needs the redis extra)",
         _broker, metavar="URL", shown_default="in-process")
