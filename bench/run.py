@@ -48,9 +48,17 @@ SERVERS = {  # name -> (script, label)
     "channels": ("channels_server.py", "Channels+daphne"),
     # two tornado_rt_server.py processes sharing a bench-owned redis-server (RedisPair below)
     "tornado-rt-redis": ("tornado_rt_server.py", "tornado-rt, 2 procs + Redis"),
+    # the Go anchor: Centrifuge v0.15 built from Debian's packages (centrifuge_binary below)
+    "centrifuge-1": ("centrifuge_server.go", "Centrifuge (Go), GOMAXPROCS=1"),
+    "centrifuge": ("centrifuge_server.go", "Centrifuge (Go)"),
 }
-FANOUT_ONLY = {"tornado-rt-redis"}  # servers the other scenarios skip ("n/a")
 SCENARIOS = ("fanout", "latency", "pages", "memory", "storm")
+# Which scenarios a server takes part in (scenario key prefix); the others read "n/a".
+ALL = set(SCENARIOS)
+SUPPORTS = {name: ALL for name in SERVERS}
+SUPPORTS["tornado-rt-redis"] = {"fanout"}
+SERVER_ENV = {"centrifuge-1": {"GOMAXPROCS": "1"}}  # the default: Go's own (one P per CPU)
+PROTOCOL = {"centrifuge-1": wsclient.CENTRIFUGE, "centrifuge": wsclient.CENTRIFUGE}  # else Baserow's
 
 FULL = dict(fanout_sizes=[1000, 5000], duration=10.0, batch=8, window=48,
             latency_subs=1000, latency_rate=200.0, latency_warmup=1.0, latency_sample=10,
@@ -120,18 +128,21 @@ def free_port() -> int:
 class ServerProcess:
     """One server under test, in its own process (and session, so Ctrl-C reaches only us)."""
 
-    def __init__(self, name: str, log_name: str, lifetime: float, extra_args: Sequence[str] = ()):
+    def __init__(self, name: str, log_name: str, lifetime: float, extra_args: Sequence[str] = (),
+                 script: Optional[str] = None):
         self.name = name
         self.port = free_port()
         os.makedirs(os.path.join(RESULTS_DIR, "logs"), exist_ok=True)
         self.log_path = os.path.join(RESULTS_DIR, "logs", f"{log_name}.log")
         self.ready_file = os.path.join(tempfile.gettempdir(), f"tornado-rt-bench-{os.getpid()}-{self.port}.ready")
-        script = os.path.join(SERVERS_DIR, SERVERS[name][0])
+        script = os.path.join(SERVERS_DIR, script or SERVERS[name][0])
+        command = [centrifuge_binary()] if script.endswith(".go") else [sys.executable, script]
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, script, "--port", str(self.port), "--ready-file", self.ready_file,
+            [*command, "--port", str(self.port), "--ready-file", self.ready_file,
              "--lifetime", str(lifetime), *extra_args],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **SERVER_ENV.get(name, {})},
             start_new_session=True, preexec_fn=_die_with_parent, cwd=HERE)
         _children.append(self)
         self.pid = self.proc.pid
@@ -274,6 +285,57 @@ class RedisPair:
         self.redis.stop()
 
 
+class Unavailable(Exception):
+    """A server that cannot run on this machine (reported "n/a", not as an error)."""
+
+
+GOPATH = "/usr/share/gocode"  # Debian's Go library packages install their source here
+GO_SOURCE = os.path.join(SERVERS_DIR, "centrifuge_server.go")
+GO_BINARY = os.path.join(RESULTS_DIR, "bin", "centrifuge-server")
+GO_PACKAGES = {  # import path -> Debian package
+    "github.com/centrifugal/centrifuge": "golang-github-centrifugal-centrifuge-dev",
+    "github.com/centrifugal/protocol": "golang-github-centrifugal-protocol-dev",
+    "github.com/FZambia/eagle": "golang-github-fzambia-eagle-dev",
+    "github.com/igm/sockjs-go": "golang-github-igm-sockjs-go-dev",
+    "github.com/mna/redisc": "golang-github-mna-redisc-dev",
+}
+_go_build: Dict[str, str] = {}  # "binary" or "missing" (why), once per run
+
+
+def centrifuge_missing() -> str:
+    """Why the Centrifuge reference cannot be built here ("" when it can)."""
+    if not shutil.which("go"):
+        return "`go` not found (Debian package golang-go)"
+    absent = [deb for path, deb in GO_PACKAGES.items() if not os.path.isdir(os.path.join(GOPATH, "src", path))]
+    return "missing Debian packages: " + ", ".join(absent) if absent else ""
+
+
+def centrifuge_binary() -> str:
+    """Build bench/servers/centrifuge_server.go (GOPATH mode, offline, against Debian's packages)
+    into bench/results/bin/ once per run, or reuse a binary newer than the source; raises
+    Unavailable when go or a package is missing or the build fails."""
+    if "binary" in _go_build:
+        return _go_build["binary"]
+    if "missing" in _go_build:
+        raise Unavailable(_go_build["missing"])
+    why = centrifuge_missing()
+    if not why and not (os.path.exists(GO_BINARY) and os.path.getmtime(GO_BINARY) >= os.path.getmtime(GO_SOURCE)):
+        os.makedirs(os.path.dirname(GO_BINARY), exist_ok=True)
+        env = {**os.environ, "GO111MODULE": "off", "GOPATH": GOPATH, "GOFLAGS": "", "GOPROXY": "off",
+               "GOCACHE": os.path.join(RESULTS_DIR, "bin", "go-cache")}
+        build = subprocess.run(["go", "build", "-o", GO_BINARY + ".tmp", GO_SOURCE], env=env, cwd=HERE,
+                               capture_output=True, text=True, timeout=600)
+        if build.returncode:
+            why = "go build failed: " + (build.stderr.strip().splitlines() or ["?"])[-1][:300]
+        else:
+            os.replace(GO_BINARY + ".tmp", GO_BINARY)
+    if why:
+        _go_build["missing"] = why
+        raise Unavailable(why)
+    _go_build["binary"] = GO_BINARY
+    return GO_BINARY
+
+
 def start_server(name: str, log_name: str, lifetime: float):
     if name == "tornado-rt-redis":
         return RedisPair(name, log_name, lifetime)
@@ -293,8 +355,9 @@ class ClientPool:
     """The load client processes; connection i goes to worker i % workers and to server port
     ports[i % len(ports)] (one port except for tornado-rt-redis: an even split over A and B)."""
 
-    def __init__(self, workers: int, ports: Sequence[int], lifetime: float):
+    def __init__(self, workers: int, ports: Sequence[int], lifetime: float, proto: str = wsclient.BASEROW):
         ctx = mp.get_context("spawn")
+        self.proto = proto
         self.n = workers
         self.ports = list(ports)
         port = self.ports[0]
@@ -335,7 +398,7 @@ class ClientPool:
         """Open ``specs`` (user id, table ids) connections; returns counts and timing."""
         if len(self.ports) > 1:
             specs = [(user, pages, self.ports[i % len(self.ports)]) for i, (user, pages) in enumerate(specs)]
-        self._ask([("prepare", list(specs[i::self.n])) for i in range(self.n)], 120)
+        self._ask([("prepare", list(specs[i::self.n]), self.proto) for i in range(self.n)], 120)
         per = max(1, concurrency // self.n)
         t0 = time.time()
         replies = self._ask([("connect", per)] * self.n, timeout)
@@ -510,7 +573,8 @@ async def windowed(pool: ClientPool, server: ServerProcess, cfg: dict, ntables: 
 def _with_server(name: str, tag: str, cfg: dict, body) -> Dict[str, Any]:
     server = start_server(name, f"{name}-{tag}", lifetime=cfg["lifetime"])
     try:
-        pool = ClientPool(cfg["workers"], getattr(server, "ports", [server.port]), lifetime=cfg["lifetime"])
+        pool = ClientPool(cfg["workers"], getattr(server, "ports", [server.port]), lifetime=cfg["lifetime"],
+                          proto=PROTOCOL.get(name, wsclient.BASEROW))
     except BaseException:
         server.stop()
         raise
@@ -660,9 +724,19 @@ def scenario_storm(name: str, cfg: dict) -> Dict[str, Any]:
     return _with_server(name, "storm", cfg, body)
 
 
+def scenario_of(key: str) -> str:
+    """The scenario a result key belongs to ("fanout-1000" -> "fanout")."""
+    return "fanout" if key.startswith("fanout-") else key
+
+
 def run_scenario(key: str, name: str, cfg: dict) -> Dict[str, Any]:
-    if name in FANOUT_ONLY and not key.startswith("fanout-"):
-        return {"skipped": "fan-out scenario only"}
+    if scenario_of(key) not in SUPPORTS[name]:
+        return {"skipped": "does not take part in this scenario"}
+    if SERVERS[name][0].endswith(".go"):
+        try:
+            centrifuge_binary()
+        except Unavailable as exc:
+            return {"skipped": f"unavailable: {exc}"}
     if key.startswith("fanout-"):
         return scenario_fanout(name, int(key.split("-")[1]), cfg)
     return {"latency": scenario_latency, "pages": scenario_pages, "memory": scenario_memory,
@@ -709,7 +783,7 @@ def markdown(results: Dict[str, Dict[str, Any]], servers: Sequence[str], cfg: di
     head = ["scenario", "metric"] + [SERVERS[s][1] for s in servers]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, by_server in results.items():
-        prefix = key.split("-")[0]
+        prefix = scenario_of(key)
         for scen, metric, label, better, fmt in METRICS:
             if scen != prefix:
                 continue
