@@ -51,12 +51,31 @@ SERVERS = {  # name -> (script, label)
     # the Go anchor: Centrifuge v0.15 built from Debian's packages (centrifuge_binary below)
     "centrifuge-1": ("centrifuge_server.go", "Centrifuge (Go), GOMAXPROCS=1"),
     "centrifuge": ("centrifuge_server.go", "Centrifuge (Go)"),
+    # HTTP scenarios only: tornado-rt on uvloop, the socket.send() floor, a bare Tornado handler
+    "tornado-rt-uvloop": ("tornado_rt_server.py", "tornado-rt on uvloop"),
+    "floor": ("floor_server.py", "floor: bare socket.send()"),
+    "tornado-bare": ("bare_tornado_http.py", "bare Tornado handler"),
 }
-SCENARIOS = ("fanout", "latency", "pages", "memory", "storm")
+SCENARIOS = ("fanout", "latency", "pages", "memory", "storm", "http-pages", "http-single", "redis-pages")
 # Which scenarios a server takes part in (scenario key prefix); the others read "n/a".
-ALL = set(SCENARIOS)
-SUPPORTS = {name: ALL for name in SERVERS}
-SUPPORTS["tornado-rt-redis"] = {"fanout"}
+WS = {"fanout", "latency", "pages", "memory", "storm"}
+SUPPORTS = {
+    "tornado-rt": set(SCENARIOS),
+    "naive-tornado": WS,
+    "websockets": WS | {"http-pages"},
+    "channels": WS,
+    "tornado-rt-redis": {"fanout", "redis-pages"},
+    "centrifuge-1": WS | {"http-pages"},
+    "centrifuge": WS | {"http-pages"},
+    "tornado-rt-uvloop": {"http-pages", "http-single"},
+    "floor": {"http-pages"},
+    "tornado-bare": {"http-single"},
+}
+# The HTTP scenarios run tornado-rt as `tornado-rt serve` (its own HTTP API), not embedded.
+SERVE_SCRIPT = "tornado_rt_serve.py"
+HTTP_SCENARIOS = {"http-pages", "http-single", "redis-pages"}
+SERVER_ARGS = {"tornado-rt-uvloop": ["--uvloop"]}
+OWN_HTTP_PORT = {"websockets", "floor"}  # serve POST /api/publish on a second port (common.HttpApi)
 SERVER_ENV = {"centrifuge-1": {"GOMAXPROCS": "1"}}  # the default: Go's own (one P per CPU)
 PROTOCOL = {"centrifuge-1": wsclient.CENTRIFUGE, "centrifuge": wsclient.CENTRIFUGE}  # else Baserow's
 
@@ -65,9 +84,14 @@ FULL = dict(fanout_sizes=[1000, 5000], duration=10.0, batch=8, window=48,
             latency_lazy_period=0.02,
             pages_conns=5000, pages_chunk=250, pages_window=2,
             memory_conns=10000, memory_warm=100, storm_conns=5000,
+            http_pages=2000, http_messages=100000, http_batch=100, http_window=2,
+            http_single_requests=20000, http_single_warm=500,
+            redis_pages=1000, redis_messages=100000, redis_unwatched=20000,
             concurrency=128, drain_timeout=60.0, latency_drain=20.0, settle=3.0)
 QUICK = dict(FULL, fanout_sizes=[200], duration=2.0, latency_subs=200, latency_warmup=0.5,
              pages_conns=200, memory_conns=1000, memory_warm=20, storm_conns=500,
+             http_pages=200, http_messages=10000, http_single_requests=2000, http_single_warm=200,
+             redis_pages=200, redis_messages=10000, redis_unwatched=5000,
              drain_timeout=15.0, latency_drain=10.0, settle=2.0)
 
 # --- child process bookkeeping ---------------------------------------------------------------------
@@ -95,6 +119,21 @@ def proc_cpu(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_cpu_ns(pid: int) -> float:
+    """On-CPU seconds of a process's live threads, from /proc/<pid>/task/*/schedstat
+    (nanoseconds): the same quantity as :func:`proc_cpu` without its 10 ms clock-tick steps,
+    which matter for windows of a few tenths of a second (quick runs, Redis). Falls back to
+    :func:`proc_cpu` where schedstat is missing."""
+    try:
+        total = 0
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        return total / 1e9
+    except (OSError, ValueError, IndexError):
+        return proc_cpu(pid)
 
 
 def proc_rss(pid: int) -> int:
@@ -137,6 +176,11 @@ class ServerProcess:
         self.ready_file = os.path.join(tempfile.gettempdir(), f"tornado-rt-bench-{os.getpid()}-{self.port}.ready")
         script = os.path.join(SERVERS_DIR, script or SERVERS[name][0])
         command = [centrifuge_binary()] if script.endswith(".go") else [sys.executable, script]
+        extra_args = [*SERVER_ARGS.get(name, []), *extra_args]
+        self.http_port = self.port  # where POST /api/publish is served
+        if name in OWN_HTTP_PORT:
+            self.http_port = free_port()
+            extra_args += ["--http-port", str(self.http_port)]
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [*command, "--port", str(self.port), "--ready-file", self.ready_file,
@@ -155,7 +199,7 @@ class ServerProcess:
             time.sleep(0.02)
 
     def cpu(self) -> float:
-        return proc_cpu(self.pid)
+        return proc_cpu_ns(self.pid)
 
     def rss(self) -> int:
         return proc_rss(self.pid)
@@ -225,16 +269,9 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def cpu(self) -> float:
-        """On-CPU seconds of all its threads from /proc/<pid>/task/*/schedstat (nanoseconds):
-        Redis uses only a few clock ticks of utime + stime in a measured window."""
-        try:
-            total = 0
-            for tid in os.listdir(f"/proc/{self.pid}/task"):
-                with open(f"/proc/{self.pid}/task/{tid}/schedstat") as f:
-                    total += int(f.read().split()[0])
-            return total / 1e9
-        except (OSError, ValueError, IndexError):  # no schedstat: fall back to clock ticks
-            return proc_cpu(self.pid)
+        """On-CPU seconds of all its threads (schedstat: Redis uses only a few clock ticks of
+        utime + stime in a measured window)."""
+        return proc_cpu_ns(self.pid)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -252,19 +289,21 @@ class RedisPair:
     ``ports`` both (the load client splits its connections over them), ``cpu()`` is A + B; Redis's
     CPU is read separately through ``redis``."""
 
-    def __init__(self, name: str, log_name: str, lifetime: float):
+    def __init__(self, name: str, log_name: str, lifetime: float, script: Optional[str] = None,
+                 clients_on_a_only: bool = False):
         self.name = name
         self.procs: List[ServerProcess] = []
         self.redis = RedisServer(f"{log_name}-redis")
         try:
             for part in ("a", "b"):
                 self.procs.append(ServerProcess(name, f"{log_name}-{part}", lifetime,
-                                                ["--broker", self.redis.url]))
+                                                ["--broker", self.redis.url], script=script))
         except BaseException:
             self.stop()
             raise
         self.port = self.procs[0].port
-        self.ports = [p.port for p in self.procs]
+        self.http_port = self.procs[0].http_port
+        self.ports = [self.port] if clients_on_a_only else [p.port for p in self.procs]
         self.pid = self.procs[0].pid
 
     def cpu(self) -> float:
@@ -336,10 +375,10 @@ def centrifuge_binary() -> str:
     return GO_BINARY
 
 
-def start_server(name: str, log_name: str, lifetime: float):
+def start_server(name: str, log_name: str, lifetime: float, script: Optional[str] = None):
     if name == "tornado-rt-redis":
-        return RedisPair(name, log_name, lifetime)
-    return ServerProcess(name, log_name, lifetime)
+        return RedisPair(name, log_name, lifetime, script, clients_on_a_only=script == SERVE_SCRIPT)
+    return ServerProcess(name, log_name, lifetime, script=script)
 
 
 def _die_with_parent() -> None:
@@ -455,7 +494,9 @@ class ClientPool:
 
 
 # --- publishing ------------------------------------------------------------------------------------
-def trigger(seq: int, rounds: int, t0: int, n: int, ts: Optional[int] = None) -> bytes:
+def trigger(seq: int, rounds: int, t0: int, n: int, ts: Optional[int] = None, large: bool = False) -> bytes:
+    if large:
+        return b'{"seq":%d,"rounds":%d,"t0":%d,"n":%d,"large":1}' % (seq, rounds, t0, n)
     if ts is None:
         return b'{"seq":%d,"rounds":%d,"t0":%d,"n":%d}' % (seq, rounds, t0, n)
     return b'{"seq":%d,"rounds":%d,"t0":%d,"n":%d,"ts":%d}' % (seq, rounds, t0, n, ts)
@@ -569,9 +610,143 @@ async def windowed(pool: ClientPool, server: ServerProcess, cfg: dict, ntables: 
             "drained": drained}
 
 
+# --- the HTTP API publisher ---------------------------------------------------------------------------
+import common  # noqa: E402  (bench/servers is on sys.path)
+
+
+def _large_template() -> bytes:
+    """common.rows_updated_large as a %-template (seq, ts, table_id), byte-identical to dumps()."""
+    text = common.dumps(common.rows_updated_large(-333, -111, -222)).encode()
+    for marker in (b"-111", b"-222", b"-333"):
+        assert text.count(marker) == 1
+    return text.replace(b"%", b"%%").replace(b"-111", b"%d", 1).replace(b"-222", b"%d", 1).replace(b"-333", b"%d", 1)
+
+
+LARGE = _large_template()  # seq, ts, table_id in this order in the text
+assert LARGE % (7, 8, 9) == common.dumps(common.rows_updated_large(9, 7, 8)).encode()
+
+
+def batch_body(tables: Sequence[int], seq: int, ts: int) -> bytes:
+    """``POST /api/publish`` body: one envelope per table, the message type's default audience."""
+    return b'[{"message":' + b'},{"message":'.join(LARGE % (seq, ts, t) for t in tables) + b"}]"
+
+
+class HttpClient:
+    """One keep-alive HTTP/1.1 connection, one request at a time (``Content-Length`` answers)."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.reader: Any = None
+        self.writer: Any = None
+        self.head = (b"POST /api/publish HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAuthorization: Bearer %s\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: " % (port, common.API_KEY.encode()))
+
+    async def open(self) -> "HttpClient":
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        return self
+
+    async def publish(self, body: bytes) -> bytes:
+        self.writer.write(self.head + b"%d\r\n\r\n" % len(body) + body)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        p = head.lower().find(b"\r\ncontent-length:")
+        if p < 0:
+            raise RuntimeError(f"answer without Content-Length: {head[:200]!r}")
+        answer = await self.reader.readexactly(int(head[p + 17:head.find(b"\r\n", p + 2)]))
+        if status != 200:
+            raise RuntimeError(f"POST /api/publish: {status} {answer[:300]!r}")
+        return answer
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+async def settle_cpu(server, period: float = 0.3, timeout: float = 30.0) -> None:
+    """Wait until no process of ``server`` (and its Redis) spends CPU any more: for work that
+    goes on after the last answer (another process's share of a Redis publish)."""
+    parts = getattr(server, "procs", [server])
+    redis = getattr(server, "redis", None)
+    deadline = time.monotonic() + timeout
+
+    def read() -> List[float]:
+        return [p.cpu() for p in parts] + ([redis.cpu()] if redis else [])
+
+    last = read()
+    while time.monotonic() < deadline:
+        await asyncio.sleep(period)
+        now = read()
+        if all(b - a < 0.005 for a, b in zip(last, now)):
+            return
+        last = now
+
+
+async def fixed_rounds(pool: Optional["ClientPool"], server, cfg: dict, rounds: int, send_round,
+                       window: int, publishes_per_round: int) -> Dict[str, Any]:
+    """Publish rounds 1..rounds with ``await send_round(seq)`` (round 0, fully delivered, is the
+    warm-up), never more than ``window`` rounds ahead of the slowest connection; then drain.
+    Without ``pool`` (nobody subscribed) nothing is waited for but the server's CPU settling.
+    Returns the figures of the measured rounds, per process where the server has several."""
+    await send_round(0)
+    if pool is not None and not await wait_drained(pool, 1, max(cfg["drain_timeout"], 120.0), cfg["settle"]):
+        raise RuntimeError("warm-up round not fully delivered")
+    await settle_cpu(server)
+    redis = getattr(server, "redis", None)
+    parts0 = server.cpu_by_process() if hasattr(server, "cpu_by_process") else None
+    total0 = pool.total() if pool else 0
+    ccpu0 = pool.cpu() if pool else 0.0
+    cpu0, rcpu0, (mbusy0, mall0), pcpu0 = server.cpu(), redis.cpu() if redis else 0.0, machine_cpu(), self_cpu()
+    t0 = time.monotonic()
+    for seq in range(1, rounds + 1):
+        while pool is not None and seq - pool.minimum() >= window:
+            await asyncio.sleep(0.001)
+        await send_round(seq)
+    drained = True
+    if pool is not None:
+        drained = await wait_drained(pool, rounds + 1, cfg["drain_timeout"], cfg["settle"])
+    t1 = time.monotonic()
+    if getattr(server, "procs", None) or pool is None:
+        await settle_cpu(server)  # the other process and Redis may still be at work
+    parts1 = server.cpu_by_process() if parts0 else None
+    total1 = pool.total() if pool else 0
+    ccpu1 = pool.cpu() if pool else 0.0
+    cpu1, rcpu1, (mbusy1, mall1), pcpu1 = server.cpu(), redis.cpu() if redis else 0.0, machine_cpu(), self_cpu()
+    delivered, wall, publishes = total1 - total0, t1 - t0, rounds * publishes_per_round
+    out: Dict[str, Any] = {
+        "rounds": rounds + 1, "measured_rounds": rounds, "publishes": publishes, "delivered": delivered,
+        "wall_s": wall, "msgs_per_s": delivered / wall if wall and pool else None,
+        "publishes_per_s": publishes / wall if wall else 0.0, "server_cpu_s": cpu1 - cpu0,
+        "cpu_s_per_million": (cpu1 - cpu0) / delivered * 1e6 if delivered else None,
+        "cpu_us_per_publish": (cpu1 - cpu0) / publishes * 1e6 if publishes else None,
+        "server_cpu_util": (cpu1 - cpu0) / wall if wall else 0.0,
+        "client_cpu_util": (ccpu1 - ccpu0) / wall if wall and pool else None,
+        "publisher_cpu_util": (pcpu1 - pcpu0) / wall if wall else 0.0,
+        "machine_busy_cores": (mbusy1 - mbusy0) / (mall1 - mall0) * (os.cpu_count() or 1) if mall1 > mall0 else None,
+        "window": window, "drained": drained}
+    if parts0:
+        out["server_cpu_s_by_process"] = [b - a for a, b in zip(parts0, parts1)]
+        out["cpu_us_per_publish_by_process"] = [(b - a) / publishes * 1e6 for a, b in zip(parts0, parts1)]
+    if redis:
+        out["redis_cpu_s"] = rcpu1 - rcpu0
+        out["redis_cpu_us_per_publish"] = (rcpu1 - rcpu0) / publishes * 1e6
+        out["redis_server"] = redis.version
+    return out
+
+
+def http_sender(client: HttpClient, tables: Sequence[int], batch: int):
+    """send_round for fixed_rounds: one round = one message to each table, in batches."""
+    chunks = [tables[i:i + batch] for i in range(0, len(tables), batch)]
+
+    async def send_round(seq: int) -> None:
+        ts = time.time_ns() // 1000
+        for chunk in chunks:
+            await client.publish(batch_body(chunk, seq, ts))
+    return send_round
+
+
 # --- scenarios -------------------------------------------------------------------------------------
-def _with_server(name: str, tag: str, cfg: dict, body) -> Dict[str, Any]:
-    server = start_server(name, f"{name}-{tag}", lifetime=cfg["lifetime"])
+def _with_server(name: str, tag: str, cfg: dict, body, script: Optional[str] = None) -> Dict[str, Any]:
+    server = start_server(name, f"{name}-{tag}", lifetime=cfg["lifetime"], script=script)
     try:
         pool = ClientPool(cfg["workers"], getattr(server, "ports", [server.port]), lifetime=cfg["lifetime"],
                           proto=PROTOCOL.get(name, wsclient.BASEROW))
@@ -724,6 +899,126 @@ def scenario_storm(name: str, cfg: dict) -> Dict[str, Any]:
     return _with_server(name, "storm", cfg, body)
 
 
+def scenario_http_pages(name: str, cfg: dict) -> Dict[str, Any]:
+    """Issue 16 item 1: many pages with one subscriber each, every message published through
+    ``POST /api/publish`` in batches spread over the pages (tornado-rt: also through the embedded
+    ``publish()``)."""
+    n, batch = cfg["http_pages"], cfg["http_batch"]
+    rounds = max(1, cfg["http_messages"] // n)
+    tables = list(range(1, n + 1))
+    specs = [(i + 1, (i + 1,)) for i in range(n)]
+    tornado_rt = name in ("tornado-rt", "tornado-rt-uvloop")
+
+    def http_body(server, pool):
+        _setup(pool, specs, cfg)
+
+        async def drive():
+            client = await HttpClient(server.http_port).open()
+            try:
+                return await fixed_rounds(pool, server, cfg, rounds, http_sender(client, tables, batch),
+                                          cfg["http_window"], n)
+            finally:
+                client.close()
+        return _finish(asyncio.run(drive()), pool.report(rounds + 1))
+
+    def embedded_body(server, pool):
+        _setup(pool, specs, cfg)
+
+        async def drive():
+            pub = await open_publisher(server.port)
+
+            async def send_round(seq: int) -> None:
+                for t0 in range(1, n + 1, batch):
+                    pub.send_text(trigger(seq, 1, t0, min(batch, n + 1 - t0), large=True))
+            try:
+                return await fixed_rounds(pool, server, cfg, rounds, send_round, cfg["http_window"], n)
+            finally:
+                pub.close()
+        return _finish(asyncio.run(drive()), pool.report(rounds + 1))
+
+    result = _with_server(name, "http-pages", cfg, http_body, script=SERVE_SCRIPT if tornado_rt else None)
+    if tornado_rt:
+        try:
+            emb = _with_server(name, "http-pages-embedded", cfg, embedded_body)
+        except Exception as exc:
+            emb = {"error": f"{type(exc).__name__}: {exc}"}
+        result["embedded"] = emb
+        result["embedded_cpu_s_per_million"] = emb.get("cpu_s_per_million")
+        result["embedded_msgs_per_s"] = emb.get("msgs_per_s")
+        result["embedded_lost"] = emb.get("lost")
+        if emb.get("drained") is False or emb.get("error"):
+            result["embedded_drained"] = False
+    return result
+
+
+def scenario_http_single(name: str, cfg: dict) -> Dict[str, Any]:
+    """Issue 16 item 2: ``POST /api/publish`` with one message per request, one request at a time
+    on one keep-alive connection, to a page nobody watches; server CPU per request."""
+    n, warm = cfg["http_single_requests"], cfg["http_single_warm"]
+    server = start_server(name, f"{name}-http-single", cfg["lifetime"],
+                          script=SERVE_SCRIPT if name.startswith("tornado-rt") else None)
+    body = b'{"message":' + LARGE % (0, time.time_ns() // 1000, 1) + b"}"
+
+    async def drive() -> Dict[str, Any]:
+        client = await HttpClient(server.http_port).open()
+        try:
+            for _ in range(warm):
+                await client.publish(body)
+            cpu0, pcpu0, t0 = server.cpu(), self_cpu(), time.monotonic()
+            for _ in range(n):
+                await client.publish(body)
+            t1, cpu1, pcpu1 = time.monotonic(), server.cpu(), self_cpu()
+        finally:
+            client.close()
+        return {"requests": n, "body_bytes": len(body), "wall_s": t1 - t0, "server_cpu_s": cpu1 - cpu0,
+                "requests_per_s": n / (t1 - t0), "cpu_us_per_request": (cpu1 - cpu0) / n * 1e6,
+                "server_cpu_util": (cpu1 - cpu0) / (t1 - t0), "publisher_cpu_util": (pcpu1 - pcpu0) / (t1 - t0)}
+    try:
+        result = asyncio.run(drive())
+        result["server_alive"] = server.alive()
+        return result
+    finally:
+        server.stop()
+
+
+def scenario_redis_pages(name: str, cfg: dict) -> Dict[str, Any]:
+    """Issue 16 item 5 (measurement): 1,000 pages with one subscriber each, all on process A;
+    page messages published through A's HTTP API in batches; CPU per publish of A, of B (no
+    subscriber) and of redis-server; then publishes to pages nobody watches. ``tornado-rt``:
+    the same in one process without Redis."""
+    n, batch = cfg["redis_pages"], cfg["http_batch"]
+    rounds = max(1, cfg["redis_messages"] // n)
+    idle_rounds = max(1, cfg["redis_unwatched"] // n)
+
+    def body(server, pool):
+        _setup(pool, [(i + 1, (i + 1,)) for i in range(n)], cfg)
+
+        async def drive():
+            client = await HttpClient(server.http_port).open()
+            try:
+                watched = await fixed_rounds(pool, server, cfg, rounds,
+                                             http_sender(client, list(range(1, n + 1)), batch), cfg["http_window"], n)
+                idle = await fixed_rounds(None, server, cfg, idle_rounds,
+                                          http_sender(client, list(range(n + 1, 2 * n + 1)), batch), 0, n)
+            finally:
+                client.close()
+            return watched, idle
+        watched, idle = asyncio.run(drive())
+        result = _finish(watched, pool.report(rounds + 1))
+        by = watched.get("cpu_us_per_publish_by_process") or [watched["cpu_us_per_publish"]]
+        idle_by = idle.get("cpu_us_per_publish_by_process") or [idle["cpu_us_per_publish"]]
+        result["a_cpu_us_per_publish"] = by[0]
+        result["unwatched_cpu_us_per_publish"] = idle_by[0]
+        if len(by) > 1:
+            result["b_cpu_us_per_publish"] = by[1]
+            result["unwatched_b_cpu_us_per_publish"] = idle_by[1]
+        if "redis_cpu_us_per_publish" in idle:
+            result["unwatched_redis_cpu_us_per_publish"] = idle["redis_cpu_us_per_publish"]
+        result["unwatched"] = idle
+        return result
+    return _with_server(name, "redis-pages", cfg, body, script=SERVE_SCRIPT)
+
+
 def scenario_of(key: str) -> str:
     """The scenario a result key belongs to ("fanout-1000" -> "fanout")."""
     return "fanout" if key.startswith("fanout-") else key
@@ -740,7 +1035,8 @@ def run_scenario(key: str, name: str, cfg: dict) -> Dict[str, Any]:
     if key.startswith("fanout-"):
         return scenario_fanout(name, int(key.split("-")[1]), cfg)
     return {"latency": scenario_latency, "pages": scenario_pages, "memory": scenario_memory,
-            "storm": scenario_storm}[key](name, cfg)
+            "storm": scenario_storm, "http-pages": scenario_http_pages, "http-single": scenario_http_single,
+            "redis-pages": scenario_redis_pages}[key](name, cfg)
 
 
 # --- reporting -------------------------------------------------------------------------------------
@@ -766,6 +1062,23 @@ METRICS = [
     ("memory", "kib_per_conn", "RSS KiB / idle connection", "low", "{:.1f}"),
     ("storm", "conns_per_s", "connects/s (JWT + auth message)", "high", "{:,.0f}"),
     ("storm", "server_cpu_ms_per_conn", "server CPU ms / connect", "low", "{:.3f}"),
+    ("http-pages", "cpu_s_per_million", "server CPU µs / delivered msg, POST /api/publish", "low", "{:.1f}"),
+    ("http-pages", "embedded_cpu_s_per_million", "server CPU µs / delivered msg, embedded publish()", "low",
+     "{:.1f}"),
+    ("http-pages", "msgs_per_s", "delivered msgs/s, POST /api/publish (1 request at a time)", "high", "{:,.0f}"),
+    ("http-pages", "server_cpu_util", "server CPU (cores)", None, "{:.2f}"),
+    ("http-pages", "lost", "lost", "zero", "{:,}"),
+    ("http-pages", "embedded_lost", "lost, embedded publish()", "zero", "{:,}"),
+    ("http-single", "cpu_us_per_request", "server CPU µs / request", "low", "{:.1f}"),
+    ("http-single", "requests_per_s", "requests/s (1 at a time)", "high", "{:,.0f}"),
+    ("redis-pages", "a_cpu_us_per_publish", "CPU µs / publish, publishing process A", "low", "{:.1f}"),
+    ("redis-pages", "b_cpu_us_per_publish", "CPU µs / publish, process B (no subscriber)", None, "{:.1f}"),
+    ("redis-pages", "redis_cpu_us_per_publish", "CPU µs / publish, redis-server", None, "{:.1f}"),
+    ("redis-pages", "unwatched_cpu_us_per_publish", "CPU µs / publish to a page nobody watches, A", "low",
+     "{:.1f}"),
+    ("redis-pages", "unwatched_b_cpu_us_per_publish", "same, process B", None, "{:.1f}"),
+    ("redis-pages", "unwatched_redis_cpu_us_per_publish", "same, redis-server", None, "{:.1f}"),
+    ("redis-pages", "lost", "lost", "zero", "{:,}"),
 ]
 
 
@@ -775,7 +1088,12 @@ def scenario_title(key: str, cfg: dict) -> str:
     return {"latency": f"latency, {cfg['latency_subs']:,} subs @ {cfg['latency_rate']:.0f} pub/s",
             "pages": f"{cfg['pages_conns']:,} pages x 1 sub",
             "memory": f"memory, {cfg['memory_conns']:,} idle conns x 2 pages",
-            "storm": f"connect storm, {cfg['storm_conns']:,} conns"}[key]
+            "storm": f"connect storm, {cfg['storm_conns']:,} conns",
+            "http-pages": f"{cfg['http_pages']:,} pages x 1 sub, {cfg['http_messages']:,} msgs in HTTP batches "
+                          f"of {cfg['http_batch']}",
+            "http-single": f"POST /api/publish, 1 msg/request x {cfg['http_single_requests']:,}",
+            "redis-pages": f"{cfg['redis_pages']:,} pages x 1 sub on A, {cfg['redis_messages']:,} HTTP "
+                           f"publishes"}[key]
 
 
 def markdown(results: Dict[str, Dict[str, Any]], servers: Sequence[str], cfg: dict, meta: dict) -> str:
@@ -822,6 +1140,7 @@ def markdown(results: Dict[str, Dict[str, Any]], servers: Sequence[str], cfg: di
            "means tornado-rt is faster); for CPU, latency and RSS lower is better (a ratio above 1 "
            "means tornado-rt is better).", ""]
     out += targets(results, servers)
+    out += targets16(results)
     out += redis_cost(results)
     return "\n".join(out) + "\n"
 
@@ -856,7 +1175,37 @@ def targets(results: Dict[str, Dict[str, Any]], servers: Sequence[str]) -> List[
             if "tornado-rt" in v and v["tornado-rt"].get("lost")]
     if any(k in results for k in ("latency", "pages")) or fan_keys:
         lines.append("- zero messages lost: " + ("met" if not lost else "NOT met (" + ", ".join(lost) + ")"))
-    return lines + [""]
+    return lines + [""] if len(lines) > 2 else []
+
+
+def targets16(results: Dict[str, Dict[str, Any]]) -> List[str]:
+    """The measurable targets of issue 16 for tornado-rt (HTTP scenarios), met / NOT met."""
+    def get(key, server, metric):
+        return results.get(key, {}).get(server, {}).get(metric)
+
+    lines = []
+    for rt in ("tornado-rt", "tornado-rt-uvloop"):
+        mine, ws = get("http-pages", rt, "cpu_s_per_million"), get("http-pages", "websockets", "cpu_s_per_million")
+        if mine and ws:
+            lines.append(f"- http-pages ({rt}): CPU per delivered msg vs websockets = {mine / ws:.2f}x "
+                         "(target <= 1.2x): " + ("met" if mine / ws <= 1.2 else "NOT met"))
+        mine, bare = get("http-single", rt, "cpu_us_per_request"), get("http-single", "tornado-bare", "cpu_us_per_request")
+        if mine and bare:
+            lines.append(f"- http-single ({rt}): CPU per request vs a bare Tornado handler = {mine / bare:.2f}x "
+                         "(target <= 1.15x): " + ("met" if mine / bare <= 1.15 else "NOT met"))
+    one, two = results.get("redis-pages", {}).get("tornado-rt", {}), results.get("redis-pages", {}).get("tornado-rt-redis", {})
+    if one.get("a_cpu_us_per_publish") and two.get("a_cpu_us_per_publish"):
+        r = two["a_cpu_us_per_publish"] / one["a_cpu_us_per_publish"]
+        lines.append(f"- redis-pages: a publish in Redis mode (A) vs one process = {r:.2f}x (target <= 1.5x): "
+                     + ("met" if r <= 1.5 else "NOT met"))
+    if two.get("redis_cpu_us_per_publish") is not None:
+        v = two["redis_cpu_us_per_publish"]
+        lines.append(f"- redis-pages: redis-server {v:.1f} µs per publish (target <= 5 µs): " + ("met" if v <= 5 else "NOT met"))
+    if two.get("b_cpu_us_per_publish") is not None:
+        v = two["b_cpu_us_per_publish"]
+        lines.append(f"- redis-pages: process B (no recipient) {v:.1f} µs per cluster publish (target <= 1 µs): "
+                     + ("met" if v <= 1 else "NOT met"))
+    return ["Targets of issue 16 (tornado-rt):", ""] + lines + [""] if lines else []
 
 
 def redis_cost(results: Dict[str, Dict[str, Any]]) -> List[str]:
@@ -1126,6 +1475,11 @@ def _line(key: str, r: Dict[str, Any]) -> str:
         return "ERROR " + r["error"]
     parts = []
     for k, fmt in (("msgs_per_s", "{:,.0f} msg/s"), ("cpu_s_per_million", "{:.2f} CPU s/1M"),
+                   ("embedded_cpu_s_per_million", "embedded {:.2f} CPU s/1M"),
+                   ("cpu_us_per_request", "{:.1f} CPU µs/request"), ("requests_per_s", "{:,.0f} req/s"),
+                   ("a_cpu_us_per_publish", "A {:.1f} µs/publish"), ("b_cpu_us_per_publish", "B {:.1f} µs/publish"),
+                   ("redis_cpu_us_per_publish", "redis {:.1f} µs/publish"),
+                   ("unwatched_cpu_us_per_publish", "unwatched {:.1f} µs/publish"),
                    ("p50_ms", "p50 {:.1f} ms"), ("p99_ms", "p99 {:.1f} ms"), ("max_ms", "max {:.1f} ms"),
                    ("kib_per_conn", "{:.1f} KiB/conn"), ("conns_per_s", "{:,.0f} conn/s"),
                    ("lost", "lost {:,}"), ("server_cpu_util", "server {:.2f} cores"),
