@@ -691,6 +691,7 @@ async def fixed_rounds(pool: Optional["ClientPool"], server, cfg: dict, rounds: 
     if pool is not None and not await wait_drained(pool, 1, max(cfg["drain_timeout"], 120.0), cfg["settle"]):
         raise RuntimeError("warm-up round not fully delivered")
     await settle_cpu(server)
+    spy = Spy(server, cfg)
     redis = getattr(server, "redis", None)
     parts0 = server.cpu_by_process() if hasattr(server, "cpu_by_process") else None
     total0 = pool.total() if pool else 0
@@ -707,6 +708,7 @@ async def fixed_rounds(pool: Optional["ClientPool"], server, cfg: dict, rounds: 
     t1 = time.monotonic()
     if getattr(server, "procs", None) or pool is None:
         await settle_cpu(server)  # the other process and Redis may still be at work
+    spy.stop()
     parts1 = server.cpu_by_process() if parts0 else None
     total1 = pool.total() if pool else 0
     ccpu1 = pool.cpu() if pool else 0.0
@@ -731,6 +733,38 @@ async def fixed_rounds(pool: Optional["ClientPool"], server, cfg: dict, rounds: 
         out["redis_cpu_us_per_publish"] = (rcpu1 - rcpu0) / publishes * 1e6
         out["redis_server"] = redis.version
     return out
+
+
+class Spy:
+    """py-spy on a server during a measured window (``--profile`` with an HTTP scenario): started
+    after the warm-up, stopped with SIGINT (py-spy then writes its file) at the end. No-op
+    unless ``cfg["profile"]``; the files are listed in ``cfg["profiles"]``."""
+
+    def __init__(self, server, cfg: dict):
+        self.proc: Optional[subprocess.Popen] = None
+        if not cfg.get("profile"):
+            return
+        exe = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+        log = getattr(server, "log_path", None) or server.procs[0].log_path
+        self.raw = os.path.join(RESULTS_DIR, "profile-" + os.path.basename(log).replace(".log", ".txt"))
+        self.proc = subprocess.Popen([exe, "record", "--pid", str(server.pid), "--rate", "200", "--nonblocking",
+                                      "--format", "raw", "--output", self.raw],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _children.append(_Killable(self.proc))
+        cfg.setdefault("profiles", []).append(self.raw)
+        time.sleep(0.5)  # py-spy attaches
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            _, err = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            err = b""
+        if not os.path.exists(self.raw):
+            print("py-spy wrote nothing:", err.decode(errors="replace")[-500:], file=sys.stderr)
 
 
 def http_sender(client: HttpClient, tables: Sequence[int], batch: int):
@@ -964,10 +998,12 @@ def scenario_http_single(name: str, cfg: dict) -> Dict[str, Any]:
         try:
             for _ in range(warm):
                 await client.publish(body)
+            spy = Spy(server, cfg)
             cpu0, pcpu0, t0 = server.cpu(), self_cpu(), time.monotonic()
             for _ in range(n):
                 await client.publish(body)
             t1, cpu1, pcpu1 = time.monotonic(), server.cpu(), self_cpu()
+            spy.stop()
         finally:
             client.close()
         return {"requests": n, "body_bytes": len(body), "wall_s": t1 - t0, "server_cpu_s": cpu1 - cpu0,
@@ -1139,6 +1175,11 @@ def markdown(results: Dict[str, Dict[str, Any]], servers: Sequence[str], cfg: di
            "(Nx) = reference ÷ tornado-rt. For msgs/s and connects/s higher is better (a ratio below 1 "
            "means tornado-rt is faster); for CPU, latency and RSS lower is better (a ratio above 1 "
            "means tornado-rt is better).", ""]
+    unavailable = {s: r["skipped"] for by_server in results.values() for s, r in by_server.items()
+                   if str(r.get("skipped", "")).startswith("unavailable")}
+    if unavailable:
+        out += ["Unavailable on this machine (n/a above): "
+                + "; ".join(f"{SERVERS[s][1]}: {why[len('unavailable: '):]}" for s, why in unavailable.items()), ""]
     out += targets(results, servers)
     out += targets16(results)
     out += redis_cost(results)
@@ -1347,6 +1388,29 @@ def run_profile(cfg: dict, what: str, subs: int) -> None:
         print(f"\ncollapsed stacks: {raw} (flamegraph.pl or speedscope.app read them)")
 
 
+def profile_http(cfg: dict, what: str, servers: Optional[str]) -> int:
+    """``--profile http-pages|http-single|redis-pages``: that scenario for ``--servers`` (default
+    tornado-rt) with py-spy on the server (process A for tornado-rt-redis) during each measured
+    window; prints the figures and a summary of each profile."""
+    if not (shutil.which("py-spy") or os.path.exists(os.path.join(os.path.dirname(sys.executable), "py-spy"))):
+        sys.exit("py-spy not found: pip install py-spy (into the same environment)")
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    cfg["profile"] = True
+    for name in (servers or "tornado-rt").split(","):
+        r = run_scenario(what, name.strip(), cfg)
+        r["elapsed_s"] = 0.0
+        print(f"{what} {name} under py-spy: {_line(what, r)}")
+        if r.get("embedded"):
+            print(f"  embedded publish(): {_line(what, {**r['embedded'], 'elapsed_s': 0.0})}")
+    for raw in cfg.get("profiles", []):
+        if os.path.exists(raw):
+            summary = summarize_profile(raw)
+            with open(raw.replace(".txt", "-summary.txt"), "w") as f:
+                f.write(summary + "\n")
+            print(f"\n=== {os.path.basename(raw)} (collapsed stacks; summary in *-summary.txt)\n{summary}")
+    return 0
+
+
 class _Killable:
     def __init__(self, proc: subprocess.Popen):
         self.proc = proc
@@ -1370,9 +1434,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--latency-sample", type=int,
                    help="latency scenario: every Nth connection reads at once and is timed, the others "
                         "read every 20 ms (default 10; 1 = every connection reads at once)")
+    p.add_argument("--http-pages", type=int, help="http-pages: pages with one subscriber each (full 2,000)")
+    p.add_argument("--http-messages", type=int, help="http-pages: messages published (full 100,000)")
+    p.add_argument("--http-batch", type=int, help="http-pages, redis-pages: messages per POST (default 100)")
+    p.add_argument("--http-requests", type=int, help="http-single: measured requests (full 20,000)")
+    p.add_argument("--redis-pages", type=int, help="redis-pages: one-subscriber pages on A (full 1,000)")
+    p.add_argument("--redis-messages", type=int, help="redis-pages: messages to them through A (full 100,000)")
+    p.add_argument("--redis-unwatched", type=int,
+                   help="redis-pages: then messages to pages nobody watches (full 20,000)")
     p.add_argument("--workers", type=int, default=max(2, min(8, (os.cpu_count() or 2))),
                    help="load-client processes (default: CPU count, at least 2, at most 8)")
-    p.add_argument("--profile", nargs="?", const="fanout", choices=("fanout", "pages", "storm"),
+    p.add_argument("--profile", nargs="?", const="fanout",
+                   choices=("fanout", "pages", "storm", "http-pages", "http-single", "redis-pages"),
                    help="only profile tornado-rt with py-spy during the fan-out (size: first of "
                         "--fanout-sizes, default 1000), the many-pages scenario or the connect storm")
     p.add_argument("--out", default=os.path.join(RESULTS_DIR, "latest"), help="results path prefix (.json/.md)")
@@ -1389,9 +1462,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg["batch"] = args.batch
     if args.latency_sample:
         cfg["latency_sample"] = max(1, args.latency_sample)
+    for opt, key in (("http_pages", "http_pages"), ("http_messages", "http_messages"), ("http_batch", "http_batch"),
+                     ("http_requests", "http_single_requests"), ("redis_pages", "redis_pages"),
+                     ("redis_messages", "redis_messages"), ("redis_unwatched", "redis_unwatched")):
+        if getattr(args, opt):
+            cfg[key] = max(1, getattr(args, opt))
     cfg["workers"] = args.workers
     cfg["lifetime"] = 1200.0
 
+    if args.profile in HTTP_SCENARIOS:
+        return profile_http(cfg, args.profile, args.servers)
     if args.profile:
         run_profile(cfg, args.profile, cfg["fanout_sizes"][0] if args.fanout_sizes else 1000)
         return 0
