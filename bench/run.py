@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""tornado-rt benchmark: tornado-rt against three reference servers, side by side, in one run.
+"""tornado-rt benchmark: tornado-rt against reference servers (websockets, naive Tornado, Django
+Channels, Centrifuge in Go) side by side, in one run.
 
-    python bench/run.py --quick     # smoke run, small numbers, about 2 minutes
-    python bench/run.py             # the full measurement (about 15 minutes on 2 cores)
+    python bench/run.py --quick     # smoke run, small numbers, about 3-4 minutes
+    python bench/run.py             # the full measurement (about 20 minutes on 2 cores)
     python bench/run.py --profile   # py-spy profile of tornado-rt during the 1,000-subscriber fan-out
+    python bench/run.py --quick --scenarios http-pages --servers tornado-rt,websockets,floor
 
 See bench/README.md for what every number means. Each server runs in its own process (started
 fresh for every scenario), the load client in ``--workers`` other processes, the publisher in
@@ -85,7 +87,7 @@ FULL = dict(fanout_sizes=[1000, 5000], duration=10.0, batch=8, window=48,
             pages_conns=5000, pages_chunk=250, pages_window=2,
             memory_conns=10000, memory_warm=100, storm_conns=5000,
             http_pages=2000, http_messages=100000, http_batch=100, http_window=2,
-            http_single_requests=20000, http_single_warm=500,
+            http_single_requests=10000, http_single_warm=500,
             redis_pages=1000, redis_messages=100000, redis_unwatched=20000,
             concurrency=128, drain_timeout=60.0, latency_drain=20.0, settle=3.0)
 QUICK = dict(FULL, fanout_sizes=[200], duration=2.0, latency_subs=200, latency_warmup=0.5,
@@ -1437,7 +1439,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--http-pages", type=int, help="http-pages: pages with one subscriber each (full 2,000)")
     p.add_argument("--http-messages", type=int, help="http-pages: messages published (full 100,000)")
     p.add_argument("--http-batch", type=int, help="http-pages, redis-pages: messages per POST (default 100)")
-    p.add_argument("--http-requests", type=int, help="http-single: measured requests (full 20,000)")
+    p.add_argument("--http-requests", type=int, help="http-single: measured requests (full 10,000)")
     p.add_argument("--redis-pages", type=int, help="redis-pages: one-subscriber pages on A (full 1,000)")
     p.add_argument("--redis-messages", type=int, help="redis-pages: messages to them through A (full 100,000)")
     p.add_argument("--redis-unwatched", type=int,
