@@ -25,7 +25,6 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/base64"
@@ -293,5 +292,4 @@ func main() {
 	fmt.Printf("READY pid=%d port=%d GOMAXPROCS=%d\n", os.Getpid(), *port, runtime.GOMAXPROCS(0))
 	srv := &http.Server{Handler: mux}
 	log.Fatal(srv.Serve(ln))
-	_ = node.Shutdown(context.Background())
 }
