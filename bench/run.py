@@ -52,7 +52,7 @@ SERVERS = {  # name -> (script, label)
     "tornado-rt-redis": ("tornado_rt_server.py", "tornado-rt, 2 procs + Redis"),
     # the Go anchor: Centrifuge v0.15 built from Debian's packages (centrifuge_binary below)
     "centrifuge-1": ("centrifuge_server.go", "Centrifuge (Go), GOMAXPROCS=1"),
-    "centrifuge": ("centrifuge_server.go", "Centrifuge (Go)"),
+    "centrifuge": ("centrifuge_server.go", "Centrifuge (Go), default GOMAXPROCS"),
     # HTTP scenarios only: tornado-rt on uvloop, the socket.send() floor, a bare Tornado handler
     "tornado-rt-uvloop": ("tornado_rt_server.py", "tornado-rt on uvloop"),
     "floor": ("floor_server.py", "floor: bare socket.send()"),
@@ -1426,7 +1426,7 @@ class _Killable:
 # --- main ------------------------------------------------------------------------------------------
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small numbers for a smoke run (~2 min)")
+    p.add_argument("--quick", action="store_true", help="small numbers for a smoke run (~3-4 min with every server)")
     p.add_argument("--servers", help="comma list of " + ", ".join(SERVERS) + " (default: all; tornado-rt-redis "
                    "only when redis-server and the redis package are installed)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma list of " + ", ".join(SCENARIOS))
