@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""tornado-rt benchmark: tornado-rt against three reference servers, side by side, in one run.
+"""tornado-rt benchmark: tornado-rt against reference servers (websockets, naive Tornado, Django
+Channels, Centrifuge in Go) side by side, in one run.
 
-    python bench/run.py --quick     # smoke run, small numbers, about 2 minutes
-    python bench/run.py             # the full measurement (about 15 minutes on 2 cores)
+    python bench/run.py --quick     # smoke run, small numbers, about 3-4 minutes
+    python bench/run.py             # the full measurement (about 20 minutes on 2 cores)
     python bench/run.py --profile   # py-spy profile of tornado-rt during the 1,000-subscriber fan-out
+    python bench/run.py --quick --scenarios http-pages --servers tornado-rt,websockets,floor
 
 See bench/README.md for what every number means. Each server runs in its own process (started
 fresh for every scenario), the load client in ``--workers`` other processes, the publisher in
@@ -48,18 +50,50 @@ SERVERS = {  # name -> (script, label)
     "channels": ("channels_server.py", "Channels+daphne"),
     # two tornado_rt_server.py processes sharing a bench-owned redis-server (RedisPair below)
     "tornado-rt-redis": ("tornado_rt_server.py", "tornado-rt, 2 procs + Redis"),
+    # the Go anchor: Centrifuge v0.15 built from Debian's packages (centrifuge_binary below)
+    "centrifuge-1": ("centrifuge_server.go", "Centrifuge (Go), GOMAXPROCS=1"),
+    "centrifuge": ("centrifuge_server.go", "Centrifuge (Go), default GOMAXPROCS"),
+    # HTTP scenarios only: tornado-rt on uvloop, the socket.send() floor, a bare Tornado handler
+    "tornado-rt-uvloop": ("tornado_rt_server.py", "tornado-rt on uvloop"),
+    "floor": ("floor_server.py", "floor: bare socket.send()"),
+    "tornado-bare": ("bare_tornado_http.py", "bare Tornado handler"),
 }
-FANOUT_ONLY = {"tornado-rt-redis"}  # servers the other scenarios skip ("n/a")
-SCENARIOS = ("fanout", "latency", "pages", "memory", "storm")
+SCENARIOS = ("fanout", "latency", "pages", "memory", "storm", "http-pages", "http-single", "redis-pages")
+# Which scenarios a server takes part in (scenario key prefix); the others read "n/a".
+WS = {"fanout", "latency", "pages", "memory", "storm"}
+SUPPORTS = {
+    "tornado-rt": set(SCENARIOS),
+    "naive-tornado": WS,
+    "websockets": WS | {"http-pages"},
+    "channels": WS,
+    "tornado-rt-redis": {"fanout", "redis-pages"},
+    "centrifuge-1": WS | {"http-pages"},
+    "centrifuge": WS | {"http-pages"},
+    "tornado-rt-uvloop": {"http-pages", "http-single"},
+    "floor": {"http-pages"},
+    "tornado-bare": {"http-single"},
+}
+# The HTTP scenarios run tornado-rt as `tornado-rt serve` (its own HTTP API), not embedded.
+SERVE_SCRIPT = "tornado_rt_serve.py"
+HTTP_SCENARIOS = {"http-pages", "http-single", "redis-pages"}
+SERVER_ARGS = {"tornado-rt-uvloop": ["--uvloop"]}
+OWN_HTTP_PORT = {"websockets", "floor"}  # serve POST /api/publish on a second port (common.HttpApi)
+SERVER_ENV = {"centrifuge-1": {"GOMAXPROCS": "1"}}  # the default: Go's own (one P per CPU)
+PROTOCOL = {"centrifuge-1": wsclient.CENTRIFUGE, "centrifuge": wsclient.CENTRIFUGE}  # else Baserow's
 
 FULL = dict(fanout_sizes=[1000, 5000], duration=10.0, batch=8, window=48,
             latency_subs=1000, latency_rate=200.0, latency_warmup=1.0, latency_sample=10,
             latency_lazy_period=0.02,
             pages_conns=5000, pages_chunk=250, pages_window=2,
             memory_conns=10000, memory_warm=100, storm_conns=5000,
+            http_pages=2000, http_messages=100000, http_batch=100, http_window=2,
+            http_single_requests=10000, http_single_warm=500,
+            redis_pages=1000, redis_messages=100000, redis_unwatched=20000,
             concurrency=128, drain_timeout=60.0, latency_drain=20.0, settle=3.0)
 QUICK = dict(FULL, fanout_sizes=[200], duration=2.0, latency_subs=200, latency_warmup=0.5,
              pages_conns=200, memory_conns=1000, memory_warm=20, storm_conns=500,
+             http_pages=200, http_messages=10000, http_single_requests=2000, http_single_warm=200,
+             redis_pages=200, redis_messages=10000, redis_unwatched=5000,
              drain_timeout=15.0, latency_drain=10.0, settle=2.0)
 
 # --- child process bookkeeping ---------------------------------------------------------------------
@@ -87,6 +121,21 @@ def proc_cpu(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_cpu_ns(pid: int) -> float:
+    """On-CPU seconds of a process's live threads, from /proc/<pid>/task/*/schedstat
+    (nanoseconds): the same quantity as :func:`proc_cpu` without its 10 ms clock-tick steps,
+    which matter for windows of a few tenths of a second (quick runs, Redis). Falls back to
+    :func:`proc_cpu` where schedstat is missing."""
+    try:
+        total = 0
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        return total / 1e9
+    except (OSError, ValueError, IndexError):
+        return proc_cpu(pid)
 
 
 def proc_rss(pid: int) -> int:
@@ -120,18 +169,26 @@ def free_port() -> int:
 class ServerProcess:
     """One server under test, in its own process (and session, so Ctrl-C reaches only us)."""
 
-    def __init__(self, name: str, log_name: str, lifetime: float, extra_args: Sequence[str] = ()):
+    def __init__(self, name: str, log_name: str, lifetime: float, extra_args: Sequence[str] = (),
+                 script: Optional[str] = None):
         self.name = name
         self.port = free_port()
         os.makedirs(os.path.join(RESULTS_DIR, "logs"), exist_ok=True)
         self.log_path = os.path.join(RESULTS_DIR, "logs", f"{log_name}.log")
         self.ready_file = os.path.join(tempfile.gettempdir(), f"tornado-rt-bench-{os.getpid()}-{self.port}.ready")
-        script = os.path.join(SERVERS_DIR, SERVERS[name][0])
+        script = os.path.join(SERVERS_DIR, script or SERVERS[name][0])
+        command = [centrifuge_binary()] if script.endswith(".go") else [sys.executable, script]
+        extra_args = [*SERVER_ARGS.get(name, []), *extra_args]
+        self.http_port = self.port  # where POST /api/publish is served
+        if name in OWN_HTTP_PORT:
+            self.http_port = free_port()
+            extra_args += ["--http-port", str(self.http_port)]
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, script, "--port", str(self.port), "--ready-file", self.ready_file,
+            [*command, "--port", str(self.port), "--ready-file", self.ready_file,
              "--lifetime", str(lifetime), *extra_args],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **SERVER_ENV.get(name, {})},
             start_new_session=True, preexec_fn=_die_with_parent, cwd=HERE)
         _children.append(self)
         self.pid = self.proc.pid
@@ -144,7 +201,7 @@ class ServerProcess:
             time.sleep(0.02)
 
     def cpu(self) -> float:
-        return proc_cpu(self.pid)
+        return proc_cpu_ns(self.pid)
 
     def rss(self) -> int:
         return proc_rss(self.pid)
@@ -214,16 +271,9 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def cpu(self) -> float:
-        """On-CPU seconds of all its threads from /proc/<pid>/task/*/schedstat (nanoseconds):
-        Redis uses only a few clock ticks of utime + stime in a measured window."""
-        try:
-            total = 0
-            for tid in os.listdir(f"/proc/{self.pid}/task"):
-                with open(f"/proc/{self.pid}/task/{tid}/schedstat") as f:
-                    total += int(f.read().split()[0])
-            return total / 1e9
-        except (OSError, ValueError, IndexError):  # no schedstat: fall back to clock ticks
-            return proc_cpu(self.pid)
+        """On-CPU seconds of all its threads (schedstat: Redis uses only a few clock ticks of
+        utime + stime in a measured window)."""
+        return proc_cpu_ns(self.pid)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -241,19 +291,21 @@ class RedisPair:
     ``ports`` both (the load client splits its connections over them), ``cpu()`` is A + B; Redis's
     CPU is read separately through ``redis``."""
 
-    def __init__(self, name: str, log_name: str, lifetime: float):
+    def __init__(self, name: str, log_name: str, lifetime: float, script: Optional[str] = None,
+                 clients_on_a_only: bool = False):
         self.name = name
         self.procs: List[ServerProcess] = []
         self.redis = RedisServer(f"{log_name}-redis")
         try:
             for part in ("a", "b"):
                 self.procs.append(ServerProcess(name, f"{log_name}-{part}", lifetime,
-                                                ["--broker", self.redis.url]))
+                                                ["--broker", self.redis.url], script=script))
         except BaseException:
             self.stop()
             raise
         self.port = self.procs[0].port
-        self.ports = [p.port for p in self.procs]
+        self.http_port = self.procs[0].http_port
+        self.ports = [self.port] if clients_on_a_only else [p.port for p in self.procs]
         self.pid = self.procs[0].pid
 
     def cpu(self) -> float:
@@ -274,10 +326,61 @@ class RedisPair:
         self.redis.stop()
 
 
-def start_server(name: str, log_name: str, lifetime: float):
+class Unavailable(Exception):
+    """A server that cannot run on this machine (reported "n/a", not as an error)."""
+
+
+GOPATH = "/usr/share/gocode"  # Debian's Go library packages install their source here
+GO_SOURCE = os.path.join(SERVERS_DIR, "centrifuge_server.go")
+GO_BINARY = os.path.join(RESULTS_DIR, "bin", "centrifuge-server")
+GO_PACKAGES = {  # import path -> Debian package
+    "github.com/centrifugal/centrifuge": "golang-github-centrifugal-centrifuge-dev",
+    "github.com/centrifugal/protocol": "golang-github-centrifugal-protocol-dev",
+    "github.com/FZambia/eagle": "golang-github-fzambia-eagle-dev",
+    "github.com/igm/sockjs-go": "golang-github-igm-sockjs-go-dev",
+    "github.com/mna/redisc": "golang-github-mna-redisc-dev",
+}
+_go_build: Dict[str, str] = {}  # "binary" or "missing" (why), once per run
+
+
+def centrifuge_missing() -> str:
+    """Why the Centrifuge reference cannot be built here ("" when it can)."""
+    if not shutil.which("go"):
+        return "`go` not found (Debian package golang-go)"
+    absent = [deb for path, deb in GO_PACKAGES.items() if not os.path.isdir(os.path.join(GOPATH, "src", path))]
+    return "missing Debian packages: " + ", ".join(absent) if absent else ""
+
+
+def centrifuge_binary() -> str:
+    """Build bench/servers/centrifuge_server.go (GOPATH mode, offline, against Debian's packages)
+    into bench/results/bin/ once per run, or reuse a binary newer than the source; raises
+    Unavailable when go or a package is missing or the build fails."""
+    if "binary" in _go_build:
+        return _go_build["binary"]
+    if "missing" in _go_build:
+        raise Unavailable(_go_build["missing"])
+    why = centrifuge_missing()
+    if not why and not (os.path.exists(GO_BINARY) and os.path.getmtime(GO_BINARY) >= os.path.getmtime(GO_SOURCE)):
+        os.makedirs(os.path.dirname(GO_BINARY), exist_ok=True)
+        env = {**os.environ, "GO111MODULE": "off", "GOPATH": GOPATH, "GOFLAGS": "", "GOPROXY": "off",
+               "GOCACHE": os.path.join(RESULTS_DIR, "bin", "go-cache")}
+        build = subprocess.run(["go", "build", "-o", GO_BINARY + ".tmp", GO_SOURCE], env=env, cwd=HERE,
+                               capture_output=True, text=True, timeout=600)
+        if build.returncode:
+            why = "go build failed: " + (build.stderr.strip().splitlines() or ["?"])[-1][:300]
+        else:
+            os.replace(GO_BINARY + ".tmp", GO_BINARY)
+    if why:
+        _go_build["missing"] = why
+        raise Unavailable(why)
+    _go_build["binary"] = GO_BINARY
+    return GO_BINARY
+
+
+def start_server(name: str, log_name: str, lifetime: float, script: Optional[str] = None):
     if name == "tornado-rt-redis":
-        return RedisPair(name, log_name, lifetime)
-    return ServerProcess(name, log_name, lifetime)
+        return RedisPair(name, log_name, lifetime, script, clients_on_a_only=script == SERVE_SCRIPT)
+    return ServerProcess(name, log_name, lifetime, script=script)
 
 
 def _die_with_parent() -> None:
@@ -293,8 +396,9 @@ class ClientPool:
     """The load client processes; connection i goes to worker i % workers and to server port
     ports[i % len(ports)] (one port except for tornado-rt-redis: an even split over A and B)."""
 
-    def __init__(self, workers: int, ports: Sequence[int], lifetime: float):
+    def __init__(self, workers: int, ports: Sequence[int], lifetime: float, proto: str = wsclient.BASEROW):
         ctx = mp.get_context("spawn")
+        self.proto = proto
         self.n = workers
         self.ports = list(ports)
         port = self.ports[0]
@@ -335,7 +439,7 @@ class ClientPool:
         """Open ``specs`` (user id, table ids) connections; returns counts and timing."""
         if len(self.ports) > 1:
             specs = [(user, pages, self.ports[i % len(self.ports)]) for i, (user, pages) in enumerate(specs)]
-        self._ask([("prepare", list(specs[i::self.n])) for i in range(self.n)], 120)
+        self._ask([("prepare", list(specs[i::self.n]), self.proto) for i in range(self.n)], 120)
         per = max(1, concurrency // self.n)
         t0 = time.time()
         replies = self._ask([("connect", per)] * self.n, timeout)
@@ -392,7 +496,9 @@ class ClientPool:
 
 
 # --- publishing ------------------------------------------------------------------------------------
-def trigger(seq: int, rounds: int, t0: int, n: int, ts: Optional[int] = None) -> bytes:
+def trigger(seq: int, rounds: int, t0: int, n: int, ts: Optional[int] = None, large: bool = False) -> bytes:
+    if large:
+        return b'{"seq":%d,"rounds":%d,"t0":%d,"n":%d,"large":1}' % (seq, rounds, t0, n)
     if ts is None:
         return b'{"seq":%d,"rounds":%d,"t0":%d,"n":%d}' % (seq, rounds, t0, n)
     return b'{"seq":%d,"rounds":%d,"t0":%d,"n":%d,"ts":%d}' % (seq, rounds, t0, n, ts)
@@ -506,11 +612,180 @@ async def windowed(pool: ClientPool, server: ServerProcess, cfg: dict, ntables: 
             "drained": drained}
 
 
+# --- the HTTP API publisher ---------------------------------------------------------------------------
+import common  # noqa: E402  (bench/servers is on sys.path)
+
+
+def _large_template() -> bytes:
+    """common.rows_updated_large as a %-template (seq, ts, table_id), byte-identical to dumps()."""
+    text = common.dumps(common.rows_updated_large(-333, -111, -222)).encode()
+    for marker in (b"-111", b"-222", b"-333"):
+        assert text.count(marker) == 1
+    return text.replace(b"%", b"%%").replace(b"-111", b"%d", 1).replace(b"-222", b"%d", 1).replace(b"-333", b"%d", 1)
+
+
+LARGE = _large_template()  # seq, ts, table_id in this order in the text
+assert LARGE % (7, 8, 9) == common.dumps(common.rows_updated_large(9, 7, 8)).encode()
+
+
+def batch_body(tables: Sequence[int], seq: int, ts: int) -> bytes:
+    """``POST /api/publish`` body: one envelope per table, the message type's default audience."""
+    return b'[{"message":' + b'},{"message":'.join(LARGE % (seq, ts, t) for t in tables) + b"}]"
+
+
+class HttpClient:
+    """One keep-alive HTTP/1.1 connection, one request at a time (``Content-Length`` answers)."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.reader: Any = None
+        self.writer: Any = None
+        self.head = (b"POST /api/publish HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAuthorization: Bearer %s\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: " % (port, common.API_KEY.encode()))
+
+    async def open(self) -> "HttpClient":
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        return self
+
+    async def publish(self, body: bytes) -> bytes:
+        self.writer.write(self.head + b"%d\r\n\r\n" % len(body) + body)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        p = head.lower().find(b"\r\ncontent-length:")
+        if p < 0:
+            raise RuntimeError(f"answer without Content-Length: {head[:200]!r}")
+        answer = await self.reader.readexactly(int(head[p + 17:head.find(b"\r\n", p + 2)]))
+        if status != 200:
+            raise RuntimeError(f"POST /api/publish: {status} {answer[:300]!r}")
+        return answer
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+async def settle_cpu(server, period: float = 0.3, timeout: float = 30.0) -> None:
+    """Wait until no process of ``server`` (and its Redis) spends CPU any more: for work that
+    goes on after the last answer (another process's share of a Redis publish)."""
+    parts = getattr(server, "procs", [server])
+    redis = getattr(server, "redis", None)
+    deadline = time.monotonic() + timeout
+
+    def read() -> List[float]:
+        return [p.cpu() for p in parts] + ([redis.cpu()] if redis else [])
+
+    last = read()
+    while time.monotonic() < deadline:
+        await asyncio.sleep(period)
+        now = read()
+        if all(b - a < 0.005 for a, b in zip(last, now)):
+            return
+        last = now
+
+
+async def fixed_rounds(pool: Optional["ClientPool"], server, cfg: dict, rounds: int, send_round,
+                       window: int, publishes_per_round: int) -> Dict[str, Any]:
+    """Publish rounds 1..rounds with ``await send_round(seq)`` (round 0, fully delivered, is the
+    warm-up), never more than ``window`` rounds ahead of the slowest connection; then drain.
+    Without ``pool`` (nobody subscribed) nothing is waited for but the server's CPU settling.
+    Returns the figures of the measured rounds, per process where the server has several."""
+    await send_round(0)
+    if pool is not None and not await wait_drained(pool, 1, max(cfg["drain_timeout"], 120.0), cfg["settle"]):
+        raise RuntimeError("warm-up round not fully delivered")
+    await settle_cpu(server)
+    spy = Spy(server, cfg)
+    redis = getattr(server, "redis", None)
+    parts0 = server.cpu_by_process() if hasattr(server, "cpu_by_process") else None
+    total0 = pool.total() if pool else 0
+    ccpu0 = pool.cpu() if pool else 0.0
+    cpu0, rcpu0, (mbusy0, mall0), pcpu0 = server.cpu(), redis.cpu() if redis else 0.0, machine_cpu(), self_cpu()
+    t0 = time.monotonic()
+    for seq in range(1, rounds + 1):
+        while pool is not None and seq - pool.minimum() >= window:
+            await asyncio.sleep(0.001)
+        await send_round(seq)
+    drained = True
+    if pool is not None:
+        drained = await wait_drained(pool, rounds + 1, cfg["drain_timeout"], cfg["settle"])
+    t1 = time.monotonic()
+    if getattr(server, "procs", None) or pool is None:
+        await settle_cpu(server)  # the other process and Redis may still be at work
+    spy.stop()
+    parts1 = server.cpu_by_process() if parts0 else None
+    total1 = pool.total() if pool else 0
+    ccpu1 = pool.cpu() if pool else 0.0
+    cpu1, rcpu1, (mbusy1, mall1), pcpu1 = server.cpu(), redis.cpu() if redis else 0.0, machine_cpu(), self_cpu()
+    delivered, wall, publishes = total1 - total0, t1 - t0, rounds * publishes_per_round
+    out: Dict[str, Any] = {
+        "rounds": rounds + 1, "measured_rounds": rounds, "publishes": publishes, "delivered": delivered,
+        "wall_s": wall, "msgs_per_s": delivered / wall if wall and pool else None,
+        "publishes_per_s": publishes / wall if wall else 0.0, "server_cpu_s": cpu1 - cpu0,
+        "cpu_s_per_million": (cpu1 - cpu0) / delivered * 1e6 if delivered else None,
+        "cpu_us_per_publish": (cpu1 - cpu0) / publishes * 1e6 if publishes else None,
+        "server_cpu_util": (cpu1 - cpu0) / wall if wall else 0.0,
+        "client_cpu_util": (ccpu1 - ccpu0) / wall if wall and pool else None,
+        "publisher_cpu_util": (pcpu1 - pcpu0) / wall if wall else 0.0,
+        "machine_busy_cores": (mbusy1 - mbusy0) / (mall1 - mall0) * (os.cpu_count() or 1) if mall1 > mall0 else None,
+        "window": window, "drained": drained}
+    if parts0:
+        out["server_cpu_s_by_process"] = [b - a for a, b in zip(parts0, parts1)]
+        out["cpu_us_per_publish_by_process"] = [(b - a) / publishes * 1e6 for a, b in zip(parts0, parts1)]
+    if redis:
+        out["redis_cpu_s"] = rcpu1 - rcpu0
+        out["redis_cpu_us_per_publish"] = (rcpu1 - rcpu0) / publishes * 1e6
+        out["redis_server"] = redis.version
+    return out
+
+
+class Spy:
+    """py-spy on a server during a measured window (``--profile`` with an HTTP scenario): started
+    after the warm-up, stopped with SIGINT (py-spy then writes its file) at the end. No-op
+    unless ``cfg["profile"]``; the files are listed in ``cfg["profiles"]``."""
+
+    def __init__(self, server, cfg: dict):
+        self.proc: Optional[subprocess.Popen] = None
+        if not cfg.get("profile"):
+            return
+        exe = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+        log = getattr(server, "log_path", None) or server.procs[0].log_path
+        self.raw = os.path.join(RESULTS_DIR, "profile-" + os.path.basename(log).replace(".log", ".txt"))
+        self.proc = subprocess.Popen([exe, "record", "--pid", str(server.pid), "--rate", "200", "--nonblocking",
+                                      "--format", "raw", "--output", self.raw],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _children.append(_Killable(self.proc))
+        cfg.setdefault("profiles", []).append(self.raw)
+        time.sleep(0.5)  # py-spy attaches
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            _, err = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            err = b""
+        if not os.path.exists(self.raw):
+            print("py-spy wrote nothing:", err.decode(errors="replace")[-500:], file=sys.stderr)
+
+
+def http_sender(client: HttpClient, tables: Sequence[int], batch: int):
+    """send_round for fixed_rounds: one round = one message to each table, in batches."""
+    chunks = [tables[i:i + batch] for i in range(0, len(tables), batch)]
+
+    async def send_round(seq: int) -> None:
+        ts = time.time_ns() // 1000
+        for chunk in chunks:
+            await client.publish(batch_body(chunk, seq, ts))
+    return send_round
+
+
 # --- scenarios -------------------------------------------------------------------------------------
-def _with_server(name: str, tag: str, cfg: dict, body) -> Dict[str, Any]:
-    server = start_server(name, f"{name}-{tag}", lifetime=cfg["lifetime"])
+def _with_server(name: str, tag: str, cfg: dict, body, script: Optional[str] = None) -> Dict[str, Any]:
+    server = start_server(name, f"{name}-{tag}", lifetime=cfg["lifetime"], script=script)
     try:
-        pool = ClientPool(cfg["workers"], getattr(server, "ports", [server.port]), lifetime=cfg["lifetime"])
+        pool = ClientPool(cfg["workers"], getattr(server, "ports", [server.port]), lifetime=cfg["lifetime"],
+                          proto=PROTOCOL.get(name, wsclient.BASEROW))
     except BaseException:
         server.stop()
         raise
@@ -660,13 +935,146 @@ def scenario_storm(name: str, cfg: dict) -> Dict[str, Any]:
     return _with_server(name, "storm", cfg, body)
 
 
+def scenario_http_pages(name: str, cfg: dict) -> Dict[str, Any]:
+    """Issue 16 item 1: many pages with one subscriber each, every message published through
+    ``POST /api/publish`` in batches spread over the pages (tornado-rt: also through the embedded
+    ``publish()``)."""
+    n, batch = cfg["http_pages"], cfg["http_batch"]
+    rounds = max(1, cfg["http_messages"] // n)
+    tables = list(range(1, n + 1))
+    specs = [(i + 1, (i + 1,)) for i in range(n)]
+    tornado_rt = name in ("tornado-rt", "tornado-rt-uvloop")
+
+    def http_body(server, pool):
+        _setup(pool, specs, cfg)
+
+        async def drive():
+            client = await HttpClient(server.http_port).open()
+            try:
+                return await fixed_rounds(pool, server, cfg, rounds, http_sender(client, tables, batch),
+                                          cfg["http_window"], n)
+            finally:
+                client.close()
+        return _finish(asyncio.run(drive()), pool.report(rounds + 1))
+
+    def embedded_body(server, pool):
+        _setup(pool, specs, cfg)
+
+        async def drive():
+            pub = await open_publisher(server.port)
+
+            async def send_round(seq: int) -> None:
+                for t0 in range(1, n + 1, batch):
+                    pub.send_text(trigger(seq, 1, t0, min(batch, n + 1 - t0), large=True))
+            try:
+                return await fixed_rounds(pool, server, cfg, rounds, send_round, cfg["http_window"], n)
+            finally:
+                pub.close()
+        return _finish(asyncio.run(drive()), pool.report(rounds + 1))
+
+    result = _with_server(name, "http-pages", cfg, http_body, script=SERVE_SCRIPT if tornado_rt else None)
+    if tornado_rt:
+        try:
+            emb = _with_server(name, "http-pages-embedded", cfg, embedded_body)
+        except Exception as exc:
+            emb = {"error": f"{type(exc).__name__}: {exc}"}
+        result["embedded"] = emb
+        result["embedded_cpu_s_per_million"] = emb.get("cpu_s_per_million")
+        result["embedded_msgs_per_s"] = emb.get("msgs_per_s")
+        result["embedded_lost"] = emb.get("lost")
+        if emb.get("drained") is False or emb.get("error"):
+            result["embedded_drained"] = False
+    return result
+
+
+def scenario_http_single(name: str, cfg: dict) -> Dict[str, Any]:
+    """Issue 16 item 2: ``POST /api/publish`` with one message per request, one request at a time
+    on one keep-alive connection, to a page nobody watches; server CPU per request."""
+    n, warm = cfg["http_single_requests"], cfg["http_single_warm"]
+    server = start_server(name, f"{name}-http-single", cfg["lifetime"],
+                          script=SERVE_SCRIPT if name.startswith("tornado-rt") else None)
+    body = b'{"message":' + LARGE % (0, time.time_ns() // 1000, 1) + b"}"
+
+    async def drive() -> Dict[str, Any]:
+        client = await HttpClient(server.http_port).open()
+        try:
+            for _ in range(warm):
+                await client.publish(body)
+            spy = Spy(server, cfg)
+            cpu0, pcpu0, t0 = server.cpu(), self_cpu(), time.monotonic()
+            for _ in range(n):
+                await client.publish(body)
+            t1, cpu1, pcpu1 = time.monotonic(), server.cpu(), self_cpu()
+            spy.stop()
+        finally:
+            client.close()
+        return {"requests": n, "body_bytes": len(body), "wall_s": t1 - t0, "server_cpu_s": cpu1 - cpu0,
+                "requests_per_s": n / (t1 - t0), "cpu_us_per_request": (cpu1 - cpu0) / n * 1e6,
+                "server_cpu_util": (cpu1 - cpu0) / (t1 - t0), "publisher_cpu_util": (pcpu1 - pcpu0) / (t1 - t0)}
+    try:
+        result = asyncio.run(drive())
+        result["server_alive"] = server.alive()
+        return result
+    finally:
+        server.stop()
+
+
+def scenario_redis_pages(name: str, cfg: dict) -> Dict[str, Any]:
+    """Issue 16 item 5 (measurement): 1,000 pages with one subscriber each, all on process A;
+    page messages published through A's HTTP API in batches; CPU per publish of A, of B (no
+    subscriber) and of redis-server; then publishes to pages nobody watches. ``tornado-rt``:
+    the same in one process without Redis."""
+    n, batch = cfg["redis_pages"], cfg["http_batch"]
+    rounds = max(1, cfg["redis_messages"] // n)
+    idle_rounds = max(1, cfg["redis_unwatched"] // n)
+
+    def body(server, pool):
+        _setup(pool, [(i + 1, (i + 1,)) for i in range(n)], cfg)
+
+        async def drive():
+            client = await HttpClient(server.http_port).open()
+            try:
+                watched = await fixed_rounds(pool, server, cfg, rounds,
+                                             http_sender(client, list(range(1, n + 1)), batch), cfg["http_window"], n)
+                idle = await fixed_rounds(None, server, cfg, idle_rounds,
+                                          http_sender(client, list(range(n + 1, 2 * n + 1)), batch), 0, n)
+            finally:
+                client.close()
+            return watched, idle
+        watched, idle = asyncio.run(drive())
+        result = _finish(watched, pool.report(rounds + 1))
+        by = watched.get("cpu_us_per_publish_by_process") or [watched["cpu_us_per_publish"]]
+        idle_by = idle.get("cpu_us_per_publish_by_process") or [idle["cpu_us_per_publish"]]
+        result["a_cpu_us_per_publish"] = by[0]
+        result["unwatched_cpu_us_per_publish"] = idle_by[0]
+        if len(by) > 1:
+            result["b_cpu_us_per_publish"] = by[1]
+            result["unwatched_b_cpu_us_per_publish"] = idle_by[1]
+        if "redis_cpu_us_per_publish" in idle:
+            result["unwatched_redis_cpu_us_per_publish"] = idle["redis_cpu_us_per_publish"]
+        result["unwatched"] = idle
+        return result
+    return _with_server(name, "redis-pages", cfg, body, script=SERVE_SCRIPT)
+
+
+def scenario_of(key: str) -> str:
+    """The scenario a result key belongs to ("fanout-1000" -> "fanout")."""
+    return "fanout" if key.startswith("fanout-") else key
+
+
 def run_scenario(key: str, name: str, cfg: dict) -> Dict[str, Any]:
-    if name in FANOUT_ONLY and not key.startswith("fanout-"):
-        return {"skipped": "fan-out scenario only"}
+    if scenario_of(key) not in SUPPORTS[name]:
+        return {"skipped": "does not take part in this scenario"}
+    if SERVERS[name][0].endswith(".go"):
+        try:
+            centrifuge_binary()
+        except Unavailable as exc:
+            return {"skipped": f"unavailable: {exc}"}
     if key.startswith("fanout-"):
         return scenario_fanout(name, int(key.split("-")[1]), cfg)
     return {"latency": scenario_latency, "pages": scenario_pages, "memory": scenario_memory,
-            "storm": scenario_storm}[key](name, cfg)
+            "storm": scenario_storm, "http-pages": scenario_http_pages, "http-single": scenario_http_single,
+            "redis-pages": scenario_redis_pages}[key](name, cfg)
 
 
 # --- reporting -------------------------------------------------------------------------------------
@@ -692,6 +1100,23 @@ METRICS = [
     ("memory", "kib_per_conn", "RSS KiB / idle connection", "low", "{:.1f}"),
     ("storm", "conns_per_s", "connects/s (JWT + auth message)", "high", "{:,.0f}"),
     ("storm", "server_cpu_ms_per_conn", "server CPU ms / connect", "low", "{:.3f}"),
+    ("http-pages", "cpu_s_per_million", "server CPU µs / delivered msg, POST /api/publish", "low", "{:.1f}"),
+    ("http-pages", "embedded_cpu_s_per_million", "server CPU µs / delivered msg, embedded publish()", "low",
+     "{:.1f}"),
+    ("http-pages", "msgs_per_s", "delivered msgs/s, POST /api/publish (1 request at a time)", "high", "{:,.0f}"),
+    ("http-pages", "server_cpu_util", "server CPU (cores)", None, "{:.2f}"),
+    ("http-pages", "lost", "lost", "zero", "{:,}"),
+    ("http-pages", "embedded_lost", "lost, embedded publish()", "zero", "{:,}"),
+    ("http-single", "cpu_us_per_request", "server CPU µs / request", "low", "{:.1f}"),
+    ("http-single", "requests_per_s", "requests/s (1 at a time)", "high", "{:,.0f}"),
+    ("redis-pages", "a_cpu_us_per_publish", "CPU µs / publish, publishing process A", "low", "{:.1f}"),
+    ("redis-pages", "b_cpu_us_per_publish", "CPU µs / publish, process B (no subscriber)", None, "{:.1f}"),
+    ("redis-pages", "redis_cpu_us_per_publish", "CPU µs / publish, redis-server", None, "{:.1f}"),
+    ("redis-pages", "unwatched_cpu_us_per_publish", "CPU µs / publish to a page nobody watches, A", "low",
+     "{:.1f}"),
+    ("redis-pages", "unwatched_b_cpu_us_per_publish", "same, process B", None, "{:.1f}"),
+    ("redis-pages", "unwatched_redis_cpu_us_per_publish", "same, redis-server", None, "{:.1f}"),
+    ("redis-pages", "lost", "lost", "zero", "{:,}"),
 ]
 
 
@@ -701,7 +1126,12 @@ def scenario_title(key: str, cfg: dict) -> str:
     return {"latency": f"latency, {cfg['latency_subs']:,} subs @ {cfg['latency_rate']:.0f} pub/s",
             "pages": f"{cfg['pages_conns']:,} pages x 1 sub",
             "memory": f"memory, {cfg['memory_conns']:,} idle conns x 2 pages",
-            "storm": f"connect storm, {cfg['storm_conns']:,} conns"}[key]
+            "storm": f"connect storm, {cfg['storm_conns']:,} conns",
+            "http-pages": f"{cfg['http_pages']:,} pages x 1 sub, {cfg['http_messages']:,} msgs in HTTP batches "
+                          f"of {cfg['http_batch']}",
+            "http-single": f"POST /api/publish, 1 msg/request x {cfg['http_single_requests']:,}",
+            "redis-pages": f"{cfg['redis_pages']:,} pages x 1 sub on A, {cfg['redis_messages']:,} HTTP "
+                           f"publishes"}[key]
 
 
 def markdown(results: Dict[str, Dict[str, Any]], servers: Sequence[str], cfg: dict, meta: dict) -> str:
@@ -709,7 +1139,7 @@ def markdown(results: Dict[str, Dict[str, Any]], servers: Sequence[str], cfg: di
     head = ["scenario", "metric"] + [SERVERS[s][1] for s in servers]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, by_server in results.items():
-        prefix = key.split("-")[0]
+        prefix = scenario_of(key)
         for scen, metric, label, better, fmt in METRICS:
             if scen != prefix:
                 continue
@@ -747,7 +1177,13 @@ def markdown(results: Dict[str, Dict[str, Any]], servers: Sequence[str], cfg: di
            "(Nx) = reference ÷ tornado-rt. For msgs/s and connects/s higher is better (a ratio below 1 "
            "means tornado-rt is faster); for CPU, latency and RSS lower is better (a ratio above 1 "
            "means tornado-rt is better).", ""]
+    unavailable = {s: r["skipped"] for by_server in results.values() for s, r in by_server.items()
+                   if str(r.get("skipped", "")).startswith("unavailable")}
+    if unavailable:
+        out += ["Unavailable on this machine (n/a above): "
+                + "; ".join(f"{SERVERS[s][1]}: {why[len('unavailable: '):]}" for s, why in unavailable.items()), ""]
     out += targets(results, servers)
+    out += targets16(results)
     out += redis_cost(results)
     return "\n".join(out) + "\n"
 
@@ -782,7 +1218,37 @@ def targets(results: Dict[str, Dict[str, Any]], servers: Sequence[str]) -> List[
             if "tornado-rt" in v and v["tornado-rt"].get("lost")]
     if any(k in results for k in ("latency", "pages")) or fan_keys:
         lines.append("- zero messages lost: " + ("met" if not lost else "NOT met (" + ", ".join(lost) + ")"))
-    return lines + [""]
+    return lines + [""] if len(lines) > 2 else []
+
+
+def targets16(results: Dict[str, Dict[str, Any]]) -> List[str]:
+    """The measurable targets of issue 16 for tornado-rt (HTTP scenarios), met / NOT met."""
+    def get(key, server, metric):
+        return results.get(key, {}).get(server, {}).get(metric)
+
+    lines = []
+    for rt in ("tornado-rt", "tornado-rt-uvloop"):
+        mine, ws = get("http-pages", rt, "cpu_s_per_million"), get("http-pages", "websockets", "cpu_s_per_million")
+        if mine and ws:
+            lines.append(f"- http-pages ({rt}): CPU per delivered msg vs websockets = {mine / ws:.2f}x "
+                         "(target <= 1.2x): " + ("met" if mine / ws <= 1.2 else "NOT met"))
+        mine, bare = get("http-single", rt, "cpu_us_per_request"), get("http-single", "tornado-bare", "cpu_us_per_request")
+        if mine and bare:
+            lines.append(f"- http-single ({rt}): CPU per request vs a bare Tornado handler = {mine / bare:.2f}x "
+                         "(target <= 1.15x): " + ("met" if mine / bare <= 1.15 else "NOT met"))
+    one, two = results.get("redis-pages", {}).get("tornado-rt", {}), results.get("redis-pages", {}).get("tornado-rt-redis", {})
+    if one.get("a_cpu_us_per_publish") and two.get("a_cpu_us_per_publish"):
+        r = two["a_cpu_us_per_publish"] / one["a_cpu_us_per_publish"]
+        lines.append(f"- redis-pages: a publish in Redis mode (A) vs one process = {r:.2f}x (target <= 1.5x): "
+                     + ("met" if r <= 1.5 else "NOT met"))
+    if two.get("redis_cpu_us_per_publish") is not None:
+        v = two["redis_cpu_us_per_publish"]
+        lines.append(f"- redis-pages: redis-server {v:.1f} µs per publish (target <= 5 µs): " + ("met" if v <= 5 else "NOT met"))
+    if two.get("b_cpu_us_per_publish") is not None:
+        v = two["b_cpu_us_per_publish"]
+        lines.append(f"- redis-pages: process B (no recipient) {v:.1f} µs per cluster publish (target <= 1 µs): "
+                     + ("met" if v <= 1 else "NOT met"))
+    return ["Targets of issue 16 (tornado-rt):", ""] + lines + [""] if lines else []
 
 
 def redis_cost(results: Dict[str, Dict[str, Any]]) -> List[str]:
@@ -924,6 +1390,29 @@ def run_profile(cfg: dict, what: str, subs: int) -> None:
         print(f"\ncollapsed stacks: {raw} (flamegraph.pl or speedscope.app read them)")
 
 
+def profile_http(cfg: dict, what: str, servers: Optional[str]) -> int:
+    """``--profile http-pages|http-single|redis-pages``: that scenario for ``--servers`` (default
+    tornado-rt) with py-spy on the server (process A for tornado-rt-redis) during each measured
+    window; prints the figures and a summary of each profile."""
+    if not (shutil.which("py-spy") or os.path.exists(os.path.join(os.path.dirname(sys.executable), "py-spy"))):
+        sys.exit("py-spy not found: pip install py-spy (into the same environment)")
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    cfg["profile"] = True
+    for name in (servers or "tornado-rt").split(","):
+        r = run_scenario(what, name.strip(), cfg)
+        r["elapsed_s"] = 0.0
+        print(f"{what} {name} under py-spy: {_line(what, r)}")
+        if r.get("embedded"):
+            print(f"  embedded publish(): {_line(what, {**r['embedded'], 'elapsed_s': 0.0})}")
+    for raw in cfg.get("profiles", []):
+        if os.path.exists(raw):
+            summary = summarize_profile(raw)
+            with open(raw.replace(".txt", "-summary.txt"), "w") as f:
+                f.write(summary + "\n")
+            print(f"\n=== {os.path.basename(raw)} (collapsed stacks; summary in *-summary.txt)\n{summary}")
+    return 0
+
+
 class _Killable:
     def __init__(self, proc: subprocess.Popen):
         self.proc = proc
@@ -937,7 +1426,7 @@ class _Killable:
 # --- main ------------------------------------------------------------------------------------------
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small numbers for a smoke run (~2 min)")
+    p.add_argument("--quick", action="store_true", help="small numbers for a smoke run (~3-4 min with every server)")
     p.add_argument("--servers", help="comma list of " + ", ".join(SERVERS) + " (default: all; tornado-rt-redis "
                    "only when redis-server and the redis package are installed)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma list of " + ", ".join(SCENARIOS))
@@ -947,9 +1436,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--latency-sample", type=int,
                    help="latency scenario: every Nth connection reads at once and is timed, the others "
                         "read every 20 ms (default 10; 1 = every connection reads at once)")
+    p.add_argument("--http-pages", type=int, help="http-pages: pages with one subscriber each (full 2,000)")
+    p.add_argument("--http-messages", type=int, help="http-pages: messages published (full 100,000)")
+    p.add_argument("--http-batch", type=int, help="http-pages, redis-pages: messages per POST (default 100)")
+    p.add_argument("--http-requests", type=int, help="http-single: measured requests (full 10,000)")
+    p.add_argument("--redis-pages", type=int, help="redis-pages: one-subscriber pages on A (full 1,000)")
+    p.add_argument("--redis-messages", type=int, help="redis-pages: messages to them through A (full 100,000)")
+    p.add_argument("--redis-unwatched", type=int,
+                   help="redis-pages: then messages to pages nobody watches (full 20,000)")
     p.add_argument("--workers", type=int, default=max(2, min(8, (os.cpu_count() or 2))),
                    help="load-client processes (default: CPU count, at least 2, at most 8)")
-    p.add_argument("--profile", nargs="?", const="fanout", choices=("fanout", "pages", "storm"),
+    p.add_argument("--profile", nargs="?", const="fanout",
+                   choices=("fanout", "pages", "storm", "http-pages", "http-single", "redis-pages"),
                    help="only profile tornado-rt with py-spy during the fan-out (size: first of "
                         "--fanout-sizes, default 1000), the many-pages scenario or the connect storm")
     p.add_argument("--out", default=os.path.join(RESULTS_DIR, "latest"), help="results path prefix (.json/.md)")
@@ -966,9 +1464,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg["batch"] = args.batch
     if args.latency_sample:
         cfg["latency_sample"] = max(1, args.latency_sample)
+    for opt, key in (("http_pages", "http_pages"), ("http_messages", "http_messages"), ("http_batch", "http_batch"),
+                     ("http_requests", "http_single_requests"), ("redis_pages", "redis_pages"),
+                     ("redis_messages", "redis_messages"), ("redis_unwatched", "redis_unwatched")):
+        if getattr(args, opt):
+            cfg[key] = max(1, getattr(args, opt))
     cfg["workers"] = args.workers
     cfg["lifetime"] = 1200.0
 
+    if args.profile in HTTP_SCENARIOS:
+        return profile_http(cfg, args.profile, args.servers)
     if args.profile:
         run_profile(cfg, args.profile, cfg["fanout_sizes"][0] if args.fanout_sizes else 1000)
         return 0
@@ -1052,6 +1557,11 @@ def _line(key: str, r: Dict[str, Any]) -> str:
         return "ERROR " + r["error"]
     parts = []
     for k, fmt in (("msgs_per_s", "{:,.0f} msg/s"), ("cpu_s_per_million", "{:.2f} CPU s/1M"),
+                   ("embedded_cpu_s_per_million", "embedded {:.2f} CPU s/1M"),
+                   ("cpu_us_per_request", "{:.1f} CPU µs/request"), ("requests_per_s", "{:,.0f} req/s"),
+                   ("a_cpu_us_per_publish", "A {:.1f} µs/publish"), ("b_cpu_us_per_publish", "B {:.1f} µs/publish"),
+                   ("redis_cpu_us_per_publish", "redis {:.1f} µs/publish"),
+                   ("unwatched_cpu_us_per_publish", "unwatched {:.1f} µs/publish"),
                    ("p50_ms", "p50 {:.1f} ms"), ("p99_ms", "p99 {:.1f} ms"), ("max_ms", "max {:.1f} ms"),
                    ("kib_per_conn", "{:.1f} KiB/conn"), ("conns_per_s", "{:,.0f} conn/s"),
                    ("lost", "lost {:,}"), ("server_cpu_util", "server {:.2f} cores"),

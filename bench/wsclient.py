@@ -35,6 +35,17 @@ _MASK = b"\x37\xfa\x21\x3d"  # client frames must be masked; a constant key is f
 # Connection states.
 HANDSHAKE, AUTH, SUBSCRIBING, STREAMING, CLOSED = range(5)
 
+# Wire protocols: Baserow's (every server but one) and Centrifuge v0.15's JSON protocol (the Go
+# reference, servers/centrifuge_server.go): connect with {"id":1}, subscribe with
+# {"id":K,"method":1,"params":{"channel":"table-N"}}; every reply and push is one JSON line ending
+# in a newline, and the server packs up to 4 of them into one WebSocket frame.
+BASEROW, CENTRIFUGE = "baserow", "centrifuge"
+WS_PATHS = {BASEROW: "/ws/core/", CENTRIFUGE: "/connection/websocket"}
+
+
+def _lines(payload: bytes) -> List[bytes]:
+    return [line for line in payload.split(b"\n") if line]
+
 
 def masked_frame(payload: bytes, opcode: int = 0x1) -> bytes:
     """A masked, unfragmented client frame (RFC 6455 §5.2)."""
@@ -51,8 +62,9 @@ def masked_frame(payload: bytes, opcode: int = 0x1) -> bytes:
 
 
 def _seq(buf: bytes, at: int) -> Optional[int]:
-    """The ``"seq":N`` number near offset ``at`` (the front of a benchmark message), or None."""
-    p = buf.find(b'"seq":', at, at + 64)
+    """The ``"seq":N`` number near offset ``at`` (the front of a benchmark message, or of a
+    Centrifuge push that wraps one), or None."""
+    p = buf.find(b'"seq":', at, at + 128)
     if p < 0:
         return None
     return int(buf[p + 6:buf.find(b",", p, p + 32)])
@@ -109,10 +121,10 @@ class WSConn(asyncio.Protocol):
     """One client connection. ``pages``: table ids to subscribe to after authentication."""
 
     __slots__ = ("stats", "transport", "buf", "state", "count", "last", "bad", "pending_pages",
-                 "pages", "request", "ready", "error", "web_socket_id", "publisher", "lazy")
+                 "pages", "request", "ready", "error", "web_socket_id", "publisher", "lazy", "packed")
 
     def __init__(self, stats: Stats, request: bytes, pages: Sequence[int], ready: asyncio.Future,
-                 publisher: bool = False):
+                 publisher: bool = False, proto: str = BASEROW):
         self.stats = stats
         self.transport = None
         self.buf = b""
@@ -128,6 +140,9 @@ class WSConn(asyncio.Protocol):
         self.web_socket_id: Optional[str] = None
         self.publisher = publisher
         self.lazy = False  # read in batches (paused between the worker's periodic resumes)
+        # Centrifuge: a text frame carries one or more newline-terminated JSON lines; every line
+        # of a data frame is one publication (counted, sequence-checked, timed like a frame).
+        self.packed = proto == CENTRIFUGE
 
     # --- asyncio callbacks ----------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -160,6 +175,8 @@ class WSConn(asyncio.Protocol):
                 self._set_ready()
             else:
                 self.state = AUTH
+                if self.packed:  # Centrifuge: the client speaks first (connect command)
+                    self.transport.write(masked_frame(b'{"id":1}'))
         stats = self.stats
         n = len(buf)
         i = 0
@@ -168,6 +185,7 @@ class WSConn(asyncio.Protocol):
         lat = stats.latency if stats.lat_on and not self.lazy else None
         now = time.time_ns() // 1000 if lat is not None else 0
         streaming = self.state == STREAMING
+        packed = self.packed
         while n - i >= 2:
             ln = buf[i + 1]
             if ln < 126:
@@ -185,7 +203,30 @@ class WSConn(asyncio.Protocol):
             end = h + ln
             if end > n:
                 break
-            if streaming and buf[i] == 0x81:
+            if streaming and buf[i] == 0x81 and packed:
+                # One publication per newline-terminated line; the last one starts after the
+                # last inner newline.
+                k = buf.count(b"\n", h, end)
+                if end > h and buf[end - 1] != 0x0A:
+                    k += 1
+                frames += k
+                if first < 0:
+                    first = h
+                p = buf.rfind(b"\n", h, end - 1)
+                last = p + 1 if p >= 0 else h
+                if lat is not None:
+                    q = h
+                    while q < end:
+                        p = buf.find(b'"seq":', q, end)
+                        if p < 0:
+                            break
+                        t = buf.find(b'"ts":', p, end)
+                        if int(buf[p + 6:t - 1]) >= stats.lat_from:
+                            lat.append(now - int(buf[t + 5:buf.find(b",", t, end)]))
+                        q = buf.find(b"\n", t, end)
+                        if q < 0:
+                            break
+            elif streaming and buf[i] == 0x81:
                 frames += 1
                 if first < 0:
                     first = h
@@ -255,7 +296,9 @@ class WSConn(asyncio.Protocol):
         if opcode != 0x1 or not b0 & 0x80:
             self.stats.unexpected += 1
             return
-        if self.state == AUTH:
+        if self.packed:
+            self._centrifuge_reply(payload)
+        elif self.state == AUTH:
             try:
                 msg = json.loads(payload)
             except ValueError:
@@ -287,6 +330,35 @@ class WSConn(asyncio.Protocol):
         else:
             self.stats.unexpected += 1
 
+    def _centrifuge_reply(self, payload: bytes) -> None:
+        """Connect and subscribe replies of Centrifuge's JSON protocol (one or more lines)."""
+        for line in _lines(payload):
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                msg = {}
+            if not isinstance(msg, dict) or "error" in msg or "result" not in msg:
+                self._fail(f"refused: {line[:200]!r}")
+                self.transport.close()
+                return
+            if self.state == AUTH and msg.get("id") == 1:
+                self.web_socket_id = msg["result"].get("client")
+                if not self.pages:
+                    self.state = STREAMING
+                    self._set_ready()
+                    continue
+                self.state = SUBSCRIBING
+                self.transport.write(b"".join(
+                    masked_frame(b'{"id":%d,"method":1,"params":{"channel":"table-%d"}}' % (k + 2, t))
+                    for k, t in enumerate(self.pages)))
+            elif self.state == SUBSCRIBING and isinstance(msg.get("id"), int) and msg["id"] >= 2:
+                self.pending_pages -= 1
+                if self.pending_pages == 0:
+                    self.state = STREAMING
+                    self._set_ready()
+            else:
+                self.stats.unexpected += 1
+
     def _set_ready(self) -> None:
         if not self.ready.done():
             self.ready.set_result(True)
@@ -307,11 +379,11 @@ class WSConn(asyncio.Protocol):
 
 
 async def open_connection(port: int, path: str, stats: Stats, pages: Sequence[int] = (),
-                          publisher: bool = False, timeout: float = 30.0) -> WSConn:
+                          publisher: bool = False, timeout: float = 30.0, proto: str = BASEROW) -> WSConn:
     """Connect, authenticate and subscribe; the returned connection has ``error`` set on failure."""
     loop = asyncio.get_running_loop()
     ready = loop.create_future()
-    conn = WSConn(stats, upgrade_request(port, path), pages, ready, publisher)
+    conn = WSConn(stats, upgrade_request(port, path), pages, ready, publisher, proto)
     stats.register(conn)
     try:
         await asyncio.wait_for(loop.create_connection(lambda: conn, "127.0.0.1", port), timeout)
@@ -333,9 +405,10 @@ class Worker:
     """Owns a share of the connections; driven by commands from the benchmark process.
 
     Commands (tuples over the pipe) and replies:
-    ``("prepare", specs)`` -> ``("prepared", n)``: specs are ``(user_id, (table ids...))`` or
-    ``(user_id, (table ids...), port)`` (default: the worker's port); makes the JWTs now so that
-    token creation stays out of any timing.
+    ``("prepare", specs[, proto])`` -> ``("prepared", n)``: specs are ``(user_id, (table ids...))`` or
+    ``(user_id, (table ids...), port)`` (default: the worker's port); proto is ``"baserow"``
+    (default) or ``"centrifuge"``; makes the JWTs now so that token creation stays out of any
+    timing.
     ``("connect", concurrency)`` -> ``("connected", ok, failed, t_first, t_last, errors)``: opens
     the prepared connections, at most ``concurrency`` handshakes in flight; times are
     ``time.time()`` of the first attempt and of the last completed setup.
@@ -357,6 +430,7 @@ class Worker:
         self.stats = Stats(totals, mins, index)
         self.conns: List[WSConn] = []
         self.prepared: List[Tuple[bytes, Sequence[int], int]] = []
+        self.proto = BASEROW
         self.done: Optional[asyncio.Future] = None
 
     async def main(self) -> None:
@@ -403,7 +477,9 @@ class Worker:
         name = cmd[0]
         if name == "prepare":
             from common import make_token  # bench/servers is on sys.path
-            self.prepared = [(f"/ws/core/?jwt_token={make_token(spec[0])}".encode(), tuple(spec[1]),
+            self.proto = cmd[2] if len(cmd) > 2 else BASEROW
+            path = WS_PATHS[self.proto]
+            self.prepared = [(f"{path}?jwt_token={make_token(spec[0])}".encode(), tuple(spec[1]),
                               spec[2] if len(spec) > 2 else self.port) for spec in cmd[1]]
             self.replies.send(("prepared", len(self.prepared)))
         elif name == "connect":
@@ -431,7 +507,7 @@ class Worker:
 
         async def one(path: bytes, pages, port: int):
             async with sem:
-                conn = await open_connection(port, path.decode(), stats, pages)
+                conn = await open_connection(port, path.decode(), stats, pages, proto=self.proto)
                 t_last[0] = time.time()
                 return conn
 

@@ -2,7 +2,9 @@
 benchmark publish trigger (see common.py). Publishing goes through the public
 ``RealtimeServer.publish()`` API with the message type's default audience (page table).
 ``--broker redis://...``: use a RedisBroker on that Redis instead of the in-process broker (the
-``tornado-rt-redis`` variant runs two of these on one Redis)."""
+``tornado-rt-redis`` variant runs two of these on one Redis). ``--uvloop``: run on uvloop's
+event loop (its policy installed before ``asyncio.run``; Tornado runs on asyncio). A trigger
+with ``"large":1`` publishes common.rows_updated_large (the ``http-pages`` embedded variant)."""
 from __future__ import annotations
 
 import asyncio
@@ -35,12 +37,12 @@ def build(users: int, tables: int, broker_url: Optional[str] = None) -> Realtime
 
 def publisher_handler(server: RealtimeServer):
     publish = server.publish
-    message = common.rows_updated
     now = time.time_ns
 
     class Publisher(WebSocketHandler):
         def on_message(self, raw):
             seq, rounds, t0, n, ts = common.parse_trigger(raw)
+            message = common.rows_updated_large if '"large":1' in raw else common.rows_updated
             for r in range(rounds):
                 for table_id in range(t0, t0 + n):
                     publish(message(table_id, seq + r, ts or now() // 1000))
@@ -51,6 +53,7 @@ def publisher_handler(server: RealtimeServer):
 async def main() -> None:
     parser = common.parser(__doc__)
     parser.add_argument("--broker", help="redis://host:port/db: publish through a RedisBroker (default: in-process)")
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop (set before the loop starts)")
     args = parser.parse_args()
     common.prepare_process(args.lifetime)
     server = build(args.users, args.tables, args.broker)
@@ -63,4 +66,8 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    if "--uvloop" in sys.argv:
+        import uvloop
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        print(f"event loop: uvloop {uvloop.__version__}", flush=True)
     asyncio.run(main())

@@ -1,5 +1,9 @@
 """Reference (b): the ``websockets`` library (new asyncio implementation) with ``broadcast()``:
-each message is serialized and encoded once, then framed and written per connection."""
+each message is serialized and encoded once, then framed and written per connection.
+
+``--http-port``: also serve ``POST /api/publish`` (common.HttpApi, no framework) with tornado-rt's
+body: parsed with the stdlib ``json``, then for each envelope the message is serialized once and
+``broadcast()`` to the subscribers of its table page (one send per recipient)."""
 from __future__ import annotations
 
 import asyncio
@@ -28,6 +32,20 @@ async def publisher(ws) -> None:
                 data = common.dumps(common.rows_updated(table_id, seq + r, ts or time.time_ns() // 1000))
                 if members:
                     broadcast(members, data)
+
+
+def api_publish(method: bytes, path: bytes, body: bytes):
+    if method != b"POST" or path != b"/api/publish":
+        return 404, b'{"error":"not found","field":null}'
+    items = common.json.loads(body)
+    if not isinstance(items, list):
+        items = [items]
+    for envelope in items:
+        message = envelope["message"]
+        members = groups.get(f"table-{message['table_id']}")
+        if members:
+            broadcast(members, common.dumps(message))
+    return 200, b'{"published":%d}' % len(items)
 
 
 async def handler(ws) -> None:
@@ -76,6 +94,9 @@ async def main() -> None:
     directory = common.Directory(args.users, args.tables)
     async with serve(handler, "127.0.0.1", args.port, backlog=1024, compression=None,
                      ping_interval=25, ping_timeout=20, max_size=64 * 1024):
+        if args.http_port:
+            await asyncio.get_running_loop().create_server(
+                lambda: common.HttpApi(api_publish), "127.0.0.1", args.http_port, backlog=128)
         common.mark_ready(args.ready_file, args.port)
         await asyncio.Event().wait()
 
