@@ -173,3 +173,52 @@ async def test_handler_class_serves_the_endpoint(subclass_server, http_server, h
 def test_handler_class_must_be_a_realtime_handler():
     with pytest.raises(TypeError, match="handler_class"):
         RealtimeServer(load_entry_points=False, handler_class=Application)
+
+
+def test_tcp_server_internals_the_listener_relies_on_are_as_expected():
+    from tornado_rt.listener import GuardedHTTPServer
+    assert transport.tcp_server_problems(GuardedHTTPServer(Application())) == []
+
+
+def test_a_tcp_server_without_them_is_reported_once(caplog):
+    class StandIn:
+        _sockets: dict = {}
+
+    transport._listener_warned = False
+    with caplog.at_level(logging.WARNING, logger="tornado_rt.transport"):
+        assert transport.can_adopt_listeners(StandIn()) is False
+        assert transport.can_adopt_listeners(StandIn()) is False
+    problems = transport.tcp_server_problems(StandIn())
+    assert problems == ["TCPServer._handlers is not a dict", "TCPServer._handle_connection is missing"]
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "own loop" in caplog.records[0].getMessage()
+
+
+@pytest.mark.gen_test
+async def test_the_listener_falls_back_to_tornados_accept_loop_and_still_serves(caplog):
+    """With the TCPServer internals 'changed' (a dict subclass where a dict is expected), the
+    guarded server accepts with Tornado's own loop: a real HTTP request is still answered."""
+    import collections
+
+    from tornado.httpclient import AsyncHTTPClient
+    from tornado.netutil import bind_sockets
+    from tornado.web import RequestHandler
+
+    from tornado_rt.listener import GuardedHTTPServer
+
+    class Hello(RequestHandler):
+        def get(self) -> None:
+            self.write("hello")
+
+    server = GuardedHTTPServer(Application([("/", Hello)]))
+    server._handlers = collections.OrderedDict()
+    transport._listener_warned = False
+    sockets = bind_sockets(0, "127.0.0.1")
+    port = sockets[0].getsockname()[1]
+    with caplog.at_level(logging.WARNING, logger="tornado_rt.transport"):
+        server.add_sockets(sockets)
+    try:
+        assert any("own loop" in r.getMessage() for r in caplog.records)
+        response = await AsyncHTTPClient().fetch(f"http://127.0.0.1:{port}/")
+        assert response.body == b"hello"
+    finally:
+        server.stop()

@@ -51,6 +51,7 @@ from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream
 from tornado.netutil import bind_sockets
 
+from . import transport
 from .settings import Settings
 
 log = logging.getLogger("tornado_rt.listener")
@@ -327,10 +328,12 @@ class GuardedHTTPServer(HTTPServer):
     # --- accepting ----------------------------------------------------------------------------------
     def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
         """Start accepting on ``sockets`` with the guarded accept loop."""
+        if not transport.can_adopt_listeners(self):  # Tornado's internals differ: its own loop
+            super().add_sockets(sockets)
+            return
         _SPARE.acquire()
         for sock in sockets:
-            self._sockets[sock.fileno()] = sock
-            self._handlers[sock.fileno()] = _Acceptor(self, sock).remove
+            transport.adopt_listener(self, sock, _Acceptor(self, sock).remove)
 
     def _accepted(self, connection: socket.socket, address: Any) -> None:
         if self._exhausted:
@@ -338,7 +341,7 @@ class GuardedHTTPServer(HTTPServer):
             self._log("fd_recovered", logging.INFO, "file descriptors are available again: accepting "
                       "connections (%d refused so far for lack of them)", self.stats.refused["fd_limit"])
         try:
-            self._handle_connection(connection, address)
+            transport.handle_accepted(self, connection, address)
         except OSError as exc:  # a peer that vanished during the TLS set-up
             log.debug("connection from %s dropped at accept: %s", address, exc)
             connection.close()

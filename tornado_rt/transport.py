@@ -13,12 +13,16 @@ Nothing else in tornado-rt touches a private Tornado attribute. What this module
 * ``WebSocketProtocol13._receive_frame_loop()`` (a coroutine): run as a task of its own, so that
   the handshake's coroutine chain finishes (about 2 KiB less per idle connection).
 * ``RequestHandler._headers``: dropped with the rest of the handshake state.
+* ``TCPServer._sockets`` / ``_handlers`` (dicts) and ``TCPServer._handle_connection``: the
+  listener's own accept loop (:mod:`tornado_rt.listener`: back-off at the file-descriptor limit)
+  registers its listening sockets there and hands accepted connections on as Tornado would.
 
 They are checked once: the protocol class at import, the stream on the first connection. When
 something differs (a Tornado upgrade), one WARNING is logged and the public API is used
 instead: no direct sends (every byte through ``IOStream.write``, which keeps order by itself),
 the outgoing-buffer limit through ``IOStream.max_write_buffer_size``, Tornado's own frame
-writing and frame loop, the deques left as they are. Slower and bigger, never wrong.
+writing and frame loop, the deques left as they are, Tornado's own accept loop. Slower and
+bigger, never wrong.
 ``tests/test_tornado_contract.py`` fails loudly when any of these changes.
 """
 from __future__ import annotations
@@ -327,3 +331,48 @@ def shed_handshake_state(handler: Any, stream: Any) -> None:
         buffer = stream._write_buffer
         if buffer is not None and not buffer._buffers:
             buffer._buffers = _SmallQueue()
+
+
+# --- the listening side (tornado_rt.listener) ------------------------------------------------------
+
+def tcp_server_problems(server: Any) -> List[str]:
+    """What differs in a ``TCPServer`` from what :class:`~tornado_rt.listener.GuardedHTTPServer`'s
+    own accept loop relies on: the ``_sockets`` and ``_handlers`` dicts (fd -> listening socket,
+    fd -> the callable that stops accepting on it, used by ``stop()``) and
+    ``_handle_connection(connection, address)`` (TLS wrapping, IOStream, ``handle_stream``)."""
+    problems = []
+    for name in ("_sockets", "_handlers"):
+        if type(getattr(server, name, None)) is not dict:
+            problems.append(f"TCPServer.{name} is not a dict")
+    if not callable(getattr(server, "_handle_connection", None)):
+        problems.append("TCPServer._handle_connection is missing")
+    return problems
+
+
+_listener_warned = False
+
+
+def can_adopt_listeners(server: Any) -> bool:
+    """Whether the guarded accept loop may replace Tornado's on ``server`` (else one WARNING, and
+    the caller uses the public ``TCPServer.add_sockets``: no pause at the file-descriptor limit)."""
+    global _listener_warned
+    problems = tcp_server_problems(server)
+    if problems and not _listener_warned:
+        _listener_warned = True
+        import tornado
+        log.warning("Tornado %s differs from what tornado-rt expects (%s); accepting with Tornado's "
+                    "own loop instead: no back-off when the process runs out of file descriptors",
+                    tornado.version, "; ".join(problems))
+    return not problems
+
+
+def adopt_listener(server: Any, sock: Any, remove: Any) -> None:
+    """Register ``sock`` as ``server``'s listening socket, accepted by our own handler, which
+    ``remove()`` stops (``server.stop()`` calls it). Only after :func:`can_adopt_listeners`."""
+    server._sockets[sock.fileno()] = sock
+    server._handlers[sock.fileno()] = remove
+
+
+def handle_accepted(server: Any, connection: Any, address: Any) -> None:
+    """Hand an accepted connection to ``server`` as Tornado's own accept loop would."""
+    server._handle_connection(connection, address)
