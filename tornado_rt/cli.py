@@ -393,6 +393,7 @@ def dev_banner(config: Config, base_http: str, ws_url: str) -> str:
         lines.append(f"  JWT for user 1 (valid 24 h): {token}")
     else:
         lines.append("  (no JWT printed: the allowed algorithms need your private key to sign one)")
+    lines.append(f"  Admin page (live stats; enter the API key): {base_http}admin")
     lines.append("  Demo directory: workspace 1 = [user 1], table 1 in workspace 1 "
                  "(PUT /api/directory replaces it)")
     if config.allowed_origins == ["*"] and config.sources.get("allowed_origins") == "default":

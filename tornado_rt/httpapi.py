@@ -1,8 +1,8 @@
 """The HTTP server API of the standalone server (docs/server-api.md).
 
 ``POST /api/publish``, ``POST /api/disconnect``, ``POST /api/revoke``, ``PUT``/``GET
-/api/directory`` (and its incremental endpoints), ``GET /api/stats``, ``GET /api/types``,
-``GET /api/openapi.json``, ``GET /api/docs``, ``GET /healthz`` and ``GET /metrics``, beside the
+/api/directory`` (and its incremental endpoints), ``GET /api/stats`` (and ``/api/stats/live``), ``GET /api/types``,
+``GET /api/openapi.json``, ``GET /api/docs``, ``GET /healthz``, ``GET /metrics`` and the admin page ``GET /admin``, beside the
 WebSocket endpoint of the same :class:`~tornado_rt.RealtimeServer`. There is no second routing path: an HTTP publish is turned
 into envelopes by :mod:`tornado_rt.envelope` exactly as a Python publish is, and handed to
 ``server.submit``.
@@ -33,6 +33,7 @@ Rules every endpoint follows:
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import hmac
@@ -47,6 +48,7 @@ from tornado.ioloop import IOLoop
 from tornado.web import Application, HTTPError, RequestHandler, stream_request_body
 
 from . import __version__
+from .admin import ADMIN_PAGE, RateSampler, live_stats
 from .broker import BrokerUnavailable
 from .envelope import PublishError, individual_envelope, message_envelope
 from .errors import FieldError, require_id, require_ids
@@ -214,6 +216,9 @@ class HttpApi:
         self._key_digests = [hashlib.sha256(k.encode("utf-8")).digest() for k in keys]
         self.max_body_size = max_body_size
         self.metrics = metrics
+        self.started = time.monotonic()
+        #: Messages per second for the admin page, sampled off the hot path (tornado_rt.admin).
+        self.sampler = RateSampler(server)
 
     def authorized(self, header: Optional[str]) -> bool:
         """Whether an ``Authorization`` header names a configured key (constant time: every key
@@ -273,6 +278,8 @@ class ApiHandler(RequestHandler):
 
     def prepare(self) -> None:
         self._lift_connection_limit()
+        if not self.api.sampler.running:
+            self.api.sampler.start()  # make_app off the loop (an embedder): start on first request
         if self.requires_key and not self.api.authorized(self.request.headers.get("Authorization")):
             raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <api key>'",
                            headers={"WWW-Authenticate": 'Bearer realm="tornado-rt"'})
@@ -576,6 +583,29 @@ class StatsHandler(ApiHandler):
         self.reply(self.server.stats())
 
 
+class LiveStatsHandler(ApiHandler):
+    """``GET /api/stats/live``: what the admin page shows (:func:`tornado_rt.admin.live_stats`)."""
+
+    def get(self) -> None:
+        self.reply(live_stats(self.server, self.api.sampler, self.api.started))
+
+
+class AdminHandler(ApiHandler):
+    """``GET /admin`` (no key): the live admin page, static HTML that asks for an API key and
+    reads ``/api/stats/live`` with it (:data:`tornado_rt.admin.ADMIN_PAGE`)."""
+
+    requires_key = False
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/html; charset=UTF-8")
+        self.set_header("Content-Security-Policy",
+                        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                        "connect-src 'self'; frame-ancestors 'none'")
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.set_header("Referrer-Policy", "no-referrer")
+        self.finish(ADMIN_PAGE)
+
+
 class TypesHandler(ApiHandler):
     """``GET /api/types`` (no key): the message catalogue of this server's registry
     (:func:`tornado_rt.catalogue.catalogue`, the same as ``tornado-rt types --json``)."""
@@ -707,11 +737,13 @@ API_ROUTES = [
     ("/api/directory/public_views/{slug}", r"/api/directory/public_views/([^/]+)",
      DirectoryPublicViewHandler),
     ("/api/stats", r"/api/stats", StatsHandler),
+    ("/api/stats/live", r"/api/stats/live", LiveStatsHandler),
     ("/api/types", r"/api/types", TypesHandler),
     ("/api/openapi.json", r"/api/openapi\.json", OpenApiHandler),
     ("/api/docs", r"/api/docs", DocsHandler),
     ("/healthz", r"/healthz", HealthHandler),
     ("/client/tornado-rt.js", r"/client/tornado-rt\.js", ClientScriptHandler),
+    ("/admin", r"/admin", AdminHandler),
 ]
 METRICS_ROUTE = ("/metrics", r"/metrics", MetricsHandler)
 
@@ -743,6 +775,12 @@ def make_app(server: RealtimeServer, api_keys: Sequence[str], *, metrics: bool =
     app_settings.setdefault("default_handler_class", NotFoundHandler)
     app_settings.setdefault("default_handler_args", {"api": api})
     app = server.make_app(handlers, **app_settings)
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass  # started by the first request instead
+    else:
+        api.sampler.start()
     app.http_api = api  # type: ignore[attr-defined]
     app.openapi = document  # type: ignore[attr-defined]
     return app

@@ -283,6 +283,22 @@ _OPERATIONS: Dict[str, Dict[str, Any]] = {
         "summary": "Connections, users, pages, subscriptions and message counts of this process",
         "responses": {"200": _ok("Numbers", _ref("Stats")), **_ERRORS_NO_BODY},
     }},
+    "/api/stats/live": {"get": {
+        "summary": "What the admin page shows: the stats plus subscriptions per page type, the busiest "
+                   "pages, messages per second over the last minutes, refusals and closes by reason, "
+                   "and the broker's state",
+        "description": "Rates are sampled once a second off the hot path; `rates.published[i]` and "
+                       "`rates.delivered[i]` are the messages of the second ending at `rates.times[i]`.",
+        "responses": {"200": _ok("Numbers", {"type": "object"}), **_ERRORS_NO_BODY},
+    }},
+    "/admin": {"get": {
+        "summary": "The live admin page (no key to load it: static HTML that asks for an API key, keeps it "
+                   "in the tab's session storage and reads /api/stats/live with it)",
+        "security": [],
+        "responses": {"200": {"description": "HTML page",
+                              "content": {"text/html": {"schema": {"type": "string"}}}},
+                      "405": _error("Method not allowed")},
+    }},
     "/api/types": {"get": {
         "summary": "The message catalogue: every registered message type and page type (no key)",
         "description": "The same JSON as `tornado-rt types --json`, for this server's plugins.",
