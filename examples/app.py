@@ -1,90 +1,261 @@
-"""A small, existing-style Tornado application with tornado-rt mounted in it.
+"""A small collaborative table: a Tornado application with tornado-rt mounted in it.
 
-Run it (no configuration needed; it prints what it uses):
+Run it (no configuration needed; it prints its address and what it uses):
 
-    python examples/app.py            # http://127.0.0.1:8080/
+    python examples/app.py            # then open http://127.0.0.1:8080/ in two browsers
 
-What it shows:
-* ``POST /api/login`` ``{"user_id": 1}`` issues a Baserow-style access JWT (HS256, ``exp``,
-  ``token_type: access``) — a real app would check a password first.
-* ``GET/POST /api/tables/{id}/rows``, ``PATCH/DELETE /api/tables/{id}/rows/{row_id}``: a REST API
-  over an in-memory table that publishes ``rows_created`` / ``rows_updated`` / ``rows_deleted``
-  to the table page, skipping the caller's own connection (the ``WebSocketId`` header).
+Sign in by picking a name (the app issues the JWT), add, edit and delete rows; every other
+browser viewing the table sees each change live. What it shows:
+
+* ``POST /api/login`` ``{"name": "alice"}`` creates the user if needed and issues a Baserow-style
+  access JWT (HS256, ``exp``, ``token_type: access``) — a real app would check a password first.
+* ``GET/POST /api/tables/{id}/rows``, ``PATCH/DELETE /api/tables/{id}/rows/{row_id}``
+  (``Authorization: JWT <token>``): a REST API over SQLite (the standard library's ``sqlite3``)
+  that publishes ``rows_created`` / ``rows_updated`` / ``rows_deleted`` to the table page,
+  skipping the caller's own connection (its ``WebSocketId`` header): the page applies its own
+  change from the REST answer, everybody else from the message.
+* ``GET /api/tables/{id}/viewers`` and the ``table_viewers`` message: who has the table open.
+  Until tornado-rt's presence extension exists, this is the application's own knowledge: the
+  users whose connections to this very process are subscribed to the table page, checked twice a
+  second and published to the page when the list changes.
 * ``/ws/core/?jwt_token=...``: the Baserow-compatible WebSocket endpoint.
-* ``/``: a tiny page that logs in, subscribes to table 1 and shows live row events.
+* ``/``: the page (plain HTML, CSS and an ES module in ``examples/static/``, no build step) and
+  ``/client/tornado-rt.js``: the project's browser client, which reconnects with backoff and
+  subscribes again; the page then refetches the rows it may have missed.
 
-Environment: ``EXAMPLE_PORT`` (default 8080), ``EXAMPLE_JWT_SECRET`` (default: random per run).
+Environment: ``EXAMPLE_PORT`` (default 8080; 0 picks a free port), ``EXAMPLE_HOST`` (default
+127.0.0.1), ``EXAMPLE_JWT_SECRET`` (default: random per run), ``EXAMPLE_DATA_DIR`` (where the
+SQLite file lives; default a new temporary directory).
 """
 import asyncio
 import os
 import secrets
+import sqlite3
 import sys
+import tempfile
 import time
 
 import jwt
+import tornado.httpserver
+import tornado.ioloop
 import tornado.web
 import ujson
 
-from tornado_rt import RealtimeServer, Settings, web_socket_id_from_request
+import tornado_rt
+from tornado_rt import MessageType, Plugin, RealtimeServer, Settings, web_socket_id_from_request
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard_plugin"))
+HERE = os.path.dirname(os.path.abspath(__file__))
+STATIC = os.path.join(HERE, "static")
+#: The project's browser client module (package data of tornado_rt).
+CLIENT_JS = os.path.join(os.path.dirname(os.path.abspath(tornado_rt.__file__)), "static", "tornado-rt.js")
+
+sys.path.insert(0, os.path.join(HERE, "dashboard_plugin"))
 from tornado_rt_dashboard import plugin as dashboard_plugin  # noqa: E402  (example plugin)
 
+#: The example's own message: who is viewing a table (the shape of the presence extension's
+#: ``users`` list, plus names), sent to the table page.
+table_plugin = Plugin("example_table", message_types=[
+    MessageType("table_viewers", "page", page="table", keys={"table_id": "table_id"},
+                payload=("table_id", "users", "anonymous")),
+])
 
-class Rows:
-    """The application's data: tables of rows, in memory."""
+COLUMNS = ("name", "status", "notes")
+STATUSES = ("todo", "doing", "done")
+WORKSPACE = 1
+TABLES = {1: "Tasks", 2: "Ideas"}
 
-    def __init__(self):
-        self.tables = {1: {}, 2: {}}
-        self.next_id = 1
 
-    def create(self, table_id, values):
-        row = {"id": self.next_id, "order": f"{self.next_id}.00000000000000000000", **values}
-        self.tables[table_id][row["id"]] = row
-        self.next_id += 1
+class Store:
+    """The application's data in SQLite: users and the rows of its tables."""
+
+    def __init__(self, path=":memory:"):
+        self.db = sqlite3.connect(path)
+        self.db.row_factory = sqlite3.Row
+        self.db.executescript("""
+            CREATE TABLE IF NOT EXISTS users (id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL);
+            CREATE TABLE IF NOT EXISTS rows (
+                id INTEGER PRIMARY KEY, table_id INTEGER NOT NULL, name TEXT NOT NULL DEFAULT '',
+                status TEXT NOT NULL DEFAULT 'todo', notes TEXT NOT NULL DEFAULT '',
+                updated_by TEXT NOT NULL DEFAULT '', updated_at REAL NOT NULL DEFAULT 0);
+        """)
+        self.db.commit()
+
+    def user(self, name):
+        """The id of the user called ``name``, created on first sign-in."""
+        self.db.execute("INSERT OR IGNORE INTO users (name) VALUES (?)", (name,))
+        self.db.commit()
+        return self.db.execute("SELECT id FROM users WHERE name = ?", (name,)).fetchone()["id"]
+
+    def names(self, user_ids):
+        if not user_ids:
+            return {}
+        marks = ",".join("?" * len(user_ids))
+        found = self.db.execute(f"SELECT id, name FROM users WHERE id IN ({marks})", list(user_ids))
+        return {r["id"]: r["name"] for r in found}
+
+    @staticmethod
+    def _row(r):
+        row = dict(r)
+        del row["table_id"]
+        row["order"] = f"{row['id']}.00000000000000000000"
         return row
+
+    def rows(self, table_id):
+        found = self.db.execute("SELECT * FROM rows WHERE table_id = ? ORDER BY id", (table_id,))
+        return [self._row(r) for r in found]
+
+    def get(self, table_id, row_id):
+        r = self.db.execute("SELECT * FROM rows WHERE table_id = ? AND id = ?", (table_id, row_id)).fetchone()
+        return self._row(r) if r is not None else None
+
+    def create(self, table_id, values, by):
+        cur = self.db.execute(
+            "INSERT INTO rows (table_id, name, status, notes, updated_by, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (table_id, values.get("name", ""), values.get("status", "todo"), values.get("notes", ""), by, time.time()))
+        self.db.commit()
+        return self.get(table_id, cur.lastrowid)
+
+    def update(self, table_id, row_id, values, by):
+        sets = ", ".join(f"{k} = ?" for k in values)
+        self.db.execute(f"UPDATE rows SET {sets}, updated_by = ?, updated_at = ? WHERE table_id = ? AND id = ?",
+                        (*values.values(), by, time.time(), table_id, row_id))
+        self.db.commit()
+        return self.get(table_id, row_id)
+
+    def delete(self, table_id, row_id):
+        self.db.execute("DELETE FROM rows WHERE table_id = ? AND id = ?", (table_id, row_id))
+        self.db.commit()
+
+
+class Refused(tornado.web.HTTPError):
+    """A client error answered as ``{"error": "<field>: <why>", "field": "<field>"}``."""
+
+    def __init__(self, status, message):
+        super().__init__(status)
+        self.message = message
+        self.field = message.split(":", 1)[0]
+
+
+def clean_values(body, partial):
+    """The row values of a request body: known columns, strings, a known status."""
+    values = {}
+    for key, value in body.items():
+        if key in ("id", "order", "updated_by", "updated_at"):
+            continue
+        if key not in COLUMNS:
+            raise Refused(400, f"{key}: unknown column (columns: {', '.join(COLUMNS)})")
+        if not isinstance(value, str) or len(value) > 500:
+            raise Refused(400, f"{key}: must be a string of at most 500 characters")
+        if key == "status" and value not in STATUSES:
+            raise Refused(400, f"status: must be one of {', '.join(STATUSES)}")
+        values[key] = value.strip() if key == "name" else value
+    if not partial and not values.get("name"):
+        raise Refused(400, "name: required")
+    if partial and not values:
+        raise Refused(400, "body: no column to change")
+    return values
+
+
+class Viewers:
+    """Who has each table open, from the application's own knowledge (see the module docstring)."""
+
+    def __init__(self, rt, store):
+        self.rt, self.store = rt, store
+        self.last = {}
+        self.timer = None
+
+    def of(self, table_id):
+        group = self.rt.registry.page_type("table").group({"table_id": table_id})
+        counts, anonymous = {}, 0
+        for conn in list(self.rt.hub.groups.get(group, ())):
+            if conn.user_id is None:
+                anonymous += 1
+            else:
+                counts[conn.user_id] = counts.get(conn.user_id, 0) + 1
+        names = self.store.names(list(counts))
+        users = [{"user_id": uid, "name": names.get(uid, f"user {uid}"), "connections": n}
+                 for uid, n in sorted(counts.items(), key=lambda kv: names.get(kv[0], ""))]
+        return {"table_id": table_id, "users": users, "anonymous": anonymous}
+
+    def start(self, interval_ms=500):
+        self.timer = tornado.ioloop.PeriodicCallback(self.check, interval_ms)
+        self.timer.start()
+
+    def check(self):
+        for table_id in TABLES:
+            now = self.of(table_id)
+            if now != self.last.get(table_id, {"table_id": table_id, "users": [], "anonymous": 0}):
+                self.last[table_id] = now
+                self.rt.publish({"type": "table_viewers", **now})
 
 
 class BaseHandler(tornado.web.RequestHandler):
-    def initialize(self, rt, rows, secret):
-        self.rt, self.rows, self.secret = rt, rows, secret
+    def initialize(self, rt, store, secret, viewers):
+        self.rt, self.store, self.secret, self.viewers = rt, store, secret, viewers
+
+    def set_default_headers(self):
+        self.set_header("Cache-Control", "no-store")
 
     def json_body(self):
         try:
             body = ujson.loads(self.request.body or b"{}")
         except ValueError:
-            raise tornado.web.HTTPError(400, reason="body is not JSON")
+            raise Refused(400, "body: not JSON")
         if not isinstance(body, dict):
-            raise tornado.web.HTTPError(400, reason="body must be a JSON object")
+            raise Refused(400, "body: must be a JSON object")
         return body
 
+    def user(self):
+        """The signed-in user (``Authorization: JWT <token>``, as Baserow's REST API)."""
+        scheme, _, token = self.request.headers.get("Authorization", "").partition(" ")
+        if scheme not in ("JWT", "Bearer") or not token:
+            raise Refused(401, "Authorization: send 'JWT <token>' (POST /api/login)")
+        try:
+            claims = jwt.decode(token.strip(), self.secret, algorithms=["HS256"], options={"require": ["exp"]})
+        except jwt.InvalidTokenError as exc:
+            raise Refused(401, f"Authorization: {exc}")
+        return claims["user_id"], claims.get("name", "")
+
     def table(self, table_id):
-        table = self.rows.tables.get(int(table_id))
-        if table is None:
-            raise tornado.web.HTTPError(404, reason="no such table")
-        return int(table_id), table
+        if int(table_id) not in TABLES:
+            raise Refused(404, "table_id: no such table")
+        return int(table_id)
 
     def write_error(self, status_code, **kwargs):
-        self.finish({"error": self._reason, "field": None})
+        error = kwargs.get("exc_info", (None, None))[1]
+        if isinstance(error, Refused):
+            self.finish({"error": error.message, "field": error.field})
+        else:
+            self.finish({"error": self._reason, "field": None})
 
 
 class LoginHandler(BaseHandler):
     def post(self):
-        user_id = self.json_body().get("user_id")
-        if not isinstance(user_id, int):
-            raise tornado.web.HTTPError(400, reason="user_id must be an integer")
-        claims = {"user_id": user_id, "token_type": "access", "exp": int(time.time()) + 3600}
-        self.write({"access_token": jwt.encode(claims, self.secret, algorithm="HS256")})
+        name = self.json_body().get("name")
+        if not isinstance(name, str) or not name.strip() or len(name.strip()) > 40:
+            raise Refused(400, "name: a non-empty string of at most 40 characters")
+        name = name.strip()
+        user_id = self.store.user(name)
+        self.rt.directory.add_member(WORKSPACE, user_id)  # may see the workspace's tables
+        claims = {"user_id": user_id, "name": name, "token_type": "access", "exp": int(time.time()) + 3600}
+        self.write({"access_token": jwt.encode(claims, self.secret, algorithm="HS256"),
+                    "user": {"id": user_id, "name": name}})
+
+
+class TablesHandler(BaseHandler):
+    def get(self):
+        self.write({"results": [{"id": k, "name": v} for k, v in TABLES.items()]})
 
 
 class RowsHandler(BaseHandler):
     def get(self, table_id):
-        _, table = self.table(table_id)
-        self.write({"results": list(table.values())})
+        self.user()
+        self.write({"results": self.store.rows(self.table(table_id))})
 
     def post(self, table_id):
-        table_id, _ = self.table(table_id)
-        row = self.rows.create(table_id, self.json_body())
+        _, name = self.user()
+        table_id = self.table(table_id)
+        row = self.store.create(table_id, clean_values(self.json_body(), partial=False), name)
         self.rt.publish({"type": "rows_created", "table_id": table_id, "rows": [row],
                          "metadata": {}, "before_row_id": None},
                         ignore_web_socket_id=web_socket_id_from_request(self))
@@ -93,79 +264,101 @@ class RowsHandler(BaseHandler):
 
 class RowHandler(BaseHandler):
     def row(self, table_id, row_id):
-        table_id, table = self.table(table_id)
-        row = table.get(int(row_id))
+        table_id = self.table(table_id)
+        row = self.store.get(table_id, int(row_id))
         if row is None:
-            raise tornado.web.HTTPError(404, reason="no such row")
-        return table_id, table, row
+            raise Refused(404, "row_id: no such row")
+        return table_id, row
 
     def patch(self, table_id, row_id):
-        table_id, _, row = self.row(table_id, row_id)
-        before = dict(row)
-        changes = self.json_body()
-        row.update({k: v for k, v in changes.items() if k not in ("id", "order")})
+        _, name = self.user()
+        table_id, before = self.row(table_id, row_id)
+        changes = clean_values(self.json_body(), partial=True)
+        row = self.store.update(table_id, before["id"], changes, name)
         self.rt.publish({"type": "rows_updated", "table_id": table_id, "rows_before_update": [before],
                          "rows": [row], "metadata": {}, "updated_field_ids": sorted(changes)},
                         ignore_web_socket_id=web_socket_id_from_request(self))
         self.write(row)
 
     def delete(self, table_id, row_id):
-        table_id, table, row = self.row(table_id, row_id)
-        del table[row["id"]]
+        self.user()
+        table_id, row = self.row(table_id, row_id)
+        self.store.delete(table_id, row["id"])
         self.rt.publish({"type": "rows_deleted", "table_id": table_id, "row_ids": [row["id"]], "rows": [row]},
                         ignore_web_socket_id=web_socket_id_from_request(self))
         self.set_status(204)
 
 
-PAGE = """<!doctype html><meta charset=utf-8><title>tornado-rt example</title>
-<h1>tornado-rt example</h1><p>User <input id=u value=1 size=3> <button id=go>connect</button>
-<button id=add>add a row</button></p><pre id=log></pre>
-<script>
-let ws, wsid, token;
-const log = m => document.getElementById('log').textContent += m + '\\n';
-document.getElementById('go').onclick = async () => {
-  const r = await fetch('/api/login', {method: 'POST', body: JSON.stringify({user_id: +u.value})});
-  token = (await r.json()).access_token;
-  ws = new WebSocket(`ws://${location.host}/ws/core/?jwt_token=${token}`);
-  ws.onmessage = e => { const m = JSON.parse(e.data); if (m.type === 'authentication') {
-      wsid = m.web_socket_id; ws.send(JSON.stringify({page: 'table', table_id: 1})); } log(e.data); };
-};
-document.getElementById('add').onclick = () => fetch('/api/tables/1/rows',
-  {method: 'POST', headers: {WebSocketId: wsid}, body: JSON.stringify({name: 'row ' + Date.now()})});
-</script>"""
+class ViewersHandler(BaseHandler):
+    def get(self, table_id):
+        self.user()
+        self.write(self.viewers.of(self.table(table_id)))
 
 
 class PageHandler(tornado.web.RequestHandler):
     def get(self):
-        self.write(PAGE)
+        with open(os.path.join(STATIC, "index.html"), "rb") as fh:
+            page = fh.read()
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        self.finish(page)
 
 
-def make_app(secret, rt=None, rows=None):
+class ClientScriptHandler(tornado.web.RequestHandler):
+    """The project's browser client, served from the installed package."""
+
+    def get(self):
+        with open(CLIENT_JS, "rb") as fh:
+            script = fh.read()
+        self.set_header("Content-Type", "text/javascript; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        self.finish(script)
+
+
+def make_app(secret, rt=None, store=None):
     """The application: its own routes plus tornado-rt's WebSocket endpoint."""
     if rt is None:
-        rt = RealtimeServer(Settings(jwt_secret=secret), plugins=[dashboard_plugin])
-        rt.directory.set_workspace(1, [1, 2, 3])   # users 1-3 work in workspace 1 ...
-        rt.directory.set_table(1, 1)               # ... which holds tables 1 and 2
-        rt.directory.set_table(2, 1)
-    rows = rows or Rows()
-    deps = {"rt": rt, "rows": rows, "secret": secret}
-    return tornado.web.Application([
+        rt = RealtimeServer(Settings(jwt_secret=secret), plugins=[dashboard_plugin, table_plugin])
+        rt.directory.set_workspace(WORKSPACE, [])   # users join workspace 1 when they sign in ...
+        for table_id in TABLES:
+            rt.directory.set_table(table_id, WORKSPACE)  # ... which holds the tables
+    store = store or Store()
+    viewers = Viewers(rt, store)
+    deps = {"rt": rt, "store": store, "secret": secret, "viewers": viewers}
+    app = tornado.web.Application([
         (r"/", PageHandler),
+        (r"/client/tornado-rt\.js", ClientScriptHandler),
+        (r"/static/(.*)", tornado.web.StaticFileHandler, {"path": STATIC}),
         (r"/api/login", LoginHandler, deps),
+        (r"/api/tables", TablesHandler, deps),
         (r"/api/tables/(\d+)/rows", RowsHandler, deps),
         (r"/api/tables/(\d+)/rows/(\d+)", RowHandler, deps),
+        (r"/api/tables/(\d+)/viewers", ViewersHandler, deps),
         *rt.routes(),
-    ]), rt
+    ])
+    app.viewers = viewers
+    return app, rt
 
 
 async def main():
+    from tornado.netutil import bind_sockets
+
     port = int(os.environ.get("EXAMPLE_PORT", "8080"))
+    host = os.environ.get("EXAMPLE_HOST", "127.0.0.1")
     secret = os.environ.get("EXAMPLE_JWT_SECRET") or secrets.token_urlsafe(32)
-    app, rt = make_app(secret)
+    data_dir = os.environ.get("EXAMPLE_DATA_DIR") or tempfile.mkdtemp(prefix="tornado-rt-example-")
+    os.makedirs(data_dir, exist_ok=True)
+    db_path = os.path.join(data_dir, "example.sqlite3")
+    app, rt = make_app(secret, store=Store(db_path))
     await rt.start()
-    app.listen(port, "127.0.0.1")
-    print(f"example app on http://127.0.0.1:{port}/  (WebSocket ws://127.0.0.1:{port}/ws/core/)", flush=True)
-    print(f"JWT secret for this run: {secret}", flush=True)
+    sockets = bind_sockets(port, host)
+    server = tornado.httpserver.HTTPServer(app)
+    server.add_sockets(sockets)
+    app.viewers.start()
+    port = sockets[0].getsockname()[1]
+    print(f"data: {db_path}", flush=True)
+    print(f"example app: http://{host}:{port}/  (open it in two browsers; WebSocket ws://{host}:{port}/ws/core/)",
+          flush=True)
     await asyncio.Event().wait()
 
 

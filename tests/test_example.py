@@ -28,9 +28,16 @@ def app(example):
     return example[0]
 
 
-async def login(base, user_id):
-    r = await AsyncHTTPClient().fetch(f"{base}/api/login", method="POST", body=ujson.dumps({"user_id": user_id}))
+async def login(base, name):
+    r = await AsyncHTTPClient().fetch(f"{base}/api/login", method="POST", body=ujson.dumps({"name": name}))
     return ujson.loads(r.body)["access_token"]
+
+
+def auth(token, web_socket_id=None):
+    headers = {"Authorization": f"JWT {token}"}
+    if web_socket_id is not None:
+        headers["WebSocketId"] = web_socket_id
+    return headers
 
 
 async def client(port, token):
@@ -45,25 +52,26 @@ async def client(port, token):
 @pytest.mark.gen_test
 async def test_rest_changes_reach_other_clients_but_not_the_sender(http_server, http_port, example):
     base = f"http://127.0.0.1:{http_port}"
-    sender, sender_id = await client(http_port, await login(base, 1))
-    other, _ = await client(http_port, await login(base, 2))
+    token = await login(base, "alice")
+    sender, sender_id = await client(http_port, token)
+    other, _ = await client(http_port, await login(base, "bob"))
     http = AsyncHTTPClient()
 
     created = ujson.loads((await http.fetch(HTTPRequest(
         f"{base}/api/tables/1/rows", method="POST", body=ujson.dumps({"name": "a"}),
-        headers={"WebSocketId": sender_id}))).body)
+        headers=auth(token, sender_id)))).body)
     msg = ujson.loads(await other.read_message())
     assert msg["type"] == "rows_created" and msg["rows"] == [created] and msg["table_id"] == 1
 
     await http.fetch(HTTPRequest(f"{base}/api/tables/1/rows/{created['id']}", method="PATCH",
-                                 body=ujson.dumps({"name": "b"}), headers={"WebSocketId": sender_id}))
+                                 body=ujson.dumps({"name": "b"}), headers=auth(token, sender_id)))
     msg = ujson.loads(await other.read_message())
     assert msg["type"] == "rows_updated" and msg["rows"][0]["name"] == "b"
     assert msg["rows_before_update"][0]["name"] == "a"
 
     # Without the header the sender receives its own change too: it is the next message it gets,
     # so the two earlier changes (sent with its WebSocketId) never reached it.
-    await http.fetch(f"{base}/api/tables/1/rows/{created['id']}", method="DELETE")
+    await http.fetch(f"{base}/api/tables/1/rows/{created['id']}", method="DELETE", headers=auth(token))
     for conn in (sender, other):
         msg = ujson.loads(await conn.read_message())
         assert msg == {"type": "rows_deleted", "table_id": 1, "row_ids": [created["id"]], "rows": [msg["rows"][0]]}
@@ -75,10 +83,71 @@ async def test_rest_changes_reach_other_clients_but_not_the_sender(http_server, 
 async def test_example_plugin_dashboard_page(http_server, http_port, example):
     _, rt = example
     base = f"http://127.0.0.1:{http_port}"
-    conn, _ = await client(http_port, await login(base, 1))
+    conn, _ = await client(http_port, await login(base, "alice"))
     await conn.write_message(ujson.dumps({"page": "dashboard", "dashboard_id": 1}))
     assert ujson.loads(await conn.read_message()) == {"type": "page_add", "page": "dashboard",
                                                       "parameters": {"dashboard_id": 1}}
     rt.publish({"type": "dashboard_widget_updated", "dashboard_id": 1, "widget": {"id": 3}})
     assert ujson.loads(await conn.read_message())["widget"] == {"id": 3}
     conn.close()
+
+
+@pytest.mark.gen_test
+async def test_rows_are_stored_and_rest_refuses_bad_input(http_server, http_port, example):
+    base = f"http://127.0.0.1:{http_port}"
+    http = AsyncHTTPClient()
+    token = await login(base, "alice")
+    for values in ({"name": "first", "status": "doing"}, {"name": "second", "notes": "n"}):
+        await http.fetch(HTTPRequest(f"{base}/api/tables/1/rows", method="POST", body=ujson.dumps(values),
+                                     headers=auth(token)))
+    listed = ujson.loads((await http.fetch(f"{base}/api/tables/1/rows", headers=auth(token))).body)["results"]
+    assert [(r["name"], r["status"], r["notes"], r["updated_by"]) for r in listed] == [
+        ("first", "doing", "", "alice"), ("second", "todo", "n", "alice")]
+
+    async def refused(method, path, body=None, headers=None):
+        r = await http.fetch(f"{base}{path}", method=method, body=body, headers=headers, raise_error=False,
+                             allow_nonstandard_methods=True)
+        return r.code, ujson.loads(r.body)["field"]
+
+    assert await refused("GET", "/api/tables/1/rows") == (401, "Authorization")
+    assert await refused("POST", "/api/tables/1/rows", ujson.dumps({"name": "x", "colour": "red"}),
+                         auth(token)) == (400, "colour")
+    assert await refused("POST", "/api/tables/1/rows", ujson.dumps({"name": "x", "status": "later"}),
+                         auth(token)) == (400, "status")
+    assert await refused("PATCH", "/api/tables/1/rows/999", ujson.dumps({"name": "x"}), auth(token)) == (404, "row_id")
+    assert await refused("POST", "/api/login", ujson.dumps({"name": ""})) == (400, "name")
+
+
+@pytest.mark.gen_test
+async def test_viewers_are_the_users_subscribed_to_the_table(http_server, http_port, example):
+    """Until the presence extension exists, the example knows who views a table from its own
+    server's subscriptions; a change of that list reaches the viewers as ``table_viewers``."""
+    app, _ = example
+    base = f"http://127.0.0.1:{http_port}"
+    alice_token = await login(base, "alice")
+    alice, _ = await client(http_port, alice_token)
+    app.viewers.check()
+    first = ujson.loads(await alice.read_message())
+    assert first["type"] == "table_viewers" and first["anonymous"] == 0
+    assert [(u["name"], u["connections"]) for u in first["users"]] == [("alice", 1)]
+
+    bob, _ = await client(http_port, await login(base, "bob"))
+    app.viewers.check()
+    for conn in (alice, bob):
+        msg = ujson.loads(await conn.read_message())
+        assert [(u["name"], u["connections"]) for u in msg["users"]] == [("alice", 1), ("bob", 1)]
+    listed = ujson.loads((await AsyncHTTPClient().fetch(f"{base}/api/tables/1/viewers",
+                                                        headers=auth(alice_token))).body)
+    assert listed == {k: msg[k] for k in ("table_id", "users", "anonymous")}
+
+    # Bob leaves the page: alice is told; an unchanged list sends nothing (the marker comes next).
+    await bob.write_message(ujson.dumps({"remove_page": "table", "table_id": 1}))
+    assert ujson.loads(await bob.read_message())["type"] == "page_discard"
+    app.viewers.check()
+    assert [u["name"] for u in ujson.loads(await alice.read_message())["users"]] == ["alice"]
+    app.viewers.check()
+    _, rt = example
+    rt.publish({"type": "rows_deleted", "table_id": 1, "row_ids": [0], "rows": []})
+    assert ujson.loads(await alice.read_message())["type"] == "rows_deleted"
+    alice.close()
+    bob.close()
