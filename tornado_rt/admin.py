@@ -167,7 +167,7 @@ section.wide { margin-top:16px; }
 table { width:100%; border-collapse:collapse; table-layout:fixed; }
 td, th { text-align:left; padding:5px 6px; border-bottom:1px solid var(--line); overflow:hidden; text-overflow:ellipsis; white-space:nowrap; }
 th { font-weight:600; color:var(--muted); font-size:12px; }
-td.n, th.n { text-align:right; width:90px; font-variant-numeric:tabular-nums; }
+td.n, th.n { text-align:right; width:110px; font-variant-numeric:tabular-nums; }
 .empty { color:var(--muted); font-style:italic; }
 #chart { width:100%; height:180px; display:block; }
 .legend { display:flex; gap:16px; font-size:12px; color:var(--muted); margin-top:6px; }
@@ -199,7 +199,7 @@ td.n, th.n { text-align:right; width:90px; font-variant-numeric:tabular-nums; }
  <div class="card"><div class="v" id="rate-now">0</div><div class="k">delivered / s</div></div>
  <div class="card"><div class="v" id="messages_published">0</div><div class="k">published (total)</div></div>
 </div>
-<section class="wide"><h2>Messages per second, last <span id="span">5 minutes</span></h2>
+<section class="wide"><h2>Messages per second, last <span id="span">minute</span></h2>
 <svg id="chart" viewBox="0 0 600 180" preserveAspectRatio="none" role="img" aria-label="messages per second"></svg>
 <div class="legend"><span><i style="background:#2f6fed"></i>delivered</span><span><i style="background:#e08a00"></i>published</span><span id="peak"></span></div>
 </section>
@@ -223,26 +223,30 @@ function esc(text) {
 function rows(id, head, list, empty) {
   const body = list.length ? list.map((r) => "<tr" + (r.cls ? ` class="${r.cls}"` : "") + ">" +
       r.cells.map((c, i) => `<td${i === r.cells.length - 1 ? ' class="n"' : ""} title="${esc(c)}">${esc(c)}</td>`).join("") + "</tr>").join("")
-    : `<tr><td class="empty">${esc(empty)}</td></tr>`;
+    : `<tr><td class="empty" colspan="${head.length}">${esc(empty)}</td></tr>`;
   $(id).innerHTML = "<thead><tr>" + head.map((h, i) => `<th${i === head.length - 1 ? ' class="n"' : ""}>${esc(h)}</th>`).join("") +
     "</tr></thead><tbody>" + body + "</tbody>";
 }
-function line(values, max, w, h) {
+// The x axis spans max(60 s, what was sampled): the newest sample on the right edge.
+function line(values, max, w, h, span) {
   const n = values.length;
-  return values.map((v, i) => `${(w * (n <= 1 ? 1 : i / (n - 1))).toFixed(1)},${(h - 8 - (h - 16) * v / max).toFixed(1)}`).join(" ");
+  return values.map((v, i) => `${(w * (1 - (n - 1 - i) / (span - 1))).toFixed(1)},${(h - 8 - (h - 16) * v / max).toFixed(1)}`).join(" ");
 }
 function chart(rates) {
   const w = 600, h = 180, pub = rates.published, del = rates.delivered;
   const max = Math.max(1, ...pub, ...del);
+  const span = Math.max(60, del.length);
+  const x0 = (w * (1 - (del.length - 1) / (span - 1))).toFixed(1);
+  $("span").textContent = span >= 120 ? `${Math.round(span / 60)} minutes` : `${span} seconds`;
   let svg = "";
   for (const f of [0.25, 0.5, 0.75, 1]) {
     const y = (h - 8 - (h - 16) * f).toFixed(1);
     svg += `<line x1="0" x2="${w}" y1="${y}" y2="${y}" stroke="#e2e5eb" stroke-width="1" vector-effect="non-scaling-stroke"/>`;
   }
   if (del.length) {
-    svg += `<polygon points="0,${h - 8} ${line(del, max, w, h)} ${w},${h - 8}" fill="#2f6fed" fill-opacity="0.12"/>`;
-    svg += `<polyline id="delivered-line" points="${line(del, max, w, h)}" fill="none" stroke="#2f6fed" stroke-width="2" vector-effect="non-scaling-stroke"/>`;
-    svg += `<polyline id="published-line" points="${line(pub, max, w, h)}" fill="none" stroke="#e08a00" stroke-width="1.5" vector-effect="non-scaling-stroke"/>`;
+    svg += `<polygon points="${x0},${h - 8} ${line(del, max, w, h, span)} ${w},${h - 8}" fill="#2f6fed" fill-opacity="0.12"/>`;
+    svg += `<polyline id="published-line" points="${line(pub, max, w, h, span)}" fill="none" stroke="#e08a00" stroke-width="2" stroke-dasharray="5 4" vector-effect="non-scaling-stroke"/>`;
+    svg += `<polyline id="delivered-line" points="${line(del, max, w, h, span)}" fill="none" stroke="#2f6fed" stroke-width="2" vector-effect="non-scaling-stroke"/>`;
   }
   $("chart").innerHTML = svg;
   $("chart").dataset.samples = String(del.length);
@@ -256,7 +260,7 @@ function render(s) {
   const del = s.rates.delivered;
   $("rate-now").textContent = (del.length ? del[del.length - 1] : 0).toLocaleString();
   chart(s.rates);
-  rows("types", ["page type", "subscriptions"], Object.entries(s.subscriptions_per_page_type).map(([k, v]) => ({cells: [k, v]})), "no subscriptions");
+  rows("types", ["page type", "subscribers"], Object.entries(s.subscriptions_per_page_type).map(([k, v]) => ({cells: [k, v]})), "no subscriptions");
   rows("busiest", ["page", "subscribers"], s.busiest_pages.map((p) => ({cells: [p.page + " " +
     Object.entries(p.parameters).map(([k, v]) => `${k}=${v}`).join(" "), p.subscribers]})), "no pages");
   rows("refusals", ["kind", "reason", "count"], s.refusals.map((r) => ({cells: [r.kind, r.reason, r.count]})), "nothing refused");
