@@ -102,3 +102,15 @@ def test_rate_sampler_diffs_the_counters_into_a_ring_buffer():
     series = sampler.series()
     assert series["published"] == [2, 1, 0] and series["delivered"] == [10, 4, 0]  # the oldest dropped
     assert len(series["times"]) == 3 and series["interval"] == 1.0
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_serve_dev_prints_the_admin_address():
+    proc = ServeProcess(["serve", "--dev", "--port", "0", "--log-level", "warning"])
+    try:
+        address = f"  Admin page (live stats; enter the API key): {proc.base}admin\n"
+        assert address in proc.stdout_lines, proc.output()
+        status, page, _ = await Api(proc.base).call("GET", "/admin", key=None)
+        assert status == 200 and "tornado-rt admin" in page
+    finally:
+        assert proc.stop() == 0, proc.output()
