@@ -185,6 +185,11 @@ def sign_in(driver, url, name):
     driver.execute_script("window.notReloaded = true")
 
 
+def assert_no_overflow(driver):
+    width, inner = driver.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
+    assert width <= inner, f"the page is {width} px wide in a {inner} px window"
+
+
 def add_row(driver, name, notes=""):
     driver.find_element(By.ID, "add-name").send_keys(name)
     if notes:
@@ -229,6 +234,8 @@ def test_two_users_see_each_others_changes_live(example, browsers):
     assert edited.find_element(By.CSS_SELECTOR, "td.by").text == "bob"
     assert edited.find_element(By.CSS_SELECTOR, ".pill").text == "doing"
 
+    for driver in (alice, bob):
+        assert_no_overflow(driver)
     if SHOTS:
         shots = [d.get_screenshot_as_base64() for d in (alice, bob)]
         side_by_side(browsers, shots, Path(SHOTS) / "live-table.png")
@@ -252,10 +259,11 @@ def test_two_users_see_each_others_changes_live(example, browsers):
 
 
 def test_reconnects_and_refetches_after_the_server_drops(example, browsers):
-    page = browsers()
+    page = browsers(420, 800)  # a phone-sized window
     sign_in(page, example.url, "carol")
-    add_row(page, "Before the drop")
+    add_row(page, "Before the drop", "with notes long enough to need the whole width of a small screen")
     wait(page, lambda d: row_names(d) == ["Before the drop"], "row not added")
+    assert_no_overflow(page)
 
     example.stop()  # the server goes away: every socket is dropped
     wait(page, lambda d: state(d) == "reconnecting", "the page does not show that it is reconnecting")
@@ -302,6 +310,7 @@ def test_admin_page_shows_connections_and_the_rate_chart(browsers):
         page.find_element(By.ID, "key").send_keys(key)
         page.find_element(By.CSS_SELECTOR, "#login button").click()
         wait(page, lambda d: d.find_element(By.ID, "dash").is_displayed(), "the dashboard did not open")
+        assert_no_overflow(page)
         assert page.execute_script("return localStorage.length") == 0
         assert page.execute_script("return sessionStorage.getItem('tornado-rt-admin-key')") == key
         assert text(page, "#connections") == "0"
