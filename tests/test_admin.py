@@ -53,7 +53,7 @@ async def test_live_stats_follow_the_traffic(serve):
     assert live["busiest_pages"][0] == {"group": "table-10", "page": "table", "parameters": {"table_id": 10},
                                         "subscribers": 2}
     assert sorted(p["group"] for p in live["busiest_pages"][1:]) == ["table-10-row-5", "table-11"]
-    assert live["broker"] == {"kind": "LocalBroker", "connected": True, "url": None}
+    assert live["broker"] == {"kind": "in-process", "connected": True, "url": None}  # as /healthz
     assert live["drops"] == {"slow_consumer": 0, "ping_timeout": 0}
 
     # A refused token is counted by reason; a force disconnect by close reason.

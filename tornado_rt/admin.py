@@ -104,20 +104,19 @@ def page_stats(hub: Any, busiest: int = BUSIEST) -> Tuple[Dict[str, int], List[D
     return dict(sorted(per_type.items())), top
 
 
-def broker_state(broker: Any) -> Dict[str, Any]:
-    """What the admin page says about the broker: its kind and whether it can publish now."""
-    kind = type(broker).__name__
-    if hasattr(broker, "connected"):  # RedisBroker
-        from .redis_broker import redact_url
-        return {"kind": kind, "connected": bool(broker.connected), "url": redact_url(getattr(broker, "url", "")),
-                "subscriptions": getattr(broker, "subscriptions", None),
-                "received": getattr(broker, "received", None),
-                "publish_failures": getattr(broker, "publish_failures", None)}
-    return {"kind": kind, "connected": True, "url": None}
+def broker_details(broker: Any) -> Dict[str, Any]:
+    """What the admin page adds to the broker's health: a Redis broker's (redacted) URL and counts."""
+    if not hasattr(broker, "connected") or not hasattr(broker, "url"):
+        return {"url": None}
+    from .redis_broker import redact_url
+    return {"url": redact_url(broker.url), "subscriptions": getattr(broker, "subscriptions", None),
+            "received": getattr(broker, "received", None),
+            "publish_failures": getattr(broker, "publish_failures", None)}
 
 
-def live_stats(server: Any, sampler: Optional[RateSampler], started: float) -> Dict[str, Any]:
-    """The JSON of ``GET /api/stats/live``."""
+def live_stats(server: Any, sampler: Optional[RateSampler], started: float,
+               broker: Dict[str, Any]) -> Dict[str, Any]:
+    """The JSON of ``GET /api/stats/live``; ``broker`` is the broker's health (as ``/healthz``)."""
     per_type, busiest = page_stats(server.hub)
     closed = dict(sorted(server.counters.closed.items()))
     refusals = [{"kind": kind, "reason": reason, "count": n}
@@ -135,7 +134,7 @@ def live_stats(server: Any, sampler: Optional[RateSampler], started: float) -> D
         "drops": {"slow_consumer": closed.get("slow_consumer", 0), "ping_timeout": closed.get("ping_timeout", 0)},
         "auth_failures": server.counters.auth_failures,
         "connections_opened": server.counters.connections_opened,
-        "broker": broker_state(server.broker),
+        "broker": {**broker, **broker_details(server.broker)},
     }
 
 

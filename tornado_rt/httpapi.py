@@ -587,7 +587,7 @@ class LiveStatsHandler(ApiHandler):
     """``GET /api/stats/live``: what the admin page shows (:func:`tornado_rt.admin.live_stats`)."""
 
     def get(self) -> None:
-        self.reply(live_stats(self.server, self.api.sampler, self.api.started))
+        self.reply(live_stats(self.server, self.api.sampler, self.api.started, broker_health(self.server)))
 
 
 class AdminHandler(ApiHandler):
