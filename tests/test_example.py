@@ -151,3 +151,19 @@ async def test_viewers_are_the_users_subscribed_to_the_table(http_server, http_p
     assert ujson.loads(await alice.read_message())["type"] == "rows_deleted"
     alice.close()
     bob.close()
+
+
+@pytest.mark.gen_test
+async def test_page_is_plain_files_served_by_the_example_with_nothing_external(http_server, http_port, example):
+    """No build step and no CDN: the page, its script and its style come from the example itself,
+    and the script imports the project's client from the example's own origin."""
+    base = f"http://127.0.0.1:{http_port}"
+    http = AsyncHTTPClient()
+    page = (await http.fetch(f"{base}/")).body.decode()
+    assert '<script type="module" src="/static/app.js">' in page
+    for path in ("/static/app.js", "/static/style.css"):
+        text = (await http.fetch(f"{base}{path}")).body.decode()
+        assert "http://" not in text and "https://" not in text and "//cdn" not in text, path
+    script = (await http.fetch(f"{base}/static/app.js")).body.decode()
+    assert 'from "/client/tornado-rt.js"' in script
+    assert "http://" not in page and "https://" not in page
