@@ -440,6 +440,13 @@ class Settings:
         "API key, 0 = unlimited (closed at once above it; behind a proxy set the limit there)", at_least(0),
         metavar="N", group="limits")
 
+    # Idempotency (envelope ids, in local and Redis mode)
+    dedup_window: float = setting(300.0, "seconds during which every process delivers an envelope id at most "
+                                  "once, 0 = no deduplication", number_at_least(0), metavar="SECONDS",
+                                  group="limits")
+    dedup_max_ids: int = setting(100_000, "envelope ids each process remembers at most (the oldest are "
+                                 "forgotten first)", at_least(1), metavar="N", group="limits")
+
     def __post_init__(self) -> None:
         _validate_fields(self, SERVER_OPTIONS)
         self.jwt_algorithms = tuple(self.jwt_algorithms)
