@@ -173,13 +173,13 @@ class ServerCollector:
         if hasattr(broker, "gaps"):  # the Redis broker
             yield CounterMetricFamily("tornado_rt_redis_gaps",
                                       "Gaps in the Redis stream this process could not replay (each one "
-                                      "sends page_discard for every page subscription)", value=broker.gaps)
+                                      "sends page_discard for every page subscription)", value=getattr(broker, "gaps"))
             yield CounterMetricFamily("tornado_rt_redis_envelopes_lost",
                                       "Envelopes of the Redis stream this process never received (trimmed "
-                                      "or deleted before it read them; a lower bound)", value=broker.lost)
+                                      "or deleted before it read them; a lower bound)", value=getattr(broker, "lost", 0))
             yield CounterMetricFamily("tornado_rt_redis_resets",
                                       "Times the Redis stream started over (Redis restarted without "
-                                      "persistence, FLUSHALL, the stream deleted)", value=broker.resets)
+                                      "persistence, FLUSHALL, the stream deleted)", value=getattr(broker, "resets", 0))
 
 
 class Metrics:
