@@ -86,18 +86,24 @@ log = logging.getLogger("tornado_rt.redis")
 
 #: Envelopes sent in one script call to Redis at most.
 MAX_BATCH = 512
-#: Entries asked for by one XREAD at most, and the reply size the reader aims below (it asks for
-#: fewer entries after a reply larger than that, more again after small ones).
+#: Entries asked for by one XREAD at most, and the reply size the reader aims at (it asks for as
+#: many entries as fit, at the average size of the last reply's): a process catching up after a
+#: stall hands its connections about this much per loop turn, not everything at once.
 READ_COUNT = 1000
-READ_BYTES = 4 * 1024 * 1024
+READ_BYTES = 1024 * 1024
 #: Safety margin (ms) taken off every deadline handed to Redis.
 DEADLINE_MARGIN_MS = 5
+#: A loop that did not run for this long (seconds) was stalled (GC, SIGSTOP, swapping, a long
+#: loop turn): what the reader learnt just before may be stale (see ``_caught_up``).
+STALL = 0.5
 
-# KEYS[1]: the stream. ARGV[1]: MAXLEN (approximate), then pairs (deadline in Redis ms, envelope).
-# Returns {Redis time in ms, then per envelope its sequence number, or 0: refused, deadline passed}.
+# KEYS[1]: the stream. ARGV[1]: MAXLEN (approximate); ARGV[2]: the highest sequence number the
+# publisher knows of; then pairs (deadline in Redis ms, envelope). Returns {Redis time in ms, then
+# per envelope its sequence number, or 0: refused, its deadline had passed}.
 # A new stream starts at (Redis time in ms) * 1000, above anything an earlier stream reached
 # unless that one carried more than a million envelopes per second on average; its first entry
-# is marked with the field r.
+# has the field r: the highest sequence number of the old stream its publisher knew of (so a
+# reader behind that knows it lost envelopes).
 PUBLISH_SCRIPT = """
 local key = KEYS[1]
 local t = redis.call('TIME')
@@ -113,12 +119,12 @@ else
 end
 local out = {now}
 local added = false
-for i = 2, #ARGV, 2 do
+for i = 3, #ARGV, 2 do
   if tonumber(ARGV[i]) >= now then
     n = n + 1
     local id = string.format('%.0f-0', n)
     if fresh then
-      redis.call('XADD', key, id, 't', now, 'e', ARGV[i + 1], 'r', '1')
+      redis.call('XADD', key, id, 't', now, 'e', ARGV[i + 1], 'r', ARGV[2])
       fresh = false
     else
       redis.call('XADD', key, id, 't', now, 'e', ARGV[i + 1])
@@ -228,12 +234,17 @@ class RedisBroker(Broker):
         self._last_error: Optional[str] = None
         #: The stream sequence number this process has read up to (0: none yet).
         self.position = 0
+        self._accepted = 0  # the highest sequence number Redis gave a publish of this process
         self._last_id = b"0-0"
         self._positioned = False
-        # Whether the last read reached the end of the stream (nothing was waiting unread) and
-        # the reader has not lost its connection by a timeout since (Redis may have gone on
-        # without it): then a stream that starts over has lost nothing this process needed.
+        # Whether the last read reached the end of the stream (nothing was waiting unread), the
+        # loop did not stall between sending that read and sending the next one (a pending XREAD
+        # is answered with whatever is added later, so nothing can slip past it), and the reader
+        # has not lost its connection by a timeout since (Redis may have gone on without it):
+        # then a stream that starts over has lost nothing this process needed.
         self._caught_up = True
+        self._stalls = 0  # loop stalls seen by _tick
+        self._last_tick = 0.0
         #: Numbers for monitoring: reader connections made (1 + reconnects), envelopes received,
         #: publishes refused, gaps, envelopes known lost in gaps, streams started over.
         self.subscriptions = 0
@@ -262,8 +273,10 @@ class RedisBroker(Broker):
         self._closed = False
         self._wake = asyncio.Event()
         self._ready = asyncio.Event()
+        self._last_tick = self._loop.time()
         self._tasks = [self._loop.create_task(self._read_forever()),
-                       self._loop.create_task(self._write_forever())]
+                       self._loop.create_task(self._write_forever()),
+                       self._loop.create_task(self._tick())]
         try:
             async with asyncio.timeout(self.start_timeout):
                 await self._ready.wait()
@@ -436,7 +449,8 @@ class RedisBroker(Broker):
     async def _send(self, conn: Any, batch: List[Tuple[int, bytes, _Pending]]) -> None:
         """One script call for the batch; marks each publish accepted or fails it (refused)."""
         offset = self._offset - DEADLINE_MARGIN_MS
-        parts = [b"*%d\r\n" % (5 + 2 * len(batch)), self._script_head]
+        parts = [b"*%d\r\n" % (6 + 2 * len(batch)), self._script_head,
+                 _bulk(b"%d" % max(self.position, self._accepted))]
         for _, payload, entry in batch:
             # Redis must refuse an envelope once the publisher may have answered 503 for it:
             # offset is a lower bound of the true offset, so this is never later than that.
@@ -450,6 +464,8 @@ class RedisBroker(Broker):
         for (seq, _, entry), n in zip(batch, reply[1:]):
             if n:
                 entry.accepted = n
+                if n > self._accepted:
+                    self._accepted = n
             else:
                 if refused is None:
                     refused = self._unavailable(f"Redis ran the publish after its deadline "
@@ -457,6 +473,22 @@ class RedisBroker(Broker):
                 self._fail(seq, refused)
 
     # --- reading ----------------------------------------------------------------------------------
+    async def _tick(self) -> None:
+        """Notice loop stalls: a tick that comes more than STALL seconds late counts one."""
+        loop = self._loop
+        assert loop is not None
+        period = STALL / 5
+        while True:
+            await asyncio.sleep(period)
+            now = loop.time()
+            if now - self._last_tick > period + STALL:
+                self._stalls += 1
+            self._last_tick = now
+
+    def _fresh(self, stalls_before: int) -> bool:
+        """No loop stall since ``stalls_before`` was read, nor one going on unnoticed yet."""
+        return self._stalls == stalls_before and _now(self._loop) - self._last_tick < STALL
+
     async def _read_forever(self) -> None:
         delay = self.reconnect_min
         while not self._closed:
@@ -524,7 +556,7 @@ class RedisBroker(Broker):
                 self._last_id = top
             return
         if top is not None and _seq_of(top)[0] < self.position:
-            self._reset()
+            self._reset(0, self.position)
             self.position = 0
             self._last_id = b"0-0"
 
@@ -535,21 +567,19 @@ class RedisBroker(Broker):
         count = READ_COUNT
         read = conn.read_response
         while True:
+            stalls = self._stalls
             await conn.send_command("XREAD", "COUNT", count, "BLOCK", block, "STREAMS", self.stream,
                                     self._last_id, check_health=False)
             async with asyncio.timeout(2 * interval):
                 reply = await read()
             if reply is None:  # nothing new within the BLOCK time
-                self._caught_up = True
+                self._caught_up = self._fresh(stalls)
                 await self._check_position(conn, interval)
                 continue
             entries = reply[0][1]
             size = self._on_entries(entries)
-            self._caught_up = len(entries) < count
-            if size > READ_BYTES and count > 1:
-                count = max(1, count * READ_BYTES // size)
-            elif size < READ_BYTES // 4 and count < READ_COUNT:
-                count = min(READ_COUNT, count * 2)
+            self._caught_up = len(entries) < count and self._fresh(stalls)
+            count = max(1, min(READ_COUNT, READ_BYTES * len(entries) // max(1, size)))
 
     def _on_entries(self, entries: List[Any]) -> int:
         """Deliver stream entries in order; returns the bytes of envelope text they held."""
@@ -569,8 +599,8 @@ class RedisBroker(Broker):
             expected = self.position + 1
             self.position = seq
             if seq != expected and expected != 1:
-                if len(fields) > 4 and fields[4] == b"r":
-                    self._reset()
+                if len(fields) > 5 and fields[4] == b"r":
+                    self._reset(int(fields[5]), expected - 1)
                 elif seq > expected:
                     self._gap(seq - expected, expected - 1)
             self._on_envelope(payload, at)
@@ -624,15 +654,19 @@ class RedisBroker(Broker):
                     "them were not applied here either: PUT /api/directory again if they may have "
                     "been published.", self.stream, what, position, self.gaps, self.lost, discarded)
 
-    def _reset(self) -> None:
-        """The stream started over (Redis restarted without persistence, FLUSHALL, key deleted)."""
+    def _reset(self, known: int, position: int) -> None:
+        """The stream started over (Redis restarted without persistence, FLUSHALL, key deleted).
+        ``known``: the highest sequence number of the old stream that the publisher who started
+        the new one knew of (0: unknown); ``position``: where this process had read up to."""
         self.resets += 1
-        if self._caught_up:
+        if known > position:
+            self._gap(known - position, position)
+        elif not self._caught_up:
+            self._gap(None, position)
+        else:
             log.warning("Redis stream %s started over (Redis restarted without persistence, FLUSHALL "
                         "or the stream deleted); this process had read all of it (position %d): "
-                        "nothing was lost here", self.stream, self.position)
-        else:
-            self._gap(None, self.position)
+                        "nothing was lost here", self.stream, position)
 
     # --- pending publishes ----------------------------------------------------------------------
     def _fail(self, seq: int, error: BaseException) -> None:

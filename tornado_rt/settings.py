@@ -480,7 +480,11 @@ class Standalone:
         _broker, metavar="URL", shown_default="in-process")
     redis_channel_prefix: str = setting(
         "tornado-rt", "with a Redis broker: processes with the same prefix on the same Redis form one server "
-        "(the channel is PREFIX:envelopes)", _non_empty, metavar="PREFIX")
+        "(the stream is PREFIX:stream)", _non_empty, metavar="PREFIX")
+    redis_stream_length: int = setting(
+        100_000, "with a Redis broker: envelopes the stream keeps at least, i.e. how far a stalled process may "
+        "fall behind before its clients get page_discard (Redis memory: about this many times the envelope "
+        "size plus 160 bytes)", at_least(1), metavar="N")
     log_level: str = setting("info", f"one of {', '.join(LOG_LEVELS)} (logs go to stderr)", choice(LOG_LEVELS),
                              metavar="LEVEL")
     no_metrics: bool = setting(False, "do not serve GET /metrics", shown_default="metrics on")
