@@ -35,8 +35,9 @@ def rows_created(table_id, i, text=""):
 
 
 @contextmanager
-def cluster(count=2, redis_args=(), serve_args=()):
-    """A fresh redis-server and ``count`` tornado-rt serve processes on it."""
+def cluster(connect, count=2, redis_args=(), serve_args=()):
+    """A fresh redis-server and ``count`` tornado-rt serve processes on it. At the end the
+    clients made by ``connect`` are closed first (so that the processes stop at once)."""
     redis = RedisProcess(require_redis_binary(), args=redis_args).start()
     try:
         nodes = start_nodes(redis.url, count, serve_args)
@@ -46,6 +47,8 @@ def cluster(count=2, redis_args=(), serve_args=()):
     try:
         yield redis, nodes
     finally:
+        for client in connect.clients:
+            client.close()
         for node in nodes:
             if node.proc.poll() is None:
                 node.proc.send_signal(signal.SIGCONT)
@@ -78,6 +81,7 @@ def connect(io_loop):
         client.web_socket_id = auth["web_socket_id"]
         return client
 
+    _connect.clients = clients
     yield _connect
     for client in clients:
         client.close()
@@ -119,7 +123,7 @@ async def publish_until_accepted(node, attempts=400):
 async def test_a_stalled_process_delivers_every_acknowledged_message_in_order(connect):
     """16 MiB pass through A while B is stopped; Redis's pub/sub buffer for a subscriber is set to
     64 KiB (hard). Every message answered 200 reaches B's client, in order, after SIGCONT."""
-    with cluster(2, redis_args=["--client-output-buffer-limit", "pubsub 64kb 32kb 1"]) as (redis, (a, b)):
+    with cluster(connect, 2, redis_args=["--client-output-buffer-limit", "pubsub 64kb 32kb 1"]) as (redis, (a, b)):
         for node in (a, b):
             await node.put_directory(DIRECTORY)
         on_a = await connect(a, 1)
@@ -134,10 +138,22 @@ async def test_a_stalled_process_delivers_every_acknowledged_message_in_order(co
                 # A delivers them meanwhile (it publishes and reads; B does not read at all).
                 for i in range(start, start + 32):
                     assert (await on_a.recv())["rows"][0]["id"] == i
-        for i in range(total):
-            got = await on_b.recv()
-            assert got["type"] == "rows_created" and got["rows"][0]["id"] == i, str(got)[:300]
-        await marker_to_all(a, on_a, on_b)
+        marker = marker_message()  # everything answered 200 before it is ahead of it on B too
+
+        async def until_marker(client):
+            got_ids = []
+            while (got := await client.recv()) != marker:
+                assert got["type"] == "rows_created", str(got)[:300]
+                got_ids.append(got["rows"][0]["id"])
+            return got_ids
+
+        reading = asyncio.ensure_future(until_marker(on_b))  # B's client reads all along
+        await publish_until_accepted(b)  # B reads again (with pub/sub of old: it subscribed again)
+        await a.publish({"message": marker, "to": {"all_users": True}})
+        assert await on_a.recv() == marker
+        received = await reading
+        assert len(received) == total and received == list(range(total)), (
+            f"B's client got {len(received)} of {total} acknowledged messages")
         assert (await metrics(b))["tornado_rt_redis_gaps_total"] == 0
 
 
@@ -145,7 +161,7 @@ async def test_a_stalled_process_delivers_every_acknowledged_message_in_order(co
 
 @pytest.mark.gen_test(timeout=60)
 async def test_a_process_behind_the_trimmed_stream_sends_page_discard_and_counts_the_gap(connect):
-    with cluster(2, serve_args=["--redis-stream-length", "50"]) as (redis, (a, b)):
+    with cluster(connect, 2, serve_args=["--redis-stream-length", "50"]) as (redis, (a, b)):
         for node in (a, b):
             await node.put_directory(DIRECTORY)
         on_a = await connect(a, 1)
@@ -195,7 +211,7 @@ async def test_a_stream_that_starts_over_is_a_gap_only_where_something_was_unrea
     a gap; A had read everything, so it only counts the reset and its client keeps its page."""
     import redis.asyncio as aioredis
 
-    with cluster(2) as (redis, (a, b)):
+    with cluster(connect) as (redis, (a, b)):
         for node in (a, b):
             await node.put_directory(DIRECTORY)
         on_a = await connect(a, 1)
@@ -232,7 +248,7 @@ async def test_a_stream_that_starts_over_is_a_gap_only_where_something_was_unrea
 
 @pytest.mark.gen_test(timeout=90)
 async def test_a_publish_refused_during_a_redis_stall_is_never_delivered_and_a_retry_is_delivered_once(connect):
-    with cluster(2) as (redis, (a, b)):
+    with cluster(connect) as (redis, (a, b)):
         for node in (a, b):
             await node.put_directory(DIRECTORY)
         on_a = await connect(a, 1)
