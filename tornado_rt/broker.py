@@ -63,11 +63,13 @@ class RecentIds:
         horizon = now - self.window
         while ids:
             oldest, at = next(iter(ids.items()))
-            if at > horizon and len(ids) < self.max_ids:
+            if at > horizon:
                 break
             ids.popitem(last=False)
         if key in ids:
             return True
+        if len(ids) >= self.max_ids:
+            ids.popitem(last=False)
         ids[key] = now
         return False
 
