@@ -166,20 +166,20 @@ class ServerCollector:
         for (kind, reason), n in sorted(refusals.REFUSALS.counts().items()):
             refused.add_metric([kind, reason], n)
         yield refused
-        broker = server.broker
+        bus = server.broker
         yield CounterMetricFamily("tornado_rt_duplicates_dropped",
                                   "Envelopes not delivered because their id was delivered within the "
-                                  "dedup window", value=getattr(broker, "duplicates", 0))
-        if hasattr(broker, "gaps"):  # the Redis broker
+                                  "dedup window", value=getattr(bus, "duplicates", 0))
+        if hasattr(bus, "gaps"):  # the Redis broker
             yield CounterMetricFamily("tornado_rt_redis_gaps",
                                       "Gaps in the Redis stream this process could not replay (each one "
-                                      "sends page_discard for every page subscription)", value=getattr(broker, "gaps"))
+                                      "sends page_discard for every page subscription)", value=getattr(bus, "gaps"))
             yield CounterMetricFamily("tornado_rt_redis_envelopes_lost",
                                       "Envelopes of the Redis stream this process never received (trimmed "
-                                      "or deleted before it read them; a lower bound)", value=getattr(broker, "lost", 0))
+                                      "or deleted before it read them; a lower bound)", value=getattr(bus, "lost", 0))
             yield CounterMetricFamily("tornado_rt_redis_resets",
                                       "Times the Redis stream started over (Redis restarted without "
-                                      "persistence, FLUSHALL, the stream deleted)", value=getattr(broker, "resets", 0))
+                                      "persistence, FLUSHALL, the stream deleted)", value=getattr(bus, "resets", 0))
 
 
 class Metrics:
