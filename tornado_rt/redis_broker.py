@@ -95,7 +95,7 @@ READ_BYTES = 1024 * 1024
 DEADLINE_MARGIN_MS = 5
 #: A loop that did not run for this long (seconds) was stalled (GC, SIGSTOP, swapping, a long
 #: loop turn): what the reader learnt just before may be stale (see ``_caught_up``).
-STALL = 0.5
+STALL = 1.0
 
 # KEYS[1]: the stream. ARGV[1]: MAXLEN (approximate); ARGV[2]: the highest sequence number the
 # publisher knows of; then pairs (deadline in Redis ms, envelope). Returns {Redis time in ms, then
