@@ -15,7 +15,8 @@ Stream layout
     reader knows when it missed some. Publishing goes through one Lua script per batch (``EVALSHA``):
     it reads Redis's clock once, appends each envelope whose deadline has not passed with ``XADD``
     (fields ``t``: Redis time in ms, ``e``: the envelope; the first entry of a new stream also has
-    ``r``), then trims the stream once with ``XTRIM MAXLEN ~ stream_length``.
+    ``r``: the highest sequence number of the old stream its publisher knew of), then trims the
+    stream once with ``XTRIM MAXLEN ~ stream_length``.
 
 Reading
     Every process reads the whole stream from its own position (``XREAD COUNT .. BLOCK ..``), one
@@ -28,7 +29,8 @@ Gaps
     When the next entry is not ``position + 1`` the envelopes in between were trimmed before this
     process read them (it was more than ``stream_length`` entries behind): a **gap**. When the
     stream starts over (Redis restarted without persistence, ``FLUSHALL``, the key deleted) and
-    this process had not read everything before, that is a gap too (of unknown size). A gap is
+    this process had not read everything before (its position is below ``r``, or its last read
+    did not reach the end of the stream), that is a gap too. A gap is
     counted (``gaps``, ``lost``), logged once with its numbers, and told to this process's clients:
     ``on_gap()`` sends ``page_discard`` for every page subscription, so they resubscribe and
     refetch. A stream that starts over after this process had read all of it is only counted
