@@ -247,11 +247,9 @@ class RedisBroker(Broker):
         self._caught_up = True
         self._stalls = 0  # loop stalls seen by _tick
         self._last_tick = 0.0
-        #: Numbers for monitoring: reader connections made (1 + reconnects), envelopes received,
-        #: publishes refused, gaps, envelopes known lost in gaps, streams started over.
+        #: Numbers for monitoring: reader connections made (1 + reconnects), gaps, envelopes known
+        #: lost in gaps, streams started over.
         self.subscriptions = 0
-        self.received = 0
-        self.publish_failures = 0
         self.gaps = 0
         self.lost = 0
         self.resets = 0
@@ -313,7 +311,6 @@ class RedisBroker(Broker):
     def publish(self, envelope: Envelope) -> "asyncio.Future[None]":
         """Queue ``envelope`` for Redis; see the module docstring for what the future means."""
         if not self._subscribed:
-            self.publish_failures += 1
             if self._closed:
                 raise self._unavailable("broker closed")
             if not self._tasks:
@@ -609,7 +606,6 @@ class RedisBroker(Broker):
         return size
 
     def _on_envelope(self, payload: bytes, at: float) -> None:
-        self.received += 1
         entry = None
         try:
             cut = payload.find(b"\n")
@@ -674,7 +670,6 @@ class RedisBroker(Broker):
     def _fail(self, seq: int, error: BaseException) -> None:
         entry = self._pending.pop(seq, None)
         if entry is not None and not entry.future.done():
-            self.publish_failures += 1
             entry.future.set_exception(error)
 
 
