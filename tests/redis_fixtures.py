@@ -22,7 +22,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Sequence
 
 import jwt
 import pytest
@@ -108,9 +108,10 @@ class RedisProcess:
     """A real redis-server on 127.0.0.1, without persistence, that can be killed and restarted
     on the same port."""
 
-    def __init__(self, binary: str, port: Optional[int] = None):
+    def __init__(self, binary: str, port: Optional[int] = None, args: Sequence[str] = ()):
         self.binary = binary
         self.port = port or free_port()
+        self.args = list(args)  # extra redis-server options, e.g. ["--client-output-buffer-limit", ...]
         self.proc: Optional[subprocess.Popen] = None
 
     @property
@@ -120,7 +121,7 @@ class RedisProcess:
     def start(self) -> "RedisProcess":
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--protected-mode", "yes"],
+             "--appendonly", "no", "--protected-mode", "yes", *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         _started.append(self.proc)
         deadline = time.monotonic() + 10
@@ -164,11 +165,11 @@ class Node:
     ``Node(name, redis_url)`` spawns it; :meth:`wait_started` reads its start-up line (start
     several, then wait for each, so that they boot in parallel)."""
 
-    def __init__(self, name: str, redis_url: str):
+    def __init__(self, name: str, redis_url: str, args: Sequence[str] = ()):
         self.name = name
         env = {k: v for k, v in os.environ.items() if not k.startswith("TORNADO_RT_")}
         self.log = tempfile.NamedTemporaryFile(prefix=f"tornado-rt-{name}-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen(serve_command(redis_url), cwd=REPO, env=env,
+        self.proc = subprocess.Popen(serve_command(redis_url) + list(args), cwd=REPO, env=env,
                                      stdout=subprocess.PIPE, stderr=self.log, preexec_fn=_die_with_parent)
         _started.append(self.proc)
         self.ws_url = self.http_url = ""
@@ -307,9 +308,10 @@ def marker_message() -> dict:
     return {"type": "notifications_fetch_required", "marker": next(_markers)}
 
 
-def start_nodes(redis_url: str, count: int) -> List[Node]:
-    """``count`` tornado-rt serve processes on ``redis_url``, booted in parallel."""
-    nodes = [Node("ABC"[i] if i < 3 else f"N{i}", redis_url) for i in range(count)]
+def start_nodes(redis_url: str, count: int, args: Sequence[str] = ()) -> List[Node]:
+    """``count`` tornado-rt serve processes on ``redis_url`` (with extra serve ``args``), booted
+    in parallel."""
+    nodes = [Node("ABC"[i] if i < 3 else f"N{i}", redis_url, args) for i in range(count)]
     try:
         for node in nodes:
             node.wait_started()

@@ -414,11 +414,17 @@ async def test_publish_returns_after_local_delivery_and_crosses_redis_once(redis
 
     node = InProcess(redis_server.url)
     raw = aioredis.from_url(redis_server.url)
-    pubsub = raw.pubsub()
+    stream = "tornado-rt:stream"
+
+    async def next_entries(after, count):
+        """The stream entries after id ``after`` (Redis Streams replaced pub/sub, issue 10)."""
+        found = await raw.xread({stream: after}, count=count + 1, block=5000)
+        return found[0][1] if found else []
+
     try:
         await node.server.start()
-        await pubsub.subscribe("tornado-rt:envelopes")
-        assert (await pubsub.get_message(timeout=5))["type"] == "subscribe"
+        top = await raw.xrevrange(stream, count=1)
+        after = top[0][0] if top else b"0-0"
         clients = [await connect(node, user) for user in (1, 2, 3)]
         for client in clients:
             await client.subscribe("table", table_id=10)
@@ -429,25 +435,28 @@ async def test_publish_returns_after_local_delivery_and_crosses_redis_once(redis
         assert node.server.stats()["messages_delivered"] == 3
         for client in clients:
             assert await client.recv() == message
-        # One Redis message for three recipients; the next one on the channel is the next publish.
-        first = await pubsub.get_message(timeout=5)
-        header, _, text = first["data"].partition(b"\n")
+        # One Redis entry for three recipients; the next one in the stream is the next publish.
+        entries = await next_entries(after, 1)
+        assert len(entries) == 1
+        first_id, fields = entries[0]
+        header, _, text = fields[b"e"].partition(b"\n")
         assert ujson.loads(text) == message and ujson.loads(header)["k"] == "message"
         second = rows_created(10, id=2)
         await node.server.publish_async(second)
-        assert ujson.loads((await pubsub.get_message(timeout=5))["data"].partition(b"\n")[2]) == second
+        entries = await next_entries(first_id, 1)
+        assert len(entries) == 1
+        assert ujson.loads(entries[0][1][b"e"].partition(b"\n")[2]) == second
         for client in clients:
             assert await client.recv() == second
 
-        # A large message takes many reads to come back, while Redis's reply to PUBLISH takes one:
-        # returning on the reply instead of on the echo would be caught here.
+        # A large message takes many reads to come back, while Redis's reply to the script takes
+        # one: returning on the reply instead of on the echo would be caught here.
         big = rows_created(10, id=3, text="x" * (3 * 1024 * 1024))
         await node.server.publish_async(big)
         assert node.server.stats()["messages_delivered"] == 9
         for client in clients:
             assert await client.recv() == big
     finally:
-        await pubsub.aclose()
         await raw.aclose()
         await node.stop()
 
@@ -463,7 +472,11 @@ async def test_malformed_channel_messages_are_ignored(redis_server, connect):  #
         client = await connect(node, 1)
         await client.subscribe("table", table_id=10)
         for junk in (b"not json", b'{"k": "no-such-kind"}', b"[1, 2]", b'{"t": "no kind"}\n{}', b"\xff\xfe"):
-            await raw.publish("tornado-rt:envelopes", junk)
+            await raw.publish("tornado-rt:envelopes", junk)  # the pub/sub channel of old: ignored
+            await raw.xadd("tornado-rt:stream", {"e": junk})  # not an entry of ours
+            top = (await raw.xrevrange("tornado-rt:stream", count=1))[0][0]
+            await raw.xadd("tornado-rt:stream", {"t": 1, "e": junk},  # one of ours, but junk
+                           id=b"%d-0" % (int(top.split(b"-")[0]) + 1))
         message = rows_created(10, id=1)
         await node.server.publish_async(message)
         assert await client.recv() == message

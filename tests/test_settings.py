@@ -86,6 +86,7 @@ def test_settings_keyword_api_and_defaults_are_unchanged():
         "max_incoming_burst": 200, "max_connections": 0, "max_connections_per_user": 0,
         "max_outgoing_buffer": 8 * 1024 * 1024, "ping_interval": 25.0, "ping_timeout": 20.0,
         "header_timeout": 10.0, "idle_timeout": 60.0, "body_timeout": 60.0, "max_unauthenticated_per_address": 0,
+        "dedup_window": 300.0, "dedup_max_ids": 100_000,
     }
     s = Settings("secret", jwt_algorithms=["HS512", "hs256"], allowed_origins=["https://a.example"],
                  ping_interval=10, ping_timeout=5)

@@ -25,7 +25,7 @@ Access and identity
     :class:`AccessWebhook` (the backend decides subscriptions: ``page_check(page)`` is a ``can_add``).
 Event bus
     :class:`Broker` (interface), :class:`LocalBroker` (default, in-process),
-    ``RedisBroker`` (several processes over Redis pub/sub; needs ``pip install tornado-rt[redis]``;
+    ``RedisBroker`` (several processes over one Redis Stream; needs ``pip install tornado-rt[redis]``;
     imported on first access, or ``from tornado_rt.redis_broker import RedisBroker``).
 Errors
     :class:`FieldError` — base of every refusal that names the offending value in ``field``:

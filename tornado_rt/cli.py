@@ -354,7 +354,7 @@ def make_broker(config: Config) -> Any:
             raise _refuse(label, "this version of tornado-rt has no Redis broker; use 'in-process'") from None
         raise _refuse(label, "the Redis broker needs the redis extra: pip install 'tornado-rt[redis]'") from None
     try:
-        return RedisBroker(url, config.redis_channel_prefix)
+        return RedisBroker(url, config.redis_channel_prefix, stream_length=config.redis_stream_length)
     except (ValueError, TypeError) as exc:
         raise _refuse(label, str(exc)) from None
 

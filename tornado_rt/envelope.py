@@ -13,9 +13,15 @@ Audience specs (lists, so that they survive JSON):
 * ``["workspaces", [workspace ids], extra user id or None]`` — current members (at delivery);
 * ``["table_workspace", table id, extra]`` — members of the table's workspace;
 * ``["user_workspaces", user id, extra]`` — members of every workspace of the user.
+
+Idempotency: an envelope may carry an ``id`` (1 to 128 visible ASCII characters, e.g. a UUID)
+chosen by the publisher. Every process delivers a given id at most once within the dedup window
+(``Settings.dedup_window`` / ``dedup_max_ids``), so retrying a publish whose answer was lost or
+ambiguous (a timeout, an HTTP 503) with the same id never delivers it twice.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, Dict, Hashable, Iterable, List, Optional
 
@@ -28,6 +34,10 @@ from .registry import MessageType, PageType, Registry
 MESSAGE, INDIVIDUAL, DISCONNECT, REVOKE = "message", "individual", "disconnect", "revoke"
 
 _MISSING = object()
+
+#: The longest envelope id accepted.
+MAX_ID_LENGTH = 128
+_ID = re.compile(r"[\x21-\x7e]{1,%d}\Z" % MAX_ID_LENGTH)
 
 
 class PublishError(FieldError, ValueError):
@@ -46,12 +56,13 @@ class Envelope:
     after ``publish()`` returns cannot change what is delivered or what side effects see."""
 
     __slots__ = ("kind", "type", "data", "audience", "ignore", "exclude", "payloads",
-                 "user_ids", "permission_group")
+                 "user_ids", "permission_group", "id")
 
     def __init__(self, kind: str, type: Optional[str] = None, data: Optional[str] = None,
                  audience: Optional[list] = None, ignore: Any = None,
                  exclude: Optional[list] = None, payloads: Optional[list] = None,
-                 user_ids: Optional[list] = None, permission_group: Optional[str] = None):
+                 user_ids: Optional[list] = None, permission_group: Optional[str] = None,
+                 id: Optional[str] = None):
         self.kind = kind
         self.type = type
         self.data = data
@@ -61,12 +72,13 @@ class Envelope:
         self.payloads = payloads
         self.user_ids = user_ids
         self.permission_group = permission_group
+        self.id = id  # idempotency key (see the module docstring), or None
 
     def to_wire(self) -> Dict[str, Any]:
         wire = {"k": self.kind}
         for name, key in (("type", "t"), ("data", "d"), ("audience", "a"), ("ignore", "i"),
                           ("exclude", "x"), ("payloads", "p"), ("user_ids", "u"),
-                          ("permission_group", "g")):
+                          ("permission_group", "g"), ("id", "id")):
             value = getattr(self, name)
             if value is not None:
                 wire[key] = value
@@ -75,10 +87,21 @@ class Envelope:
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> "Envelope":
         return cls(wire["k"], wire.get("t"), wire.get("d"), wire.get("a"), wire.get("i"),
-                   wire.get("x"), wire.get("p"), wire.get("u"), wire.get("g"))
+                   wire.get("x"), wire.get("p"), wire.get("u"), wire.get("g"),
+                   wire.get("id"))
 
     def __repr__(self) -> str:
         return f"Envelope({self.kind!r}, type={self.type!r}, audience={self.audience!r})"
+
+
+def envelope_id(value: Any, field: str = "id", message_type: Optional[str] = None) -> Optional[str]:
+    """Validate an idempotency key: None, or 1 to 128 visible ASCII characters (no spaces)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _ID.match(value):
+        raise PublishError(f"{field} must be a string of 1 to {MAX_ID_LENGTH} visible ASCII characters "
+                           "(no spaces), e.g. a UUID", field, message_type)
+    return value
 
 
 def dumps(message: Any, field: str = "message", message_type: Optional[str] = None) -> str:
@@ -219,8 +242,9 @@ def default_audience(registry: Registry, mt: MessageType, message: Mapping[str, 
 def message_envelope(registry: Registry, message: Any, to: Any = None,
                      ignore_web_socket_id: Optional[str] = None,
                      exclude_user_ids: Optional[Iterable[Any]] = None,
-                     prefix: str = "") -> Envelope:
-    """Validate and serialize one publish. ``prefix`` prefixes error fields (``[2].``)."""
+                     prefix: str = "", id: Optional[str] = None) -> Envelope:
+    """Validate and serialize one publish. ``prefix`` prefixes error fields (``[2].``); ``id``
+    is the optional idempotency key."""
     field = prefix + "message"
     mt = message_type_of(registry, message, field)
     name = message["type"]
@@ -233,12 +257,13 @@ def message_envelope(registry: Registry, message: Any, to: Any = None,
         exclude = id_list(list(exclude_user_ids), prefix + "exclude_user_ids", name)
     if ignore_web_socket_id is not None and not isinstance(ignore_web_socket_id, str):
         raise PublishError("ignore_web_socket_id must be a string", prefix + "ignore_web_socket_id", name)
+    key = envelope_id(id, prefix + "id", name)
     return Envelope(MESSAGE, name, dumps(message, field, name), audience, ignore_web_socket_id or None,
-                    exclude)
+                    exclude, id=key)
 
 
 def individual_envelope(registry: Registry, payloads: Any, ignore_web_socket_id: Optional[str] = None,
-                        prefix: str = "") -> Envelope:
+                        prefix: str = "", id: Optional[str] = None) -> Envelope:
     """One message per user: ``{user_id: message}``; each message is validated like a publish."""
     field = prefix + "individual"
     if not isinstance(payloads, Mapping) or not payloads:
@@ -254,4 +279,5 @@ def individual_envelope(registry: Registry, payloads: Any, ignore_web_socket_id:
         items.append([user_id, message["type"], dumps(message, f"{field}.{user}", message["type"])])
     if ignore_web_socket_id is not None and not isinstance(ignore_web_socket_id, str):
         raise PublishError("ignore_web_socket_id must be a string", prefix + "ignore_web_socket_id")
-    return Envelope(INDIVIDUAL, payloads=items, ignore=ignore_web_socket_id or None)
+    key = envelope_id(id, prefix + "id")
+    return Envelope(INDIVIDUAL, payloads=items, ignore=ignore_web_socket_id or None, id=key)

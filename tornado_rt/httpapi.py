@@ -168,6 +168,20 @@ class ServerCollector:
         for (kind, reason), n in sorted(refusals.REFUSALS.counts().items()):
             refused.add_metric([kind, reason], n)
         yield refused
+        bus = server.broker
+        yield CounterMetricFamily("tornado_rt_duplicates_dropped",
+                                  "Envelopes not delivered because their id was delivered within the "
+                                  "dedup window", value=getattr(bus, "duplicates", 0))
+        if hasattr(bus, "gaps"):  # the Redis broker
+            yield CounterMetricFamily("tornado_rt_redis_gaps",
+                                      "Gaps in the Redis stream this process could not replay (each one "
+                                      "sends page_discard for every page subscription)", value=getattr(bus, "gaps"))
+            yield CounterMetricFamily("tornado_rt_redis_envelopes_lost",
+                                      "Envelopes of the Redis stream this process never received (trimmed "
+                                      "or deleted before it read them; a lower bound)", value=getattr(bus, "lost", 0))
+            yield CounterMetricFamily("tornado_rt_redis_resets",
+                                      "Times the Redis stream started over (Redis restarted without "
+                                      "persistence, FLUSHALL, the stream deleted)", value=getattr(bus, "resets", 0))
 
 
 class Metrics:
@@ -412,8 +426,8 @@ class PublishHandler(ApiHandler):
     published; answers once this process's connections have them queued."""
 
     json_methods = ("post",)
-    MESSAGE_KEYS = ("message", "to", "ignore_web_socket_id", "exclude_user_ids")
-    INDIVIDUAL_KEYS = ("individual", "ignore_web_socket_id")
+    MESSAGE_KEYS = ("message", "to", "ignore_web_socket_id", "exclude_user_ids", "id")
+    INDIVIDUAL_KEYS = ("individual", "ignore_web_socket_id", "id")
 
     async def post(self) -> None:
         body = self.json_body()
@@ -446,13 +460,14 @@ class PublishHandler(ApiHandler):
                 raise PublishError(f"unexpected key {key!r} in the envelope{hint}", prefix + key)
         ignore = item["ignore_web_socket_id"] if "ignore_web_socket_id" in item else sender
         if individual:
-            return individual_envelope(registry, item["individual"], ignore, prefix)
+            return individual_envelope(registry, item["individual"], ignore, prefix, id=item.get("id"))
         if "message" not in item:
             raise PublishError("the envelope needs a message (or individual payloads)", prefix + "message")
         exclude = item.get("exclude_user_ids")
         if exclude is not None and not isinstance(exclude, list):
             raise PublishError("exclude_user_ids must be a list of user ids", prefix + "exclude_user_ids")
-        return message_envelope(registry, item["message"], item.get("to"), ignore, exclude, prefix)
+        return message_envelope(registry, item["message"], item.get("to"), ignore, exclude, prefix,
+                                id=item.get("id"))
 
 
 class DisconnectHandler(ApiHandler):

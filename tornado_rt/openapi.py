@@ -111,6 +111,7 @@ _SCHEMAS: Dict[str, Any] = {
                                      "description": "Skip this one connection; absent: the WebSocketId header"},
             "exclude_user_ids": {"type": "array", "items": _ref("Id"),
                                  "description": "Skip every connection of these users"},
+            "id": _ref("EnvelopeId"),
         },
     },
     "IndividualEnvelope": {
@@ -119,8 +120,12 @@ _SCHEMAS: Dict[str, Any] = {
             "individual": {"type": "object", "additionalProperties": _ref("Message"),
                            "description": "user id -> that user's own message"},
             "ignore_web_socket_id": {"type": "string", "nullable": True},
+            "id": _ref("EnvelopeId"),
         },
     },
+    "EnvelopeId": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,128}$",
+                   "description": "Idempotency key: every process delivers an id at most once within the "
+                                  "dedup window, so a retry after a 503 or a timeout never duplicates"},
     "Envelope": {"oneOf": [_ref("MessageEnvelope"), _ref("IndividualEnvelope")]},
     "Directory": {
         "type": "object", "additionalProperties": False,

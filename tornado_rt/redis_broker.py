@@ -1,75 +1,72 @@
-"""A broker over Redis pub/sub, so that several tornado-rt processes (and machines) act as one.
+"""A broker over one Redis Stream, so that several tornado-rt processes (and machines) act as one.
 
 Install the extra: ``pip install tornado-rt[redis]`` (``redis`` with ``hiredis``). Then::
 
     from tornado_rt.redis_broker import RedisBroker
     server = RealtimeServer(settings, broker=RedisBroker("redis://127.0.0.1:6379/0"))
-    await server.start()          # connects and subscribes before the first publish
+    await server.start()          # connects and finds its read position before the first publish
 
 or ``tornado-rt serve --broker redis://127.0.0.1:6379/0`` (``TORNADO_RT_BROKER``).
+``docs/redis.md`` explains the design, the guarantees and the measurements; in short:
 
-Channel layout
-    **One channel per namespace** (``<channel_prefix>:envelopes``) carries every envelope. Each
-    publish is serialized once and crosses Redis once (one ``PUBLISH``), whatever the number of
-    recipients; every process subscribes and its router resolves the audience against its own
-    connections. The alternative — a channel per page group with local subscribers — would save
-    a process the parsing of envelopes it has no recipient for, but it splits the stream into
-    channels with no common order, and workspace/user audiences (resolved from membership at
-    delivery) need every process anyway. See the README for the measurements.
+Stream layout
+    **One stream per namespace** (``<channel_prefix>:stream``) carries every envelope, in one
+    total order. Entries have the ids ``<n>-0`` where ``n`` grows by exactly one per envelope, so a
+    reader knows when it missed some. Publishing goes through one Lua script per batch (``EVALSHA``):
+    it reads Redis's clock once, appends each envelope whose deadline has not passed with ``XADD``
+    (fields ``t``: Redis time in ms, ``e``: the envelope; the first entry of a new stream also has
+    ``r``: the highest sequence number of the old stream its publisher knew of), then trims the
+    stream once with ``XTRIM MAXLEN ~ stream_length``.
 
-Order and consistency
-    Redis executes ``PUBLISH`` commands one at a time and writes each channel message to every
-    subscriber in that order, so every process sees the same envelopes in the same total order.
-    Publishes of one process leave in call order through a single connection (pipelined in
-    batches, one batch in flight), so per-publisher order holds. A process does **not** deliver
-    its own envelopes locally first: it waits for them to come back through Redis like everyone
-    else's, so that membership side effects (``group_user_added``, ``group_user_deleted``, ...)
-    are applied at the same place in the order on every process and every process resolves
-    workspace audiences against the same directory state.
+Reading
+    Every process reads the whole stream from its own position (``XREAD COUNT .. BLOCK ..``), one
+    reply at a time, so a process that stalls (a long GC, SIGSTOP, a slow loop) resumes exactly
+    where it stopped, however much was published meanwhile: nothing is pushed at it, and Redis's
+    output-buffer limits (which dropped the old pub/sub subscription) no longer apply. A lost
+    connection also resumes where it stopped.
 
-Wire format
-    One Redis message per envelope: a JSON header line (``Envelope.to_wire()`` without the
-    message text, plus ``o``, the origin broker's id, and ``n``, its sequence number), a newline,
-    then the message text (``Envelope.data``) as published. The message text is never escaped into
-    another JSON string (that costs 4-5x more for large messages). ujson never writes a raw newline,
-    so the first newline ends the header.
+Gaps
+    When the next entry is not ``position + 1`` the envelopes in between were trimmed before this
+    process read them (it was more than ``stream_length`` entries behind): a **gap**. When the
+    stream starts over (Redis restarted without persistence, ``FLUSHALL``, the key deleted) and
+    this process had not read everything before (its position is below ``r``, or its last read
+    did not reach the end of the stream), that is a gap too. A gap is
+    counted (``gaps``, ``lost``), logged once with its numbers, and told to this process's clients:
+    ``on_gap()`` sends ``page_discard`` for every page subscription, so they resubscribe and
+    refetch. A stream that starts over after this process had read all of it is only counted
+    (``resets``) and logged.
 
 Publishing
-    :meth:`RedisBroker.publish` returns an ``asyncio.Future`` that completes once the envelope has
-    come back through this process's subscription and been handed to the router — so
-    ``server.submit()`` / ``publish_async()`` / ``POST /api/publish`` return after local delivery,
-    exactly as with the in-process broker. It raises :class:`~tornado_rt.BrokerUnavailable` at once
-    when the subscription is down, and the future fails with it when Redis refuses or drops the
-    command, when the subscription breaks before the envelope came back, or after
-    ``delivery_timeout`` seconds.
+    :meth:`RedisBroker.publish` returns an ``asyncio.Future``. Each publish has a deadline,
+    ``publish_timeout`` seconds (default 2) after the call, also expressed in Redis's clock
+    (a lower bound of the offset between the clocks, measured on every reply): the script refuses
+    an envelope whose deadline has passed when Redis runs it. The future completes once the
+    envelope came back through this process's read and was handed to the router (``submit()``,
+    ``publish_async()`` and ``POST /api/publish`` return after local delivery, as with the
+    in-process broker) — or, if Redis accepted it but this process has not read it back by the
+    deadline, at the deadline (it is in the stream: delivery follows). It fails with
+    :class:`~tornado_rt.BrokerUnavailable` at once when this process's reader is not connected,
+    when Redis refuses the command, and at the deadline when Redis has not answered (then it is
+    never applied later: the script would refuse it). A publish therefore never waits longer than
+    ``publish_timeout``.
+
+Idempotency
+    An envelope ``id`` is delivered at most once per process within the dedup window; the window is
+    measured in the stream's own clock (field ``t``), so every process drops the same duplicates.
 
 Connections
-    Two connections of redis-py's asyncio client (``redis.asyncio.connection``; hiredis parses
-    replies when installed): one subscribed, one for publishing. Not the pooled ``Redis`` client:
-    concurrent publishes could leave on different pooled connections and overtake each other,
-    and one owned connection lets the broker pipeline a batch of ``PUBLISH`` commands in one write.
-
-Failure
-    WebSocket clients are never touched by a Redis outage. Socket timeouts are short and there are
-    no command retries, so publishing fails fast. The subscriber reconnects with capped exponential
-    backoff (``reconnect_min`` .. ``reconnect_max`` seconds) and resubscribes; delivery resumes
-    without a restart. While it is connected it sends ``PING`` after ``health_check_interval``
-    seconds of silence and reconnects when no reply comes within another interval.
-
-What is lost during an outage (Redis pub/sub is at-most-once)
-    * Envelopes published by *other* processes while this process's subscription is down never
-      reach this process's connections, and their side effects (directory updates, revocations)
-      are not applied here: after an outage, refresh the directory (``PUT /api/directory`` on every
-      process, or ``Directory.load``) if directory events may have been published meanwhile.
-    * Publishes attempted while Redis (or this process's subscription) is down fail with
-      ``BrokerUnavailable`` (HTTP 503); nothing the broker accepted is dropped silently by the
-      publisher. A failure reported *while* Redis goes away is ambiguous: the envelope may have
-      reached processes whose subscriptions were still up (retrying may deliver it twice).
+    Two connections of redis-py's asyncio client (hiredis parses replies when installed): one
+    reading, one publishing (one batch in flight, in call order). Not the pooled ``Redis``
+    client: concurrent publishes could leave on different pooled connections and overtake each
+    other. A reader that gets no reply within two ``health_check_interval`` (the ``BLOCK`` time
+    plus as long again) replaces its connection; the reconnect backoff is ``reconnect_min`` ..
+    ``reconnect_max`` seconds. WebSocket clients are never touched by a Redis outage.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import itertools
 import logging
 import uuid
@@ -83,84 +80,184 @@ from .redaction import redact_url
 
 try:
     from redis.asyncio.connection import ConnectionPool
-    from redis.exceptions import RedisError
+    from redis.exceptions import RedisError, ResponseError
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("RedisBroker needs the redis extra: pip install 'tornado-rt[redis]'") from exc
 
 log = logging.getLogger("tornado_rt.redis")
 
-#: Envelopes sent in one pipelined write to Redis at most.
+#: Envelopes sent in one script call to Redis at most.
 MAX_BATCH = 512
+#: Entries asked for by one XREAD at most, and the reply size the reader aims at (it asks for as
+#: many entries as fit, at the average size of the last reply's): a process catching up after a
+#: stall hands its connections about this much per loop turn, not everything at once.
+READ_COUNT = 1000
+READ_BYTES = 1024 * 1024
+#: Safety margin (ms) taken off every deadline handed to Redis.
+DEADLINE_MARGIN_MS = 5
+#: A loop that did not run for this long (seconds) was stalled (GC, SIGSTOP, swapping, a long
+#: loop turn): what the reader learnt just before may be stale (see ``_caught_up``).
+STALL = 1.0
+
+# KEYS[1]: the stream. ARGV[1]: MAXLEN (approximate); ARGV[2]: the highest sequence number the
+# publisher knows of; then pairs (deadline in Redis ms, envelope). Returns {Redis time in ms, then
+# per envelope its sequence number, or 0: refused, its deadline had passed}.
+# A new stream starts at (Redis time in ms) * 1000, above anything an earlier stream reached
+# unless that one carried more than a million envelopes per second on average; its first entry
+# has the field r: the highest sequence number of the old stream its publisher knew of (so a
+# reader behind that knows it lost envelopes).
+PUBLISH_SCRIPT = """
+local key = KEYS[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local top = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+local n
+local fresh = false
+if top[1] then
+  n = tonumber(string.match(top[1][1], '^(%d+)'))
+else
+  n = now * 1000
+  fresh = true
+end
+local out = {now}
+local added = false
+for i = 3, #ARGV, 2 do
+  if tonumber(ARGV[i]) >= now then
+    n = n + 1
+    local id = string.format('%.0f-0', n)
+    if fresh then
+      redis.call('XADD', key, id, 't', now, 'e', ARGV[i + 1], 'r', ARGV[2])
+      fresh = false
+    else
+      redis.call('XADD', key, id, 't', now, 'e', ARGV[i + 1])
+    end
+    out[#out + 1] = n
+    added = true
+  else
+    out[#out + 1] = 0
+  end
+end
+if added then
+  redis.call('XTRIM', key, 'MAXLEN', '~', ARGV[1])
+end
+return out
+"""
+PUBLISH_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest()
+
+def _bulk(value: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+def _seq_of(entry_id: bytes) -> Tuple[int, bool]:
+    """(n, whether the id is one of ours: ``<n>-0``) of a stream entry id; ValueError if no id."""
+    head, _, tail = entry_id.partition(b"-")
+    return int(head), tail == b"0"
+
+
+class _Pending:
+    """A publish of this process: its future, its deadline (loop time), the envelope, and the
+    stream sequence number Redis gave it (0 until accepted)."""
+
+    __slots__ = ("future", "deadline", "envelope", "accepted")
+
+    def __init__(self, future: "asyncio.Future[None]", deadline: float, envelope: Envelope):
+        self.future = future
+        self.deadline = deadline
+        self.envelope = envelope
+        self.accepted = 0
 
 
 class RedisBroker(Broker):
-    """Event bus over one Redis pub/sub channel shared by every process (see the module docstring).
+    """Event bus over one Redis Stream shared by every process (see the module docstring).
 
     ``url``: ``redis://[[user]:[password]@]host[:port][/db]``, ``rediss://…`` (TLS) or
     ``unix:///path.sock`` — anything redis-py's ``ConnectionPool.from_url`` takes.
     ``channel_prefix``: processes with the same prefix on the same Redis form one server
-    (default ``"tornado-rt"``; the channel is ``"<prefix>:envelopes"``).
+    (default ``"tornado-rt"``; the stream is ``"<prefix>:stream"``).
+    ``publish_timeout``: the longest a publish waits, in seconds (default 2.0; see the module
+    docstring). ``stream_length``: entries the stream keeps at least (approximate trimming,
+    default 100,000): how far behind a process may fall (a stall) before it has a gap.
     ``connect_timeout``: seconds for the TCP connect (default 1.0); ``socket_timeout``: seconds
-    for the rest of a Redis exchange — the connection handshake, the reply to ``SUBSCRIBE``, one
-    pipelined batch of ``PUBLISH`` commands and their replies (default 2.0). A publish never waits
-    longer than that for Redis: it fails with ``BrokerUnavailable``.
-    ``reconnect_min`` / ``reconnect_max``: backoff of the subscriber between attempts (0.1 → 5 s).
-    ``health_check_interval``: seconds of silence on the subscription before a ``PING`` (default 5).
-    ``delivery_timeout``: seconds a publish waits for its envelope to come back (default 10;
-    checked every ``health_check_interval``).
-    ``start_timeout``: how long :meth:`start` keeps trying to subscribe before it raises
+    for the rest of a Redis exchange outside publishing — the connection handshake, finding the
+    read position (default 2.0).
+    ``reconnect_min`` / ``reconnect_max``: backoff of the reader between attempts (0.1 → 5 s).
+    ``health_check_interval``: the reader's ``BLOCK`` time; a reader that gets no reply within
+    twice this replaces its connection (default 5).
+    ``start_timeout``: how long :meth:`start` keeps trying to connect before it raises
     ``BrokerUnavailable`` (default 5).
     """
 
     def __init__(self, url: str, channel_prefix: str = "tornado-rt", *,
+                 publish_timeout: float = 2.0, stream_length: int = 100_000,
                  socket_timeout: float = 2.0, connect_timeout: float = 1.0,
                  reconnect_min: float = 0.1, reconnect_max: float = 5.0,
-                 health_check_interval: float = 5.0, delivery_timeout: float = 10.0,
-                 start_timeout: float = 5.0):
+                 health_check_interval: float = 5.0, start_timeout: float = 5.0):
         if not channel_prefix or not isinstance(channel_prefix, str):
             raise ValueError("channel_prefix must be a non-empty string")
+        if not publish_timeout > 0:
+            raise ValueError("publish_timeout must be positive")
+        if not isinstance(stream_length, int) or stream_length < 1:
+            raise ValueError("stream_length must be a positive integer")
         self.url = url
-        self.channel = f"{channel_prefix}:envelopes"
-        # protocol=2: subscription replies are plain arrays. No command retries: fail fast.
-        # socket_timeout=None: redis-py would arm a timer for every reply read; the broker bounds
-        # a whole batch of publishes instead, and watches the subscription with PING.
+        self.stream = f"{channel_prefix}:stream"
+        # protocol=2: plain arrays. No command retries: fail fast. socket_timeout=None: redis-py
+        # would arm a timer for every reply read; the broker bounds each exchange itself.
         self._pool = ConnectionPool.from_url(
             url, socket_connect_timeout=connect_timeout, socket_keepalive=True, retry=None,
             client_name="tornado-rt")
         kwargs = self._pool.connection_kwargs
         kwargs["protocol"] = 2
         kwargs["socket_timeout"] = None
+        self.publish_timeout = publish_timeout
+        self.stream_length = stream_length
         self.socket_timeout = socket_timeout
         self.connect_timeout = connect_timeout
-        self._publish_prefix = b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n" % (
-            len(self.channel.encode()), self.channel.encode())
+        self._script_head = (_bulk(b"EVALSHA") + _bulk(PUBLISH_SHA.encode()) + _bulk(b"1")
+                             + _bulk(self.stream.encode()) + _bulk(str(stream_length).encode()))
         self.reconnect_min = reconnect_min
         self.reconnect_max = reconnect_max
         self.health_check_interval = health_check_interval
-        self.delivery_timeout = delivery_timeout
         self.start_timeout = start_timeout
         self.origin = uuid.uuid4().hex[:16]
         self._seq = itertools.count(1)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
-        # seq -> (future, deadline, envelope); insertion order is publish order.
-        self._pending: Dict[int, Tuple[asyncio.Future, float, Envelope]] = {}
+        # seq -> publish; insertion order is publish order, hence deadline order.
+        self._pending: Dict[int, _Pending] = {}
         self._outbox: Deque[Tuple[int, bytes]] = collections.deque()
-        self._wake = asyncio.Event()  # (an Event binds to the running loop on first use)
+        self._timer: Optional[asyncio.TimerHandle] = None
+        self._wake: Optional[asyncio.Event] = None
         self._subscribed = False
-        self._ready = asyncio.Event()
+        self._ready: Optional[asyncio.Event] = None
         self._closed = False
         self._tasks: List[asyncio.Task] = []
-        self._sub_conn = None
-        self._pub_conn = None
+        self._sub_conn: Any = None
+        self._pub_conn: Any = None
+        self._offset: float = 0.0  # a lower bound of (Redis clock - loop clock), in ms
         self._last_error: Optional[str] = None
-        self._last_read = 0.0
-        #: Subscriptions made (1 + reconnects): tells a reconnect from the first subscription.
+        #: The stream sequence number this process has read up to (0: none yet).
+        self.position = 0
+        self._accepted = 0  # the highest sequence number Redis gave a publish of this process
+        self._last_id = b"0-0"
+        self._positioned = False
+        # Whether the last read reached the end of the stream (nothing was waiting unread), the
+        # loop did not stall between sending that read and sending the next one (a pending XREAD
+        # is answered with whatever is added later, so nothing can slip past it), and the reader
+        # has not lost its connection by a timeout since (Redis may have gone on without it):
+        # then a stream that starts over has lost nothing this process needed.
+        self._caught_up = True
+        self._stalls = 0  # loop stalls seen by _tick
+        self._last_tick = 0.0
+        #: Numbers for monitoring: reader connections made (1 + reconnects), gaps, envelopes known
+        #: lost in gaps, streams started over.
         self.subscriptions = 0
+        self.gaps = 0
+        self.lost = 0
+        self.resets = 0
 
     # --- state ----------------------------------------------------------------------------------
     @property
     def connected(self) -> bool:
-        """Whether this process is subscribed right now (publishing is possible)."""
+        """Whether this process is reading the stream right now (publishing is possible)."""
         return self._subscribed
 
     def _unavailable(self, why: str) -> BrokerUnavailable:
@@ -168,16 +265,18 @@ class RedisBroker(Broker):
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Connect, subscribe, and start the publisher. Raises ``BrokerUnavailable`` when Redis
-        cannot be reached within ``start_timeout`` seconds (nothing is left running then)."""
+        """Connect, find the read position, and start the publisher. Raises ``BrokerUnavailable``
+        when Redis cannot be reached within ``start_timeout`` seconds (nothing is left running)."""
         if self._tasks:
             return
         self._loop = asyncio.get_running_loop()
         self._closed = False
         self._wake = asyncio.Event()
         self._ready = asyncio.Event()
-        self._tasks = [self._loop.create_task(self._subscribe_forever()),
-                       self._loop.create_task(self._write_forever())]
+        self._last_tick = self._loop.time()
+        self._tasks = [self._loop.create_task(self._read_forever()),
+                       self._loop.create_task(self._write_forever()),
+                       self._loop.create_task(self._tick())]
         try:
             async with asyncio.timeout(self.start_timeout):
                 await self._ready.wait()
@@ -187,7 +286,7 @@ class RedisBroker(Broker):
                                     f"({self._last_error or 'no reply'})") from None
 
     async def close(self) -> None:
-        """Stop the subscriber and the publisher; pending publishes fail with BrokerUnavailable."""
+        """Stop the reader and the publisher; pending publishes fail with BrokerUnavailable."""
         self._closed = True
         tasks, self._tasks = self._tasks, []
         for task in tasks:
@@ -195,7 +294,12 @@ class RedisBroker(Broker):
         # gather: the tasks' own CancelledError is collected, a cancellation of close() is not.
         await asyncio.gather(*tasks, return_exceptions=True)
         self._subscribed = False
-        self._fail_pending(self._unavailable("broker closed"))
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        error = self._unavailable("broker closed")
+        for seq in list(self._pending):
+            self._fail(seq, error)
         self._outbox.clear()
         for conn in (self._sub_conn, self._pub_conn):
             if conn is not None:
@@ -220,53 +324,116 @@ class RedisBroker(Broker):
         payload = ujson.dumps(wire, ensure_ascii=False).encode()
         if data is not None:
             payload += b"\n" + data.encode()
-        # The envelope is delivered here when it comes back, without decoding it again.
         loop = self._loop
-        assert loop is not None  # start() sets it before the subscription can exist
+        assert loop is not None and self._wake is not None
         future = loop.create_future()
-        self._pending[seq] = (future, loop.time() + self.delivery_timeout, envelope)
+        future.add_done_callback(_retrieve)  # a caller may drop it: no "never retrieved" noise
+        deadline = loop.time() + self.publish_timeout
+        self._pending[seq] = _Pending(future, deadline, envelope)
         self._outbox.append((seq, payload))
         self._wake.set()
+        if self._timer is None:
+            self._timer = loop.call_at(deadline, self._expire)
         return future
 
+    def _expire(self) -> None:
+        """At a publish's deadline: accepted by Redis → it succeeded (delivery follows when this
+        process reads it); not accepted → it failed, and Redis will refuse it if it runs it later."""
+        self._timer = None
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        done = []
+        for seq, entry in self._pending.items():
+            if entry.deadline > now:
+                self._timer = loop.call_at(entry.deadline, self._expire)
+                break
+            done.append((seq, entry))
+        if not done:
+            return
+        error = self._unavailable(f"no answer from Redis within {self.publish_timeout:g} s "
+                                  "(the publish will not be applied later)")
+        for seq, entry in done:
+            if entry.accepted:
+                del self._pending[seq]
+                if not entry.future.done():
+                    entry.future.set_result(None)
+            else:
+                self._fail(seq, error)
+
     async def _write_forever(self) -> None:
-        """The one writer: sends queued PUBLISH commands in call order, a batch at a time."""
-        wake, outbox, pending = self._wake, self._outbox, self._pending
+        """The one writer: sends queued publishes in call order, a batch per script call."""
+        assert self._wake is not None and self._loop is not None
+        wake, outbox, pending, loop = self._wake, self._outbox, self._pending, self._loop
         while True:
             await wake.wait()
             wake.clear()
             while outbox:
-                batch: List[Tuple[int, bytes]] = []
+                batch: List[Tuple[int, bytes, _Pending]] = []
+                now = loop.time()
                 while outbox and len(batch) < MAX_BATCH:
                     seq, payload = outbox.popleft()
                     entry = pending.get(seq)
-                    if entry is not None and not entry[0].done():
-                        batch.append((seq, payload))
+                    if entry is not None and not entry.future.done() and entry.deadline > now:
+                        batch.append((seq, payload, entry))
                 if not batch:
                     continue
+                sent = False
                 try:
-                    conn = self._pub_conn
-                    if conn is None:
-                        conn = await self._connect()
-                        self._pub_conn = conn
-                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the
-                    # cancellation of close() when the inner call finishes at the same moment.
-                    async with asyncio.timeout(self.socket_timeout):
+                    # Every step is bounded by the first deadline of the batch.
+                    async with asyncio.timeout_at(batch[0][2].deadline):
+                        conn = self._pub_conn
+                        if conn is None:
+                            conn = await self._connect_publisher()
+                            self._pub_conn = conn
+                        sent = True  # from here on Redis may run the script (ambiguous on error)
                         await self._send(conn, batch)
                 except asyncio.CancelledError:
                     raise
+                except ResponseError as exc:  # Redis answered with an error: nothing was applied
+                    self._last_error = _describe(exc)
+                    log.warning("publish to Redis refused: %s", self._last_error)
+                    await self._drop_publisher()
+                    error = self._unavailable(f"publish refused ({self._last_error})")
+                    for seq, _, _ in batch:
+                        self._fail(seq, error)
                 except Exception as exc:  # the writer must survive anything: Redis, OS, timeouts
                     if isinstance(exc, TimeoutError):
-                        exc = TimeoutError(f"no reply from Redis within {self.socket_timeout:g} s")
+                        exc = TimeoutError(f"no reply from Redis within {self.publish_timeout:g} s")
                     self._last_error = _describe(exc)
                     log.warning("publish to Redis failed: %s", self._last_error,
-                                exc_info=not isinstance(exc, (RedisError, OSError)))
-                    conn, self._pub_conn = self._pub_conn, None
-                    if conn is not None:
-                        await _disconnect(conn)
-                    error = self._unavailable(f"publish failed ({self._last_error})")
-                    for seq, _ in batch:
-                        self._fail(seq, error)
+                                exc_info=not isinstance(exc, (RedisError, OSError, TimeoutError)))
+                    await self._drop_publisher()
+                    if not sent:  # never reached Redis: certainly not applied
+                        error = self._unavailable(f"publish failed ({self._last_error})")
+                        for seq, _, _ in batch:
+                            self._fail(seq, error)
+                    else:
+                        # Redis may still run the script, refusing each envelope past its deadline:
+                        # each fails at its deadline (_expire). Nothing more is sent before the last
+                        # of those deadlines, so nothing sent later can overtake these in Redis.
+                        await asyncio.sleep(max(0.0, batch[-1][2].deadline - loop.time()))
+
+    async def _drop_publisher(self) -> None:
+        conn, self._pub_conn = self._pub_conn, None
+        if conn is not None:
+            await _disconnect(conn)
+
+    async def _connect_publisher(self) -> Any:
+        """A publishing connection: connected, the script loaded, the clock offset measured."""
+        conn = await self._connect()
+        try:
+            await conn.send_command("SCRIPT", "LOAD", PUBLISH_SCRIPT, check_health=False)
+            sha = await conn.read_response()
+            if (sha.decode() if isinstance(sha, bytes) else sha) != PUBLISH_SHA:
+                raise _protocol_error(f"unexpected reply to SCRIPT LOAD: {sha!r}")
+            await conn.send_command("TIME", check_health=False)
+            reply = await conn.read_response()
+            self._offset = int(reply[0]) * 1000 + int(reply[1]) / 1000 - _now(self._loop) * 1000
+        except BaseException:
+            await _disconnect(conn)
+            raise
+        return conn
 
     async def _connect(self) -> Any:
         conn = self._pool.make_connection()
@@ -278,65 +445,90 @@ class RedisBroker(Broker):
             raise
         return conn
 
-    async def _send(self, conn: Any, batch: List[Tuple[int, bytes]]) -> None:
-        """One pipelined write of PUBLISH commands, then their replies (subscriber counts)."""
-        prefix = self._publish_prefix
-        parts = []
-        for _, payload in batch:
-            parts.append(prefix)
-            parts.append(b"$%d\r\n" % len(payload))
-            parts.append(payload)
-            parts.append(b"\r\n")
+    async def _send(self, conn: Any, batch: List[Tuple[int, bytes, _Pending]]) -> None:
+        """One script call for the batch; marks each publish accepted or fails it (refused)."""
+        offset = self._offset - DEADLINE_MARGIN_MS
+        parts = [b"*%d\r\n" % (6 + 2 * len(batch)), self._script_head,
+                 _bulk(b"%d" % max(self.position, self._accepted))]
+        for _, payload, entry in batch:
+            # Redis must refuse an envelope once the publisher may have answered 503 for it:
+            # offset is a lower bound of the true offset, so this is never later than that.
+            parts.append(_bulk(b"%d" % int(entry.deadline * 1000 + offset)))
+            parts.append(_bulk(payload))
         await conn.send_packed_command([b"".join(parts)], check_health=False)
-        for _ in batch:
-            await conn.read_response()
+        reply = await conn.read_response()
+        # Redis ran the script between sending and now: Redis time - now is a lower bound.
+        self._offset = reply[0] - _now(self._loop) * 1000
+        refused = None
+        for (seq, _, entry), n in zip(batch, reply[1:]):
+            if n:
+                entry.accepted = n
+                if n > self._accepted:
+                    self._accepted = n
+            else:
+                if refused is None:
+                    refused = self._unavailable(f"Redis ran the publish after its deadline "
+                                                f"({self.publish_timeout:g} s): not applied")
+                self._fail(seq, refused)
 
-    # --- subscription ---------------------------------------------------------------------------
-    async def _subscribe_forever(self) -> None:
+    # --- reading ----------------------------------------------------------------------------------
+    async def _tick(self) -> None:
+        """Notice loop stalls: a tick that comes more than STALL seconds late counts one."""
+        loop = self._loop
+        assert loop is not None
+        period = STALL / 5
+        while True:
+            await asyncio.sleep(period)
+            now = loop.time()
+            if now - self._last_tick > period + STALL:
+                self._stalls += 1
+            self._last_tick = now
+
+    def _fresh(self, stalls_before: int) -> bool:
+        """No loop stall since ``stalls_before`` was read, nor one going on unnoticed yet."""
+        return self._stalls == stalls_before and _now(self._loop) - self._last_tick < STALL
+
+    async def _read_forever(self) -> None:
         delay = self.reconnect_min
-        interval = self.health_check_interval
         while not self._closed:
             conn = self._pool.make_connection()
             self._sub_conn = conn
             try:
                 async with asyncio.timeout(self.connect_timeout + self.socket_timeout):
                     await conn.connect()  # TCP connect, then the handshake (CLIENT SETNAME, AUTH, SELECT)
-                await conn.send_command("SUBSCRIBE", self.channel, check_health=False)
-                async with asyncio.timeout(self.socket_timeout):
-                    reply = await conn.read_response()
-                if not (isinstance(reply, list) and reply and reply[0] == b"subscribe"):
-                    raise _protocol_error(f"unexpected reply to SUBSCRIBE: {reply!r}")
+                await self._check_position(conn, self.socket_timeout)
                 self._subscribed = True
                 self.subscriptions += 1
                 self._last_error = None
                 if self.subscriptions > 1:
-                    log.warning("resubscribed to Redis channel %s: envelopes published by other "
-                                "processes during the outage were not received here", self.channel)
+                    log.warning("reading the Redis stream %s again from position %d", self.stream,
+                                self.position)
                 else:
-                    log.info("subscribed to Redis channel %s at %s", self.channel, redact_url(self.url))
+                    log.info("reading the Redis stream %s at %s from position %d", self.stream,
+                             redact_url(self.url), self.position)
+                assert self._ready is not None
                 self._ready.set()
                 delay = self.reconnect_min
-                await self._read(conn, interval)
+                await self._read(conn)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # the subscriber must survive anything: Redis, OS, timeouts
+            except Exception as exc:  # the reader must survive anything: Redis, OS, timeouts
                 if isinstance(exc, TimeoutError):
-                    exc = TimeoutError(f"no reply from Redis within {self.socket_timeout:g} s")
+                    exc = TimeoutError("no reply from Redis in time")
+                    self._caught_up = False  # Redis may have gone on without this process
                 self._last_error = _describe(exc)
-                if not isinstance(exc, (RedisError, OSError)):
-                    log.error("unexpected error on the Redis subscription", exc_info=exc)
+                if not isinstance(exc, (RedisError, OSError, TimeoutError)):
+                    log.error("unexpected error on the Redis stream reader", exc_info=exc)
                 if self._subscribed:
-                    log.warning("Redis subscription lost: %s; reconnecting", self._last_error)
+                    log.warning("Redis stream reader lost its connection: %s; reconnecting",
+                                self._last_error)
                 else:
-                    # Before the first subscription start() reports the failure itself.
+                    # Before the first connection start() reports the failure itself.
                     log.log(logging.WARNING if self.subscriptions else logging.DEBUG,
-                            "cannot subscribe to Redis at %s: %s; retrying in %.1f s",
+                            "cannot read from Redis at %s: %s; retrying in %.1f s",
                             redact_url(self.url), self._last_error, delay)
             finally:
-                was_subscribed, self._subscribed = self._subscribed, False
-                if was_subscribed:
-                    self._fail_pending(self._unavailable(
-                        f"subscription lost before the envelope came back ({self._last_error})"))
+                self._subscribed = False
                 self._sub_conn = None
                 await _disconnect(conn)
             if self._closed:
@@ -344,47 +536,76 @@ class RedisBroker(Broker):
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.reconnect_max)
 
-    async def _read(self, conn: Any, interval: float) -> None:
-        """Deliver every channel message until the connection breaks (raises). A watchdog task
-        sends PING after ``interval`` seconds of silence and breaks the connection when the
-        following interval brings nothing either."""
-        loop = asyncio.get_running_loop()
-        self._last_read = loop.time()
-        watchdog = loop.create_task(self._watch(conn, interval))
-        try:
-            channel_message = b"message"
-            on_message = self._on_message
-            read = conn.read_response
-            while True:
-                reply = await read()
-                self._last_read = loop.time()
-                if reply[0] == channel_message:
-                    on_message(reply[2])
-        finally:
-            watchdog.cancel()
+    async def _stream_top(self, conn: Any, timeout: float) -> Optional[bytes]:
+        """The id of the stream's last entry, or None when it has none."""
+        await conn.send_command("XREVRANGE", self.stream, "+", "-", "COUNT", 1, check_health=False)
+        async with asyncio.timeout(timeout):
+            reply = await conn.read_response()
+        return reply[0][0] if reply else None
 
-    async def _watch(self, conn: Any, interval: float) -> None:
-        loop = asyncio.get_running_loop()
-        pinged_at: Optional[float] = None
+    async def _check_position(self, conn: Any, timeout: float) -> None:
+        """At the first connection, start at the end of the stream. Later (reconnect, idle),
+        notice a stream that started over below this process's position (it would never
+        return an entry to this position: see _reset)."""
+        top = await self._stream_top(conn, timeout)
+        if not self._positioned:
+            self._positioned = True
+            if top is not None:
+                self.position = _seq_of(top)[0]
+                self._last_id = top
+            return
+        if top is not None and _seq_of(top)[0] < self.position:
+            self._reset(0, self.position)
+            self.position = 0
+            self._last_id = b"0-0"
+
+    async def _read(self, conn: Any) -> None:
+        """Deliver every entry after this process's position until the connection breaks."""
+        interval = self.health_check_interval
+        block = str(max(1, int(interval * 1000)))
+        count = READ_COUNT
+        read = conn.read_response
         while True:
-            await asyncio.sleep(interval)
-            now = loop.time()
-            self._expire(now)
-            if pinged_at is not None and self._last_read < pinged_at:
-                self._last_error = f"no reply to PING within {interval:g} s"
-                log.warning("Redis subscription silent: %s; reconnecting", self._last_error)
-                await _disconnect(conn)  # the reader's pending read fails, and it reconnects
-                return
-            pinged_at = None
-            if now - self._last_read >= interval:
-                pinged_at = now
-                try:
-                    await conn.send_command("PING", check_health=False)
-                except Exception:  # the connection is broken: the reader sees it too
-                    await _disconnect(conn)
-                    return
+            stalls = self._stalls
+            await conn.send_command("XREAD", "COUNT", count, "BLOCK", block, "STREAMS", self.stream,
+                                    self._last_id, check_health=False)
+            async with asyncio.timeout(2 * interval):
+                reply = await read()
+            if reply is None:  # nothing new within the BLOCK time
+                self._caught_up = self._fresh(stalls)
+                await self._check_position(conn, interval)
+                continue
+            entries = reply[0][1]
+            size = self._on_entries(entries)
+            self._caught_up = len(entries) < count and self._fresh(stalls)
+            count = max(1, min(READ_COUNT, READ_BYTES * len(entries) // max(1, size)))
 
-    def _on_message(self, payload: bytes) -> None:
+    def _on_entries(self, entries: List[Any]) -> int:
+        """Deliver stream entries in order; returns the bytes of envelope text they held."""
+        size = 0
+        for entry_id, fields in entries:
+            self._last_id = entry_id
+            try:
+                seq, ours = _seq_of(entry_id)
+                if not ours or len(fields) < 4 or fields[0] != b"t" or fields[2] != b"e":
+                    raise ValueError("not an envelope entry")
+                at = int(fields[1]) / 1000
+                payload = fields[3]
+            except (ValueError, TypeError, IndexError):
+                log.error("ignored a malformed entry %r on Redis stream %s", entry_id, self.stream)
+                continue
+            size += len(payload)
+            expected = self.position + 1
+            self.position = seq
+            if seq != expected and expected != 1:
+                if len(fields) > 5 and fields[4] == b"r":
+                    self._reset(int(fields[5]), expected - 1)
+                elif seq > expected:
+                    self._gap(seq - expected, expected - 1)
+            self._on_envelope(payload, at)
+        return size
+
+    def _on_envelope(self, payload: bytes, at: float) -> None:
         entry = None
         try:
             cut = payload.find(b"\n")
@@ -392,44 +613,74 @@ class RedisBroker(Broker):
             if wire.get("o") == self.origin:
                 entry = self._pending.pop(wire.get("n"), None)
             if entry is not None:
-                envelope = entry[2]  # our own: the original, no need to decode it
+                envelope = entry.envelope  # our own: the original, no need to decode it
             else:
                 if cut >= 0:
                     wire["d"] = payload[cut + 1:].decode()
                 envelope = Envelope.from_wire(wire)
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
-            log.error("ignored a malformed envelope on Redis channel %s", self.channel)
+            log.error("ignored a malformed envelope on Redis stream %s", self.stream)
             return
-        deliver = self._deliver
-        if deliver is not None:
+        key = envelope.id
+        if key is not None and self.recent.seen(key, at):
+            self.duplicates += 1
+        else:
+            deliver = self._deliver
+            if deliver is not None:
+                try:
+                    deliver(envelope)
+                except Exception:
+                    log.exception("delivery of %r failed", envelope)
+        if entry is not None and not entry.future.done():
+            entry.future.set_result(None)
+
+    def _gap(self, lost: Optional[int], position: int) -> None:
+        """Envelopes this process never received: count, log once, drop every page subscription."""
+        self.gaps += 1
+        if lost:
+            self.lost += lost
+        discarded = 0
+        if self.on_gap is not None:
             try:
-                deliver(envelope)
+                discarded = self.on_gap() or 0
             except Exception:
-                log.exception("delivery of %r failed", envelope)
-        if entry is not None and not entry[0].done():
-            entry[0].set_result(None)
+                log.exception("the gap handler failed")
+        what = "an unknown number of envelopes" if lost is None else f"{lost} envelopes"
+        log.warning("Redis stream %s: %s after position %d were lost before this process read them "
+                    "(gap %d, %d envelopes lost in gaps so far); sent page_discard for %d page "
+                    "subscriptions so that clients resubscribe and refetch. Directory events among "
+                    "them were not applied here either: PUT /api/directory again if they may have "
+                    "been published.", self.stream, what, position, self.gaps, self.lost, discarded)
+
+    def _reset(self, known: int, position: int) -> None:
+        """The stream started over (Redis restarted without persistence, FLUSHALL, key deleted).
+        ``known``: the highest sequence number of the old stream that the publisher who started
+        the new one knew of (0: unknown); ``position``: where this process had read up to."""
+        self.resets += 1
+        if known > position:
+            self._gap(known - position, position)
+        elif not self._caught_up:
+            self._gap(None, position)
+        else:
+            log.warning("Redis stream %s started over (Redis restarted without persistence, FLUSHALL "
+                        "or the stream deleted); this process had read all of it (position %d): "
+                        "nothing was lost here", self.stream, position)
 
     # --- pending publishes ----------------------------------------------------------------------
     def _fail(self, seq: int, error: BaseException) -> None:
         entry = self._pending.pop(seq, None)
-        if entry is not None and not entry[0].done():
-            entry[0].set_exception(error)
+        if entry is not None and not entry.future.done():
+            entry.future.set_exception(error)
 
-    def _fail_pending(self, error: BaseException) -> None:
-        for seq in list(self._pending):
-            self._fail(seq, error)
 
-    def _expire(self, now: float) -> None:
-        """Fail publishes whose envelope has not come back within ``delivery_timeout``."""
-        expired = []
-        for seq, (_, deadline, _) in self._pending.items():
-            if deadline > now:
-                break
-            expired.append(seq)
-        if expired:
-            error = self._unavailable(f"envelope did not come back within {self.delivery_timeout:g} s")
-            for seq in expired:
-                self._fail(seq, error)
+def _now(loop: Optional[asyncio.AbstractEventLoop]) -> float:
+    assert loop is not None
+    return loop.time()
+
+
+def _retrieve(future: "asyncio.Future[None]") -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _describe(exc: BaseException) -> str:

@@ -256,6 +256,11 @@ class Router:
             self._discard(conn, group)
         return len(conns)
 
+    def drop_all_pages(self) -> int:
+        """Drop every page subscription of this process (with ``page_discard``): the broker lost
+        envelopes it cannot replay, so clients must resubscribe and refetch."""
+        return sum(self.drop_group(group) for group in list(self.hub.groups))
+
     def _drop(self, conns: Iterable[Any], permission_group: str) -> int:
         dropped = 0
         for conn in conns:

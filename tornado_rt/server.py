@@ -140,6 +140,7 @@ class RealtimeServer:
                                        auth_failed=self._auth_failed)
         self.broker = broker if broker is not None else LocalBroker()
         self.broker.attach(self.router.dispatch)
+        self.broker.configure(settings, self.router.drop_all_pages)
         self.heartbeat = Heartbeat(self.hub, settings.ping_interval, settings.ping_timeout)
         self._loop: Optional[IOLoop] = None
         self._thread: Optional[int] = None
@@ -206,21 +207,23 @@ class RealtimeServer:
     # --- publishing -----------------------------------------------------------------------------
     def publish(self, message: Mapping[str, Any], to: Optional[Mapping[str, Any]] = None, *,
                 ignore_web_socket_id: Optional[str] = None,
-                exclude_user_ids: Optional[Iterable[Any]] = None) -> None:
+                exclude_user_ids: Optional[Iterable[Any]] = None, id: Optional[str] = None) -> None:
         """Publish one message to its type's default audience, or to ``to``.
 
         ``to`` is one of ``{"page": NAME, ...params}``, ``{"workspace_id": ID}``,
         ``{"workspace_ids": [...]}``, ``{"user_ids": [...]}``, ``{"all_users": True}``.
         ``ignore_web_socket_id`` skips that one connection; ``exclude_user_ids`` skips every
-        connection of those users. Raises :class:`~tornado_rt.PublishError` (naming the type and
-        the key) before anything is sent. Safe from any thread; fire-and-forget.
+        connection of those users. ``id`` (1-128 visible ASCII characters): an idempotency key,
+        delivered at most once per process within ``Settings.dedup_window``. Raises
+        :class:`~tornado_rt.PublishError` (naming the type and the key) before anything is sent.
+        Safe from any thread; fire-and-forget.
         """
-        self._submit(message_envelope(self.registry, message, to, ignore_web_socket_id, exclude_user_ids))
+        self._submit(message_envelope(self.registry, message, to, ignore_web_socket_id, exclude_user_ids, id=id))
 
     def publish_individual(self, payloads: Mapping[Any, Mapping[str, Any]], *,
-                           ignore_web_socket_id: Optional[str] = None) -> None:
-        """Send each user its own message: ``{user_id: message}``."""
-        self._submit(individual_envelope(self.registry, payloads, ignore_web_socket_id))
+                           ignore_web_socket_id: Optional[str] = None, id: Optional[str] = None) -> None:
+        """Send each user its own message: ``{user_id: message}``; ``id`` as in :meth:`publish`."""
+        self._submit(individual_envelope(self.registry, payloads, ignore_web_socket_id, id=id))
 
     def disconnect(self, user_ids: Iterable[Any], ignore_web_socket_ids: Iterable[str] = ()) -> int:
         """Force-disconnect (4003) every connection of these users except the listed ones.
@@ -278,19 +281,23 @@ class RealtimeServer:
 
     async def publish_async(self, message: Mapping[str, Any], to: Optional[Mapping[str, Any]] = None, *,
                             ignore_web_socket_id: Optional[str] = None,
-                            exclude_user_ids: Optional[Iterable[Any]] = None) -> None:
+                            exclude_user_ids: Optional[Iterable[Any]] = None, id: Optional[str] = None) -> None:
         """Like :meth:`publish`, awaited on the loop: returns once the broker took the message and
         this process's connections have it queued; raises ``BrokerUnavailable`` if the broker is down."""
-        await self.submit([message_envelope(self.registry, message, to, ignore_web_socket_id, exclude_user_ids)])
+        await self.submit([message_envelope(self.registry, message, to, ignore_web_socket_id, exclude_user_ids,
+                                            id=id)])
 
     async def submit(self, envelopes: Sequence[Envelope]) -> None:
         """Hand prepared envelopes to the broker in order and wait for local delivery (on the loop)."""
         self._bind()
+        waiting = []  # all handed over first: the broker keeps their order and bounds each wait
         for env in envelopes:
             self._count(env)
             result = self.broker.publish(env)
             if inspect.isawaitable(result):
-                await result
+                waiting.append(result)
+        for result in waiting:
+            await result
         await self.router.wait_idle()
 
     def _on_loop(self) -> bool:

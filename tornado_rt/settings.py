@@ -440,6 +440,13 @@ class Settings:
         "API key, 0 = unlimited (closed at once above it; behind a proxy set the limit there)", at_least(0),
         metavar="N", group="limits")
 
+    # Idempotency (envelope ids, in local and Redis mode)
+    dedup_window: float = setting(300.0, "seconds during which every process delivers an envelope id at most "
+                                  "once, 0 = no deduplication", number_at_least(0), metavar="SECONDS",
+                                  group="limits")
+    dedup_max_ids: int = setting(100_000, "envelope ids each process remembers at most (the oldest are "
+                                 "forgotten first)", at_least(1), metavar="N", group="limits")
+
     def __post_init__(self) -> None:
         _validate_fields(self, SERVER_OPTIONS)
         self.jwt_algorithms = tuple(self.jwt_algorithms)
@@ -473,7 +480,11 @@ class Standalone:
         _broker, metavar="URL", shown_default="in-process")
     redis_channel_prefix: str = setting(
         "tornado-rt", "with a Redis broker: processes with the same prefix on the same Redis form one server "
-        "(the channel is PREFIX:envelopes)", _non_empty, metavar="PREFIX")
+        "(the stream is PREFIX:stream)", _non_empty, metavar="PREFIX")
+    redis_stream_length: int = setting(
+        100_000, "with a Redis broker: envelopes the stream keeps at least, i.e. how far a stalled process may "
+        "fall behind before its clients get page_discard (Redis memory: about this many times the envelope "
+        "size plus 160 bytes)", at_least(1), metavar="N")
     log_level: str = setting("info", f"one of {', '.join(LOG_LEVELS)} (logs go to stderr)", choice(LOG_LEVELS),
                              metavar="LEVEL")
     no_metrics: bool = setting(False, "do not serve GET /metrics", shown_default="metrics on")

@@ -1,0 +1,122 @@
+"""Cost of the Redis bus per envelope: Redis CPU per publish, process CPU per envelope, Redis
+memory per retained entry, and how long a publish waits while Redis is stalled (SIGSTOP).
+
+Runs the ``RedisBroker`` that ``tornado_rt`` resolves to, against its own ``redis-server``
+(no persistence, 127.0.0.1, a free port). One process publishes ``--n`` page envelopes of about
+570 bytes (``rows_created`` to a table nobody watches), ``--batch`` at a time (like an HTTP batch),
+each batch handed to the broker at once and awaited, and reads them back (its own echo, as every process does). CPU is read from
+/proc (Redis) and ``time.process_time`` (this process) around the publishing only.
+
+    python bench/redis_bus_cost.py --n 50000 --batch 100           # this checkout (Streams)
+    PYTHONPATH=/path/to/old/checkout python bench/redis_bus_cost.py  # e.g. the pub/sub broker
+
+Not part of ``bench/run.py``: a focused measurement for docs/redis.md.
+"""
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import redis
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rows_created(i: int) -> dict:
+    return {"type": "rows_created", "table_id": 10, "rows": [{"id": i, "name": "row %d" % i, "notes": "n" * 400,
+                                                               "order": "1.00000000000000000000"}],
+            "metadata": {"row_comment_count": 0}, "before_row_id": None}
+
+
+async def run(args: argparse.Namespace) -> None:
+    from tornado_rt import RealtimeServer, Settings
+    from tornado_rt.envelope import message_envelope
+    from tornado_rt.redis_broker import RedisBroker
+
+    port = free_port()
+    proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    try:
+        raw = redis.Redis(port=port)
+        for _ in range(200):
+            try:
+                raw.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.02)
+        url = f"redis://127.0.0.1:{port}/0"
+        server = RealtimeServer(Settings(jwt_secret="x" * 32, ping_interval=0), load_entry_points=False,
+                                broker=RedisBroker(url))
+        await server.start()
+        registry = server.registry
+        size = len(message_envelope(registry, rows_created(0)).data)
+        envelopes = [message_envelope(registry, rows_created(i)) for i in range(args.n)]
+        memory_before = raw.info("memory")["used_memory"]
+        broker = server.broker
+
+        async def publish(batch):
+            # Straight to the broker, all of a batch before waiting: the bus's own cost, whatever
+            # server.submit does (the old one waited for each envelope in turn).
+            await asyncio.gather(*[broker.publish(env) for env in batch])
+
+        await publish(envelopes[:args.batch])  # warm up (connections, script)
+        redis_cpu, cpu, wall = proc_cpu(proc.pid), time.process_time(), time.perf_counter()
+        for start in range(0, args.n, args.batch):
+            await publish(envelopes[start:start + args.batch])
+        redis_cpu = proc_cpu(proc.pid) - redis_cpu
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        memory = raw.info("memory")["used_memory"] - memory_before
+        kind = "stream" if raw.exists("tornado-rt:stream") else "pub/sub"
+        print(f"bus: {kind}; {args.n} envelopes of {size} bytes of message text, batches of {args.batch}")
+        print(f"  Redis CPU per publish:   {redis_cpu / args.n * 1e6:7.2f} us")
+        print(f"  process CPU per envelope: {cpu / args.n * 1e6:7.2f} us (publish + read back + route to nobody)")
+        print(f"  throughput:              {args.n / wall:9.0f} envelopes/s")
+        if kind == "stream":
+            length = raw.xlen("tornado-rt:stream")
+            print(f"  Redis memory:            {memory / max(1, length):7.0f} bytes per retained entry "
+                  f"({length} entries)")
+
+        # Publishes while Redis is stopped: how long until each is refused.
+        proc.send_signal(signal.SIGSTOP)
+        waits = []
+        try:
+            for i in range(3):
+                started = time.perf_counter()
+                try:
+                    await server.submit([message_envelope(registry, rows_created(i))])
+                    outcome = "accepted"
+                except Exception as exc:
+                    outcome = type(exc).__name__
+                waits.append(f"{time.perf_counter() - started:.2f} s ({outcome})")
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        print(f"  publishes during a Redis stall (SIGSTOP) answered after: {', '.join(waits)}")
+        await server.broker.close()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=50_000, help="envelopes to publish (default 50,000)")
+    parser.add_argument("--batch", type=int, default=100, help="envelopes per awaited batch (default 100)")
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
