@@ -1,6 +1,8 @@
 """Database plugin: the ``table``, ``row`` and public ``view`` pages, and the table, field, row and
 view messages of docs/protocol.md §3 and §6 (and its message catalogue)."""
-from tornado_rt import MessageType, PageType, Plugin, normalize_id
+from tornado_rt import Directory, MessageType, PageType, Plugin, normalize_id
+from tornado_rt.hooks import then
+from tornado_rt.refusals import Denied
 
 
 def _table_group(params):
@@ -15,21 +17,41 @@ def _table_permission(params):
     return f"permissions-table-{normalize_id(params['table_id'])}"
 
 
+# The checks answer a Denied (falsy) with a reason code when they refuse: the session logs and
+# counts it (docs/protocol.md, "Refusals in the operator's view"). The reason names what the
+# built-in Directory knows; an embedder's policy only says yes or no (access_denied).
+
+def _table_denied(policy, table_id):
+    if not isinstance(policy, Directory):
+        return Denied("access_denied")
+    return Denied("unknown_table" if policy.table_workspace(table_id) is None else "not_a_member")
+
+
 def _can_view_table(principal, params, policy):
     table_id = normalize_id(params["table_id"])
-    return table_id is not None and policy.can_view_table(principal, table_id)
+    if table_id is None:
+        return Denied("invalid_parameter", parameter="table_id")
+    return then(policy.can_view_table(principal, table_id), lambda ok: ok or _table_denied(policy, table_id))
 
 
 def _can_view_row(principal, params, policy):
     table_id, row_id = normalize_id(params["table_id"]), normalize_id(params["row_id"])
-    return table_id is not None and row_id is not None and policy.can_view_row(principal, table_id, row_id)
+    if table_id is None or row_id is None:
+        return Denied("invalid_parameter", parameter="table_id" if table_id is None else "row_id")
+    return then(policy.can_view_row(principal, table_id, row_id), lambda ok: ok or _table_denied(policy, table_id))
+
+
+def _view_denied(policy, slug):
+    if not isinstance(policy, Directory):
+        return Denied("access_denied")
+    return Denied("bad_token" if policy.has_public_view(slug) else "unknown_view")
 
 
 def _can_view_public_view(principal, params, policy):
     slug, token = params["slug"], params["token"]
     if not isinstance(slug, str) or (token is not None and not isinstance(token, str)):
-        return False
-    return policy.can_view_public_view(slug, token)
+        return Denied("invalid_parameter", parameter="slug" if not isinstance(slug, str) else "token")
+    return then(policy.can_view_public_view(slug, token), lambda ok: ok or _view_denied(policy, slug))
 
 
 def _table_created(ctx, message):

@@ -39,6 +39,11 @@ class JWTAuthenticator:
     with the public key is refused.
     """
 
+    #: It counts and logs its own refusals with their reasons: the connection must not count its
+    #: ``None`` again as ``authenticator_refused`` (an authenticator of the embedder's that does
+    #: the same may set this attribute too).
+    reports_refusals = True
+
     def __init__(self, settings: Settings):
         self.settings = settings
         self._hmac = tuple(a for a in settings.jwt_algorithms if a in HMAC_ALGORITHMS)

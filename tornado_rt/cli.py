@@ -283,6 +283,8 @@ def _check(config: Config) -> None:
                           "(or TORNADO_RT_API_KEYS), or run with --dev to generate one")
     if config.dev and config.allowed_origins is None:
         config.values["allowed_origins"] = ["*"]
+    if config.dev and config.sources.get("error_frames") == "default":
+        config.values["error_frames"] = True
     _check_types(config)
     try:
         settings(config)
@@ -398,6 +400,9 @@ def dev_banner(config: Config, base_http: str, ws_url: str) -> str:
                  "(PUT /api/directory replaces it)")
     if config.allowed_origins == ["*"] and config.sources.get("allowed_origins") == "default":
         lines.append("  Any WebSocket Origin is allowed (dev mode without --allowed-origin).")
+    if config.values.get("error_frames") and config.sources.get("error_frames") == "default":
+        lines.append("  Error frames are on: a refused subscription or an unreadable frame is answered with "
+                     "{\"type\": \"error\", ...} (not Baserow's wire; --dev only).")
     message = {"message": {"type": "rows_created", "table_id": 1, "rows": [{"id": 1, "name": "hello"}],
                            "metadata": {}, "before_row_id": None}}
     lines.append("  Publish to the subscribers of table 1:")

@@ -22,8 +22,9 @@ import inspect
 import logging
 from typing import Any, Awaitable, Callable, Hashable, Iterable, List, Optional, Set, TypeVar, Union
 
-from .auth import log_authenticator_error, to_principal
+from .auth import log_authenticator_error, refuse_token, to_principal
 from .principal import Principal, normalize_id
+from .refusals import Denied
 
 log = logging.getLogger("tornado_rt.hooks")
 
@@ -81,6 +82,9 @@ def _guarded(call: Callable[[], Any], fallback: Any, on_error: Callable[[], None
     return later()
 
 
+_RAISED = object()  # what an authenticator that raised answers (already logged and counted)
+
+
 class Hooks:
     """The application's hooks of one server, normalised (see the module docstring)."""
 
@@ -96,8 +100,19 @@ class Hooks:
         authenticator = self.authenticator
         if authenticator is None:
             return None
-        result = _guarded(lambda: authenticator(token), None, lambda: log_authenticator_error(token))
-        return then(result, to_principal)
+        result = _guarded(lambda: authenticator(token), _RAISED, lambda: log_authenticator_error(token))
+        # An authenticator that counts its own refusals (JWTAuthenticator: reports_refusals) is not
+        # counted twice; an embedder's None is counted here, an error already was.
+        counts_itself = getattr(authenticator, "reports_refusals", False)
+
+        def judged(answer: Any) -> Optional[Principal]:
+            if answer is _RAISED:
+                return None
+            principal = to_principal(answer)
+            if principal is None and not counts_itself:
+                refuse_token("authenticator_refused")
+            return principal
+        return then(result, judged)
 
     @staticmethod
     def can_add(page_type: Any, principal: Principal, params: dict, policy: Any,
@@ -106,7 +121,8 @@ class Hooks:
         ``can_add`` that asks for it); an error refuses the subscription (logged)."""
         def failed() -> None:
             log.exception("access check of page %r failed; subscription refused", page_type.name)
-        return _guarded(lambda: page_type.check(principal, params, policy, web_socket_id), False, failed)
+        return _guarded(lambda: page_type.check(principal, params, policy, web_socket_id), Denied("access_error"),
+                        failed)
 
     def members(self, audience: list) -> MaybeAwaitable[Set[Hashable]]:
         """The user ids of a membership audience (``workspaces``, ``table_workspace``,

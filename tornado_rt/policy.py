@@ -255,6 +255,11 @@ class Directory(AccessPolicy):
                                                           text="table_id must be an id or null")
         self._views[slug] = (table, token)
 
+    def has_public_view(self, slug: str) -> bool:
+        """Whether a public view has this slug (tells a bad token from an unknown view in a
+        refusal's log line)."""
+        return slug in self._views
+
     def public_views_of_table(self, table_id: Any) -> list:
         """Slugs of the public views of a table."""
         table = normalize_id(table_id)

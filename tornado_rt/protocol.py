@@ -5,41 +5,60 @@
 access check, unsubscribe (``remove_page``), and the ``page_add`` / ``page_discard`` replies.
 Anything that is not a JSON object with a string ``page`` or ``remove_page`` is ignored, as
 Baserow does; an unknown page type, a denied access check or a missing required parameter gets
-no reply at all.
+no reply at all. ``parse`` tells its caller why it ignored a frame or a page through the optional
+``refused`` callback (the session logs and counts it: docs/protocol.md, "Refusals").
 """
 from __future__ import annotations
 
-from typing import Any, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import ujson
 
 from .registry import PageType, Registry
 
 Action = Tuple[str, PageType, dict]
+#: ``refused(kind, reason, context)``: ``kind`` is ``"frame"`` (the whole frame is ignored) or
+#: ``"subscription"`` (its ``page`` is); ``context`` holds the client's raw values (``page``,
+#: ``parameters``), to be made safe before they are logged (:func:`tornado_rt.refusals.safe_params`).
+Refused = Callable[[str, str, Dict[str, Any]], None]
 
 
-def parse(registry: Registry, text: Any) -> List[Action]:
+def parse(registry: Registry, text: Any, refused: Optional[Refused] = None) -> List[Action]:
     """The page actions of one client frame: ``[("page" | "remove_page", page type, params)]``.
 
-    ``page`` comes before ``remove_page`` when a frame holds both. Garbage gives ``[]``.
+    ``page`` comes before ``remove_page`` when a frame holds both. Garbage gives ``[]``, and
+    ``refused`` (if given) hears why: see :data:`Refused` and tornado_rt.refusals's reason tables.
     """
     if not isinstance(text, str):
+        if refused is not None:
+            refused("frame", "binary", {})
         return []
     try:
         obj = ujson.loads(text)
     except (ValueError, OverflowError, RecursionError):
+        if refused is not None:
+            refused("frame", "not_json", {})
         return []
     if type(obj) is not dict:
+        if refused is not None:
+            refused("frame", "not_an_object", {"json_type": type(obj).__name__})
         return []
     actions: List[Action] = []
+    if refused is not None and "page" not in obj and "remove_page" not in obj:
+        refused("frame", "no_action", {"keys": list(obj)})
     for key in ("page", "remove_page"):
         if key in obj:
             page_type = registry.page_type(obj[key])
             if page_type is not None:
                 params = page_type.params_from(obj)
-                if not _json_safe(params):
-                    return []  # e.g. 1e999 or NaN: echoed back it would not be JSON
+                if not _json_safe(params):  # e.g. 1e999 or NaN: echoed back it would not be JSON
+                    if refused is not None:
+                        refused("subscription", "invalid_parameter", {"page": obj[key], "parameters": params})
+                    return []
                 actions.append((key, page_type, params))
+            elif key == "page" and refused is not None:
+                others = {k: v for k, v in obj.items() if k not in ("page", "remove_page")}
+                refused("subscription", "unknown_page_type", {"page": obj[key], "parameters": others})
     return actions
 
 

@@ -60,23 +60,105 @@ TOKEN_REASONS: Dict[str, str] = {
 }
 
 #: Reason codes for refused subscriptions (``kind="subscription"``, INFO; with the page, its
-#: parameters and the user as context). Reported by the connection layer.
+#: parameters (made safe by :func:`safe_params`) and the user as context). Reported by the session.
 SUBSCRIPTION_REASONS: Dict[str, str] = {
     "unknown_page_type": "no page type of that name is registered",
     "missing_parameter": "a required parameter of the page type is absent or null",
-    "anonymous": "an anonymous connection asked for a page that needs a user",
-    "not_a_member": "the access check refused: the user may not see the page",
-    "unknown_table": "the table is not in the directory",
-    "bad_token": "the token of a password-protected public view does not match",
-    "access_check_error": "the access check raised (logged with its traceback)",
+    "invalid_parameter": "a parameter value cannot be used (not an id, or a number JSON cannot carry)",
+    "anonymous_not_allowed": "an anonymous connection asked for a page that needs a user",
+    "unknown_table": "the built-in check: the table is not in the directory",
+    "not_a_member": "the built-in check: the user is not a member of the table's workspace",
+    "unknown_view": "the built-in check: no public view has this slug",
+    "bad_token": "the built-in check: the token of a password-protected public view does not match",
+    "access_denied": "the access check said no (a custom policy or page type; it gives no reason)",
+    "access_error": "the access check raised (logged with its traceback)",
+    "webhook_denied": "the access webhook answered allow: false (its reason, if any, is in the line)",
+    "webhook_timeout": "the access webhook gave no decision in time",
+    "webhook_error": "the access webhook could not be asked or answered something else than a decision",
+    "too_many_subscriptions": "the connection already has max_subscriptions pages (then closed with 4008)",
 }
 
 #: Reason codes for ignored frames (``kind="frame"``, DEBUG).
 FRAME_REASONS: Dict[str, str] = {
     "not_json": "the text frame is not valid JSON",
     "not_an_object": "the JSON is not an object",
+    "no_action": "a JSON object with neither a page nor a remove_page key",
     "binary": "a binary frame",
 }
+
+#: Subscription reasons that an error frame reports as ``access_denied``: telling a client "no such
+#: table" apart from "not yours" would let it probe which tables and views exist.
+ACCESS_REASONS = frozenset({"unknown_table", "not_a_member", "unknown_view", "bad_token", "access_denied",
+                            "access_error", "webhook_denied", "webhook_timeout", "webhook_error"})
+
+
+class Denied:
+    """A refusal with a reason: what an access check may return instead of ``False``.
+
+    It is falsy, so code that only asks "allowed?" keeps working; the session logs and counts its
+    ``reason`` (one of :data:`SUBSCRIPTION_REASONS`, or a code of the embedder's own) and its
+    ``context`` (``key=value`` pairs for the log line; never a credential). An access check that
+    answers a plain ``False`` is counted as ``access_denied``.
+    """
+
+    __slots__ = ("reason", "context")
+
+    def __init__(self, reason: str, **context: Any):
+        self.reason = reason
+        self.context = context
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Denied) and (other.reason, other.context) == (self.reason, self.context)
+
+    def __hash__(self) -> int:
+        return hash(self.reason)
+
+    def __repr__(self) -> str:
+        return f"Denied({self.reason!r})"
+
+
+#: Longest string value of a client's parameter written to a log line (longer ones are cut).
+MAX_VALUE_LENGTH = 64
+#: Most parameters of one frame written to a log line.
+MAX_PARAMS = 8
+REDACTED = "[redacted]"
+
+
+def safe_value(value: Any) -> Any:
+    """A client's value made fit for a log line: strings cut at :data:`MAX_VALUE_LENGTH` characters
+    (``'...'`` plus the full length appended), containers summarised, other values kept."""
+    if isinstance(value, str):
+        if len(value) <= MAX_VALUE_LENGTH:
+            return value
+        return f"{value[:MAX_VALUE_LENGTH]}...({len(value)} chars)"
+    if value is None or isinstance(value, (bool, float)):
+        return value
+    if isinstance(value, int):
+        text = str(value)
+        return value if len(text) <= MAX_VALUE_LENGTH else f"{text[:MAX_VALUE_LENGTH]}...({len(text)} digits)"
+    if isinstance(value, (dict, list, tuple)):
+        return f"<{type(value).__name__} of {len(value)}>"
+    return f"<{type(value).__name__}>"
+
+
+def safe_params(params: Any) -> Dict[str, Any]:
+    """A client's parameters made fit for a log line: at most :data:`MAX_PARAMS` of them, names and
+    values passed through :func:`safe_value`, and the value of a parameter that names a credential
+    (``token``, ...: :data:`FORBIDDEN_CONTEXT`) replaced by ``'[redacted]'`` (its presence stays
+    visible, its value never reaches the log)."""
+    if not isinstance(params, dict):
+        return {}
+    safe: Dict[str, Any] = {}
+    for name, value in params.items():
+        if len(safe) == MAX_PARAMS:
+            safe["..."] = f"{len(params) - MAX_PARAMS} more"
+            break
+        key = str(safe_value(name))
+        safe[key] = REDACTED if value is not None and key.lower() in FORBIDDEN_CONTEXT else safe_value(value)
+    return safe
 
 
 def _format_value(value: Any) -> str:

@@ -24,6 +24,7 @@ waits for it before feeding the next frame (Tornado does so with ``on_message``'
 from __future__ import annotations
 
 import enum
+import logging
 import time
 import uuid
 from typing import Any, Awaitable, Callable, Dict, Optional
@@ -36,6 +37,8 @@ from .hooks import Hooks, pending, then
 from .hub import Hub, text_frame
 from .principal import ANONYMOUS, Principal
 from .protocol import parse
+from .refusals import (ACCESS_REASONS, FRAME_REASONS, MAX_PARAMS, SUBSCRIPTION_REASONS, Denied, refuse, safe_params,
+                       safe_value)
 from .registry import PageType, Registry
 from .router import Subscription, page_frame
 
@@ -59,7 +62,7 @@ class SessionContext:
 
     __slots__ = ("hub", "hooks", "registry", "policy", "max_subscriptions", "max_incoming_rate",
                  "max_incoming_burst", "max_message_size", "allow_anonymous",
-                 "max_connections_per_user", "closing", "opened", "left", "auth_failed")
+                 "max_connections_per_user", "error_frames", "closing", "opened", "left", "auth_failed")
 
     def __init__(self, hub: Hub, hooks: Hooks, registry: Registry, settings: Any,
                  opened: Callable[["Session"], None] = lambda s: None,
@@ -75,6 +78,7 @@ class SessionContext:
         self.max_message_size = settings.max_message_size
         self.allow_anonymous = settings.allow_anonymous
         self.max_connections_per_user = settings.max_connections_per_user
+        self.error_frames = getattr(settings, "error_frames", False)
         self.closing = False
         self.opened = opened
         self.left = left
@@ -133,6 +137,7 @@ class Session:
         if self.state is not State.AUTHENTICATING or (self.transport is not None and self.transport.gone()):
             return  # the client left while the authenticator was thinking
         if principal is not None and principal.user_id is None and not ctx.allow_anonymous:
+            refuse_token("anonymous_disabled")
             principal = None  # an embedder's authenticator answered "anonymous": same switch
         if principal is None:
             ctx.auth_failed()
@@ -183,8 +188,9 @@ class Session:
                 return None
             self._tokens = tokens - 1
         if opcode == BINARY:
+            self._refused("frame", "binary", {})
             return None
-        actions = parse(ctx.registry, data)
+        actions = parse(ctx.registry, data, self._refused)
         if not actions:
             return None
         kind, page_type, params = actions[0]
@@ -202,23 +208,72 @@ class Session:
         principal = self.principal
         assert principal is not None
         if principal.user_id is None and not page_type.anonymous:
+            self._refused_page("anonymous_not_allowed", page_type, params)
             return None
-        if page_type.missing(params) is not None:
+        missing = page_type.missing(params)
+        if missing is not None:
+            self._refused_page("missing_parameter", page_type, params, parameter=missing)
             return None
         ctx = self.ctx
         allowed = ctx.hooks.can_add(page_type, principal, params, ctx.policy, self.web_socket_id)
-        return then(allowed, lambda ok: self._subscribe(page_type, params) if ok else None)
+        return then(allowed, lambda ok: self._subscribe(page_type, params) if ok else self._denied(page_type, params, ok))
+
+    def _denied(self, page_type: PageType, params: dict, answer: Any) -> None:
+        """The access check said no: a :class:`~tornado_rt.refusals.Denied` names its reason, any
+        other falsy answer is ``access_denied``."""
+        if self.state is not State.OPEN:
+            return  # closed while an asynchronous access check was pending
+        if isinstance(answer, Denied):
+            self._refused_page(answer.reason, page_type, params, **answer.context)
+        else:
+            self._refused_page("access_denied", page_type, params)
 
     def _subscribe(self, page_type: PageType, params: dict) -> None:
         if self.state is not State.OPEN:
             return  # closed while an asynchronous access check was pending
         group = page_type.group(params)
         if group not in self.pages and len(self.pages) >= self.ctx.max_subscriptions:
+            self._refused_page("too_many_subscriptions", page_type, params, limit=self.ctx.max_subscriptions)
             self.close(closecodes.POLICY_VIOLATION, "too many subscriptions")
             return
         hub = self.ctx.hub
         hub.subscribe(self, group, Subscription(page_type, params))
         hub.send(self, page_frame("page_add", page_type.name, params))
+
+    # --- refusals (docs/protocol.md, "Refusals in the operator's view" and "Error frames") ----------
+    def _refused(self, kind: str, reason: str, context: dict) -> None:
+        """A frame ignored (``kind="frame"``, DEBUG) or a page refused before its page type was
+        known (``kind="subscription"``; ``context`` holds the client's raw ``page`` and
+        ``parameters``): count it, log it (rate-limited, values made safe), and tell the client
+        when error frames are on."""
+        if kind == "frame":
+            refuse("frame", reason, level=logging.DEBUG, key=self.web_socket_id, user_id=self.user_id,
+                   **{k: [safe_value(x) for x in v[:MAX_PARAMS]] if isinstance(v, list) else safe_value(v)
+                      for k, v in context.items()})
+            self._error_frame(reason, FRAME_REASONS.get(reason, reason))
+            return
+        page = context.get("page")
+        self._refuse_subscription(reason, page if isinstance(page, str) else safe_value(page),
+                                  context.get("parameters"))
+
+    def _refused_page(self, reason: str, page_type: PageType, params: dict, **context: Any) -> None:
+        self._refuse_subscription(reason, page_type.name, params, **context)
+
+    def _refuse_subscription(self, reason: str, page: Any, params: Any, **context: Any) -> None:
+        refuse("subscription", reason, key=self.web_socket_id, page=safe_value(page),
+               parameters=safe_params(params), user_id=self.user_id, **context)
+        code = "access_denied" if reason in ACCESS_REASONS else reason
+        self._error_frame(code, SUBSCRIPTION_REASONS.get(code, "the subscription was refused"), page)
+
+    def _error_frame(self, code: str, message: str, page: Any = None) -> None:
+        """``{"type": "error", "code": ..., "message": ...}`` (plus ``page`` for a subscription),
+        only when the server's ``error_frames`` setting is on: else the wire stays Baserow's."""
+        if not self.ctx.error_frames or self.state is not State.OPEN:
+            return
+        frame: Dict[str, Any] = {"type": "error", "code": code, "message": message}
+        if page is not None:
+            frame["page"] = safe_value(page) if isinstance(page, str) else None
+        self.ctx.hub.send(self, text_frame(ujson.dumps(frame).encode()))
 
     def _remove_page(self, page_type: PageType, params: dict) -> None:
         if self.state is not State.OPEN:

@@ -405,6 +405,10 @@ class Settings:
         None, "WebSocket Origin allowed, repeatable (env and config: a list); '*' allows any; another "
         "Origin gets HTTP 403 on the upgrade", each(_origin), type="list", flag="--allowed-origin",
         metavar="ORIGIN", group="auth", shown_default="same host only")
+    error_frames: bool = setting(
+        False, "also tell the client why a subscription was refused or a frame ignored, with "
+        "{\"type\": \"error\", \"code\": ..., \"message\": ...} (a tornado-rt extension: off, the wire is "
+        "exactly Baserow's; on with --dev unless set)", shown_default="off (on with --dev)")
 
     # Limits
     max_message_size: int = setting(64 * 1024, "largest incoming WebSocket message in bytes (close 1009 "

@@ -8,7 +8,9 @@ The "subscribe proxy" pattern of standalone real-time servers: for a page whose 
 
 and the header ``Authorization: Bearer <api key>``. A ``200`` answer ``{"allow": true}`` admits
 the subscription, ``{"allow": false}`` refuses it (no reply to the client, as for any refused
-page). Everything else refuses (fail closed) and is logged with its reason: a timeout, a refused
+page; a short ``"reason"`` code beside it, e.g. ``{"allow": false, "reason": "suspended"}``, is
+written into the refusal's log line: ``reason=webhook_denied ... webhook_reason='suspended'``).
+Everything else refuses (fail closed) and is logged with its reason: a timeout, a refused
 connection, another status, a body that is not JSON or whose ``allow`` is not a boolean.
 
 Decisions (allow and deny, not failures) are cached for ``cache_ttl`` seconds per
@@ -26,11 +28,13 @@ import asyncio
 import collections
 import json
 import logging
+import re
 import time
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
+from .refusals import Denied
 from .registry import PageType, Params, Registry
 
 log = logging.getLogger("tornado_rt.webhook")
@@ -67,7 +71,7 @@ class AccessWebhook:
         self._headers = {"Content-Type": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
-        self._cache: "collections.OrderedDict[Tuple[Any, str, str], Tuple[float, bool]]" = \
+        self._cache: "collections.OrderedDict[Tuple[Any, str, str], Tuple[float, bool, Optional[str]]]" = \
             collections.OrderedDict()
         self._semaphore: Optional[asyncio.Semaphore] = None
         self._client: Optional[AsyncHTTPClient] = None
@@ -80,8 +84,10 @@ class AccessWebhook:
     def page_check(self, page: str) -> Callable[..., Any]:
         """A ``can_add(principal, params, policy, *, web_socket_id)`` asking this webhook about
         page type ``page``."""
-        def can_add(principal: Any, params: Params, policy: Any, *, web_socket_id: Optional[str] = None) -> Any:
-            return self.decide(principal.user_id, page, params, web_socket_id)
+        async def can_add(principal: Any, params: Params, policy: Any, *,
+                          web_socket_id: Optional[str] = None) -> Any:
+            allowed, reason, context = await self._decide(principal.user_id, page, params, web_socket_id)
+            return True if allowed else Denied(reason, **context)
         can_add.__qualname__ = f"AccessWebhook.page_check({page!r})"
         return can_add
 
@@ -100,38 +106,45 @@ class AccessWebhook:
     # --- the decision ---------------------------------------------------------------------------
     async def decide(self, user_id: Any, page: str, params: Params, web_socket_id: Optional[str] = None) -> bool:
         """Whether ``user_id`` may subscribe to ``page`` with ``params`` (False on any failure)."""
+        return (await self._decide(user_id, page, params, web_socket_id))[0]
+
+    async def _decide(self, user_id: Any, page: str, params: Params,
+                      web_socket_id: Optional[str]) -> Tuple[bool, str, Dict[str, Any]]:
+        """``(allowed, refusal reason, context for the refusal's log line)``: the reason is
+        ``webhook_denied`` (context: the backend's ``reason`` when it gave a short code),
+        ``webhook_timeout`` or ``webhook_error``."""
         key = (user_id, page, json.dumps(params, sort_keys=True, default=str))
         if self.cache_ttl > 0:
             hit = self._cache.get(key)
             if hit is not None:
-                expires, allowed = hit
+                expires, allowed, why = hit
                 if expires > time.monotonic():
                     self.decisions["cached_allow" if allowed else "cached_deny"] += 1
-                    return allowed
+                    return allowed, "webhook_denied", _why(why)
                 del self._cache[key]
         body = json.dumps({"user_id": user_id, "page": page, "parameters": params, "web_socket_id": web_socket_id})
         try:
             async with asyncio.timeout(self.timeout):
-                allowed = await self._call(body)
+                allowed, why = await self._call(body)
         except TimeoutError:
             self.decisions["timeout"] += 1
             log.warning("access webhook: no decision within %g s for page %r of user %r: refused",
                         self.timeout, page, user_id)
-            return False
+            return False, "webhook_timeout", {}
         except _Refusal as exc:
             self.decisions["error"] += 1
             log.warning("access webhook: %s (page %r, user %r): refused", exc, page, user_id)
-            return False
+            return False, "webhook_error", {}
         self.decisions["allow" if allowed else "deny"] += 1
         if not allowed:
             log.info("access webhook denied page %r to user %r", page, user_id)
         if self.cache_ttl > 0:
-            self._cache[key] = (time.monotonic() + self.cache_ttl, allowed)
+            self._cache[key] = (time.monotonic() + self.cache_ttl, allowed, why)
             while len(self._cache) > self.max_cache_entries:
                 self._cache.popitem(last=False)
-        return allowed
+        return allowed, "webhook_denied", _why(why)
 
-    async def _call(self, body: str) -> bool:
+    async def _call(self, body: str) -> Tuple[bool, Optional[str]]:
         if self._semaphore is None:
             self._semaphore = asyncio.Semaphore(self.max_concurrency)
             self._client = AsyncHTTPClient(force_instance=True, max_clients=self.max_concurrency)
@@ -161,7 +174,8 @@ class AccessWebhook:
         allow = answer.get("allow") if isinstance(answer, dict) else None
         if not isinstance(allow, bool):
             raise _Refusal(f"{self.url} answered without a boolean \"allow\"")
-        return allow
+        why = answer.get("reason")
+        return allow, why if isinstance(why, str) and _REASON.fullmatch(why) else None
 
     def close(self) -> None:
         """Close the HTTP client (the webhook can be used again afterwards)."""
@@ -169,6 +183,14 @@ class AccessWebhook:
             self._client.close()
         self._client = None
         self._semaphore = None
+
+
+#: A reason the backend may give with ``allow: false``: a short code, logged as it is.
+_REASON = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def _why(reason: Optional[str]) -> Dict[str, Any]:
+    return {} if reason is None else {"webhook_reason": reason}
 
 
 class _Refusal(Exception):
