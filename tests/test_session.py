@@ -344,3 +344,89 @@ def test_refused_tokens_are_counted_with_their_reason(monkeypatch):
     World().session("not-a-jwt")
     assert fresh.counts() == {("token", "anonymous_disabled"): 1, ("token", "missing"): 1,
                               ("token", "no_authenticator"): 1, ("token", "malformed"): 1}
+
+
+# --- refusals: the session's decisions, counted by reason (docs/protocol.md, "Refusals") ---------------
+
+@pytest.fixture
+def fresh_refusals(monkeypatch):
+    from tornado_rt import refusals
+    fresh = refusals.Refusals()
+    monkeypatch.setattr(refusals, "REFUSALS", fresh)
+    return fresh
+
+
+REFUSED_FRAMES = [
+    ('{"page": "nope"}', ("subscription", "unknown_page_type")),
+    ({"page": "table"}, ("subscription", "missing_parameter")),
+    ('{"page": "table", "table_id": NaN}', ("subscription", "invalid_parameter")),
+    ({"page": "table", "table_id": 99}, ("subscription", "unknown_table")),
+    ({"page": "table", "table_id": 20}, ("subscription", "not_a_member")),
+    ({"page": "row", "table_id": 20, "row_id": 1}, ("subscription", "not_a_member")),
+    ({"page": "view", "slug": "nope"}, ("subscription", "unknown_view")),
+    ("{nope", ("frame", "not_json")),
+    ("3", ("frame", "not_an_object")),
+    ('{"table_id": 10}', ("frame", "no_action")),
+]
+
+
+@pytest.mark.parametrize("frame, counted", REFUSED_FRAMES)
+def test_each_refusal_is_counted_with_its_reason_and_answers_nothing(frame, counted, fresh_refusals):
+    world = World()
+    s = world.session(user_id=1)
+    sent(s)
+    assert text(s, frame) is None
+    assert sent(s) == [] and s.pages == {} and s.state is State.OPEN
+    assert fresh_refusals.counts() == {counted: 1}
+
+
+def test_refusals_the_session_decides_itself(fresh_refusals):
+    world = World()
+    anon = world.session("anonymous")
+    text(anon, {"page": "table", "table_id": 10})
+    s = world.session(user_id=1)
+    assert s.receive_frame(BINARY, b"\x00") is None
+    world.directory.set_public_view("locked", 10, token="pw")
+    text(s, {"page": "view", "slug": "locked", "token": "wrong"})
+    assert fresh_refusals.counts() == {("subscription", "anonymous_not_allowed"): 1, ("frame", "binary"): 1,
+                                       ("subscription", "bad_token"): 1}
+
+
+def test_an_async_denial_is_counted_when_it_answers(fresh_refusals):
+    global GATE
+    GATE = asyncio.Event()
+    world = World()
+    s = world.session(user_id=1)
+    sent(s)
+    waiting = text(s, {"page": "gated", "id": 0})
+    assert waiting is not None and fresh_refusals.counts() == {}
+    GATE.set()
+    asyncio.run(_await(waiting))
+    assert fresh_refusals.counts() == {("subscription", "access_denied"): 1} and sent(s) == []
+
+
+async def _await(awaitable):
+    await awaitable
+
+
+def test_error_frames_name_the_code_and_hide_what_the_access_check_knows(fresh_refusals):
+    world = World(error_frames=True)
+    s = world.session(user_id=1)
+    sent(s)
+    text(s, {"page": "table", "table_id": 99})
+    text(s, {"page": "table", "table_id": 20})
+    text(s, {"page": "nope"})
+    text(s, "[]")
+    codes = [(f["code"], f.get("page")) for f in sent(s)]
+    assert codes == [("access_denied", "table"), ("access_denied", "table"), ("unknown_page_type", "nope"),
+                     ("not_an_object", None)]
+    assert fresh_refusals.counts() == {("subscription", "unknown_table"): 1, ("subscription", "not_a_member"): 1,
+                                       ("subscription", "unknown_page_type"): 1, ("frame", "not_an_object"): 1}
+
+
+def test_an_authenticator_answering_none_is_counted_but_the_jwt_one_counts_itself(fresh_refusals):
+    World(authenticator=lambda token: None).new().authenticate("t")
+    World(authenticator=lambda token: 1.5).new().authenticate("t")  # not an id: refused too
+    World().new().authenticate(make_token(1, secret="y" * 40))  # JWTAuthenticator: its own reason only
+    World(authenticator=lambda token: 5).session("t")
+    assert fresh_refusals.counts() == {("token", "authenticator_refused"): 2, ("token", "bad_signature"): 1}

@@ -216,7 +216,8 @@ class Session:
             return None
         ctx = self.ctx
         allowed = ctx.hooks.can_add(page_type, principal, params, ctx.policy, self.web_socket_id)
-        return then(allowed, lambda ok: self._subscribe(page_type, params) if ok else self._denied(page_type, params, ok))
+        return then(allowed, lambda ok: self._subscribe(page_type, params) if ok
+                    else self._denied(page_type, params, ok))
 
     def _denied(self, page_type: PageType, params: dict, answer: Any) -> None:
         """The access check said no: a :class:`~tornado_rt.refusals.Denied` names its reason, any
