@@ -335,3 +335,39 @@ async def test_error_frames_on_change_nothing_for_a_good_client(connect, barrier
     await client.send({"remove_page": "table", "table_id": 10})
     assert (await client.recv())["type"] == "page_discard"
     await barrier(client)
+
+
+# --- the switch of `tornado-rt serve` ------------------------------------------------------------------
+
+def _resolve(argv, env=None):
+    from tornado_rt import cli
+    return cli.settings(cli.resolve(cli.build_parser().parse_args(["serve", "--jwt-secret", "s", "--api-key", "k",
+                                                                   *argv]), env or {}))
+
+
+def test_error_frames_are_off_by_default_on_with_dev_and_the_given_setting_wins():
+    assert _resolve([]).error_frames is False
+    assert _resolve(["--error-frames"]).error_frames is True
+    assert _resolve(["--dev"]).error_frames is True
+    assert _resolve(["--dev"], {"TORNADO_RT_ERROR_FRAMES": "false"}).error_frames is False
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_tornado_rt_serve_dev_answers_a_refused_subscription_with_an_error_frame():
+    from standalone import SECRET as SERVE_SECRET
+    from standalone import ServeProcess, WsClient, clean_env
+    from standalone import make_token as serve_token
+    proc = ServeProcess(["serve", "--dev", "--port", "0"],
+                        env=clean_env(TORNADO_RT_JWT_SECRET=SERVE_SECRET, TORNADO_RT_API_KEYS=API_KEY))
+    try:
+        assert "Error frames are on" in proc.stdout()
+        client = await WsClient.connect(proc.ws_url, token=serve_token(user_id=1))
+        await client.send({"page": "table", "table_id": 2})  # not in the demo directory
+        assert await client.recv() == {"type": "error", "code": "access_denied", "page": "table",
+                                       "message": SUBSCRIPTION_REASONS["access_denied"]}
+        assert (await client.subscribe("table", table_id=1))["type"] == "page_add"  # demo: user 1, table 1
+        assert await refusals_on_metrics(proc.base, "subscription") == {"unknown_table": 1.0}
+    finally:
+        assert await proc.stopped() == 0, proc.output()
+    assert "refused subscription: reason=unknown_table page='table' parameters={'table_id': 2} user_id=1" in \
+        proc.stderr()
