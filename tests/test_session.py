@@ -430,3 +430,26 @@ def test_an_authenticator_answering_none_is_counted_but_the_jwt_one_counts_itsel
     World().new().authenticate(make_token(1, secret="y" * 40))  # JWTAuthenticator: its own reason only
     World(authenticator=lambda token: 5).session("t")
     assert fresh_refusals.counts() == {("token", "authenticator_refused"): 2, ("token", "bad_signature"): 1}
+
+
+def test_a_denial_cannot_log_a_credential_or_break_the_line(fresh_refusals, caplog):
+    from tornado_rt.refusals import Denied
+    for key in ("token", "user_id", "page"):
+        with pytest.raises(ValueError):
+            Denied("mine", **{key: "x"})
+
+    def own_reason(principal, params, policy):
+        return Denied("suspended", until="x" * 500) if params["id"] == 1 else Denied("oops", token="secret-value")
+    world = World(error_frames=True)
+    world.registry.page_types["own"] = PageType("own", ("id",), "own-{id}", own_reason)
+    s = world.session(user_id=1)
+    sent(s)
+    with caplog.at_level("INFO", logger="tornado_rt.refusals"):
+        text(s, {"page": "own", "id": 1})
+        text(s, {"page": "own", "id": 2})  # the check raised building its Denied: access_error
+    assert [f["code"] for f in sent(s)] == ["access_denied", "access_denied"]  # the client learns no more
+    assert fresh_refusals.counts() == {("subscription", "suspended"): 1, ("subscription", "access_error"): 1}
+    lines = "\n".join(r.getMessage() for r in caplog.records if r.name == "tornado_rt.refusals")
+    assert "reason=suspended page='own' parameters={'id': 1} user_id=1 until='" + "x" * 64 + "...(500 chars)'" \
+        in lines
+    assert "secret-value" not in lines

@@ -86,10 +86,16 @@ FRAME_REASONS: Dict[str, str] = {
     "binary": "a binary frame",
 }
 
-#: Subscription reasons that an error frame reports as ``access_denied``: telling a client "no such
-#: table" apart from "not yours" would let it probe which tables and views exist.
-ACCESS_REASONS = frozenset({"unknown_table", "not_a_member", "unknown_view", "bad_token", "access_denied",
-                            "access_error", "webhook_denied", "webhook_timeout", "webhook_error"})
+#: Subscription reasons an error frame names as they are; every other one (what the access check
+#: decided: ``unknown_table``, ``not_a_member``, ``bad_token``, a webhook's or an embedder's own
+#: reason...) reads ``access_denied`` for the client: telling "no such table" apart from "not
+#: yours" would let it probe which tables and views exist.
+CLIENT_REASONS = frozenset({"unknown_page_type", "missing_parameter", "invalid_parameter", "anonymous_not_allowed",
+                            "too_many_subscriptions", "access_denied"})
+
+
+#: Context keys the session writes itself on a refused subscription's line.
+RESERVED_CONTEXT = frozenset({"kind", "reason", "level", "key", "page", "parameters", "user_id"})
 
 
 class Denied:
@@ -97,13 +103,18 @@ class Denied:
 
     It is falsy, so code that only asks "allowed?" keeps working; the session logs and counts its
     ``reason`` (one of :data:`SUBSCRIPTION_REASONS`, or a code of the embedder's own) and its
-    ``context`` (``key=value`` pairs for the log line; never a credential). An access check that
-    answers a plain ``False`` is counted as ``access_denied``.
+    ``context`` (``key=value`` pairs for the log line, values cut like a client's). An access
+    check that answers a plain ``False`` is counted as ``access_denied``. A context key naming a
+    credential (:data:`FORBIDDEN_CONTEXT`) or one the log line already has (:data:`RESERVED_CONTEXT`)
+    raises ``ValueError`` here, in the access check (which then counts as ``access_error``).
     """
 
     __slots__ = ("reason", "context")
 
     def __init__(self, reason: str, **context: Any):
+        bad = (FORBIDDEN_CONTEXT | RESERVED_CONTEXT).intersection(k.lower() for k in context)
+        if bad:
+            raise ValueError(f"Denied(): context key {sorted(bad)[0]!r} is a credential or already in the line")
         self.reason = reason
         self.context = context
 

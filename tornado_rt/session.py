@@ -37,7 +37,7 @@ from .hooks import Hooks, pending, then
 from .hub import Hub, text_frame
 from .principal import ANONYMOUS, Principal
 from .protocol import parse
-from .refusals import (ACCESS_REASONS, FRAME_REASONS, MAX_PARAMS, SUBSCRIPTION_REASONS, Denied, refuse, safe_params,
+from .refusals import (CLIENT_REASONS, FRAME_REASONS, MAX_PARAMS, SUBSCRIPTION_REASONS, Denied, refuse, safe_params,
                        safe_value)
 from .registry import PageType, Registry
 from .router import Subscription, page_frame
@@ -253,17 +253,16 @@ class Session:
                       for k, v in context.items()})
             self._error_frame(reason, FRAME_REASONS.get(reason, reason))
             return
-        page = context.get("page")
-        self._refuse_subscription(reason, page if isinstance(page, str) else safe_value(page),
-                                  context.get("parameters"))
+        self._refuse_subscription(reason, context.get("page"), context.get("parameters"))
 
     def _refused_page(self, reason: str, page_type: PageType, params: dict, **context: Any) -> None:
         self._refuse_subscription(reason, page_type.name, params, **context)
 
     def _refuse_subscription(self, reason: str, page: Any, params: Any, **context: Any) -> None:
         refuse("subscription", reason, key=self.web_socket_id, page=safe_value(page),
-               parameters=safe_params(params), user_id=self.user_id, **context)
-        code = "access_denied" if reason in ACCESS_REASONS else reason
+               parameters=safe_params(params), user_id=self.user_id,
+               **{k: safe_value(v) for k, v in context.items()})
+        code = reason if reason in CLIENT_REASONS else "access_denied"
         self._error_frame(code, SUBSCRIPTION_REASONS.get(code, "the subscription was refused"), page)
 
     def _error_frame(self, code: str, message: str, page: Any = None) -> None:
