@@ -34,7 +34,8 @@ class PageType:
     not ``None`` (default: all). ``group``: a ``str.format`` template over the parameters or a
     callable ``params -> str``: connections on the same group receive the same page messages.
     ``permission_group``: template or callable, or ``None``; revoking a user from it drops the page.
-    ``can_add(principal, params, policy)``: the access check, sync or async, returns a bool.
+    ``can_add(principal, params, policy)``: the access check, sync or async, returns a bool, or a
+    falsy :class:`tornado_rt.refusals.Denied` naming why it refused (logged and counted).
     ``anonymous``: whether anonymous connections may subscribe.
     A ``can_add`` that accepts a keyword argument ``web_socket_id`` also receives the id of the
     subscribing connection (what the access webhook sends to the backend).
