@@ -139,6 +139,12 @@ class RealtimeHandler(WebSocketHandler):
     def on_pong(self, data: bytes) -> None:
         self.session.receive_frame(PONG, data)
 
+    def on_frame(self, opcode: int, data: bytes) -> None:
+        """A frame Tornado has no public callback for: a fragment of a message that is not its
+        last (``opcode`` 0) or a close frame (8). Only the frame reader in transport.py calls it
+        (with the public-API fallback these frames are not seen one by one)."""
+        self.session.receive_frame(opcode, data)
+
     def closing(self, code: Optional[int], by_client: bool) -> None:
         """The protocol started the closing handshake (see RealtimeProtocol.close)."""
         if self.session is not None:

@@ -42,7 +42,7 @@ from .refusals import (CLIENT_REASONS, FRAME_REASONS, MAX_PARAMS, SUBSCRIPTION_R
 from .registry import PageType, Registry
 from .router import Subscription, page_frame
 
-TEXT, BINARY, CLOSE, PING, PONG = 0x1, 0x2, 0x8, 0x9, 0xA
+CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
 _AUTH_FAILED = text_frame(b'{"type":"authentication","success":false,"web_socket_id":null}')
 PING_FRAME = b"\x89\x00"  # an empty ping frame: the same bytes for every connection
@@ -164,19 +164,19 @@ class Session:
     # --- incoming frames ----------------------------------------------------------------------------
     def receive_frame(self, opcode: int, data: Any) -> Optional[Awaitable[None]]:
         """One frame from the client: the one entry point for every incoming frame, so the
-        incoming limits can count any kind. Today the transport hands over what Tornado's
-        callbacks expose: whole text and binary messages, pings and pongs (the rate limit counts
-        the messages, as before); single continuation and close frames would need a hook in
-        Tornado's frame reader (in transport.py), and any other opcode is ignored here."""
+        incoming rate counts every kind (close 4008 past it). The transport's frame reader hands
+        over each frame: a fragment that is not its message's last as ``CONTINUATION`` (counted
+        only), the last one as the whole message (``TEXT`` as str, ``BINARY``), ``PING``,
+        ``PONG`` and ``CLOSE`` (counted; the transport answers pings and closes). Frames that
+        break RFC 6455 never get here (the transport answers them with 1002 / 1007). With
+        Tornado's public API only (the fallback) whole messages, pings and pongs are counted."""
         if opcode == PONG:
             self.awaiting_pong = False
-            return None
-        if opcode != TEXT and opcode != BINARY:
-            return None  # ping: Tornado answers with the pong through the transport
         if self.state is not State.OPEN:
             return None
         ctx = self.ctx
-        if len(data) > ctx.max_message_size:
+        data_frame = opcode == TEXT or opcode == BINARY
+        if data_frame and len(data) > ctx.max_message_size:
             self.close(closecodes.MESSAGE_TOO_BIG, "message too big")
             return None
         if ctx.max_incoming_rate:
@@ -190,6 +190,8 @@ class Session:
         if opcode == BINARY:
             self._refused("frame", "binary", {})
             return None
+        if opcode != TEXT:
+            return None  # control and continuation frames: counted, nothing to act on
         actions = parse(ctx.registry, data, self._refused)
         if not actions:
             return None

@@ -37,6 +37,7 @@ from typing import Any, List, Optional
 
 from tornado.httputil import HTTPHeaders
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
+from tornado.util import _websocket_mask
 from tornado.websocket import WebSocketProtocol13
 
 log = logging.getLogger("tornado_rt.transport")
@@ -57,6 +58,39 @@ def frame_header(fin: bool, opcode: int, n: int, flags: int = 0) -> bytes:
     return _pack_long(first, 127, n)
 
 
+_unpack_short = struct.Struct("!H").unpack
+_unpack_long = struct.Struct("!Q").unpack
+_unpack_code = _unpack_short
+_DATA_OPCODES = (0x0, 0x1, 0x2)
+_CONTROL_OPCODES = (0x8, 0x9, 0xA)
+
+
+def valid_close_code(code: int) -> bool:
+    """Whether a peer may send ``code`` in a close frame (RFC 6455 §7.4.1 and the IANA registry:
+    1000-1003, 1007-1014, 3000-4999; never 1004-1006, 1015, below 1000 or 5000 and up)."""
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+def _frame_problem(first: int, second: int, length: int, in_message: bool) -> Optional[str]:
+    """What makes a client frame break RFC 6455 §5 (answered with 1002), or None."""
+    opcode = first & 0x0F
+    if not second & 0x80:
+        return "unmasked client frame"
+    if first & 0x70:
+        return "reserved bits set without an extension"
+    if opcode in _CONTROL_OPCODES:
+        if not first & 0x80 or length > 125:
+            return "fragmented or oversized control frame"
+        return None
+    if opcode not in _DATA_OPCODES:
+        return f"unknown opcode {opcode}"
+    if opcode == 0 and not in_message:
+        return "continuation frame without a message"
+    if opcode and in_message:
+        return "new message before the fragmented one ended"
+    return None
+
+
 # --- the checks --------------------------------------------------------------------------------
 
 def protocol_problems(cls: Any = WebSocketProtocol13) -> List[str]:
@@ -75,6 +109,12 @@ def protocol_problems(cls: Any = WebSocketProtocol13) -> List[str]:
     loop = getattr(cls, "_receive_frame_loop", None)
     if loop is None or not inspect.iscoroutinefunction(loop):
         problems.append("WebSocketProtocol13._receive_frame_loop is not a coroutine function")
+    else:  # the frame reader hooks into the loop: one problem, so the fallback stays all or nothing
+        missing = [name for name in ("_receive_frame", "_read_bytes") if not inspect.iscoroutinefunction(
+            getattr(cls, name, None))] + [name for name in ("_send_pong", "_run_callback", "_abort")
+                                          if not callable(getattr(cls, name, None))]
+        if missing:
+            problems.append(f"WebSocketProtocol13's frame reader differs ({', '.join(missing)})")
     return problems
 
 
@@ -254,6 +294,133 @@ class RealtimeProtocol(WebSocketProtocol13):
         handler: Any = self.handler
         handler.closing(code, self.client_terminated)
         super().close(code, reason)
+
+    # --- the frame reader ---------------------------------------------------------------------
+    # Tornado's own reader hands over only whole messages, pings and pongs, acts on unmasked
+    # frames, echoes any close code and raises (a logged traceback) on a close reason that is not
+    # UTF-8. This one replaces it (``_receive_frame``, called by Tornado's frame loop) so that:
+    # every frame reaches the session, which counts it against the incoming rate (4008); a frame
+    # that breaks RFC 6455 is answered with 1002 and not acted on; a text message or close reason
+    # that is not UTF-8 with 1007; all of it logged at DEBUG only. Data messages, pings and pongs
+    # still go through the handler's public callbacks (``on_message``, ``on_ping``, ``on_pong``),
+    # continuation and close frames through ``handler.on_frame``.
+
+    _fragments: Optional[bytearray] = None  # the message being received in fragments
+    _fragments_opcode = 0
+
+    async def _receive_frame(self) -> None:
+        read = self._read_bytes
+        head = await read(2)
+        first, second = head[0], head[1]
+        opcode = first & 0x0F
+        control = opcode & 0x8
+        n = second & 0x7F
+        if n == 126:
+            n = _unpack_short(await read(2))[0]
+        elif n == 127:
+            n = _unpack_long(await read(8))[0]
+        problem = _frame_problem(first, second, n, self._fragments is not None)
+        fragments = self._fragments
+        if problem is None and not control and n + (len(fragments) if fragments is not None else 0) \
+                > self.params.max_message_size:
+            self.close(1009, "message too big")  # as Tornado: the close frame, then the connection ends
+            self._abort()
+            return
+        if problem is not None and n > 125 + self.params.max_message_size:
+            self._fail(1002, problem)  # not worth reading past: end it here
+            self._abort()
+            return
+        if second & 0x80:
+            mask = await read(4)
+            data = _websocket_mask(mask, await read(n)) if n else b""
+        else:
+            data = await read(n) if n else b""
+        if self.server_terminated:  # our close frame is out: only the peer's close matters now
+            if opcode == _CLOSE and problem is None:
+                self.client_terminated = True
+                self.close()
+            return
+        if problem is not None:
+            self._fail(1002, problem)
+            return
+        handler: Any = self.handler
+        if opcode == _CLOSE:
+            self._receive_close(handler, data)
+            return
+        if control:
+            if opcode == 0x9:
+                self._run_callback(handler.on_ping, data)
+                self._send_pong(data)  # not once the session has closed (server_terminated)
+            else:
+                self._received_pong = True
+                done = self._run_callback(handler.on_pong, data)
+                if done is not None:
+                    await done
+            return
+        if not first & 0x80:  # a fragment, not the last: counted, kept until the message is whole
+            if opcode:
+                self._fragments_opcode = opcode
+                self._fragments = bytearray(data)
+            else:
+                assert fragments is not None
+                fragments += data
+            self._run_callback(handler.on_frame, 0, data)
+            return
+        if opcode == 0:
+            assert fragments is not None
+            fragments += data
+            opcode, data = self._fragments_opcode, bytes(fragments)
+            self._fragments = None
+        self._message_bytes_in += len(data)
+        if opcode == 0x1:
+            try:
+                message: Any = data.decode("utf-8")
+            except UnicodeDecodeError:
+                self._fail(1007, "text message is not UTF-8")
+                return
+        else:
+            message = data
+        done = self._run_callback(handler.on_message, message)
+        if done is not None:
+            await done
+
+    def _receive_close(self, handler: Any, data: bytes) -> None:
+        """The peer's close frame (RFC 6455 §5.5.1, §7.4): counted like any frame, then echoed
+        with its code, or answered with 1002 (a 1-byte payload, a code no endpoint may send)
+        or 1007 (a reason that is not UTF-8)."""
+        self._run_callback(handler.on_frame, _CLOSE, data)
+        self.client_terminated = True
+        code: Optional[int] = None
+        reason: Optional[str] = None
+        if len(data) == 1:
+            self._fail(1002, "close frame with a 1-byte payload")
+            return
+        if len(data) >= 2:
+            code = _unpack_code(data[:2])[0]
+            if not valid_close_code(code):
+                self._fail(1002, f"close code {code} is not one a peer may send")
+                return
+            try:
+                reason = data[2:].decode("utf-8")
+            except UnicodeDecodeError:
+                self._fail(1007, "close reason is not UTF-8")
+                return
+        self.close_code, self.close_reason = code, reason
+        self.close(code)  # echo the code (or none); the stream ends: the peer closed first
+
+    def _fail(self, code: int, reason: str) -> None:
+        """Refuse what the peer sent: close with ``code`` through the session (which counts the
+        code as the close reason) and act on nothing more; once our close frame is out, a
+        further violation ends the connection. DEBUG only: a peer must not fill the log."""
+        log.debug("closing a WebSocket connection with %d: %s", code, reason)
+        if self.server_terminated:
+            self._abort()
+            return
+        session = getattr(self.handler, "session", None)
+        if session is not None:
+            session.close(code, reason)
+        if not self.server_terminated:
+            self.close(code, reason)
 
     async def _receive_frame_loop(self) -> None:
         """Read frames in a task of its own and return at once. Tornado awaits this loop at the
