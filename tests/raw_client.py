@@ -21,16 +21,21 @@ import ujson
 TEXT, BINARY, CLOSE, PING, PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 
 
-def client_frame(payload: bytes, opcode: int = TEXT, fin: bool = True) -> bytes:
-    """A masked client-to-server frame (RFC 6455 §5.2) around ``payload``."""
+def client_frame(payload: bytes, opcode: int = TEXT, fin: bool = True, masked: bool = True,
+                 rsv: int = 0) -> bytes:
+    """A client-to-server frame (RFC 6455 §5.2) around ``payload``: masked, as a client must,
+    unless ``masked`` is false; ``rsv`` sets the three reserved bits (0-7)."""
     n = len(payload)
-    first = (0x80 if fin else 0) | opcode
+    first = (0x80 if fin else 0) | (rsv & 7) << 4 | opcode
+    bit = 0x80 if masked else 0
     if n < 126:
-        header = struct.pack("!BB", first, 0x80 | n)
+        header = struct.pack("!BB", first, bit | n)
     elif n < 65536:
-        header = struct.pack("!BBH", first, 0x80 | 126, n)
+        header = struct.pack("!BBH", first, bit | 126, n)
     else:
-        header = struct.pack("!BBQ", first, 0x80 | 127, n)
+        header = struct.pack("!BBQ", first, bit | 127, n)
+    if not masked:
+        return header + payload
     mask = os.urandom(4)
     body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload)) if n < 4096 else _mask_fast(payload, mask)
     return header + mask + body
