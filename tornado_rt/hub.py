@@ -22,6 +22,7 @@ import struct
 from typing import Any, Callable, Dict, Hashable, Iterable, List, Optional, Set
 
 from . import closecodes
+from .refusals import refuse
 
 log = logging.getLogger("tornado_rt.hub")
 
@@ -45,12 +46,17 @@ def text_frame(payload: bytes) -> bytes:
 class Hub:
     """Connection index and fan-out for one process. Use only on the IOLoop thread."""
 
-    def __init__(self, max_outgoing_buffer: int = 8 * 1024 * 1024):
+    def __init__(self, max_outgoing_buffer: int = 8 * 1024 * 1024, max_total_outgoing_buffer: int = 0):
         self.connections: Dict[str, Any] = {}
         self.users: Dict[Hashable, Set[Any]] = {}
         self.groups: Dict[str, Set[Any]] = {}
         self.anonymous = 0
         self.max_outgoing_buffer = max_outgoing_buffer
+        self.max_total_outgoing_buffer = max_total_outgoing_buffer  # 0: no budget
+        # sessions that Tornado held bytes for at their last flush -> how many (the budget's
+        # estimate: a session that drained since is corrected when the estimate passes the budget)
+        self._behind: Dict[Any, int] = {}
+        self._behind_total = 0
         self._dirty: List[Any] = []
         self._flush_scheduled = False
         self._call_soon: Optional[Callable[..., Any]] = None
@@ -83,6 +89,8 @@ class Hub:
             self._leave(conn, group)
         conn.pages.clear()
         conn.out.clear()
+        if self._behind:
+            self._behind_total -= self._behind.pop(conn, 0)
 
     def subscribe(self, conn: Any, group: str, subscription: Any) -> None:
         """Put ``conn`` on ``group`` (once, however often it subscribes)."""
@@ -159,13 +167,51 @@ class Hub:
             self._call_soon(self.flush)
 
     def flush(self) -> None:
-        """Write every dirty session's queued frames with one write each."""
+        """Write every dirty session's queued frames with one write each. A session whose
+        unsent bytes pass ``max_outgoing_buffer`` is dropped (4009); when the unsent bytes of
+        all sessions together pass ``max_total_outgoing_buffer``, see :meth:`_over_budget`."""
         self._flush_scheduled = False
         dirty, self._dirty = self._dirty, []
         limit = self.max_outgoing_buffer
+        budget = self.max_total_outgoing_buffer
+        behind = self._behind
         for session in dirty:
-            if session.transport.flush() > limit and limit:
-                session.close(closecodes.SLOW_CONSUMER, "slow consumer")
+            held = session.transport.flush()
+            if held:  # the slow path only: Tornado holds bytes, the write went through IOStream
+                if held > limit and limit:
+                    session.close(closecodes.SLOW_CONSUMER, "slow consumer")
+                elif budget:
+                    self._behind_total += held - behind.get(session, 0)
+                    behind[session] = held
+        if budget and self._behind_total > budget:
+            self._over_budget(budget)
+
+    def _over_budget(self, budget: int) -> None:
+        """The estimate of the bytes held behind readers passed the budget: measure them again
+        (readers drain between flushes) and, while still over, drop the sessions holding the
+        most first (4009, counted as slow_consumer; refusal ``total_outgoing_buffer``)."""
+        behind = self._behind
+        total = 0
+        for session in list(behind):
+            held = session.transport.buffered()
+            if held:
+                behind[session] = held
+                total += held
+            else:
+                del behind[session]
+        self._behind_total = total
+        if total <= budget:
+            return
+        for session in sorted(behind, key=behind.__getitem__, reverse=True):
+            held = behind.pop(session)
+            refuse("connection", "total_outgoing_buffer", level=logging.WARNING, queued=held,
+                   total=total, budget=budget)
+            total -= held
+            self._behind_total = total
+            session.close(closecodes.SLOW_CONSUMER, "slow consumer: total outgoing buffer over budget")
+            if total <= budget:
+                break
+        self._behind_total = total
 
     def close(self, conn: Any, code: int, reason: str) -> None:
         """Close ``conn`` with ``code`` after what is queued for it."""

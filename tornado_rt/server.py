@@ -132,7 +132,7 @@ class RealtimeServer:
             raise TypeError("handler_class must be a subclass of tornado_rt.connection.RealtimeHandler")
         self.handler_class = handler_class
         self.counters = Counters()
-        self.hub = Hub(settings.max_outgoing_buffer)
+        self.hub = Hub(settings.max_outgoing_buffer, settings.total_outgoing_budget)
         self.hooks = Hooks(authenticator, self.policy)
         self.router = Router(self.registry, self.policy, self.hub, self.counters.on_delivered, self.hooks)
         self.sessions = SessionContext(self.hub, self.hooks, self.registry, settings,

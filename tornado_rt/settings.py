@@ -31,6 +31,7 @@ limit refused from the command line gives exit code 2 and names the option
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
@@ -360,6 +361,34 @@ def _validate_fields(obj: Any, options: Tuple[Option, ...]) -> None:
 
 
 _BYTES = "BYTES"
+_MIB = 1024 * 1024
+
+
+def memory_limit() -> Optional[int]:
+    """The memory this process may use, in bytes: the physical memory, or the cgroup (v2)
+    limit of its container when that is lower; None when neither can be read."""
+    found: Optional[int] = None
+    try:
+        found = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            text = f.read().strip()
+        if text.isdigit():
+            found = min(found, int(text)) if found else int(text)
+    except OSError:
+        pass
+    return found if found and found > 0 else None
+
+
+def default_total_outgoing_buffer() -> int:
+    """The default of ``max_total_outgoing_buffer``: a quarter of :func:`memory_limit`, at
+    least 64 MiB; 1 GiB when the memory cannot be read."""
+    memory = memory_limit()
+    if memory is None:
+        return 1024 * _MIB
+    return max(64 * _MIB, memory // 4)
 
 
 @dataclasses.dataclass
@@ -426,6 +455,10 @@ class Settings:
     max_outgoing_buffer: int = setting(8 * 1024 * 1024, "bytes queued for a connection that does not read "
                                        "(close 4009 above it; the others are unaffected)", at_least(1),
                                        metavar=_BYTES, group="limits")
+    max_total_outgoing_buffer: Optional[int] = setting(
+        None, "bytes queued for all connections together that do not read fast enough; past it the "
+        "connections holding the most are dropped first (close 4009) until under it; 0 = unlimited",
+        at_least(0), type="int", metavar=_BYTES, group="limits", shown_default="1/4 of memory")
     ping_interval: float = setting(25.0, "seconds between server pings, 0 = none", number_at_least(0),
                                    metavar="SECONDS", group="limits")
     ping_timeout: float = setting(20.0, "seconds to wait for a pong; a silent peer is dropped at once and "
@@ -450,6 +483,14 @@ class Settings:
                                   group="limits")
     dedup_max_ids: int = setting(100_000, "envelope ids each process remembers at most (the oldest are "
                                  "forgotten first)", at_least(1), metavar="N", group="limits")
+
+    @property
+    def total_outgoing_budget(self) -> int:
+        """``max_total_outgoing_buffer``, or when unset a quarter of the memory this process may
+        use (see :func:`default_total_outgoing_buffer`); 0 = unlimited."""
+        if self.max_total_outgoing_buffer is None:
+            return default_total_outgoing_buffer()
+        return self.max_total_outgoing_buffer
 
     def __post_init__(self) -> None:
         _validate_fields(self, SERVER_OPTIONS)

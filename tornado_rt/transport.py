@@ -228,6 +228,14 @@ class Transport:
             return stream._total_write_index - stream._total_write_done_index
         return 0
 
+    def buffered(self) -> int:
+        """How many bytes of this connection Tornado holds now (0 once it is gone, and always
+        with the public-API fallback, which bounds each buffer through IOStream only)."""
+        stream = self.stream
+        if not self._direct or stream.closed():
+            return 0
+        return stream._total_write_index - stream._total_write_done_index
+
     def send_frame(self, frame: bytes, opcode: int) -> "asyncio.Future[None]":
         """Write one of Tornado's own frames after everything queued; Tornado's contract:
         returns a Future, raises ``StreamClosedError`` when the stream is gone."""
