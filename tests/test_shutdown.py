@@ -1,8 +1,10 @@
 """Graceful shutdown for the embedded case (issue 5 §4): ``await server.shutdown()`` closes every
 connection with 1001 after flushing what was already published, and refuses new upgrades."""
 import asyncio
+import logging
 
 import pytest
+import ujson
 from tornado.httpclient import HTTPClientError
 from tornado.websocket import websocket_connect
 
@@ -81,3 +83,48 @@ async def test_connection_authenticated_during_shutdown_is_closed_with_1001(serv
     assert conn.close_code == closecodes.GOING_AWAY
     await closing
     assert not server.hub.connections
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_backlog_that_cannot_drain_is_discarded_so_1001_still_goes_out(server, connect, http_port,
+                                                                             caplog):
+    """Issue 10 §11: a client that stopped reading with megabytes queued for it still finds the
+    1001 close frame once it reads: after half the timeout its backlog is dropped, the frame in
+    progress is finished first (whole frames, then the close frame, nothing spliced)."""
+    import socket
+
+    from conftest import wait_until
+    from raw_client import CLOSE, TEXT, RawClient
+
+    caplog.set_level(logging.INFO, logger="tornado_rt.server")
+    fast = await connect(user_id=2)
+    await fast.subscribe("table", table_id=10)
+    raw = await RawClient.connect(http_port, f"?jwt_token={make_token(1)}", rcvbuf=4096)
+    await raw.recv()
+    await raw.send({"page": "table", "table_id": 10})
+    assert (await raw.recv())["type"] == "page_add"
+    (session,) = [s for s in server.hub.connections.values() if s.user_id == 1]
+    session.transport.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    # from here on the raw client does not read
+    for i in range(64):
+        server.publish(rows(i, size=32 * 1024))  # 2 MiB in one loop iteration: one write
+    for i in range(64):
+        assert (await fast.recv())["rows"][0]["id"] == i
+    transport = session.transport
+    assert transport.buffered() > 1024 * 1024
+    closing = asyncio.ensure_future(server.shutdown(timeout=4))
+    assert await fast.expect_close() == closecodes.GOING_AWAY
+    await wait_until(lambda: transport.buffered() < 64 * 1024)  # discarded after 2 s
+    ids = []
+    while True:
+        frame = await raw.recv_frame()
+        assert frame is not None, f"the stream ended without a close frame after {len(ids)} messages"
+        if frame[0] != TEXT:
+            break
+        ids.append(ujson.loads(frame[1])["rows"][0]["id"])  # whole frames only
+    assert frame[0] == CLOSE and frame[1][:2] == closecodes.GOING_AWAY.to_bytes(2, "big")
+    assert ids == list(range(len(ids))) and len(ids) < 64
+    raw.close()
+    await closing
+    assert not logged_errors(caplog.records)
+    assert any("discarded so the close frame" in r.getMessage() for r in caplog.records)

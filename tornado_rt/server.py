@@ -351,7 +351,11 @@ class RealtimeServer:
     async def shutdown(self, timeout: float = 5.0) -> None:
         """Close every connection with 1001 after flushing what was already published, wait (at
         most ``timeout`` seconds) for their TCP connections to end, then stop the broker. Call on
-        the loop. From the start of the call on, new upgrades are refused with HTTP 503."""
+        the loop. From the start of the call on, new upgrades are refused with HTTP 503.
+
+        A connection whose backlog has not drained after half of ``timeout`` has it discarded
+        (the frame in progress is finished, the frames after it dropped) so that its 1001 close
+        frame still goes out right after a whole frame."""
         self.sessions.closing = True  # from now on upgrades get HTTP 503
         self.heartbeat.stop()
         await self.router.wait_idle()
@@ -361,10 +365,27 @@ class RealtimeServer:
             self.hub.close(conn, closecodes.GOING_AWAY, "server shutting down")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        drained_by: Optional[float] = loop.time() + timeout / 2
         while closing and loop.time() < deadline:
             await asyncio.sleep(0.01)
             closing = [c for c in closing if not getattr(c, "disconnected", True)]
+            if drained_by is not None and loop.time() >= drained_by:
+                drained_by = None
+                self._discard_backlogs(closing, timeout / 2)
         await self.broker.close()
+
+    @staticmethod
+    def _discard_backlogs(closing: List[Any], waited: float) -> None:
+        conns = dropped = 0
+        for conn in closing:
+            transport = getattr(conn, "transport", None)
+            n = transport.discard_backlog() if transport is not None else None
+            if n:
+                conns += 1
+                dropped += n
+        if conns:
+            log.info("shutdown: %d connection(s) had not read their backlog after %.1f s; %d bytes "
+                     "discarded so the close frame (1001) goes out", conns, waited, dropped)
 
 
 def _log_failure(future: "asyncio.Future") -> None:

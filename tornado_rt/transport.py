@@ -33,7 +33,8 @@ import inspect
 import logging
 import struct
 import sys
-from typing import Any, List, Optional
+from array import array
+from typing import Any, List, Optional, Tuple
 
 from tornado.httputil import HTTPHeaders
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
@@ -175,7 +176,7 @@ class Transport:
     ``IOStream.write``, which keeps order. After the close frame nothing more is written.
     """
 
-    __slots__ = ("protocol", "stream", "sock", "out", "closed", "_direct")
+    __slots__ = ("protocol", "stream", "sock", "out", "closed", "_direct", "_writes")
 
     def __init__(self, protocol: Any, out: list, max_buffer: int = 0):
         self.protocol = protocol
@@ -186,6 +187,9 @@ class Transport:
         self._direct = internals
         # Direct sends only on plain TCP: TLS bytes must go through the SSL stream.
         self.sock = stream.socket if internals and stream.__class__ is IOStream else None
+        # The writes Tornado may still hold: (start index, end index, frame lengths, bytes of the
+        # first frame sent directly before), so a backlog can be cut at a frame boundary.
+        self._writes: Optional[List[Tuple[int, int, "array[int]", int]]] = None
         if not internals and max_buffer:
             stream.max_write_buffer_size = max_buffer  # the public way to bound the buffer
 
@@ -203,22 +207,26 @@ class Transport:
         if not out:
             return 0
         data = out[0] if len(out) == 1 else b"".join(out)
-        out.clear()
         if self.closed:
+            out.clear()
             return 0
         stream = self.stream
         sock = self.sock
+        sent = 0
         if sock is not None and stream._total_write_index == stream._total_write_done_index:
             try:
                 sent = sock.send(data)
             except OSError:
                 sent = 0  # full (EAGAIN) or gone: IOStream.write finds out which
             if sent == len(data):
+                out.clear()
                 return 0
             if sent:
                 data = memoryview(data)[sent:]
+        lengths = array("Q", map(len, out)) if self._direct else None
+        out.clear()
         try:
-            stream.write(data)
+            self._write(data, lengths, sent)
         except StreamClosedError:
             self.closed = True
             return 0
@@ -227,6 +235,25 @@ class Transport:
         if self._direct:
             return stream._total_write_index - stream._total_write_done_index
         return 0
+
+    def _write(self, data: Any, lengths: "Optional[array[int]]", sent: int) -> "asyncio.Future[None]":
+        """``IOStream.write``, noting where the frames of the write end (with the internals)."""
+        stream = self.stream
+        start = stream._total_write_index if lengths is not None else 0
+        idle = lengths is not None and start == stream._total_write_done_index
+        future = stream.write(data)
+        if lengths is not None:
+            writes = self._writes
+            if idle or writes is None:
+                writes = self._writes = []
+            elif len(writes) > 16:
+                done = stream._total_write_done_index
+                k = 0
+                while k < len(writes) and writes[k][1] < done:
+                    k += 1
+                del writes[:k]
+            writes.append((start, stream._total_write_index, lengths, sent))
+        return future
 
     def buffered(self) -> int:
         """How many bytes of this connection Tornado holds now (0 once it is gone, and always
@@ -244,23 +271,77 @@ class Transport:
         out = self.out
         out.append(frame)
         data = b"".join(out)
-        out.clear()
         if opcode == _CLOSE:
             self.closed = True  # RFC 6455 §5.5.1: nothing after the close frame
         stream = self.stream
         sock = self.sock
+        sent = 0
         if sock is not None and stream._total_write_index == stream._total_write_done_index:
             try:
                 sent = sock.send(data)
             except OSError:
                 sent = 0
             if sent == len(data):
+                out.clear()
                 done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
                 done.set_result(None)
                 return done
             if sent:
                 data = memoryview(data)[sent:]  # type: ignore[assignment]
-        return stream.write(data)
+        lengths = array("Q", map(len, out)) if self._direct else None
+        out.clear()
+        return self._write(data, lengths, sent)
+
+    def discard_backlog(self) -> Optional[int]:
+        """Drop the frames Tornado holds that the peer has not started to receive, keeping the
+        frame in progress (its remaining bytes) and the close frame when it is queued last: the
+        peer then reads whole frames, then the close frame, never a frame spliced into another.
+        Returns how many bytes were dropped, or None when that cannot be done safely (the
+        public-API fallback: the connection is left to Tornado's close timeout, which aborts it)."""
+        stream = self.stream
+        if not self._direct or stream.closed():
+            return None
+        done = stream._total_write_done_index
+        total = stream._total_write_index
+        if total == done:
+            return 0
+        keep_end = None
+        for start, end, lengths, sent in self._writes or ():
+            if end <= done:
+                continue
+            if start == done and not sent:
+                keep_end = done  # nothing of this write is out yet: a frame boundary
+                break
+            pos = start - sent
+            for n in lengths:
+                pos += n
+                if pos >= done:
+                    keep_end = pos  # the end of the frame in progress
+                    break
+            break
+        if keep_end is None:
+            return None
+        last = self._writes[-1] if self._writes else None
+        # the close frame, if written, is the last frame of the last write
+        close_len = last[2][-1] if self.closed and last is not None and last[2] else 0
+        tail_start = total - close_len
+        if keep_end >= tail_start:
+            return 0
+        buffer = stream._write_buffer
+        keep = _take(buffer, keep_end - done)
+        _take(buffer, tail_start - keep_end, keep=False)
+        tail = _take(buffer, total - tail_start)
+        buffer.append(keep)
+        buffer.append(tail)
+        dropped = tail_start - keep_end
+        stream._total_write_index = new_total = total - dropped
+        futures = stream._write_futures
+        moved = [(index if index <= keep_end else max(keep_end, index - dropped), future)
+                 for index, future in futures]
+        futures.clear()
+        futures.extend(moved)
+        self._writes = [(done, new_total, array("Q", (keep_end - done, total - tail_start)), 0)]
+        return dropped
 
     def close(self, code: Optional[int], reason: Optional[str]) -> None:
         """Start the closing handshake: the queue, then the close frame (through Tornado)."""
@@ -276,6 +357,21 @@ class Transport:
         self.closed = True
         self.out.clear()
         self.stream.close()
+
+
+def _take(buffer: Any, n: int, keep: bool = True) -> bytes:
+    """The next ``n`` bytes of an IOStream write buffer, taken out of it (dropped: ``keep``
+    false)."""
+    parts = []
+    while n > 0:
+        view = buffer.peek(n)
+        got = len(view)
+        if keep:
+            parts.append(bytes(view))
+        view.release()
+        buffer.advance(got)
+        n -= got
+    return b"".join(parts)
 
 
 # --- Tornado's protocol, adapted ---------------------------------------------------------------
