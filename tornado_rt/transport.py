@@ -10,6 +10,11 @@ Nothing else in tornado-rt touches a private Tornado attribute. What this module
 * ``WebSocketProtocol13._write_frame(fin, opcode, data, flags)``: overridden so that Tornado's
   own frames (pongs, close frames, pings, ``write_message``) go through the :class:`Transport`
   too, in order with everything queued before them.
+* ``WebSocketProtocol13._receive_frame()`` (a coroutine, with ``_read_bytes``, ``_send_pong``,
+  ``_run_callback``, ``_abort``): replaced by our frame reader, so that every frame reaches the
+  session (and its incoming rate) and RFC 6455 violations are answered with 1002 / 1007.
+* ``IOStream._write_buffer`` (``peek``/``advance``/``append``) and ``_write_futures``: a backlog
+  is cut at a frame boundary on shutdown (:meth:`Transport.discard_backlog`).
 * ``WebSocketProtocol13._receive_frame_loop()`` (a coroutine): run as a task of its own, so that
   the handshake's coroutine chain finishes (about 2 KiB less per idle connection).
 * ``RequestHandler._headers``: dropped with the rest of the handshake state.
