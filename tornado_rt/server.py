@@ -36,7 +36,8 @@ from .settings import Settings
 log = logging.getLogger("tornado_rt.server")
 
 CLOSE_REASONS = {
-    None: "client", 1000: "normal", 1001: "going_away", 1009: "message_too_big",
+    None: "client", 1000: "normal", 1001: "going_away", 1002: "protocol_error", 1007: "invalid_payload",
+    1009: "message_too_big",
     1011: "internal_error", 1013: "too_many_connections_per_user",
     4001: "authentication_failed", 4003: "force_disconnect", 4008: "policy_violation",
     4009: "slow_consumer", "ping_timeout": "ping_timeout",
