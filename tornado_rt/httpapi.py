@@ -73,15 +73,12 @@ def log_request(handler: RequestHandler) -> None:
     """The application's ``log_function``: one access-log line per request, credentials never
     included (no headers at all; token-like query values redacted)."""
     status = handler.get_status()
-    if status < 400:
-        emit = access_log.info
-    elif status < 500:
-        emit = access_log.warning
-    else:
-        emit = access_log.error
+    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    if not access_log.isEnabledFor(level):
+        return  # e.g. --log-level warning: no line, so no redaction or formatting either
     request = handler.request
-    emit("%d %s %s (%s) %.2fms", status, request.method, redact_uri(request.uri or ""),
-         request.remote_ip, 1000.0 * request.request_time())
+    access_log.log(level, "%d %s %s (%s) %.2fms", status, request.method, redact_uri(request.uri or ""),
+                   request.remote_ip, 1000.0 * request.request_time())
 
 
 class ApiError(HTTPError, FieldError):
@@ -269,6 +266,7 @@ class ApiHandler(RequestHandler):
     requires_key = True
     #: Methods that read a JSON body.
     json_methods: Sequence[str] = ()
+    _implemented: Optional[List[str]] = None  # implemented_methods(), per class
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -284,8 +282,12 @@ class ApiHandler(RequestHandler):
 
     @classmethod
     def implemented_methods(cls) -> List[str]:
-        """The HTTP methods this handler answers (upper case)."""
-        return [m.upper() for m in _METHODS if getattr(cls, m) is not getattr(RequestHandler, m)]
+        """The HTTP methods this handler answers (upper case); computed once per class."""
+        methods = cls.__dict__.get("_implemented")
+        if methods is None:
+            methods = [m.upper() for m in _METHODS if getattr(cls, m) is not getattr(RequestHandler, m)]
+            cls._implemented = methods
+        return list(methods)
 
     def set_default_headers(self) -> None:
         self.set_header("Cache-Control", "no-store")
@@ -373,7 +375,7 @@ class ApiHandler(RequestHandler):
     def reply(self, obj: Any, status: int = 200) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "application/json; charset=UTF-8")
-        self.finish(json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
+        self.finish(_encode(obj))
 
     def fail(self, status: int, message: str, field: Optional[str] = None) -> None:
         """Answer an error now (used where raising is not possible)."""
@@ -404,7 +406,7 @@ class ApiHandler(RequestHandler):
         else:
             message, field = self._reason, None
         self.set_header("Content-Type", "application/json; charset=UTF-8")
-        self.finish(json.dumps({"error": message, "field": field}, ensure_ascii=False, separators=(",", ":")))
+        self.finish(_encode({"error": message, "field": field}))
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if isinstance(value, (HTTPError, FieldError)):
@@ -413,6 +415,11 @@ class ApiHandler(RequestHandler):
 
     def _request_summary(self) -> str:
         return "%s %s (%s)" % (self.request.method, redact_uri(self.request.uri or ""), self.request.remote_ip)
+
+
+#: The answers' encoder, built once: ``json.dumps`` with any option builds a new JSONEncoder per
+#: call, a measurable part of a one-message publish. Same output as before, byte for byte.
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def _reject_constant(name: str) -> Any:
