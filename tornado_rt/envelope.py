@@ -109,7 +109,8 @@ def dumps(message: Any, field: str = "message", message_type: Optional[str] = No
     try:
         # allow_nan=False: NaN and Infinity are not JSON (a browser's JSON.parse rejects them)
         text = ujson.dumps(message, ensure_ascii=False, reject_bytes=True, allow_nan=False)
-        text.encode("utf-8")
+        if not text.isascii():  # only non-ASCII text can hold a lone surrogate (O(1) flag check)
+            text.encode("utf-8")
     except (TypeError, ValueError, OverflowError, UnicodeError) as exc:
         raise PublishError(f"{field} cannot be serialized as JSON: {exc}", field, message_type) from None
     return text
@@ -140,7 +141,7 @@ def _page_type(registry: Registry, name: Any, field: str, message_type: Optional
 
 
 def message_type_of(registry: Registry, message: Any, field: str = "message") -> MessageType:
-    if not isinstance(message, Mapping):
+    if type(message) is not dict and not isinstance(message, Mapping):  # dict: skip the ABC check
         raise PublishError(f"{field} must be a JSON object", field)
     name = message.get("type")
     if not isinstance(name, str):
@@ -217,7 +218,12 @@ def default_audience(registry: Registry, mt: MessageType, message: Mapping[str, 
     audience = mt.audience
     if audience == "page":
         pt = _page_type(registry, mt.page, f"{field}.type", name)
-        params = pt.params_from({param: _key(message, mt, param, name, field) for param in mt.keys})
+        keys, declared = mt.keys, pt.parameters
+        if len(keys) == len(declared) and all(p in keys for p in declared):
+            # the usual case (keys name exactly the page's parameters): one dict, not two
+            params = {p: _key(message, mt, p, name, field) for p in declared}
+        else:
+            params = pt.params_from({param: _key(message, mt, param, name, field) for param in keys})
         missing = pt.missing(params)
         if missing is not None:
             path = mt.keys.get(missing, missing)
