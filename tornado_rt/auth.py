@@ -10,11 +10,16 @@ The literal token ``anonymous`` never reaches the authenticator: the connection 
 """
 from __future__ import annotations
 
+import base64
+import collections
 import logging
+import time
 import traceback
 from typing import Any, Awaitable, Callable, Dict, Optional, Tuple, Union
 
 import jwt
+
+import ujson
 
 from .principal import Principal, normalize_id
 from .redaction import redact_secret
@@ -37,6 +42,15 @@ class JWTAuthenticator:
     missing or non-id user claim. Asymmetric and HMAC algorithms never share a key: HMAC
     algorithms use ``jwt_secret`` only and the others ``jwt_public_key`` only, so a token HMAC-signed
     with the public key is refused.
+
+    Verified tokens are remembered (a bounded LRU of ``cache_size`` tokens, by token string) until
+    their ``exp`` (+ ``jwt_leeway``) passes, so a token seen again (a reload, a second tab, a
+    reconnect) costs a dict lookup instead of a signature check. This adds no exposure: the
+    check depends only on the token and the clock (a revoked or force-disconnected user's token
+    is accepted again until it expires with or without the cache; tornado-rt has no token
+    revocation list). A remembered token whose ``exp`` has passed is refused as ``expired``, as
+    the full check would. ``cache_size=0`` turns it off; ``clock`` (seconds since the epoch, the
+    clock PyJWT uses) is for tests. Refusals are never remembered.
     """
 
     #: It counts and logs its own refusals with their reasons: the connection must not count its
@@ -44,8 +58,16 @@ class JWTAuthenticator:
     #: the same may set this attribute too).
     reports_refusals = True
 
-    def __init__(self, settings: Settings):
+    #: Default number of verified tokens remembered (~1 KiB each with the principal).
+    CACHE_SIZE = 4096
+
+    def __init__(self, settings: Settings, *, cache_size: int = CACHE_SIZE,
+                 clock: Callable[[], float] = time.time):
         self.settings = settings
+        self.cache_size = max(0, cache_size)
+        self._clock = clock
+        #: token -> (principal, the time from which it is expired)
+        self._verified: "collections.OrderedDict[str, Tuple[Principal, float]]" = collections.OrderedDict()
         self._hmac = tuple(a for a in settings.jwt_algorithms if a in HMAC_ALGORITHMS)
         self._asym = tuple(a for a in settings.jwt_algorithms if a not in HMAC_ALGORITHMS)
         if self._hmac and not settings.jwt_secret:
@@ -69,12 +91,22 @@ class JWTAuthenticator:
         s = self.settings
         if len(token) > s.max_token_length:
             return None, "too_long", {"length": len(token)}
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
-            return None, "malformed", {}
-        alg = header.get("alg")
+        cached = self._verified.get(token)
+        if cached is not None:
+            principal, expires = cached
+            if self._clock() < expires:
+                self._verified.move_to_end(token)
+                return principal, "", {}
+            # kept (not moved to the end: the LRU drops it first); its exp never "un-passes"
+            return None, "expired", {"user_id": principal.user_id}
         key: Any  # present: __init__ refuses an allowed algorithm without its key
+        alg = _peek_alg(token)  # jwt.decode parses and checks the whole token itself below
+        if not (isinstance(alg, str) and (alg in self._hmac or alg in self._asym)):
+            try:  # not one of ours (or not read): PyJWT's parse decides malformed vs algorithm
+                header = jwt.get_unverified_header(token)
+            except jwt.PyJWTError:
+                return None, "malformed", {}
+            alg = header.get("alg")
         if isinstance(alg, str) and alg in self._hmac:
             key, algorithms = s.jwt_secret, [alg]
         elif isinstance(alg, str) and alg in self._asym:
@@ -111,7 +143,21 @@ class JWTAuthenticator:
             if s.jwt_user_claim not in claims:
                 return None, "missing_claim", {"claim": s.jwt_user_claim}
             return None, "invalid_claim", {"claim": s.jwt_user_claim}
-        return Principal(user_id, claims), "", {}
+        principal = Principal(user_id, claims)
+        self._remember(token, principal, claims)
+        return principal, "", {}
+
+    def _remember(self, token: str, principal: Principal, claims: Dict[str, Any]) -> None:
+        if not self.cache_size:
+            return
+        try:  # PyJWT: expired once int(exp) <= now - leeway
+            expires = int(claims["exp"]) + float(self.settings.jwt_leeway)
+        except (KeyError, TypeError, ValueError, OverflowError):
+            return
+        verified = self._verified
+        verified[token] = (principal, expires)
+        if len(verified) > self.cache_size:
+            verified.popitem(last=False)
 
     def _verified_user(self, token: str, key: Any, algorithms: list) -> Dict[str, Any]:
         """``{"user_id": id}`` of a token whose signature verifies but whose claims were refused
@@ -124,6 +170,18 @@ class JWTAuthenticator:
             return {}
         user_id = normalize_id(claims.get(self.settings.jwt_user_claim))
         return {} if user_id is None else {"user_id": user_id}
+
+
+def _peek_alg(token: str) -> Any:
+    """The ``alg`` of a token's header, read cheaply (the header segment only); None when it
+    cannot be read this way. Only picks the key: ``jwt.decode`` then parses and checks the whole
+    token (every segment, the header's ``alg`` against the one allowed algorithm) itself."""
+    segment = token.partition(".")[0]
+    try:
+        header = ujson.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except Exception:  # anything odd: PyJWT's own parse decides (see JWTAuthenticator.check)
+        return None
+    return header.get("alg") if isinstance(header, dict) else None
 
 
 def refuse_token(reason: str, **context: Any) -> None:
