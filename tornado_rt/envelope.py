@@ -28,10 +28,14 @@ from typing import Any, Dict, Hashable, Iterable, List, Optional
 import ujson
 
 from .errors import FieldError, require_id, require_ids
+from .policy import Directory
 from .principal import normalize_id
 from .registry import MessageType, PageType, Registry
 
 MESSAGE, INDIVIDUAL, DISCONNECT, REVOKE = "message", "individual", "disconnect", "revoke"
+#: A change of the in-memory directory (``type``: the operation, ``data``: its arguments as a JSON
+#: array), applied by every process's router in stream order (see :meth:`Directory.apply`).
+DIRECTORY = "directory"
 
 _MISSING = object()
 
@@ -287,3 +291,11 @@ def individual_envelope(registry: Registry, payloads: Any, ignore_web_socket_id:
         raise PublishError("ignore_web_socket_id must be a string", prefix + "ignore_web_socket_id")
     key = envelope_id(id, prefix + "id")
     return Envelope(INDIVIDUAL, payloads=items, ignore=ignore_web_socket_id or None, id=key)
+
+
+def directory_envelope(operation: str, args: Iterable[Any] = ()) -> Envelope:
+    """A directory change (``Directory.apply(operation, args)`` on every process), validated
+    first: raises the ``DirectoryError`` naming the field before anything is sent."""
+    arguments = list(args)
+    Directory.check(operation, arguments)
+    return Envelope(DIRECTORY, operation, dumps(arguments, "directory"))

@@ -522,80 +522,90 @@ def _directory_counts(directory: Directory) -> Dict[str, int]:
     return {name: len(snapshot[name]) for name in ("workspaces", "tables", "public_views")}
 
 
-class DirectoryHandler(ApiHandler):
+class _DirectoryChange(ApiHandler):
+    async def change(self, operation: str, *args: Any) -> None:
+        self.directory()  # 404 without the in-memory directory
+        try:
+            await self.server.change_directory(operation, *args)
+        except BrokerUnavailable as exc:
+            raise ApiError(503, f"the broker cannot take the directory change: {exc}") from None
+
+    async def changed(self, operation: str, *args: Any) -> None:
+        await self.change(operation, *args)
+        self.reply({"ok": True})
+
+
+class DirectoryHandler(_DirectoryChange):
     """``PUT /api/directory`` replaces the directory (validated first; on error nothing changes);
-    ``GET /api/directory`` returns its snapshot."""
+    ``GET /api/directory`` returns its snapshot.
+
+    Every change (here and in the incremental endpoints below) travels through the broker as a
+    ``directory`` envelope (``RealtimeServer.change_directory``): with the Redis broker it changes
+    the directory of every process, in the order of the events; the answer comes once this process
+    applied it (503 when the broker cannot take it)."""
 
     json_methods = ("put",)
 
     def get(self) -> None:
         self.reply(self.directory().snapshot())
 
-    def put(self) -> None:
+    async def put(self) -> None:
         directory = self.directory()
-        directory.load(self.json_body())
+        await self.change("load", self.json_body())
         self.reply(_directory_counts(directory))
 
 
-class DirectoryWorkspaceHandler(ApiHandler):
+class DirectoryWorkspaceHandler(_DirectoryChange):
     """``PUT /api/directory/workspaces/{workspace_id}`` ``{"members": [...]}`` creates or
     replaces one workspace; ``DELETE`` forgets it with its tables and public views."""
 
     json_methods = ("put",)
 
-    def put(self, workspace_id: str) -> None:
+    async def put(self, workspace_id: str) -> None:
         body = self.json_object(("members",), required=("members",))
         members = require_ids(body["members"], "members")
-        self.directory().set_workspace(workspace_id, members)
-        self.reply({"ok": True})
+        await self.changed("set_workspace", workspace_id, members)
 
-    def delete(self, workspace_id: str) -> None:
-        self.directory().remove_workspace(workspace_id)
-        self.reply({"ok": True})
+    async def delete(self, workspace_id: str) -> None:
+        await self.changed("remove_workspace", workspace_id)
 
 
-class DirectoryMemberHandler(ApiHandler):
+class DirectoryMemberHandler(_DirectoryChange):
     """``PUT``/``DELETE /api/directory/workspaces/{workspace_id}/members/{user_id}``: add or
     remove one member (no body)."""
 
-    def put(self, workspace_id: str, user_id: str) -> None:
-        self.directory().add_member(workspace_id, user_id)
-        self.reply({"ok": True})
+    async def put(self, workspace_id: str, user_id: str) -> None:
+        await self.changed("add_member", workspace_id, user_id)
 
-    def delete(self, workspace_id: str, user_id: str) -> None:
-        self.directory().remove_member(workspace_id, user_id)
-        self.reply({"ok": True})
+    async def delete(self, workspace_id: str, user_id: str) -> None:
+        await self.changed("remove_member", workspace_id, user_id)
 
 
-class DirectoryTableHandler(ApiHandler):
+class DirectoryTableHandler(_DirectoryChange):
     """``PUT /api/directory/tables/{table_id}`` ``{"workspace_id": ID}``; ``DELETE`` forgets it."""
 
     json_methods = ("put",)
 
-    def put(self, table_id: str) -> None:
+    async def put(self, table_id: str) -> None:
         body = self.json_object(("workspace_id",), required=("workspace_id",))
         workspace_id = require_id(body["workspace_id"], "workspace_id", text="workspace_id must be an id")
-        self.directory().set_table(table_id, workspace_id)
-        self.reply({"ok": True})
+        await self.changed("set_table", table_id, workspace_id)
 
-    def delete(self, table_id: str) -> None:
-        self.directory().remove_table(table_id)
-        self.reply({"ok": True})
+    async def delete(self, table_id: str) -> None:
+        await self.changed("remove_table", table_id)
 
 
-class DirectoryPublicViewHandler(ApiHandler):
+class DirectoryPublicViewHandler(_DirectoryChange):
     """``PUT /api/directory/public_views/{slug}`` ``{"table_id": ID, "token": null}``; ``DELETE``."""
 
     json_methods = ("put",)
 
-    def put(self, slug: str) -> None:
+    async def put(self, slug: str) -> None:
         body = self.json_object(("table_id", "token"))
-        self.directory().set_public_view(slug, body.get("table_id"), body.get("token"))
-        self.reply({"ok": True})
+        await self.changed("set_public_view", slug, body.get("table_id"), body.get("token"))
 
-    def delete(self, slug: str) -> None:
-        self.directory().remove_public_view(slug)
-        self.reply({"ok": True})
+    async def delete(self, slug: str) -> None:
+        await self.changed("remove_public_view", slug)
 
 
 class StatsHandler(ApiHandler):

@@ -12,7 +12,8 @@ from __future__ import annotations
 import functools
 import hmac
 import logging
-from typing import Any, Awaitable, Callable, Dict, Hashable, Iterable, Mapping, Optional, Set, TypeVar, Union
+from typing import (Any, Awaitable, Callable, Dict, Hashable, Iterable, Mapping, Optional, Sequence, Set,
+                    TypeVar, Union)
 
 from .errors import FieldError, require_id, require_ids
 from .principal import Principal, normalize_id
@@ -68,7 +69,7 @@ def _persisted(method: _F) -> _F:
     others saves once)."""
     @functools.wraps(method)
     def wrapper(self: "Directory", *args: Any, **kwargs: Any) -> Any:
-        if self._store is None:
+        if self._store is None and self._listener is None:
             return method(self, *args, **kwargs)
         self._depth += 1
         try:
@@ -76,7 +77,10 @@ def _persisted(method: _F) -> _F:
         finally:
             self._depth -= 1
             if self._depth == 0:
-                self._save()
+                if self._store is not None:
+                    self._save()
+                if self._listener is not None:
+                    self._listener()
     return wrapper  # type: ignore[return-value]
 
 
@@ -110,6 +114,7 @@ class Directory(AccessPolicy):
         self._views: Dict[str, tuple] = {}
         self._depth = 0
         self._store = None
+        self._listener: Optional[Callable[[], None]] = None
         self.save_failures = 0
         self.last_save_error: Optional[str] = None
         if snapshot:
@@ -138,6 +143,38 @@ class Directory(AccessPolicy):
             self.load(stored if stored is not None else {})
         finally:
             self._depth -= 1
+
+    def watch(self, listener: Optional[Callable[[], None]]) -> None:
+        """Call ``listener()`` after every change (once per outermost mutation, like a save); the
+        Redis broker uses it to keep the cluster's snapshot current. None: stop."""
+        self._listener = listener
+
+    def load_quietly(self, snapshot: Mapping[str, Any]) -> None:
+        """:meth:`load` without saving to the store nor telling the listener (the snapshot came
+        from where they would write it)."""
+        self._depth += 1
+        try:
+            self.load(snapshot)
+        finally:
+            self._depth -= 1
+
+    def apply(self, operation: str, args: Sequence[Any]) -> None:
+        """Run one directory operation by name (see :data:`DIRECTORY_OPERATIONS`): how a change
+        carried by the broker (a ``directory`` envelope) is applied by every process."""
+        if operation not in DIRECTORY_OPERATIONS:
+            raise DirectoryError(f"unknown directory operation {operation!r}", "operation")
+        getattr(self, operation)(*args)
+
+    @staticmethod
+    def check(operation: str, args: Sequence[Any]) -> None:
+        """Validate an operation before it is published (on an empty scratch directory): raises
+        the :class:`DirectoryError` naming the field that :meth:`apply` would raise."""
+        if operation not in DIRECTORY_OPERATIONS:
+            raise DirectoryError(f"unknown directory operation {operation!r}", "operation")
+        if len(args) > DIRECTORY_OPERATIONS[operation]:
+            raise DirectoryError(f"{operation} takes at most {DIRECTORY_OPERATIONS[operation]} arguments",
+                                 "operation")
+        Directory().apply(operation, args)
 
     def _save(self) -> None:
         try:
@@ -329,6 +366,14 @@ class Directory(AccessPolicy):
             "tables": {str(t): ws for t, ws in self._tables.items()},
             "public_views": {s: {"table_id": t, "token": tok} for s, (t, tok) in self._views.items()},
         }
+
+
+#: The operations a ``directory`` envelope may carry, with their largest number of arguments.
+DIRECTORY_OPERATIONS: Dict[str, int] = {
+    "load": 1, "clear": 0, "set_workspace": 2, "remove_workspace": 1, "add_member": 2,
+    "remove_member": 2, "remove_user": 1, "set_table": 2, "remove_table": 1,
+    "set_public_view": 3, "remove_public_view": 1,
+}
 
 
 def _id(value: Any, name: str) -> Id:

@@ -22,7 +22,7 @@ from typing import Any, Awaitable, Callable, Iterable, Optional
 import ujson
 
 from . import closecodes
-from .envelope import DISCONNECT, INDIVIDUAL, MESSAGE, REVOKE, Envelope
+from .envelope import DIRECTORY, DISCONNECT, INDIVIDUAL, MESSAGE, REVOKE, Envelope
 from .hooks import Hooks, gather, pending, then
 from .hub import Hub, text_frame
 from .policy import AccessPolicy, Directory
@@ -167,6 +167,11 @@ class Router:
             if idle is not None and not idle.done():
                 idle.set_result(None)
 
+    @property
+    def busy(self) -> bool:
+        """Whether an envelope is waiting for an async hook (later ones are queued behind it)."""
+        return self._waiting is not None
+
     async def wait_idle(self) -> None:
         """Return once every envelope handed to :meth:`dispatch` so far has been delivered."""
         if self._waiting is None:
@@ -194,9 +199,24 @@ class Router:
         elif kind == REVOKE:
             assert env.permission_group, "a revoke envelope names its permission group"
             self.revoke(env.user_ids or (), env.permission_group)
+        elif kind == DIRECTORY:
+            self._apply_directory(env)
         else:
             log.warning("unknown envelope kind %r ignored", kind)
         return None
+
+    def _apply_directory(self, env: Envelope) -> None:
+        """A directory change, at its place in the order of every process (validated by the
+        publisher; a refusal here means processes disagree and is logged)."""
+        directory = self.effects.directory
+        if directory is None:
+            log.warning("directory change %r ignored: this server's access policy is not the "
+                        "in-memory directory", env.type)
+            return
+        try:
+            directory.apply(env.type or "", ujson.loads(env.data or "[]"))
+        except ValueError as exc:
+            log.error("directory change %r refused: %s", env.type, exc)
 
     def _audience(self, audience: list) -> Any:
         """The connections of an audience (an awaitable of them when the policy is async)."""

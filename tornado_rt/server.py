@@ -23,7 +23,7 @@ from . import closecodes
 from .auth import Authenticator, JWTAuthenticator
 from .broker import Broker, BrokerUnavailable, LocalBroker
 from .connection import Heartbeat, RealtimeHandler
-from .envelope import (DISCONNECT, INDIVIDUAL, MESSAGE, REVOKE, Envelope, PublishError,
+from .envelope import (DISCONNECT, directory_envelope, INDIVIDUAL, MESSAGE, REVOKE, Envelope, PublishError,
                        individual_envelope, message_envelope, id_list)
 from .hooks import Hooks
 from .hub import Hub
@@ -142,6 +142,9 @@ class RealtimeServer:
         self.broker = broker if broker is not None else LocalBroker()
         self.broker.attach(self.router.dispatch)
         self.broker.configure(settings, self.router.drop_all_pages)
+        share = getattr(self.broker, "share_directory", None)
+        if share is not None and self.directory is not None:
+            share(self.directory, self.router)  # the Redis broker keeps its snapshot, if asked to
         self.heartbeat = Heartbeat(self.hub, settings.ping_interval, settings.ping_timeout)
         self._loop: Optional[IOLoop] = None
         self._thread: Optional[int] = None
@@ -287,6 +290,18 @@ class RealtimeServer:
         this process's connections have it queued; raises ``BrokerUnavailable`` if the broker is down."""
         await self.submit([message_envelope(self.registry, message, to, ignore_web_socket_id, exclude_user_ids,
                                             id=id)])
+
+    async def change_directory(self, operation: str, *args: Any) -> None:
+        """Change the in-memory directory of EVERY process: ``operation`` is the name of a
+        :class:`~tornado_rt.Directory` method (``load``, ``set_workspace``, ``add_member``,
+        ``remove_member``, ``remove_user``, ``remove_workspace``, ``set_table``, ``remove_table``,
+        ``set_public_view``, ``remove_public_view``, ``clear``) with its arguments. The change
+        travels through the broker like a publish, so every process applies it at the same place
+        in the order of events (with the Redis broker: on every process of the cluster); returns
+        once this process applied it. Raises ``DirectoryError`` (naming the field) before anything
+        is sent, ``BrokerUnavailable`` when the broker cannot take it. Calling the directory's
+        methods directly changes this process only."""
+        await self.submit([directory_envelope(operation, args)])
 
     async def submit(self, envelopes: Sequence[Envelope]) -> None:
         """Hand prepared envelopes to the broker in order and wait for local delivery (on the loop)."""
