@@ -355,8 +355,16 @@ def make_broker(config: Config) -> Any:
         if isinstance(exc, ModuleNotFoundError) and exc.name == f"{__package__}.redis_broker":
             raise _refuse(label, "this version of tornado-rt has no Redis broker; use 'in-process'") from None
         raise _refuse(label, "the Redis broker needs the redis extra: pip install 'tornado-rt[redis]'") from None
+    if config.directory is not None:
+        # One directory for the cluster lives in Redis (docs/redis.md): a file per process would
+        # be a second source of truth, diverging from it at the first change through another one.
+        raise _refuse(config.label("directory"), "cannot be combined with the Redis broker "
+                      f"({label}): the cluster's directory is kept in Redis; to seed it from a file, "
+                      "PUT /api/directory with the file's content")
     try:
-        return RedisBroker(url, config.redis_channel_prefix, stream_length=config.redis_stream_length)
+        # share_directory: the directory snapshot is kept in Redis, loaded before serving.
+        return RedisBroker(url, config.redis_channel_prefix, stream_length=config.redis_stream_length,
+                           share_directory=True)
     except (ValueError, TypeError) as exc:
         raise _refuse(label, str(exc)) from None
 

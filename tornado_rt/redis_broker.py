@@ -144,6 +144,17 @@ return out
 """
 PUBLISH_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest()
 
+# KEYS[1]: the directory hash. ARGV[1]: the stream position the snapshot corresponds to; ARGV[2]:
+# the snapshot. Replaces the stored one only when it is older: returns 1 when written.
+SNAPSHOT_SCRIPT = """
+local current = redis.call('HGET', KEYS[1], 'p')
+if current and tonumber(current) >= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'p', ARGV[1], 's', ARGV[2])
+return 1
+"""
+
 def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(value), value)
 
@@ -191,7 +202,8 @@ class RedisBroker(Broker):
                  publish_timeout: float = 2.0, stream_length: int = 100_000,
                  socket_timeout: float = 2.0, connect_timeout: float = 1.0,
                  reconnect_min: float = 0.1, reconnect_max: float = 5.0,
-                 health_check_interval: float = 5.0, start_timeout: float = 5.0):
+                 health_check_interval: float = 5.0, start_timeout: float = 5.0,
+                 share_directory: bool = False):
         if not channel_prefix or not isinstance(channel_prefix, str):
             raise ValueError("channel_prefix must be a non-empty string")
         if not publish_timeout > 0:
@@ -200,6 +212,10 @@ class RedisBroker(Broker):
             raise ValueError("stream_length must be a positive integer")
         self.url = url
         self.stream = f"{channel_prefix}:stream"
+        #: The hash holding the directory snapshot shared by the cluster: ``p`` (the stream
+        #: position it corresponds to) and ``s`` (the snapshot, JSON).
+        self.directory_key = f"{channel_prefix}:directory"
+        self.share_directory_snapshot = share_directory
         # protocol=2: plain arrays. No command retries: fail fast. socket_timeout=None: redis-py
         # would arm a timer for every reply read; the broker bounds each exchange itself.
         self._pool = ConnectionPool.from_url(
@@ -253,6 +269,31 @@ class RedisBroker(Broker):
         self.gaps = 0
         self.lost = 0
         self.resets = 0
+        # The shared directory (share_directory=True and a server with the in-memory directory).
+        self._directory: Any = None
+        self._router: Any = None
+        self._loaded: Optional[asyncio.Event] = None  # start-up snapshot loaded and caught up
+        self._ready_at = 0  # the stream position to reach before start() returns
+        self._snap_wake: Optional[asyncio.Event] = None
+        self._resync: Optional[int] = None  # a gap seen at this entry: sync the directory first
+        #: Directory snapshots written to Redis by this process, and failed attempts.
+        self.snapshots_written = 0
+        self.snapshot_failures = 0
+
+    def share_directory(self, directory: Any, router: Any) -> None:
+        """Called by the server when it is built (with its in-memory directory and its router):
+        with ``share_directory=True``, keep the cluster's directory snapshot in Redis — load it
+        at start before :meth:`start` returns, write it after every change, re-seed it when Redis
+        lost it, load it after a gap (see docs/redis.md)."""
+        if not self.share_directory_snapshot:
+            return
+        self._directory = directory
+        self._router = router
+        directory.watch(self._directory_changed)
+
+    def _directory_changed(self) -> None:
+        if self._snap_wake is not None:
+            self._snap_wake.set()
 
     # --- state ----------------------------------------------------------------------------------
     @property
@@ -273,10 +314,14 @@ class RedisBroker(Broker):
         self._closed = False
         self._wake = asyncio.Event()
         self._ready = asyncio.Event()
+        self._loaded = asyncio.Event()
+        self._snap_wake = asyncio.Event()
         self._last_tick = self._loop.time()
         self._tasks = [self._loop.create_task(self._read_forever()),
                        self._loop.create_task(self._write_forever()),
                        self._loop.create_task(self._tick())]
+        if self._directory is not None:
+            self._tasks.append(self._loop.create_task(self._write_snapshots()))
         try:
             async with asyncio.timeout(self.start_timeout):
                 await self._ready.wait()
@@ -284,6 +329,18 @@ class RedisBroker(Broker):
             await self.close()
             raise self._unavailable(f"not reachable within {self.start_timeout:g} s "
                                     f"({self._last_error or 'no reply'})") from None
+        if not self._loaded.is_set():
+            # The directory snapshot was loaded: apply what followed it before serving anyone.
+            limit = max(60.0, self.start_timeout)
+            log.info("reading the Redis stream from the directory snapshot's position %d up to %d",
+                     self.position, self._ready_at)
+            try:
+                async with asyncio.timeout(limit):
+                    await self._loaded.wait()
+            except TimeoutError:
+                await self.close()
+                raise self._unavailable(f"could not read the stream up to position {self._ready_at} "
+                                        f"within {limit:g} s (at {self.position})") from None
 
     async def close(self) -> None:
         """Stop the reader and the publisher; pending publishes fail with BrokerUnavailable."""
@@ -497,6 +554,8 @@ class RedisBroker(Broker):
                 async with asyncio.timeout(self.connect_timeout + self.socket_timeout):
                     await conn.connect()  # TCP connect, then the handshake (CLIENT SETNAME, AUTH, SELECT)
                 await self._check_position(conn, self.socket_timeout)
+                if self._directory is not None and self.subscriptions:
+                    await self._sync_directory(conn, self.socket_timeout, None)
                 self._subscribed = True
                 self.subscriptions += 1
                 self._last_error = None
@@ -506,8 +565,10 @@ class RedisBroker(Broker):
                 else:
                     log.info("reading the Redis stream %s at %s from position %d", self.stream,
                              redact_url(self.url), self.position)
-                assert self._ready is not None
+                assert self._ready is not None and self._loaded is not None
                 self._ready.set()
+                if self.position >= self._ready_at:
+                    self._loaded.set()
                 delay = self.reconnect_min
                 await self._read(conn)
             except asyncio.CancelledError:
@@ -548,6 +609,24 @@ class RedisBroker(Broker):
         notice a stream that started over below this process's position (it would never
         return an entry to this position: see _reset)."""
         top = await self._stream_top(conn, timeout)
+        if not self._positioned and self._directory is not None:
+            stored = await self._read_snapshot(conn, timeout)
+            if stored is not None:
+                position, snapshot = stored
+                try:
+                    self._directory.load_quietly(snapshot)
+                except ValueError as exc:
+                    log.error("the directory snapshot in Redis (%s) is not valid, ignored: %s",
+                              self.directory_key, exc)
+                else:
+                    self._positioned = True
+                    self.position = position
+                    self._last_id = b"%d-0" % position
+                    self._ready_at = _seq_of(top)[0] if top is not None else 0
+                    counts = {k: len(v) for k, v in snapshot.items() if isinstance(v, dict)}
+                    log.info("directory loaded from Redis (%s at position %d): %s", self.directory_key,
+                             position, ", ".join(f"{n} {k}" for k, n in counts.items()) or "empty")
+                    return
         if not self._positioned:
             self._positioned = True
             if top is not None:
@@ -577,6 +656,9 @@ class RedisBroker(Broker):
                 continue
             entries = reply[0][1]
             size = self._on_entries(entries)
+            if self._resync is not None:
+                at, self._resync = self._resync, None
+                await self._sync_directory(conn, interval, at)
             self._caught_up = len(entries) < count and self._fresh(stalls)
             count = max(1, min(READ_COUNT, READ_BYTES * len(entries) // max(1, size)))
 
@@ -584,6 +666,7 @@ class RedisBroker(Broker):
         """Deliver stream entries in order; returns the bytes of envelope text they held."""
         size = 0
         for entry_id, fields in entries:
+            previous = self._last_id
             self._last_id = entry_id
             try:
                 seq, ours = _seq_of(entry_id)
@@ -598,11 +681,20 @@ class RedisBroker(Broker):
             expected = self.position + 1
             self.position = seq
             if seq != expected and expected != 1:
+                troubles = self.gaps + self.resets
                 if len(fields) > 5 and fields[4] == b"r":
                     self._reset(int(fields[5]), expected - 1)
                 elif seq > expected:
                     self._gap(seq - expected, expected - 1)
+                if self._directory is not None and self.gaps + self.resets != troubles:
+                    # Directory changes may be among what was lost (or Redis lost the snapshot):
+                    # sync the directory with the snapshot before going on (_sync_directory).
+                    self.position, self._last_id = expected - 1, previous
+                    self._resync = seq
+                    break
             self._on_envelope(payload, at)
+        if self._loaded is not None and not self._loaded.is_set() and self.position >= self._ready_at:
+            self._loaded.set()
         return size
 
     def _on_envelope(self, payload: bytes, at: float) -> None:
@@ -665,6 +757,110 @@ class RedisBroker(Broker):
             log.warning("Redis stream %s started over (Redis restarted without persistence, FLUSHALL "
                         "or the stream deleted); this process had read all of it (position %d): "
                         "nothing was lost here", self.stream, position)
+
+    # --- the shared directory ----------------------------------------------------------------------
+    async def _read_snapshot(self, conn: Any, timeout: float) -> Optional[Tuple[int, Dict[str, Any]]]:
+        """(position, snapshot) of the directory kept in Redis, or None when there is none. A
+        snapshot that is not JSON is logged and treated as none."""
+        await conn.send_command("HMGET", self.directory_key, "p", "s", check_health=False)
+        async with asyncio.timeout(timeout):
+            position, text = await conn.read_response()
+        if position is None or text is None:
+            return None
+        try:
+            snapshot = ujson.loads(text)
+            if not isinstance(snapshot, dict):
+                raise ValueError("not a JSON object")
+            return int(position), snapshot
+        except ValueError as exc:
+            log.error("the directory snapshot in Redis (%s) is not valid JSON, ignored: %s",
+                      self.directory_key, exc)
+            return None
+
+    async def _sync_directory(self, conn: Any, timeout: float, gap_at: Optional[int]) -> None:
+        """After a reconnect (``gap_at`` None) or a gap / a stream that started over, seen at the
+        entry ``gap_at`` (this process has read up to ``position``, before it): Redis has no
+        snapshot → write this process's (re-seed: Redis restarted without persistence). A
+        snapshot newer than ``position`` after a gap → load it and go on from the later of its
+        position and the gap's end: the changes this process missed are in it. Every process writes
+        the snapshot after each change, so a gap that holds a change is covered by a newer one."""
+        directory = self._directory
+        stored = await self._read_snapshot(conn, timeout)
+        if stored is None:
+            log.warning("Redis has no directory snapshot (%s): writing this process's directory "
+                        "(position %d)", self.directory_key, self.position)
+            self._directory_changed()
+        elif gap_at is not None and stored[0] > self.position:
+            position, snapshot = stored
+            try:
+                directory.load_quietly(snapshot)
+            except ValueError as exc:
+                log.error("the directory snapshot in Redis (%s) is not valid, ignored: %s",
+                          self.directory_key, exc)
+            else:
+                skipped = max(0, position - gap_at + 1)
+                self.lost += skipped
+                self.position = max(position, gap_at - 1)
+                self._last_id = b"%d-0" % self.position
+                log.warning("directory loaded from Redis after the gap (%s at position %d)%s",
+                            self.directory_key, position,
+                            f"; the {skipped} envelopes it already holds are not delivered here"
+                            if skipped else "")
+        if gap_at is not None and self.position < gap_at - 1:
+            # Go on from the entry after the gap (the gap is counted; not seen again).
+            self.position = gap_at - 1
+            self._last_id = b"%d-0" % self.position
+
+    async def _write_snapshots(self) -> None:
+        """Write this process's directory to Redis after changes (coalesced: one write in
+        flight), with the stream position it corresponds to. The script keeps the snapshot with
+        the highest position: every process applies the same changes at the same positions, so
+        whichever writes first, the snapshot at a position is the same."""
+        wake, loaded, router = self._snap_wake, self._loaded, self._router
+        assert wake is not None and loaded is not None
+        delay = self.reconnect_min
+        conn: Any = None
+        while True:
+            await wake.wait()
+            await loaded.wait()  # never before the start-up snapshot is loaded and caught up
+            while router is not None and router.busy:  # an envelope half-applied: wait for it
+                await router.wait_idle()
+            wake.clear()
+            try:
+                if conn is None:
+                    conn = await self._connect()
+                async with asyncio.timeout(self.socket_timeout):
+                    # Is a newer snapshot there already (another process wrote it)? Then this
+                    # one need not even be serialized.
+                    await conn.send_command("HGET", self.directory_key, "p", check_health=False)
+                    current = await conn.read_response()
+                    if router is not None and router.busy:  # changed meanwhile: start over
+                        wake.set()
+                        continue
+                    # The state and its position, taken together (no await in between).
+                    position = self.position
+                    if current is None or int(current) < position:
+                        text = ujson.dumps(self._directory.snapshot(), ensure_ascii=False)
+                        await conn.send_command("EVAL", SNAPSHOT_SCRIPT, 1, self.directory_key, position,
+                                                text, check_health=False)
+                        if await conn.read_response():
+                            self.snapshots_written += 1
+                delay = self.reconnect_min
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.snapshot_failures += 1
+                if isinstance(exc, TimeoutError):
+                    exc = TimeoutError("no reply from Redis in time")
+                log.warning("could not write the directory snapshot to Redis: %s; retrying in %.1f s",
+                            _describe(exc), delay,
+                            exc_info=not isinstance(exc, (RedisError, OSError, TimeoutError)))
+                if conn is not None:
+                    await _disconnect(conn)
+                    conn = None
+                wake.set()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.reconnect_max)
 
     # --- pending publishes ----------------------------------------------------------------------
     def _fail(self, seq: int, error: BaseException) -> None:
