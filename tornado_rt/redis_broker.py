@@ -70,12 +70,13 @@ import hashlib
 import itertools
 import logging
 import uuid
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple
 
 import ujson
 
 from .broker import Broker, BrokerUnavailable
-from .envelope import Envelope
+from .envelope import (DISCONNECT, REVOKE, Envelope, PublishError, directory_envelope, id_list,
+                       individual_envelope, message_envelope)
 from .redaction import redact_url
 
 try:
@@ -154,6 +155,19 @@ end
 redis.call('HSET', KEYS[1], 'p', ARGV[1], 's', ARGV[2])
 return 1
 """
+
+def encode_envelope(envelope: Envelope, origin: str, seq: int) -> bytes:
+    """The stream entry's ``e`` field: a JSON header line (the envelope without its message text,
+    plus the publisher's origin ``o`` and its sequence number ``n``), a newline, the text."""
+    wire = envelope.to_wire()
+    data = wire.pop("d", None)
+    wire["o"] = origin
+    wire["n"] = seq
+    payload = ujson.dumps(wire, ensure_ascii=False).encode()
+    if data is not None:
+        payload += b"\n" + data.encode()
+    return payload
+
 
 def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(value), value)
@@ -374,13 +388,7 @@ class RedisBroker(Broker):
                 raise self._unavailable("broker not started")
             raise self._unavailable(f"not connected ({self._last_error or 'reconnecting'})")
         seq = next(self._seq)
-        wire = envelope.to_wire()
-        data = wire.pop("d", None)
-        wire["o"] = self.origin
-        wire["n"] = seq
-        payload = ujson.dumps(wire, ensure_ascii=False).encode()
-        if data is not None:
-            payload += b"\n" + data.encode()
+        payload = encode_envelope(envelope, self.origin, seq)
         loop = self._loop
         assert loop is not None and self._wake is not None
         future = loop.create_future()
@@ -894,3 +902,176 @@ async def _disconnect(conn: Any) -> None:
         await conn.disconnect(nowait=True)
     except Exception:  # already closed, or the loop is going away
         pass
+
+
+class RedisPublisher:
+    """A write-only publisher for processes that are not servers (a Celery worker, a Django view,
+    a script): it validates and serializes with the same registry as the servers and appends the
+    same envelopes to the same stream with the same script, so every server process of the
+    namespace delivers them, with no HTTP hop. No event loop is needed: it uses redis-py's sync
+    client (thread-safe; one pooled connection per concurrent caller).
+
+    ``url`` / ``channel_prefix``: as for :class:`RedisBroker` (the same Redis and prefix as the
+    servers). ``plugins``: plugins beyond the built-in ones (the installed ``tornado_rt.plugins``
+    entry points are loaded too unless ``load_entry_points=False``); ``types``: a TOML file of
+    configured message and page types (``--types FILE`` of the servers); or pass a ready
+    ``registry``. ``publish_timeout``: the longest a publish waits (default 2 s; Redis refuses an
+    envelope whose deadline passed, as for the servers). ``stream_length``: as the servers'
+    ``--redis-stream-length``.
+
+    Every publish gets an idempotency ``id`` (a random UUID unless given; methods return the ids
+    used). A ``BrokerUnavailable`` after the command left (a timeout, a broken connection) is
+    ambiguous: Redis may have applied it. Retry with the same ``id`` (pass it) and no process
+    delivers it twice within the servers' dedup window.
+
+    Raises :class:`~tornado_rt.PublishError` (naming the field) before anything is sent, and
+    :class:`~tornado_rt.BrokerUnavailable` when Redis cannot be reached, refuses the command, or
+    does not answer within ``publish_timeout``.
+    """
+
+    def __init__(self, url: str, channel_prefix: str = "tornado-rt", *, plugins: Any = (),
+                 registry: Any = None, load_entry_points: bool = True, types: Optional[str] = None,
+                 publish_timeout: float = 2.0, connect_timeout: float = 1.0,
+                 stream_length: int = 100_000):
+        import redis as redis_sync
+
+        from .registry import Registry, entry_point_plugins
+        from .server import builtin_plugins
+
+        if not channel_prefix or not isinstance(channel_prefix, str):
+            raise ValueError("channel_prefix must be a non-empty string")
+        if not publish_timeout > 0:
+            raise ValueError("publish_timeout must be positive")
+        if not isinstance(stream_length, int) or stream_length < 1:
+            raise ValueError("stream_length must be a positive integer")
+        if registry is None:
+            chosen = builtin_plugins() + list(plugins)
+            if load_entry_points:
+                chosen += entry_point_plugins(exclude=[p.name for p in chosen])
+            if types is not None:
+                from .typesconfig import load_types_file
+
+                known = {pt.name: pt for p in chosen for pt in p.page_types}
+                taken = [n for p in chosen for mt in p.message_types for n in (mt.name, *mt.aliases)]
+                # Webhook-guarded pages: who may subscribe does not matter to a publisher.
+                chosen.append(load_types_file(types, webhook=lambda name: _deny, known_pages=known,
+                                              known_messages=taken))
+            registry = Registry(chosen)
+        self.registry = registry
+        self.url = url
+        self.stream = f"{channel_prefix}:stream"
+        self.publish_timeout = publish_timeout
+        self.stream_length = stream_length
+        self.origin = uuid.uuid4().hex[:16]
+        self._seq = itertools.count(1)
+        self._known = 0  # the highest sequence number Redis gave this publisher
+        self._offset: Optional[float] = None  # a lower bound of (Redis clock - monotonic), in ms
+        self._redis = redis_sync.Redis.from_url(url, socket_connect_timeout=connect_timeout,
+                                                socket_timeout=publish_timeout, retry=None, protocol=2,
+                                                client_name="tornado-rt-publisher")
+
+    def _unavailable(self, why: str) -> BrokerUnavailable:
+        return BrokerUnavailable(f"Redis broker unavailable ({redact_url(self.url)}): {why}")
+
+    # --- the API -----------------------------------------------------------------------------------
+    def publish(self, message: Any, to: Any = None, *, ignore_web_socket_id: Optional[str] = None,
+                exclude_user_ids: Any = None, id: Optional[str] = None) -> str:
+        """Publish one message to its type's default audience or to ``to`` (as
+        ``RealtimeServer.publish``); returns its id."""
+        key = id if id is not None else str(uuid.uuid4())
+        self.send([message_envelope(self.registry, message, to, ignore_web_socket_id, exclude_user_ids,
+                                    id=key)])
+        return key
+
+    def publish_many(self, items: Any) -> List[str]:
+        """Several publishes in one script call: ``items`` are dicts with the keys of
+        :meth:`publish` (``message``, ``to``, ``ignore_web_socket_id``, ``exclude_user_ids``,
+        ``id``). All are validated before any is sent (errors name ``[i].field``); returns the ids."""
+        envelopes = []
+        for i, item in enumerate(items):
+            if not isinstance(item, Mapping) or "message" not in item:
+                raise PublishError("an item must be an object with a message", f"[{i}]")
+            extra = set(item) - {"message", "to", "ignore_web_socket_id", "exclude_user_ids", "id"}
+            if extra:
+                name = sorted(extra)[0]
+                raise PublishError(f"unexpected key {name!r}", f"[{i}].{name}")
+            key = item.get("id") or str(uuid.uuid4())
+            envelopes.append(message_envelope(self.registry, item["message"], item.get("to"),
+                                              item.get("ignore_web_socket_id"), item.get("exclude_user_ids"),
+                                              prefix=f"[{i}].", id=key))
+        self.send(envelopes)
+        return [str(env.id) for env in envelopes]
+
+    def publish_individual(self, payloads: Any, *, ignore_web_socket_id: Optional[str] = None,
+                           id: Optional[str] = None) -> str:
+        """Send each user its own message: ``{user_id: message}``; returns the id."""
+        key = id if id is not None else str(uuid.uuid4())
+        self.send([individual_envelope(self.registry, payloads, ignore_web_socket_id, id=key)])
+        return key
+
+    def disconnect(self, user_ids: Any, ignore_web_socket_ids: Any = ()) -> None:
+        """Force-disconnect (4003) every connection of these users on every server process."""
+        users = id_list(list(user_ids), "user_ids", None)
+        spared = [w for w in ignore_web_socket_ids if isinstance(w, str)]
+        self.send([Envelope(DISCONNECT, user_ids=users, ignore=spared)])
+
+    def revoke(self, user_ids: Any, permission_group: str) -> None:
+        """Drop these users' pages in ``permission_group`` (with page_discard) on every process."""
+        users = id_list(list(user_ids), "user_ids", None)
+        if not isinstance(permission_group, str) or not permission_group:
+            raise PublishError("permission_group must be a non-empty string", "permission_group")
+        self.send([Envelope(REVOKE, user_ids=users, permission_group=permission_group)])
+
+    def change_directory(self, operation: str, *args: Any) -> None:
+        """A directory change applied by every server process (``RealtimeServer.change_directory``)."""
+        self.send([directory_envelope(operation, args)])
+
+    def close(self) -> None:
+        self._redis.close()
+
+    def __enter__(self) -> "RedisPublisher":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # --- sending -----------------------------------------------------------------------------------
+    def send(self, envelopes: List[Envelope]) -> None:
+        """Append prepared envelopes in one script call (at most MAX_BATCH per call). Raises
+        ``BrokerUnavailable`` unless Redis accepted every one of them."""
+        import time
+
+        from redis.exceptions import NoScriptError
+
+        for start in range(0, len(envelopes), MAX_BATCH):
+            chunk = envelopes[start:start + MAX_BATCH]
+            began = time.monotonic()
+            try:
+                if self._offset is None:
+                    seconds, micros = self._redis.time()
+                    self._offset = seconds * 1000 + micros / 1000 - time.monotonic() * 1000
+                deadline = int((began + self.publish_timeout) * 1000 + self._offset - DEADLINE_MARGIN_MS)
+                args: List[Any] = [self.stream_length, self._known]
+                for env in chunk:
+                    args += [deadline, encode_envelope(env, self.origin, next(self._seq))]
+                try:
+                    reply = self._redis.evalsha(PUBLISH_SHA, 1, self.stream, *args)
+                except NoScriptError:  # not run: load the script and send again
+                    self._redis.script_load(PUBLISH_SCRIPT)
+                    reply = self._redis.evalsha(PUBLISH_SHA, 1, self.stream, *args)
+            except RedisError as exc:
+                self._offset = None
+                raise self._unavailable(_describe(exc)) from None
+            except OSError as exc:
+                self._offset = None
+                raise self._unavailable(_describe(exc)) from None
+            self._offset = int(reply[0]) - time.monotonic() * 1000
+            accepted = [int(n) for n in reply[1:]]
+            self._known = max([self._known, *accepted])
+            if not all(accepted):
+                raise self._unavailable(f"Redis ran the publish after its deadline ({self.publish_timeout:g} s): "
+                                        f"{accepted.count(0)} of {len(accepted)} envelopes not applied")
+
+
+def _deny(*args: Any) -> bool:
+    return False
