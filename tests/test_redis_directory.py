@@ -8,6 +8,7 @@ total order: an answer from process X comes after X applied its own change, henc
 change acknowledged before it was sent.
 """
 import asyncio
+import signal
 import subprocess
 import sys
 import tempfile
@@ -206,6 +207,40 @@ async def test_redis_restarted_without_persistence(cluster, redis_proc, connect)
     status, _ = await b.call("POST", "/api/publish", {"message": message, "to": {"user_ids": [5]}})
     assert status == 200
     assert await on_c.recv() == message and await on_a.recv() == message
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_process_behind_the_trimmed_stream_loads_the_snapshot(connect):
+    """B is stopped while A changes the directory and then publishes far more than the stream
+    keeps: B has a gap that holds the change. B loads the snapshot from Redis before going on, so
+    its directory has the change (without it B would lack member 2 for good)."""
+    redis_proc = RedisProcess(require_redis_binary()).start()
+    a, b = nodes = start_nodes(redis_proc.url, 2, ["--redis-stream-length", "50"])
+    try:
+        await a.put_directory(DIRECTORY)
+        await b.directory()
+        b.proc.send_signal(signal.SIGSTOP)
+        try:
+            await member(a, "PUT", 1, 7)
+            wait_for(lambda: 7 in stored_snapshot(redis_proc)[1]["workspaces"]["1"], "A's snapshot")
+            for _ in range(6):
+                await a.publish([{"message": marker_message(), "to": {"user_ids": [999999]}}
+                                 for _ in range(100)])
+        finally:
+            b.proc.send_signal(signal.SIGCONT)
+        await accepting(b)  # its reader may be reconnecting after the stop
+        await member(b, "PUT", 1, 8)  # B's answer: B went through the gap before its own change
+        assert (await b.directory())["workspaces"] == {"1": [1, 2, 7, 8]}
+        assert (await a.directory())["workspaces"] == {"1": [1, 2, 7, 8]}
+        log = b.log_text()
+        assert "gap 1" in log and "directory loaded from Redis after the gap" in log, log
+        on_b = await connect(b, 7)
+        assert (await subscribed(on_b, "table", table_id=10))["type"] == "page_add"
+        on_b.close()
+    finally:
+        for node in nodes:
+            node.stop()
+        redis_proc.kill()
 
 
 def test_directory_file_with_redis_broker_is_refused(redis_proc):

@@ -746,11 +746,13 @@ class RedisBroker(Broker):
             except Exception:
                 log.exception("the gap handler failed")
         what = "an unknown number of envelopes" if lost is None else f"{lost} envelopes"
+        directory = ("the directory is synced with its snapshot in Redis" if self._directory is not None
+                     else "directory events among them were not applied here either: PUT "
+                     "/api/directory again if they may have been published")
         log.warning("Redis stream %s: %s after position %d were lost before this process read them "
                     "(gap %d, %d envelopes lost in gaps so far); sent page_discard for %d page "
-                    "subscriptions so that clients resubscribe and refetch. Directory events among "
-                    "them were not applied here either: PUT /api/directory again if they may have "
-                    "been published.", self.stream, what, position, self.gaps, self.lost, discarded)
+                    "subscriptions so that clients resubscribe and refetch; %s.", self.stream, what,
+                    position, self.gaps, self.lost, discarded, directory)
 
     def _reset(self, known: int, position: int) -> None:
         """The stream started over (Redis restarted without persistence, FLUSHALL, key deleted).
