@@ -138,3 +138,35 @@ def test_redis_down_raises_a_clear_exception():
     text = str(down.value)
     assert "Redis broker unavailable" in text and str(port) in text, text
     assert "secret" not in text  # the URL is redacted
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_the_asyncio_publisher_delivers_through_every_server(nodes, redis_server, connect):  # noqa: F811
+    from tornado_rt import BrokerUnavailable, PublishError
+    from tornado_rt.redis_broker import AsyncRedisPublisher
+
+    a, b = nodes
+    await b.put_directory({"workspaces": {"1": [1, 2]}, "tables": {"10": 1}})
+    on_a = await connect(a, 1)
+    on_b = await connect(b, 2)
+    await on_a.subscribe("table", table_id=10)
+    await on_b.subscribe("table", table_id=10)
+    async with AsyncRedisPublisher(redis_server.url, channel_prefix=PREFIX) as publisher:
+        with pytest.raises(PublishError) as refused:
+            await publisher.publish({"type": "rows_created", "table_id": 10, "metadata": {},
+                                     "before_row_id": None})
+        assert refused.value.field == "message.rows"
+        key = await publisher.publish(rows_created(10, 41))
+        await publisher.publish(rows_created(10, 41), id=key)  # dropped by every server
+        await publisher.publish_many([{"message": rows_created(10, 42)}])
+    for client in (on_a, on_b):
+        assert await client.recv() == rows_created(10, 41)
+        assert await client.recv() == rows_created(10, 42)
+    marker = marker_message()
+    await a.publish({"message": marker, "to": {"all_users": True}})
+    assert await on_a.recv() == marker and await on_b.recv() == marker
+
+    async with AsyncRedisPublisher(f"redis://127.0.0.1:{free_port()}/0", connect_timeout=0.5) as down:
+        with pytest.raises(BrokerUnavailable) as failed:
+            await down.publish(rows_created(10, 1))
+    assert "Redis broker unavailable" in str(failed.value)

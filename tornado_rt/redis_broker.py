@@ -54,6 +54,20 @@ Idempotency
     An envelope ``id`` is delivered at most once per process within the dedup window; the window is
     measured in the stream's own clock (field ``t``), so every process drops the same duplicates.
 
+The shared directory
+    With ``share_directory=True`` (``tornado-rt serve`` sets it) and the in-memory
+    :class:`~tornado_rt.Directory`, the hash ``<channel_prefix>:directory`` holds the cluster's
+    latest directory snapshot (``s``) and the stream position it corresponds to (``p``). Directory
+    changes are envelopes on the stream (``RealtimeServer.change_directory``), applied by every
+    router in order; every process writes the snapshot after a change (a script keeps the one with
+    the highest position: all processes hold the same snapshot at the same position). At start the
+    snapshot is loaded and the stream read from ``p`` before :meth:`RedisBroker.start` returns;
+    after a gap a newer snapshot is loaded; when Redis lost it, the running processes write theirs.
+
+Publishing from elsewhere
+    :class:`RedisPublisher` is a write-only, synchronous publisher (redis-py's sync client) for
+    processes that are not servers: same registry, same envelope format, same script.
+
 Connections
     Two connections of redis-py's asyncio client (hiredis parses replies when installed): one
     reading, one publishing (one batch in flight, in call order). Not the pooled ``Redis``
@@ -906,37 +920,13 @@ async def _disconnect(conn: Any) -> None:
         pass
 
 
-class RedisPublisher:
-    """A write-only publisher for processes that are not servers (a Celery worker, a Django view,
-    a script): it validates and serializes with the same registry as the servers and appends the
-    same envelopes to the same stream with the same script, so every server process of the
-    namespace delivers them, with no HTTP hop. No event loop is needed: it uses redis-py's sync
-    client (thread-safe; one pooled connection per concurrent caller).
+class _Publishing:
+    """What the sync and the asyncio write-only publishers share: the registry, validation and
+    serialization, the script's arguments and the reading of its reply."""
 
-    ``url`` / ``channel_prefix``: as for :class:`RedisBroker` (the same Redis and prefix as the
-    servers). ``plugins``: plugins beyond the built-in ones (the installed ``tornado_rt.plugins``
-    entry points are loaded too unless ``load_entry_points=False``); ``types``: a TOML file of
-    configured message and page types (``--types FILE`` of the servers); or pass a ready
-    ``registry``. ``publish_timeout``: the longest a publish waits (default 2 s; Redis refuses an
-    envelope whose deadline passed, as for the servers). ``stream_length``: as the servers'
-    ``--redis-stream-length``.
-
-    Every publish gets an idempotency ``id`` (a random UUID unless given; methods return the ids
-    used). A ``BrokerUnavailable`` after the command left (a timeout, a broken connection) is
-    ambiguous: Redis may have applied it. Retry with the same ``id`` (pass it) and no process
-    delivers it twice within the servers' dedup window.
-
-    Raises :class:`~tornado_rt.PublishError` (naming the field) before anything is sent, and
-    :class:`~tornado_rt.BrokerUnavailable` when Redis cannot be reached, refuses the command, or
-    does not answer within ``publish_timeout``.
-    """
-
-    def __init__(self, url: str, channel_prefix: str = "tornado-rt", *, plugins: Any = (),
-                 registry: Any = None, load_entry_points: bool = True, types: Optional[str] = None,
-                 publish_timeout: float = 2.0, connect_timeout: float = 1.0,
-                 stream_length: int = 100_000):
-        import redis as redis_sync
-
+    def __init__(self, url: str, channel_prefix: str, plugins: Any, registry: Any,
+                 load_entry_points: bool, types: Optional[str], publish_timeout: float,
+                 stream_length: int):
         from .registry import Registry, entry_point_plugins
         from .server import builtin_plugins
 
@@ -968,27 +958,17 @@ class RedisPublisher:
         self._seq = itertools.count(1)
         self._known = 0  # the highest sequence number Redis gave this publisher
         self._offset: Optional[float] = None  # a lower bound of (Redis clock - monotonic), in ms
-        self._redis = redis_sync.Redis.from_url(url, socket_connect_timeout=connect_timeout,
-                                                socket_timeout=publish_timeout, retry=None, protocol=2,
-                                                client_name="tornado-rt-publisher")
 
     def _unavailable(self, why: str) -> BrokerUnavailable:
         return BrokerUnavailable(f"Redis broker unavailable ({redact_url(self.url)}): {why}")
 
-    # --- the API -----------------------------------------------------------------------------------
-    def publish(self, message: Any, to: Any = None, *, ignore_web_socket_id: Optional[str] = None,
-                exclude_user_ids: Any = None, id: Optional[str] = None) -> str:
-        """Publish one message to its type's default audience or to ``to`` (as
-        ``RealtimeServer.publish``); returns its id."""
-        key = id if id is not None else str(uuid.uuid4())
-        self.send([message_envelope(self.registry, message, to, ignore_web_socket_id, exclude_user_ids,
-                                    id=key)])
-        return key
+    # --- envelopes ---------------------------------------------------------------------------------
+    def _message(self, message: Any, to: Any, ignore_web_socket_id: Optional[str], exclude_user_ids: Any,
+                 id: Optional[str]) -> Envelope:
+        return message_envelope(self.registry, message, to, ignore_web_socket_id, exclude_user_ids,
+                                id=id if id is not None else str(uuid.uuid4()))
 
-    def publish_many(self, items: Any) -> List[str]:
-        """Several publishes in one script call: ``items`` are dicts with the keys of
-        :meth:`publish` (``message``, ``to``, ``ignore_web_socket_id``, ``exclude_user_ids``,
-        ``id``). All are validated before any is sent (errors name ``[i].field``); returns the ids."""
+    def _many(self, items: Any) -> List[Envelope]:
         envelopes = []
         for i, item in enumerate(items):
             if not isinstance(item, Mapping) or "message" not in item:
@@ -1001,28 +981,127 @@ class RedisPublisher:
             envelopes.append(message_envelope(self.registry, item["message"], item.get("to"),
                                               item.get("ignore_web_socket_id"), item.get("exclude_user_ids"),
                                               prefix=f"[{i}].", id=key))
+        return envelopes
+
+    def _individual(self, payloads: Any, ignore_web_socket_id: Optional[str], id: Optional[str]) -> Envelope:
+        return individual_envelope(self.registry, payloads, ignore_web_socket_id,
+                                   id=id if id is not None else str(uuid.uuid4()))
+
+    @staticmethod
+    def _disconnect(user_ids: Any, ignore_web_socket_ids: Any) -> Envelope:
+        users = id_list(list(user_ids), "user_ids", None)
+        spared = [w for w in ignore_web_socket_ids if isinstance(w, str)]
+        return Envelope(DISCONNECT, user_ids=users, ignore=spared)
+
+    @staticmethod
+    def _revoke(user_ids: Any, permission_group: str) -> Envelope:
+        users = id_list(list(user_ids), "user_ids", None)
+        if not isinstance(permission_group, str) or not permission_group:
+            raise PublishError("permission_group must be a non-empty string", "permission_group")
+        return Envelope(REVOKE, user_ids=users, permission_group=permission_group)
+
+    # --- the script ------------------------------------------------------------------------------------
+    def _args(self, chunk: List[Envelope], began: float) -> List[Any]:
+        assert self._offset is not None
+        deadline = int((began + self.publish_timeout) * 1000 + self._offset - DEADLINE_MARGIN_MS)
+        args: List[Any] = [self.stream_length, self._known]
+        for env in chunk:
+            args += [deadline, encode_envelope(env, self.origin, next(self._seq))]
+        return args
+
+    def _clock(self, reply: Any) -> None:
+        """TIME's reply, read just now: a lower bound of the offset between the clocks."""
+        import time
+
+        self._offset = int(reply[0]) * 1000 + int(reply[1]) / 1000 - time.monotonic() * 1000
+
+    def _accepted(self, reply: Any) -> None:
+        """Read the script's reply (Redis ran it just now); raise unless every envelope was taken."""
+        import time
+
+        self._offset = int(reply[0]) - time.monotonic() * 1000
+        accepted = [int(n) for n in reply[1:]]
+        self._known = max([self._known, *accepted])
+        if not all(accepted):
+            raise self._unavailable(f"Redis ran the publish after its deadline ({self.publish_timeout:g} s): "
+                                    f"{accepted.count(0)} of {len(accepted)} envelopes not applied")
+
+    def _failed(self, exc: BaseException) -> BrokerUnavailable:
+        self._offset = None
+        if isinstance(exc, TimeoutError) or type(exc).__name__ == "TimeoutError":
+            return self._unavailable(f"no reply from Redis within {self.publish_timeout:g} s (it may "
+                                     "have applied the publish: retry with the same id)")
+        return self._unavailable(_describe(exc))
+
+
+class RedisPublisher(_Publishing):
+    """A write-only publisher for processes that are not servers (a Celery worker, a Django view,
+    a script): it validates and serializes with the same registry as the servers and appends the
+    same envelopes to the same stream with the same script, so every server process of the
+    namespace delivers them, with no HTTP hop. No event loop is needed: it uses redis-py's sync
+    client (thread-safe; one pooled connection per concurrent caller). :class:`AsyncRedisPublisher`
+    is the same for asyncio code.
+
+    ``url`` / ``channel_prefix``: as for :class:`RedisBroker` (the same Redis and prefix as the
+    servers). ``plugins``: plugins beyond the built-in ones (the installed ``tornado_rt.plugins``
+    entry points are loaded too unless ``load_entry_points=False``); ``types``: a TOML file of
+    configured message and page types (``--types FILE`` of the servers); or pass a ready
+    ``registry``. ``publish_timeout``: the longest a publish waits (default 2 s; Redis refuses an
+    envelope whose deadline passed, as for the servers). ``stream_length``: as the servers'
+    ``--redis-stream-length``.
+
+    Every publish gets an idempotency ``id`` (a random UUID unless given; methods return the ids
+    used). A ``BrokerUnavailable`` after the command left (a timeout, a broken connection) is
+    ambiguous: Redis may have applied it. Retry with the same ``id`` (pass it) and no process
+    delivers it twice within the servers' dedup window.
+
+    Raises :class:`~tornado_rt.PublishError` (naming the field) before anything is sent, and
+    :class:`~tornado_rt.BrokerUnavailable` when Redis cannot be reached, refuses the command, or
+    does not answer within ``publish_timeout``.
+    """
+
+    def __init__(self, url: str, channel_prefix: str = "tornado-rt", *, plugins: Any = (),
+                 registry: Any = None, load_entry_points: bool = True, types: Optional[str] = None,
+                 publish_timeout: float = 2.0, connect_timeout: float = 1.0,
+                 stream_length: int = 100_000):
+        import redis as redis_sync
+
+        super().__init__(url, channel_prefix, plugins, registry, load_entry_points, types, publish_timeout,
+                         stream_length)
+        self._redis = redis_sync.Redis.from_url(url, socket_connect_timeout=connect_timeout,
+                                                socket_timeout=publish_timeout, retry=None, protocol=2,
+                                                client_name="tornado-rt-publisher")
+
+    def publish(self, message: Any, to: Any = None, *, ignore_web_socket_id: Optional[str] = None,
+                exclude_user_ids: Any = None, id: Optional[str] = None) -> str:
+        """Publish one message to its type's default audience or to ``to`` (as
+        ``RealtimeServer.publish``); returns its id."""
+        env = self._message(message, to, ignore_web_socket_id, exclude_user_ids, id)
+        self.send([env])
+        return str(env.id)
+
+    def publish_many(self, items: Any) -> List[str]:
+        """Several publishes in one script call: ``items`` are dicts with the keys of
+        :meth:`publish` (``message``, ``to``, ``ignore_web_socket_id``, ``exclude_user_ids``,
+        ``id``). All are validated before any is sent (errors name ``[i].field``); returns the ids."""
+        envelopes = self._many(items)
         self.send(envelopes)
         return [str(env.id) for env in envelopes]
 
     def publish_individual(self, payloads: Any, *, ignore_web_socket_id: Optional[str] = None,
                            id: Optional[str] = None) -> str:
         """Send each user its own message: ``{user_id: message}``; returns the id."""
-        key = id if id is not None else str(uuid.uuid4())
-        self.send([individual_envelope(self.registry, payloads, ignore_web_socket_id, id=key)])
-        return key
+        env = self._individual(payloads, ignore_web_socket_id, id)
+        self.send([env])
+        return str(env.id)
 
     def disconnect(self, user_ids: Any, ignore_web_socket_ids: Any = ()) -> None:
         """Force-disconnect (4003) every connection of these users on every server process."""
-        users = id_list(list(user_ids), "user_ids", None)
-        spared = [w for w in ignore_web_socket_ids if isinstance(w, str)]
-        self.send([Envelope(DISCONNECT, user_ids=users, ignore=spared)])
+        self.send([self._disconnect(user_ids, ignore_web_socket_ids)])
 
     def revoke(self, user_ids: Any, permission_group: str) -> None:
         """Drop these users' pages in ``permission_group`` (with page_discard) on every process."""
-        users = id_list(list(user_ids), "user_ids", None)
-        if not isinstance(permission_group, str) or not permission_group:
-            raise PublishError("permission_group must be a non-empty string", "permission_group")
-        self.send([Envelope(REVOKE, user_ids=users, permission_group=permission_group)])
+        self.send([self._revoke(user_ids, permission_group)])
 
     def change_directory(self, operation: str, *args: Any) -> None:
         """A directory change applied by every server process (``RealtimeServer.change_directory``)."""
@@ -1037,7 +1116,6 @@ class RedisPublisher:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    # --- sending -----------------------------------------------------------------------------------
     def send(self, envelopes: List[Envelope]) -> None:
         """Append prepared envelopes in one script call (at most MAX_BATCH per call). Raises
         ``BrokerUnavailable`` unless Redis accepted every one of them."""
@@ -1050,29 +1128,90 @@ class RedisPublisher:
             began = time.monotonic()
             try:
                 if self._offset is None:
-                    seconds, micros = self._redis.time()
-                    self._offset = seconds * 1000 + micros / 1000 - time.monotonic() * 1000
-                deadline = int((began + self.publish_timeout) * 1000 + self._offset - DEADLINE_MARGIN_MS)
-                args: List[Any] = [self.stream_length, self._known]
-                for env in chunk:
-                    args += [deadline, encode_envelope(env, self.origin, next(self._seq))]
+                    self._clock(self._redis.time())
+                args = self._args(chunk, began)
                 try:
                     reply = self._redis.evalsha(PUBLISH_SHA, 1, self.stream, *args)
                 except NoScriptError:  # not run: load the script and send again
                     self._redis.script_load(PUBLISH_SCRIPT)
                     reply = self._redis.evalsha(PUBLISH_SHA, 1, self.stream, *args)
-            except RedisError as exc:
-                self._offset = None
-                raise self._unavailable(_describe(exc)) from None
-            except OSError as exc:
-                self._offset = None
-                raise self._unavailable(_describe(exc)) from None
-            self._offset = int(reply[0]) - time.monotonic() * 1000
-            accepted = [int(n) for n in reply[1:]]
-            self._known = max([self._known, *accepted])
-            if not all(accepted):
-                raise self._unavailable(f"Redis ran the publish after its deadline ({self.publish_timeout:g} s): "
-                                        f"{accepted.count(0)} of {len(accepted)} envelopes not applied")
+            except (RedisError, OSError) as exc:
+                raise self._failed(exc) from None
+            self._accepted(reply)
+
+
+class AsyncRedisPublisher(_Publishing):
+    """:class:`RedisPublisher` for asyncio code (FastAPI, aiohttp, Tornado): the same arguments;
+    the publishing methods are coroutines. Uses redis-py's asyncio client (a pool)."""
+
+    def __init__(self, url: str, channel_prefix: str = "tornado-rt", *, plugins: Any = (),
+                 registry: Any = None, load_entry_points: bool = True, types: Optional[str] = None,
+                 publish_timeout: float = 2.0, connect_timeout: float = 1.0,
+                 stream_length: int = 100_000):
+        import redis.asyncio as redis_async
+
+        super().__init__(url, channel_prefix, plugins, registry, load_entry_points, types, publish_timeout,
+                         stream_length)
+        self._redis = redis_async.Redis.from_url(url, socket_connect_timeout=connect_timeout,
+                                                 socket_timeout=publish_timeout, retry=None, protocol=2,
+                                                 client_name="tornado-rt-publisher")
+
+    async def publish(self, message: Any, to: Any = None, *, ignore_web_socket_id: Optional[str] = None,
+                      exclude_user_ids: Any = None, id: Optional[str] = None) -> str:
+        env = self._message(message, to, ignore_web_socket_id, exclude_user_ids, id)
+        await self.send([env])
+        return str(env.id)
+
+    async def publish_many(self, items: Any) -> List[str]:
+        envelopes = self._many(items)
+        await self.send(envelopes)
+        return [str(env.id) for env in envelopes]
+
+    async def publish_individual(self, payloads: Any, *, ignore_web_socket_id: Optional[str] = None,
+                                 id: Optional[str] = None) -> str:
+        env = self._individual(payloads, ignore_web_socket_id, id)
+        await self.send([env])
+        return str(env.id)
+
+    async def disconnect(self, user_ids: Any, ignore_web_socket_ids: Any = ()) -> None:
+        await self.send([self._disconnect(user_ids, ignore_web_socket_ids)])
+
+    async def revoke(self, user_ids: Any, permission_group: str) -> None:
+        await self.send([self._revoke(user_ids, permission_group)])
+
+    async def change_directory(self, operation: str, *args: Any) -> None:
+        await self.send([directory_envelope(operation, args)])
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    async def __aenter__(self) -> "AsyncRedisPublisher":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def send(self, envelopes: List[Envelope]) -> None:
+        import time
+
+        from redis.exceptions import NoScriptError
+
+        for start in range(0, len(envelopes), MAX_BATCH):
+            chunk = envelopes[start:start + MAX_BATCH]
+            began = time.monotonic()
+            try:
+                async with asyncio.timeout(self.publish_timeout):
+                    if self._offset is None:
+                        self._clock(await self._redis.time())
+                    args = self._args(chunk, began)
+                    try:
+                        reply = await self._redis.evalsha(PUBLISH_SHA, 1, self.stream, *args)
+                    except NoScriptError:  # not run: load the script and send again
+                        await self._redis.script_load(PUBLISH_SCRIPT)
+                        reply = await self._redis.evalsha(PUBLISH_SHA, 1, self.stream, *args)
+            except (RedisError, OSError, TimeoutError) as exc:
+                raise self._failed(exc) from None
+            self._accepted(reply)
 
 
 def _deny(*args: Any) -> bool:
