@@ -296,6 +296,7 @@ def individual_envelope(registry: Registry, payloads: Any, ignore_web_socket_id:
 def directory_envelope(operation: str, args: Iterable[Any] = ()) -> Envelope:
     """A directory change (``Directory.apply(operation, args)`` on every process), validated
     first: raises the ``DirectoryError`` naming the field before anything is sent."""
-    arguments = list(args)
+    arguments = [sorted(a, key=str) if isinstance(a, (set, frozenset)) else list(a) if isinstance(a, tuple) else a
+                 for a in args]  # as JSON will carry them
     Directory.check(operation, arguments)
     return Envelope(DIRECTORY, operation, dumps(arguments, "directory"))
