@@ -243,6 +243,64 @@ async def test_a_process_behind_the_trimmed_stream_loads_the_snapshot(connect):
         redis_proc.kill()
 
 
+@pytest.mark.gen_test(timeout=30)
+async def test_the_snapshot_moves_forward_without_being_sent_again(redis_proc):
+    """In-process: after ``snapshot_every`` entries without a change, the stored snapshot's
+    position moves forward (only its position: the snapshot is the same), so that a process
+    that starts reads less of the stream; that process loads it."""
+    import redis.asyncio as aioredis
+
+    from tornado_rt import RealtimeServer, Settings
+    from tornado_rt.redis_broker import RedisBroker
+
+    def make():
+        broker = RedisBroker(redis_proc.url, channel_prefix="advance", share_directory=True, snapshot_every=20)
+        return RealtimeServer(Settings(jwt_secret=SECRET, ping_interval=0), load_entry_points=False,
+                              broker=broker)
+
+    raw = aioredis.from_url(redis_proc.url)
+
+    async def stored():
+        position, text = await raw.hmget("advance:directory", "p", "s")
+        return (0, None) if position is None else (int(position), ujson.loads(text))
+
+    async def until(condition, what):
+        deadline = time.monotonic() + 10
+        while not condition(await stored()):
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            await asyncio.sleep(0.02)  # barrier-ok: the snapshot is written after the answer
+
+    one, two = make(), None
+    await one.start()
+    try:
+        await one.change_directory("set_workspace", 1, [5])
+        await one.change_directory("set_table", 10, 1)
+        expected = {"workspaces": {"1": [5]}, "tables": {"10": 1}, "public_views": {}}
+        await until(lambda got: got[1] == expected, "the snapshot")
+        first, _ = await stored()
+        for _ in range(3):
+            await one.submit([one_envelope(one, i) for i in range(20)])
+        await until(lambda got: got[0] > first, "the snapshot to move forward")
+        assert (await stored())[1] == expected
+        assert one.broker.snapshot_advances >= 1 and one.broker.snapshots_written >= 1
+        two = make()
+        await two.start()
+        assert two.directory.snapshot() == expected
+        assert two.broker.position >= one.broker.position
+    finally:
+        await one.shutdown(timeout=1)
+        if two is not None:
+            await two.shutdown(timeout=1)
+        await raw.aclose()
+
+
+def one_envelope(server, i):
+    from tornado_rt.envelope import message_envelope
+
+    return message_envelope(server.registry, {"type": "notifications_fetch_required", "i": i},
+                            {"user_ids": [999999]})
+
+
 def test_directory_file_with_redis_broker_is_refused(redis_proc):
     """--directory FILE keeps one process's directory; with the Redis broker the directory lives in
     Redis: the combination is refused at start (exit 2, naming --directory)."""

@@ -166,9 +166,24 @@ local current = redis.call('HGET', KEYS[1], 'p')
 if current and tonumber(current) >= tonumber(ARGV[1]) then
   return 0
 end
-redis.call('HSET', KEYS[1], 'p', ARGV[1], 's', ARGV[2])
+redis.call('HSET', KEYS[1], 'p', ARGV[1], 's', ARGV[2], 'h', ARGV[3])
 return 1
 """
+# KEYS[1]: the directory hash. ARGV[1]: a stream position; ARGV[2]: the SHA-1 of the writer's
+# snapshot at that position. When the stored snapshot is older and the same (same SHA-1), only
+# its position moves forward (so a process that starts reads less of the stream), without sending
+# the snapshot. Returns 1 when moved.
+ADVANCE_SCRIPT = """
+local current = redis.call('HMGET', KEYS[1], 'p', 'h')
+if current[1] and tonumber(current[1]) < tonumber(ARGV[1]) and current[2] == ARGV[2] then
+  redis.call('HSET', KEYS[1], 'p', ARGV[1])
+  return 1
+end
+return 0
+"""
+#: Stream entries read after which the snapshot's position is moved forward even without a
+#: directory change (a process that starts replays at most about this many).
+SNAPSHOT_EVERY = 10_000
 
 def encode_envelope(envelope: Envelope, origin: str, seq: int) -> bytes:
     """The stream entry's ``e`` field: a JSON header line (the envelope without its message text,
@@ -224,6 +239,9 @@ class RedisBroker(Broker):
     twice this replaces its connection (default 5).
     ``start_timeout``: how long :meth:`start` keeps trying to connect before it raises
     ``BrokerUnavailable`` (default 5).
+    ``share_directory``: keep the server's in-memory directory's snapshot in Redis (see
+    :meth:`share_directory` and docs/redis.md); ``snapshot_every``: stream entries after which the
+    stored snapshot's position is moved forward without a change (default 10,000).
     """
 
     def __init__(self, url: str, channel_prefix: str = "tornado-rt", *,
@@ -231,7 +249,7 @@ class RedisBroker(Broker):
                  socket_timeout: float = 2.0, connect_timeout: float = 1.0,
                  reconnect_min: float = 0.1, reconnect_max: float = 5.0,
                  health_check_interval: float = 5.0, start_timeout: float = 5.0,
-                 share_directory: bool = False):
+                 share_directory: bool = False, snapshot_every: int = SNAPSHOT_EVERY):
         if not channel_prefix or not isinstance(channel_prefix, str):
             raise ValueError("channel_prefix must be a non-empty string")
         if not publish_timeout > 0:
@@ -244,6 +262,7 @@ class RedisBroker(Broker):
         #: position it corresponds to) and ``s`` (the snapshot, JSON).
         self.directory_key = f"{channel_prefix}:directory"
         self.share_directory_snapshot = share_directory
+        self.snapshot_every = snapshot_every
         # protocol=2: plain arrays. No command retries: fail fast. socket_timeout=None: redis-py
         # would arm a timer for every reply read; the broker bounds each exchange itself.
         self._pool = ConnectionPool.from_url(
@@ -303,9 +322,12 @@ class RedisBroker(Broker):
         self._loaded: Optional[asyncio.Event] = None  # start-up snapshot loaded and caught up
         self._ready_at = 0  # the stream position to reach before start() returns
         self._snap_wake: Optional[asyncio.Event] = None
+        self._snap_position = 0  # the position of the stored snapshot, as far as this process knows
+        self._snap_changed = False  # a change to write (else only move the stored one forward)
         self._resync: Optional[int] = None  # a gap seen at this entry: sync the directory first
         #: Directory snapshots written to Redis by this process, and failed attempts.
         self.snapshots_written = 0
+        self.snapshot_advances = 0  # ... and times only its position was moved forward
         self.snapshot_failures = 0
 
     def share_directory(self, directory: Any, router: Any) -> None:
@@ -320,6 +342,8 @@ class RedisBroker(Broker):
         directory.watch(self._directory_changed)
 
     def _directory_changed(self) -> None:
+        """The directory changed (or Redis lost the snapshot): write it."""
+        self._snap_changed = True
         if self._snap_wake is not None:
             self._snap_wake.set()
 
@@ -642,7 +666,7 @@ class RedisBroker(Broker):
                               self.directory_key, exc)
                 else:
                     self._positioned = True
-                    self.position = position
+                    self.position = self._snap_position = position
                     self._last_id = b"%d-0" % position
                     self._ready_at = _seq_of(top)[0] if top is not None else 0
                     counts = {k: len(v) for k, v in snapshot.items() if isinstance(v, dict)}
@@ -652,7 +676,7 @@ class RedisBroker(Broker):
         if not self._positioned:
             self._positioned = True
             if top is not None:
-                self.position = _seq_of(top)[0]
+                self.position = self._snap_position = _seq_of(top)[0]
                 self._last_id = top
             return
         if top is not None and _seq_of(top)[0] < self.position:
@@ -717,6 +741,10 @@ class RedisBroker(Broker):
             self._on_envelope(payload, at)
         if self._loaded is not None and not self._loaded.is_set() and self.position >= self._ready_at:
             self._loaded.set()
+        if self._directory is not None and self.position - self._snap_position >= self.snapshot_every:
+            self._snap_position = self.position  # once per snapshot_every, whatever the write does
+            if self._snap_wake is not None:
+                self._snap_wake.set()
         return size
 
     def _on_envelope(self, payload: bytes, at: float) -> None:
@@ -850,25 +878,38 @@ class RedisBroker(Broker):
             while router is not None and router.busy:  # an envelope half-applied: wait for it
                 await router.wait_idle()
             wake.clear()
+            changed, self._snap_changed = self._snap_changed, False
             try:
                 if conn is None:
                     conn = await self._connect()
                 async with asyncio.timeout(self.socket_timeout):
                     # Is a newer snapshot there already (another process wrote it)? Then this
                     # one need not even be serialized.
-                    await conn.send_command("HGET", self.directory_key, "p", check_health=False)
-                    current = await conn.read_response()
+                    await conn.send_command("HMGET", self.directory_key, "p", "h", check_health=False)
+                    current, digest = await conn.read_response()
                     if router is not None and router.busy:  # changed meanwhile: start over
+                        self._snap_changed |= changed
                         wake.set()
                         continue
+                    if current is None and not changed:
+                        continue  # only moving forward, and there is nothing to move: no seeding
                     # The state and its position, taken together (no await in between).
                     position = self.position
                     if current is None or int(current) < position:
-                        text = ujson.dumps(self._directory.snapshot(), ensure_ascii=False)
-                        await conn.send_command("EVAL", SNAPSHOT_SCRIPT, 1, self.directory_key, position,
-                                                text, check_health=False)
+                        text = ujson.dumps(self._directory.snapshot(), ensure_ascii=False, sort_keys=True)
+                        mine = hashlib.sha1(text.encode()).hexdigest().encode()
+                        if digest == mine:  # the same directory: only move its position forward
+                            await conn.send_command("EVAL", ADVANCE_SCRIPT, 1, self.directory_key, position,
+                                                    mine, check_health=False)
+                        else:
+                            await conn.send_command("EVAL", SNAPSHOT_SCRIPT, 1, self.directory_key, position,
+                                                    text, mine, check_health=False)
                         if await conn.read_response():
-                            self.snapshots_written += 1
+                            if digest == mine:
+                                self.snapshot_advances += 1
+                            else:
+                                self.snapshots_written += 1
+                    self._snap_position = max(position, int(current or 0))
                 delay = self.reconnect_min
             except asyncio.CancelledError:
                 raise
@@ -876,6 +917,7 @@ class RedisBroker(Broker):
                 self.snapshot_failures += 1
                 if isinstance(exc, TimeoutError):
                     exc = TimeoutError("no reply from Redis in time")
+                self._snap_changed |= changed
                 log.warning("could not write the directory snapshot to Redis: %s; retrying in %.1f s",
                             _describe(exc), delay,
                             exc_info=not isinstance(exc, (RedisError, OSError, TimeoutError)))
