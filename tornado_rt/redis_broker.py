@@ -325,6 +325,7 @@ class RedisBroker(Broker):
         self._snap_position = 0  # the position of the stored snapshot, as far as this process knows
         self._snap_changed = False  # a change to write (else only move the stored one forward)
         self._resync: Optional[int] = None  # a gap seen at this entry: sync the directory first
+        self._deferred_gap: Optional[Tuple[Optional[int], int]] = None  # its page_discard, after
         #: Directory snapshots written to Redis by this process, and failed attempts.
         self.snapshots_written = 0
         self.snapshot_advances = 0  # ... and times only its position was moved forward
@@ -704,7 +705,12 @@ class RedisBroker(Broker):
             size = self._on_entries(entries)
             if self._resync is not None:
                 at, self._resync = self._resync, None
-                await self._sync_directory(conn, interval, at)
+                try:
+                    await self._sync_directory(conn, interval, at)
+                finally:
+                    deferred, self._deferred_gap = self._deferred_gap, None
+                    if deferred is not None:
+                        self._discard(*deferred)
             self._caught_up = len(entries) < count and self._fresh(stalls)
             count = max(1, min(READ_COUNT, READ_BYTES * len(entries) // max(1, size)))
 
@@ -728,15 +734,18 @@ class RedisBroker(Broker):
             self.position = seq
             if seq != expected and expected != 1:
                 troubles = self.gaps + self.resets
+                if self._directory is not None:
+                    self._resync = seq  # defers the gap's page_discard (see _gap)
                 if len(fields) > 5 and fields[4] == b"r":
                     self._reset(int(fields[5]), expected - 1)
                 elif seq > expected:
                     self._gap(seq - expected, expected - 1)
-                if self._directory is not None and self.gaps + self.resets != troubles:
+                if self.gaps + self.resets == troubles:
+                    self._resync = None
+                elif self._directory is not None:
                     # Directory changes may be among what was lost (or Redis lost the snapshot):
                     # sync the directory with the snapshot before going on (_sync_directory).
                     self.position, self._last_id = expected - 1, previous
-                    self._resync = seq
                     break
             self._on_envelope(payload, at)
         if self._loaded is not None and not self._loaded.is_set() and self.position >= self._ready_at:
@@ -781,6 +790,14 @@ class RedisBroker(Broker):
         self.gaps += 1
         if lost:
             self.lost += lost
+        if self._directory is not None and self._resync is not None:
+            # The directory is synced first (_sync_directory), then the clients are told: their
+            # resubscriptions are answered with the synced directory.
+            self._deferred_gap = (lost, position)
+            return
+        self._discard(lost, position)
+
+    def _discard(self, lost: Optional[int], position: int) -> None:
         discarded = 0
         if self.on_gap is not None:
             try:
