@@ -44,6 +44,7 @@ _ERRORS_BODY = {
     "413": _error("The body is larger than the limit"),
     "415": _error("The body is not JSON (Content-Type must be application/json)"),
 }
+_DIRECTORY_503 = _error("The broker cannot take the directory change (nothing changed)")
 
 
 def _body(schema: Dict[str, Any], description: str = "") -> Dict[str, Any]:
@@ -236,9 +237,11 @@ _OPERATIONS: Dict[str, Dict[str, Any]] = {
         "put": {
             "summary": "Replace the in-memory directory (validated first; on error nothing changes)",
             "description": "Changing the directory never drops live subscriptions: publish "
-                           "group_user_deleted / table_deleted, or call /api/revoke, for that.",
+                           "group_user_deleted / table_deleted, or call /api/revoke, for that. "
+                           "Every directory change travels through the broker: with the Redis "
+                           "broker it changes every process, answered once this one applied it.",
             "requestBody": _body(_ref("Directory")),
-            "responses": {"200": _ok("Entries loaded", _ref("DirectoryCounts")), **_ERRORS_BODY},
+            "responses": {"200": _ok("Entries loaded", _ref("DirectoryCounts")), **_ERRORS_BODY, "503": _DIRECTORY_503},
         },
     },
     "/api/directory/workspaces/{workspace_id}": {
@@ -247,19 +250,19 @@ _OPERATIONS: Dict[str, Dict[str, Any]] = {
             "summary": "Create or replace one workspace with exactly these members",
             "requestBody": _body({"type": "object", "required": ["members"], "additionalProperties": False,
                                   "properties": {"members": {"type": "array", "items": _ref("Id")}}}),
-            "responses": {"200": _ok("Done", _ref("Ok")), **_ERRORS_BODY},
+            "responses": {"200": _ok("Done", _ref("Ok")), **_ERRORS_BODY, "503": _DIRECTORY_503},
         },
         "delete": {
             "summary": "Forget a workspace, its memberships, its tables and their public views",
-            "responses": {"200": _ok("Done", _ref("Ok")), **_ERRORS_NO_BODY},
+            "responses": {"200": _ok("Done", _ref("Ok")), **_ERRORS_NO_BODY, "503": _DIRECTORY_503},
         },
     },
     "/api/directory/workspaces/{workspace_id}/members/{user_id}": {
         "parameters": [_path_param("workspace_id", "Workspace id"), _path_param("user_id", "User id")],
         "put": {"summary": "Add one member (no body)",
-                "responses": {"200": _ok("Done", _ref("Ok")), **_ERRORS_NO_BODY}},
+                "responses": {"200": _ok("Done", _ref("Ok")), **_ERRORS_NO_BODY, "503": _DIRECTORY_503}},
         "delete": {"summary": "Remove one member",
-                   "responses": {"200": _ok("Done", _ref("Ok")), **_ERRORS_NO_BODY}},
+                   "responses": {"200": _ok("Done", _ref("Ok")), **_ERRORS_NO_BODY, "503": _DIRECTORY_503}},
     },
     "/api/directory/tables/{table_id}": {
         "parameters": [_path_param("table_id", "Table id")],
@@ -267,10 +270,10 @@ _OPERATIONS: Dict[str, Dict[str, Any]] = {
             "summary": "Set the workspace of a table",
             "requestBody": _body({"type": "object", "required": ["workspace_id"], "additionalProperties": False,
                                   "properties": {"workspace_id": _ref("Id")}}),
-            "responses": {"200": _ok("Done", _ref("Ok")), **_ERRORS_BODY},
+            "responses": {"200": _ok("Done", _ref("Ok")), **_ERRORS_BODY, "503": _DIRECTORY_503},
         },
         "delete": {"summary": "Forget a table and its public views",
-                   "responses": {"200": _ok("Done", _ref("Ok")), **_ERRORS_NO_BODY}},
+                   "responses": {"200": _ok("Done", _ref("Ok")), **_ERRORS_NO_BODY, "503": _DIRECTORY_503}},
     },
     "/api/directory/public_views/{slug}": {
         "parameters": [_path_param("slug", "Public view slug")],
@@ -279,10 +282,10 @@ _OPERATIONS: Dict[str, Dict[str, Any]] = {
             "requestBody": _body({"type": "object", "additionalProperties": False,
                                   "properties": {"table_id": _ref("Id"),
                                                  "token": {"type": "string", "nullable": True}}}),
-            "responses": {"200": _ok("Done", _ref("Ok")), **_ERRORS_BODY},
+            "responses": {"200": _ok("Done", _ref("Ok")), **_ERRORS_BODY, "503": _DIRECTORY_503},
         },
         "delete": {"summary": "Forget a public view",
-                   "responses": {"200": _ok("Done", _ref("Ok")), **_ERRORS_NO_BODY}},
+                   "responses": {"200": _ok("Done", _ref("Ok")), **_ERRORS_NO_BODY, "503": _DIRECTORY_503}},
     },
     "/api/stats": {"get": {
         "summary": "Connections, users, pages, subscriptions and message counts of this process",
