@@ -23,6 +23,7 @@ import ujson
 
 from . import closecodes
 from .envelope import DISCONNECT, INDIVIDUAL, MESSAGE, REVOKE, Envelope
+from .history import HistoryStore, positioned_frame
 from .hooks import Hooks, gather, pending, then
 from .hub import Hub, text_frame
 from .policy import AccessPolicy, Directory
@@ -121,6 +122,8 @@ class Router:
         self.hooks = hooks if hooks is not None else Hooks(None, policy)
         self.on_delivered = on_delivered
         self.effects = EffectContext(self)
+        #: The recovery extension's store (None: disabled, ``history_size = 0``).
+        self.history: Optional[HistoryStore] = None
         self._waiting: Optional[collections.deque] = None  # envelopes behind an async one
         self._idle: Optional[asyncio.Future] = None
 
@@ -225,9 +228,29 @@ class Router:
         data, type_name = env.data, env.type
         assert data is not None and type_name is not None, "a message envelope has a type and text"
         exclude = set(env.exclude) if env.exclude else None
-        n = self.hub.deliver(text_frame(data.encode()), conns, env.ignore, exclude)
+        frame = text_frame(data.encode())
+        history = self.history
+        if history is not None and env.audience is not None and env.audience[0] == "page":
+            n = self._deliver_positioned(history, env, frame, conns, exclude)
+        else:
+            n = self.hub.deliver(frame, conns, env.ignore, exclude)
         if self.on_delivered is not None:
             self.on_delivered(type_name, n)
+
+    def _deliver_positioned(self, history: HistoryStore, env: Envelope, frame: bytes, conns: Any,
+                            exclude: Optional[set]) -> int:
+        """A page message while the recovery extension is on: recorded in the group's history
+        (when it keeps one); the connections with positions get it with its position, every other
+        one the same shared ``frame`` as without the extension."""
+        hub = self.hub
+        group = env.audience[1]  # type: ignore[index]
+        position = history.append(group, env.data, env.exclude)  # type: ignore[arg-type]
+        opted = hub.positioned.get(group) if position is not None else None
+        if not opted:
+            return hub.deliver(frame, conns, env.ignore, exclude)
+        plain = conns - opted if isinstance(conns, (set, frozenset)) else [c for c in conns if c not in opted]
+        n = hub.deliver(frame, plain, env.ignore, exclude)
+        return n + hub.deliver(positioned_frame(env.data, *position), opted, env.ignore, exclude)  # type: ignore
 
     # --- server-initiated subscription changes ---------------------------------------------------
     def disconnect(self, user_ids: Iterable[Any], ignore_web_socket_ids: Iterable[str] = ()) -> int:

@@ -25,9 +25,11 @@ from .broker import Broker, BrokerUnavailable, LocalBroker
 from .connection import Heartbeat, RealtimeHandler
 from .envelope import (DISCONNECT, INDIVIDUAL, MESSAGE, REVOKE, Envelope, PublishError,
                        individual_envelope, message_envelope, id_list)
+from .history import MemoryHistory, Recovery
 from .hooks import Hooks
 from .hub import Hub
 from .policy import AccessPolicy, Directory
+from .presence import Presence
 from .registry import Plugin, Registry, entry_point_plugins
 from .router import Router
 from .session import Session, SessionContext
@@ -139,6 +141,17 @@ class RealtimeServer:
         self.sessions = SessionContext(self.hub, self.hooks, self.registry, settings,
                                        opened=self._connected, left=self._disconnected,
                                        auth_failed=self._auth_failed)
+        # Protocol extensions (docs/protocol.md "Extensions"): recovery (history_size 0: off) and
+        # presence; both opt-in per connection, neither changes a frame of a client that never asks.
+        self.history: Optional[MemoryHistory] = None
+        if settings.history_size:
+            hub = self.hub
+            self.history = MemoryHistory(settings.history_size, settings.history_ttl,
+                                         live=lambda group: group in hub.positioned)
+            self.router.history = self.history
+            self.sessions.recovery = Recovery(self.hub, self.history)
+        self.presence = Presence(self.hub)
+        self.sessions.presence = self.presence
         self.broker = broker if broker is not None else LocalBroker()
         self.broker.attach(self.router.dispatch)
         self.broker.configure(settings, self.router.drop_all_pages)
