@@ -85,7 +85,7 @@ class RealtimeHandler(WebSocketHandler):
             except UnicodeDecodeError:
                 self._token = None
         positions = request.query_arguments.get("positions")  # the recovery extension (opt-in)
-        self._positions = bool(positions) and positions[-1] in (b"1", b"true")
+        self._positions = positions is not None and positions[-1:] in ([b"1"], [b"true"])
         request.uri = redact(request.uri or "")
         request.query = redact(request.query)
         server = self.server

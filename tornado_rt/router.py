@@ -240,17 +240,21 @@ class Router:
     def _deliver_positioned(self, history: HistoryStore, env: Envelope, frame: bytes, conns: Any,
                             exclude: Optional[set]) -> int:
         """A page message while the recovery extension is on: recorded in the group's history
-        (when it keeps one); the connections with positions get it with its position, every other
-        one the same shared ``frame`` as without the extension."""
+        (when it keeps one). Every recipient is queued the same shared ``frame`` as without the
+        extension; then, for the connections with positions only, that last queued frame is
+        swapped for the one with the position (no per-recipient work for the others)."""
         hub = self.hub
+        n = hub.deliver(frame, conns, env.ignore, exclude)
         group = env.audience[1]  # type: ignore[index]
         position = history.append(group, env.data, env.exclude)  # type: ignore[arg-type]
         opted = hub.positioned.get(group) if position is not None else None
-        if not opted:
-            return hub.deliver(frame, conns, env.ignore, exclude)
-        plain = conns - opted if isinstance(conns, (set, frozenset)) else [c for c in conns if c not in opted]
-        n = hub.deliver(frame, plain, env.ignore, exclude)
-        return n + hub.deliver(positioned_frame(env.data, *position), opted, env.ignore, exclude)  # type: ignore
+        if opted:
+            framed = positioned_frame(env.data, *position)  # type: ignore[arg-type,misc]
+            for conn in opted:
+                out = conn.out
+                if out and out[-1] is frame:  # queued just now (not ignored nor excluded)
+                    out[-1] = framed
+        return n
 
     # --- server-initiated subscription changes ---------------------------------------------------
     def disconnect(self, user_ids: Iterable[Any], ignore_web_socket_ids: Iterable[str] = ()) -> int:
