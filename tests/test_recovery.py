@@ -297,3 +297,17 @@ def test_positioned_text_adds_one_key_last():
     text = positioned_text('{"type":"x","position":3,"b":{"position":1}}', "e", 8)
     assert ujson.loads(text) == {"type": "x", "position": {"epoch": "e", "offset": 8}, "b": {"position": 1}}
     assert text.count('"position":{"epoch"') == 1
+
+
+@pytest.mark.gen_test
+async def test_a_broker_gap_ends_every_epoch(server, connect):
+    """When the broker reports lost envelopes (the Redis broker's gap handler), every page is
+    discarded and a since from before the gap is not recovered: the lost ones may be missing."""
+    a = await positioned(connect)
+    epoch = (await a.subscribe("table", table_id=10))["position"]["epoch"]
+    server.publish(rows_created(1))
+    assert (await a.recv())["position"] == {"epoch": epoch, "offset": 1}
+    assert server.broker.on_gap() == 1  # what the Redis broker calls on a gap
+    assert await a.recv() == {"type": "page_discard", "page": "table", "parameters": {"table_id": 10}}
+    reply = await subscribe_since(a, {"epoch": epoch, "offset": 1})
+    assert reply["recovered"] is False and reply["position"]["epoch"] != epoch

@@ -69,6 +69,10 @@ class HistoryStore:
         """The group's current position (its history begins now if it had none)."""
         raise NotImplementedError
 
+    def forget_all(self) -> None:
+        """Messages may have been lost (e.g. the broker had a gap): end every group's epoch."""
+        raise NotImplementedError
+
     def since(self, group: str, epoch: Any, offset: Any) -> Tuple[bool, Position, List[Entry]]:
         """``(recovered, position, entries)``: whether every message after ``(epoch, offset)`` is
         still held; when it is, ``position`` is ``(epoch, offset)`` and ``entries`` are those
@@ -140,6 +144,9 @@ class MemoryHistory(HistoryStore):
             g = self.groups[group] = _Group(self.size, now)
         g.touched = now
         return g
+
+    def forget_all(self) -> None:
+        self.groups.clear()
 
     def sweep(self, now: Optional[float] = None) -> None:
         """Forget the groups that nobody with positions watches and that were idle for ``ttl``."""

@@ -154,11 +154,19 @@ class RealtimeServer:
         self.sessions.presence = self.presence
         self.broker = broker if broker is not None else LocalBroker()
         self.broker.attach(self.router.dispatch)
-        self.broker.configure(settings, self.router.drop_all_pages)
+        self.broker.configure(settings, self._lost_envelopes)
         self.heartbeat = Heartbeat(self.hub, settings.ping_interval, settings.ping_timeout)
         self._loop: Optional[IOLoop] = None
         self._thread: Optional[int] = None
         self._ws_params: Any = None  # Tornado's WebSocket parameters, shared by all connections
+
+    def _lost_envelopes(self) -> int:
+        """The broker lost envelopes it cannot replay (a gap): every page's history may miss
+        them, so every epoch ends (a ``since`` from before answers ``recovered: false``), and every
+        page subscription is dropped so that clients resubscribe and refetch."""
+        if self.history is not None:
+            self.history.forget_all()
+        return self.router.drop_all_pages()
 
     @property
     def authenticator(self) -> Optional[Authenticator]:
