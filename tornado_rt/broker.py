@@ -116,6 +116,12 @@ class Broker:
     async def close(self) -> None:
         return None
 
+    def presence_store(self, ttl: float) -> Any:
+        """The store of cluster-wide presence (a :class:`~tornado_rt.presence.PresenceStore`) when
+        the bus spans processes, else None (presence counts this process). ``ttl``: seconds the
+        presence of a process that died without cleaning up stays visible."""
+        return None
+
 
 class LocalBroker(Broker):
     """In-process bus: ``publish`` hands the envelope straight to this process's router (once

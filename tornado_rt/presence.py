@@ -26,6 +26,7 @@ from typing import Any, Dict, Hashable, List, Optional, Set, Tuple
 
 import ujson
 
+from .hooks import then
 from .hub import Hub, text_frame
 from .registry import PageType
 
@@ -40,9 +41,16 @@ class PresenceStore:
     def leave(self, group: str, user_id: Optional[Hashable]) -> bool:
         raise NotImplementedError
 
-    def snapshot(self, group: str) -> Tuple[List[Tuple[Hashable, int]], int]:
-        """``([(user_id, connections)], anonymous connections)`` of the group."""
+    def snapshot(self, group: str) -> Any:
+        """``([(user_id, connections)], anonymous connections)`` of the group, or an awaitable of
+        it (a store that asks another process, e.g. Redis)."""
         raise NotImplementedError
+
+    async def start(self) -> None:
+        """Called once the server runs on its loop (before any connection)."""
+
+    async def close(self) -> None:
+        """Called at shutdown."""
 
 
 class LocalPresence(PresenceStore):
@@ -132,23 +140,31 @@ class Presence:
                                                      "parameters": sub.parameters, "user_id": user_id})
             send(conn, frame)
 
-    def ask(self, conn: Any, page_type: PageType, params: dict) -> None:
-        """The client action: answer with the group's presence and watch it from now on."""
+    def ask(self, conn: Any, page_type: PageType, params: dict) -> Any:
+        """The client action: answer with the group's presence and watch it from now on.
+        Returns an awaitable when the store answers asynchronously (the session waits for it
+        before the connection's next frame, so its requests stay in order)."""
         if not page_type.presence or page_type.missing(params) is not None:
-            return
+            return None
         group = page_type.group(params)
         if group not in conn.pages:
-            return  # not subscribed: nothing, like any refused request
-        self.watchers.setdefault(group, set()).add(conn)
-        users, anonymous = self.store.snapshot(group)
-        self.hub.send(conn, _frame({
-            "type": "presence", "page": page_type.name, "parameters": params,
-            "users": [{"user_id": user_id, "connections": n} for user_id, n in users],
-            "anonymous": anonymous}))
+            return None  # not subscribed: nothing, like any refused request
+
+        def answer(snapshot: Tuple[List[Tuple[Hashable, int]], int]) -> None:
+            if group not in conn.pages:
+                return  # it left the page while the store was answering
+            users, anonymous = snapshot
+            self.watchers.setdefault(group, set()).add(conn)
+            self.hub.send(conn, _frame({
+                "type": "presence", "page": page_type.name, "parameters": params,
+                "users": [{"user_id": user_id, "connections": n} for user_id, n in users],
+                "anonymous": anonymous}))
+        return then(self.store.snapshot(group), answer)
 
 
-def presence_action(session: Any, page_type: PageType, params: dict, frame: dict) -> None:
+def presence_action(session: Any, page_type: PageType, params: dict, frame: dict) -> Any:
     """The ``presence`` client action (registered by the core plugin)."""
     presence: Optional[Presence] = getattr(session.ctx, "presence", None)
     if presence is not None and session.principal is not None:
-        presence.ask(session, page_type, params)
+        return presence.ask(session, page_type, params)
+    return None

@@ -199,6 +199,7 @@ class RedisBroker(Broker):
         if not isinstance(stream_length, int) or stream_length < 1:
             raise ValueError("stream_length must be a positive integer")
         self.url = url
+        self.channel_prefix = channel_prefix
         self.stream = f"{channel_prefix}:stream"
         # protocol=2: plain arrays. No command retries: fail fast. socket_timeout=None: redis-py
         # would arm a timer for every reply read; the broker bounds each exchange itself.
@@ -262,6 +263,11 @@ class RedisBroker(Broker):
 
     def _unavailable(self, why: str) -> BrokerUnavailable:
         return BrokerUnavailable(f"Redis broker unavailable ({redact_url(self.url)}): {why}")
+
+    def presence_store(self, ttl: float) -> Any:
+        """Cluster-wide presence in the same Redis (:mod:`tornado_rt.redis_presence`)."""
+        from .redis_presence import RedisPresence
+        return RedisPresence(self.url, self.channel_prefix, self.origin, ttl)
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:

@@ -146,13 +146,14 @@ class ClientAction:
     (e.g. ``{"presence": "table", "table_id": 10}``) of a known page type is handed to
     ``handle(session, page_type, params, frame)`` on the IOLoop thread (``params``: the page's
     declared parameters, as for ``page``; ``frame``: the whole decoded object). The handler answers
-    through ``session.ctx.hub.send``; it must not raise for bad input (a refused request gets no
+    through ``session.ctx.hub.send`` and returns None, or an awaitable when it answers later (the
+    connection's next frame waits for it); it must not raise for bad input (a refused request gets no
     answer, like a refused subscription). A frame holding ``page`` or ``remove_page`` is a page
     request and never reaches an action."""
 
     __slots__ = ("name", "handle")
 
-    def __init__(self, name: str, handle: Callable[[Any, PageType, Params, Dict[str, Any]], None]):
+    def __init__(self, name: str, handle: Callable[[Any, PageType, Params, Dict[str, Any]], Any]):
         if name in RESERVED_ACTIONS:
             raise ValueError(f"client action {name!r} is reserved by the protocol")
         self.name = name

@@ -155,6 +155,9 @@ class RealtimeServer:
         self.broker = broker if broker is not None else LocalBroker()
         self.broker.attach(self.router.dispatch)
         self.broker.configure(settings, self._lost_envelopes)
+        presence_store = self.broker.presence_store(settings.presence_ttl)
+        if presence_store is not None:  # cluster-wide presence (the Redis broker)
+            self.presence.store = presence_store
         self.heartbeat = Heartbeat(self.hub, settings.ping_interval, settings.ping_timeout)
         self._loop: Optional[IOLoop] = None
         self._thread: Optional[int] = None
@@ -201,6 +204,7 @@ class RealtimeServer:
         """Bind to the running IOLoop and start the broker. Call once, on the loop."""
         self._bind()
         await self.broker.start()
+        await self.presence.store.start()
 
     def _bind(self) -> None:
         if self._loop is not None:
@@ -394,6 +398,7 @@ class RealtimeServer:
             if drained_by is not None and loop.time() >= drained_by:
                 drained_by = None
                 self._discard_backlogs(closing, timeout / 2)
+        await self.presence.store.close()
         await self.broker.close()
 
     @staticmethod

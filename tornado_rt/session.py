@@ -204,9 +204,8 @@ class Session:
         if kind == "remove_page":
             self._remove_page(page_type, params)
             return None
-        if kind != "page":  # a client action of a plugin (e.g. presence)
-            ctx.registry.actions[kind].handle(self, page_type, params, frame)
-            return None
+        if kind != "page":  # a client action of a plugin (e.g. presence); may answer later
+            return pending(ctx.registry.actions[kind].handle(self, page_type, params, frame))
         rest = actions[1:]
 
         def remove_rest(_: Any) -> None:  # after the page's access check, whenever it answers

@@ -471,6 +471,9 @@ class Settings:
                                 at_least(0), metavar="N")
     history_ttl: float = setting(300.0, "seconds a page message is kept for recovery", positive_number,
                                  metavar="SECONDS")
+    presence_ttl: float = setting(30.0, "with the Redis broker: seconds the presence of a process that died "
+                                  "without cleaning up (killed) stays visible to the others", positive_number,
+                                  metavar="SECONDS")
 
     # HTTP and TCP (GuardedHTTPServer: `tornado-rt serve` runs it; embedders pass these to tornado_rt.listen)
     header_timeout: float = setting(10.0, "seconds from accept until the first request head is complete (the "

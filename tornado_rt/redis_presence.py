@@ -1,0 +1,194 @@
+"""Cluster-wide presence over Redis (the presence extension with the Redis broker; issue 14 §8).
+
+Each process keeps its own counts (:class:`~tornado_rt.presence.LocalPresence`) and writes them
+through to Redis, so that a ``presence`` answer on any process counts the connections of every
+process:
+
+* ``<prefix>:presence:<group>`` is a hash: field ``<process id>|<user id as JSON>`` (``<process
+  id>|`` for anonymous connections) -> this process's connections of that user on that page. Each
+  change of a local count is written (``HSET``, or ``HDEL`` at zero) at once, in order, on one
+  connection; the whole local state is written again on every refresh (after a Redis restart the
+  counts come back within one refresh).
+* ``<prefix>:presence:alive:<process id>`` exists while the process lives: set with a TTL of
+  ``presence_ttl`` seconds and refreshed every third of it. A process that dies without cleaning
+  up (SIGKILL) stops refreshing it; once it expired, answers leave that process's users out and
+  drop its fields (the read script).
+* An answer reads the page's hash with one script (:data:`READ_SCRIPT`) that keeps the fields of
+  live processes only; a user on process A is in an answer on process B as soon as A's write
+  reached Redis (one round trip after the subscription).
+
+``presence_joined`` / ``presence_left`` stay per process in this version: a watcher is told about
+the users of its own process; the answer is the cluster-wide truth.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Dict, Hashable, List, Optional, Tuple
+
+import ujson
+
+from .presence import LocalPresence, PresenceStore
+
+try:
+    from redis.asyncio import Redis
+    from redis.exceptions import RedisError
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("cluster-wide presence needs the redis extra: pip install 'tornado-rt[redis]'") from exc
+
+log = logging.getLogger("tornado_rt.redis")
+
+# KEYS[1]: the page's hash. ARGV[1]: the prefix of the alive keys. Returns the fields and values
+# of live processes (flat), after deleting the fields of processes whose alive key expired.
+READ_SCRIPT = """
+local fields = redis.call('HGETALL', KEYS[1])
+local alive = {}
+local out = {}
+for i = 1, #fields, 2 do
+  local f = fields[i]
+  local origin = string.match(f, '^([^|]*)|')
+  local live = alive[origin]
+  if live == nil then
+    live = redis.call('EXISTS', ARGV[1] .. origin) == 1
+    alive[origin] = live
+  end
+  if live then
+    out[#out + 1] = f
+    out[#out + 1] = fields[i + 1]
+  else
+    redis.call('HDEL', KEYS[1], f)
+  end
+end
+return out
+"""
+
+
+class RedisPresence(PresenceStore):
+    """Presence counts shared by the processes of one Redis (see the module docstring)."""
+
+    def __init__(self, url: str, prefix: str, origin: str, ttl: float = 30.0):
+        self.local = LocalPresence()
+        self.redis = Redis.from_url(url, socket_connect_timeout=1.0,
+                                    socket_timeout=2.0)
+        self.prefix = f"{prefix}:presence:"
+        self.alive_key = f"{self.prefix}alive:{origin}"
+        self.origin = origin
+        self.ttl = ttl
+        self._queue: Optional[asyncio.Queue] = None
+        self._tasks: List[asyncio.Task] = []
+        self._read = self.redis.register_script(READ_SCRIPT)
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._write_forever()), loop.create_task(self._refresh_forever())]
+
+    async def close(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        try:  # leave at once instead of after the TTL (best effort)
+            pipe = self.redis.pipeline(transaction=False)
+            for group, fields in self._fields().items():
+                pipe.hdel(self.prefix + group, *fields)
+            pipe.delete(self.alive_key)
+            await asyncio.wait_for(pipe.execute(), 2.0)
+        except (RedisError, OSError, asyncio.TimeoutError):
+            pass
+        await self.redis.aclose()
+
+    # --- the store --------------------------------------------------------------------------------
+    def _field(self, user_id: Optional[Hashable]) -> str:
+        return f"{self.origin}|" if user_id is None else f"{self.origin}|{ujson.dumps(user_id)}"
+
+    def _count(self, group: str, user_id: Optional[Hashable]) -> int:
+        if user_id is None:
+            return self.local.anonymous.get(group, 0)
+        return self.local.users.get(group, {}).get(user_id, 0)
+
+    def _write(self, group: str, user_id: Optional[Hashable]) -> None:
+        if self._queue is not None:
+            self._queue.put_nowait((group, self._field(user_id), self._count(group, user_id)))
+
+    def join(self, group: str, user_id: Optional[Hashable]) -> bool:
+        first = self.local.join(group, user_id)
+        self._write(group, user_id)
+        return first
+
+    def leave(self, group: str, user_id: Optional[Hashable]) -> bool:
+        last = self.local.leave(group, user_id)
+        self._write(group, user_id)
+        return last
+
+    def snapshot(self, group: str) -> Any:
+        """An awaitable of ``([(user_id, connections)], anonymous)`` over every live process."""
+        return self._snapshot(group)
+
+    async def _snapshot(self, group: str) -> Tuple[List[Tuple[Hashable, int]], int]:
+        try:
+            flat = await self._read(keys=[self.prefix + group], args=[self.prefix + "alive:"])
+        except (RedisError, OSError) as exc:
+            log.warning("presence: Redis unavailable (%s); answering with this process's counts", exc)
+            return self.local.snapshot(group)
+        users: Dict[Hashable, int] = {}
+        anonymous = 0
+        for i in range(0, len(flat), 2):
+            field = flat[i].decode() if isinstance(flat[i], bytes) else flat[i]
+            count = int(flat[i + 1])
+            user = field.partition("|")[2]
+            if count <= 0:
+                continue
+            if not user:
+                anonymous += count
+                continue
+            user_id = ujson.loads(user)
+            users[user_id] = users.get(user_id, 0) + count
+        return list(users.items()), anonymous
+
+    # --- writing ----------------------------------------------------------------------------------
+    def _fields(self) -> Dict[str, Dict[str, int]]:
+        """This process's whole state: group -> {field: count}."""
+        state: Dict[str, Dict[str, int]] = {}
+        for group, users in self.local.users.items():
+            state.setdefault(group, {}).update({self._field(u): n for u, n in users.items()})
+        for group, n in self.local.anonymous.items():
+            state.setdefault(group, {})[self._field(None)] = n
+        return state
+
+    async def _write_forever(self) -> None:
+        """The one writer: changes in order, and the refreshes (alive key + the whole state,
+        computed when written, so it never overtakes a change) in the same sequence."""
+        queue = self._queue
+        assert queue is not None
+        while True:
+            batch = [await queue.get()]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            pipe = self.redis.pipeline(transaction=False)
+            for item in batch:
+                if item is _REFRESH:
+                    pipe.set(self.alive_key, "1", px=max(1, int(self.ttl * 1000)))
+                    for group, fields in self._fields().items():
+                        pipe.hset(self.prefix + group, mapping=dict(fields))  # type: ignore[arg-type]
+                    continue
+                group, field, count = item
+                if count > 0:
+                    pipe.hset(self.prefix + group, field, count)
+                else:
+                    pipe.hdel(self.prefix + group, field)
+            try:
+                await pipe.execute()
+            except (RedisError, OSError) as exc:  # the next refresh writes the whole state again
+                log.warning("presence: write to Redis failed: %s", exc)
+
+    async def _refresh_forever(self) -> None:
+        queue = self._queue
+        assert queue is not None
+        while True:
+            queue.put_nowait(_REFRESH)
+            await asyncio.sleep(self.ttl / 3)
+
+
+_REFRESH: Any = object()
