@@ -85,19 +85,21 @@ class RedisPresence(PresenceStore):
         self._tasks = [loop.create_task(self._write_forever()), loop.create_task(self._refresh_forever())]
 
     async def close(self) -> None:
-        tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        try:  # leave at once instead of after the TTL (best effort)
-            pipe = self.redis.pipeline(transaction=False)
-            for group, fields in self._fields().items():
-                pipe.hdel(self.prefix + group, *fields)
-            pipe.delete(self.alive_key)
-            await asyncio.wait_for(pipe.execute(), 2.0)
-        except (RedisError, OSError, asyncio.TimeoutError):
-            pass
-        await self.redis.aclose()
+        """Leave Redis (this process's fields and alive key deleted, best effort, at most ~3 s).
+        The writer is asked to finish rather than cancelled: a redis-py command cancelled while
+        it connects may never return."""
+        if not self._tasks:
+            return
+        writer, refresher = self._tasks
+        self._tasks = []
+        refresher.cancel()
+        assert self._queue is not None
+        self._queue.put_nowait(_STOP)
+        done, _ = await asyncio.wait({writer}, timeout=3.0)
+        if not done:
+            writer.cancel()
+        closing = asyncio.ensure_future(self.redis.aclose())
+        await asyncio.wait({closing}, timeout=1.0)
 
     # --- the store --------------------------------------------------------------------------------
     def _field(self, user_id: Optional[Hashable]) -> str:
@@ -167,7 +169,12 @@ class RedisPresence(PresenceStore):
             while not queue.empty():
                 batch.append(queue.get_nowait())
             pipe = self.redis.pipeline(transaction=False)
+            stop = _STOP in batch
             for item in batch:
+                if item is _STOP:
+                    continue
+                if stop and item is _REFRESH:
+                    continue
                 if item is _REFRESH:
                     pipe.set(self.alive_key, "1", px=max(1, int(self.ttl * 1000)))
                     for group, fields in self._fields().items():
@@ -178,10 +185,16 @@ class RedisPresence(PresenceStore):
                     pipe.hset(self.prefix + group, field, count)
                 else:
                     pipe.hdel(self.prefix + group, field)
+            if stop:  # leave at once instead of after the TTL
+                for group, fields in self._fields().items():
+                    pipe.hdel(self.prefix + group, *fields)
+                pipe.delete(self.alive_key)
             try:
                 await pipe.execute()
             except (RedisError, OSError) as exc:  # the next refresh writes the whole state again
                 log.warning("presence: write to Redis failed: %s", exc)
+            if stop:
+                return
 
     async def _refresh_forever(self) -> None:
         queue = self._queue
@@ -192,3 +205,4 @@ class RedisPresence(PresenceStore):
 
 
 _REFRESH: Any = object()
+_STOP: Any = object()
