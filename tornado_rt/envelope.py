@@ -56,7 +56,7 @@ class Envelope:
     after ``publish()`` returns cannot change what is delivered or what side effects see."""
 
     __slots__ = ("kind", "type", "data", "audience", "ignore", "exclude", "payloads",
-                 "user_ids", "permission_group", "id")
+                 "user_ids", "permission_group", "id", "position")
 
     def __init__(self, kind: str, type: Optional[str] = None, data: Optional[str] = None,
                  audience: Optional[list] = None, ignore: Any = None,
@@ -73,6 +73,9 @@ class Envelope:
         self.user_ids = user_ids
         self.permission_group = permission_group
         self.id = id  # idempotency key (see the module docstring), or None
+        #: (epoch, offset) of a page message given by a broker that numbers them cluster-wide
+        #: (the Redis broker; recovery extension), else None. Not part of the wire form.
+        self.position: Optional[tuple] = None
 
     def to_wire(self) -> Dict[str, Any]:
         wire = {"k": self.kind}

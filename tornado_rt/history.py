@@ -35,14 +35,20 @@ offset the replay covered.
 """
 from __future__ import annotations
 
+import asyncio
 import collections
+import inspect
+import logging
 import time
 import uuid
+import weakref
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import ujson
 
 from .hub import Hub, text_frame
+
+log = logging.getLogger("tornado_rt.history")
 
 Position = Tuple[str, int]
 #: One stored message: (offset, when it was stored, its JSON text, the user ids it excludes or None).
@@ -71,7 +77,13 @@ def positioned_frame(data: str, epoch: str, offset: int) -> bytes:
 
 
 class HistoryStore:
-    """Where the positions and the bounded history of the page groups live (the interface)."""
+    """Where the positions and the bounded history of the page groups live (the interface).
+    ``position`` and ``since`` may return an awaitable (a store in Redis)."""
+
+    def record(self, group: str, envelope: Any) -> Optional[Position]:
+        """A page message delivered to ``group``: its position (None: the group keeps no
+        history)."""
+        return self.append(group, envelope.data, envelope.exclude)
 
     def append(self, group: str, data: str, exclude: Optional[list]) -> Optional[Position]:
         """Record a message delivered to ``group``; its position, or None when the group keeps no
@@ -170,29 +182,93 @@ class MemoryHistory(HistoryStore):
             del self.groups[group]
 
 
+class Held:
+    """A connection whose subscription is being recovered asynchronously: ``frames`` holds the
+    live messages until the answer is out; then ``skip`` is the last position the replay covered,
+    and live messages up to it (published before the store answered, read by this process only
+    now) are dropped: they were replayed already."""
+
+    __slots__ = ("frames", "skip")
+
+    def __init__(self) -> None:
+        self.frames: Optional[List[Tuple[Position, bytes]]] = []
+        self.skip: Optional[Position] = None
+
+    def take(self, out: list, position: Position, framed: bytes) -> bool:
+        """Whether the frame just queued (``out[-1]``) is held or dropped (else: send it)."""
+        if self.frames is not None:
+            out.pop()
+            self.frames.append((position, framed))
+            return True
+        skip = self.skip
+        if skip is not None and position[0] == skip[0] and position[1] <= skip[1]:
+            out.pop()
+            return True
+        self.skip = None
+        return False
+
+
 class Recovery:
     """The server side of the extension: answers a positioned ``page`` request (``page_add``
-    with ``position``, and ``recovered`` when the request named ``since``) and replays."""
+    with ``position``, and ``recovered`` when the request named ``since``) and replays.
+
+    When the store answers later (Redis), the connection is already subscribed: the live messages
+    that reach it meanwhile are held (``holding[group][session]``, filled by the router) and sent
+    after the answer and the replay, minus those the replay covered."""
 
     def __init__(self, hub: Hub, store: HistoryStore):
         self.hub = hub
         self.store = store
+        self.holding: Dict[str, Any] = {}  # group -> WeakKeyDictionary(session -> Held)
 
-    def subscribed(self, session: Any, group: str, page: str, params: dict, frame: dict) -> None:
-        """``session`` (with positions) has just joined ``group``: answer and replay, at once."""
+    def subscribed(self, session: Any, group: str, page: str, params: dict, frame: dict) -> Any:
+        """``session`` (with positions) has just joined ``group``: answer and replay (at once, or
+        an awaitable when the store answers later)."""
         since = frame.get("since")
-        answer: Dict[str, Any] = {"type": "page_add", "page": page, "parameters": params}
-        entries: List[Entry] = []
+        store = self.store
         if since is None:
-            epoch, offset = self.store.position(group)
+            result: Any = then_map(store.position(group), lambda p: (None, p, []))
+        elif isinstance(since, dict):
+            result = store.since(group, since.get("epoch"), since.get("offset"))
         else:
-            if isinstance(since, dict):
-                recovered, (epoch, offset), entries = self.store.since(group, since.get("epoch"),
-                                                                       since.get("offset"))
-            else:
-                recovered, (epoch, offset), entries = False, self.store.position(group), []
+            result = then_map(store.position(group), lambda p: (False, p, []))
+        if not inspect.isawaitable(result):
+            self._answer(session, group, page, params, result)
+            return None
+        holding = self.holding.get(group)
+        if holding is None:
+            holding = self.holding[group] = weakref.WeakKeyDictionary()
+        state = holding[session] = Held()
+        return asyncio.ensure_future(self._later(session, group, page, params, result, state))
+
+    async def _later(self, session: Any, group: str, page: str, params: dict, result: Any,
+                     state: Held) -> None:
+        try:
+            answer = await result
+        except Exception as exc:
+            log.warning("recovery of %s failed (%s): answering recovered=false", group, exc)
+            answer = (False, None, [])
+        held, state.frames = state.frames or [], None
+        if session.pages.get(group) is None:
+            return  # it left meanwhile
+        last = self._answer(session, group, page, params, answer)
+        state.skip = last
+        for position, framed in held:
+            if last is None or position[0] != last[0] or position[1] > last[1]:
+                state.skip = None
+                self.hub.send(session, framed)
+
+    def _answer(self, session: Any, group: str, page: str, params: dict, result: Any) -> Optional[Position]:
+        """Queue the page_add and the replay; returns the last position they cover."""
+        recovered, position, entries = result
+        answer: Dict[str, Any] = {"type": "page_add", "page": page, "parameters": params}
+        if recovered is not None:
             answer["recovered"] = recovered
-        answer["position"] = {"epoch": epoch, "offset": offset}
+        if position is None:  # the store failed: no position to give
+            epoch, offset = "", 0
+        else:
+            epoch, offset = position
+            answer["position"] = {"epoch": epoch, "offset": offset}
         try:
             text = ujson.dumps(answer, ensure_ascii=False).encode()
         except UnicodeEncodeError:  # a lone surrogate in the echoed parameters (see page_frame)
@@ -200,7 +276,20 @@ class Recovery:
         send = self.hub.send
         send(session, text_frame(text))
         user_id = session.user_id
+        last = position
         for n, _, data, exclude in entries:
+            last = (epoch, n)
             if exclude and user_id in exclude:
                 continue
             send(session, positioned_frame(data, epoch, n))
+        return last
+
+
+def then_map(value: Any, fn: Any) -> Any:
+    """``fn(value)``, or an awaitable of it when ``value`` is awaitable."""
+    if not inspect.isawaitable(value):
+        return fn(value)
+
+    async def later() -> Any:
+        return fn(await value)
+    return later()

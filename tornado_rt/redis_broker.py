@@ -100,8 +100,14 @@ DEADLINE_MARGIN_MS = 5
 STALL = 1.0
 
 # KEYS[1]: the stream. ARGV[1]: MAXLEN (approximate); ARGV[2]: the highest sequence number the
-# publisher knows of; then pairs (deadline in Redis ms, envelope). Returns {Redis time in ms, then
-# per envelope its sequence number, or 0: refused, its deadline had passed}.
+# publisher knows of; ARGV[3]: history size (0: no history); ARGV[4]: history TTL in ms; ARGV[5]:
+# the key prefix ("<prefix>:"); then triples (deadline in Redis ms, envelope, page group or "").
+# Returns {Redis time in ms, then per envelope its sequence number, or 0: refused, its deadline
+# had passed}.
+# Recovery extension (tornado_rt.history): an envelope with a page group gets the group's next
+# offset (hash <prefix>pos:<group>: o = offset, e = epoch, created when missing: a new epoch) and
+# is appended to the group's history (stream <prefix>hist:<group>, trimmed to the history size,
+# both keys expire after the history TTL without messages); its entry carries p = epoch, q = offset.
 # A new stream starts at (Redis time in ms) * 1000, above anything an earlier stream reached
 # unless that one carried more than a million envelopes per second on average; its first entry
 # has the field r: the highest sequence number of the old stream its publisher knew of (so a
@@ -121,16 +127,37 @@ else
 end
 local out = {now}
 local added = false
-for i = 3, #ARGV, 2 do
+local hsize = tonumber(ARGV[3])
+for i = 6, #ARGV, 3 do
   if tonumber(ARGV[i]) >= now then
     n = n + 1
     local id = string.format('%.0f-0', n)
+    local entry = {'XADD', key, id, 't', now, 'e', ARGV[i + 1]}
     if fresh then
-      redis.call('XADD', key, id, 't', now, 'e', ARGV[i + 1], 'r', ARGV[2])
+      entry[#entry + 1] = 'r'
+      entry[#entry + 1] = ARGV[2]
       fresh = false
-    else
-      redis.call('XADD', key, id, 't', now, 'e', ARGV[i + 1])
     end
+    local group = ARGV[i + 2]
+    if group ~= '' and hsize > 0 then
+      local pos = ARGV[5] .. 'pos:' .. group
+      local hist = ARGV[5] .. 'hist:' .. group
+      local epoch = redis.call('HGET', pos, 'e')
+      if not epoch then
+        epoch = string.format('%.0f.%.0f', now, n)
+        redis.call('DEL', hist)
+        redis.call('HSET', pos, 'e', epoch, 'o', 0)
+      end
+      local offset = redis.call('HINCRBY', pos, 'o', 1)
+      redis.call('XADD', hist, 'MAXLEN', hsize, '*', 'q', offset, 't', now, 'e', ARGV[i + 1])
+      redis.call('PEXPIRE', pos, ARGV[4])
+      redis.call('PEXPIRE', hist, ARGV[4])
+      entry[#entry + 1] = 'p'
+      entry[#entry + 1] = epoch
+      entry[#entry + 1] = 'q'
+      entry[#entry + 1] = offset
+    end
+    redis.call(unpack(entry))
     out[#out + 1] = n
     added = true
   else
@@ -200,6 +227,9 @@ class RedisBroker(Broker):
             raise ValueError("stream_length must be a positive integer")
         self.url = url
         self.channel_prefix = channel_prefix
+        #: The recovery extension's history in Redis (size, TTL in ms); set by configure().
+        self.history_size = 0
+        self.history_ttl_ms = 300_000
         self.stream = f"{channel_prefix}:stream"
         # protocol=2: plain arrays. No command retries: fail fast. socket_timeout=None: redis-py
         # would arm a timer for every reply read; the broker bounds each exchange itself.
@@ -263,6 +293,14 @@ class RedisBroker(Broker):
 
     def _unavailable(self, why: str) -> BrokerUnavailable:
         return BrokerUnavailable(f"Redis broker unavailable ({redact_url(self.url)}): {why}")
+
+    def history_store(self, size: int, ttl: float) -> Any:
+        """Cluster-wide positions and history in the same Redis (:mod:`tornado_rt.redis_history`):
+        from now on the publish script numbers page messages and keeps their history."""
+        from .redis_history import RedisHistory
+        self.history_size = size
+        self.history_ttl_ms = max(1, int(ttl * 1000))
+        return RedisHistory(self.url, self.channel_prefix, ttl)
 
     def presence_store(self, ttl: float) -> Any:
         """Cluster-wide presence in the same Redis (:mod:`tornado_rt.redis_presence`)."""
@@ -454,13 +492,17 @@ class RedisBroker(Broker):
     async def _send(self, conn: Any, batch: List[Tuple[int, bytes, _Pending]]) -> None:
         """One script call for the batch; marks each publish accepted or fails it (refused)."""
         offset = self._offset - DEADLINE_MARGIN_MS
-        parts = [b"*%d\r\n" % (6 + 2 * len(batch)), self._script_head,
-                 _bulk(b"%d" % max(self.position, self._accepted))]
+        parts = [b"*%d\r\n" % (9 + 3 * len(batch)), self._script_head,
+                 _bulk(b"%d" % max(self.position, self._accepted)), _bulk(b"%d" % self.history_size),
+                 _bulk(b"%d" % self.history_ttl_ms), _bulk(self.channel_prefix.encode() + b":")]
         for _, payload, entry in batch:
             # Redis must refuse an envelope once the publisher may have answered 503 for it:
             # offset is a lower bound of the true offset, so this is never later than that.
             parts.append(_bulk(b"%d" % int(entry.deadline * 1000 + offset)))
             parts.append(_bulk(payload))
+            audience = entry.envelope.audience
+            group = audience[1] if audience and audience[0] == "page" and entry.envelope.kind == "message" else ""
+            parts.append(_bulk(group.encode() if self.history_size else b""))
         await conn.send_packed_command([b"".join(parts)], check_health=False)
         reply = await conn.read_response()
         # Redis ran the script between sending and now: Redis time - now is a lower bound.
@@ -601,6 +643,13 @@ class RedisBroker(Broker):
                 log.error("ignored a malformed entry %r on Redis stream %s", entry_id, self.stream)
                 continue
             size += len(payload)
+            position = None
+            for j in range(4, len(fields) - 1, 2):
+                if fields[j] == b"p":
+                    try:
+                        position = (fields[j + 1].decode(), int(fields[j + 3]))
+                    except (ValueError, IndexError, UnicodeDecodeError):
+                        position = None
             expected = self.position + 1
             self.position = seq
             if seq != expected and expected != 1:
@@ -608,10 +657,10 @@ class RedisBroker(Broker):
                     self._reset(int(fields[5]), expected - 1)
                 elif seq > expected:
                     self._gap(seq - expected, expected - 1)
-            self._on_envelope(payload, at)
+            self._on_envelope(payload, at, position)
         return size
 
-    def _on_envelope(self, payload: bytes, at: float) -> None:
+    def _on_envelope(self, payload: bytes, at: float, position: Optional[Tuple[str, int]] = None) -> None:
         entry = None
         try:
             cut = payload.find(b"\n")
@@ -627,6 +676,7 @@ class RedisBroker(Broker):
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
             log.error("ignored a malformed envelope on Redis stream %s", self.stream)
             return
+        envelope.position = position
         key = envelope.id
         if key is not None and self.recent.seen(key, at):
             self.duplicates += 1

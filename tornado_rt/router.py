@@ -124,6 +124,9 @@ class Router:
         self.effects = EffectContext(self)
         #: The recovery extension's store (None: disabled, ``history_size = 0``).
         self.history: Optional[HistoryStore] = None
+        #: group -> {session: [(position, frame)]}: live messages held while a subscription is
+        #: being recovered asynchronously (:class:`tornado_rt.history.Recovery`).
+        self.holding: dict = {}
         self._waiting: Optional[collections.deque] = None  # envelopes behind an async one
         self._idle: Optional[asyncio.Future] = None
 
@@ -246,14 +249,17 @@ class Router:
         hub = self.hub
         n = hub.deliver(frame, conns, env.ignore, exclude)
         group = env.audience[1]  # type: ignore[index]
-        position = history.append(group, env.data, env.exclude)  # type: ignore[arg-type]
+        position = history.record(group, env)
         opted = hub.positioned.get(group) if position is not None else None
         if opted:
             framed = positioned_frame(env.data, *position)  # type: ignore[arg-type,misc]
+            held = self.holding.get(group)
             for conn in opted:
                 out = conn.out
                 if out and out[-1] is frame:  # queued just now (not ignored nor excluded)
-                    out[-1] = framed
+                    state = held.get(conn) if held is not None else None
+                    if state is None or not state.take(out, position, framed):  # see history.Held
+                        out[-1] = framed
         return n
 
     # --- server-initiated subscription changes ---------------------------------------------------

@@ -25,7 +25,7 @@ from .broker import Broker, BrokerUnavailable, LocalBroker
 from .connection import Heartbeat, RealtimeHandler
 from .envelope import (DISCONNECT, INDIVIDUAL, MESSAGE, REVOKE, Envelope, PublishError,
                        individual_envelope, message_envelope, id_list)
-from .history import MemoryHistory, Recovery
+from .history import HistoryStore, MemoryHistory, Recovery
 from .hooks import Hooks
 from .hub import Hub
 from .policy import AccessPolicy, Directory
@@ -143,16 +143,20 @@ class RealtimeServer:
                                        auth_failed=self._auth_failed)
         # Protocol extensions (docs/protocol.md "Extensions"): recovery (history_size 0: off) and
         # presence; both opt-in per connection, neither changes a frame of a client that never asks.
-        self.history: Optional[MemoryHistory] = None
+        self.history: Optional[HistoryStore] = None
+        self.broker = broker if broker is not None else LocalBroker()
         if settings.history_size:
             hub = self.hub
-            self.history = MemoryHistory(settings.history_size, settings.history_ttl,
-                                         live=lambda group: group in hub.positioned)
+            # A broker that numbers page messages cluster-wide (Redis) keeps the history itself.
+            self.history = (self.broker.history_store(settings.history_size, settings.history_ttl)
+                            or MemoryHistory(settings.history_size, settings.history_ttl,
+                                             live=lambda group: group in hub.positioned))
             self.router.history = self.history
-            self.sessions.recovery = Recovery(self.hub, self.history)
+            recovery = Recovery(self.hub, self.history)
+            self.router.holding = recovery.holding
+            self.sessions.recovery = recovery
         self.presence = Presence(self.hub)
         self.sessions.presence = self.presence
-        self.broker = broker if broker is not None else LocalBroker()
         self.broker.attach(self.router.dispatch)
         self.broker.configure(settings, self._lost_envelopes)
         presence_store = self.broker.presence_store(settings.presence_ttl)
@@ -399,6 +403,9 @@ class RealtimeServer:
                 drained_by = None
                 self._discard_backlogs(closing, timeout / 2)
         await self.presence.store.close()
+        history_close = getattr(self.history, "close", None)
+        if history_close is not None:
+            await history_close()
         await self.broker.close()
 
     @staticmethod

@@ -238,7 +238,7 @@ class Session:
         else:
             self._refused_page("access_denied", page_type, params)
 
-    def _subscribe(self, page_type: PageType, params: dict, frame: Optional[dict] = None) -> None:
+    def _subscribe(self, page_type: PageType, params: dict, frame: Optional[dict] = None) -> Any:
         if self.state is not State.OPEN:
             return  # closed while an asynchronous access check was pending
         group = page_type.group(params)
@@ -250,9 +250,9 @@ class Session:
         hub.subscribe(self, group, Subscription(page_type, params))
         recovery = self.ctx.recovery
         if self.positions and recovery is not None:  # the recovery extension (tornado_rt.history)
-            recovery.subscribed(self, group, page_type.name, params, frame or {})
-        else:
-            hub.send(self, page_frame("page_add", page_type.name, params))
+            return recovery.subscribed(self, group, page_type.name, params, frame or {})
+        hub.send(self, page_frame("page_add", page_type.name, params))
+        return None
 
     # --- refusals (docs/protocol.md, "Refusals in the operator's view" and "Error frames") ----------
     def _refused(self, kind: str, reason: str, context: dict) -> None:
