@@ -17,21 +17,14 @@ Opt-in and cost:
   and ``position``, then the missed messages (each with its position), then the live ones; it all
   happens in one call on the IOLoop thread, so nothing is lost, duplicated or reordered at the seam.
 
-With the Redis broker every process reads every envelope in the same order and keeps the history
-of its own positioned pages: recovery works when a client reconnects to the same process; on
-another process the epoch is unknown and the answer is ``recovered: false`` (never a wrong replay).
-A gap of the Redis stream ends every epoch (``forget_all``).
-
-The store is an interface so that a cluster-wide one can replace :class:`MemoryHistory` (not done
-yet). The plan: the Redis publish script, which already numbers envelopes, also assigns the
-offset of a page envelope (``HINCRBY`` on ``<prefix>:pos:<group>``, the epoch kept in the same
-hash and created when missing, so a flushed Redis starts a new one) and appends the message to a
-trimmed per-group stream (``XADD MAXLEN history_size``, ``PEXPIRE history_ttl``); the entry of
-the main stream carries the position, so every process frames the same one (``append`` returns
-it instead of counting). ``position``/``since`` then answer from Redis asynchronously; the session
-already waits for an awaitable answer before the connection's next frame, and the live messages
-that reach the connection meanwhile are held and released after the replay, skipping those whose
-offset the replay covered.
+The store is an interface: with the Redis broker, :class:`~tornado_rt.redis_history.RedisHistory`
+replaces :class:`MemoryHistory`. The Redis publish script assigns the offset of every page message
+and keeps the history in Redis, every process frames the position read with the entry, and
+``position`` / ``since`` answer from Redis asynchronously: the session waits for the answer before
+the connection's next frame, and the live messages that reach the connection meanwhile are held
+(:class:`Held`) and released after the replay, minus those the replay covered. In one process a
+gap of the broker ends every epoch (``forget_all``); the history in Redis is not affected by one
+process's gap.
 """
 from __future__ import annotations
 
