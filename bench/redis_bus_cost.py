@@ -62,6 +62,8 @@ async def run(args: argparse.Namespace) -> None:
         server = RealtimeServer(Settings(jwt_secret="x" * 32, ping_interval=0, history_size=args.history_size),
                                 load_entry_points=False, broker=RedisBroker(url))
         await server.start()
+        if args.watched and server.history is not None:
+            await server.history.position("table-10")  # what a subscriber with positions=1 does
         registry = server.registry
         size = len(message_envelope(registry, rows_created(0)).data)
         envelopes = [message_envelope(registry, rows_created(i)) for i in range(args.n)]
@@ -82,7 +84,7 @@ async def run(args: argparse.Namespace) -> None:
         memory = raw.info("memory")["used_memory"] - memory_before
         kind = "stream" if raw.exists("tornado-rt:stream") else "pub/sub"
         print(f"bus: {kind}; {args.n} envelopes of {size} bytes of message text, batches of {args.batch}; "
-              f"history_size {args.history_size}")
+              f"history_size {args.history_size}{', page watched with positions' if args.watched else ''}")
         print(f"  Redis CPU per publish:   {redis_cpu / args.n * 1e6:7.2f} us")
         print(f"  process CPU per envelope: {cpu / args.n * 1e6:7.2f} us (publish + read back + route to nobody)")
         print(f"  throughput:              {args.n / wall:9.0f} envelopes/s")
@@ -119,6 +121,9 @@ def main() -> None:
     parser.add_argument("--history-size", type=int, default=100,
                         help="the recovery extension's history per page (default 100, the setting's "
                              "default; 0: off) to compare the cost of keeping it in Redis")
+    parser.add_argument("--watched", action="store_true",
+                        help="a connection with positions=1 watches the page: its history is kept "
+                             "(else the page costs one HGET per publish)")
     asyncio.run(run(parser.parse_args()))
 
 

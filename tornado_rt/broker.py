@@ -116,9 +116,10 @@ class Broker:
     async def close(self) -> None:
         return None
 
-    def history_store(self, size: int, ttl: float) -> Any:
+    def history_store(self, size: int, ttl: float, live: Callable[[], Any] = tuple) -> Any:
         """The recovery extension's store (a :class:`~tornado_rt.history.HistoryStore`) when the
-        bus numbers page messages cluster-wide, else None (each process keeps its own)."""
+        bus numbers page messages cluster-wide, else None (each process keeps its own).
+        ``live()``: the page groups this process has connections with positions on."""
         return None
 
     def presence_store(self, ttl: float) -> Any:

@@ -104,10 +104,12 @@ STALL = 1.0
 # the key prefix ("<prefix>:"); then triples (deadline in Redis ms, envelope, page group or "").
 # Returns {Redis time in ms, then per envelope its sequence number, or 0: refused, its deadline
 # had passed}.
-# Recovery extension (tornado_rt.history): an envelope with a page group gets the group's next
-# offset (hash <prefix>pos:<group>: o = offset, e = epoch, created when missing: a new epoch) and
-# is appended to the group's history (stream <prefix>hist:<group>, trimmed to the history size,
-# both keys expire after the history TTL without messages); its entry carries p = epoch, q = offset.
+# Recovery extension (tornado_rt.history): an envelope to a page group that keeps a history (hash
+# <prefix>pos:<group>: e = epoch, o = offset; created by tornado_rt.redis_history when a
+# connection with positions subscribes, kept alive while one is subscribed) gets the group's next
+# offset and is appended to the group's history (stream <prefix>hist:<group>, trimmed to the
+# history size; both keys expire after the history TTL); its entry carries p = epoch, q = offset.
+# A group without the hash costs one HGET.
 # A new stream starts at (Redis time in ms) * 1000, above anything an earlier stream reached
 # unless that one carried more than a million envelopes per second on average; its first entry
 # has the field r: the highest sequence number of the old stream its publisher knew of (so a
@@ -143,19 +145,16 @@ for i = 6, #ARGV, 3 do
       local pos = ARGV[5] .. 'pos:' .. group
       local hist = ARGV[5] .. 'hist:' .. group
       local epoch = redis.call('HGET', pos, 'e')
-      if not epoch then
-        epoch = string.format('%.0f.%.0f', now, n)
-        redis.call('DEL', hist)
-        redis.call('HSET', pos, 'e', epoch, 'o', 0)
+      if epoch then
+        local offset = redis.call('HINCRBY', pos, 'o', 1)
+        redis.call('XADD', hist, 'MAXLEN', hsize, '*', 'q', offset, 't', now, 'e', ARGV[i + 1])
+        redis.call('PEXPIRE', pos, ARGV[4])
+        redis.call('PEXPIRE', hist, ARGV[4])
+        entry[#entry + 1] = 'p'
+        entry[#entry + 1] = epoch
+        entry[#entry + 1] = 'q'
+        entry[#entry + 1] = offset
       end
-      local offset = redis.call('HINCRBY', pos, 'o', 1)
-      redis.call('XADD', hist, 'MAXLEN', hsize, '*', 'q', offset, 't', now, 'e', ARGV[i + 1])
-      redis.call('PEXPIRE', pos, ARGV[4])
-      redis.call('PEXPIRE', hist, ARGV[4])
-      entry[#entry + 1] = 'p'
-      entry[#entry + 1] = epoch
-      entry[#entry + 1] = 'q'
-      entry[#entry + 1] = offset
     end
     redis.call(unpack(entry))
     out[#out + 1] = n
@@ -294,13 +293,13 @@ class RedisBroker(Broker):
     def _unavailable(self, why: str) -> BrokerUnavailable:
         return BrokerUnavailable(f"Redis broker unavailable ({redact_url(self.url)}): {why}")
 
-    def history_store(self, size: int, ttl: float) -> Any:
+    def history_store(self, size: int, ttl: float, live: Any = tuple) -> Any:
         """Cluster-wide positions and history in the same Redis (:mod:`tornado_rt.redis_history`):
         from now on the publish script numbers page messages and keeps their history."""
         from .redis_history import RedisHistory
         self.history_size = size
         self.history_ttl_ms = max(1, int(ttl * 1000))
-        return RedisHistory(self.url, self.channel_prefix, ttl)
+        return RedisHistory(self.url, self.channel_prefix, ttl, live)
 
     def presence_store(self, ttl: float) -> Any:
         """Cluster-wide presence in the same Redis (:mod:`tornado_rt.redis_presence`)."""

@@ -1,11 +1,15 @@
 """Cluster-wide recovery over Redis (the recovery extension with the Redis broker; issue 14 §2).
 
-The Redis broker's publish script assigns the position of every page message (see
-``redis_broker.PUBLISH_SCRIPT``): hash ``<prefix>:pos:<group>`` holds the group's epoch ``e`` and
-offset ``o``; stream ``<prefix>:hist:<group>`` holds its last ``history_size`` messages (fields
-``q``: offset, ``t``: Redis time in ms, ``e``: the envelope as published); both expire after
-``history_ttl`` seconds without messages (a new epoch follows). Every process reads the same
-position with each envelope, so a client may reconnect to any process with ``since``.
+The Redis broker's publish script assigns the position of every message to a page group that
+keeps a history (see ``redis_broker.PUBLISH_SCRIPT``): hash ``<prefix>:pos:<group>`` holds the
+group's epoch ``e`` and offset ``o``; stream ``<prefix>:hist:<group>`` holds its last
+``history_size`` messages (fields ``q``: offset, ``t``: Redis time in ms, ``e``: the envelope as
+published). The hash is created (a new epoch) when a connection with positions subscribes to the
+group on any process, refreshed every third of ``history_ttl`` by each process that has such a
+connection on it, and expires ``history_ttl`` seconds after the last message once nobody with
+positions is subscribed: pages nobody asked positions for cost one ``HGET`` per message. Every
+process reads the same position with each envelope, so a client may reconnect to any process
+with ``since``.
 
 This store answers ``position`` and ``since`` from Redis (one script call each, atomic);
 :class:`~tornado_rt.history.Recovery` holds the live messages that reach the connection meanwhile
@@ -13,7 +17,9 @@ and releases them after the replay, skipping the offsets the replay covered.
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+import asyncio
+import logging
+from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 import ujson
 
@@ -21,8 +27,11 @@ from .history import Entry, HistoryStore, Position
 
 try:
     from redis.asyncio import Redis
+    from redis.exceptions import RedisError
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("cluster-wide recovery needs the redis extra: pip install 'tornado-rt[redis]'") from exc
+
+log = logging.getLogger("tornado_rt.redis")
 
 _NEW_EPOCH = """
 local e = redis.call('HGET', KEYS[1], 'e')
@@ -88,10 +97,14 @@ def _text(value: Any) -> str:
 class RedisHistory(HistoryStore):
     """Positions and history kept in Redis by the Redis broker (see the module docstring)."""
 
-    def __init__(self, url: str, prefix: str, ttl: float):
+    def __init__(self, url: str, prefix: str, ttl: float, live: Callable[[], Iterable[str]] = tuple):
         self.redis = Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=2.0)
         self.prefix = f"{prefix}:"
+        self.ttl = ttl
         self.ttl_ms = max(1, int(ttl * 1000))
+        self.live = live  # the groups with a positioned connection in this process
+        self._refresher: Optional[asyncio.Task] = None
+        self._stop = asyncio.Event()
         self._position = self.redis.register_script(POSITION_SCRIPT)
         self._since = self.redis.register_script(SINCE_SCRIPT)
 
@@ -133,5 +146,36 @@ class RedisHistory(HistoryStore):
             entries.append((int(reply[i]), 0.0, payload[cut + 1:].decode(), header.get("x")))
         return True, (epoch, offset), entries
 
+    async def start(self) -> None:
+        self._stop = asyncio.Event()
+        self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
+
+    async def _refresh_forever(self) -> None:
+        """Keep the positions of the groups watched here from expiring on a quiet page."""
+        stop = self._stop
+        while not stop.is_set():
+            groups = list(self.live())
+            if groups:
+                try:
+                    pipe = self.redis.pipeline(transaction=False)
+                    for group in groups:
+                        pipe.pexpire(f"{self.prefix}pos:{group}", self.ttl_ms)
+                    await pipe.execute()
+                except (RedisError, OSError) as exc:
+                    log.warning("recovery: refreshing positions in Redis failed: %s", exc)
+            try:
+                await asyncio.wait_for(stop.wait(), self.ttl / 3)
+            except asyncio.TimeoutError:
+                pass
+
     async def close(self) -> None:
-        await self.redis.aclose()
+        """Stop refreshing and close the client, within ~3 s. The refresher is asked to stop
+        rather than cancelled: a redis-py command cancelled while it connects may never return."""
+        refresher, self._refresher = self._refresher, None
+        if refresher is not None:
+            self._stop.set()
+            done, _ = await asyncio.wait({refresher}, timeout=2.0)
+            if not done:
+                refresher.cancel()
+        closing = asyncio.ensure_future(self.redis.aclose())
+        await asyncio.wait({closing}, timeout=1.0)

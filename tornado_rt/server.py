@@ -148,7 +148,8 @@ class RealtimeServer:
         if settings.history_size:
             hub = self.hub
             # A broker that numbers page messages cluster-wide (Redis) keeps the history itself.
-            self.history = (self.broker.history_store(settings.history_size, settings.history_ttl)
+            self.history = (self.broker.history_store(settings.history_size, settings.history_ttl,
+                                                      lambda: list(hub.positioned))
                             or MemoryHistory(settings.history_size, settings.history_ttl,
                                              live=lambda group: group in hub.positioned))
             self.router.history = self.history
@@ -209,6 +210,9 @@ class RealtimeServer:
         self._bind()
         await self.broker.start()
         await self.presence.store.start()
+        history_start = getattr(self.history, "start", None)
+        if history_start is not None:
+            await history_start()
 
     def _bind(self) -> None:
         if self._loop is not None:
