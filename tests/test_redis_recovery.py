@@ -134,3 +134,27 @@ async def test_no_loss_while_clients_hop_between_processes(nodes):
         await nodes[1].publish({"message": rows_created(n, 11)})
     for seen in await asyncio.gather(*clients):
         assert seen == list(range(1, total + 1))
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_page_nobody_watches_with_positions_keeps_no_history(nodes, redis_server):  # noqa: F811
+    for node in nodes:
+        await node.put_directory(DIRECTORY)
+    plain = WSClient(await websocket_connect(f"{nodes[0].ws_url}?jwt_token={token(1)}"), nodes[0])
+    assert (await plain.recv())["success"] is True
+    await subscribe(plain, 12)
+    await nodes[1].publish({"message": rows_created(1, 12)})
+    assert await plain.recv() == rows_created(1, 12)  # no position for a plain connection
+    raw = aioredis.from_url(redis_server.url)
+    try:
+        assert await raw.exists(f"{PREFIX}:pos:table-12", f"{PREFIX}:hist:table-12") == 0
+        watcher = await positioned(nodes[2])
+        added = await subscribe(watcher, 12)  # the history begins now, at offset 0
+        assert added["position"]["offset"] == 0
+        await nodes[0].publish({"message": rows_created(2, 12)})
+        assert await plain.recv() == rows_created(2, 12)
+        assert await watcher.recv() == {**rows_created(2, 12), "position": {**added["position"], "offset": 1}}
+        assert await raw.xlen(f"{PREFIX}:hist:table-12") == 1
+    finally:
+        await raw.aclose()
+    await marker(nodes, plain, watcher)
