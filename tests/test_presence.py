@@ -5,6 +5,7 @@ import pytest
 
 from conftest import make_token
 from raw_client import RawClient
+from tornado_rt.refusals import REFUSALS
 
 
 def rows_created(n, table_id=10):
@@ -51,6 +52,7 @@ async def test_presence_answer_counts_connections_per_user(connect, barrier):
 
 @pytest.mark.gen_test
 async def test_presence_is_refused_silently(connect, barrier):
+    before = {r: REFUSALS.count("presence", r) for r in ("not_subscribed", "missing_parameter", "no_presence")}
     c = await connect(user_id=1)
     await c.send({"presence": "table", "table_id": 10})  # not subscribed
     await c.send({"presence": "nope", "table_id": 10})  # unknown page type
@@ -61,6 +63,8 @@ async def test_presence_is_refused_silently(connect, barrier):
     await anon.subscribe("view", slug="pub")
     await anon.send({"presence": "view", "slug": "pub"})  # views do not track presence
     await barrier(c, anon)
+    assert {r: REFUSALS.count("presence", r) - n for r, n in before.items()} == {
+        "not_subscribed": 2, "missing_parameter": 1, "no_presence": 1}  # visible to the operator
     other = await connect(user_id=2)
     await other.subscribe("table", table_id=10)  # c never asked: no presence_joined for it
     await barrier(c, anon, other)

@@ -24,11 +24,22 @@ from __future__ import annotations
 
 from typing import Any, Dict, Hashable, List, Optional, Set, Tuple
 
+import logging
+
 import ujson
 
 from .hooks import then
 from .hub import Hub, text_frame
+from .refusals import refuse, safe_params
 from .registry import PageType
+
+#: Why a ``presence`` request got no answer (``kind="presence"`` in the refusal counter and log,
+#: at DEBUG: a client's mistake, never a security matter).
+PRESENCE_REASONS = {
+    "no_presence": "the page type does not track presence (e.g. the public view)",
+    "missing_parameter": "a required parameter of the page type is absent or null",
+    "not_subscribed": "the connection is not subscribed to that page",
+}
 
 
 class PresenceStore:
@@ -144,11 +155,14 @@ class Presence:
         """The client action: answer with the group's presence and watch it from now on.
         Returns an awaitable when the store answers asynchronously (the session waits for it
         before the connection's next frame, so its requests stay in order)."""
-        if not page_type.presence or page_type.missing(params) is not None:
+        reason = ("no_presence" if not page_type.presence
+                  else "missing_parameter" if page_type.missing(params) is not None
+                  else "not_subscribed" if page_type.group(params) not in conn.pages else None)
+        if reason is not None:  # nothing on the wire, like any refused request; counted and logged
+            refuse("presence", reason, level=logging.DEBUG, key=conn.web_socket_id, page=page_type.name,
+                   parameters=safe_params(params), user_id=conn.user_id)
             return None
         group = page_type.group(params)
-        if group not in conn.pages:
-            return None  # not subscribed: nothing, like any refused request
 
         def answer(snapshot: Tuple[List[Tuple[Hashable, int]], int]) -> None:
             if group not in conn.pages:
