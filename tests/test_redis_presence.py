@@ -63,3 +63,37 @@ async def test_presence_is_cluster_wide_and_a_killed_process_expires(nodes):
     assert await presence_until(watcher, lambda u: 2 not in u) == {1: 1}
     watcher.close()
     on_c.close()
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_joined_and_left_are_cluster_wide_in_order_with_page_messages(nodes):
+    a, b = nodes[0], nodes[1]  # (C was killed by the test above when it ran first)
+    for node in (a, b):
+        await node.put_directory(DIRECTORY)
+    watcher = await client(b, 1)
+    await presence_until(watcher, lambda u: u == {1: 1})
+    quiet = await client(a, 3)  # never asks: gets page messages only
+    assert await watcher.recv() == {"type": "presence_joined", "page": "table", "parameters": {"table_id": 10},
+                                    "user_id": 3}
+    first = await client(a, 2)
+    event = await watcher.recv()
+    assert event == {"type": "presence_joined", "page": "table", "parameters": {"table_id": 10}, "user_id": 2}
+    second = await client(b, 2)  # the user's second connection, on another process: no event
+    await a.publish({"message": {"type": "rows_created", "table_id": 10, "rows": [], "metadata": {},
+                                 "before_row_id": None}})
+    assert (await watcher.recv())["type"] == "rows_created"  # nothing came before it
+    for c in (quiet, first, second):
+        assert (await c.recv())["type"] == "rows_created"
+    first.close()  # not the user's last connection: no event
+    await a.publish({"message": {"type": "rows_created", "table_id": 10, "rows": [1], "metadata": {},
+                                 "before_row_id": None}})
+    assert (await watcher.recv())["rows"] == [1]
+    second.close()  # the last one, on the watcher's own process: presence_left through Redis
+    assert await watcher.recv() == {"type": "presence_left", "page": "table", "parameters": {"table_id": 10},
+                                    "user_id": 2}
+    await a.publish({"message": {"type": "rows_created", "table_id": 10, "rows": [2], "metadata": {},
+                                 "before_row_id": None}})
+    assert (await watcher.recv())["rows"] == [2]
+    assert (await quiet.recv())["rows"] == [1] and (await quiet.recv())["rows"] == [2]
+    watcher.close()
+    quiet.close()

@@ -32,6 +32,10 @@ from .principal import normalize_id
 from .registry import MessageType, PageType, Registry
 
 MESSAGE, INDIVIDUAL, DISCONNECT, REVOKE = "message", "individual", "disconnect", "revoke"
+#: A presence event decided by one process for the whole cluster (presence extension with the
+#: Redis broker): ``type`` presence_joined / presence_left, ``audience`` ["page", group],
+#: ``user_ids`` [the user]. Every process tells its connections that asked for that page.
+PRESENCE = "presence"
 
 _MISSING = object()
 

@@ -17,8 +17,8 @@ the core plugin through :class:`~tornado_rt.registry.ClientAction`, see :func:`p
 * asking about a page it is not subscribed to, or one without presence, gets nothing.
 
 A connection that never asks receives none of these frames. The counts live behind
-:class:`PresenceStore` so that a cluster-wide store (Redis, entries with a TTL refreshed by each
-process) can replace :class:`LocalPresence`; this module implements the one-process store.
+:class:`PresenceStore`: :class:`LocalPresence` in one process, :mod:`tornado_rt.redis_presence`
+with the Redis broker (cluster-wide answers and events).
 """
 from __future__ import annotations
 
@@ -121,6 +121,11 @@ class Presence:
         self.watchers: Dict[str, Set[Any]] = {}
         hub.on_join = self.joined
         hub.on_leave = self.left
+
+    def event(self, kind: str, group: str, user_id: Hashable) -> None:
+        """A presence event decided elsewhere (the cluster-wide store, through the broker)."""
+        if kind in ("presence_joined", "presence_left"):
+            self._announce(kind, group, user_id)
 
     def joined(self, conn: Any, group: str, subscription: Any) -> None:
         if subscription.page_type.presence and self.store.join(group, conn.user_id):

@@ -22,7 +22,7 @@ from typing import Any, Awaitable, Callable, Iterable, Optional
 import ujson
 
 from . import closecodes
-from .envelope import DISCONNECT, INDIVIDUAL, MESSAGE, REVOKE, Envelope
+from .envelope import DISCONNECT, INDIVIDUAL, MESSAGE, PRESENCE, REVOKE, Envelope
 from .history import HistoryStore, positioned_frame
 from .hooks import Hooks, gather, pending, then
 from .hub import Hub, text_frame
@@ -127,6 +127,8 @@ class Router:
         #: group -> {session: [(position, frame)]}: live messages held while a subscription is
         #: being recovered asynchronously (:class:`tornado_rt.history.Recovery`).
         self.holding: dict = {}
+        #: ``on_presence(kind, group, user_id)``: a cluster-wide presence event (presence extension).
+        self.on_presence: Optional[Callable[[Any, str, Any], None]] = None
         self._waiting: Optional[collections.deque] = None  # envelopes behind an async one
         self._idle: Optional[asyncio.Future] = None
 
@@ -200,6 +202,9 @@ class Router:
         elif kind == REVOKE:
             assert env.permission_group, "a revoke envelope names its permission group"
             self.revoke(env.user_ids or (), env.permission_group)
+        elif kind == PRESENCE:
+            if self.on_presence is not None and env.audience and env.user_ids:
+                self.on_presence(env.type, env.audience[1], env.user_ids[0])
         else:
             log.warning("unknown envelope kind %r ignored", kind)
         return None

@@ -23,7 +23,7 @@ from . import closecodes
 from .auth import Authenticator, JWTAuthenticator
 from .broker import Broker, BrokerUnavailable, LocalBroker
 from .connection import Heartbeat, RealtimeHandler
-from .envelope import (DISCONNECT, INDIVIDUAL, MESSAGE, REVOKE, Envelope, PublishError,
+from .envelope import (DISCONNECT, INDIVIDUAL, MESSAGE, PRESENCE, REVOKE, Envelope, PublishError,
                        individual_envelope, message_envelope, id_list)
 from .history import HistoryStore, MemoryHistory, Recovery
 from .hooks import Hooks
@@ -163,10 +163,17 @@ class RealtimeServer:
         presence_store = self.broker.presence_store(settings.presence_ttl)
         if presence_store is not None:  # cluster-wide presence (the Redis broker)
             self.presence.store = presence_store
+            presence_store.announce = self._announce_presence
+            presence_store.watched = lambda: list(self.presence.watchers)
+            self.router.on_presence = self.presence.event
         self.heartbeat = Heartbeat(self.hub, settings.ping_interval, settings.ping_timeout)
         self._loop: Optional[IOLoop] = None
         self._thread: Optional[int] = None
         self._ws_params: Any = None  # Tornado's WebSocket parameters, shared by all connections
+
+    def _announce_presence(self, kind: str, group: str, user_id: Any) -> None:
+        """A cluster-wide presence event: through the broker, in order with the page's messages."""
+        self._publish_now(Envelope(PRESENCE, kind, audience=["page", group], user_ids=[user_id]))
 
     def _lost_envelopes(self) -> int:
         """The broker lost envelopes it cannot replay (a gap): every page's history may miss
