@@ -59,9 +59,11 @@ async def run(args: argparse.Namespace) -> None:
             except redis.ConnectionError:
                 time.sleep(0.02)
         url = f"redis://127.0.0.1:{port}/0"
-        server = RealtimeServer(Settings(jwt_secret="x" * 32, ping_interval=0), load_entry_points=False,
-                                broker=RedisBroker(url))
+        server = RealtimeServer(Settings(jwt_secret="x" * 32, ping_interval=0, history_size=args.history_size),
+                                load_entry_points=False, broker=RedisBroker(url))
         await server.start()
+        if args.watched and server.history is not None:
+            await server.history.position("table-10")  # what a subscriber with positions=1 does
         registry = server.registry
         size = len(message_envelope(registry, rows_created(0)).data)
         envelopes = [message_envelope(registry, rows_created(i)) for i in range(args.n)]
@@ -81,7 +83,8 @@ async def run(args: argparse.Namespace) -> None:
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         memory = raw.info("memory")["used_memory"] - memory_before
         kind = "stream" if raw.exists("tornado-rt:stream") else "pub/sub"
-        print(f"bus: {kind}; {args.n} envelopes of {size} bytes of message text, batches of {args.batch}")
+        print(f"bus: {kind}; {args.n} envelopes of {size} bytes of message text, batches of {args.batch}; "
+              f"history_size {args.history_size}{', page watched with positions' if args.watched else ''}")
         print(f"  Redis CPU per publish:   {redis_cpu / args.n * 1e6:7.2f} us")
         print(f"  process CPU per envelope: {cpu / args.n * 1e6:7.2f} us (publish + read back + route to nobody)")
         print(f"  throughput:              {args.n / wall:9.0f} envelopes/s")
@@ -115,6 +118,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=50_000, help="envelopes to publish (default 50,000)")
     parser.add_argument("--batch", type=int, default=100, help="envelopes per awaited batch (default 100)")
+    parser.add_argument("--history-size", type=int, default=100,
+                        help="the recovery extension's history per page (default 100, the setting's "
+                             "default; 0: off) to compare the cost of keeping it in Redis")
+    parser.add_argument("--watched", action="store_true",
+                        help="a connection with positions=1 watches the page: its history is kept "
+                             "(else the page costs one HGET per publish)")
     asyncio.run(run(parser.parse_args()))
 
 

@@ -1,11 +1,15 @@
 """Core plugin: users, workspaces (Baserow's "groups"), applications, notifications.
 
 Message types and their default audiences follow docs/protocol.md §6 and its message catalogue. Side effects
-keep the in-memory directory current and revoke pages when a member leaves a workspace.
+keep the in-memory directory current and revoke pages when a member leaves a workspace. The
+presence extension (docs/protocol.md "Extensions") is registered here too: the client action
+``presence`` and its server-generated messages.
 """
 from typing import Any, Dict
 
 from tornado_rt import MessageType, Plugin
+from tornado_rt.presence import presence_action
+from tornado_rt.registry import ClientAction
 
 
 def _add_member(ctx, message):
@@ -63,9 +67,10 @@ def _workspace(*payload, key="workspace_id", **kw):
 
 _USER: Dict[str, Any] = dict(audience="user_workspaces", keys={"user_id": "user.id"}, payload=("user",))
 
-plugin = Plugin("core", message_types=[
+plugin = Plugin("core", actions=[ClientAction("presence", presence_action)], message_types=[
     *(MessageType(name, "server") for name in
-      ("authentication", "page_add", "page_discard", "force_disconnect")),
+      ("authentication", "page_add", "page_discard", "force_disconnect",
+       "presence", "presence_joined", "presence_left")),
     MessageType("before_group_deleted", **_workspace("workspace_id")),
     MessageType("user_updated", **_USER),
     MessageType("user_deleted", **_USER),

@@ -89,8 +89,8 @@ def _explicit_crud(prefix, obj):
 plugin = Plugin(
     "database",
     page_types=[
-        PageType("table", ("table_id",), _table_group, _can_view_table, _table_permission),
-        PageType("row", ("table_id", "row_id"), _row_group, _can_view_row, _table_permission),
+        PageType("table", ("table_id",), _table_group, _can_view_table, _table_permission, presence=True),
+        PageType("row", ("table_id", "row_id"), _row_group, _can_view_row, _table_permission, presence=True),
         PageType("view", ("slug", "token"), "view-{slug}", _can_view_public_view,
                  required=("slug",), anonymous=True),
     ],

@@ -68,7 +68,8 @@ def test_builtin_catalogue_has_the_73_publishable_types():
     check_against_registry(entries, builtin_registry())
     assert sum(e["publishable"] for e in entries) == 73
     assert {e["type"] for e in entries if not e["publishable"]} == {
-        "authentication", "page_add", "page_discard", "force_disconnect"}
+        "authentication", "page_add", "page_discard", "force_disconnect",
+        "presence", "presence_joined", "presence_left"}  # the presence extension's answers
 
 
 def test_cli_types_json_and_table_load_the_plugins_serve_loads():

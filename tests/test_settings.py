@@ -85,6 +85,7 @@ def test_settings_keyword_api_and_defaults_are_unchanged():
         "max_message_size": 65536, "max_subscriptions": 1000, "max_incoming_rate": 50.0,
         "max_incoming_burst": 200, "max_connections": 0, "max_connections_per_user": 0,
         "max_outgoing_buffer": 8 * 1024 * 1024, "max_total_outgoing_buffer": None, "ping_interval": 25.0, "ping_timeout": 20.0,
+        "history_size": 100, "history_ttl": 300.0, "presence_ttl": 30.0,
         "header_timeout": 10.0, "idle_timeout": 60.0, "body_timeout": 60.0, "max_unauthenticated_per_address": 0,
         "dedup_window": 300.0, "dedup_max_ids": 100_000,
     }

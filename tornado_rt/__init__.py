@@ -46,7 +46,7 @@ from .errors import FieldError
 from .listener import GuardedHTTPServer, listen, mark_authenticated, raise_fd_limit
 from .policy import AccessPolicy, Directory
 from .principal import Principal, normalize_id
-from .registry import ENTRY_POINT_GROUP, MessageType, PageType, Plugin, Registry
+from .registry import ENTRY_POINT_GROUP, ClientAction, MessageType, PageType, Plugin, Registry
 from .server import RealtimeServer, tune_gc, web_socket_id_from_request
 from .settings import Settings
 from .typesconfig import TypesConfigError, load_types, load_types_file
@@ -56,7 +56,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AccessPolicy", "AccessWebhook", "Broker", "BrokerUnavailable", "Directory", "DirectoryStore",
-    "ENTRY_POINT_GROUP", "FieldError", "FileDirectoryStore", "GuardedHTTPServer", "JWTAuthenticator",
+    "ClientAction", "ENTRY_POINT_GROUP", "FieldError", "FileDirectoryStore", "GuardedHTTPServer", "JWTAuthenticator",
     "LocalBroker", "MessageType", "PageType", "Plugin", "Principal", "PublishError", "RealtimeServer", "Registry",
     "Settings", "TypesConfigError", "closecodes", "listen", "load_types", "load_types_file", "mark_authenticated",
     "normalize_id", "raise_fd_limit", "tune_gc", "web_socket_id_from_request",

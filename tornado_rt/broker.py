@@ -116,6 +116,18 @@ class Broker:
     async def close(self) -> None:
         return None
 
+    def history_store(self, size: int, ttl: float, live: Callable[[], Any] = tuple) -> Any:
+        """The recovery extension's store (a :class:`~tornado_rt.history.HistoryStore`) when the
+        bus numbers page messages cluster-wide, else None (each process keeps its own).
+        ``live()``: the page groups this process has connections with positions on."""
+        return None
+
+    def presence_store(self, ttl: float) -> Any:
+        """The store of cluster-wide presence (a :class:`~tornado_rt.presence.PresenceStore`) when
+        the bus spans processes, else None (presence counts this process). ``ttl``: seconds the
+        presence of a process that died without cleaning up stays visible."""
+        return None
+
 
 class LocalBroker(Broker):
     """In-process bus: ``publish`` hands the envelope straight to this process's router (once

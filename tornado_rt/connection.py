@@ -72,6 +72,7 @@ class RealtimeHandler(WebSocketHandler):
         self.server = server
         self.session: Session = None  # type: ignore[assignment]  # set by open()
         self._token: Optional[str] = None
+        self._positions = False
 
     def get(self, *args: Any, **kwargs: Any) -> Optional[Any]:  # type: ignore[override]
         # Not a coroutine itself: it returns Tornado's, so a connection holds one frame less.
@@ -83,6 +84,8 @@ class RealtimeHandler(WebSocketHandler):
                 self._token = raw[0].decode("utf-8")
             except UnicodeDecodeError:
                 self._token = None
+        positions = request.query_arguments.get("positions")  # the recovery extension (opt-in)
+        self._positions = positions is not None and positions[-1:] in ([b"1"], [b"true"])
         request.uri = redact(request.uri or "")
         request.query = redact(request.query)
         server = self.server
@@ -123,6 +126,7 @@ class RealtimeHandler(WebSocketHandler):
     def open(self, *args: Any, **kwargs: Any) -> Optional[Any]:
         protocol: Any = self.ws_connection
         self.session = session = Session(self.server.sessions)
+        session.positions = self._positions
         session.transport = protocol.transport = transport.Transport(
             protocol, session.out, self.server.settings.max_outgoing_buffer)
         transport.shed_handshake_state(self, protocol.stream)

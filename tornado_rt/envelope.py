@@ -37,6 +37,11 @@ MESSAGE, INDIVIDUAL, DISCONNECT, REVOKE = "message", "individual", "disconnect",
 #: array), applied by every process's router in stream order (see :meth:`Directory.apply`).
 DIRECTORY = "directory"
 
+#: A presence event decided by one process for the whole cluster (presence extension with the
+#: Redis broker): ``type`` presence_joined / presence_left, ``audience`` ["page", group],
+#: ``user_ids`` [the user]. Every process tells its connections that asked for that page.
+PRESENCE = "presence"
+
 _MISSING = object()
 
 #: The longest envelope id accepted.
@@ -60,7 +65,7 @@ class Envelope:
     after ``publish()`` returns cannot change what is delivered or what side effects see."""
 
     __slots__ = ("kind", "type", "data", "audience", "ignore", "exclude", "payloads",
-                 "user_ids", "permission_group", "id")
+                 "user_ids", "permission_group", "id", "position")
 
     def __init__(self, kind: str, type: Optional[str] = None, data: Optional[str] = None,
                  audience: Optional[list] = None, ignore: Any = None,
@@ -77,6 +82,9 @@ class Envelope:
         self.user_ids = user_ids
         self.permission_group = permission_group
         self.id = id  # idempotency key (see the module docstring), or None
+        #: (epoch, offset) of a page message given by a broker that numbers them cluster-wide
+        #: (the Redis broker; recovery extension), else None. Not part of the wire form.
+        self.position: Optional[tuple] = None
 
     def to_wire(self) -> Dict[str, Any]:
         wire = {"k": self.kind}

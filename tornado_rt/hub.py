@@ -50,6 +50,14 @@ class Hub:
         self.connections: Dict[str, Any] = {}
         self.users: Dict[Hashable, Set[Any]] = {}
         self.groups: Dict[str, Set[Any]] = {}
+        #: The connections opened with ``positions=1`` per group (a subset of ``groups``): they get
+        #: page messages with their stream position (recovery extension, :mod:`tornado_rt.history`).
+        self.positioned: Dict[str, Set[Any]] = {}
+        #: Called as ``on_join(conn, group, subscription)`` when a connection joins a group and
+        #: ``on_leave(conn, group, subscription)`` when it leaves it, however it leaves
+        #: (unsubscribe, page_discard, revocation, close, drop): the presence extension.
+        self.on_join: Optional[Callable[[Any, str, Any], None]] = None
+        self.on_leave: Optional[Callable[[Any, str, Any], None]] = None
         self.anonymous = 0
         self.max_outgoing_buffer = max_outgoing_buffer
         self.max_total_outgoing_buffer = max_total_outgoing_buffer  # 0: no budget
@@ -85,8 +93,8 @@ class Hub:
                 conns.discard(conn)
                 if not conns:
                     del self.users[conn.user_id]
-        for group in conn.pages:
-            self._leave(conn, group)
+        for group, subscription in conn.pages.items():
+            self._leave(conn, group, subscription)
         conn.pages.clear()
         conn.out.clear()
         if self._behind:
@@ -96,23 +104,35 @@ class Hub:
         """Put ``conn`` on ``group`` (once, however often it subscribes)."""
         if conn.web_socket_id not in self.connections:
             return
-        if group not in conn.pages:
+        joined = group not in conn.pages
+        if joined:
             self.groups.setdefault(group, set()).add(conn)
+            if getattr(conn, "positions", False):
+                self.positioned.setdefault(group, set()).add(conn)
         conn.pages[group] = subscription
+        if joined and self.on_join is not None:
+            self.on_join(conn, group, subscription)
 
     def unsubscribe(self, conn: Any, group: str) -> Any:
         """Take ``conn`` off ``group``; returns the subscription it had, or None."""
         subscription = conn.pages.pop(group, None)
         if subscription is not None:
-            self._leave(conn, group)
+            self._leave(conn, group, subscription)
         return subscription
 
-    def _leave(self, conn: Any, group: str) -> None:
+    def _leave(self, conn: Any, group: str, subscription: Any) -> None:
         members = self.groups.get(group)
         if members is not None:
             members.discard(conn)
             if not members:
                 del self.groups[group]
+        positioned = self.positioned.get(group)
+        if positioned is not None:
+            positioned.discard(conn)
+            if not positioned:
+                del self.positioned[group]
+        if self.on_leave is not None:
+            self.on_leave(conn, group, subscription)
 
     def user_connections(self, user_ids: Iterable[Hashable]) -> Set[Any]:
         users = self.users

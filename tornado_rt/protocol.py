@@ -16,7 +16,7 @@ import ujson
 
 from .registry import PageType, Registry
 
-Action = Tuple[str, PageType, dict]
+Action = Tuple[str, PageType, dict, dict]
 #: ``refused(kind, reason, context)``: ``kind`` is ``"frame"`` (the whole frame is ignored) or
 #: ``"subscription"`` (its ``page`` is); ``context`` holds the client's raw values (``page``,
 #: ``parameters``), to be made safe before they are logged (:func:`tornado_rt.refusals.safe_params`).
@@ -24,10 +24,14 @@ Refused = Callable[[str, str, Dict[str, Any]], None]
 
 
 def parse(registry: Registry, text: Any, refused: Optional[Refused] = None) -> List[Action]:
-    """The page actions of one client frame: ``[("page" | "remove_page", page type, params)]``.
+    """The actions of one client frame: ``[("page" | "remove_page", page type, params, frame)]``
+    (``frame``: the decoded object, for extension keys such as ``since``).
 
-    ``page`` comes before ``remove_page`` when a frame holds both. Garbage gives ``[]``, and
-    ``refused`` (if given) hears why: see :data:`Refused` and tornado_rt.refusals's reason tables.
+    ``page`` comes before ``remove_page`` when a frame holds both. A frame with neither may name
+    one client action a plugin registered (e.g. ``presence``, see
+    :class:`~tornado_rt.registry.ClientAction`): ``[(action name, page type, params, frame)]``.
+    Garbage gives ``[]``, and ``refused`` (if given) hears why: see :data:`Refused` and
+    tornado_rt.refusals's reason tables.
     """
     if not isinstance(text, str):
         if refused is not None:
@@ -44,9 +48,14 @@ def parse(registry: Registry, text: Any, refused: Optional[Refused] = None) -> L
             refused("frame", "not_an_object", {"json_type": type(obj).__name__})
         return []
     actions: List[Action] = []
-    if refused is not None and "page" not in obj and "remove_page" not in obj:
-        refused("frame", "no_action", {"keys": list(obj)})
-    for key in ("page", "remove_page"):
+    keys: Any = ("page", "remove_page")
+    if "page" not in obj and "remove_page" not in obj:
+        action = next((name for name in registry.actions if name in obj), None)
+        if action is not None:
+            keys = (action,)
+        elif refused is not None:
+            refused("frame", "no_action", {"keys": list(obj)})
+    for key in keys:
         if key in obj:
             page_type = registry.page_type(obj[key])
             if page_type is not None:
@@ -55,7 +64,7 @@ def parse(registry: Registry, text: Any, refused: Optional[Refused] = None) -> L
                     if refused is not None:
                         refused("subscription", "invalid_parameter", {"page": obj[key], "parameters": params})
                     return []
-                actions.append((key, page_type, params))
+                actions.append((key, page_type, params, obj))
             elif key == "page" and refused is not None:
                 others = {k: v for k, v in obj.items() if k not in ("page", "remove_page")}
                 refused("subscription", "unknown_page_type", {"page": obj[key], "parameters": others})

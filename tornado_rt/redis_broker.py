@@ -89,7 +89,7 @@ from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple
 import ujson
 
 from .broker import Broker, BrokerUnavailable
-from .envelope import (DISCONNECT, REVOKE, Envelope, PublishError, directory_envelope, id_list,
+from .envelope import (DISCONNECT, MESSAGE, REVOKE, Envelope, PublishError, directory_envelope, id_list,
                        individual_envelope, message_envelope)
 from .redaction import redact_url
 
@@ -115,8 +115,16 @@ DEADLINE_MARGIN_MS = 5
 STALL = 1.0
 
 # KEYS[1]: the stream. ARGV[1]: MAXLEN (approximate); ARGV[2]: the highest sequence number the
-# publisher knows of; then pairs (deadline in Redis ms, envelope). Returns {Redis time in ms, then
-# per envelope its sequence number, or 0: refused, its deadline had passed}.
+# publisher knows of; ARGV[3]: history size (0: no history); ARGV[4]: history TTL in ms; ARGV[5]:
+# the key prefix ("<prefix>:"); then triples (deadline in Redis ms, envelope, page group or "").
+# Returns {Redis time in ms, then per envelope its sequence number, or 0: refused, its deadline
+# had passed}.
+# Recovery extension (tornado_rt.history): an envelope to a page group that keeps a history (hash
+# <prefix>pos:<group>: e = epoch, o = offset; created by tornado_rt.redis_history when a
+# connection with positions subscribes, kept alive while one is subscribed) gets the group's next
+# offset and is appended to the group's history (stream <prefix>hist:<group>, trimmed to the
+# history size; both keys expire after the history TTL); its entry carries p = epoch, q = offset.
+# A group without the hash costs one HGET.
 # A new stream starts at (Redis time in ms) * 1000, above anything an earlier stream reached
 # unless that one carried more than a million envelopes per second on average; its first entry
 # has the field r: the highest sequence number of the old stream its publisher knew of (so a
@@ -136,16 +144,34 @@ else
 end
 local out = {now}
 local added = false
-for i = 3, #ARGV, 2 do
+local hsize = tonumber(ARGV[3])
+for i = 6, #ARGV, 3 do
   if tonumber(ARGV[i]) >= now then
     n = n + 1
     local id = string.format('%.0f-0', n)
+    local entry = {'XADD', key, id, 't', now, 'e', ARGV[i + 1]}
     if fresh then
-      redis.call('XADD', key, id, 't', now, 'e', ARGV[i + 1], 'r', ARGV[2])
+      entry[#entry + 1] = 'r'
+      entry[#entry + 1] = ARGV[2]
       fresh = false
-    else
-      redis.call('XADD', key, id, 't', now, 'e', ARGV[i + 1])
     end
+    local group = ARGV[i + 2]
+    if group ~= '' and hsize > 0 then
+      local pos = ARGV[5] .. 'pos:' .. group
+      local hist = ARGV[5] .. 'hist:' .. group
+      local epoch = redis.call('HGET', pos, 'e')
+      if epoch then
+        local offset = redis.call('HINCRBY', pos, 'o', 1)
+        redis.call('XADD', hist, 'MAXLEN', hsize, '*', 'q', offset, 't', now, 'e', ARGV[i + 1])
+        redis.call('PEXPIRE', pos, ARGV[4])
+        redis.call('PEXPIRE', hist, ARGV[4])
+        entry[#entry + 1] = 'p'
+        entry[#entry + 1] = epoch
+        entry[#entry + 1] = 'q'
+        entry[#entry + 1] = offset
+      end
+    end
+    redis.call(unpack(entry))
     out[#out + 1] = n
     added = true
   else
@@ -257,6 +283,10 @@ class RedisBroker(Broker):
         if not isinstance(stream_length, int) or stream_length < 1:
             raise ValueError("stream_length must be a positive integer")
         self.url = url
+        self.channel_prefix = channel_prefix
+        #: The recovery extension's history in Redis (size, TTL in ms); set by configure().
+        self.history_size = 0
+        self.history_ttl_ms = 300_000
         self.stream = f"{channel_prefix}:stream"
         #: The hash holding the directory snapshot shared by the cluster: ``p`` (the stream
         #: position it corresponds to) and ``s`` (the snapshot, JSON).
@@ -356,6 +386,19 @@ class RedisBroker(Broker):
 
     def _unavailable(self, why: str) -> BrokerUnavailable:
         return BrokerUnavailable(f"Redis broker unavailable ({redact_url(self.url)}): {why}")
+
+    def history_store(self, size: int, ttl: float, live: Any = tuple) -> Any:
+        """Cluster-wide positions and history in the same Redis (:mod:`tornado_rt.redis_history`):
+        from now on the publish script numbers page messages and keeps their history."""
+        from .redis_history import RedisHistory
+        self.history_size = size
+        self.history_ttl_ms = max(1, int(ttl * 1000))
+        return RedisHistory(self.url, self.channel_prefix, ttl, live)
+
+    def presence_store(self, ttl: float) -> Any:
+        """Cluster-wide presence in the same Redis (:mod:`tornado_rt.redis_presence`)."""
+        from .redis_presence import RedisPresence
+        return RedisPresence(self.url, self.channel_prefix, self.origin, ttl)
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -552,13 +595,17 @@ class RedisBroker(Broker):
     async def _send(self, conn: Any, batch: List[Tuple[int, bytes, _Pending]]) -> None:
         """One script call for the batch; marks each publish accepted or fails it (refused)."""
         offset = self._offset - DEADLINE_MARGIN_MS
-        parts = [b"*%d\r\n" % (6 + 2 * len(batch)), self._script_head,
-                 _bulk(b"%d" % max(self.position, self._accepted))]
+        parts = [b"*%d\r\n" % (9 + 3 * len(batch)), self._script_head,
+                 _bulk(b"%d" % max(self.position, self._accepted)), _bulk(b"%d" % self.history_size),
+                 _bulk(b"%d" % self.history_ttl_ms), _bulk(self.channel_prefix.encode() + b":")]
         for _, payload, entry in batch:
             # Redis must refuse an envelope once the publisher may have answered 503 for it:
             # offset is a lower bound of the true offset, so this is never later than that.
             parts.append(_bulk(b"%d" % int(entry.deadline * 1000 + offset)))
             parts.append(_bulk(payload))
+            audience = entry.envelope.audience
+            group = audience[1] if audience and audience[0] == "page" and entry.envelope.kind == "message" else ""
+            parts.append(_bulk(group.encode() if self.history_size else b""))
         await conn.send_packed_command([b"".join(parts)], check_health=False)
         reply = await conn.read_response()
         # Redis ran the script between sending and now: Redis time - now is a lower bound.
@@ -730,6 +777,13 @@ class RedisBroker(Broker):
                 log.error("ignored a malformed entry %r on Redis stream %s", entry_id, self.stream)
                 continue
             size += len(payload)
+            position = None
+            for j in range(4, len(fields) - 1, 2):
+                if fields[j] == b"p":
+                    try:
+                        position = (fields[j + 1].decode(), int(fields[j + 3]))
+                    except (ValueError, IndexError, UnicodeDecodeError):
+                        position = None
             expected = self.position + 1
             self.position = seq
             if seq != expected and expected != 1:
@@ -747,7 +801,7 @@ class RedisBroker(Broker):
                     # sync the directory with the snapshot before going on (_sync_directory).
                     self.position, self._last_id = expected - 1, previous
                     break
-            self._on_envelope(payload, at)
+            self._on_envelope(payload, at, position)
         if self._loaded is not None and not self._loaded.is_set() and self.position >= self._ready_at:
             self._loaded.set()
         if self._directory is not None and self.position - self._snap_position >= self.snapshot_every:
@@ -756,7 +810,7 @@ class RedisBroker(Broker):
                 self._snap_wake.set()
         return size
 
-    def _on_envelope(self, payload: bytes, at: float) -> None:
+    def _on_envelope(self, payload: bytes, at: float, position: Optional[Tuple[str, int]] = None) -> None:
         entry = None
         try:
             cut = payload.find(b"\n")
@@ -772,6 +826,7 @@ class RedisBroker(Broker):
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
             log.error("ignored a malformed envelope on Redis stream %s", self.stream)
             return
+        envelope.position = position
         key = envelope.id
         if key is not None and self.recent.seen(key, at):
             self.duplicates += 1
@@ -985,7 +1040,7 @@ class _Publishing:
 
     def __init__(self, url: str, channel_prefix: str, plugins: Any, registry: Any,
                  load_entry_points: bool, types: Optional[str], publish_timeout: float,
-                 stream_length: int):
+                 stream_length: int, history_size: int = 100, history_ttl: float = 300.0):
         from .registry import Registry, entry_point_plugins
         from .server import builtin_plugins
 
@@ -1013,6 +1068,13 @@ class _Publishing:
         self.stream = f"{channel_prefix}:stream"
         self.publish_timeout = publish_timeout
         self.stream_length = stream_length
+        if not isinstance(history_size, int) or history_size < 0 or not history_ttl > 0:
+            raise ValueError("history_size must be an integer >= 0 and history_ttl positive")
+        # The recovery extension: a page message gets its page's next offset and joins its history
+        # in the same script call as when a server publishes it (the servers' settings).
+        self.history_size = history_size
+        self.history_ttl_ms = int(history_ttl * 1000)
+        self.key_prefix = channel_prefix + ":"
         self.origin = uuid.uuid4().hex[:16]
         self._seq = itertools.count(1)
         self._known = 0  # the highest sequence number Redis gave this publisher
@@ -1063,9 +1125,13 @@ class _Publishing:
     def _args(self, chunk: List[Envelope], began: float) -> List[Any]:
         assert self._offset is not None
         deadline = int((began + self.publish_timeout) * 1000 + self._offset - DEADLINE_MARGIN_MS)
-        args: List[Any] = [self.stream_length, self._known]
+        args: List[Any] = [self.stream_length, self._known, self.history_size, self.history_ttl_ms,
+                           self.key_prefix]
         for env in chunk:
-            args += [deadline, encode_envelope(env, self.origin, next(self._seq))]
+            audience = env.audience
+            group = audience[1] if (self.history_size and env.kind == MESSAGE and audience
+                                    and audience[0] == "page") else ""
+            args += [deadline, encode_envelope(env, self.origin, next(self._seq)), group]
         return args
 
     def _clock(self, reply: Any) -> None:
@@ -1107,7 +1173,8 @@ class RedisPublisher(_Publishing):
     configured message and page types (``--types FILE`` of the servers); or pass a ready
     ``registry``. ``publish_timeout``: the longest a publish waits (default 2 s; Redis refuses an
     envelope whose deadline passed, as for the servers). ``stream_length``: as the servers'
-    ``--redis-stream-length``.
+    ``--redis-stream-length``; ``history_size`` / ``history_ttl``: as the servers' (the recovery
+    extension: page messages join their page's history like the servers' own publishes).
 
     Every publish gets an idempotency ``id`` (a random UUID unless given; methods return the ids
     used). A ``BrokerUnavailable`` after the command left (a timeout, a broken connection) is
@@ -1122,11 +1189,11 @@ class RedisPublisher(_Publishing):
     def __init__(self, url: str, channel_prefix: str = "tornado-rt", *, plugins: Any = (),
                  registry: Any = None, load_entry_points: bool = True, types: Optional[str] = None,
                  publish_timeout: float = 2.0, connect_timeout: float = 1.0,
-                 stream_length: int = 100_000):
+                 stream_length: int = 100_000, history_size: int = 100, history_ttl: float = 300.0):
         import redis as redis_sync
 
         super().__init__(url, channel_prefix, plugins, registry, load_entry_points, types, publish_timeout,
-                         stream_length)
+                         stream_length, history_size, history_ttl)
         self._redis = redis_sync.Redis.from_url(url, socket_connect_timeout=connect_timeout,
                                                 socket_timeout=publish_timeout, retry=None, protocol=2,
                                                 client_name="tornado-rt-publisher")
@@ -1206,11 +1273,11 @@ class AsyncRedisPublisher(_Publishing):
     def __init__(self, url: str, channel_prefix: str = "tornado-rt", *, plugins: Any = (),
                  registry: Any = None, load_entry_points: bool = True, types: Optional[str] = None,
                  publish_timeout: float = 2.0, connect_timeout: float = 1.0,
-                 stream_length: int = 100_000):
+                 stream_length: int = 100_000, history_size: int = 100, history_ttl: float = 300.0):
         import redis.asyncio as redis_async
 
         super().__init__(url, channel_prefix, plugins, registry, load_entry_points, types, publish_timeout,
-                         stream_length)
+                         stream_length, history_size, history_ttl)
         self._redis = redis_async.Redis.from_url(url, socket_connect_timeout=connect_timeout,
                                                  socket_timeout=publish_timeout, retry=None, protocol=2,
                                                  client_name="tornado-rt-publisher")

@@ -37,16 +37,19 @@ class PageType:
     ``can_add(principal, params, policy)``: the access check, sync or async, returns a bool, or a
     falsy :class:`tornado_rt.refusals.Denied` naming why it refused (logged and counted).
     ``anonymous``: whether anonymous connections may subscribe.
+    ``presence``: whether the page tracks who is looking at it (the presence extension,
+    docs/protocol.md "Extensions": a subscriber may ask ``{"presence": NAME, ...parameters}``).
     A ``can_add`` that accepts a keyword argument ``web_socket_id`` also receives the id of the
     subscribing connection (what the access webhook sends to the backend).
     """
 
     __slots__ = ("name", "parameters", "required", "_group", "_permission_group", "can_add", "anonymous",
-                 "_wants_socket")
+                 "presence", "_wants_socket")
 
     def __init__(self, name: str, parameters: Sequence[str], group: Union[str, Callable[[Params], str]],
                  can_add: CanAdd, permission_group: Union[str, Callable[[Params], str], None] = None,
-                 required: Optional[Sequence[str]] = None, anonymous: bool = False):
+                 required: Optional[Sequence[str]] = None, anonymous: bool = False,
+                 presence: bool = False):
         self.name = name
         self.parameters = tuple(parameters)
         self.required = tuple(self.parameters if required is None else required)
@@ -54,6 +57,7 @@ class PageType:
         self._permission_group = permission_group
         self.can_add = can_add
         self.anonymous = anonymous
+        self.presence = presence
         self._wants_socket = _accepts_keyword(can_add, "web_socket_id")
 
     def check(self, principal: Any, params: Params, policy: Any,
@@ -133,14 +137,41 @@ class MessageType:
         return f"MessageType({self.name!r}, audience={self.audience!r})"
 
 
+#: Keys of a client frame that the protocol itself reads (docs/protocol.md §2); no action may take them.
+RESERVED_ACTIONS = ("page", "remove_page")
+
+
+class ClientAction:
+    """A client request a plugin adds to the protocol: a frame ``{name: PAGE, ...parameters}``
+    (e.g. ``{"presence": "table", "table_id": 10}``) of a known page type is handed to
+    ``handle(session, page_type, params, frame)`` on the IOLoop thread (``params``: the page's
+    declared parameters, as for ``page``; ``frame``: the whole decoded object). The handler answers
+    through ``session.ctx.hub.send`` and returns None, or an awaitable when it answers later (the
+    connection's next frame waits for it); it must not raise for bad input (a refused request gets no
+    answer, like a refused subscription). A frame holding ``page`` or ``remove_page`` is a page
+    request and never reaches an action."""
+
+    __slots__ = ("name", "handle")
+
+    def __init__(self, name: str, handle: Callable[[Any, PageType, Params, Dict[str, Any]], Any]):
+        if name in RESERVED_ACTIONS:
+            raise ValueError(f"client action {name!r} is reserved by the protocol")
+        self.name = name
+        self.handle = handle
+
+    def __repr__(self) -> str:
+        return f"ClientAction({self.name!r})"
+
+
 class Plugin:
-    """A named bundle of page types and message types."""
+    """A named bundle of page types, message types and client actions."""
 
     def __init__(self, name: str, page_types: Iterable[PageType] = (),
-                 message_types: Iterable[MessageType] = ()):
+                 message_types: Iterable[MessageType] = (), actions: Iterable[ClientAction] = ()):
         self.name = name
         self.page_types = list(page_types)
         self.message_types = list(message_types)
+        self.actions = list(actions)
 
     def __repr__(self) -> str:
         return f"Plugin({self.name!r})"
@@ -153,6 +184,7 @@ class Registry:
         self.plugins: Dict[str, Plugin] = {}
         self.page_types: Dict[str, PageType] = {}
         self.message_types: Dict[str, MessageType] = {}
+        self.actions: Dict[str, ClientAction] = {}
         self._owner: Dict[Tuple[str, str], str] = {}
         for plugin in plugins:
             self.add(plugin)
@@ -167,6 +199,8 @@ class Registry:
         for mt in plugin.message_types:
             for name in (mt.name, *mt.aliases):
                 self._claim("message type", name, plugin, claims)
+        for action in plugin.actions:
+            self._claim("client action", action.name, plugin, claims)
         self._owner.update(claims)
         self.plugins[plugin.name] = plugin
         for pt in plugin.page_types:
@@ -174,6 +208,8 @@ class Registry:
         for mt in plugin.message_types:
             for name in (mt.name, *mt.aliases):
                 self.message_types[name] = mt
+        for action in plugin.actions:
+            self.actions[action.name] = action
 
     def _claim(self, kind: str, name: str, plugin: Plugin, claims: Dict[Tuple[str, str], str]) -> None:
         owner = self._owner.get((kind, name)) or claims.get((kind, name))

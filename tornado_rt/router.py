@@ -22,7 +22,8 @@ from typing import Any, Awaitable, Callable, Iterable, Optional
 import ujson
 
 from . import closecodes
-from .envelope import DIRECTORY, DISCONNECT, INDIVIDUAL, MESSAGE, REVOKE, Envelope
+from .envelope import DIRECTORY, DISCONNECT, INDIVIDUAL, MESSAGE, PRESENCE, REVOKE, Envelope
+from .history import HistoryStore, positioned_frame
 from .hooks import Hooks, gather, pending, then
 from .hub import Hub, text_frame
 from .policy import AccessPolicy, Directory
@@ -121,6 +122,13 @@ class Router:
         self.hooks = hooks if hooks is not None else Hooks(None, policy)
         self.on_delivered = on_delivered
         self.effects = EffectContext(self)
+        #: The recovery extension's store (None: disabled, ``history_size = 0``).
+        self.history: Optional[HistoryStore] = None
+        #: group -> {session: [(position, frame)]}: live messages held while a subscription is
+        #: being recovered asynchronously (:class:`tornado_rt.history.Recovery`).
+        self.holding: dict = {}
+        #: ``on_presence(kind, group, user_id)``: a cluster-wide presence event (presence extension).
+        self.on_presence: Optional[Callable[[Any, str, Any], None]] = None
         self._waiting: Optional[collections.deque] = None  # envelopes behind an async one
         self._idle: Optional[asyncio.Future] = None
 
@@ -201,6 +209,9 @@ class Router:
             self.revoke(env.user_ids or (), env.permission_group)
         elif kind == DIRECTORY:
             self._apply_directory(env)
+        elif kind == PRESENCE:
+            if self.on_presence is not None and env.audience and env.user_ids:
+                self.on_presence(env.type, env.audience[1], env.user_ids[0])
         else:
             log.warning("unknown envelope kind %r ignored", kind)
         return None
@@ -245,9 +256,36 @@ class Router:
         data, type_name = env.data, env.type
         assert data is not None and type_name is not None, "a message envelope has a type and text"
         exclude = set(env.exclude) if env.exclude else None
-        n = self.hub.deliver(text_frame(data.encode()), conns, env.ignore, exclude)
+        frame = text_frame(data.encode())
+        history = self.history
+        if history is not None and env.audience is not None and env.audience[0] == "page":
+            n = self._deliver_positioned(history, env, frame, conns, exclude)
+        else:
+            n = self.hub.deliver(frame, conns, env.ignore, exclude)
         if self.on_delivered is not None:
             self.on_delivered(type_name, n)
+
+    def _deliver_positioned(self, history: HistoryStore, env: Envelope, frame: bytes, conns: Any,
+                            exclude: Optional[set]) -> int:
+        """A page message while the recovery extension is on: recorded in the group's history
+        (when it keeps one). Every recipient is queued the same shared ``frame`` as without the
+        extension; then, for the connections with positions only, that last queued frame is
+        swapped for the one with the position (no per-recipient work for the others)."""
+        hub = self.hub
+        n = hub.deliver(frame, conns, env.ignore, exclude)
+        group = env.audience[1]  # type: ignore[index]
+        position = history.record(group, env)
+        opted = hub.positioned.get(group) if position is not None else None
+        if opted:
+            framed = positioned_frame(env.data, *position)  # type: ignore[arg-type,misc]
+            held = self.holding.get(group)
+            for conn in opted:
+                out = conn.out
+                if out and out[-1] is frame:  # queued just now (not ignored nor excluded)
+                    state = held.get(conn) if held is not None else None
+                    if state is None or not state.take(out, position, framed):  # see history.Held
+                        out[-1] = framed
+        return n
 
     # --- server-initiated subscription changes ---------------------------------------------------
     def disconnect(self, user_ids: Iterable[Any], ignore_web_socket_ids: Iterable[str] = ()) -> int:

@@ -23,11 +23,13 @@ from . import closecodes
 from .auth import Authenticator, JWTAuthenticator
 from .broker import Broker, BrokerUnavailable, LocalBroker
 from .connection import Heartbeat, RealtimeHandler
-from .envelope import (DISCONNECT, directory_envelope, INDIVIDUAL, MESSAGE, REVOKE, Envelope, PublishError,
+from .envelope import (DISCONNECT, directory_envelope, INDIVIDUAL, MESSAGE, PRESENCE, REVOKE, Envelope, PublishError,
                        individual_envelope, message_envelope, id_list)
+from .history import HistoryStore, MemoryHistory, Recovery
 from .hooks import Hooks
 from .hub import Hub
 from .policy import AccessPolicy, Directory
+from .presence import Presence
 from .registry import Plugin, Registry, entry_point_plugins
 from .router import Router
 from .session import Session, SessionContext
@@ -139,16 +141,50 @@ class RealtimeServer:
         self.sessions = SessionContext(self.hub, self.hooks, self.registry, settings,
                                        opened=self._connected, left=self._disconnected,
                                        auth_failed=self._auth_failed)
+        # Protocol extensions (docs/protocol.md "Extensions"): recovery (history_size 0: off) and
+        # presence; both opt-in per connection, neither changes a frame of a client that never asks.
+        self.history: Optional[HistoryStore] = None
         self.broker = broker if broker is not None else LocalBroker()
+        if settings.history_size:
+            hub = self.hub
+            # A broker that numbers page messages cluster-wide (Redis) keeps the history itself.
+            self.history = (self.broker.history_store(settings.history_size, settings.history_ttl,
+                                                      lambda: list(hub.positioned))
+                            or MemoryHistory(settings.history_size, settings.history_ttl,
+                                             live=lambda group: group in hub.positioned))
+            self.router.history = self.history
+            recovery = Recovery(self.hub, self.history)
+            self.router.holding = recovery.holding
+            self.sessions.recovery = recovery
+        self.presence = Presence(self.hub)
+        self.sessions.presence = self.presence
         self.broker.attach(self.router.dispatch)
-        self.broker.configure(settings, self.router.drop_all_pages)
+        self.broker.configure(settings, self._lost_envelopes)
         share = getattr(self.broker, "share_directory", None)
         if share is not None and self.directory is not None:
             share(self.directory, self.router)  # the Redis broker keeps its snapshot, if asked to
+        presence_store = self.broker.presence_store(settings.presence_ttl)
+        if presence_store is not None:  # cluster-wide presence (the Redis broker)
+            self.presence.store = presence_store
+            presence_store.announce = self._announce_presence
+            presence_store.watched = lambda: list(self.presence.watchers)
+            self.router.on_presence = self.presence.event
         self.heartbeat = Heartbeat(self.hub, settings.ping_interval, settings.ping_timeout)
         self._loop: Optional[IOLoop] = None
         self._thread: Optional[int] = None
         self._ws_params: Any = None  # Tornado's WebSocket parameters, shared by all connections
+
+    def _announce_presence(self, kind: str, group: str, user_id: Any) -> None:
+        """A cluster-wide presence event: through the broker, in order with the page's messages."""
+        self._publish_now(Envelope(PRESENCE, kind, audience=["page", group], user_ids=[user_id]))
+
+    def _lost_envelopes(self) -> int:
+        """The broker lost envelopes it cannot replay (a gap): every page's history may miss
+        them, so every epoch ends (a ``since`` from before answers ``recovered: false``), and every
+        page subscription is dropped so that clients resubscribe and refetch."""
+        if self.history is not None:
+            self.history.forget_all()
+        return self.router.drop_all_pages()
 
     @property
     def authenticator(self) -> Optional[Authenticator]:
@@ -183,6 +219,10 @@ class RealtimeServer:
         """Bind to the running IOLoop and start the broker. Call once, on the loop."""
         self._bind()
         await self.broker.start()
+        await self.presence.store.start()
+        history_start = getattr(self.history, "start", None)
+        if history_start is not None:
+            await history_start()
 
     def _bind(self) -> None:
         if self._loop is not None:
@@ -388,6 +428,10 @@ class RealtimeServer:
             if drained_by is not None and loop.time() >= drained_by:
                 drained_by = None
                 self._discard_backlogs(closing, timeout / 2)
+        await self.presence.store.close()
+        history_close = getattr(self.history, "close", None)
+        if history_close is not None:
+            await history_close()
         await self.broker.close()
 
     @staticmethod

@@ -62,7 +62,8 @@ class SessionContext:
 
     __slots__ = ("hub", "hooks", "registry", "policy", "max_subscriptions", "max_incoming_rate",
                  "max_incoming_burst", "max_message_size", "allow_anonymous",
-                 "max_connections_per_user", "error_frames", "closing", "opened", "left", "auth_failed")
+                 "max_connections_per_user", "error_frames", "closing", "opened", "left", "auth_failed",
+                 "recovery", "presence")
 
     def __init__(self, hub: Hub, hooks: Hooks, registry: Registry, settings: Any,
                  opened: Callable[["Session"], None] = lambda s: None,
@@ -83,13 +84,15 @@ class SessionContext:
         self.opened = opened
         self.left = left
         self.auth_failed = auth_failed
+        self.recovery: Any = None  # history.Recovery when the recovery extension is on
+        self.presence: Any = None  # presence.Presence (the ``presence`` client action uses it)
 
 
 class Session:
     """One connection's protocol state; see the module docstring."""
 
     __slots__ = ("ctx", "transport", "state", "web_socket_id", "principal", "user_id", "pages",
-                 "out", "closed_by", "awaiting_pong", "_tokens", "_refilled", "__weakref__")
+                 "out", "closed_by", "awaiting_pong", "positions", "_tokens", "_refilled", "__weakref__")
 
     def __init__(self, ctx: SessionContext, transport: Any = None):
         self.ctx = ctx
@@ -102,6 +105,8 @@ class Session:
         self.out: list = []  # frames queued, not yet written (the hub appends, the transport drains)
         self.closed_by: Any = None  # close code, or "ping_timeout"; None: the client closed
         self.awaiting_pong = False
+        #: Opened with ``positions=1`` (recovery extension): set by the adapter before authentication.
+        self.positions = False
         self._tokens = float(ctx.max_incoming_burst)
         self._refilled = 0.0
 
@@ -195,18 +200,20 @@ class Session:
         actions = parse(ctx.registry, data, self._refused)
         if not actions:
             return None
-        kind, page_type, params = actions[0]
+        kind, page_type, params, frame = actions[0]
         if kind == "remove_page":
             self._remove_page(page_type, params)
             return None
+        if kind != "page":  # a client action of a plugin (e.g. presence); may answer later
+            return pending(ctx.registry.actions[kind].handle(self, page_type, params, frame))
         rest = actions[1:]
 
         def remove_rest(_: Any) -> None:  # after the page's access check, whenever it answers
-            for _kind, other_type, other_params in rest:
+            for _kind, other_type, other_params, _frame in rest:
                 self._remove_page(other_type, other_params)
-        return pending(then(self._add_page(page_type, params), remove_rest))
+        return pending(then(self._add_page(page_type, params, frame), remove_rest))
 
-    def _add_page(self, page_type: PageType, params: dict) -> Any:
+    def _add_page(self, page_type: PageType, params: dict, frame: Optional[dict] = None) -> Any:
         principal = self.principal
         assert principal is not None
         if principal.user_id is None and not page_type.anonymous:
@@ -218,7 +225,7 @@ class Session:
             return None
         ctx = self.ctx
         allowed = ctx.hooks.can_add(page_type, principal, params, ctx.policy, self.web_socket_id)
-        return then(allowed, lambda ok: self._subscribe(page_type, params) if ok
+        return then(allowed, lambda ok: self._subscribe(page_type, params, frame) if ok
                     else self._denied(page_type, params, ok))
 
     def _denied(self, page_type: PageType, params: dict, answer: Any) -> None:
@@ -231,7 +238,7 @@ class Session:
         else:
             self._refused_page("access_denied", page_type, params)
 
-    def _subscribe(self, page_type: PageType, params: dict) -> None:
+    def _subscribe(self, page_type: PageType, params: dict, frame: Optional[dict] = None) -> Any:
         if self.state is not State.OPEN:
             return  # closed while an asynchronous access check was pending
         group = page_type.group(params)
@@ -241,7 +248,11 @@ class Session:
             return
         hub = self.ctx.hub
         hub.subscribe(self, group, Subscription(page_type, params))
+        recovery = self.ctx.recovery
+        if self.positions and recovery is not None:  # the recovery extension (tornado_rt.history)
+            return recovery.subscribed(self, group, page_type.name, params, frame or {})
         hub.send(self, page_frame("page_add", page_type.name, params))
+        return None
 
     # --- refusals (docs/protocol.md, "Refusals in the operator's view" and "Error frames") ----------
     def _refused(self, kind: str, reason: str, context: dict) -> None:

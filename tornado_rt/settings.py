@@ -465,6 +465,16 @@ class Settings:
                                   "its subscriptions released (not longer than ping_interval)",
                                   number_at_least(0), metavar="SECONDS", group="limits")
 
+    # Protocol extensions (docs/protocol.md "Extensions")
+    history_size: int = setting(100, "page messages kept per page for the recovery extension (clients that "
+                                "connect with positions=1 and resubscribe with since), 0 = extension off",
+                                at_least(0), metavar="N")
+    history_ttl: float = setting(300.0, "seconds a page message is kept for recovery", positive_number,
+                                 metavar="SECONDS")
+    presence_ttl: float = setting(30.0, "with the Redis broker: seconds the presence of a process that died "
+                                  "without cleaning up (killed) stays visible to the others", positive_number,
+                                  metavar="SECONDS")
+
     # HTTP and TCP (GuardedHTTPServer: `tornado-rt serve` runs it; embedders pass these to tornado_rt.listen)
     header_timeout: float = setting(10.0, "seconds from accept until the first request head is complete (the "
                                     "connection is closed after)", positive_number, metavar="SECONDS", group="limits")

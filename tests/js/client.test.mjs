@@ -151,3 +151,54 @@ test("recovery hook: positions kept per page (no sockets)", LIMIT, () => {
   assert.deepEqual(failed, ["table"]);
   assert.deepEqual(rt.positions.get("table"), { epoch: "e3", offset: 0 });
 });
+
+test("recovery: resubscribes with since after a reconnect, then recovery_failed after a restart", LIMIT, async () => {
+  let server = await startServer();
+  const states = [];
+  const failed = [];
+  let calls = 0;
+  // The second token is fetched after the force disconnect, before reconnecting: 3 and 4 are
+  // published while the client is away.
+  const token = async () => {
+    calls += 1;
+    if (calls === 2) for (const n of [3, 4]) await publish({ message: rowsCreated(n) }, server.base);
+    return makeToken(1);
+  };
+  const rt = new TornadoRT(server.wsUrl, { token, positions: true, ...FAST });
+  rt.on("state", ({ state }) => states.push(state));
+  rt.on("recovery_failed", (frame) => failed.push(frame));
+  try {
+    await rt.connect();
+    const inbox = new Inbox(rt);
+    const added = await rt.subscribe("table", { table_id: 1 });
+    const { epoch } = added.position;
+    assert.deepEqual(added, { type: "page_add", page: "table", parameters: { table_id: 1 },
+      position: { epoch, offset: 0 } });
+    for (const n of [1, 2]) {
+      await publish({ message: rowsCreated(n) }, server.base);
+      assert.deepEqual(await inbox.next(), { ...rowsCreated(n), position: { epoch, offset: n } });
+    }
+    await api("api/disconnect", { user_ids: [1] }, server.base);
+    assert.deepEqual(await inbox.next(), { type: "force_disconnect" });
+    for (const n of [3, 4, 5]) {
+      if (n === 5) await publish({ message: rowsCreated(n) }, server.base);
+      assert.deepEqual(await inbox.next(), { ...rowsCreated(n), position: { epoch, offset: n } });
+    }
+    assert.equal(calls, 2);
+    assert.deepEqual(failed, []);
+    assert.deepEqual([...rt.positions.values()], [{ epoch, offset: 5 }]);
+
+    const recovering = new Promise((resolve) => rt.on("recovery_failed", resolve));
+    assert.equal(await server.stop(), 0); // a restart: the in-process history is gone
+    server = await startServer(server.port);
+    const frame = await recovering;
+    assert.equal(frame.recovered, false);
+    assert.notEqual(frame.position.epoch, epoch);
+    await publish({ message: rowsCreated(6) }, server.base);
+    assert.deepEqual(await inbox.next(), { ...rowsCreated(6), position: { epoch: frame.position.epoch, offset: 1 } });
+    assert.equal(failed.length, 1);
+  } finally {
+    rt.close();
+    await server.stop();
+  }
+});
