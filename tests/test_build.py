@@ -99,3 +99,32 @@ async def test_the_executable_holds_the_redis_broker(executable, edge_env):
             if proc is not None:
                 assert await proc.stopped() == 0, proc.output()
         redis.kill()
+
+
+@pytest.mark.gen_test(timeout=240)
+async def test_the_zipapp_serves_with_a_plain_python(tmp_path):
+    """``--zipapp``: dist/tornado-rt.pyz run by the base interpreter (not this virtualenv), with
+    no PYTHONPATH: it carries tornado-rt and its dependencies itself."""
+    from tornado.ioloop import IOLoop
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    dist = tmp_path / "dist"
+    result = await IOLoop.current().run_in_executor(None, lambda: subprocess.run(
+        [sys.executable, "-m", "tornado_rt.build", "--zipapp", "--dist", str(dist), "--source", repo],
+        capture_output=True, text=True, timeout=200))
+    assert result.returncode == 0, result.stdout + result.stderr
+    pyz = dist / "tornado-rt.pyz"
+    base_python = getattr(sys, "_base_executable", sys.executable)
+    env = {**python_free_env(tmp_path), "SHIV_ROOT": str(tmp_path / "shiv")}
+    proc = ServeProcess([str(pyz), "serve", "--dev", "--port", "0", "--jwt-secret", SECRET, "--api-key", API_KEY],
+                        env=env, argv0=base_python)
+    try:
+        client = await WsClient.connect(proc.ws_url, make_token(1))
+        await client.subscribe("table", table_id=1)
+        message = {"type": "rows_created", "table_id": 1, "rows": [{"id": 1}], "metadata": {}, "before_row_id": None}
+        assert await Api(proc.base).publish({"message": message}) == {"published": 1}
+        assert await client.recv() == message
+        client.close()
+    finally:
+        assert await proc.stopped() == 0, proc.output()
+    assert any((tmp_path / "shiv").iterdir())  # its dependencies were unpacked there, not found elsewhere
