@@ -186,3 +186,17 @@ def test_tls_files_from_the_environment_are_named_with_their_variable(tmp_path):
     result = run_cli(BASE, env=clean_env(TORNADO_RT_TLS_CERT=str(cert), TORNADO_RT_TLS_KEY=str(tmp_path / "nope")))
     assert result.returncode == 2
     assert result.stderr.startswith("tornado-rt: error: TORNADO_RT_TLS_KEY (--tls-key): cannot read"), result.stderr
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_sighup_without_tls_does_not_stop_the_server():
+    """`systemctl reload` sends SIGHUP whatever the options; its default action would end the process."""
+    proc = ServeProcess(BASE)
+    try:
+        proc.proc.send_signal(signal.SIGHUP)
+        wait_for_log(proc, "received SIGHUP: no --directory file to reload; ignored")
+        client = await WsClient.connect(proc.ws_url, make_token(1))
+        client.close()
+        assert proc.proc.poll() is None
+    finally:
+        assert await proc.stopped() == 0, proc.output()

@@ -87,3 +87,4 @@ def reload(context: ssl.SSLContext, cert_path: str, key_path: str) -> bool:
         return False
     log.info("TLS certificate reloaded from %s", cert_path)
     return True
+
