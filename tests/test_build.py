@@ -3,6 +3,7 @@ and run from an empty directory with an environment that has no Python at all: `
 starts, a WebSocket client authenticates, subscribes (the built-in plugins are inside) and
 receives a message published over the HTTP API; /metrics (prometheus-client) answers; the Redis
 broker works against a real redis-server. Slow (about a minute): marked ``build``."""
+import json
 import os
 import shutil
 import subprocess
@@ -57,6 +58,18 @@ def test_the_executable_answers_version_and_help_without_python(executable, edge
     assert version.returncode == 0 and version.stdout.strip() == f"tornado-rt {__version__}", version
     help_ = run(executable, edge_env, "serve", "--help")
     assert help_.returncode == 0 and "--trusted-proxy" in help_.stdout and "--tls-cert" in help_.stdout, help_
+    # The catalogue of the built-in plugins, the same as the installed package's.
+    frozen = run(executable, edge_env, "types", "--json")
+    assert frozen.returncode == 0, frozen
+    installed = subprocess.run([sys.executable, "-m", "tornado_rt", "types", "--json"], capture_output=True,
+                               text=True, timeout=60)
+    assert installed.returncode == 0, installed
+    catalogue = json.loads(frozen.stdout)
+    assert catalogue == json.loads(installed.stdout)
+    assert {t["plugin"] for t in catalogue["message_types"]} == {"core", "database", "premium"}
+    assert "table" in {p["page"] for p in catalogue["page_types"]}
+    table = run(executable, edge_env, "types")
+    assert table.returncode == 0 and "rows_created" in table.stdout and "database" in table.stdout, table
     refused = run(executable, edge_env, "serve", "--port", "0")
     assert refused.returncode == 2 and refused.stderr.startswith("tornado-rt: error: --jwt-secret:"), refused
 

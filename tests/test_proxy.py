@@ -46,17 +46,19 @@ async def test_a_trusted_proxy_forwards_the_client_address_and_host():
         assert await handshake(proc.ws_url, {**FORWARDED, "Origin": "https://evil.example"}) == 403
         status, _, _ = await Api(proc.base).call("GET", "/api/stats", headers={"X-Forwarded-For": "203.0.113.9"})
         assert status == 200
+        status, metrics, _ = await Api(proc.base).call("GET", "/metrics", key=None)
+        assert 'tornado_rt_refusals_total{kind="origin",reason="not_same_host"} 1.0' in metrics
     finally:
         assert await proc.stopped() == 0, proc.output()
     upgraded = access_lines(proc, 101)
     assert len(upgraded) == 1 and "(203.0.113.7)" in upgraded[0], proc.output()
     assert "198.51.100.1" not in proc.stderr()  # left of the first untrusted hop: not believed
     assert any("GET /api/stats (203.0.113.9)" in line for line in access_lines(proc, 200)), proc.output()
-    refused = [line for line in proc.stderr().splitlines() if "WebSocket Origin refused" in line]
+    refused = [line for line in proc.stderr().splitlines() if "refused origin:" in line]
     assert len(refused) == 1, proc.output()
     assert " INFO " in refused[0]
-    assert "Origin 'https://evil.example', Host 'app.example.com'" in refused[0]
-    assert "client 203.0.113.7" in refused[0]
+    assert "reason=not_same_host origin='https://evil.example' host='app.example.com'" in refused[0]
+    assert "client='203.0.113.7'" in refused[0]
     assert make_token(1).split(".")[1] not in proc.stderr()
 
 
@@ -78,10 +80,11 @@ async def test_forwarded_headers_from_an_untrusted_peer_are_ignored():
     for proc in (others, nobody):
         log = proc.stderr()
         assert "203.0.113" not in log, proc.output()
-        refused = [line for line in log.splitlines() if "WebSocket Origin refused" in line]
+        refused = [line for line in log.splitlines() if "refused origin:" in line]
         assert len(refused) == 1, proc.output()
-        assert f"Origin 'https://app.example.com', Host '127.0.0.1:{proc.port}'" in refused[0]
-        assert "same host only" in refused[0] and "client 127.0.0.1" in refused[0]
+        assert (f"reason=not_same_host origin='https://app.example.com' host='127.0.0.1:{proc.port}'"
+                in refused[0]), proc.output()
+        assert "client='127.0.0.1'" in refused[0]
         assert [line for line in access_lines(proc, 101) if "(127.0.0.1)" in line], proc.output()
 
 

@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import logging
 import re
 from typing import Any, Iterable, Optional, Sequence, Tuple, Union
 
 from tornado.httputil import split_host_and_port
-
-log = logging.getLogger("tornado_rt.proxy")
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 _HOST = re.compile(r"^(?:\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+)(?::[0-9]{1,5})?$")
@@ -113,8 +110,14 @@ def apply_forwarded(request: Any, trusted_proxies: Sequence[str]) -> None:
 
 
 def log_origin_refused(request: Any, origin: str, allowed: Optional[Sequence[str]]) -> None:
-    """Say at info level why a WebSocket handshake got 403: the Origin and what it was compared
-    with (the Host, after a trusted proxy's ``X-Forwarded-Host``, or the allowed list)."""
-    rule = "same host only" if allowed is None else "allowed origins: " + ", ".join(allowed)
-    log.info("WebSocket Origin refused: Origin %r, Host %r (%s; client %s)", origin,
-             request.headers.get("Host"), rule, request.remote_ip)
+    """Count the 403 of a WebSocket handshake and say at info level why: the Origin and what it
+    was compared with (the Host, after a trusted proxy's ``X-Forwarded-Host``, or the allowed
+    list). Counted as ``tornado_rt_refusals_total{kind="origin"}``; rate-limited per address."""
+    from .refusals import refuse
+
+    if allowed is None:
+        refuse("origin", "not_same_host", key=request.remote_ip, origin=origin,
+               host=request.headers.get("Host"), client=request.remote_ip)
+    else:
+        refuse("origin", "not_allowed", key=request.remote_ip, origin=origin,
+               host=request.headers.get("Host"), allowed=", ".join(allowed), client=request.remote_ip)
