@@ -155,3 +155,24 @@ def test_networks_accept_addresses_and_cidrs():
         ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128"))
     with pytest.raises(ValueError, match=re.escape("'10.0.0.0/33'")):
         parse_networks(["10.0.0.0/33"])
+
+
+def test_a_trusted_proxy_is_not_held_to_the_per_address_cap():
+    """Every client behind the proxy shares its address: the cap on unauthenticated connections
+    (enforced at accept, before any header) would throttle all of them. Trusted peers are exempt;
+    test_listener.py shows the same cap closing the second connection of an untrusted peer."""
+    from test_listener import call, connect
+
+    proc = ServeProcess(BASE + ["--header-timeout", "600", "--max-unauthenticated-per-address", "1",
+                                "--trusted-proxy", "127.0.0.1"])
+    held = []
+    try:
+        held = [connect(proc.port) for _ in range(3)]
+        for sock in held:  # unauthenticated (/healthz needs no key) and all served
+            assert call(sock, "GET", "/healthz")[0] == 200
+        assert proc.stop() == 0, proc.output()
+    finally:
+        for sock in held:
+            sock.close()
+        proc.kill()
+    assert "max_unauthenticated_per_address" not in proc.stderr(), proc.output()

@@ -65,6 +65,14 @@ def _trusted(address: Any, networks: Sequence[Network]) -> bool:
     return any(address in network for network in networks)
 
 
+def is_trusted_peer(peer: str, trusted_proxies: Sequence[str]) -> bool:
+    """Whether the socket peer ``peer`` is one of ``trusted_proxies`` (addresses or CIDRs)."""
+    if not trusted_proxies:
+        return False
+    address = _address(peer)
+    return address is not None and _trusted(address, _networks(tuple(trusted_proxies)))
+
+
 def client_address(peer: str, forwarded_for: Optional[str], networks: Sequence[Network]) -> str:
     """The client's address: ``peer`` unless it is a trusted proxy, else the rightmost address of
     ``forwarded_for`` that is not a trusted proxy (the leftmost when all are)."""
