@@ -54,6 +54,13 @@ def wait_listening(port, proc, name, timeout=20.0):
             time.sleep(0.05)  # barrier-ok: polling until the proxy listens
 
 
+def wait_for_text(path, text, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and text in path.read_text()):
+        assert time.monotonic() < deadline, f"no {text!r} in {path}"
+        time.sleep(0.05)  # barrier-ok: polling until the proxy wrote its log line
+
+
 def serve(ping_interval):
     return ServeProcess(["serve", "--port", "0", "--jwt-secret", SECRET, "--api-key", API_KEY,
                          "--trusted-proxy", "127.0.0.1", "--log-level", "info",
@@ -207,6 +214,8 @@ async def test_a_websocket_session_through_the_proxy(name, tmp_path):
         await api.barrier(client)
         client.close()
         assert await client.conn.read_message() is None
+        # The proxy logs a WebSocket request when its connection ends: wait for that line.
+        wait_for_text(proxy.access_log, "/ws/core/")
     finally:
         if proxy is not None:
             proxy.stop()
