@@ -19,7 +19,7 @@ from tornado.websocket import websocket_connect
 
 SECRET = "standalone-test-secret-long-enough-for-hs256"
 API_KEY = "standalone-test-api-key-0123456789"
-STARTUP = re.compile(r"^tornado-rt listening: (ws://\S+)  (http://\S+)$")
+STARTUP = re.compile(r"^tornado-rt listening: (wss?://\S+)  (https?://\S+)$")
 START_TIMEOUT = 30.0
 
 _markers = itertools.count(1)

@@ -82,6 +82,7 @@ def test_settings_keyword_api_and_defaults_are_unchanged():
         "jwt_secret": None, "jwt_public_key": None, "jwt_algorithms": ("HS256",), "jwt_user_claim": "user_id",
         "jwt_leeway": 0.0, "jwt_audience": None, "jwt_issuer": None, "allow_anonymous": True,
         "max_token_length": 8192, "path_prefix": "/ws/core/", "allowed_origins": None, "error_frames": False,
+        "trusted_proxies": (),
         "max_message_size": 65536, "max_subscriptions": 1000, "max_incoming_rate": 50.0,
         "max_incoming_burst": 200, "max_connections": 0, "max_connections_per_user": 0,
         "max_outgoing_buffer": 8 * 1024 * 1024, "max_total_outgoing_buffer": None, "ping_interval": 25.0, "ping_timeout": 20.0,

@@ -68,7 +68,7 @@ OPTIONS_BY_NAME: Dict[str, Option] = {o.key: o for o in OPTIONS}
 TYPES_KEYS = ("page_types", "message_types")
 CONFIG_KEYS = tuple(o.toml_key for o in OPTIONS if o.toml_key) + TYPES_KEYS
 # Options naming a file: relative to the config file's folder when given there.
-_FILE_OPTIONS = ("jwt_public_key", "jwt_private_key", "types", "directory")
+_FILE_OPTIONS = ("jwt_public_key", "jwt_private_key", "types", "directory", "tls_cert", "tls_key")
 
 
 @dataclasses.dataclass
@@ -81,6 +81,7 @@ class Config:
     sources: Dict[str, str]
     config_file: Optional[str] = None
     jwt_public_key_pem: Optional[str] = None
+    ssl_context: Any = None  # an ssl.SSLContext with --tls-cert/--tls-key
     generated: Dict[str, str] = dataclasses.field(default_factory=dict)
     types_table: Dict[str, Any] = dataclasses.field(default_factory=dict)  # [[page_types]] ... of the file
     plugins: List[Any] = dataclasses.field(default_factory=list)  # the configured types
@@ -281,6 +282,7 @@ def _check(config: Config) -> None:
         else:
             raise _refuse("--api-key", "no API key configured for the HTTP server API; give --api-key "
                           "(or TORNADO_RT_API_KEYS), or run with --dev to generate one")
+    _check_tls(config)
     if config.dev and config.allowed_origins is None:
         config.values["allowed_origins"] = ["*"]
     if config.dev and config.sources.get("error_frames") == "default":
@@ -304,6 +306,20 @@ def _check_types(config: Config) -> None:
         config.plugins = configured_types(config.values, config.types_table, config.config_file, page_check)
     except StartupError as exc:
         raise _refuse(config.label(exc.option) if exc.option else "--config", str(exc)) from None
+
+
+def _check_tls(config: Config) -> None:
+    if config.tls_cert is None and config.tls_key is None:
+        return
+    if config.tls_cert is None or config.tls_key is None:
+        given, missing = ("tls_cert", "tls_key") if config.tls_key is None else ("tls_key", "tls_cert")
+        raise _refuse(config.label(missing), f"required with {config.label(given)} (TLS needs both files)")
+    from .tls import TLSFileError, server_context
+
+    try:
+        config.ssl_context = server_context(config.tls_cert, config.tls_key)
+    except TLSFileError as exc:
+        raise _refuse(config.label(exc.option), str(exc)) from None
 
 
 def _load_public_key(value: str, label: str, source: str) -> str:
@@ -464,7 +480,8 @@ async def serve(config: Config) -> int:
     # loop that survives running out of file descriptors (tornado_rt.listener). Headers up to
     # 160 KiB: an oversized token then gets its documented 4001, not a dropped connection
     # (Tornado's default limit is 64 KiB).
-    http_server = GuardedHTTPServer(app, settings=server.settings, max_header_size=160 * 1024)
+    http_server = GuardedHTTPServer(app, settings=server.settings, max_header_size=160 * 1024,
+                                    ssl_options=config.ssl_context)
     attach_metrics(http_server, app)
     http_server.add_sockets(sockets)
     tune_gc()
@@ -483,13 +500,22 @@ async def serve(config: Config) -> int:
             loop.add_signal_handler(signum, on_signal, signum)
         except (NotImplementedError, RuntimeError):  # pragma: no cover - not on Unix
             signal.signal(signum, lambda s, _f: loop.call_soon_threadsafe(on_signal, s))
-    if hasattr(signal, "SIGHUP"):
-        loop.add_signal_handler(signal.SIGHUP, reload_directory, directory)
+    if hasattr(signal, "SIGHUP"):  # systemctl reload: the directory file and renewed TLS files
+        def on_sighup() -> None:
+            if config.ssl_context is not None:
+                from .tls import reload
+
+                reload(config.ssl_context, config.tls_cert, config.tls_key)
+            if config.ssl_context is None or directory.store is not None:
+                reload_directory(directory)
+
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
 
     port = sockets[0].getsockname()[1]
     host = _display_host(config.host)
-    base_http = f"http://{host}:{port}/"
-    ws_url = f"ws://{host}:{port}{config.path_prefix}"
+    secure = "s" if config.ssl_context is not None else ""
+    base_http = f"http{secure}://{host}:{port}/"
+    ws_url = f"ws{secure}://{host}:{port}{config.path_prefix}"
     if config.dev:
         print(dev_banner(config, base_http, ws_url), flush=True)
     print(f"tornado-rt listening: {ws_url}  {base_http}api/", flush=True)

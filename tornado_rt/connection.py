@@ -15,6 +15,7 @@ from tornado.ioloop import PeriodicCallback
 from tornado.websocket import WebSocketHandler, WebSocketProtocol13
 
 from . import transport
+from .proxy import apply_forwarded, log_origin_refused
 from .redaction import redact_uri as redact
 from .session import BINARY, PING, PONG, TEXT, Session
 
@@ -77,6 +78,7 @@ class RealtimeHandler(WebSocketHandler):
     def get(self, *args: Any, **kwargs: Any) -> Optional[Any]:  # type: ignore[override]
         # Not a coroutine itself: it returns Tornado's, so a connection holds one frame less.
         request = self.request
+        apply_forwarded(request, self.server.settings.trusted_proxies)
         raw = request.query_arguments.pop("jwt_token", None)
         request.arguments.pop("jwt_token", None)
         if raw:
@@ -101,8 +103,12 @@ class RealtimeHandler(WebSocketHandler):
     def check_origin(self, origin: str) -> bool:
         allowed = self.server.settings.allowed_origins
         if allowed is None:
-            return super().check_origin(origin)
-        return "*" in allowed or origin.lower().rstrip("/") in self.server.allowed_origins
+            ok = super().check_origin(origin)
+        else:
+            ok = "*" in allowed or origin.lower().rstrip("/") in self.server.allowed_origins
+        if not ok:
+            log_origin_refused(self.request, origin, allowed)
+        return ok
 
     @property
     def max_message_size(self) -> int:

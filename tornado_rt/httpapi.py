@@ -56,6 +56,7 @@ from .listener import mark_authenticated
 from .policy import Directory
 from .redaction import redact_uri
 from . import refusals
+from .proxy import apply_forwarded
 from .server import RealtimeServer, web_socket_id_from_request
 from .settings import Standalone
 
@@ -293,6 +294,7 @@ class ApiHandler(RequestHandler):
         self.set_header("Cache-Control", "no-store")
 
     def prepare(self) -> None:
+        apply_forwarded(self.request, self.api.server.settings.trusted_proxies)
         self._lift_connection_limit()
         if not self.api.sampler.running:
             self.api.sampler.start()  # make_app off the loop (an embedder): start on first request
@@ -748,6 +750,7 @@ class NotFoundHandler(ApiHandler):
     requires_key = False
 
     def prepare(self) -> None:
+        apply_forwarded(self.request, self.api.server.settings.trusted_proxies)
         self._lift_connection_limit()
         raise ApiError(404, f"no such endpoint: {self.request.path}")
 

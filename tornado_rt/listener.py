@@ -52,6 +52,7 @@ from tornado.iostream import IOStream
 from tornado.netutil import bind_sockets
 
 from . import transport
+from .proxy import is_trusted_peer
 from .settings import Settings
 
 log = logging.getLogger("tornado_rt.listener")
@@ -316,6 +317,7 @@ class GuardedHTTPServer(HTTPServer):
         self.header_timeout = chosen.header_timeout
         self.idle_timeout = chosen.idle_timeout
         self.max_unauthenticated_per_address = chosen.max_unauthenticated_per_address
+        self.trusted_proxies = tuple(chosen.trusted_proxies)  # every client behind one: not capped
         self.bodyless_methods = frozenset(m.upper() for m in bodyless_methods)
         self.stats = ListenerStats()
         self._log = _RateLimitedLog()
@@ -368,7 +370,7 @@ class GuardedHTTPServer(HTTPServer):
     def handle_stream(self, stream: IOStream, address: Any) -> None:
         host = address[0] if isinstance(address, tuple) and address else None
         cap = self.max_unauthenticated_per_address
-        if cap and host is not None:
+        if cap and host is not None and not is_trusted_peer(host, self.trusted_proxies):
             held = self._unauthenticated.get(host)
             if held is not None and len(held) >= cap:
                 self.stats.refused["address_limit"] += 1

@@ -36,6 +36,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
 from .errors import FieldError
+from .proxy import parse_networks
 from .redaction import redact_url
 
 __all__ = ["SUPPORTED_ALGORITHMS", "HMAC_ALGORITHMS", "LOG_LEVELS", "Option", "SettingError", "Settings",
@@ -208,6 +209,15 @@ def _origin(value: Any) -> str:
     if origin != "*" and "://" not in origin:
         raise ValueError(f"an origin looks like https://app.example.com (or * for any), got {origin!r}")
     return origin
+
+
+def _cidr(value: Any) -> str:
+    cidr = _non_empty(value).strip()
+    try:
+        parse_networks([cidr])
+    except ValueError:
+        raise ValueError(f"an address or network looks like 127.0.0.1 or 10.0.0.0/8, got {cidr!r}") from None
+    return cidr
 
 
 def _path_prefix(value: Any) -> str:
@@ -438,6 +448,10 @@ class Settings:
         False, "also tell the client why a subscription was refused or a frame ignored, with "
         "{\"type\": \"error\", \"code\": ..., \"message\": ...} (a tornado-rt extension: off, the wire is "
         "exactly Baserow's; on with --dev unless set)", shown_default="off (on with --dev)")
+    trusted_proxies: Sequence[str] = setting(
+        (), "address or CIDR network of a reverse proxy whose X-Forwarded-For/-Proto/-Host are used (client "
+        "address in logs, the Origin check; exempt from max_unauthenticated_per_address), repeatable (env and "
+        "config: a list); ignored from any other peer", each(_cidr), flag="--trusted-proxy", metavar="CIDR")
 
     # Limits
     max_message_size: int = setting(64 * 1024, "largest incoming WebSocket message in bytes (close 1009 "
@@ -540,6 +554,10 @@ class Standalone:
         100_000, "with a Redis broker: envelopes the stream keeps at least, i.e. how far a stalled process may "
         "fall behind before its clients get page_discard (Redis memory: about this many times the envelope "
         "size plus 160 bytes)", at_least(1), metavar="N")
+    tls_cert: Optional[str] = setting(
+        None, "PEM certificate chain: serve wss:// and https:// directly, TLS 1.2+ (with --tls-key; SIGHUP "
+        "reloads both; a relative path in the config file is relative to it)", metavar="FILE")
+    tls_key: Optional[str] = setting(None, "PEM private key of --tls-cert (unencrypted)", metavar="FILE")
     log_level: str = setting("info", f"one of {', '.join(LOG_LEVELS)} (logs go to stderr)", choice(LOG_LEVELS),
                              metavar="LEVEL")
     no_metrics: bool = setting(False, "do not serve GET /metrics", shown_default="metrics on")
