@@ -446,14 +446,14 @@ class PublishHandler(ApiHandler):
             envelopes.append(self._envelope(item, f"[{i}]." if batch else "", sender))
         started = time.perf_counter()
         try:
-            await self.server.submit(envelopes)
+            delivered = await self.server.submit(envelopes)
         except BrokerUnavailable as exc:
             raise ApiError(503, f"the broker cannot take the publish: {exc}") from None
         metrics = self.api.metrics
         if metrics is not None and envelopes:
             # Runs after the hub's flush, which delivery scheduled before it.
             IOLoop.current().add_callback(metrics.observe_publish, started, len(envelopes))
-        self.reply({"published": len(envelopes)})
+        self.reply({"published": len(envelopes), "delivered": delivered})
 
     def _envelope(self, item: Any, prefix: str, sender: Optional[str]) -> Any:
         registry = self.server.registry

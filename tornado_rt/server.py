@@ -275,7 +275,8 @@ class RealtimeServer:
         conns = self.hub.user_connections(env.user_ids or ())
         if env.kind == DISCONNECT:
             return sum(1 for c in conns if c.web_socket_id not in env.ignore)
-        return sum(1 for c in conns for s in c.pages.values() if s.permission_group == env.permission_group)
+        assert env.permission_group is not None, "a revoke envelope names its permission group"
+        return len(self.hub.permission_subscriptions(env.permission_group, conns))
 
     async def _submit_counted(self, env: Envelope) -> int:
         self._bind()
@@ -285,11 +286,15 @@ class RealtimeServer:
 
     async def publish_async(self, message: Mapping[str, Any], to: Optional[Mapping[str, Any]] = None, *,
                             ignore_web_socket_id: Optional[str] = None,
-                            exclude_user_ids: Optional[Iterable[Any]] = None, id: Optional[str] = None) -> None:
+                            exclude_user_ids: Optional[Iterable[Any]] = None, id: Optional[str] = None) -> int:
         """Like :meth:`publish`, awaited on the loop: returns once the broker took the message and
-        this process's connections have it queued; raises ``BrokerUnavailable`` if the broker is down."""
-        await self.submit([message_envelope(self.registry, message, to, ignore_web_socket_id, exclude_user_ids,
-                                            id=id)])
+        this process's connections have it queued; raises ``BrokerUnavailable`` if the broker is down.
+
+        Returns how many connections *of this process* were handed the message (the sender's
+        connection skipped by ``ignore_web_socket_id`` and excluded users not counted; with a
+        multi-process broker, the other processes' connections are not counted)."""
+        return await self.submit([message_envelope(self.registry, message, to, ignore_web_socket_id,
+                                                   exclude_user_ids, id=id)])
 
     async def change_directory(self, operation: str, *args: Any) -> None:
         """Change the in-memory directory of EVERY process: ``operation`` is the name of a
@@ -303,8 +308,11 @@ class RealtimeServer:
         methods directly changes this process only."""
         await self.submit([directory_envelope(operation, args)])
 
-    async def submit(self, envelopes: Sequence[Envelope]) -> None:
-        """Hand prepared envelopes to the broker in order and wait for local delivery (on the loop)."""
+    async def submit(self, envelopes: Sequence[Envelope]) -> int:
+        """Hand prepared envelopes to the broker in order and wait for local delivery (on the loop).
+
+        Returns the number of connections of this process the messages were handed to (summed
+        over the envelopes; see :meth:`publish_async`)."""
         self._bind()
         waiting = []  # all handed over first: the broker keeps their order and bounds each wait
         for env in envelopes:
@@ -315,6 +323,7 @@ class RealtimeServer:
         for result in waiting:
             await result
         await self.router.wait_idle()
+        return sum(env.delivered for env in envelopes)
 
     def _on_loop(self) -> bool:
         return self._thread is not None and threading.get_ident() == self._thread
