@@ -12,6 +12,7 @@ import gc
 import inspect
 import logging
 import threading
+import time
 import uuid
 from collections import Counter
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
@@ -81,6 +82,42 @@ def web_socket_id_from_request(handler: RequestHandler) -> Optional[str]:
         return None
 
 
+class Slicer:
+    """Cuts a long piece of loop work into slices that yield to the loop (issue 10, item 9).
+
+    ``if slicer.due(): await slicer.pause()`` after each unit of work: a slice ends after ``size``
+    units or once it has taken ``budget`` seconds, whichever comes first, and the pause gives the
+    loop one iteration (every socket that became ready is served, every ready callback runs,
+    e.g. the hub's flush of what the slice queued). The count bound makes the number of pauses
+    of an ``n``-unit job at least ``ceil(n / size) - 1`` whatever the machine's speed; the time
+    bound keeps slices short on a slow or busy machine and with large units.
+    """
+
+    __slots__ = ("size", "budget", "pauses", "_n", "_started")
+
+    def __init__(self, size: int, budget: float):
+        self.size = max(1, size)
+        self.budget = budget
+        self.pauses = 0
+        self._n = 0
+        self._started = time.perf_counter()
+
+    def due(self) -> bool:
+        """Count one unit; whether the slice is over."""
+        self._n += 1
+        return self._n >= self.size or time.perf_counter() - self._started >= self.budget
+
+    def restart(self) -> None:
+        """Start a new slice without pausing (the caller yielded to the loop anyway)."""
+        self._n = 0
+        self._started = time.perf_counter()
+
+    async def pause(self) -> None:
+        await asyncio.sleep(0)
+        self.pauses += 1
+        self.restart()
+
+
 class Counters:
     """Plain counters the metrics endpoint reads at scrape time (nothing on the hot path but +=)."""
 
@@ -108,7 +145,17 @@ class RealtimeServer:
     id or None (sync or async); default a :class:`~tornado_rt.JWTAuthenticator` when a JWT key is
     configured. ``broker``: default :class:`~tornado_rt.LocalBroker`. ``handler_class``: a
     subclass of :class:`~tornado_rt.connection.RealtimeHandler` to serve the endpoint with.
+
+    Large publishes (:meth:`submit`, ``POST /api/publish``) are worked through in slices of at
+    most ``publish_slice`` envelopes or ``publish_slice_seconds`` seconds, with one loop iteration
+    between slices, so that a 100,000-envelope batch does not stall every other connection and
+    request (see :class:`Slicer`). Class attributes; set them on an instance to change them.
     """
+
+    #: Envelopes per slice of a large publish at most (parsed, validated or published).
+    publish_slice: int = 256
+    #: Seconds per slice of a large publish at most (the slice ends early when it takes longer).
+    publish_slice_seconds: float = 0.002
 
     def __init__(self, settings: Optional[Settings] = None, *, plugins: Iterable[Plugin] = (),
                  registry: Optional[Registry] = None, load_entry_points: bool = True,
@@ -308,18 +355,30 @@ class RealtimeServer:
         methods directly changes this process only."""
         await self.submit([directory_envelope(operation, args)])
 
+    def slicer(self) -> Slicer:
+        """A :class:`Slicer` with this server's ``publish_slice`` / ``publish_slice_seconds``."""
+        return Slicer(self.publish_slice, self.publish_slice_seconds)
+
     async def submit(self, envelopes: Sequence[Envelope]) -> int:
         """Hand prepared envelopes to the broker in order and wait for local delivery (on the loop).
 
         Returns the number of connections of this process the messages were handed to (summed
-        over the envelopes; see :meth:`publish_async`)."""
+        over the envelopes; see :meth:`publish_async`).
+
+        A long list is handed over in slices (see the class docstring) with a loop iteration
+        between them: its envelopes keep their order, but publishes from elsewhere (another
+        request, ``publish()``) may be delivered between two slices."""
         self._bind()
-        waiting = []  # all handed over first: the broker keeps their order and bounds each wait
+        slicer = self.slicer()
+        publish = self.broker.publish
+        waiting = []  # all handed over first (in slices): the broker keeps their order and bounds each wait
         for env in envelopes:
             self._count(env)
-            result = self.broker.publish(env)
-            if inspect.isawaitable(result):
+            result = publish(env)
+            if result is not None and inspect.isawaitable(result):
                 waiting.append(result)
+            if slicer.due():
+                await slicer.pause()
         for result in waiting:
             await result
         await self.router.wait_idle()
