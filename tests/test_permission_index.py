@@ -133,3 +133,27 @@ async def test_connections_on_one_page_under_different_permission_groups(server,
     assert await y.recv() == discard("shared", topic="t", owner=3)
     await barrier(x, y)
     assert server.hub.permissions == {} and server.hub.groups == {}
+
+
+def test_directory_finds_a_tables_public_views_without_scanning_every_view():
+    """Pure logic: the directory's table -> public views index (deleting a table, or a workspace
+    of many, no longer scans every view per table) follows every change and a reload."""
+    from tornado_rt import Directory
+    d = Directory()
+    d.set_table(1, 1)
+    d.set_table(2, 1)
+    d.set_public_view("a", 1)
+    d.set_public_view("b", 1, token="t")
+    d.set_public_view("c", 2)
+    d.set_public_view("free")  # a view of no table
+    assert d.public_views_of_table(1) == ["a", "b"] and d.public_views_of_table("2") == ["c"]
+    d.set_public_view("a", 2)  # moved to another table
+    assert d.public_views_of_table(1) == ["b"] and d.public_views_of_table(2) == ["c", "a"]
+    d.remove_public_view("c")
+    assert d.public_views_of_table(2) == ["a"]
+    assert Directory(d.snapshot()).public_views_of_table(2) == ["a"]
+    d.remove_table(2)
+    assert d.public_views_of_table(2) == [] and not d.can_view_public_view("a", None)
+    d.remove_workspace(1)
+    assert d.snapshot()["public_views"] == {"free": {"table_id": None, "token": None}}
+    assert d.public_views_of_table(1) == [] and d._table_views == {}
