@@ -34,6 +34,7 @@ Rules every endpoint follows:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import functools
 import hashlib
@@ -183,30 +184,56 @@ class ServerCollector:
                                       "persistence, FLUSHALL, the stream deleted)", value=getattr(bus, "resets", 0))
 
 
+class BatchHistogram:
+    """A Prometheus histogram that takes ``n`` equal observations in one step: every envelope of
+    a batch has the same publish-to-write latency, and observing a 100,000-envelope batch one by
+    one through ``prometheus_client.Histogram`` (a lock per call) held the loop for 100+ ms.
+    Plain counters, exposed at scrape time like :class:`ServerCollector`'s."""
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float]):
+        self.name = name
+        self.documentation = documentation
+        self.bounds = sorted(float(b) for b in buckets if b != float("inf")) + [float("inf")]
+        self.counts = [0] * len(self.bounds)
+        self.sum = 0.0
+
+    def observe(self, value: float, n: int = 1) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += n  # the first bucket with value <= le
+        self.sum += value * n
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import HistogramMetricFamily
+        from prometheus_client.utils import floatToGoString
+
+        cumulative, buckets = 0, []
+        for bound, count in zip(self.bounds, self.counts):
+            cumulative += count
+            buckets.append((floatToGoString(bound), cumulative))
+        family = HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=self.sum)
+        yield family
+
+
 class Metrics:
     """The Prometheus registry of one application: the server collector, the publish-to-write
     histogram and the standard process/platform/GC collectors."""
 
     def __init__(self, server: RealtimeServer):
-        from prometheus_client import (CollectorRegistry, GCCollector, Histogram, PlatformCollector,
-                                       ProcessCollector)
+        from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
         self.registry = CollectorRegistry()
         self.registry.register(ServerCollector(server))
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
-        self.publish_latency = Histogram(
+        self.publish_latency = BatchHistogram(
             "tornado_rt_publish_to_write_seconds",
             "From the HTTP publish handing an envelope to the server until the frames are written "
             "to the sockets of this process (one observation per envelope)",
-            buckets=LATENCY_BUCKETS, registry=self.registry)
+            LATENCY_BUCKETS)
+        self.registry.register(self.publish_latency)
 
     def observe_publish(self, started: float, envelopes: int) -> None:
-        elapsed = time.perf_counter() - started
-        observe = self.publish_latency.observe
-        for _ in range(envelopes):
-            observe(elapsed)
+        self.publish_latency.observe(time.perf_counter() - started, envelopes)
 
     def exposition(self) -> bytes:
         from prometheus_client import generate_latest
