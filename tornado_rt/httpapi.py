@@ -539,10 +539,16 @@ class PublishHandler(ApiHandler):
         except BrokerUnavailable as exc:
             raise ApiError(503, f"the broker cannot take the publish: {exc}") from None
         metrics = self.api.metrics
+        published = len(envelopes)
         if metrics is not None and envelopes:
             # Runs after the hub's flush, which delivery scheduled before it.
-            IOLoop.current().add_callback(metrics.observe_publish, started, len(envelopes))
-        self.reply({"published": len(envelopes), "delivered": delivered})
+            IOLoop.current().add_callback(metrics.observe_publish, started, published)
+        self.reply({"published": published, "delivered": delivered})
+        if published > self.server.publish_slice:  # freeing 100,000 envelopes at once takes ~25 ms
+            slicer = self.server.slicer()
+            while envelopes:
+                del envelopes[-slicer.size:]
+                await slicer.pause()
 
     async def _batch(self, text: str, start: int, sender: Optional[str]) -> List[Any]:
         """Parse and validate an array of envelopes one element at a time, in slices that yield

@@ -382,7 +382,12 @@ class RealtimeServer:
         for result in waiting:
             await result
         await self.router.wait_idle()
-        return sum(env.delivered for env in envelopes)
+        delivered = 0
+        for env in envelopes:  # final once the router is idle; 100,000 of them: a few ms, sliced too
+            delivered += env.delivered
+            if slicer.due():
+                await slicer.pause()
+        return delivered
 
     def _on_loop(self) -> bool:
         return self._thread is not None and threading.get_ident() == self._thread
