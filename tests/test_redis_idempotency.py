@@ -69,7 +69,8 @@ async def test_bad_ids_are_refused_with_400_naming_the_field(local_node):
     status, body = await local_node.call("POST", "/api/publish", {"individual": {"1": rows_created(1)}, "id": 5})
     assert status == 400 and body["field"] == "id", body
     ok = "k" * 128
-    assert await local_node.publish({"message": rows_created(3), "id": ok}) == {"published": 1}
+    answer = await local_node.publish({"message": rows_created(3), "id": ok})
+    assert answer["published"] == 1 and set(answer) == {"published", "delivered"}, answer
 
 
 @pytest.mark.gen_test
