@@ -158,7 +158,8 @@ class Api:
         """Publish a marker to every connection over HTTP; it must be the next message of each
         client: whatever did not arrive before it was not sent."""
         marker = {"type": "user_data_updated", "user_data": {"marker": next(_markers)}}
-        assert await self.publish({"message": marker, "to": {"all_users": True}}) == {"published": 1}
+        answer = await self.publish({"message": marker, "to": {"all_users": True}})
+        assert answer["published"] == 1 and isinstance(answer["delivered"], int), answer
         for client in clients:
             got = await client.recv()
             assert got == marker, f"{client.name}: expected nothing before the marker, got {got}"

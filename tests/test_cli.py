@@ -259,10 +259,10 @@ async def test_dev_mode_prints_a_working_setup():
             result = await IOLoop.current().run_in_executor(
                 None, lambda: subprocess.run(argv, capture_output=True, text=True, timeout=20))
             assert result.returncode == 0, result.stderr
-            assert json.loads(result.stdout) == {"published": 1}
+            assert json.loads(result.stdout) == {"published": 1, "delivered": 1}
         else:  # replay the same request without curl
             body = json.loads(argv[argv.index("-d") + 1])
-            assert await Api(proc.base, api_key).publish(body) == {"published": 1}
+            assert await Api(proc.base, api_key).publish(body) == {"published": 1, "delivered": 1}
         got = await client.recv()
         assert got["type"] == "rows_created" and got["table_id"] == 1
         snippet = next(line for line in out.splitlines() if "new WebSocket(" in line)
@@ -432,7 +432,8 @@ async def test_two_servers_share_a_redis_broker(redis_url):
         for client in (here, there):
             await client.subscribe("table", table_id=1)
         message = {"type": "rows_created", "table_id": 1, "rows": [], "metadata": {}, "before_row_id": None}
-        assert await Api(one.base).publish({"message": message}) == {"published": 1}
+        # delivered counts this process's connections only: "there" gets it from server two
+        assert await Api(one.base).publish({"message": message}) == {"published": 1, "delivered": 1}
         assert await here.recv() == message
         assert await there.recv() == message
         await Api(two.base).barrier(here, there)

@@ -137,7 +137,8 @@ def test_listen_prints_what_publish_sends(rt):
         Lines(listen.stderr).wait_for('subscribed to table {"table_id": 1}')
         first = run_cli(["publish", json.dumps(ROWS)], env=env)
         assert first.returncode == 0, first.stderr
-        assert json.loads(first.stdout) == {"published": 1}
+        answer = json.loads(first.stdout)
+        assert answer["published"] == 1 and isinstance(answer["delivered"], int) and set(answer) == {"published", "delivered"}
         direct = {"type": "user_data_updated", "user_data": {"n": 2}}
         second = subprocess.run(command("publish", "--to", '{"user_ids": [1]}'), env=env, capture_output=True,
                                 text=True, timeout=30, input=json.dumps(direct) + "\n")

@@ -40,14 +40,14 @@ async def test_subscriber_recovers_missed_messages_then_reports_an_epoch_change(
         assert added == {"type": "page_add", "page": "table", "parameters": {"table_id": 1},
                          "position": {"epoch": epoch, "offset": 0}}
         for n in (1, 2):
-            assert await pub.publish(rows_created(n)) == {"published": 1}
+            assert await pub.publish(rows_created(n)) == {"published": 1, "delivered": 1}
             assert await sub.receive(10) == {**rows_created(n), "position": {"epoch": epoch, "offset": n}}
 
         async with AsyncPublisher(proc.base, API_KEY) as admin:
             assert await admin.disconnect([1]) == {"disconnected": 1}
         assert await sub.receive(10) == {"type": "force_disconnect"}
         await states.reached("open", 2)
-        assert missed == [{"published": 1}, {"published": 1}]
+        assert missed == [{"published": 1, "delivered": 0}, {"published": 1, "delivered": 0}]  # nobody was connected
         # resubscribed with since {epoch, 2}: 3 and 4 replayed, in order, once; then the live ones
         assert await sub.receive(10) == {**rows_created(3), "position": {"epoch": epoch, "offset": 3}}
         assert await sub.receive(10) == {**rows_created(4), "position": {"epoch": epoch, "offset": 4}}

@@ -200,7 +200,7 @@ async def test_a_websocket_session_through_the_proxy(name, tmp_path):
         client = await connect_through(proxy.port, token, {"X-Forwarded-For": "203.0.113.5"})
         await client.subscribe("table", table_id=1)
         message = {"type": "rows_created", "table_id": 1, "rows": [{"id": 1}], "metadata": {}, "before_row_id": None}
-        assert await api.publish({"message": message}) == {"published": 1}
+        assert await api.publish({"message": message}) == {"published": 1, "delivered": 1}
         assert await client.recv() == message
 
         # Idle for longer than the proxy's read timeout: only the heartbeat crosses the proxy.
@@ -209,7 +209,7 @@ async def test_a_websocket_session_through_the_proxy(name, tmp_path):
         await pings(int(READ_TIMEOUT / PING_INTERVAL) + 3)
         assert time.monotonic() - idle_from > READ_TIMEOUT  # the premise of this test held
         message = {**message, "rows": [{"id": 2}]}
-        assert await api.publish({"message": message}) == {"published": 1}
+        assert await api.publish({"message": message}) == {"published": 1, "delivered": 1}
         assert await client.recv() == message  # the connection survived
         await api.barrier(client)
         client.close()

@@ -124,7 +124,7 @@ async def test_publish_one_of_each_audience_kind(api, connect, directory):
           "exclude_user_ids": [1]}, [b]),
     ]
     for envelope, recipients in cases:
-        assert await api.publish(envelope) == {"published": 1}
+        assert await api.publish(envelope) == {"published": 1, "delivered": len(recipients)}
         await expect(envelope["message"], recipients)
         await api.barrier(*everyone)
 
@@ -142,13 +142,13 @@ async def test_batch_is_processed_in_order(api, connect, directory):
         {"message": second},
         {"message": third},
     ]
-    assert await api.publish(batch) == {"published": 4}
+    assert await api.publish(batch) == {"published": 4, "delivered": 4}  # a: 3, c: 1
     await expect(first, [a])
     await expect(second, [a])
     await expect(third, [a])
     await expect(batch[1]["message"], [c])
     await api.barrier(a, c)
-    assert await api.publish([]) == {"published": 0}
+    assert await api.publish([]) == {"published": 0, "delivered": 0}
     await api.barrier(a, c)
 
 
@@ -160,7 +160,7 @@ async def test_individual_payloads(api, connect, directory):
     c = await connect(4)
     own_1 = {"type": "application_created", "application": {"id": 5, "name": "for one"}}
     own_4 = {"type": "application_created", "application": {"id": 5, "name": "for four"}}
-    assert await api.publish({"individual": {"1": own_1, "4": own_4}}) == {"published": 1}
+    assert await api.publish({"individual": {"1": own_1, "4": own_4}}) == {"published": 1, "delivered": 2}
     await expect(own_1, [a])
     await expect(own_4, [c])
     await api.barrier(a, b, c)
@@ -484,7 +484,7 @@ async def test_413_for_a_body_over_the_limit(local_api, base_url, rt_server):
     envelope = json.dumps({"message": OK_MESSAGE, "to": {"all_users": True}})
     at_limit = envelope + " " * (LIMIT - len(envelope))
     status, body, _ = await local_api.call("POST", "/api/publish", raw=at_limit)
-    assert status == 200 and body == {"published": 1}
+    assert status == 200 and body == {"published": 1, "delivered": 0}  # nobody connected
     status, body, _ = await local_api.call("POST", "/api/publish", raw=at_limit + " ")
     assert_error(status, body, 413)
     status, body, _ = await local_api.call("PUT", "/api/directory", raw=b"x" * (LIMIT * 4))
@@ -550,5 +550,6 @@ async def test_the_process_survives_bad_input(local_api):
                 b'"before_row_id": null}, "to": {"page": "table", "table_id": {"a": 1}}}'):
         status, body, _ = await local_api.call("POST", "/api/publish", raw=raw)
         assert status == 400, (raw[:60], body)
-    assert await local_api.publish({"message": OK_MESSAGE, "to": {"all_users": True}}) == {"published": 1}
+    assert await local_api.publish({"message": OK_MESSAGE, "to": {"all_users": True}}) == {"published": 1,
+                                                                                               "delivered": 0}
     assert await local_api.ok("GET", "/healthz", key=None) == {"status": "ok", "broker": {"kind": "in-process", "connected": True}}

@@ -44,6 +44,7 @@ def assert_empty(server):
     assert hub.anonymous == 0
     assert hub._dirty == [] or all(not c.out for c in hub._dirty)
     assert server.stats()["subscriptions"] == 0
+    assert hub.permissions == {}  # the permission index (issue 10, item 6) leaks nothing either
 
 
 async def assert_freed():

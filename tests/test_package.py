@@ -101,7 +101,7 @@ async def test_the_wheel_installs_and_serves_in_a_fresh_virtualenv(built, tmp_pa
         client = await WsClient.connect(proc.ws_url, make_token(1))
         await client.subscribe("table", table_id=1)
         message = {"type": "rows_created", "table_id": 1, "rows": [{"id": 3}], "metadata": {}, "before_row_id": None}
-        assert await Api(proc.base).publish({"message": message}) == {"published": 1}
+        assert await Api(proc.base).publish({"message": message}) == {"published": 1, "delivered": 1}
         assert await client.recv() == message
         client.close()
     finally:

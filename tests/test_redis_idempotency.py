@@ -39,13 +39,14 @@ async def test_duplicate_ids_over_http_are_delivered_once_in_local_mode(local_no
         await client.subscribe("table", table_id=10)
         first, second = rows_created(1), rows_created(2)
         # A batch holding the same id twice, then a retry of it, then another id.
+        # (delivered: a duplicate is handed to nobody, so it is not counted)
         assert await node.publish([{"message": first, "id": "http-1"}, {"message": first, "id": "http-1"}]) == {
-            "published": 2}
-        await node.publish({"message": first, "id": "http-1"})
-        await node.publish({"message": second, "id": "http-2"})
+            "published": 2, "delivered": 1}
+        assert await node.publish({"message": first, "id": "http-1"}) == {"published": 1, "delivered": 0}
+        assert await node.publish({"message": second, "id": "http-2"}) == {"published": 1, "delivered": 1}
         own = {"type": "group_restored", "workspace_id": 1, "workspace": {"id": 1}, "applications": []}
-        await node.publish({"individual": {"1": own}, "id": "http-3"})
-        await node.publish({"individual": {"1": own}, "id": "http-3"})
+        assert await node.publish({"individual": {"1": own}, "id": "http-3"}) == {"published": 1, "delivered": 1}
+        assert await node.publish({"individual": {"1": own}, "id": "http-3"}) == {"published": 1, "delivered": 0}
         assert await client.recv() == first
         assert await client.recv() == second
         assert await client.recv() == own
@@ -69,7 +70,8 @@ async def test_bad_ids_are_refused_with_400_naming_the_field(local_node):
     status, body = await local_node.call("POST", "/api/publish", {"individual": {"1": rows_created(1)}, "id": 5})
     assert status == 400 and body["field"] == "id", body
     ok = "k" * 128
-    assert await local_node.publish({"message": rows_created(3), "id": ok}) == {"published": 1}
+    answer = await local_node.publish({"message": rows_created(3), "id": ok})
+    assert answer["published"] == 1 and set(answer) == {"published", "delivered"}, answer
 
 
 @pytest.mark.gen_test

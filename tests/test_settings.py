@@ -191,7 +191,9 @@ async def test_redis_channel_prefix_option_decides_which_servers_share_events(re
         on_blue = await WsClient.connect(blue_b.ws_url, name="client of blue b")
         on_green = await WsClient.connect(green.ws_url, name="client of green")
         message = {"type": "user_data_updated", "user_data": {"colour": "blue"}}
-        assert await Api(blue_a.base).publish({"message": message, "to": {"all_users": True}}) == {"published": 1}
+        # delivered: blue a's own connections only (none); blue b's client gets it through Redis
+        assert await Api(blue_a.base).publish({"message": message, "to": {"all_users": True}}) == {"published": 1,
+                                                                                                    "delivered": 0}
         assert await on_blue.recv() == message
         await Api(green.base).barrier(on_green)
         on_blue.conn.close()

@@ -237,7 +237,8 @@ class Publisher(_PublisherBase):
                 exclude_user_ids: Optional[Iterable[Any]] = None, *, id: Optional[str] = None,
                 web_socket_id: Optional[str] = None) -> Dict[str, Any]:
         """Publish one message (``to``: an audience; default: the message type's own). Returns the
-        server's answer, ``{"published": 1}``."""
+        server's answer, ``{"published": 1, "delivered": d}`` (``d``: connections of the answering
+        server process that were handed it)."""
         envelope = message_envelope(message, to, ignore_web_socket_id, exclude_user_ids)
         if id is not None:
             envelope["id"] = id
@@ -246,7 +247,7 @@ class Publisher(_PublisherBase):
     def publish_many(self, items: Sequence[Mapping[str, Any]], *, web_socket_id: Optional[str] = None
                      ) -> Dict[str, Any]:
         """Publish envelopes (or bare messages) in one HTTP request: all are validated before any
-        is published. Returns ``{"published": n}``."""
+        is published. Returns ``{"published": n, "delivered": d}``."""
         return self._publish(self._with_ids([as_envelope(i) for i in items]), web_socket_id)
 
     def publish_envelope(self, envelope: Mapping[str, Any], *, web_socket_id: Optional[str] = None

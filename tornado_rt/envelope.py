@@ -62,10 +62,15 @@ class Envelope:
     """One unit of delivery. Brokers ship :meth:`to_wire` and rebuild with :meth:`from_wire`.
 
     Only the serialized text travels, never the publisher's dict: a caller that changes its dict
-    after ``publish()`` returns cannot change what is delivered or what side effects see."""
+    after ``publish()`` returns cannot change what is delivered or what side effects see.
+
+    ``delivered`` is not part of the wire form: the router of *this* process adds to it the number
+    of connections it handed the message to (what ``publish_async()`` and ``POST /api/publish``
+    report). A broker that carries envelopes between processes counts only where the publisher's
+    own envelope object is delivered: this process."""
 
     __slots__ = ("kind", "type", "data", "audience", "ignore", "exclude", "payloads",
-                 "user_ids", "permission_group", "id", "position")
+                 "user_ids", "permission_group", "id", "position", "delivered")
 
     def __init__(self, kind: str, type: Optional[str] = None, data: Optional[str] = None,
                  audience: Optional[list] = None, ignore: Any = None,
@@ -85,6 +90,7 @@ class Envelope:
         #: (epoch, offset) of a page message given by a broker that numbers them cluster-wide
         #: (the Redis broker; recovery extension), else None. Not part of the wire form.
         self.position: Optional[tuple] = None
+        self.delivered = 0
 
     def to_wire(self) -> Dict[str, Any]:
         wire = {"k": self.kind}

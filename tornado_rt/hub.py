@@ -14,12 +14,20 @@ The hub indexes :class:`~tornado_rt.session.Session` objects: ``web_socket_id``,
 ``pages`` (dict: group -> subscription), ``out`` (list of queued frames), ``transport`` (with
 ``flush() -> bytes still buffered``) and ``close(code, reason)``. Only the session mutates its
 own state; the hub mutates only its indexes, ``pages`` and ``out``.
+
+Besides the page groups it indexes *permission groups* (``permissions``: permission group ->
+{page group: number of subscriptions}), maintained at subscribe, unsubscribe and remove, so that a
+revocation or a deletion (``table_deleted``, ``group_deleted``) finds the affected subscriptions
+without walking every connection: its cost is proportional to the subscriptions it drops, and a
+permission group nobody is subscribed under costs one dictionary lookup. The index counts
+subscriptions per (permission group, page group) pair, not connections (the members are in
+``groups``), so it grows with the distinct pages, not with the connections.
 """
 from __future__ import annotations
 
 import logging
 import struct
-from typing import Any, Callable, Dict, Hashable, Iterable, List, Optional, Set
+from typing import Any, Callable, Dict, Hashable, Iterable, List, Optional, Set, Tuple
 
 from . import closecodes
 from .refusals import refuse
@@ -28,6 +36,17 @@ log = logging.getLogger("tornado_rt.hub")
 
 _pack_short = struct.Struct("!BBH").pack
 _pack_long = struct.Struct("!BBQ").pack
+
+
+def _permission_group(subscription: Any) -> Optional[str]:
+    """A subscription's permission group; None (not indexed, so never revoked) when the page
+    type's permission group cannot be computed (a plugin error, logged)."""
+    try:
+        return subscription.permission_group
+    except Exception:
+        log.warning("the permission group of %r cannot be computed; the page is not revocable",
+                    subscription, exc_info=True)
+        return None
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -58,6 +77,8 @@ class Hub:
         #: (unsubscribe, page_discard, revocation, close, drop): the presence extension.
         self.on_join: Optional[Callable[[Any, str, Any], None]] = None
         self.on_leave: Optional[Callable[[Any, str, Any], None]] = None
+        #: permission group -> {page group: subscriptions under that permission group}
+        self.permissions: Dict[str, Dict[str, int]] = {}
         self.anonymous = 0
         self.max_outgoing_buffer = max_outgoing_buffer
         self.max_total_outgoing_buffer = max_total_outgoing_buffer  # 0: no budget
@@ -104,12 +125,22 @@ class Hub:
         """Put ``conn`` on ``group`` (once, however often it subscribes)."""
         if conn.web_socket_id not in self.connections:
             return
-        joined = group not in conn.pages
+        old = conn.pages.get(group)
+        joined = old is None
         if joined:
             self.groups.setdefault(group, set()).add(conn)
             if getattr(conn, "positions", False):
                 self.positioned.setdefault(group, set()).add(conn)
+        else:
+            self._unindex(group, old)
         conn.pages[group] = subscription
+        permission = _permission_group(subscription)
+        if permission is not None:
+            groups = self.permissions.get(permission)
+            if groups is None:
+                self.permissions[permission] = {group: 1}
+            else:
+                groups[group] = groups.get(group, 0) + 1
         if joined and self.on_join is not None:
             self.on_join(conn, group, subscription)
 
@@ -131,8 +162,46 @@ class Hub:
             positioned.discard(conn)
             if not positioned:
                 del self.positioned[group]
+        self._unindex(group, subscription)
         if self.on_leave is not None:
             self.on_leave(conn, group, subscription)
+
+    def _unindex(self, group: str, subscription: Any) -> None:
+        permission = _permission_group(subscription)
+        if permission is None:
+            return
+        groups = self.permissions.get(permission)
+        if groups is None:
+            return
+        left = groups.get(group, 0) - 1
+        if left > 0:
+            groups[group] = left
+        else:
+            groups.pop(group, None)
+            if not groups:
+                del self.permissions[permission]
+
+    def permission_subscriptions(self, permission_group: str,
+                                 conns: Optional[Iterable[Any]] = None) -> List[Tuple[Any, str]]:
+        """The (connection, page group) pairs subscribed under ``permission_group``, only those of
+        ``conns`` when given; each connection's in the order of its ``pages``. Found through the
+        permission index: the cost is the pages of the connections concerned, never a walk over
+        every connection (and one lookup when nobody is subscribed under it)."""
+        groups = self.permissions.get(permission_group)
+        if not groups:
+            return []
+        if conns is None:
+            concerned: Dict[Any, None] = {}  # an ordered set
+            for group in groups:
+                for conn in self.groups.get(group, ()):
+                    concerned[conn] = None
+            conns = concerned
+        found: List[Tuple[Any, str]] = []
+        for conn in conns:
+            for group, sub in conn.pages.items():
+                if group in groups and _permission_group(sub) == permission_group:
+                    found.append((conn, group))
+        return found
 
     def user_connections(self, user_ids: Iterable[Hashable]) -> Set[Any]:
         users = self.users

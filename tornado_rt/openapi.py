@@ -194,7 +194,12 @@ _OPERATIONS: Dict[str, Dict[str, Any]] = {
         "parameters": [_WEB_SOCKET_ID_HEADER],
         "requestBody": _body({"oneOf": [_ref("Envelope"), {"type": "array", "items": _ref("Envelope")}]}),
         "responses": {
-            "200": _ok("Published", {"type": "object", "properties": {"published": {"type": "integer"}}}),
+            "200": _ok("Published", {"type": "object", "required": ["published", "delivered"], "properties": {
+                "published": {"type": "integer", "description": "Envelopes published"},
+                "delivered": {"type": "integer", "description": (
+                    "Connections of this process handed the message(s), summed over the envelopes "
+                    "(the author's connection and excluded users not counted; with the Redis broker "
+                    "other processes' connections are not counted)")}}}),
             **_ERRORS_BODY,
             "503": _error("The broker cannot take the publish"),
         },

@@ -112,6 +112,9 @@ class Directory(AccessPolicy):
         self._tables: Dict[Id, Id] = {}
         self._workspace_tables: Dict[Id, Set[Id]] = {}
         self._views: Dict[str, tuple] = {}
+        # table -> slugs of its public views: deleting a table (or a workspace of 500) must not
+        # scan every view once per table (issue 10, item 6)
+        self._table_views: Dict[Id, Dict[str, None]] = {}  # (ordered sets)
         self._depth = 0
         self._store = None
         self._listener: Optional[Callable[[], None]] = None
@@ -279,7 +282,7 @@ class Directory(AccessPolicy):
                 tables.discard(table)
                 if not tables:
                     del self._workspace_tables[ws]
-        for slug in [s for s, (t, _) in self._views.items() if t == table]:
+        for slug in self._table_views.pop(table, ()):
             del self._views[slug]
 
     @_persisted
@@ -290,7 +293,19 @@ class Directory(AccessPolicy):
             raise DirectoryError("token must be a string or null", "token")
         table = None if table_id is None else require_id(table_id, "table_id", DirectoryError,
                                                           text="table_id must be an id or null")
+        old = self._views.get(slug)
+        if old is not None and old[0] != table:
+            self._unindex_view(slug, old[0])
         self._views[slug] = (table, token)
+        if table is not None:
+            self._table_views.setdefault(table, {})[slug] = None
+
+    def _unindex_view(self, slug: str, table: Optional[Id]) -> None:
+        slugs = self._table_views.get(table) if table is not None else None
+        if slugs is not None:
+            slugs.pop(slug, None)
+            if not slugs:
+                del self._table_views[table]
 
     def has_public_view(self, slug: str) -> bool:
         """Whether a public view has this slug (tells a bad token from an unknown view in a
@@ -300,11 +315,13 @@ class Directory(AccessPolicy):
     def public_views_of_table(self, table_id: Any) -> list:
         """Slugs of the public views of a table."""
         table = normalize_id(table_id)
-        return [slug for slug, (t, _) in self._views.items() if t == table]
+        return list(self._table_views.get(table, ())) if table is not None else []
 
     @_persisted
     def remove_public_view(self, slug: str) -> None:
-        self._views.pop(slug, None)
+        old = self._views.pop(slug, None)
+        if old is not None:
+            self._unindex_view(slug, old[0])
 
     @_persisted
     def clear(self) -> None:
@@ -313,6 +330,7 @@ class Directory(AccessPolicy):
         self._tables.clear()
         self._workspace_tables.clear()
         self._views.clear()
+        self._table_views.clear()
 
     @_persisted
     def load(self, snapshot: Mapping[str, Any]) -> None:
@@ -358,6 +376,7 @@ class Directory(AccessPolicy):
             fresh.set_public_view(slug, table_id, token)
         self._members, self._user_workspaces = fresh._members, fresh._user_workspaces
         self._tables, self._workspace_tables, self._views = fresh._tables, fresh._workspace_tables, fresh._views
+        self._table_views = fresh._table_views
 
     def snapshot(self) -> Dict[str, Any]:
         """The directory in its JSON snapshot form (ids as object keys become strings)."""

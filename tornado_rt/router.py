@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from typing import Any, Awaitable, Callable, Iterable, Optional
+from typing import Any, Awaitable, Callable, Iterable, Optional, Tuple
 
 import ujson
 
@@ -199,7 +199,8 @@ class Router:
         if kind == INDIVIDUAL:
             for user_id, type_name, data in env.payloads or ():
                 conns = hub.users.get(normalize_id(user_id), ())
-                n = hub.deliver(text_frame(data.encode()), conns, env.ignore)
+                n = hub.deliver(text_frame(data.encode()), conns, env.ignore) if conns else 0
+                env.delivered += n
                 if self.on_delivered is not None:
                     self.on_delivered(type_name, n)
         elif kind == DISCONNECT:
@@ -256,12 +257,15 @@ class Router:
         data, type_name = env.data, env.type
         assert data is not None and type_name is not None, "a message envelope has a type and text"
         exclude = set(env.exclude) if env.exclude else None
-        frame = text_frame(data.encode())
         history = self.history
         if history is not None and env.audience is not None and env.audience[0] == "page":
-            n = self._deliver_positioned(history, env, frame, conns, exclude)
+            # recorded in the page's history even when nobody here has it open (recovery)
+            n = self._deliver_positioned(history, env, text_frame(data.encode()), conns, exclude)
+        elif conns:  # nobody to frame it for: the common case of a page nobody has open
+            n = self.hub.deliver(text_frame(data.encode()), conns, env.ignore, exclude)
         else:
-            n = self.hub.deliver(frame, conns, env.ignore, exclude)
+            n = 0
+        env.delivered += n
         if self.on_delivered is not None:
             self.on_delivered(type_name, n)
 
@@ -299,13 +303,20 @@ class Router:
         return len(conns)
 
     def revoke(self, user_ids: Iterable[Any], permission_group: str) -> int:
-        """Drop the users' pages in ``permission_group``, one page_discard per dropped page."""
-        conns = self.hub.user_connections(normalize_id(u) for u in user_ids)
-        return self._drop(conns, permission_group)
+        """Drop the users' pages in ``permission_group``, one page_discard per dropped page.
+
+        Uses the hub's permission index: a permission group nobody is subscribed under costs one
+        lookup, whatever the number of users or connections."""
+        hub = self.hub
+        if permission_group not in hub.permissions:
+            return 0
+        conns = hub.user_connections(normalize_id(u) for u in user_ids)
+        return self._drop(hub.permission_subscriptions(permission_group, conns))
 
     def drop_permission_group(self, permission_group: str) -> int:
-        """Drop every connection's pages in ``permission_group`` (the table was deleted)."""
-        return self._drop(list(self.hub.connections.values()), permission_group)
+        """Drop every connection's pages in ``permission_group`` (the table was deleted); costs
+        what it drops (the hub's permission index), not a walk over every connection."""
+        return self._drop(self.hub.permission_subscriptions(permission_group))
 
     def drop_group(self, group: str) -> int:
         """Drop every connection's subscription to the page ``group`` (a public view went away)."""
@@ -319,12 +330,11 @@ class Router:
         envelopes it cannot replay, so clients must resubscribe and refetch."""
         return sum(self.drop_group(group) for group in list(self.hub.groups))
 
-    def _drop(self, conns: Iterable[Any], permission_group: str) -> int:
+    def _drop(self, found: Iterable[Tuple[Any, str]]) -> int:
         dropped = 0
-        for conn in conns:
-            for group in [g for g, sub in conn.pages.items() if sub.permission_group == permission_group]:
-                self._discard(conn, group)
-                dropped += 1
+        for conn, group in found:
+            self._discard(conn, group)
+            dropped += 1
         return dropped
 
     def _discard(self, conn: Any, group: str) -> None:

@@ -12,6 +12,7 @@ import gc
 import inspect
 import logging
 import threading
+import time
 import uuid
 from collections import Counter
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
@@ -83,6 +84,42 @@ def web_socket_id_from_request(handler: RequestHandler) -> Optional[str]:
         return None
 
 
+class Slicer:
+    """Cuts a long piece of loop work into slices that yield to the loop (issue 10, item 9).
+
+    ``if slicer.due(): await slicer.pause()`` after each unit of work: a slice ends after ``size``
+    units or once it has taken ``budget`` seconds, whichever comes first, and the pause gives the
+    loop one iteration (every socket that became ready is served, every ready callback runs,
+    e.g. the hub's flush of what the slice queued). The count bound makes the number of pauses
+    of an ``n``-unit job at least ``ceil(n / size) - 1`` whatever the machine's speed; the time
+    bound keeps slices short on a slow or busy machine and with large units.
+    """
+
+    __slots__ = ("size", "budget", "pauses", "_n", "_started")
+
+    def __init__(self, size: int, budget: float):
+        self.size = max(1, size)
+        self.budget = budget
+        self.pauses = 0
+        self._n = 0
+        self._started = time.perf_counter()
+
+    def due(self) -> bool:
+        """Count one unit; whether the slice is over."""
+        self._n += 1
+        return self._n >= self.size or time.perf_counter() - self._started >= self.budget
+
+    def restart(self) -> None:
+        """Start a new slice without pausing (the caller yielded to the loop anyway)."""
+        self._n = 0
+        self._started = time.perf_counter()
+
+    async def pause(self) -> None:
+        await asyncio.sleep(0)
+        self.pauses += 1
+        self.restart()
+
+
 class Counters:
     """Plain counters the metrics endpoint reads at scrape time (nothing on the hot path but +=)."""
 
@@ -110,7 +147,17 @@ class RealtimeServer:
     id or None (sync or async); default a :class:`~tornado_rt.JWTAuthenticator` when a JWT key is
     configured. ``broker``: default :class:`~tornado_rt.LocalBroker`. ``handler_class``: a
     subclass of :class:`~tornado_rt.connection.RealtimeHandler` to serve the endpoint with.
+
+    Large publishes (:meth:`submit`, ``POST /api/publish``) are worked through in slices of at
+    most ``publish_slice`` envelopes or ``publish_slice_seconds`` seconds, with one loop iteration
+    between slices, so that a 100,000-envelope batch does not stall every other connection and
+    request (see :class:`Slicer`). Class attributes; set them on an instance to change them.
     """
+
+    #: Envelopes per slice of a large publish at most (parsed, validated or published).
+    publish_slice: int = 256
+    #: Seconds per slice of a large publish at most (the slice ends early when it takes longer).
+    publish_slice_seconds: float = 0.002
 
     def __init__(self, settings: Optional[Settings] = None, *, plugins: Iterable[Plugin] = (),
                  registry: Optional[Registry] = None, load_entry_points: bool = True,
@@ -315,7 +362,8 @@ class RealtimeServer:
         conns = self.hub.user_connections(env.user_ids or ())
         if env.kind == DISCONNECT:
             return sum(1 for c in conns if c.web_socket_id not in env.ignore)
-        return sum(1 for c in conns for s in c.pages.values() if s.permission_group == env.permission_group)
+        assert env.permission_group is not None, "a revoke envelope names its permission group"
+        return len(self.hub.permission_subscriptions(env.permission_group, conns))
 
     async def _submit_counted(self, env: Envelope) -> int:
         self._bind()
@@ -325,11 +373,15 @@ class RealtimeServer:
 
     async def publish_async(self, message: Mapping[str, Any], to: Optional[Mapping[str, Any]] = None, *,
                             ignore_web_socket_id: Optional[str] = None,
-                            exclude_user_ids: Optional[Iterable[Any]] = None, id: Optional[str] = None) -> None:
+                            exclude_user_ids: Optional[Iterable[Any]] = None, id: Optional[str] = None) -> int:
         """Like :meth:`publish`, awaited on the loop: returns once the broker took the message and
-        this process's connections have it queued; raises ``BrokerUnavailable`` if the broker is down."""
-        await self.submit([message_envelope(self.registry, message, to, ignore_web_socket_id, exclude_user_ids,
-                                            id=id)])
+        this process's connections have it queued; raises ``BrokerUnavailable`` if the broker is down.
+
+        Returns how many connections *of this process* were handed the message (the sender's
+        connection skipped by ``ignore_web_socket_id`` and excluded users not counted; with a
+        multi-process broker, the other processes' connections are not counted)."""
+        return await self.submit([message_envelope(self.registry, message, to, ignore_web_socket_id,
+                                                   exclude_user_ids, id=id)])
 
     async def change_directory(self, operation: str, *args: Any) -> None:
         """Change the in-memory directory of EVERY process: ``operation`` is the name of a
@@ -343,18 +395,39 @@ class RealtimeServer:
         methods directly changes this process only."""
         await self.submit([directory_envelope(operation, args)])
 
-    async def submit(self, envelopes: Sequence[Envelope]) -> None:
-        """Hand prepared envelopes to the broker in order and wait for local delivery (on the loop)."""
+    def slicer(self) -> Slicer:
+        """A :class:`Slicer` with this server's ``publish_slice`` / ``publish_slice_seconds``."""
+        return Slicer(self.publish_slice, self.publish_slice_seconds)
+
+    async def submit(self, envelopes: Sequence[Envelope]) -> int:
+        """Hand prepared envelopes to the broker in order and wait for local delivery (on the loop).
+
+        Returns the number of connections of this process the messages were handed to (summed
+        over the envelopes; see :meth:`publish_async`).
+
+        A long list is handed over in slices (see the class docstring) with a loop iteration
+        between them: its envelopes keep their order, but publishes from elsewhere (another
+        request, ``publish()``) may be delivered between two slices."""
         self._bind()
-        waiting = []  # all handed over first: the broker keeps their order and bounds each wait
+        slicer = self.slicer()
+        publish = self.broker.publish
+        waiting = []  # all handed over first (in slices): the broker keeps their order and bounds each wait
         for env in envelopes:
             self._count(env)
-            result = self.broker.publish(env)
-            if inspect.isawaitable(result):
+            result = publish(env)
+            if result is not None and inspect.isawaitable(result):
                 waiting.append(result)
+            if slicer.due():
+                await slicer.pause()
         for result in waiting:
             await result
         await self.router.wait_idle()
+        delivered = 0
+        for env in envelopes:  # final once the router is idle; 100,000 of them: a few ms, sliced too
+            delivered += env.delivered
+            if slicer.due():
+                await slicer.pause()
+        return delivered
 
     def _on_loop(self) -> bool:
         return self._thread is not None and threading.get_ident() == self._thread
