@@ -14,14 +14,16 @@ browser viewing the table sees each change live. What it shows:
   that publishes ``rows_created`` / ``rows_updated`` / ``rows_deleted`` to the table page,
   skipping the caller's own connection (its ``WebSocketId`` header): the page applies its own
   change from the REST answer, everybody else from the message.
-* ``GET /api/tables/{id}/viewers`` and the ``table_viewers`` message: who has the table open.
-  Until tornado-rt's presence extension exists, this is the application's own knowledge: the
-  users whose connections to this very process are subscribed to the table page, checked twice a
-  second and published to the page when the list changes.
+* ``GET /api/users``: the signed-in users' names. Who is viewing the table comes from
+  tornado-rt's presence extension (the page asks ``{"presence": "table", "table_id": 1}`` after
+  subscribing and follows ``presence_joined`` / ``presence_left``), which gives user ids: the page
+  names them from this list.
 * ``/ws/core/?jwt_token=...``: the Baserow-compatible WebSocket endpoint.
 * ``/``: the page (plain HTML, CSS and an ES module in ``examples/static/``, no build step) and
   ``/client/tornado-rt.js``: the project's browser client, which reconnects with backoff and
-  subscribes again; the page then refetches the rows it may have missed.
+  subscribes again. The page connects with ``positions=1`` (the recovery extension): after a
+  drop it subscribes with ``since`` and receives the changes it missed; when they are no longer
+  held (``recovered: false``, e.g. this process restarted) it refetches the rows.
 
 Environment: ``EXAMPLE_PORT`` (default 8080; 0 picks a free port), ``EXAMPLE_HOST`` (default
 127.0.0.1), ``EXAMPLE_JWT_SECRET`` (default: random per run), ``EXAMPLE_DATA_DIR`` (where the
@@ -37,12 +39,11 @@ import time
 
 import jwt
 import tornado.httpserver
-import tornado.ioloop
 import tornado.web
 import ujson
 
 import tornado_rt
-from tornado_rt import MessageType, Plugin, RealtimeServer, Settings, web_socket_id_from_request
+from tornado_rt import RealtimeServer, Settings, web_socket_id_from_request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STATIC = os.path.join(HERE, "static")
@@ -51,13 +52,6 @@ CLIENT_JS = os.path.join(os.path.dirname(os.path.abspath(tornado_rt.__file__)), 
 
 sys.path.insert(0, os.path.join(HERE, "dashboard_plugin"))
 from tornado_rt_dashboard import plugin as dashboard_plugin  # noqa: E402  (example plugin)
-
-#: The example's own message: who is viewing a table (the shape of the presence extension's
-#: ``users`` list, plus names), sent to the table page.
-table_plugin = Plugin("example_table", message_types=[
-    MessageType("table_viewers", "page", page="table", keys={"table_id": "table_id"},
-                payload=("table_id", "users", "anonymous")),
-])
 
 COLUMNS = ("name", "status", "notes")
 STATUSES = ("todo", "doing", "done")
@@ -86,12 +80,8 @@ class Store:
         self.db.commit()
         return self.db.execute("SELECT id FROM users WHERE name = ?", (name,)).fetchone()["id"]
 
-    def names(self, user_ids):
-        if not user_ids:
-            return {}
-        marks = ",".join("?" * len(user_ids))
-        found = self.db.execute(f"SELECT id, name FROM users WHERE id IN ({marks})", list(user_ids))
-        return {r["id"]: r["name"] for r in found}
+    def all_users(self):
+        return [dict(r) for r in self.db.execute("SELECT id, name FROM users ORDER BY id")]
 
     @staticmethod
     def _row(r):
@@ -156,42 +146,9 @@ def clean_values(body, partial):
     return values
 
 
-class Viewers:
-    """Who has each table open, from the application's own knowledge (see the module docstring)."""
-
-    def __init__(self, rt, store):
-        self.rt, self.store = rt, store
-        self.last = {}
-        self.timer = None
-
-    def of(self, table_id):
-        group = self.rt.registry.page_type("table").group({"table_id": table_id})
-        counts, anonymous = {}, 0
-        for conn in list(self.rt.hub.groups.get(group, ())):
-            if conn.user_id is None:
-                anonymous += 1
-            else:
-                counts[conn.user_id] = counts.get(conn.user_id, 0) + 1
-        names = self.store.names(list(counts))
-        users = [{"user_id": uid, "name": names.get(uid, f"user {uid}"), "connections": n}
-                 for uid, n in sorted(counts.items(), key=lambda kv: names.get(kv[0], ""))]
-        return {"table_id": table_id, "users": users, "anonymous": anonymous}
-
-    def start(self, interval_ms=500):
-        self.timer = tornado.ioloop.PeriodicCallback(self.check, interval_ms)
-        self.timer.start()
-
-    def check(self):
-        for table_id in TABLES:
-            now = self.of(table_id)
-            if now != self.last.get(table_id, {"table_id": table_id, "users": [], "anonymous": 0}):
-                self.last[table_id] = now
-                self.rt.publish({"type": "table_viewers", **now})
-
-
 class BaseHandler(tornado.web.RequestHandler):
-    def initialize(self, rt, store, secret, viewers):
-        self.rt, self.store, self.secret, self.viewers = rt, store, secret, viewers
+    def initialize(self, rt, store, secret):
+        self.rt, self.store, self.secret = rt, store, secret
 
     def set_default_headers(self):
         self.set_header("Cache-Control", "no-store")
@@ -289,10 +246,10 @@ class RowHandler(BaseHandler):
         self.set_status(204)
 
 
-class ViewersHandler(BaseHandler):
-    def get(self, table_id):
+class UsersHandler(BaseHandler):
+    def get(self):
         self.user()
-        self.write(self.viewers.of(self.table(table_id)))
+        self.write({"results": self.store.all_users()})
 
 
 class PageHandler(tornado.web.RequestHandler):
@@ -318,13 +275,12 @@ class ClientScriptHandler(tornado.web.RequestHandler):
 def make_app(secret, rt=None, store=None):
     """The application: its own routes plus tornado-rt's WebSocket endpoint."""
     if rt is None:
-        rt = RealtimeServer(Settings(jwt_secret=secret), plugins=[dashboard_plugin, table_plugin])
+        rt = RealtimeServer(Settings(jwt_secret=secret), plugins=[dashboard_plugin])
         rt.directory.set_workspace(WORKSPACE, [])   # users join workspace 1 when they sign in ...
         for table_id in TABLES:
             rt.directory.set_table(table_id, WORKSPACE)  # ... which holds the tables
     store = store or Store()
-    viewers = Viewers(rt, store)
-    deps = {"rt": rt, "store": store, "secret": secret, "viewers": viewers}
+    deps = {"rt": rt, "store": store, "secret": secret}
     app = tornado.web.Application([
         (r"/", PageHandler),
         (r"/client/tornado-rt\.js", ClientScriptHandler),
@@ -333,10 +289,9 @@ def make_app(secret, rt=None, store=None):
         (r"/api/tables", TablesHandler, deps),
         (r"/api/tables/(\d+)/rows", RowsHandler, deps),
         (r"/api/tables/(\d+)/rows/(\d+)", RowHandler, deps),
-        (r"/api/tables/(\d+)/viewers", ViewersHandler, deps),
+        (r"/api/users", UsersHandler, deps),
         *rt.routes(),
     ])
-    app.viewers = viewers
     return app, rt
 
 
@@ -354,7 +309,6 @@ async def main():
     sockets = bind_sockets(port, host)
     server = tornado.httpserver.HTTPServer(app)
     server.add_sockets(sockets)
-    app.viewers.start()
     port = sockets[0].getsockname()[1]
     print(f"data: {db_path}", flush=True)
     print(f"example app: http://{host}:{port}/  (open it in two browsers; WebSocket ws://{host}:{port}/ws/core/)",

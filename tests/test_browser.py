@@ -258,12 +258,23 @@ def test_two_users_see_each_others_changes_live(example, browsers):
     wait(alice, lambda d: viewers(d) == ["alice"], "bob is still listed after leaving")
 
 
+def rows_fetches(driver):
+    """How many requests the page made to the table's rows (GET and POST alike: Resource Timing
+    records no method), from the browser's own record."""
+    return driver.execute_script(
+        "return performance.getEntriesByType('resource')"
+        ".filter(e => new URL(e.name).pathname === '/api/tables/1/rows' && e.initiatorType === 'fetch').length")
+
+
 def test_reconnects_and_refetches_after_the_server_drops(example, browsers):
+    """A restart loses the process's history (a new epoch): the resubscription with ``since``
+    gets ``recovered: false`` and the page falls back to refetching the rows."""
     page = browsers(420, 800)  # a phone-sized window
     sign_in(page, example.url, "carol")
     add_row(page, "Before the drop", "with notes long enough to need the whole width of a small screen")
     wait(page, lambda d: row_names(d) == ["Before the drop"], "row not added")
     assert_no_overflow(page)
+    fetched = rows_fetches(page)
 
     example.stop()  # the server goes away: every socket is dropped
     wait(page, lambda d: state(d) == "reconnecting", "the page does not show that it is reconnecting")
@@ -274,6 +285,7 @@ def test_reconnects_and_refetches_after_the_server_drops(example, browsers):
     wait(page, lambda d: state(d) == "connected", "the page never reconnected")
     wait(page, lambda d: row_names(d) == ["Before the drop", "Added while you were away"],
          "the page did not refetch after reconnecting")
+    assert rows_fetches(page) == fetched + 1  # the fallback refetch
     wait(page, lambda d: viewers(d) == ["carol"], "the page did not subscribe again")
     assert page.execute_script("return window.notReloaded === true"), "the page was reloaded"
 
@@ -282,6 +294,51 @@ def test_reconnects_and_refetches_after_the_server_drops(example, browsers):
     sign_in(other, example.url, "dave")
     add_row(other, "After the drop")
     wait(page, lambda d: "After the drop" in row_names(d), "no live change after the reconnect")
+
+
+# Makes the page's sockets droppable from the test, as a network drop would: ``__dropSockets()``
+# closes every open one and, while ``__offline`` is true, new ones go to a closed port (refused).
+DROPPABLE_SOCKETS = """
+(() => {
+  const Real = window.WebSocket, open = [];
+  window.__offline = false;
+  window.__dropSockets = () => { window.__offline = true; for (const s of open.splice(0)) s.close(); };
+  window.WebSocket = class extends Real {
+    constructor(url, ...rest) {
+      super(window.__offline ? "ws://127.0.0.1:9/" : url, ...rest);
+      open.push(this);
+    }
+  };
+})();
+"""
+
+
+def test_recovers_the_changes_missed_while_the_socket_was_down(example, browsers):
+    """Only the socket drops (the server keeps running): the page resubscribes with ``since`` and
+    the row added meanwhile arrives as a replayed ``rows_created`` (logged as bob's, like a live
+    change), without refetching the rows."""
+    page = browsers(700, 500)
+    page.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": DROPPABLE_SOCKETS})
+    sign_in(page, example.url, "erin")
+    bob = browsers()
+    sign_in(bob, example.url, "bob")
+    add_row(bob, "Seen live")
+    wait(page, lambda d: row_names(d) == ["Seen live"], "erin never saw bob's row")
+
+    fetched = rows_fetches(page)
+    page.execute_script("window.__dropSockets()")
+    wait(page, lambda d: state(d) == "reconnecting", "the page does not show that it is reconnecting")
+    add_row(bob, "Added while erin was away")  # through the running example's REST API
+    wait(bob, lambda d: row_names(d) == ["Seen live", "Added while erin was away"], "bob's row not added")
+    page.execute_script("window.__offline = false")  # the network is back
+    wait(page, lambda d: state(d) == "connected", "the page never reconnected")
+    wait(page, lambda d: row_names(d) == ["Seen live", "Added while erin was away"],
+         "the page did not recover the missed row")
+    assert rows_fetches(page) == fetched  # recovered, not refetched
+    activity = [li.text for li in page.find_elements(By.CSS_SELECTOR, "#activity li")]
+    assert "bob added “Added while erin was away”" in activity, activity
+    wait(page, lambda d: viewers(d) == ["bob", "erin"], "the viewer list is wrong after the reconnect")
+    assert page.execute_script("return window.notReloaded === true"), "the page was reloaded"
 
 
 def publish(base, key, message):

@@ -119,38 +119,73 @@ async def test_rows_are_stored_and_rest_refuses_bad_input(http_server, http_port
 
 
 @pytest.mark.gen_test
-async def test_viewers_are_the_users_subscribed_to_the_table(http_server, http_port, example):
-    """Until the presence extension exists, the example knows who views a table from its own
-    server's subscriptions; a change of that list reaches the viewers as ``table_viewers``."""
-    app, _ = example
+async def test_viewers_come_from_presence_and_names_from_the_app(http_server, http_port, example):
+    """Who views the table is tornado-rt's presence extension (user ids); the page names them
+    with the app's ``GET /api/users``. The list follows joins and leaves."""
     base = f"http://127.0.0.1:{http_port}"
+    http = AsyncHTTPClient()
     alice_token = await login(base, "alice")
     alice, _ = await client(http_port, alice_token)
-    app.viewers.check()
-    first = ujson.loads(await alice.read_message())
-    assert first["type"] == "table_viewers" and first["anonymous"] == 0
-    assert [(u["name"], u["connections"]) for u in first["users"]] == [("alice", 1)]
-
     bob, _ = await client(http_port, await login(base, "bob"))
-    app.viewers.check()
-    for conn in (alice, bob):
-        msg = ujson.loads(await conn.read_message())
-        assert [(u["name"], u["connections"]) for u in msg["users"]] == [("alice", 1), ("bob", 1)]
-    listed = ujson.loads((await AsyncHTTPClient().fetch(f"{base}/api/tables/1/viewers",
-                                                        headers=auth(alice_token))).body)
-    assert listed == {k: msg[k] for k in ("table_id", "users", "anonymous")}
+    users = ujson.loads((await http.fetch(f"{base}/api/users", headers=auth(alice_token))).body)["results"]
+    ids = {u["name"]: u["id"] for u in users}
+    assert sorted(ids) == ["alice", "bob"]
 
-    # Bob leaves the page: alice is told; an unchanged list sends nothing (the marker comes next).
+    await alice.write_message(ujson.dumps({"presence": "table", "table_id": 1}))
+    answer = ujson.loads(await alice.read_message())
+    assert answer == {"type": "presence", "page": "table", "parameters": {"table_id": 1}, "anonymous": 0,
+                      "users": [{"user_id": ids["alice"], "connections": 1}, {"user_id": ids["bob"], "connections": 1}]}
+
+    carol, _ = await client(http_port, await login(base, "carol"))
+    joined = ujson.loads(await alice.read_message())
+    assert joined["type"] == "presence_joined"
+    users = ujson.loads((await http.fetch(f"{base}/api/users", headers=auth(alice_token))).body)["results"]
+    assert {u["id"]: u["name"] for u in users}[joined["user_id"]] == "carol"  # a name for the new id
+
     await bob.write_message(ujson.dumps({"remove_page": "table", "table_id": 1}))
     assert ujson.loads(await bob.read_message())["type"] == "page_discard"
-    app.viewers.check()
-    assert [u["name"] for u in ujson.loads(await alice.read_message())["users"]] == ["alice"]
-    app.viewers.check()
-    _, rt = example
-    rt.publish({"type": "rows_deleted", "table_id": 1, "row_ids": [0], "rows": []})
-    assert ujson.loads(await alice.read_message())["type"] == "rows_deleted"
-    alice.close()
-    bob.close()
+    assert ujson.loads(await alice.read_message()) == {"type": "presence_left", "page": "table",
+                                                       "parameters": {"table_id": 1}, "user_id": ids["bob"]}
+    assert (await http.fetch(f"{base}/api/users", raise_error=False)).code == 401
+    # The old polling list is gone: no viewers endpoint.
+    assert (await http.fetch(f"{base}/api/tables/1/viewers", headers=auth(alice_token), raise_error=False)).code == 404
+    for conn in (alice, bob, carol):
+        conn.close()
+
+
+@pytest.mark.gen_test
+async def test_a_reconnecting_page_recovers_the_changes_it_missed(http_server, http_port, example):
+    """The page connects with ``positions=1``: after a drop it subscribes with ``since`` and the
+    rows changed through the REST API meanwhile are replayed (``recovered: true``); a position
+    the server no longer knows gets ``recovered: false`` (the page then refetches)."""
+    base = f"http://127.0.0.1:{http_port}"
+    http = AsyncHTTPClient()
+    token = await login(base, "alice")
+    bob_token = await login(base, "bob")
+
+    async def connect(subscribe):
+        conn = await websocket_connect(f"ws://127.0.0.1:{http_port}/ws/core/?jwt_token={token}&positions=1")
+        assert ujson.loads(await conn.read_message())["success"] is True
+        await conn.write_message(ujson.dumps({"page": "table", "table_id": 1, **subscribe}))
+        return conn, ujson.loads(await conn.read_message())
+
+    page, added = await connect({})
+    position = added["position"]
+    page.close()  # the network drops
+    missed = ujson.loads((await http.fetch(HTTPRequest(
+        f"{base}/api/tables/1/rows", method="POST", body=ujson.dumps({"name": "while away"}),
+        headers=auth(bob_token)))).body)
+
+    page, added = await connect({"since": position})
+    assert added["recovered"] is True
+    replayed = ujson.loads(await page.read_message())
+    assert replayed["type"] == "rows_created" and replayed["rows"] == [missed]
+    assert replayed["position"] == {"epoch": position["epoch"], "offset": position["offset"] + 1}
+    page.close()
+
+    page, added = await connect({"since": {"epoch": "not-this-process", "offset": 1}})
+    assert added["recovered"] is False
+    page.close()
 
 
 @pytest.mark.gen_test

@@ -3,9 +3,12 @@
 // * REST (the example app) loads and changes rows; each change is sent with the WebSocketId
 //   header, so the server skips this tab's own connection and the page applies the REST answer.
 // * tornado-rt delivers everybody else's changes (rows_created / rows_updated / rows_deleted)
-//   and who is viewing (table_viewers; tornado-rt's presence extension can feed setViewers later).
-// * After a drop the client reconnects with backoff and subscribes again; on every page_add the
-//   page refetches the rows, so nothing published while it was away is missed.
+//   and who is viewing (the presence extension: the page asks after every subscription, then
+//   follows presence_joined / presence_left; names come from the app's GET /api/users).
+// * After a drop the client reconnects with backoff and subscribes again with the last position
+//   it saw (positions: true, the recovery extension): the changes it missed are replayed. When
+//   they are no longer held (recovery_failed: recovered false, e.g. the server restarted) the
+//   page refetches the rows.
 import { TornadoRT } from "/client/tornado-rt.js";
 
 const TABLE_ID = 1;
@@ -17,7 +20,9 @@ let token = null;
 let rt = null;
 const rows = new Map(); // id -> row
 let editing = null;   // {id, draft}
-let viewers = { users: [], anonymous: 0 };
+let viewers = { users: [], anonymous: 0 }; // the presence answer, kept up to date
+const names = new Map(); // user id -> name (GET /api/users)
+let loaded = false;   // the rows were fetched once
 
 // --- REST ---------------------------------------------------------------------------------
 async function login(name) {
@@ -48,12 +53,11 @@ async function api(method, path, body) {
 
 async function refetch() {
   try {
-    const [list, seen] = await Promise.all([api("GET", `/api/tables/${TABLE_ID}/rows`),
-      api("GET", `/api/tables/${TABLE_ID}/viewers`)]);
+    const list = await api("GET", `/api/tables/${TABLE_ID}/rows`);
+    loaded = true;
     rows.clear();
     for (const row of list.results) rows.set(row.id, row);
     renderRows();
-    setViewers(seen);
     showError("");
   } catch (error) {
     showError("Could not load the table: " + error.message);
@@ -72,15 +76,22 @@ function connect() {
   rt = new TornadoRT(`${scheme}//${location.host}/ws/core/`, {
     token: () => login(me.name), // a fresh token on every (re)connect
     minDelay: 250, maxDelay: 5000,
+    positions: true, // recovery: resubscribe with `since` after a drop
   });
   rt.on("state", ({ state }) => {
     setState({ connecting: "connecting", open: "connected", reconnecting: "reconnecting", closed: "offline" }[state] || state);
   });
-  rt.on("subscribed", (frame) => { if (frame.page === "table") refetch(); }); // first load and after every reconnect
+  rt.on("subscribed", (frame) => {
+    if (frame.page !== "table") return;
+    if (!loaded) refetch(); // the first load; after a reconnect the missed changes are replayed
+    askPresence(); // a new connection: ask again
+  });
+  rt.on("recovery_failed", (frame) => { if (frame.page === "table") refetch(); }); // missed changes lost
   rt.on("rows_created", (m) => { if (m.table_id === TABLE_ID) for (const row of m.rows) applyRow(row, "added", true); });
   rt.on("rows_updated", (m) => { if (m.table_id === TABLE_ID) for (const row of m.rows) applyRow(row, "changed", true); });
   rt.on("rows_deleted", (m) => { if (m.table_id === TABLE_ID) for (const row of m.rows) removeRow(row, true); });
-  rt.on("table_viewers", (m) => { if (m.table_id === TABLE_ID) setViewers(m); });
+  rt.on("presence_joined", (m) => { if (m.parameters.table_id === TABLE_ID) viewerJoined(m.user_id); });
+  rt.on("presence_left", (m) => { if (m.parameters.table_id === TABLE_ID) viewerLeft(m.user_id); });
   rt.on("force_disconnect", () => showError("The server signed this tab out."));
   rt.subscribe("table", { table_id: TABLE_ID }).catch((error) => showError(error.message));
   rt.connect().catch((error) => showError("Not connected: " + error.message));
@@ -191,14 +202,40 @@ async function deleteRow(id) {
 // --- viewers and activity ---------------------------------------------------------------------
 const COLORS = ["#2f6fed", "#e0663a", "#1f9d55", "#8a4fd1", "#c98a09", "#d14f8a", "#12849b"];
 
-// {users: [{user_id, name?, connections}], anonymous}: the app's table_viewers message today,
-// tornado-rt's presence message (same users list) once that extension exists.
-function setViewers(list) {
-  viewers = { users: list.users || [], anonymous: list.anonymous || 0 };
+async function askPresence() {
+  const answer = await rt.presence("table", { table_id: TABLE_ID });
+  if (answer) setViewers(answer);
+}
+
+// The names of these user ids, fetched from the app when one is new to this page.
+async function learnNames(ids) {
+  if (ids.every((id) => names.has(id))) return;
+  try {
+    for (const u of (await api("GET", "/api/users")).results) names.set(u.id, u.name);
+  } catch (error) {
+    showError("Could not load the users' names: " + error.message);
+  }
+}
+
+function viewerJoined(userId) {
+  if (!viewers.users.some((u) => u.user_id === userId)) viewers.users.push({ user_id: userId, connections: 1 });
+  setViewers(viewers);
+}
+
+function viewerLeft(userId) {
+  viewers.users = viewers.users.filter((u) => u.user_id !== userId);
+  setViewers(viewers);
+}
+
+// The presence answer: {users: [{user_id, connections}], anonymous}, listed by name.
+async function setViewers(list) {
+  viewers = { users: [...(list.users || [])], anonymous: list.anonymous || 0 };
+  await learnNames(viewers.users.map((u) => u.user_id));
+  const nameOf = (u) => names.get(u.user_id) || `user ${u.user_id}`;
   const ul = $("viewers");
   ul.replaceChildren();
-  for (const u of viewers.users) {
-    const name = u.name || `user ${u.user_id}`;
+  for (const u of [...viewers.users].sort((a, b) => nameOf(a).localeCompare(nameOf(b)))) {
+    const name = nameOf(u);
     const li = el("li", { dataset: { user: name } },
       el("span", { className: "avatar", textContent: name.slice(0, 1) }),
       el("span", { className: "n", textContent: name, title: name }));

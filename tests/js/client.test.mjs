@@ -204,3 +204,29 @@ test("recovery: resubscribes with since after a reconnect, then recovery_failed 
     await server.stop();
   }
 });
+
+test("presence(page, params) resolves with the presence answer of that page", LIMIT, async () => {
+  const server = await startServer(); // its own server: nobody else is on its table 1
+  const offline = new TornadoRT(server.wsUrl, { token: makeToken(1), ...FAST });
+  assert.equal(await offline.presence("table", { table_id: 1 }), null); // not connected: nothing sent
+  const a = await connect(server.wsUrl, { token: makeToken(1), ...FAST });
+  const b = await connect(server.wsUrl, { token: makeToken(1), ...FAST });
+  try {
+    await a.subscribe("table", { table_id: 1 });
+    const events = [];
+    a.on("presence", (frame) => events.push(frame));
+    const first = await a.presence("table", { table_id: 1 });
+    assert.deepEqual(first, { type: "presence", page: "table", parameters: { table_id: 1 },
+      users: [{ user_id: 1, connections: 1 }], anonymous: 0 });
+    assert.deepEqual(events, [first]); // also an ordinary event
+    await b.subscribe("table", { table_id: 1 });
+    const second = await a.presence("table", { table_id: 1 });
+    assert.deepEqual(second.users, [{ user_id: 1, connections: 2 }]);
+    await b.unsubscribe("table", { table_id: 1 });
+    assert.deepEqual((await a.presence("table", { table_id: 1 })).users, [{ user_id: 1, connections: 1 }]);
+  } finally {
+    a.close();
+    b.close();
+    await server.stop();
+  }
+});

@@ -21,6 +21,11 @@
 //   "state"           { state: "connecting" | "open" | "reconnecting" | "closed", ... }
 //   "subscribed"      the page_add answering a subscribe, or a resubscribe after a reconnect
 //   "recovery_failed" a page_add with recovered: false (recovery extension): refetch that page
+//
+// Presence extension: `await rt.presence("table", { table_id: 10 })` asks who is looking at a
+// subscribed page and resolves with the `presence` answer (null when none comes within
+// subscribeTimeout ms, or when not connected); the connection then receives "presence_joined" /
+// "presence_left". Ask again after every "subscribed": a reconnect is a new connection.
 
 const FINAL_CLOSE_CODES = [4001, 4003];
 
@@ -119,6 +124,23 @@ export class TornadoRT {
       Object.assign(this._removing.get(key), { page, params: { ...params } });
     });
     this._send({ remove_page: page, ...params });
+    return done;
+  }
+
+  // Presence extension: who is looking at a subscribed page (see the header).
+  presence(page, params = {}) {
+    if (this.state !== "open") return Promise.resolve(null);
+    const done = new Promise((resolve) => {
+      const answer = (frame) => {
+        if (frame.page !== page || !matches(params, frame.parameters)) return;
+        clearTimeout(timer);
+        off();
+        resolve(frame);
+      };
+      const off = this.on("presence", answer);
+      const timer = setTimeout(() => { off(); resolve(null); }, this.options.subscribeTimeout);
+    });
+    this._send({ presence: page, ...params });
     return done;
   }
 
