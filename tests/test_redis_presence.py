@@ -8,10 +8,14 @@ import time
 
 import pytest
 
+import ujson
 from redis_fixtures import WSClient, redis_server, start_nodes, token  # noqa: F401
 from tornado.websocket import websocket_connect
 
-DIRECTORY = {"workspaces": {"1": [1, 2, 3]}, "tables": {"10": 1}}
+from tornado_rt.envelope import PRESENCE, Envelope
+from tornado_rt.redis_broker import RedisBroker
+
+DIRECTORY = {"workspaces": {"1": [1, 2, 3]}, "tables": {"10": 1, "12": 1}}
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +26,10 @@ def nodes(redis_server):  # noqa: F811
         node.stop()
 
 
-async def client(node, user_id):
+async def client(node, user_id, table_id=10):
     c = WSClient(await websocket_connect(f"{node.ws_url}?jwt_token={token(user_id)}"), node)
     assert (await c.recv())["success"] is True
-    await c.subscribe("table", table_id=10)
+    await c.subscribe("table", table_id=table_id)
     return c
 
 
@@ -97,3 +101,51 @@ async def test_joined_and_left_are_cluster_wide_in_order_with_page_messages(node
     assert (await quiet.recv())["rows"] == [1] and (await quiet.recv())["rows"] == [2]
     watcher.close()
     quiet.close()
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_an_event_already_in_an_answer_is_not_sent_after_it(nodes, redis_server):  # noqa: F811
+    """The race of a join decided in Redis before a presence answer but delivered (through the
+    stream) after it, forced: this test is a third process of the cluster (the real broker and
+    presence store, origin T) that holds its presence_joined event until process B has answered."""
+    b = nodes[1]
+    await b.put_directory(DIRECTORY)
+    broker = RedisBroker(redis_server.url, "presence-test")
+    await broker.start()
+    store = broker.presence_store(30.0)
+    decided: "asyncio.Queue[tuple]" = asyncio.Queue()
+    store.announce = lambda *event: decided.put_nowait(event)
+    await store.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not await store.redis.exists(store.alive_key):  # T's first refresh: T is alive
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)  # barrier-ok: bounded wait for T's first write
+
+        async def publish(kind, user_id, version):  # as RealtimeServer._announce_presence does
+            await broker.publish(Envelope(PRESENCE, kind, data=ujson.dumps(list(version)),
+                                          audience=["page", "table-12"], user_ids=[user_id]))
+
+        watcher = await client(b, 1, table_id=12)
+        await watcher.send({"presence": "table", "table_id": 12})
+        assert (await watcher.recv())["users"] == [{"user_id": 1, "connections": 1}]  # now it watches
+        store.join("table-12", 7)  # user 7's first connection, on T: decided in Redis ...
+        kind, group, user_id, joined = await asyncio.wait_for(decided.get(), 10)
+        assert (kind, group, user_id) == ("presence_joined", "table-12", 7)
+        await watcher.send({"presence": "table", "table_id": 12})  # ... before this answer
+        answer = await watcher.recv()
+        assert answer["users"] == [{"user_id": 1, "connections": 1}, {"user_id": 7, "connections": 1}]
+        await publish(kind, user_id, joined)  # ... and delivered after it: not sent to the watcher
+        rows = {"type": "rows_created", "table_id": 12, "rows": [], "metadata": {}, "before_row_id": None}
+        await b.publish({"message": rows})
+        assert (await watcher.recv())["type"] == "rows_created"  # nothing came before it
+        store.leave("table-12", 7)  # a change after the answer is announced
+        kind, group, user_id, left = await asyncio.wait_for(decided.get(), 10)
+        assert kind == "presence_left" and left[0] == joined[0] and left[1] > joined[1]
+        await publish(kind, user_id, left)
+        assert await watcher.recv() == {"type": "presence_left", "page": "table", "parameters": {"table_id": 12},
+                                        "user_id": 7}
+        watcher.close()
+    finally:
+        await store.close()
+        await broker.close()

@@ -54,7 +54,9 @@ class PresenceStore:
 
     def snapshot(self, group: str) -> Any:
         """``([(user_id, connections)], anonymous connections)`` of the group, or an awaitable of
-        it (a store that asks another process, e.g. Redis)."""
+        it (a store that asks another process, e.g. Redis). A store whose events come later
+        (through the broker) appends the presence version the snapshot reflects, ``(epoch, n)``
+        or None (see :meth:`Presence.event`)."""
         raise NotImplementedError
 
     async def start(self) -> None:
@@ -117,15 +119,22 @@ class Presence:
     def __init__(self, hub: Hub, store: Optional[PresenceStore] = None):
         self.hub = hub
         self.store = store if store is not None else LocalPresence()
-        #: group -> connections that asked for the group's presence (and are subscribed to it)
-        self.watchers: Dict[str, Set[Any]] = {}
+        #: group -> {connection that asked for the group's presence (and is subscribed to it):
+        #: the presence version its answer reflects, ``(epoch, n)``, or None (a store without
+        #: versions: the local one, whose events are synchronous)}
+        self.watchers: Dict[str, Dict[Any, Optional[Tuple[str, int]]]] = {}
         hub.on_join = self.joined
         hub.on_leave = self.left
 
-    def event(self, kind: str, group: str, user_id: Hashable) -> None:
-        """A presence event decided elsewhere (the cluster-wide store, through the broker)."""
+    def event(self, kind: str, group: str, user_id: Hashable, version: Optional[Tuple[str, int]] = None) -> None:
+        """A presence event decided elsewhere (the cluster-wide store, through the broker).
+        ``version``: the page's presence version of the event, ``(epoch, n)``. A watcher whose
+        answer reflects that version or a later one of the same epoch already counted the change
+        and does not get the event (the store decides versions and answers atomically, so the
+        answer either includes the change and has a version >= n, or excludes it and has a
+        version < n or another epoch)."""
         if kind in ("presence_joined", "presence_left"):
-            self._announce(kind, group, user_id)
+            self._announce(kind, group, user_id, version)
 
     def joined(self, conn: Any, group: str, subscription: Any) -> None:
         if subscription.page_type.presence and self.store.join(group, conn.user_id):
@@ -134,19 +143,22 @@ class Presence:
     def left(self, conn: Any, group: str, subscription: Any) -> None:
         watchers = self.watchers.get(group)
         if watchers is not None:
-            watchers.discard(conn)
+            watchers.pop(conn, None)
             if not watchers:
                 del self.watchers[group]
         if subscription.page_type.presence and self.store.leave(group, conn.user_id):
             self._announce("presence_left", group, conn.user_id)
 
-    def _announce(self, kind: str, group: str, user_id: Hashable) -> None:
+    def _announce(self, kind: str, group: str, user_id: Hashable,
+                  version: Optional[Tuple[str, int]] = None) -> None:
         watchers = self.watchers.get(group)
         if not watchers:
             return
         frames: Dict[tuple, bytes] = {}  # one frame per distinct parameters (7 and "7" differ)
         send = self.hub.send
-        for conn in watchers:
+        for conn, seen in watchers.items():
+            if version is not None and seen is not None and seen[0] == version[0] and version[1] <= seen[1]:
+                continue  # its answer already reflected this change
             sub = conn.pages.get(group)
             if sub is None:
                 continue
@@ -169,11 +181,12 @@ class Presence:
             return None
         group = page_type.group(params)
 
-        def answer(snapshot: Tuple[List[Tuple[Hashable, int]], int]) -> None:
+        def answer(snapshot: Tuple[Any, ...]) -> None:
             if group not in conn.pages:
                 return  # it left the page while the store was answering
-            users, anonymous = snapshot
-            self.watchers.setdefault(group, set()).add(conn)
+            users, anonymous = snapshot[0], snapshot[1]
+            # the version the answer reflects (a store that has versions, e.g. Redis; see event())
+            self.watchers.setdefault(group, {})[conn] = snapshot[2] if len(snapshot) > 2 else None
             self.hub.send(conn, _frame({
                 "type": "presence", "page": page_type.name, "parameters": params,
                 "users": [{"user_id": user_id, "connections": n} for user_id, n in users],

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple
 
 import ujson
@@ -43,12 +44,19 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 log = logging.getLogger("tornado_rt.redis")
 
 # KEYS[1]: the page's hash. ARGV[1]: the prefix of the alive keys; ARGV[2]: the page's "watched"
-# key, ARGV[3]: its TTL in ms. Marks the page watched (from now on its joins and leaves are
-# announced), then returns the fields and values of live processes (flat), after deleting the
-# fields of processes whose alive key expired. One atomic step: a change before it is in this
-# answer, a change after it is announced.
+# key, ARGV[3]: its TTL in ms, ARGV[4]: a fresh random epoch (used if the key is new). Marks the
+# page watched (from now on its joins and leaves are announced), then returns
+# {fields and values of live processes (flat), epoch, version}, after deleting the fields of
+# processes whose alive key expired. One atomic step: a change before it is in this answer (its
+# event has a version <= the one returned), a change after it is announced with a greater version
+# (or another epoch, when the watched key expired or Redis lost it in between).
+#
+# The watched key is a hash: ``epoch`` (random, set when the key is created) and ``n`` (the page's
+# presence version, incremented by every announced join / leave, see CHANGE_SCRIPT).
 READ_SCRIPT = """
-redis.call('SET', ARGV[2], '1', 'PX', ARGV[3])
+redis.call('HSETNX', ARGV[2], 'epoch', ARGV[4])
+redis.call('PEXPIRE', ARGV[2], ARGV[3])
+local version = redis.call('HMGET', ARGV[2], 'epoch', 'n')
 local fields = redis.call('HGETALL', KEYS[1])
 local alive = {}
 local out = {}
@@ -67,14 +75,18 @@ for i = 1, #fields, 2 do
     redis.call('HDEL', KEYS[1], f)
   end
 end
-return out
+return {out, version[1], version[2] or '0'}
 """
 
 
 # KEYS[1]: the page's hash. ARGV: alive key prefix, this field, its count (0: delete), the user's
-# field suffix ("|<user id>"), the page's "watched" key. Returns the user's connections over every
-# live process, or -1 when nobody watches the page's presence (nothing to announce: a page whose
-# presence nobody asks for costs no envelope).
+# field suffix ("|<user id>"), the page's "watched" key, the transition ("presence_joined": the
+# user's first connection on this process, "presence_left": its last one), a fresh random epoch.
+# Returns {-1} when nobody watches the page's presence (nothing to announce: a page whose presence
+# nobody asks for costs no envelope), {total} (the user's connections over every live process) when
+# there is nothing to announce, and {total, epoch, version} when the event is to be announced: the
+# page's presence version is incremented in the same atomic step, so that an answer (READ_SCRIPT)
+# that already reflects this change is known by its version to precede the event.
 CHANGE_SCRIPT = """
 if tonumber(ARGV[3]) > 0 then
   redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
@@ -82,7 +94,7 @@ else
   redis.call('HDEL', KEYS[1], ARGV[2])
 end
 if redis.call('EXISTS', ARGV[5]) == 0 then
-  return -1
+  return {-1}
 end
 local fields = redis.call('HGETALL', KEYS[1])
 local total = 0
@@ -96,7 +108,12 @@ for i = 1, #fields, 2 do
     end
   end
 end
-return total
+if (ARGV[6] == 'presence_joined' and total == 1) or (ARGV[6] == 'presence_left' and total == 0) then
+  redis.call('HSETNX', ARGV[5], 'epoch', ARGV[7])
+  local n = redis.call('HINCRBY', ARGV[5], 'n', 1)
+  return {total, redis.call('HGET', ARGV[5], 'epoch'), n}
+end
+return {total}
 """
 
 
@@ -115,9 +132,10 @@ class RedisPresence(PresenceStore):
         self._tasks: List[asyncio.Task] = []
         self._read = self.redis.register_script(READ_SCRIPT)
         self._change = self.redis.register_script(CHANGE_SCRIPT)
-        #: ``announce(kind, group, user_id)``: publish a cluster-wide presence event (the server
-        #: sends a ``presence`` envelope through the broker).
-        self.announce: Optional[Callable[[str, str, Hashable], None]] = None
+        #: ``announce(kind, group, user_id, version)``: publish a cluster-wide presence event (the
+        #: server sends a ``presence`` envelope through the broker); ``version`` is the page's
+        #: presence version ``(epoch, n)`` of the event (see :meth:`Presence.event`).
+        self.announce: Optional[Callable[[str, str, Hashable, Tuple[str, int]], None]] = None
         #: ``watched()``: the groups with a watcher in this process (kept marked watched in Redis).
         self.watched: Callable[[], Any] = tuple
 
@@ -146,7 +164,8 @@ class RedisPresence(PresenceStore):
 
     # --- the store --------------------------------------------------------------------------------
     def _watched_key(self, group: str) -> str:
-        return f"{self.prefix}watched:{group}"
+        # "watch:", not the "watched:" of earlier versions (a string there, a hash here).
+        return f"{self.prefix}watch:{group}"
 
     def _ttl_ms(self) -> int:
         return max(1, int(self.ttl * 1000))
@@ -178,13 +197,16 @@ class RedisPresence(PresenceStore):
         """An awaitable of ``([(user_id, connections)], anonymous)`` over every live process."""
         return self._snapshot(group)
 
-    async def _snapshot(self, group: str) -> Tuple[List[Tuple[Hashable, int]], int]:
+    async def _snapshot(self, group: str) -> Tuple[List[Tuple[Hashable, int]], int, Optional[Tuple[str, int]]]:
         try:
-            flat = await self._read(keys=[self.prefix + group],
-                                    args=[self.prefix + "alive:", self._watched_key(group), self._ttl_ms()])
+            flat, epoch, n = await self._read(keys=[self.prefix + group],
+                                              args=[self.prefix + "alive:", self._watched_key(group),
+                                                    self._ttl_ms(), _epoch()])
         except (RedisError, OSError) as exc:
             log.warning("presence: Redis unavailable (%s); answering with this process's counts", exc)
-            return self.local.snapshot(group)
+            users_here, anonymous_here = self.local.snapshot(group)
+            return users_here, anonymous_here, None
+        version = (epoch.decode() if isinstance(epoch, bytes) else str(epoch), int(n))
         users: Dict[Hashable, int] = {}
         anonymous = 0
         for i in range(0, len(flat), 2):
@@ -198,7 +220,7 @@ class RedisPresence(PresenceStore):
                 continue
             user_id = ujson.loads(user)
             users[user_id] = users.get(user_id, 0) + count
-        return list(users.items()), anonymous
+        return list(users.items()), anonymous, version
 
     # --- writing ----------------------------------------------------------------------------------
     def _fields(self) -> Dict[str, Dict[str, int]]:
@@ -239,7 +261,7 @@ class RedisPresence(PresenceStore):
                     checks.append((len(pipe.command_stack), transition, group, user_id))
                     await self._change(keys=[self.prefix + group],  # queued on the pipeline, no I/O
                                        args=[self.prefix + "alive:", field, count, "|" + ujson.dumps(user_id),
-                                             self._watched_key(group)],
+                                             self._watched_key(group), transition, _epoch()],
                                        client=pipe)
                 elif count > 0:
                     pipe.hset(self.prefix + group, field, count)
@@ -256,9 +278,10 @@ class RedisPresence(PresenceStore):
                 results = []
             for index, kind, group, user_id in checks:
                 if index < len(results) and self.announce is not None:
-                    total = int(results[index])  # -1: nobody watches the page
-                    if (kind == "presence_joined" and total == 1) or (kind == "presence_left" and total == 0):
-                        self.announce(kind, group, user_id)
+                    result = results[index]  # {total, epoch, version}: to announce (see CHANGE_SCRIPT)
+                    if isinstance(result, list) and len(result) == 3:
+                        epoch = result[1].decode() if isinstance(result[1], bytes) else str(result[1])
+                        self.announce(kind, group, user_id, (epoch, int(result[2])))
             if stop:
                 return
 
@@ -268,6 +291,12 @@ class RedisPresence(PresenceStore):
         while True:
             queue.put_nowait(_REFRESH)
             await asyncio.sleep(self.ttl / 3)
+
+
+def _epoch() -> str:
+    """A fresh random epoch for a page's presence version (used only if its watched key is new:
+    a version of another epoch is never compared by number)."""
+    return os.urandom(8).hex()
 
 
 _REFRESH: Any = object()

@@ -127,8 +127,9 @@ class Router:
         #: group -> {session: [(position, frame)]}: live messages held while a subscription is
         #: being recovered asynchronously (:class:`tornado_rt.history.Recovery`).
         self.holding: dict = {}
-        #: ``on_presence(kind, group, user_id)``: a cluster-wide presence event (presence extension).
-        self.on_presence: Optional[Callable[[Any, str, Any], None]] = None
+        #: ``on_presence(kind, group, user_id, version)``: a cluster-wide presence event (presence
+        #: extension; ``version`` ``(epoch, n)`` or None).
+        self.on_presence: Optional[Callable[[Any, str, Any, Any], None]] = None
         self._waiting: Optional[collections.deque] = None  # envelopes behind an async one
         self._idle: Optional[asyncio.Future] = None
 
@@ -212,7 +213,7 @@ class Router:
             self._apply_directory(env)
         elif kind == PRESENCE:
             if self.on_presence is not None and env.audience and env.user_ids:
-                self.on_presence(env.type, env.audience[1], env.user_ids[0])
+                self.on_presence(env.type, env.audience[1], env.user_ids[0], _presence_version(env.data))
         else:
             log.warning("unknown envelope kind %r ignored", kind)
         return None
@@ -341,3 +342,15 @@ class Router:
         """Take ``conn`` off ``group`` and tell it with ``page_discard``."""
         sub = self.hub.unsubscribe(conn, group)
         self.hub.send(conn, page_frame("page_discard", sub.page, sub.parameters))
+
+
+def _presence_version(data: Optional[str]) -> Optional[Tuple[str, int]]:
+    """The presence version ``(epoch, n)`` a presence envelope carries in ``data`` (None if absent
+    or malformed: the event then goes to every watcher, as before versions existed)."""
+    if not data:
+        return None
+    try:
+        epoch, n = ujson.loads(data)
+        return (str(epoch), int(n))
+    except (ValueError, TypeError):
+        return None

@@ -14,6 +14,8 @@ import logging
 import threading
 import time
 import uuid
+
+import ujson
 from collections import Counter
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
@@ -221,9 +223,11 @@ class RealtimeServer:
         self._thread: Optional[int] = None
         self._ws_params: Any = None  # Tornado's WebSocket parameters, shared by all connections
 
-    def _announce_presence(self, kind: str, group: str, user_id: Any) -> None:
-        """A cluster-wide presence event: through the broker, in order with the page's messages."""
-        self._publish_now(Envelope(PRESENCE, kind, audience=["page", group], user_ids=[user_id]))
+    def _announce_presence(self, kind: str, group: str, user_id: Any, version: Any = None) -> None:
+        """A cluster-wide presence event: through the broker, in order with the page's messages
+        (``data``: its presence version ``[epoch, n]`` as JSON, see Presence.event)."""
+        self._publish_now(Envelope(PRESENCE, kind, data=None if version is None else ujson.dumps(list(version)),
+                                   audience=["page", group], user_ids=[user_id]))
 
     def _lost_envelopes(self) -> int:
         """The broker lost envelopes it cannot replay (a gap): every page's history may miss
