@@ -22,8 +22,9 @@ with the Redis broker (cluster-wide answers and events).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Hashable, List, Optional, Set, Tuple
+from typing import Any, Dict, Hashable, List, Optional, Tuple, Union
 
+import inspect
 import logging
 
 import ujson
@@ -106,6 +107,16 @@ class LocalPresence(PresenceStore):
         return list(self.users.get(group, {}).items()), self.anonymous.get(group, 0)
 
 
+class _Held(List[Tuple[str, Hashable, Optional[Tuple[str, int]]]]):
+    """The presence events that came for a watcher while the store computed its answer."""
+
+
+def _reflected(version: Optional[Tuple[str, int]], seen: Optional[Tuple[str, int]]) -> bool:
+    """Whether an answer of version ``seen`` already counted the change of an event of
+    ``version`` (same epoch, not later). Without versions: no (the event is sent)."""
+    return version is not None and seen is not None and version[0] == seen[0] and version[1] <= seen[1]
+
+
 def _frame(message: Dict[str, Any]) -> bytes:
     try:
         return text_frame(ujson.dumps(message, ensure_ascii=False).encode())
@@ -121,8 +132,9 @@ class Presence:
         self.store = store if store is not None else LocalPresence()
         #: group -> {connection that asked for the group's presence (and is subscribed to it):
         #: the presence version its answer reflects, ``(epoch, n)``, or None (a store without
-        #: versions: the local one, whose events are synchronous)}
-        self.watchers: Dict[str, Dict[Any, Optional[Tuple[str, int]]]] = {}
+        #: versions: the local one, whose events are synchronous), or the events held while the
+        #: store answers (:class:`_Held`)}
+        self.watchers: Dict[str, Dict[Any, Union[None, Tuple[str, int], _Held]]] = {}
         hub.on_join = self.joined
         hub.on_leave = self.left
 
@@ -157,7 +169,10 @@ class Presence:
         frames: Dict[tuple, bytes] = {}  # one frame per distinct parameters (7 and "7" differ)
         send = self.hub.send
         for conn, seen in watchers.items():
-            if version is not None and seen is not None and seen[0] == version[0] and version[1] <= seen[1]:
+            if isinstance(seen, _Held):  # its answer is on its way: decided when it comes
+                seen.append((kind, user_id, version))
+                continue
+            if _reflected(version, seen):
                 continue  # its answer already reflected this change
             sub = conn.pages.get(group)
             if sub is None:
@@ -186,12 +201,27 @@ class Presence:
                 return  # it left the page while the store was answering
             users, anonymous = snapshot[0], snapshot[1]
             # the version the answer reflects (a store that has versions, e.g. Redis; see event())
-            self.watchers.setdefault(group, {})[conn] = snapshot[2] if len(snapshot) > 2 else None
+            version = snapshot[2] if len(snapshot) > 2 else None
+            watchers = self.watchers.setdefault(group, {})
+            held = watchers.get(conn)
+            watchers[conn] = version
             self.hub.send(conn, _frame({
                 "type": "presence", "page": page_type.name, "parameters": params,
                 "users": [{"user_id": user_id, "connections": n} for user_id, n in users],
                 "anonymous": anonymous}))
-        return then(self.store.snapshot(group), answer)
+            sub = conn.pages[group]
+            if isinstance(held, _Held):  # events that came while the store answered: the later ones
+                for kind, user_id, event_version in held:
+                    if not _reflected(event_version, version):
+                        self.hub.send(conn, _frame({"type": kind, "page": sub.page,
+                                                    "parameters": sub.parameters, "user_id": user_id}))
+
+        snapshot = self.store.snapshot(group)
+        if inspect.isawaitable(snapshot):
+            # Events that reach this process before the answer (decided after the store read the
+            # answer, or before it) are held and sorted out by version when the answer comes.
+            self.watchers.setdefault(group, {})[conn] = _Held()
+        return then(snapshot, answer)
 
 
 def presence_action(session: Any, page_type: PageType, params: dict, frame: dict) -> Any:
