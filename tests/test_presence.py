@@ -137,10 +137,32 @@ async def test_table_deleted_discards_and_announces(server, connect, barrier):
     deleted = {"type": "table_deleted", "database_id": 1, "table_id": 11}
     discard = {"type": "page_discard", "page": "table", "parameters": {"table_id": 11}}
     assert [await c.recv() for _ in range(2)] == [deleted, discard]
-    # the watcher (connected first, so discarded first) is no watcher any more: no presence_left
+    # the page is gone for everyone: nobody is told who left it, in whatever order they are dropped
     assert [await w.recv() for _ in range(2)] == [deleted, discard]
     await barrier(w, c)
     assert server.presence.watchers == {} and server.presence.store.users == {}
+
+
+@pytest.mark.gen_test
+async def test_a_deleted_table_announces_nothing_whichever_subscriber_goes_first(server, connect, barrier):
+    """Several subscribers and watchers on both sides of the watcher: the page goes away for all of
+    them at once, so none is told that another left, in whatever order the hub drops them."""
+    others = []
+    for user_id in (2, 2):
+        c = await connect(user_id=user_id)
+        await c.subscribe("table", table_id=11)
+        others.append(c)
+    w, reply = await watcher(connect, table_id=11)
+    assert {u["user_id"]: u["connections"] for u in reply["users"]} == {1: 1, 2: 2}
+    w2, _ = await watcher(connect, user_id=3, table_id=11)
+    assert await w.recv() == event("presence_joined", 3, 11)
+    server.publish({"type": "table_deleted", "database_id": 1, "table_id": 11})
+    deleted = {"type": "table_deleted", "database_id": 1, "table_id": 11}
+    discard = {"type": "page_discard", "page": "table", "parameters": {"table_id": 11}}
+    for c in (*others, w, w2):
+        assert [await c.recv() for _ in range(2)] == [deleted, discard]
+    await barrier(w, w2, *others)
+    assert server.presence.watchers == {}
 
 
 @pytest.mark.gen_test

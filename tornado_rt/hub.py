@@ -77,6 +77,9 @@ class Hub:
         #: (unsubscribe, page_discard, revocation, close, drop): the presence extension.
         self.on_join: Optional[Callable[[Any, str, Any], None]] = None
         self.on_leave: Optional[Callable[[Any, str, Any], None]] = None
+        #: Page groups being dropped for every subscriber at once (the table or view is gone):
+        #: leaving them announces nothing to the other subscribers, who are dropped too.
+        self.vanishing: Set[str] = set()
         #: permission group -> {page group: subscriptions under that permission group}
         self.permissions: Dict[str, Dict[str, int]] = {}
         self.anonymous = 0

@@ -158,7 +158,8 @@ class Presence:
             watchers.pop(conn, None)
             if not watchers:
                 del self.watchers[group]
-        if subscription.page_type.presence and self.store.leave(group, conn.user_id):
+        if (subscription.page_type.presence and self.store.leave(group, conn.user_id)
+                and group not in self.hub.vanishing):  # the page is gone for everyone: no news
             self._announce("presence_left", group, conn.user_id)
 
     def _announce(self, kind: str, group: str, user_id: Hashable,

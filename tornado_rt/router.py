@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from typing import Any, Awaitable, Callable, Iterable, Optional, Tuple
+from typing import Any, Awaitable, Callable, Iterable, Optional, Set, Tuple
 
 import ujson
 
@@ -317,19 +317,27 @@ class Router:
     def drop_permission_group(self, permission_group: str) -> int:
         """Drop every connection's pages in ``permission_group`` (the table was deleted); costs
         what it drops (the hub's permission index), not a walk over every connection."""
-        return self._drop(self.hub.permission_subscriptions(permission_group))
+        found = self.hub.permission_subscriptions(permission_group)
+        return self._vanish({group for _, group in found}, found)
 
     def drop_group(self, group: str) -> int:
         """Drop every connection's subscription to the page ``group`` (a public view went away)."""
-        conns = list(self.hub.groups.get(group, ()))
-        for conn in conns:
-            self._discard(conn, group)
-        return len(conns)
+        return self._vanish({group}, [(conn, group) for conn in list(self.hub.groups.get(group, ()))])
 
     def drop_all_pages(self) -> int:
         """Drop every page subscription of this process (with ``page_discard``): the broker lost
         envelopes it cannot replay, so clients must resubscribe and refetch."""
         return sum(self.drop_group(group) for group in list(self.hub.groups))
+
+    def _vanish(self, groups: Set[str], found: Iterable[Tuple[Any, str]]) -> int:
+        """Drop pages that go away for every subscriber: no presence event is announced to the
+        others while they go (they are dropped too), whatever order they are dropped in."""
+        vanishing = self.hub.vanishing
+        vanishing.update(groups)
+        try:
+            return self._drop(found)
+        finally:
+            vanishing.difference_update(groups)
 
     def _drop(self, found: Iterable[Tuple[Any, str]]) -> int:
         dropped = 0
