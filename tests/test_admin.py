@@ -132,3 +132,25 @@ async def test_live_stats_never_show_a_public_view_token(serve):
     view = [p for p in live["busiest_pages"] if p["page"] == "view"]
     assert view and view[0]["parameters"] == {"slug": "locked", "token": "[redacted]"}, live["busiest_pages"]
     anon.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_live_stats_show_the_redis_brokers_own_counters():
+    from redis_fixtures import Node, RedisProcess, require_redis_binary
+
+    redis = RedisProcess(require_redis_binary()).start()
+    node = Node("A", redis.url).wait_started()
+    try:
+        status, live = await node.call("GET", "/api/stats/live")
+        assert status == 200, live
+        broker = live["broker"]
+        # counters RedisBroker really keeps (received/publish_failures were always null: gone)
+        assert set(broker) == {"kind", "connected", "url", "subscriptions", "gaps", "lost", "resets",
+                               "snapshots_written", "snapshot_failures"}, broker
+        assert broker["kind"] == "redis" and broker["connected"] is True and broker["url"] == redis.url
+        assert broker["subscriptions"] >= 1  # the stream reader's connection
+        assert (broker["gaps"], broker["lost"], broker["resets"], broker["snapshot_failures"]) == (0, 0, 0, 0)
+        assert isinstance(broker["snapshots_written"], int)
+    finally:
+        node.stop()
+        redis.kill()
