@@ -212,3 +212,25 @@ def test_bad_webhook_settings_are_refused():
         args = {"url": "http://127.0.0.1:1/", **kwargs}
         with pytest.raises(ValueError, match=text):
             AccessWebhook(args.pop("url"), **args)
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_password_in_the_webhook_url_never_reaches_the_log(caplog):
+    # A port nothing listens on: the call fails, and the refusal's log line names the URL.
+    sock = bind_sockets(0, "127.0.0.1")[0]
+    port = sock.getsockname()[1]
+    sock.close()
+    password = "hunter2-webhook-pw"
+    webhook = AccessWebhook(f"http://rt:{password}@127.0.0.1:{port}/decide", None, timeout=5, cache_ttl=0)
+    try:
+        with caplog.at_level("INFO", logger="tornado_rt"):
+            assert await webhook.decide(1, "dashboard", {"dashboard_id": ALLOW}) is False
+        assert webhook.decisions["error"] == 1
+        log = caplog.text
+        assert f"access webhook: cannot reach http://rt:***@127.0.0.1:{port}/decide" in log, log
+        assert password not in log
+    finally:
+        webhook.close()
+    with pytest.raises(ValueError) as refused:
+        AccessWebhook(f"ftp://rt:{password}@127.0.0.1:{port}/")
+    assert password not in str(refused.value) and "ftp://rt:***@" in str(refused.value)

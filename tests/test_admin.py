@@ -114,3 +114,43 @@ async def test_serve_dev_prints_the_admin_address():
         assert status == 200 and "tornado-rt admin" in page
     finally:
         assert proc.stop() == 0, proc.output()
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_live_stats_never_show_a_public_view_token(serve):
+    # A view page's parameters carry the view's password: the busiest pages show that the page
+    # has one, never its value (the admin page renders these parameters).
+    api = Api(serve.base)
+    secret_token = "view-password-6f1d2e"
+    await api.ok("PUT", "/api/directory", {"workspaces": {}, "tables": {"70": 7},
+                                           "public_views": {"locked": {"table_id": 70, "token": secret_token}}})
+    anon = await WsClient.connect(serve.ws_url, token="anonymous")
+    await anon.subscribe("view", slug="locked", token=secret_token)
+    status, _, response = await api.call("GET", "/api/stats/live")
+    assert status == 200 and secret_token not in response.body.decode("utf-8")
+    live = await api.ok("GET", "/api/stats/live")
+    view = [p for p in live["busiest_pages"] if p["page"] == "view"]
+    assert view and view[0]["parameters"] == {"slug": "locked", "token": "[redacted]"}, live["busiest_pages"]
+    anon.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_live_stats_show_the_redis_brokers_own_counters():
+    from redis_fixtures import Node, RedisProcess, require_redis_binary
+
+    redis = RedisProcess(require_redis_binary()).start()
+    node = Node("A", redis.url).wait_started()
+    try:
+        status, live = await node.call("GET", "/api/stats/live")
+        assert status == 200, live
+        broker = live["broker"]
+        # counters RedisBroker really keeps (received/publish_failures were always null: gone)
+        assert set(broker) == {"kind", "connected", "url", "subscriptions", "gaps", "lost", "resets",
+                               "snapshots_written", "snapshot_failures"}, broker
+        assert broker["kind"] == "redis" and broker["connected"] is True and broker["url"] == redis.url
+        assert broker["subscriptions"] >= 1  # the stream reader's connection
+        assert (broker["gaps"], broker["lost"], broker["resets"], broker["snapshot_failures"]) == (0, 0, 0, 0)
+        assert isinstance(broker["snapshots_written"], int)
+    finally:
+        node.stop()
+        redis.kill()

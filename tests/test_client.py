@@ -327,6 +327,21 @@ async def test_authentication_failure_is_retried_once_with_a_new_token(rt):
 
 
 @pytest.mark.gen_test(timeout=30)
+async def test_a_token_function_of_the_wrong_type_is_logged_without_the_token(rt, caplog):
+    # bytes instead of str: refused by type, and the log line names the type, never the value
+    # (which is usually the token itself); the next call's string token connects.
+    good = make_token(1)
+    tokens = iter([good.encode(), good])
+    sub = Subscriber(rt.ws_url, lambda: next(tokens), **FAST)
+    with caplog.at_level("WARNING", logger="tornado_rt"):
+        await sub.connect()
+    assert sub.connections == 1
+    assert "the token function failed: the token function must return a non-empty string, got bytes" in caplog.text
+    assert good not in caplog.text and good[:20] not in caplog.text
+    await sub.close()
+
+
+@pytest.mark.gen_test(timeout=30)
 async def test_refused_upgrade_is_final():
     proc = ServeProcess(["serve", "--port", "0", "--jwt-secret", SECRET, "--api-key", API_KEY,
                          "--allowed-origin", "https://app.example.com"])

@@ -126,6 +126,33 @@ def test_a_bad_message_is_refused_before_anything_is_sent(redis_server):  # noqa
         client.close()
 
 
+def test_publish_many_refuses_an_empty_id_like_every_other_path(redis_server):  # noqa: F811
+    import redis
+
+    from tornado_rt import PublishError
+    from tornado_rt.redis_broker import RedisPublisher
+
+    stream = f"{PREFIX}-emptyid:stream"
+    client = redis.Redis.from_url(redis_server.url)
+    publisher = RedisPublisher(redis_server.url, channel_prefix=f"{PREFIX}-emptyid")
+    try:
+        with pytest.raises(PublishError) as refused:
+            publisher.publish(rows_created(10, 1), id="")
+        assert refused.value.field == "id"
+        with pytest.raises(PublishError) as refused:  # was silently replaced by a fresh UUID
+            publisher.publish_many([{"message": rows_created(10, 1), "id": "a-1"},
+                                    {"message": rows_created(10, 2), "id": ""}])
+        assert refused.value.field == "[1].id", refused.value
+        assert client.xlen(stream) == 0  # nothing was sent
+        ids = publisher.publish_many([{"message": rows_created(10, 1), "id": "a-1"},
+                                      {"message": rows_created(10, 2), "id": None}])
+        assert ids[0] == "a-1" and ids[1] not in ("", "a-1", "None")  # no id: a fresh one
+        assert client.xlen(stream) == 2  # one stream entry each
+    finally:
+        publisher.close()
+        client.close()
+
+
 def test_redis_down_raises_a_clear_exception():
     require_redis_package()
     from tornado_rt import BrokerUnavailable

@@ -109,6 +109,10 @@ SUBSCRIPTION_CASES = {
                   ["page='view'", "parameters={'slug': 'secret-view', 'token': '[redacted]'}", "user_id=2"]),
     "access_denied": (1, {"page": "denied", "id": 1}, "access_denied", ["page='denied'", "parameters={'id': 1}"]),
     "access_error": (1, {"page": "broken", "id": 1}, "access_error", ["page='broken'"]),
+    # access_token names a credential (redaction.CREDENTIAL_ARGUMENTS): its value never logged
+    "credential_parameter": (1, {"page": "no_such_page", "access_token": WRONG_TOKEN, "jwt": WRONG_TOKEN},
+                             "unknown_page_type",
+                             ["parameters={'access_token': '[redacted]', 'jwt': '[redacted]'}", "user_id=1"]),
     "long_value": (3, {"page": "table", "table_id": LONG}, "invalid_parameter",
                    ["parameters={'table_id': '" + "x" * 64 + "...(10000 chars)'}", "user_id=3"]),
 }
@@ -286,7 +290,8 @@ ERROR_CODES = {"unknown_page_type": "unknown_page_type", "missing_parameter": "m
                "invalid_parameter": "invalid_parameter", "anonymous_not_allowed": "anonymous_not_allowed",
                "unknown_table": "access_denied", "unknown_table_row": "access_denied",
                "not_a_member": "access_denied", "unknown_view": "access_denied", "bad_token": "access_denied",
-               "access_denied": "access_denied", "access_error": "access_denied", "long_value": "invalid_parameter"}
+               "access_denied": "access_denied", "access_error": "access_denied", "long_value": "invalid_parameter",
+               "credential_parameter": "unknown_page_type"}
 
 
 @pytest.mark.rt_settings(error_frames=True)

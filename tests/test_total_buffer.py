@@ -85,10 +85,14 @@ async def test_without_a_budget_no_reader_is_dropped(server, connect, barrier, h
     ws_id = (await raw.recv())["web_socket_id"]
     await raw.send({"page": "dashboard", "dashboard_id": 0})
     assert (await raw.recv())["type"] == "page_add"
+    # as above: a small kernel send buffer, so the backlog really is held by the server
+    server.hub.connections[ws_id].transport.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
     for n in range(160):  # 2.5 MiB
         server.publish(update(0, n))
         assert await fast.recv() == update(0, n)
     await barrier(fast)
     assert ws_id in server.hub.connections
+    # more than any budget the other tests use was really held: budget 0 means no budget
+    assert server.hub.connections[ws_id].transport.buffered() > 1 * MIB
     assert server.counters.closed["slow_consumer"] == 0
     raw.close()

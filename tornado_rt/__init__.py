@@ -23,10 +23,22 @@ Access and identity
     in memory; ``Directory(store=FileDirectoryStore(path))`` survives restarts, see
     :class:`DirectoryStore`), :class:`Principal`, :func:`normalize_id`, :class:`JWTAuthenticator`,
     :class:`AccessWebhook` (the backend decides subscriptions: ``page_check(page)`` is a ``can_add``).
+    ``tornado_rt.refusals.Denied(reason, **context)`` — what an access check may return instead of
+    ``False``: falsy, and its reason (and context, never a credential) is logged and counted.
+    :class:`ClientAction` — a request a plugin adds to the protocol (a frame ``{name: PAGE, ...}``,
+    e.g. presence), handed to the plugin's handler on the IOLoop thread.
 Event bus
     :class:`Broker` (interface), :class:`LocalBroker` (default, in-process),
     ``RedisBroker`` (several processes over one Redis Stream; needs ``pip install tornado-rt[redis]``;
     imported on first access, or ``from tornado_rt.redis_broker import RedisBroker``).
+    ``tornado_rt.redis_broker.RedisPublisher`` / ``AsyncRedisPublisher`` — publish from a process
+    that is not a server (a Celery worker, a Django or FastAPI view) straight into the servers'
+    Redis stream, validated with the same registry (same extra).
+Clients (:mod:`tornado_rt.client`)
+    ``Publisher`` (synchronous, standard library only) and ``AsyncPublisher`` (asyncio) — publish,
+    disconnect and revoke through the HTTP server API with an API key, retrying only what cannot
+    publish twice; ``Subscriber`` — a WebSocket client that subscribes to pages and reconnects
+    with backoff (needs ``pip install 'tornado-rt[client]'``).
 Errors
     :class:`FieldError` — base of every refusal that names the offending value in ``field``:
     :class:`PublishError` (also names the message type), ``tornado_rt.policy.DirectoryError``,

@@ -22,7 +22,7 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from tornado.ioloop import PeriodicCallback
 
-from .refusals import REFUSALS
+from .refusals import REFUSALS, safe_params
 
 #: How many one-second samples the ring buffer holds (the chart's width: five minutes).
 HISTORY_SECONDS = 300
@@ -99,19 +99,26 @@ def page_stats(hub: Any, busiest: int = BUSIEST) -> Tuple[Dict[str, int], List[D
         pages.append((len(conns), group, subscription))
     pages.sort(key=lambda p: (-p[0], p[1]))
     top = [{"group": group, "page": s.page if s is not None else "?",
-            "parameters": s.parameters if s is not None else {}, "subscribers": n}
+            "parameters": safe_params(s.parameters) if s is not None else {}, "subscribers": n}
            for n, group, s in pages[:busiest]]
     return dict(sorted(per_type.items())), top
 
 
+#: The Redis broker's counters the admin page shows (attributes of RedisBroker).
+BROKER_COUNTERS = ("subscriptions", "gaps", "lost", "resets", "snapshots_written", "snapshot_failures")
+
+
 def broker_details(broker: Any) -> Dict[str, Any]:
-    """What the admin page adds to the broker's health: a Redis broker's (redacted) URL and counts."""
+    """What the admin page adds to the broker's health: a Redis broker's (redacted) URL and the
+    counts it keeps (reader connections, gaps, envelopes lost in them, streams started over,
+    snapshot writes and failures)."""
     if not hasattr(broker, "connected") or not hasattr(broker, "url"):
         return {"url": None}
     from .redis_broker import redact_url
-    return {"url": redact_url(broker.url), "subscriptions": getattr(broker, "subscriptions", None),
-            "received": getattr(broker, "received", None),
-            "publish_failures": getattr(broker, "publish_failures", None)}
+    details: Dict[str, Any] = {"url": redact_url(broker.url)}
+    for name in BROKER_COUNTERS:
+        details[name] = getattr(broker, name, None)
+    return details
 
 
 def live_stats(server: Any, sampler: Optional[RateSampler], started: float,
@@ -269,7 +276,9 @@ function render(s) {
   $("broker").innerHTML = `<tbody><tr><td>kind</td><td class="n" style="width:auto">${esc(b.kind)}</td></tr>` +
     `<tr><td>state</td><td class="n" style="width:auto"><span id="broker-state" class="pill ${b.connected ? "ok" : "down"}">${b.connected ? "connected" : "down"}</span></td></tr>` +
     (b.url ? `<tr><td>url</td><td class="n" style="width:auto">${esc(b.url)}</td></tr>` : "") +
-    (b.publish_failures != null ? `<tr><td>publish failures</td><td class="n" style="width:auto">${esc(b.publish_failures)}</td></tr>` : "") +
+    [["subscriptions", "reader connections"], ["gaps", "gaps"], ["lost", "envelopes lost"], ["resets", "streams started over"],
+     ["snapshots_written", "snapshots written"], ["snapshot_failures", "snapshot failures"]].map(([k, label]) =>
+      b[k] != null ? `<tr><td>${label}</td><td class="n" style="width:auto">${esc(b[k])}</td></tr>` : "").join("") +
     `<tr><td>uptime</td><td class="n" style="width:auto">${esc(Math.round(s.uptime))} s</td></tr></tbody>`;
 }
 async function refresh() {

@@ -1062,7 +1062,8 @@ class Subscriber:
         if inspect.isawaitable(value):
             value = await value
         if not isinstance(value, str) or not value:
-            raise TypeError(f"the token function must return a non-empty string, got {value!r}")
+            raise TypeError(f"the token function must return a non-empty string, got {type(value).__name__}"
+                            + (" (empty)" if isinstance(value, str) else ""))
         return value
 
     def _ws_url(self, token: str) -> str:

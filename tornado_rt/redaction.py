@@ -1,9 +1,9 @@
 """Keeping credentials out of logs and error messages: the one place that knows how.
 
 * :func:`redact_uri` — a request URI (or a bare query string) for an access log: the values of
-  query arguments that may carry a credential (``jwt_token``, ``token``, ``access_token``,
-  ``api_key``, ``key``, ``password``) become ``[redacted]``. Argument names are compared the way
-  the server reads them (percent-decoded, so ``jwt%5Ftoken=`` is caught too), and a value runs
+  query arguments that may carry a credential (:data:`CREDENTIAL_ARGUMENTS`: ``jwt_token``,
+  ``token``, ``access_token``, ``api_key``, ``key``, ``password``, ...) become ``[redacted]``.
+  Argument names are compared the way the server reads them (percent-decoded, so ``jwt%5Ftoken=`` is caught too), and a value runs
   to the next ``&`` as Tornado parses it (a ``;`` or ``#`` inside the value is hidden with it).
 * :func:`redact_url` — a connection URL (the Redis broker's): the password in the user part and
   in a ``password=`` query argument becomes ``***`` (brackets would read as an IPv6 host there).
@@ -18,8 +18,12 @@ from urllib.parse import unquote_plus, urlsplit
 __all__ = ["REDACTED", "CREDENTIAL_ARGUMENTS", "redact_uri", "redact_url", "redact_secret"]
 
 REDACTED = "[redacted]"
-#: Query arguments whose values are never logged (compared lower-cased).
-CREDENTIAL_ARGUMENTS = frozenset({"jwt_token", "token", "access_token", "api_key", "key", "password"})
+#: Names that may carry a credential (compared lower-cased), the one list for the whole server:
+#: query arguments whose values are never logged, a client's subscription parameters shown as
+#: ``[redacted]`` (refusals.safe_params, the admin page) and the context keys refusals.refuse()
+#: refuses to log.
+CREDENTIAL_ARGUMENTS = frozenset({"jwt_token", "token", "access_token", "jwt", "api_key", "key", "key_value",
+                                  "secret", "password", "authorization"})
 
 _URL_PASSWORD = "***"
 _QUERY_PASSWORD = re.compile(r"([?&;]password=)[^&;#]*", re.IGNORECASE)

@@ -1098,7 +1098,11 @@ class _Publishing:
             if extra:
                 name = sorted(extra)[0]
                 raise PublishError(f"unexpected key {name!r}", f"[{i}].{name}")
-            key = item.get("id") or str(uuid.uuid4())
+            # None (or no id) gets a fresh one; anything else is validated like the other paths
+            # (an empty id is refused naming [i].id, never silently replaced).
+            key = item.get("id")
+            if key is None:
+                key = str(uuid.uuid4())
             envelopes.append(message_envelope(self.registry, item["message"], item.get("to"),
                                               item.get("ignore_web_socket_id"), item.get("exclude_user_ids"),
                                               prefix=f"[{i}].", id=key))

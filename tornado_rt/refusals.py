@@ -33,11 +33,13 @@ import threading
 import time
 from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 
+from .redaction import CREDENTIAL_ARGUMENTS, REDACTED
+
 log = logging.getLogger("tornado_rt.refusals")
 
-#: Context keys that could carry a credential; :func:`refuse` refuses them.
-FORBIDDEN_CONTEXT = frozenset({"token", "jwt_token", "jwt", "api_key", "key_value", "secret", "password",
-                               "authorization"})
+#: Context keys that could carry a credential; :func:`refuse` refuses them. The same set as the
+#: query arguments redaction hides (one list: redaction.CREDENTIAL_ARGUMENTS).
+FORBIDDEN_CONTEXT = CREDENTIAL_ARGUMENTS
 
 #: The reasons a token is refused, with what each means (docs/protocol.md lists them too).
 TOKEN_REASONS: Dict[str, str] = {
@@ -135,7 +137,6 @@ class Denied:
 MAX_VALUE_LENGTH = 64
 #: Most parameters of one frame written to a log line.
 MAX_PARAMS = 8
-REDACTED = "[redacted]"
 
 
 def safe_value(value: Any) -> Any:

@@ -568,7 +568,8 @@ class Standalone:
         "a relative path in the config file is relative to it; docs/standalone.md)", metavar="FILE")
     directory: Optional[str] = setting(
         None, "JSON file keeping the directory across restarts: loaded at start (refused with the position of "
-        "an error), rewritten atomically on every change, reloaded on SIGHUP", metavar="FILE")
+        "an error), rewritten atomically on every change, reloaded on SIGHUP; cannot be combined with "
+        "--broker redis:// (the cluster's directory is kept in Redis)", metavar="FILE")
     access_url: Optional[str] = setting(
         None, "access webhook: POST URL decides the subscriptions to pages whose access is 'webhook' (and to "
         "--access-page pages); timeouts and errors refuse", _http_url, metavar="URL", group="auth")

@@ -31,9 +31,11 @@ import logging
 import re
 import time
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+from urllib.parse import urlsplit
 
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
+from .redaction import redact_secret, redact_url
 from .refusals import Denied
 from .registry import PageType, Params, Registry
 
@@ -56,7 +58,8 @@ class AccessWebhook:
     def __init__(self, url: str, api_key: Optional[str] = None, *, timeout: float = 2.0,
                  cache_ttl: float = 5.0, max_concurrency: int = 16, max_cache_entries: int = 100_000):
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise ValueError(f"the access webhook URL must be http:// or https://, got {url!r}")
+            shown = redact_url(url) if isinstance(url, str) else type(url).__name__
+            raise ValueError(f"the access webhook URL must be http:// or https://, got {shown!r}")
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         if cache_ttl < 0:
@@ -64,6 +67,9 @@ class AccessWebhook:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
         self.url = url
+        #: The URL as every message shows it: a password in it (user:password@) never reaches a log.
+        self.shown_url = redact_url(url)
+        self._password = urlsplit(url).password
         self.timeout = float(timeout)
         self.cache_ttl = float(cache_ttl)
         self.max_concurrency = max_concurrency
@@ -160,22 +166,26 @@ class AccessWebhook:
                 try:
                     response = await self._client.fetch(request, raise_error=False)
                 except Exception as exc:  # DNS, refused connection, TLS...
-                    raise _Refusal(f"cannot reach {self.url}: {exc}") from None
+                    raise _Refusal(f"cannot reach {self.shown_url}: {self._safe(exc)}") from None
             finally:
                 self.in_flight -= 1
         if response.code == 599:
-            raise _Refusal(f"cannot reach {self.url}: {response.error}")
+            raise _Refusal(f"cannot reach {self.shown_url}: {self._safe(response.error)}")
         if response.code != 200:
-            raise _Refusal(f"{self.url} answered HTTP {response.code}")
+            raise _Refusal(f"{self.shown_url} answered HTTP {response.code}")
         try:
             answer = json.loads(response.body or b"")
         except ValueError:
-            raise _Refusal(f"{self.url} answered a body that is not JSON") from None
+            raise _Refusal(f"{self.shown_url} answered a body that is not JSON") from None
         allow = answer.get("allow") if isinstance(answer, dict) else None
         if not isinstance(allow, bool):
-            raise _Refusal(f"{self.url} answered without a boolean \"allow\"")
+            raise _Refusal(f"{self.shown_url} answered without a boolean \"allow\"")
         why = answer.get("reason")
         return allow, why if isinstance(why, str) and _REASON.fullmatch(why) else None
+
+    def _safe(self, error: Any) -> str:
+        """An error's text for a log line: the URL and its password (if any) never in it."""
+        return redact_secret(str(error).replace(self.url, self.shown_url), self._password)
 
     def close(self) -> None:
         """Close the HTTP client (the webhook can be used again afterwards)."""
