@@ -218,7 +218,22 @@ async def test_the_listener_falls_back_to_tornados_accept_loop_and_still_serves(
         server.add_sockets(sockets)
     try:
         assert any("own loop" in r.getMessage() for r in caplog.records)
+        assert server.ports == [port]  # recorded by the listener itself, whichever loop accepts
         response = await AsyncHTTPClient().fetch(f"http://127.0.0.1:{port}/")
         assert response.body == b"hello"
     finally:
         server.stop()
+
+
+def test_the_guarded_listener_reports_its_ports_and_forgets_them_on_stop():
+    from tornado.netutil import bind_sockets
+
+    from tornado_rt.listener import GuardedHTTPServer
+
+    server = GuardedHTTPServer(Application())
+    sockets = bind_sockets(0, "127.0.0.1")
+    server.add_sockets(sockets)
+    assert server.ports == [sockets[0].getsockname()[1]]
+    server.stop()
+    assert server.ports == []
+
