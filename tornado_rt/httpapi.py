@@ -58,7 +58,7 @@ from .errors import FieldError, require_id, require_ids
 from .listener import mark_authenticated
 from .policy import Directory
 from .redaction import redact_uri
-from . import refusals
+from . import refusals, transport
 from .proxy import apply_forwarded
 from .server import RealtimeServer, web_socket_id_from_request
 from .settings import Standalone
@@ -289,7 +289,7 @@ def _unless_answered(method: Any) -> Any:
 
 
 @stream_request_body
-class ApiHandler(RequestHandler):
+class ApiHandler(transport.RedactedSummary):
     """Base of every endpoint: key check, method check, content type, body limit, JSON errors."""
 
     #: Whether the endpoint needs ``Authorization: Bearer <api key>``.
@@ -444,9 +444,6 @@ class ApiHandler(RequestHandler):
         if isinstance(value, (HTTPError, FieldError)):
             return  # the access log has the status; the client has the sentence
         log.error("uncaught exception in %s", self._request_summary(), exc_info=(typ, value, tb))
-
-    def _request_summary(self) -> str:
-        return "%s %s (%s)" % (self.request.method, redact_uri(self.request.uri or ""), self.request.remote_ip)
 
 
 #: The answers' encoder, built once: ``json.dumps`` with any option builds a new JSONEncoder per

@@ -21,13 +21,17 @@ Nothing else in tornado-rt touches a private Tornado attribute. What this module
 * ``TCPServer._sockets`` / ``_handlers`` (dicts) and ``TCPServer._handle_connection``: the
   listener's own accept loop (:mod:`tornado_rt.listener`: back-off at the file-descriptor limit)
   registers its listening sockets there and hands accepted connections on as Tornado would.
+* ``RequestHandler._request_summary()``: overridden (:class:`RedactedSummary`, the base of the
+  WebSocket and HTTP API handlers) so that Tornado's own log lines (access log, uncaught
+  exceptions) show the URI with ``jwt_token`` and other credentials redacted.
 
 They are checked once: the protocol class at import, the stream on the first connection. When
 something differs (a Tornado upgrade), one WARNING is logged and the public API is used
 instead: no direct sends (every byte through ``IOStream.write``, which keeps order by itself),
 the outgoing-buffer limit through ``IOStream.max_write_buffer_size``, Tornado's own frame
 writing and frame loop, the deques left as they are, Tornado's own accept loop. Slower and
-bigger, never wrong.
+bigger, never wrong. (The request summary has no public counterpart: when Tornado's log paths no
+longer call it, the WARNING says that its log lines may show credentials.)
 ``tests/test_tornado_contract.py`` fails loudly when any of these changes.
 """
 from __future__ import annotations
@@ -44,7 +48,10 @@ from typing import Any, List, Optional, Tuple
 from tornado.httputil import HTTPHeaders
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 from tornado.util import _websocket_mask
+from tornado.web import Application, RequestHandler
 from tornado.websocket import WebSocketProtocol13
+
+from .redaction import redact_uri
 
 log = logging.getLogger("tornado_rt.transport")
 
@@ -166,6 +173,52 @@ class Internals:
 
 
 INTERNALS = Internals()
+
+
+def handler_problems(cls: Any = RequestHandler, app: Any = Application) -> List[str]:
+    """What differs in Tornado's request handler from what :class:`RedactedSummary` relies on:
+    ``RequestHandler._request_summary()`` exists, and Tornado's log lines are built with it (the
+    access log, ``Application.log_request``; uncaught exceptions, ``RequestHandler.log_exception``)."""
+    summary = getattr(cls, "_request_summary", None)
+    if not callable(summary):
+        return ["RequestHandler._request_summary is missing"]
+    problems = []
+    for owner, name, call in ((app, "log_request", "handler._request_summary()"),
+                              (cls, "log_exception", "self._request_summary()")):
+        method = getattr(owner, name, None)
+        if not callable(method):
+            problems.append(f"{owner.__name__}.{name} is missing")
+            continue
+        try:
+            source = inspect.getsource(method)
+        except (OSError, TypeError):  # no source to read (a frozen or .pyc-only install): trust it
+            continue
+        if call not in source:
+            problems.append(f"{owner.__name__}.{name} does not call _request_summary()")
+    return problems
+
+
+def check_handler() -> bool:
+    """Whether Tornado's log lines go through :class:`RedactedSummary` (else one WARNING)."""
+    problems = handler_problems()
+    if problems:
+        import tornado
+        log.warning("Tornado %s differs from what tornado-rt expects (%s); Tornado's own log lines "
+                    "(access log, uncaught exceptions) may show request URIs unredacted, jwt_token "
+                    "included: check your log handlers", tornado.version, "; ".join(problems))
+    return not problems
+
+
+HANDLER_SUMMARY = check_handler()
+
+
+class RedactedSummary(RequestHandler):
+    """The base of tornado-rt's handlers: Tornado's own log lines about a request (access log,
+    uncaught exceptions) show its URI with credentials (``jwt_token``, ...) redacted."""
+
+    def _request_summary(self) -> str:
+        request = self.request
+        return "%s %s (%s)" % (request.method, redact_uri(request.uri or ""), request.remote_ip)
 
 
 # --- the writer --------------------------------------------------------------------------------
