@@ -46,6 +46,7 @@ import re
 import time
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
 
+from tornado import httputil
 from tornado.http1connection import HTTP1Connection
 from tornado.ioloop import IOLoop
 from tornado.web import Application, HTTPError, RequestHandler, stream_request_body
@@ -279,10 +280,18 @@ class HttpApi:
 _METHODS = ("get", "post", "put", "delete", "patch", "head", "options")
 
 
+def _reason(status_code: int, exc: Any, reason: Optional[str]) -> str:
+    """The reason phrase ``RequestHandler.send_error`` sets: the HTTPError's own, else the
+    ``reason`` passed to it, else the standard phrase of the status."""
+    if isinstance(exc, HTTPError) and exc.reason:
+        return exc.reason
+    return reason or httputil.responses.get(status_code, "Unknown")
+
+
 def _unless_answered(method: Any) -> Any:
     @functools.wraps(method)
     def wrapper(self: "ApiHandler", *args: Any) -> Any:
-        if self._finished:  # already answered while the body streamed in (413)
+        if self.answered:  # already answered while the body streamed in (413)
             return None
         return method(self, *args)
     return wrapper
@@ -297,6 +306,8 @@ class ApiHandler(transport.RedactedSummary):
     #: Methods that read a JSON body.
     json_methods: Sequence[str] = ()
     _implemented: Optional[List[str]] = None  # implemented_methods(), per class
+    #: Whether the answer is finished (set by :meth:`finish`, which every answer goes through).
+    answered = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -363,7 +374,7 @@ class ApiHandler(transport.RedactedSummary):
             connection.set_max_body_size(1 << 62)
 
     def data_received(self, chunk: bytes) -> None:
-        if self._finished or self._chunks is None:
+        if self.answered or self._chunks is None:
             return
         if (self.request.method or "").lower() not in self.json_methods:
             return  # never buffered (refused at the head when announced)
@@ -435,10 +446,14 @@ class ApiHandler(transport.RedactedSummary):
             message, field = f"{self.request.method} is not a supported method", None
         elif status_code >= 500:
             message, field = "internal server error", None
-        else:
-            message, field = self._reason, None
+        else:  # the reason send_error gave the status line (Tornado's rule, from public values)
+            message, field = _reason(status_code, exc, kwargs.get("reason")), None
         self.set_header("Content-Type", "application/json; charset=UTF-8")
         self.finish(_encode({"error": message, "field": field}))
+
+    def finish(self, chunk: Any = None) -> "asyncio.Future[None]":
+        self.answered = True
+        return super().finish(chunk)
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if isinstance(value, (HTTPError, FieldError)):
