@@ -61,14 +61,18 @@ _pack_short = struct.Struct("!BBH").pack
 _pack_long = struct.Struct("!BBQ").pack
 
 
-def frame_header(fin: bool, opcode: int, n: int, flags: int = 0) -> bytes:
-    """The header of an unmasked server-to-client frame (RFC 6455 §5.2) of ``n`` payload bytes."""
-    first = (0x80 if fin else 0) | opcode | flags
+def frame(payload: bytes, first: int = 0x81) -> bytes:
+    """An unmasked server-to-client frame (RFC 6455 §5.2) around ``payload``; ``first`` is its
+    first byte (FIN, RSV bits, opcode), by default that of a whole text message. The one frame
+    builder: ``hub.text_frame`` (the fan-out's, built once per message) is this function.
+
+    Server-to-client frames are never masked, so the same bytes serve every recipient."""
+    n = len(payload)
     if n < 126:
-        return bytes((first, n))
+        return bytes((first, n)) + payload
     if n < 65536:
-        return _pack_short(first, 126, n)
-    return _pack_long(first, 127, n)
+        return _pack_short(first, 126, n) + payload
+    return _pack_long(first, 127, n) + payload
 
 
 _unpack_short = struct.Struct("!H").unpack
@@ -448,9 +452,9 @@ class RealtimeProtocol(WebSocketProtocol13):
             return super()._write_frame(fin, opcode, data, flags)  # before open(): the handshake
         if opcode & 0x8 and (not fin or len(data) > 125):
             raise ValueError("control frames may not be fragmented or exceed 125 bytes")
-        frame = frame_header(fin, opcode, len(data), flags) + data
-        self._wire_bytes_out += len(frame)
-        return transport.send_frame(frame, opcode)
+        whole = frame(data, (0x80 if fin else 0) | opcode | flags)
+        self._wire_bytes_out += len(whole)
+        return transport.send_frame(whole, opcode)
 
     def close(self, code: Optional[int] = None, reason: Optional[str] = None) -> None:
         handler: Any = self.handler
