@@ -272,31 +272,41 @@ class Transport:
         if self.closed:
             out.clear()
             return 0
-        stream = self.stream
-        sock = self.sock
-        sent = 0
-        if sock is not None and stream._total_write_index == stream._total_write_done_index:
-            try:
-                sent = sock.send(data)
-            except OSError:
-                sent = 0  # full (EAGAIN) or gone: IOStream.write finds out which
-            if sent == len(data):
-                out.clear()
-                return 0
-            if sent:
-                data = memoryview(data)[sent:]
-        lengths = array("Q", map(len, out)) if self._direct else None
-        out.clear()
         try:
-            self._write(data, lengths, sent)
+            if self._send(data) is None:
+                return 0
         except StreamClosedError:
             self.closed = True
             return 0
         except StreamBufferFullError:
             return sys.maxsize  # the public API's limit (fallback): over the limit
         if self._direct:
+            stream = self.stream
             return stream._total_write_index - stream._total_write_done_index
         return 0
+
+    def _send(self, data: Any) -> "Optional[asyncio.Future[None]]":
+        """Write ``data`` (the queue, joined) and empty the queue: straight to the socket while
+        Tornado holds no byte of this connection, what the kernel does not take through
+        ``IOStream.write``. None when the socket took everything, else IOStream's Future."""
+        out = self.out
+        sock = self.sock
+        sent = 0
+        if sock is not None:
+            stream = self.stream
+            if stream._total_write_index == stream._total_write_done_index:
+                try:
+                    sent = sock.send(data)
+                except OSError:
+                    sent = 0  # full (EAGAIN) or gone: IOStream.write finds out which
+                if sent == len(data):
+                    out.clear()
+                    return None
+                if sent:
+                    data = memoryview(data)[sent:]
+        lengths = array("Q", map(len, out)) if self._direct else None
+        out.clear()
+        return self._write(data, lengths, sent)
 
     def _write(self, data: Any, lengths: "Optional[array[int]]", sent: int) -> "asyncio.Future[None]":
         """``IOStream.write``, noting where the frames of the write end (with the internals)."""
@@ -335,24 +345,11 @@ class Transport:
         data = b"".join(out)
         if opcode == _CLOSE:
             self.closed = True  # RFC 6455 §5.5.1: nothing after the close frame
-        stream = self.stream
-        sock = self.sock
-        sent = 0
-        if sock is not None and stream._total_write_index == stream._total_write_done_index:
-            try:
-                sent = sock.send(data)
-            except OSError:
-                sent = 0
-            if sent == len(data):
-                out.clear()
-                done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                done.set_result(None)
-                return done
-            if sent:
-                data = memoryview(data)[sent:]  # type: ignore[assignment]
-        lengths = array("Q", map(len, out)) if self._direct else None
-        out.clear()
-        return self._write(data, lengths, sent)
+        future = self._send(data)
+        if future is None:  # all on the socket: Tornado's contract still wants a Future
+            future = asyncio.get_running_loop().create_future()
+            future.set_result(None)
+        return future
 
     def discard_backlog(self) -> Optional[int]:
         """Drop the frames Tornado holds that the peer has not started to receive, keeping the
