@@ -458,7 +458,7 @@ class ApiHandler(transport.RedactedSummary):
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if isinstance(value, (HTTPError, FieldError)):
             return  # the access log has the status; the client has the sentence
-        log.error("uncaught exception in %s", self._request_summary(), exc_info=(typ, value, tb))
+        log.error("uncaught exception in %s", self.request_summary(), exc_info=(typ, value, tb))
 
 
 #: The answers' encoder, built once: ``json.dumps`` with any option builds a new JSONEncoder per

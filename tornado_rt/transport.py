@@ -220,9 +220,13 @@ class RedactedSummary(RequestHandler):
     """The base of tornado-rt's handlers: Tornado's own log lines about a request (access log,
     uncaught exceptions) show its URI with credentials (``jwt_token``, ...) redacted."""
 
-    def _request_summary(self) -> str:
+    def request_summary(self) -> str:
+        """``METHOD /redacted-uri (peer)``: how a log line names this request."""
         request = self.request
         return "%s %s (%s)" % (request.method, redact_uri(request.uri or ""), request.remote_ip)
+
+    def _request_summary(self) -> str:  # Tornado's name, which its log lines call
+        return self.request_summary()
 
 
 # --- the writer --------------------------------------------------------------------------------
