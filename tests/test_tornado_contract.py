@@ -218,7 +218,93 @@ async def test_the_listener_falls_back_to_tornados_accept_loop_and_still_serves(
         server.add_sockets(sockets)
     try:
         assert any("own loop" in r.getMessage() for r in caplog.records)
+        assert server.ports == [port]  # recorded by the listener itself, whichever loop accepts
         response = await AsyncHTTPClient().fetch(f"http://127.0.0.1:{port}/")
         assert response.body == b"hello"
     finally:
         server.stop()
+
+
+def test_the_guarded_listener_reports_its_ports_and_forgets_them_on_stop():
+    from tornado.netutil import bind_sockets
+
+    from tornado_rt.listener import GuardedHTTPServer
+
+    server = GuardedHTTPServer(Application())
+    sockets = bind_sockets(0, "127.0.0.1")
+    server.add_sockets(sockets)
+    assert server.ports == [sockets[0].getsockname()[1]]
+    server.stop()
+    assert server.ports == []
+
+
+def test_request_summary_internals_are_as_expected():
+    """Tornado's access log and uncaught-exception log are built with _request_summary(), which
+    tornado-rt's handlers override to redact jwt_token: a Tornado that stops calling it fails here."""
+    assert transport.handler_problems() == []
+    assert transport.HANDLER_SUMMARY is True
+    from tornado_rt.httpapi import ApiHandler
+    for cls in (RealtimeHandler, ApiHandler):
+        assert cls._request_summary is transport.RedactedSummary._request_summary
+
+
+def test_a_handler_without_the_summary_is_reported(caplog, monkeypatch):
+    class NoSummary:
+        def log_exception(self):
+            pass
+
+    assert transport.handler_problems(NoSummary) == ["RequestHandler._request_summary is missing"]
+
+    class Quiet:
+        def _request_summary(self):
+            return ""
+
+        def log_exception(self):
+            pass
+
+    class App:
+        def log_request(self, handler):
+            pass
+
+    assert transport.handler_problems(Quiet, App) == [
+        "App.log_request does not call _request_summary()",
+        "Quiet.log_exception does not call _request_summary()"]
+    monkeypatch.setattr(transport, "handler_problems", lambda: ["RequestHandler._request_summary is missing"])
+    with caplog.at_level(logging.WARNING, logger="tornado_rt.transport"):
+        assert transport.check_handler() is False
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "unredacted" in caplog.records[0].getMessage()
+
+
+@pytest.mark.gen_test
+async def test_tornados_own_log_lines_show_the_redacted_summary(caplog):
+    """Tornado's access log (Application.log_request) and its uncaught-exception log
+    (RequestHandler.log_exception) name the request through RedactedSummary: no jwt_token."""
+    import sys
+
+    from tornado.http1connection import HTTP1Connection
+    from tornado.httputil import HTTPHeaders, HTTPServerRequest, RequestStartLine
+
+    token = make_token(1)
+    a, b = socket.socketpair()
+    stream = IOStream(a)
+    try:
+        request = HTTPServerRequest(
+            connection=HTTP1Connection(stream, False), headers=HTTPHeaders({"Host": "example.com"}),
+            start_line=RequestStartLine("GET", f"/ws/core/?jwt_token={token}", "HTTP/1.1"))
+        app = Application()
+        handler = transport.RedactedSummary(app, request)
+        with caplog.at_level(logging.INFO):
+            app.log_request(handler)
+            try:
+                raise RuntimeError("boom")
+            except RuntimeError:
+                handler.log_exception(*sys.exc_info())
+    finally:
+        stream.close()
+        b.close()
+    lines = [r.getMessage() for r in caplog.records if r.name in ("tornado.access", "tornado.application")]
+    assert len(lines) == 2
+    for line in lines:  # (the exception log's own request repr, on the next line, is Tornado's)
+        summary = line.splitlines()[0]
+        assert "GET /ws/core/?jwt_token=[redacted]" in summary and token not in summary

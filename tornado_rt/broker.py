@@ -30,13 +30,14 @@ import time
 from typing import Any, Awaitable, Callable, Optional
 
 from .envelope import Envelope
+from .settings import default
 
 Deliver = Callable[[Envelope], None]
 OnGap = Callable[[], Any]
 
 #: Defaults of the idempotency window (``Settings.dedup_window`` / ``Settings.dedup_max_ids``).
-DEDUP_WINDOW = 300.0
-DEDUP_MAX_IDS = 100_000
+DEDUP_WINDOW: float = default("dedup_window")
+DEDUP_MAX_IDS: int = default("dedup_max_ids")
 
 
 class BrokerUnavailable(RuntimeError):

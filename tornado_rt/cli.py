@@ -399,23 +399,20 @@ def dev_banner(config: Config, base_http: str, ws_url: str) -> str:
     """What ``--dev`` prints: generated keys, a JWT for user 1, a curl example, a browser snippet."""
     import json
 
-    import jwt
-
     lines = ["", "tornado-rt development mode: never use these settings in production."]
     if "jwt_secret" in config.generated:
         lines.append(f"  JWT secret (generated): {config.generated['jwt_secret']}")
     if "api_key" in config.generated:
         lines.append(f"  API key (generated):    {config.generated['api_key']}")
     api_key = config.api_keys[0]
-    hmac_algs = [a for a in config.jwt_algorithms if a in HMAC_ALGORITHMS]
-    token = None
-    if hmac_algs and config.jwt_secret:
-        claims = {config.jwt_user_claim: 1, "exp": int(time.time()) + 24 * 3600, "token_type": "access"}
-        if config.jwt_audience:
-            claims["aud"] = config.jwt_audience
-        if config.jwt_issuer:
-            claims["iss"] = config.jwt_issuer
-        token = jwt.encode(claims, config.jwt_secret, algorithm=hmac_algs[0])
+    from .tools import make_token  # the one place tokens are minted (as `tornado-rt token`)
+
+    token: Optional[str]
+    try:
+        token = make_token(config, 1, 24 * 3600, {})
+    except (ConfigError, ImportError):  # no key that signs (or no cryptography for a private key)
+        token = None
+    if token is not None:
         lines.append(f"  JWT for user 1 (valid 24 h): {token}")
     else:
         lines.append("  (no JWT printed: the allowed algorithms need your private key to sign one)")

@@ -64,7 +64,7 @@ class Heartbeat:
             session.ping_timed_out()
 
 
-class RealtimeHandler(WebSocketHandler):
+class RealtimeHandler(transport.RedactedSummary, WebSocketHandler):
     """The WebSocket endpoint. Route it with ``RealtimeServer.routes()``, or give a subclass as
     ``RealtimeServer(handler_class=...)``. ``session`` is the connection's
     :class:`~tornado_rt.session.Session` once the WebSocket is open."""
@@ -124,9 +124,6 @@ class RealtimeHandler(WebSocketHandler):
     def get_websocket_protocol(self) -> Optional[WebSocketProtocol13]:
         protocol: Any = super().get_websocket_protocol()  # Tornado's version check and parameters
         return transport.make_protocol(self, protocol, self.server)
-
-    def _request_summary(self) -> str:
-        return "%s %s (%s)" % (self.request.method, redact(self.request.uri or ""), self.request.remote_ip)
 
     # --- Tornado -> session -------------------------------------------------------------------
     def open(self, *args: Any, **kwargs: Any) -> Optional[Any]:

@@ -46,6 +46,7 @@ import re
 import time
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
 
+from tornado import httputil
 from tornado.http1connection import HTTP1Connection
 from tornado.ioloop import IOLoop
 from tornado.web import Application, HTTPError, RequestHandler, stream_request_body
@@ -58,7 +59,7 @@ from .errors import FieldError, require_id, require_ids
 from .listener import mark_authenticated
 from .policy import Directory
 from .redaction import redact_uri
-from . import refusals
+from . import refusals, transport
 from .proxy import apply_forwarded
 from .server import RealtimeServer, web_socket_id_from_request
 from .settings import Standalone
@@ -279,17 +280,25 @@ class HttpApi:
 _METHODS = ("get", "post", "put", "delete", "patch", "head", "options")
 
 
+def _reason(status_code: int, exc: Any, reason: Optional[str]) -> str:
+    """The reason phrase ``RequestHandler.send_error`` sets: the HTTPError's own, else the
+    ``reason`` passed to it, else the standard phrase of the status."""
+    if isinstance(exc, HTTPError) and exc.reason:
+        return exc.reason
+    return reason or httputil.responses.get(status_code, "Unknown")
+
+
 def _unless_answered(method: Any) -> Any:
     @functools.wraps(method)
     def wrapper(self: "ApiHandler", *args: Any) -> Any:
-        if self._finished:  # already answered while the body streamed in (413)
+        if self.answered:  # already answered while the body streamed in (413)
             return None
         return method(self, *args)
     return wrapper
 
 
 @stream_request_body
-class ApiHandler(RequestHandler):
+class ApiHandler(transport.RedactedSummary):
     """Base of every endpoint: key check, method check, content type, body limit, JSON errors."""
 
     #: Whether the endpoint needs ``Authorization: Bearer <api key>``.
@@ -297,6 +306,8 @@ class ApiHandler(RequestHandler):
     #: Methods that read a JSON body.
     json_methods: Sequence[str] = ()
     _implemented: Optional[List[str]] = None  # implemented_methods(), per class
+    #: Whether the answer is finished (set by :meth:`finish`, which every answer goes through).
+    answered = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -363,7 +374,7 @@ class ApiHandler(RequestHandler):
             connection.set_max_body_size(1 << 62)
 
     def data_received(self, chunk: bytes) -> None:
-        if self._finished or self._chunks is None:
+        if self.answered or self._chunks is None:
             return
         if (self.request.method or "").lower() not in self.json_methods:
             return  # never buffered (refused at the head when announced)
@@ -435,18 +446,19 @@ class ApiHandler(RequestHandler):
             message, field = f"{self.request.method} is not a supported method", None
         elif status_code >= 500:
             message, field = "internal server error", None
-        else:
-            message, field = self._reason, None
+        else:  # the reason send_error gave the status line (Tornado's rule, from public values)
+            message, field = _reason(status_code, exc, kwargs.get("reason")), None
         self.set_header("Content-Type", "application/json; charset=UTF-8")
         self.finish(_encode({"error": message, "field": field}))
+
+    def finish(self, chunk: Any = None) -> "asyncio.Future[None]":
+        self.answered = True
+        return super().finish(chunk)
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if isinstance(value, (HTTPError, FieldError)):
             return  # the access log has the status; the client has the sentence
-        log.error("uncaught exception in %s", self._request_summary(), exc_info=(typ, value, tb))
-
-    def _request_summary(self) -> str:
-        return "%s %s (%s)" % (self.request.method, redact_uri(self.request.uri or ""), self.request.remote_ip)
+        log.error("uncaught exception in %s", self.request_summary(), exc_info=(typ, value, tb))
 
 
 #: The answers' encoder, built once: ``json.dumps`` with any option builds a new JSONEncoder per

@@ -26,16 +26,13 @@ subscriptions per (permission group, page group) pair, not connections (the memb
 from __future__ import annotations
 
 import logging
-import struct
 from typing import Any, Callable, Dict, Hashable, Iterable, List, Optional, Set, Tuple
 
 from . import closecodes
 from .refusals import refuse
+from .transport import frame
 
 log = logging.getLogger("tornado_rt.hub")
-
-_pack_short = struct.Struct("!BBH").pack
-_pack_long = struct.Struct("!BBQ").pack
 
 
 def _permission_group(subscription: Any) -> Optional[str]:
@@ -49,17 +46,9 @@ def _permission_group(subscription: Any) -> Optional[str]:
         return None
 
 
-def text_frame(payload: bytes) -> bytes:
-    """An unmasked, unfragmented WebSocket text frame (RFC 6455 §5.2) around UTF-8 ``payload``.
-
-    Server-to-client frames are never masked, so the same bytes serve every recipient.
-    """
-    n = len(payload)
-    if n < 126:
-        return bytes((0x81, n)) + payload
-    if n < 65536:
-        return _pack_short(0x81, 126, n) + payload
-    return _pack_long(0x81, 127, n) + payload
+#: ``text_frame(payload)``: an unmasked, unfragmented WebSocket text frame (RFC 6455 §5.2) around
+#: UTF-8 ``payload``, the same bytes for every recipient (the transport's one frame builder).
+text_frame = frame
 
 
 class Hub:

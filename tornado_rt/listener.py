@@ -43,6 +43,7 @@ import logging
 import os
 import socket
 import time
+import weakref
 from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 from tornado import httputil
@@ -73,7 +74,9 @@ MAX_PAUSE = 1.0
 #: Seconds between two log lines of the same kind of refusal.
 LOG_INTERVAL = 60.0
 
-_STREAM_ATTR = "_tornado_rt_listener"
+#: The unauthenticated connections a GuardedHTTPServer counts: stream -> (server, peer address).
+#: Kept here, not on the stream, and weakly, so a stream Tornado drops is not held.
+_GUARDED: "weakref.WeakKeyDictionary[IOStream, Tuple[GuardedHTTPServer, str]]" = weakref.WeakKeyDictionary()
 
 
 # --- process-wide helpers ----------------------------------------------------------------------------
@@ -324,12 +327,15 @@ class GuardedHTTPServer(HTTPServer):
         self._exhausted = False
         self._unauthenticated: Dict[str, Set[IOStream]] = {}
         self._header_deadlines: Dict[IOStream, Any] = {}
+        self._listening: List[socket.socket] = []  # for ``ports``, whichever accept loop is used
         super().initialize(request_callback, idle_connection_timeout=chosen.idle_timeout,
                            body_timeout=chosen.body_timeout, **kwargs)
 
     # --- accepting ----------------------------------------------------------------------------------
     def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
         """Start accepting on ``sockets`` with the guarded accept loop."""
+        sockets = list(sockets)
+        self._listening.extend(sockets)
         if not transport.can_adopt_listeners(self):  # Tornado's internals differ: its own loop
             super().add_sockets(sockets)
             return
@@ -381,7 +387,7 @@ class GuardedHTTPServer(HTTPServer):
                 return
         if host is not None:
             self._unauthenticated.setdefault(host, set()).add(stream)
-            setattr(stream, _STREAM_ATTR, (self, host))
+            _GUARDED[stream] = (self, host)
         self._header_deadlines[stream] = stream.io_loop.call_later(
             self.header_timeout, self._header_timed_out, stream)
         super().handle_stream(stream, address)
@@ -401,10 +407,10 @@ class GuardedHTTPServer(HTTPServer):
 
     def release(self, stream: IOStream) -> None:
         """``stream`` no longer counts as unauthenticated (idempotent)."""
-        guard = getattr(stream, _STREAM_ATTR, None)
+        guard = _GUARDED.get(stream)
         if guard is None or guard[0] is not self:
             return
-        delattr(stream, _STREAM_ATTR)
+        del _GUARDED[stream]
         host = guard[1]
         held = self._unauthenticated.get(host)
         if held is not None:
@@ -415,7 +421,11 @@ class GuardedHTTPServer(HTTPServer):
     @property
     def ports(self) -> List[int]:
         """The local ports of the listening sockets (``listen(app, 0)`` picks a free one)."""
-        return [sock.getsockname()[1] for sock in self._sockets.values() if sock.family != socket.AF_UNIX]
+        return [sock.getsockname()[1] for sock in self._listening if sock.family != socket.AF_UNIX]
+
+    def stop(self) -> None:
+        self._listening.clear()  # Tornado closes them
+        super().stop()
 
     def unauthenticated_count(self) -> int:
         return sum(len(s) for s in self._unauthenticated.values())
@@ -510,8 +520,8 @@ def mark_authenticated(request: httputil.HTTPServerRequest) -> None:
     TCP connection no longer counts against ``max_unauthenticated_per_address``. Call it from
     a handler once the credential is checked; a no-op under any other server."""
     stream = getattr(request.connection, "stream", None)
-    guard = getattr(stream, _STREAM_ATTR, None)
-    if guard is not None:
+    guard = _GUARDED.get(stream) if stream is not None else None
+    if guard is not None and stream is not None:
         guard[0].release(stream)
 
 

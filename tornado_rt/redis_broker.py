@@ -92,6 +92,7 @@ from .broker import Broker, BrokerUnavailable
 from .envelope import (DISCONNECT, MESSAGE, REVOKE, Envelope, PublishError, directory_envelope, id_list,
                        individual_envelope, message_envelope)
 from .redaction import redact_url
+from .settings import default
 
 try:
     from redis.asyncio.connection import ConnectionPool
@@ -100,6 +101,12 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("RedisBroker needs the redis extra: pip install 'tornado-rt[redis]'") from exc
 
 log = logging.getLogger("tornado_rt.redis")
+
+# The defaults of the constructors below: those of the settings (tornado_rt.settings declares them).
+_PREFIX: str = default("redis_channel_prefix")
+_STREAM_LENGTH: int = default("redis_stream_length")
+_HISTORY_SIZE: int = default("history_size")
+_HISTORY_TTL: float = default("history_ttl")
 
 #: Envelopes sent in one script call to Redis at most.
 MAX_BATCH = 512
@@ -270,8 +277,8 @@ class RedisBroker(Broker):
     stored snapshot's position is moved forward without a change (default 10,000).
     """
 
-    def __init__(self, url: str, channel_prefix: str = "tornado-rt", *,
-                 publish_timeout: float = 2.0, stream_length: int = 100_000,
+    def __init__(self, url: str, channel_prefix: str = _PREFIX, *,
+                 publish_timeout: float = 2.0, stream_length: int = _STREAM_LENGTH,
                  socket_timeout: float = 2.0, connect_timeout: float = 1.0,
                  reconnect_min: float = 0.1, reconnect_max: float = 5.0,
                  health_check_interval: float = 5.0, start_timeout: float = 5.0,
@@ -1040,7 +1047,7 @@ class _Publishing:
 
     def __init__(self, url: str, channel_prefix: str, plugins: Any, registry: Any,
                  load_entry_points: bool, types: Optional[str], publish_timeout: float,
-                 stream_length: int, history_size: int = 100, history_ttl: float = 300.0):
+                 stream_length: int, history_size: int = _HISTORY_SIZE, history_ttl: float = _HISTORY_TTL):
         from .registry import Registry, entry_point_plugins
         from .server import builtin_plugins
 
@@ -1190,10 +1197,10 @@ class RedisPublisher(_Publishing):
     does not answer within ``publish_timeout``.
     """
 
-    def __init__(self, url: str, channel_prefix: str = "tornado-rt", *, plugins: Any = (),
+    def __init__(self, url: str, channel_prefix: str = _PREFIX, *, plugins: Any = (),
                  registry: Any = None, load_entry_points: bool = True, types: Optional[str] = None,
                  publish_timeout: float = 2.0, connect_timeout: float = 1.0,
-                 stream_length: int = 100_000, history_size: int = 100, history_ttl: float = 300.0):
+                 stream_length: int = _STREAM_LENGTH, history_size: int = _HISTORY_SIZE, history_ttl: float = _HISTORY_TTL):
         import redis as redis_sync
 
         super().__init__(url, channel_prefix, plugins, registry, load_entry_points, types, publish_timeout,
@@ -1274,10 +1281,10 @@ class AsyncRedisPublisher(_Publishing):
     """:class:`RedisPublisher` for asyncio code (FastAPI, aiohttp, Tornado): the same arguments;
     the publishing methods are coroutines. Uses redis-py's asyncio client (a pool)."""
 
-    def __init__(self, url: str, channel_prefix: str = "tornado-rt", *, plugins: Any = (),
+    def __init__(self, url: str, channel_prefix: str = _PREFIX, *, plugins: Any = (),
                  registry: Any = None, load_entry_points: bool = True, types: Optional[str] = None,
                  publish_timeout: float = 2.0, connect_timeout: float = 1.0,
-                 stream_length: int = 100_000, history_size: int = 100, history_ttl: float = 300.0):
+                 stream_length: int = _STREAM_LENGTH, history_size: int = _HISTORY_SIZE, history_ttl: float = _HISTORY_TTL):
         import redis.asyncio as redis_async
 
         super().__init__(url, channel_prefix, plugins, registry, load_entry_points, types, publish_timeout,

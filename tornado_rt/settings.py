@@ -639,3 +639,14 @@ def write_readme(path: str) -> None:
     end = text.index(README_END, start)
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(f"{text[:start]}\n{markdown_table()}{text[end:]}")
+
+
+def default(name: str) -> Any:
+    """The declared default of the setting ``name`` (a field of :class:`Settings` or
+    :class:`Standalone`): code that needs a default outside a settings object takes it from here,
+    so the declaration stays the only place it is written."""
+    for cls in (Settings, Standalone):
+        for field in dataclasses.fields(cls):
+            if field.name == name:
+                return field.default
+    raise KeyError(f"no setting named {name!r}")

@@ -21,13 +21,17 @@ Nothing else in tornado-rt touches a private Tornado attribute. What this module
 * ``TCPServer._sockets`` / ``_handlers`` (dicts) and ``TCPServer._handle_connection``: the
   listener's own accept loop (:mod:`tornado_rt.listener`: back-off at the file-descriptor limit)
   registers its listening sockets there and hands accepted connections on as Tornado would.
+* ``RequestHandler._request_summary()``: overridden (:class:`RedactedSummary`, the base of the
+  WebSocket and HTTP API handlers) so that Tornado's own log lines (access log, uncaught
+  exceptions) show the URI with ``jwt_token`` and other credentials redacted.
 
 They are checked once: the protocol class at import, the stream on the first connection. When
 something differs (a Tornado upgrade), one WARNING is logged and the public API is used
 instead: no direct sends (every byte through ``IOStream.write``, which keeps order by itself),
 the outgoing-buffer limit through ``IOStream.max_write_buffer_size``, Tornado's own frame
 writing and frame loop, the deques left as they are, Tornado's own accept loop. Slower and
-bigger, never wrong.
+bigger, never wrong. (The request summary has no public counterpart: when Tornado's log paths no
+longer call it, the WARNING says that its log lines may show credentials.)
 ``tests/test_tornado_contract.py`` fails loudly when any of these changes.
 """
 from __future__ import annotations
@@ -44,7 +48,10 @@ from typing import Any, List, Optional, Tuple
 from tornado.httputil import HTTPHeaders
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 from tornado.util import _websocket_mask
+from tornado.web import Application, RequestHandler
 from tornado.websocket import WebSocketProtocol13
+
+from .redaction import redact_uri
 
 log = logging.getLogger("tornado_rt.transport")
 
@@ -54,14 +61,18 @@ _pack_short = struct.Struct("!BBH").pack
 _pack_long = struct.Struct("!BBQ").pack
 
 
-def frame_header(fin: bool, opcode: int, n: int, flags: int = 0) -> bytes:
-    """The header of an unmasked server-to-client frame (RFC 6455 §5.2) of ``n`` payload bytes."""
-    first = (0x80 if fin else 0) | opcode | flags
+def frame(payload: bytes, first: int = 0x81) -> bytes:
+    """An unmasked server-to-client frame (RFC 6455 §5.2) around ``payload``; ``first`` is its
+    first byte (FIN, RSV bits, opcode), by default that of a whole text message. The one frame
+    builder: ``hub.text_frame`` (the fan-out's, built once per message) is this function.
+
+    Server-to-client frames are never masked, so the same bytes serve every recipient."""
+    n = len(payload)
     if n < 126:
-        return bytes((first, n))
+        return bytes((first, n)) + payload
     if n < 65536:
-        return _pack_short(first, 126, n)
-    return _pack_long(first, 127, n)
+        return _pack_short(first, 126, n) + payload
+    return _pack_long(first, 127, n) + payload
 
 
 _unpack_short = struct.Struct("!H").unpack
@@ -168,6 +179,56 @@ class Internals:
 INTERNALS = Internals()
 
 
+def handler_problems(cls: Any = RequestHandler, app: Any = Application) -> List[str]:
+    """What differs in Tornado's request handler from what :class:`RedactedSummary` relies on:
+    ``RequestHandler._request_summary()`` exists, and Tornado's log lines are built with it (the
+    access log, ``Application.log_request``; uncaught exceptions, ``RequestHandler.log_exception``)."""
+    summary = getattr(cls, "_request_summary", None)
+    if not callable(summary):
+        return ["RequestHandler._request_summary is missing"]
+    problems = []
+    for owner, name, call in ((app, "log_request", "handler._request_summary()"),
+                              (cls, "log_exception", "self._request_summary()")):
+        method = getattr(owner, name, None)
+        if not callable(method):
+            problems.append(f"{owner.__name__}.{name} is missing")
+            continue
+        try:
+            source = inspect.getsource(method)
+        except (OSError, TypeError):  # no source to read (a frozen or .pyc-only install): trust it
+            continue
+        if call not in source:
+            problems.append(f"{owner.__name__}.{name} does not call _request_summary()")
+    return problems
+
+
+def check_handler() -> bool:
+    """Whether Tornado's log lines go through :class:`RedactedSummary` (else one WARNING)."""
+    problems = handler_problems()
+    if problems:
+        import tornado
+        log.warning("Tornado %s differs from what tornado-rt expects (%s); Tornado's own log lines "
+                    "(access log, uncaught exceptions) may show request URIs unredacted, jwt_token "
+                    "included: check your log handlers", tornado.version, "; ".join(problems))
+    return not problems
+
+
+HANDLER_SUMMARY = check_handler()
+
+
+class RedactedSummary(RequestHandler):
+    """The base of tornado-rt's handlers: Tornado's own log lines about a request (access log,
+    uncaught exceptions) show its URI with credentials (``jwt_token``, ...) redacted."""
+
+    def request_summary(self) -> str:
+        """``METHOD /redacted-uri (peer)``: how a log line names this request."""
+        request = self.request
+        return "%s %s (%s)" % (request.method, redact_uri(request.uri or ""), request.remote_ip)
+
+    def _request_summary(self) -> str:  # Tornado's name, which its log lines call
+        return self.request_summary()
+
+
 # --- the writer --------------------------------------------------------------------------------
 
 class Transport:
@@ -215,31 +276,41 @@ class Transport:
         if self.closed:
             out.clear()
             return 0
-        stream = self.stream
-        sock = self.sock
-        sent = 0
-        if sock is not None and stream._total_write_index == stream._total_write_done_index:
-            try:
-                sent = sock.send(data)
-            except OSError:
-                sent = 0  # full (EAGAIN) or gone: IOStream.write finds out which
-            if sent == len(data):
-                out.clear()
-                return 0
-            if sent:
-                data = memoryview(data)[sent:]
-        lengths = array("Q", map(len, out)) if self._direct else None
-        out.clear()
         try:
-            self._write(data, lengths, sent)
+            if self._send(data) is None:
+                return 0
         except StreamClosedError:
             self.closed = True
             return 0
         except StreamBufferFullError:
             return sys.maxsize  # the public API's limit (fallback): over the limit
         if self._direct:
+            stream = self.stream
             return stream._total_write_index - stream._total_write_done_index
         return 0
+
+    def _send(self, data: Any) -> "Optional[asyncio.Future[None]]":
+        """Write ``data`` (the queue, joined) and empty the queue: straight to the socket while
+        Tornado holds no byte of this connection, what the kernel does not take through
+        ``IOStream.write``. None when the socket took everything, else IOStream's Future."""
+        out = self.out
+        sock = self.sock
+        sent = 0
+        if sock is not None:
+            stream = self.stream
+            if stream._total_write_index == stream._total_write_done_index:
+                try:
+                    sent = sock.send(data)
+                except OSError:
+                    sent = 0  # full (EAGAIN) or gone: IOStream.write finds out which
+                if sent == len(data):
+                    out.clear()
+                    return None
+                if sent:
+                    data = memoryview(data)[sent:]
+        lengths = array("Q", map(len, out)) if self._direct else None
+        out.clear()
+        return self._write(data, lengths, sent)
 
     def _write(self, data: Any, lengths: "Optional[array[int]]", sent: int) -> "asyncio.Future[None]":
         """``IOStream.write``, noting where the frames of the write end (with the internals)."""
@@ -278,24 +349,11 @@ class Transport:
         data = b"".join(out)
         if opcode == _CLOSE:
             self.closed = True  # RFC 6455 §5.5.1: nothing after the close frame
-        stream = self.stream
-        sock = self.sock
-        sent = 0
-        if sock is not None and stream._total_write_index == stream._total_write_done_index:
-            try:
-                sent = sock.send(data)
-            except OSError:
-                sent = 0
-            if sent == len(data):
-                out.clear()
-                done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                done.set_result(None)
-                return done
-            if sent:
-                data = memoryview(data)[sent:]  # type: ignore[assignment]
-        lengths = array("Q", map(len, out)) if self._direct else None
-        out.clear()
-        return self._write(data, lengths, sent)
+        future = self._send(data)
+        if future is None:  # all on the socket: Tornado's contract still wants a Future
+            future = asyncio.get_running_loop().create_future()
+            future.set_result(None)
+        return future
 
     def discard_backlog(self) -> Optional[int]:
         """Drop the frames Tornado holds that the peer has not started to receive, keeping the
@@ -395,9 +453,9 @@ class RealtimeProtocol(WebSocketProtocol13):
             return super()._write_frame(fin, opcode, data, flags)  # before open(): the handshake
         if opcode & 0x8 and (not fin or len(data) > 125):
             raise ValueError("control frames may not be fragmented or exceed 125 bytes")
-        frame = frame_header(fin, opcode, len(data), flags) + data
-        self._wire_bytes_out += len(frame)
-        return transport.send_frame(frame, opcode)
+        whole = frame(data, (0x80 if fin else 0) | opcode | flags)
+        self._wire_bytes_out += len(whole)
+        return transport.send_frame(whole, opcode)
 
     def close(self, code: Optional[int] = None, reason: Optional[str] = None) -> None:
         handler: Any = self.handler
