@@ -143,7 +143,14 @@ class TaggingHandler(RealtimeHandler):
 def app(request):
     if "subclass_server" in request.fixturenames:
         return request.getfixturevalue("subclass_server").make_app()
-    return request.getfixturevalue("server").make_app()
+    return request.getfixturevalue("server").make_app([("/boom", Boom)])
+
+
+class Boom(transport.RedactedSummary):
+    """A handler on tornado-rt's shared base that fails before any of its own code runs."""
+
+    def prepare(self) -> None:
+        raise RuntimeError("boom")
 
 
 @pytest.fixture
@@ -308,3 +315,21 @@ async def test_tornados_own_log_lines_show_the_redacted_summary(caplog):
     for line in lines:  # (the exception log's own request repr, on the next line, is Tornado's)
         summary = line.splitlines()[0]
         assert "GET /ws/core/?jwt_token=[redacted]" in summary and token not in summary
+
+
+@pytest.mark.gen_test
+async def test_an_uncaught_exception_before_the_upgrade_never_logs_the_token(http_server, http_port, caplog):
+    """Tornado's own uncaught-exception line prints ``repr(request)``, whose URI still holds the
+    ``jwt_token`` before the handler redacts it: ours names the request by its redacted summary."""
+    from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+
+    token = make_token(1)
+    with caplog.at_level(logging.ERROR):
+        with pytest.raises(HTTPClientError) as failed:
+            await AsyncHTTPClient().fetch(f"http://127.0.0.1:{http_port}/boom?jwt_token={token}")
+    assert failed.value.code == 500
+    lines = [r for r in caplog.records if "Uncaught exception" in r.getMessage()]
+    assert len(lines) == 1 and "jwt_token=[redacted]" in lines[0].getMessage()
+    for record in caplog.records:
+        text = record.getMessage() + (logging.Formatter().formatException(record.exc_info) if record.exc_info else "")
+        assert token not in text

@@ -48,7 +48,8 @@ from typing import Any, List, Optional, Tuple
 from tornado.httputil import HTTPHeaders
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 from tornado.util import _websocket_mask
-from tornado.web import Application, RequestHandler
+from tornado.log import app_log
+from tornado.web import Application, HTTPError, RequestHandler
 from tornado.websocket import WebSocketProtocol13
 
 from .redaction import redact_uri
@@ -227,6 +228,14 @@ class RedactedSummary(RequestHandler):
 
     def _request_summary(self) -> str:  # Tornado's name, which its log lines call
         return self.request_summary()
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        """Tornado's uncaught-exception line also prints ``repr(request)``, whose URI still holds
+        the token until the handler redacts it: name the request by its summary only."""
+        if isinstance(value, HTTPError):
+            super().log_exception(typ, value, tb)  # a warning naming the summary, no repr
+            return
+        app_log.error("Uncaught exception %s", self.request_summary(), exc_info=(typ, value, tb))
 
 
 # --- the writer --------------------------------------------------------------------------------
