@@ -429,7 +429,7 @@ class Worker:
         self.parent = os.getppid()
         self.stats = Stats(totals, mins, index)
         self.conns: List[WSConn] = []
-        self.prepared: List[Tuple[bytes, Sequence[int], int]] = []
+        self.prepared: List[Tuple[bytes, Sequence[int], int]] = []  # (upgrade request, tables, port)
         self.proto = BASEROW
         self.done: Optional[asyncio.Future] = None
 
@@ -479,8 +479,11 @@ class Worker:
             from common import make_token  # bench/servers is on sys.path
             self.proto = cmd[2] if len(cmd) > 2 else BASEROW
             path = WS_PATHS[self.proto]
-            self.prepared = [(f"{path}?jwt_token={make_token(spec[0])}".encode(), tuple(spec[1]),
-                              spec[2] if len(spec) > 2 else self.port) for spec in cmd[1]]
+            self.prepared = []
+            for spec in cmd[1]:  # the whole upgrade request built now, outside any timing
+                port = spec[2] if len(spec) > 2 else self.port
+                self.prepared.append((upgrade_request(port, f"{path}?jwt_token={make_token(spec[0])}"),
+                                      tuple(spec[1]), port))
             self.replies.send(("prepared", len(self.prepared)))
         elif name == "connect":
             asyncio.ensure_future(self._connect(cmd[1]))
@@ -498,27 +501,47 @@ class Worker:
         elif name == "exit":
             self._stop()
 
-    async def _connect(self, concurrency: int) -> None:
+    async def _connect(self, concurrency: int, timeout: float = 300.0) -> None:
+        """Open the prepared connections with ``concurrency`` runners, each opening one at a time
+        (no task, semaphore or ``wait_for`` per connection: the client's own CPU per connect is
+        part of what a connect storm measures, for every server alike)."""
         specs, self.prepared = self.prepared, []
-        sem = asyncio.Semaphore(max(1, concurrency))
+        loop = asyncio.get_running_loop()
         stats = self.stats
+        proto = self.proto
         t_first = time.time()
         t_last = [t_first]
+        conns: List[WSConn] = []
+        todo = iter(specs)
 
-        async def one(path: bytes, pages, port: int):
-            async with sem:
-                conn = await open_connection(port, path.decode(), stats, pages, proto=self.proto)
+        async def runner() -> None:
+            for request, pages, port in todo:
+                ready = loop.create_future()
+                conn = WSConn(stats, request, pages, ready, False, proto)
+                stats.register(conn)
+                conns.append(conn)
+                try:
+                    await loop.create_connection(lambda: conn, "127.0.0.1", port)
+                    await ready
+                except OSError as exc:
+                    conn._fail(f"{type(exc).__name__}: {exc}")
+                    conn.close()
                 t_last[0] = time.time()
-                return conn
 
-        conns = await asyncio.gather(*(one(p, pages, port) for p, pages, port in specs))
+        runners = [asyncio.ensure_future(runner()) for _ in range(max(1, min(concurrency, len(specs))))]
+        _, late = await asyncio.wait(runners, timeout=timeout)
+        for task in late:
+            task.cancel()
+        for conn in conns:
+            if conn.error is None and not conn.ready.done():
+                conn._fail(f"TimeoutError: not set up within {timeout:.0f} s")
         ok = [c for c in conns if c.error is None]
         failed = [c for c in conns if c.error is not None]
         self.conns.extend(ok)
         for c in failed:
             c.close()
             stats.unregister(c)
-        errors = sorted({c.error for c in failed})[:5]
+        errors = sorted({c.error for c in failed if c.error})[:5]
         self.replies.send(("connected", len(ok), len(failed), t_first, t_last[0], errors))
 
     async def _lazy(self, sample: int, period: float) -> None:

@@ -93,8 +93,8 @@ class RealtimeHandler(transport.RedactedSummary, WebSocketHandler):
                 self._token = None
         positions = request.query_arguments.get("positions")  # the recovery extension (opt-in)
         self._positions = positions is not None and positions[-1:] in ([b"1"], [b"true"])
-        request.uri = redact(request.uri or "")
-        request.query = redact(request.query)
+        request.uri = uri = redact(request.uri or "")
+        request.query = uri.partition("?")[2]  # the query of the redacted URI: redacted once
         server = self.server
         limit = server.settings.max_connections
         if server._closing or (limit and len(server.hub.connections) >= limit):

@@ -54,7 +54,7 @@ from typing import Any, List, Optional, Tuple
 from tornado.httputil import HTTPHeaders
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 from tornado.util import _websocket_mask
-from tornado.log import app_log
+from tornado.log import access_log as _access_log, app_log
 from tornado.web import Application, HTTPError, RequestHandler
 from tornado.websocket import WebSocketProtocol13
 
@@ -519,7 +519,9 @@ class RealtimeProtocol(WebSocketProtocol13):
         accept = self.compute_accept_value(headers.get("Sec-Websocket-Key") or "")
         handler.set_status(101)  # for the access line
         self.stream = handler.detach()  # public: the handler is finished, HTTP processing ends
-        handler.application.log_request(handler)  # what Tornado's finish() logs (redacted summary)
+        application = handler.application
+        if _access_log.isEnabledFor(logging.INFO) or "log_function" in application.settings:
+            application.log_request(handler)  # the line Tornado's finish() logs (redacted summary)
         self.handshake = b"%s%s\r\n\r\n" % (_UPGRADE, accept.encode("ascii"))
         self.start_pinging()
         try:
