@@ -123,3 +123,27 @@ def test_leeway_applies_to_the_fast_path_as_to_pyjwt() -> None:
     assert strict._fast_decode(token) is None and full(strict, token) == "expired"
     claims: Dict[str, Any] = lenient._fast_decode(token) or {}
     assert claims == full(lenient, token) and claims["user_id"] == 2
+
+
+def test_segments_decode_as_pyjwt_reads_them() -> None:
+    """_b64 accepts exactly the canonical unpadded segments (PyJWT: a re-encoding that differs is
+    refused) and decodes them as base64url does: every length, random bytes and random strings."""
+    import random
+
+    from tornado_rt.auth import _b64
+
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    rng = random.Random(16)
+    for n in range(1, 40):
+        for _ in range(50):
+            data = bytes(rng.randrange(256) for _ in range(n))
+            assert _b64(b64(data)) == data
+            text = "".join(rng.choice(alphabet) for _ in range(n))
+            canonical = n % 4 != 1
+            if canonical:
+                decoded = base64.urlsafe_b64decode(text + "=" * (-n % 4))
+                canonical = b64(decoded) == text
+            try:
+                assert _b64(text) == decoded and canonical
+            except ValueError:
+                assert not canonical

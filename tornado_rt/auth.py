@@ -270,18 +270,23 @@ class JWTAuthenticator:
 _TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 
 
+_B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_TO_B64 = str.maketrans("-_", "+/")
+
+
 def _b64(segment: str) -> bytes:
-    """An unpadded base64url segment, decoded; ValueError unless it is canonical (PyJWT refuses
-    a segment whose re-encoding differs, e.g. non-zero trailing bits)."""
-    if len(segment) % 4 == 1:
+    """An unpadded base64url segment (its alphabet already checked), decoded; ValueError unless
+    it is canonical: PyJWT refuses a segment whose re-encoding differs, which for an unpadded
+    segment of the alphabet means a length of 1 mod 4 or unused trailing bits that are not zero."""
+    rest = len(segment) % 4
+    if rest == 1:
         raise ValueError("bad length")
+    if rest and _B64URL.index(segment[-1]) & (0x0F if rest == 2 else 0x03):
+        raise ValueError("not canonical")
     try:
-        data = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        return binascii.a2b_base64((segment + "=" * (4 - rest) if rest else segment).translate(_TO_B64))
     except binascii.Error as exc:
         raise ValueError(str(exc)) from None
-    if base64.urlsafe_b64encode(data).rstrip(b"=") != segment.encode("ascii"):
-        raise ValueError("not canonical")
-    return data
 
 
 def _fast_hmacs(settings: Settings) -> Dict[str, Any]:
