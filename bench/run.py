@@ -472,9 +472,12 @@ class ClientPool:
             out["extra"] = sum(r["extra"] for r in replies)
         out["errors"] = sorted({e for r in replies for e in r["errors"]})[:5]
         lat = array.array("q")
+        lag = array.array("q")
         for r in replies:
             lat.frombytes(r["latency"])
+            lag.frombytes(r.get("lag", b""))
         out["latency_us"] = lat
+        out["lag_us"] = lag
         return out
 
     def total(self) -> int:
@@ -890,6 +893,10 @@ def scenario_latency(name: str, cfg: dict) -> Dict[str, Any]:
         result = asyncio.run(drive(server, pool))
         report = pool.report(result["rounds"])
         lat = sorted(report.pop("latency_us"))
+        lag = sorted(report.pop("lag_us"))
+        if lag:  # the load client's own delay: how late its loops ran a 5 ms timer (all workers)
+            result["client_lag_p99_ms"] = lag[int(0.99 * (len(lag) - 1))] / 1000
+            result["client_lag_max_ms"] = lag[-1] / 1000
         # Percentiles over every delivery that was due: one not received by the end of the drain
         # counts as infinitely late (reported as None, "undelivered").
         sampled = sum(1 for i in range(subs) if (i // cfg["workers"]) % cfg["latency_sample"] == 0)
@@ -1576,6 +1583,7 @@ def _line(key: str, r: Dict[str, Any]) -> str:
                    ("redis_cpu_us_per_publish", "redis {:.1f} µs/publish"),
                    ("unwatched_cpu_us_per_publish", "unwatched {:.1f} µs/publish"),
                    ("p50_ms", "p50 {:.1f} ms"), ("p99_ms", "p99 {:.1f} ms"), ("max_ms", "max {:.1f} ms"),
+                   ("client_lag_p99_ms", "client loop lag p99 {:.1f} ms"), ("client_lag_max_ms", "max {:.1f} ms"),
                    ("kib_per_conn", "{:.1f} KiB/conn"), ("conns_per_s", "{:,.0f} conn/s"),
                    ("lost", "lost {:,}"), ("server_cpu_util", "server {:.2f} cores"),
                    ("redis_cpu_util", "redis {:.3f} cores"),

@@ -432,6 +432,10 @@ class Worker:
         self.prepared: List[Tuple[bytes, Sequence[int], int]] = []  # (upgrade request, tables, port)
         self.proto = BASEROW
         self.done: Optional[asyncio.Future] = None
+        #: While latencies are recorded: how late (µs) this worker's loop ran a 5 ms timer, each
+        #: time. A late timer is a late read too: the client's own share of the latency.
+        self.lag = array.array("q")
+        self.lag_probe: Optional[asyncio.Future] = None
 
     async def main(self) -> None:
         loop = asyncio.get_running_loop()
@@ -492,6 +496,12 @@ class Worker:
             if cmd[1] is not None:
                 self.stats.lat_from = cmd[1]
                 self.stats.latency = array.array("q")
+                self.lag = array.array("q")
+                if self.lag_probe is None:
+                    self.lag_probe = asyncio.ensure_future(self._probe_lag())
+            elif self.lag_probe is not None:
+                self.lag_probe.cancel()
+                self.lag_probe = None
             self.replies.send(("ok",))
         elif name == "lazy":
             asyncio.ensure_future(self._lazy(cmd[1], cmd[2]))
@@ -544,6 +554,13 @@ class Worker:
         errors = sorted({c.error for c in failed if c.error})[:5]
         self.replies.send(("connected", len(ok), len(failed), t_first, t_last[0], errors))
 
+    async def _probe_lag(self, period: float = 0.005) -> None:
+        clock = time.perf_counter
+        while True:
+            due = clock() + period
+            await asyncio.sleep(period)
+            self.lag.append(int((clock() - due) * 1e6))
+
     async def _lazy(self, sample: int, period: float) -> None:
         """Keep every ``sample``-th connection reading at once (its latency is recorded) and let
         the others read only every ``period`` s: they still count every message, but a read
@@ -570,6 +587,7 @@ class Worker:
             "closed": self.stats.closed_while_streaming,
             "errors": sorted({c.error for c in self.conns if c.error})[:5],
             "latency": self.stats.latency.tobytes(),
+            "lag": self.lag.tobytes(),
         }
         if expected is not None:
             out["lost"] = sum(expected - c for c in counts if c < expected)
