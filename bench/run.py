@@ -83,7 +83,7 @@ PROTOCOL = {"centrifuge-1": wsclient.CENTRIFUGE, "centrifuge": wsclient.CENTRIFU
 
 FULL = dict(fanout_sizes=[1000, 5000], duration=10.0, batch=8, window=48,
             latency_subs=1000, latency_rate=200.0, latency_warmup=1.0, latency_sample=10,
-            latency_lazy_period=0.05,
+            latency_lazy_period=0.1,
             pages_conns=5000, pages_chunk=250, pages_window=2,
             memory_conns=10000, memory_warm=100, storm_conns=5000,
             http_pages=2000, http_messages=100000, http_batch=100, http_window=2,

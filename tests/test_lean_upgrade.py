@@ -17,7 +17,8 @@ import pytest
 
 from conftest import make_token
 from raw_client import HandshakeRefused, RawClient
-from tornado_rt import transport
+from tornado_rt import RealtimeServer, transport
+from tornado_rt.connection import RealtimeHandler
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -179,3 +180,45 @@ async def test_a_subprotocol_offer_takes_tornados_upgrade_and_still_authenticate
         assert message["success"] is True
     finally:
         sock.close()
+
+
+class EarlyWriter(RealtimeHandler):
+    """A subclass whose open() writes a frame of its own before tornado-rt's open() runs."""
+
+    def open(self, *args, **kwargs):
+        self.write_message('{"type":"hello"}')
+        return super().open(*args, **kwargs)
+
+
+class SilentOpen(RealtimeHandler):
+    """A subclass whose open() never calls tornado-rt's (no session): the 101 still goes out."""
+
+    def open(self, *args, **kwargs):
+        return None
+
+
+@pytest.fixture
+def app(request):
+    handler = getattr(request, "param", None)
+    if handler is None:
+        return request.getfixturevalue("server").make_app()
+    srv = RealtimeServer(request.getfixturevalue("settings"), load_entry_points=False, handler_class=handler)
+    srv.directory.set_workspace(1, [1])
+    return srv.make_app()
+
+
+@pytest.mark.parametrize("app", [EarlyWriter], indirect=True)
+@pytest.mark.gen_test
+async def test_a_frame_written_before_the_session_follows_the_101(upgrade, app, http_server, http_port):
+    client = await RawClient.connect(http_port, f"?jwt_token={make_token(1)}")
+    assert await client.recv() == {"type": "hello"}
+    assert (await client.recv())["success"] is True
+    client.close()
+
+
+@pytest.mark.parametrize("app", [SilentOpen], indirect=True)
+@pytest.mark.gen_test
+async def test_an_open_that_queues_nothing_still_gets_the_101(upgrade, app, http_server, http_port):
+    client = await RawClient.connect(http_port, f"?jwt_token={make_token(1)}")  # raises unless 101
+    assert client.buf == b""  # nothing but the answer: no session, no authentication message
+    client.close()

@@ -540,6 +540,9 @@ class RealtimeProtocol(WebSocketProtocol13):
     def _write_frame(self, fin: bool, opcode: int, data: bytes, flags: int = 0) -> "asyncio.Future[None]":
         transport = self.transport
         if transport is None or self.mask_outgoing or self._compressor is not None:
+            answer = self.take_handshake()
+            if answer is not None:  # a frame before open() queued the lean upgrade's 101: 101 first
+                self.stream.write(answer)
             return super()._write_frame(fin, opcode, data, flags)  # before open(): the handshake
         if opcode & 0x8 and (not fin or len(data) > 125):
             raise ValueError("control frames may not be fragmented or exceed 125 bytes")
