@@ -83,7 +83,7 @@ PROTOCOL = {"centrifuge-1": wsclient.CENTRIFUGE, "centrifuge": wsclient.CENTRIFU
 
 FULL = dict(fanout_sizes=[1000, 5000], duration=10.0, batch=8, window=48,
             latency_subs=1000, latency_rate=200.0, latency_warmup=1.0, latency_sample=10,
-            latency_lazy_period=0.02,
+            latency_lazy_period=0.1,
             pages_conns=5000, pages_chunk=250, pages_window=2,
             memory_conns=10000, memory_warm=100, storm_conns=5000,
             http_pages=2000, http_messages=100000, http_batch=100, http_window=2,
@@ -437,9 +437,17 @@ class ClientPool:
     def connect(self, specs: Sequence[Tuple[int, Tuple[int, ...]]], concurrency: int,
                 timeout: float = 300.0) -> Dict[str, Any]:
         """Open ``specs`` (user id, table ids) connections; returns counts and timing."""
+        self.prepare(specs)
+        return self.open_prepared(concurrency, timeout)
+
+    def prepare(self, specs: Sequence[Tuple[int, Tuple[int, ...]]]) -> None:
+        """Make the JWTs and upgrade requests of ``specs`` in the workers (outside any timing)."""
         if len(self.ports) > 1:
             specs = [(user, pages, self.ports[i % len(self.ports)]) for i, (user, pages) in enumerate(specs)]
         self._ask([("prepare", list(specs[i::self.n]), self.proto) for i in range(self.n)], 120)
+
+    def open_prepared(self, concurrency: int, timeout: float = 300.0) -> Dict[str, Any]:
+        """Open the prepared connections; returns counts and timing."""
         per = max(1, concurrency // self.n)
         t0 = time.time()
         replies = self._ask([("connect", per)] * self.n, timeout)
@@ -464,9 +472,12 @@ class ClientPool:
             out["extra"] = sum(r["extra"] for r in replies)
         out["errors"] = sorted({e for r in replies for e in r["errors"]})[:5]
         lat = array.array("q")
+        lag = array.array("q")
         for r in replies:
             lat.frombytes(r["latency"])
+            lag.frombytes(r.get("lag", b""))
         out["latency_us"] = lat
+        out["lag_us"] = lag
         return out
 
     def total(self) -> int:
@@ -475,8 +486,8 @@ class ClientPool:
     def minimum(self) -> int:
         return min(self.mins[:])
 
-    def cpu(self) -> float:
-        return sum(proc_cpu(p.pid) for p in self.procs if p.is_alive())
+    def cpu(self) -> float:  # schedstat: no 10 ms steps (a quick storm's window is ~0.2 s)
+        return sum(proc_cpu_ns(p.pid) for p in self.procs if p.is_alive())
 
     def stop(self) -> None:
         for pipe in self.commands:
@@ -882,6 +893,10 @@ def scenario_latency(name: str, cfg: dict) -> Dict[str, Any]:
         result = asyncio.run(drive(server, pool))
         report = pool.report(result["rounds"])
         lat = sorted(report.pop("latency_us"))
+        lag = sorted(report.pop("lag_us"))
+        if lag:  # the load client's own delay: how late its loops ran a 5 ms timer (all workers)
+            result["client_lag_p99_ms"] = lag[int(0.99 * (len(lag) - 1))] / 1000
+            result["client_lag_max_ms"] = lag[-1] / 1000
         # Percentiles over every delivery that was due: one not received by the end of the drain
         # counts as infinitely late (reported as None, "undelivered").
         sampled = sum(1 for i in range(subs) if (i // cfg["workers"]) % cfg["latency_sample"] == 0)
@@ -922,13 +937,17 @@ def scenario_storm(name: str, cfg: dict) -> Dict[str, Any]:
 
     def body(server, pool):
         _setup(pool, [(i + 1, ()) for i in range(20)], cfg)  # warm-up: first-connection costs
-        cpu0 = server.cpu()
-        c = pool.connect([(100 + i, ()) for i in range(n)], cfg["concurrency"])
-        cpu1 = server.cpu()
+        pool.prepare([(100 + i, ()) for i in range(n)])
+        cpu0, ccpu0 = server.cpu(), pool.cpu()
+        c = pool.open_prepared(cfg["concurrency"])
+        cpu1, ccpu1 = server.cpu(), pool.cpu()
         wall = c["t_last"] - c["t0"]
+        # The load client shares the machine's cores with the server: its own CPU per connect
+        # (the worker processes, JWTs made beforehand) is reported beside the server's.
         result = {"connections_ok": c["ok"], "failed": c["failed"], "wall_s": wall,
                   "conns_per_s": c["ok"] / wall if wall else 0.0,
-                  "server_cpu_ms_per_conn": (cpu1 - cpu0) / max(1, c["ok"]) * 1000}
+                  "server_cpu_ms_per_conn": (cpu1 - cpu0) / max(1, c["ok"]) * 1000,
+                  "client_cpu_ms_per_conn": (ccpu1 - ccpu0) / max(1, c["ok"]) * 1000}
         if c["errors"]:
             result["client_errors"] = c["errors"]
         return result
@@ -1100,6 +1119,7 @@ METRICS = [
     ("memory", "kib_per_conn", "RSS KiB / idle connection", "low", "{:.1f}"),
     ("storm", "conns_per_s", "connects/s (JWT + auth message)", "high", "{:,.0f}"),
     ("storm", "server_cpu_ms_per_conn", "server CPU ms / connect", "low", "{:.3f}"),
+    ("storm", "client_cpu_ms_per_conn", "load-client CPU ms / connect", None, "{:.3f}"),
     ("http-pages", "cpu_s_per_million", "server CPU µs / delivered msg, POST /api/publish", "low", "{:.1f}"),
     ("http-pages", "embedded_cpu_s_per_million", "server CPU µs / delivered msg, embedded publish()", "low",
      "{:.1f}"),
@@ -1563,6 +1583,7 @@ def _line(key: str, r: Dict[str, Any]) -> str:
                    ("redis_cpu_us_per_publish", "redis {:.1f} µs/publish"),
                    ("unwatched_cpu_us_per_publish", "unwatched {:.1f} µs/publish"),
                    ("p50_ms", "p50 {:.1f} ms"), ("p99_ms", "p99 {:.1f} ms"), ("max_ms", "max {:.1f} ms"),
+                   ("client_lag_p99_ms", "client loop lag p99 {:.1f} ms"), ("client_lag_max_ms", "max {:.1f} ms"),
                    ("kib_per_conn", "{:.1f} KiB/conn"), ("conns_per_s", "{:,.0f} conn/s"),
                    ("lost", "lost {:,}"), ("server_cpu_util", "server {:.2f} cores"),
                    ("redis_cpu_util", "redis {:.3f} cores"),

@@ -429,9 +429,13 @@ class Worker:
         self.parent = os.getppid()
         self.stats = Stats(totals, mins, index)
         self.conns: List[WSConn] = []
-        self.prepared: List[Tuple[bytes, Sequence[int], int]] = []
+        self.prepared: List[Tuple[bytes, Sequence[int], int]] = []  # (upgrade request, tables, port)
         self.proto = BASEROW
         self.done: Optional[asyncio.Future] = None
+        #: While latencies are recorded: how late (µs) this worker's loop ran a 5 ms timer, each
+        #: time. A late timer is a late read too: the client's own share of the latency.
+        self.lag = array.array("q")
+        self.lag_probe: Optional[asyncio.Future] = None
 
     async def main(self) -> None:
         loop = asyncio.get_running_loop()
@@ -479,8 +483,11 @@ class Worker:
             from common import make_token  # bench/servers is on sys.path
             self.proto = cmd[2] if len(cmd) > 2 else BASEROW
             path = WS_PATHS[self.proto]
-            self.prepared = [(f"{path}?jwt_token={make_token(spec[0])}".encode(), tuple(spec[1]),
-                              spec[2] if len(spec) > 2 else self.port) for spec in cmd[1]]
+            self.prepared = []
+            for spec in cmd[1]:  # the whole upgrade request built now, outside any timing
+                port = spec[2] if len(spec) > 2 else self.port
+                self.prepared.append((upgrade_request(port, f"{path}?jwt_token={make_token(spec[0])}"),
+                                      tuple(spec[1]), port))
             self.replies.send(("prepared", len(self.prepared)))
         elif name == "connect":
             asyncio.ensure_future(self._connect(cmd[1]))
@@ -489,6 +496,12 @@ class Worker:
             if cmd[1] is not None:
                 self.stats.lat_from = cmd[1]
                 self.stats.latency = array.array("q")
+                self.lag = array.array("q")
+                if self.lag_probe is None:
+                    self.lag_probe = asyncio.ensure_future(self._probe_lag())
+            elif self.lag_probe is not None:
+                self.lag_probe.cancel()
+                self.lag_probe = None
             self.replies.send(("ok",))
         elif name == "lazy":
             asyncio.ensure_future(self._lazy(cmd[1], cmd[2]))
@@ -498,41 +511,74 @@ class Worker:
         elif name == "exit":
             self._stop()
 
-    async def _connect(self, concurrency: int) -> None:
+    async def _connect(self, concurrency: int, timeout: float = 300.0) -> None:
+        """Open the prepared connections with ``concurrency`` runners, each opening one at a time
+        (no task, semaphore or ``wait_for`` per connection: the client's own CPU per connect is
+        part of what a connect storm measures, for every server alike)."""
         specs, self.prepared = self.prepared, []
-        sem = asyncio.Semaphore(max(1, concurrency))
+        loop = asyncio.get_running_loop()
         stats = self.stats
+        proto = self.proto
         t_first = time.time()
         t_last = [t_first]
+        conns: List[WSConn] = []
+        todo = iter(specs)
 
-        async def one(path: bytes, pages, port: int):
-            async with sem:
-                conn = await open_connection(port, path.decode(), stats, pages, proto=self.proto)
+        async def runner() -> None:
+            for request, pages, port in todo:
+                ready = loop.create_future()
+                conn = WSConn(stats, request, pages, ready, False, proto)
+                stats.register(conn)
+                conns.append(conn)
+                try:
+                    await loop.create_connection(lambda: conn, "127.0.0.1", port)
+                    await ready
+                except OSError as exc:
+                    conn._fail(f"{type(exc).__name__}: {exc}")
+                    conn.close()
                 t_last[0] = time.time()
-                return conn
 
-        conns = await asyncio.gather(*(one(p, pages, port) for p, pages, port in specs))
+        runners = [asyncio.ensure_future(runner()) for _ in range(max(1, min(concurrency, len(specs))))]
+        _, late = await asyncio.wait(runners, timeout=timeout)
+        for task in late:
+            task.cancel()
+        for conn in conns:
+            if conn.error is None and not conn.ready.done():
+                conn._fail(f"TimeoutError: not set up within {timeout:.0f} s")
         ok = [c for c in conns if c.error is None]
         failed = [c for c in conns if c.error is not None]
         self.conns.extend(ok)
         for c in failed:
             c.close()
             stats.unregister(c)
-        errors = sorted({c.error for c in failed})[:5]
+        errors = sorted({c.error for c in failed if c.error})[:5]
         self.replies.send(("connected", len(ok), len(failed), t_first, t_last[0], errors))
 
-    async def _lazy(self, sample: int, period: float) -> None:
+    async def _probe_lag(self, period: float = 0.005) -> None:
+        clock = time.perf_counter
+        while True:
+            due = clock() + period
+            await asyncio.sleep(period)
+            self.lag.append(int((clock() - due) * 1e6))
+
+    async def _lazy(self, sample: int, period: float, slices: int = 10) -> None:
         """Keep every ``sample``-th connection reading at once (its latency is recorded) and let
         the others read only every ``period`` s: they still count every message, but a read
-        then carries several, so the client costs less and disturbs the measurement less."""
+        then carries several, so the client costs less and disturbs the measurement less. The
+        lazy ones are resumed in ``slices`` groups spread over the period, not all at once: one
+        burst of reads on every lazy connection kept the loop busy for ~10 ms, and each reading
+        connection's data (the sampled ones') waited behind it."""
         lazy = [c for i, c in enumerate(self.conns) if i % sample]
         for c in lazy:
             c.lazy = True
+        groups = [lazy[k::slices] for k in range(slices)]
+        step = period / slices
         while not self.done.done():
-            for c in lazy:
-                if c.state == STREAMING and c.transport is not None and not c.transport.is_closing():
-                    c.transport.resume_reading()
-            await asyncio.sleep(period)
+            for group in groups:
+                for c in group:
+                    if c.state == STREAMING and c.transport is not None and not c.transport.is_closing():
+                        c.transport.resume_reading()
+                await asyncio.sleep(step)
 
     def _report(self, expected: Optional[int]) -> dict:
         counts = [c.count for c in self.conns]
@@ -547,6 +593,7 @@ class Worker:
             "closed": self.stats.closed_while_streaming,
             "errors": sorted({c.error for c in self.conns if c.error})[:5],
             "latency": self.stats.latency.tobytes(),
+            "lag": self.lag.tobytes(),
         }
         if expected is not None:
             out["lost"] = sum(expected - c for c in counts if c < expected)

@@ -333,3 +333,32 @@ async def test_an_uncaught_exception_before_the_upgrade_never_logs_the_token(htt
     for record in caplog.records:
         text = record.getMessage() + (logging.Formatter().formatException(record.exc_info) if record.exc_info else "")
         assert token not in text
+
+
+def test_the_upgrade_internals_are_as_expected():
+    """The lean upgrade replaces WebSocketProtocol13._accept_connection(handler) and uses the public
+    compute_accept_value, start_pinging and RequestHandler.detach (tests/test_lean_upgrade.py runs
+    every answer with it and with Tornado's own)."""
+    assert transport.upgrade_problems() == []
+    assert transport.INTERNALS.upgrade is True
+    import inspect
+    source = inspect.getsource(WebSocketProtocol13.accept_connection)
+    assert "self._accept_connection(handler)" in source  # the call our override answers
+    assert transport.upgrade_problems(StandIn, StandIn) == [
+        "WebSocketProtocol13._accept_connection is not a coroutine of []",
+        "missing: compute_accept_value, start_pinging, RequestHandler.detach"]
+
+    class Changed(WebSocketProtocol13):
+        async def _accept_connection(self, handler, subprotocols):  # a changed signature
+            pass
+    assert transport.upgrade_problems(Changed) == [
+        "WebSocketProtocol13._accept_connection is not a coroutine of ['self', 'handler', 'subprotocols']"]
+
+
+def test_a_changed_upgrade_is_reported_once_and_falls_back(caplog, monkeypatch):
+    monkeypatch.setattr(transport, "upgrade_problems", lambda: ["WebSocketProtocol13._accept_connection differs"])
+    with caplog.at_level(logging.WARNING, logger="tornado_rt.transport"):
+        internals = transport.Internals()
+    assert internals.upgrade is False and internals.protocol is True
+    warnings = [r.getMessage() for r in caplog.records if r.name == "tornado_rt.transport"]
+    assert len(warnings) == 1 and "own WebSocket upgrade" in warnings[0]

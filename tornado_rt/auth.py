@@ -11,8 +11,12 @@ The literal token ``anonymous`` never reaches the authenticator: the connection 
 from __future__ import annotations
 
 import base64
+import binascii
 import collections
+import hmac
+import json
 import logging
+import re
 import time
 import traceback
 from typing import Any, Awaitable, Callable, Dict, Optional, Tuple, Union
@@ -75,6 +79,11 @@ class JWTAuthenticator:
         if self._asym and not settings.jwt_public_key:
             raise ValueError("jwt_public_key is required for " + ", ".join(self._asym))
         self._options: Any = {"require": ["exp"]}  # pyjwt's Options TypedDict
+        #: The HMAC algorithms the fast verified decode may take: alg -> keyed HMAC to copy.
+        self._fast = _fast_hmacs(settings) if settings.jwt_audience is None and settings.jwt_issuer is None else {}
+        #: header segment -> its algorithm, for headers the fast decode has read (at most 64;
+        #: an issuer signs every token with the same header, so this is a handful).
+        self._headers: Dict[str, str] = {}
 
     def __call__(self, token: str) -> Optional[Principal]:
         principal, reason, context = self.check(token)
@@ -99,6 +108,16 @@ class JWTAuthenticator:
                 return principal, "", {}
             # kept (not moved to the end: the LRU drops it first); its exp never "un-passes"
             return None, "expired", {"user_id": principal.user_id}
+        claims = self._fast_decode(token) if self._fast else None
+        if claims is None:
+            claims, reason, context = self._full_check(token)
+            if claims is None:
+                return None, reason, context
+        return self._accept(token, claims)
+
+    def _full_check(self, token: str) -> Tuple[Any, str, Dict[str, Any]]:
+        """PyJWT's decode: ``(claims, "", {})`` or ``(None, reason, context)``."""
+        s = self.settings
         key: Any  # present: __init__ refuses an allowed algorithm without its key
         alg = _peek_alg(token)  # jwt.decode parses and checks the whole token itself below
         if not (isinstance(alg, str) and (alg in self._hmac or alg in self._asym)):
@@ -134,6 +153,11 @@ class JWTAuthenticator:
             return None, "invalid_claim", {"claim": "iat", **self._verified_user(token, key, algorithms)}
         except (jwt.PyJWTError, ValueError, TypeError):
             return None, "malformed", {}
+        return claims, "", {}
+
+    def _accept(self, token: str, claims: Dict[str, Any]) -> Tuple[Optional[Principal], str, Dict[str, Any]]:
+        """The checks of tornado-rt's own on verified claims (token type, user claim)."""
+        s = self.settings
         user_id = normalize_id(claims.get(s.jwt_user_claim))
         token_type = claims.get("token_type")
         if token_type is not None and token_type != "access":
@@ -146,6 +170,77 @@ class JWTAuthenticator:
         principal = Principal(user_id, claims)
         self._remember(token, principal, claims)
         return principal, "", {}
+
+    def _fast_decode(self, token: str) -> Optional[Dict[str, Any]]:
+        """The claims of ``token`` when PyJWT's decode (with this authenticator's options) would
+        certainly accept it, else None, and :meth:`_full_check` decides (and names the reason).
+
+        The same checks as PyJWT 2.x, for the shape every issuer uses (HMAC, a header of ``alg``
+        and ``typ`` only): three segments of canonical unpadded base64url, the header's ``alg``
+        one of the allowed HMAC algorithms, the signature (``hmac.compare_digest``), the payload a
+        JSON object (the same ``json.loads``), ``exp`` present, ``iat``/``nbf`` not in the future
+        and ``exp`` not past (``int()`` of a number, with ``jwt_leeway``), no ``aud`` (no audience
+        is configured, else this path is off), ``sub``/``jti`` strings when present. Anything
+        else, even what PyJWT might accept, goes the full way: this path only ever says yes."""
+        if _TOKEN_SHAPE.fullmatch(token) is None:
+            return None
+        head, _, rest = token.partition(".")
+        body, _, crypto = rest.partition(".")
+        alg = self._headers.get(head)
+        if alg is None:
+            alg = self._read_header(head)
+            if alg is None:
+                return None
+        try:
+            signature = _b64(crypto)
+            payload = _b64(body)
+        except ValueError:
+            return None
+        mac = self._fast[alg].copy()
+        mac.update(token[:len(head) + 1 + len(body)].encode("ascii"))
+        if not hmac.compare_digest(mac.digest(), signature):
+            return None  # the full check names it (bad signature, or anything before it)
+        try:
+            claims = json.loads(payload)
+        except (ValueError, RecursionError):
+            return None
+        if type(claims) is not dict or claims.get("exp") is None or "aud" in claims:
+            return None
+        now = time.time()  # PyJWT's clock: datetime.now(timezone.utc).timestamp()
+        leeway = float(self.settings.jwt_leeway)
+        try:
+            for name in ("iat", "nbf", "exp"):
+                if name in claims:
+                    value = claims[name]
+                    if type(value) is not int and type(value) is not float:
+                        return None
+                    if name == "exp":
+                        if int(value) <= now - leeway:
+                            return None
+                    elif int(value) > now + leeway:
+                        return None
+        except (ValueError, OverflowError):
+            return None
+        for name in ("sub", "jti"):
+            if name in claims and type(claims[name]) is not str:
+                return None
+        return claims
+
+    def _read_header(self, segment: str) -> Optional[str]:
+        """The algorithm of a header segment the fast decode takes (``{"alg": <fast HMAC>}``
+        plus at most ``typ``, canonical base64url), remembered; else None."""
+        try:
+            header = json.loads(_b64(segment))
+        except (ValueError, RecursionError):
+            return None
+        if type(header) is not dict or not set(header) <= {"alg", "typ"}:
+            return None
+        alg = header.get("alg")
+        if type(alg) is not str or alg not in self._fast:
+            return None
+        if len(self._headers) < 64:
+            self._headers[segment] = alg
+        return alg
 
     def _remember(self, token: str, principal: Principal, claims: Dict[str, Any]) -> None:
         if not self.cache_size:
@@ -170,6 +265,55 @@ class JWTAuthenticator:
             return {}
         user_id = normalize_id(claims.get(self.settings.jwt_user_claim))
         return {} if user_id is None else {"user_id": user_id}
+
+
+_TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+
+
+_B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_TO_B64 = str.maketrans("-_", "+/")
+
+
+def _b64(segment: str) -> bytes:
+    """An unpadded base64url segment (its alphabet already checked), decoded; ValueError unless
+    it is canonical: PyJWT refuses a segment whose re-encoding differs, which for an unpadded
+    segment of the alphabet means a length of 1 mod 4 or unused trailing bits that are not zero."""
+    rest = len(segment) % 4
+    if rest == 1:
+        raise ValueError("bad length")
+    if rest and _B64URL.index(segment[-1]) & (0x0F if rest == 2 else 0x03):
+        raise ValueError("not canonical")
+    try:
+        return binascii.a2b_base64((segment + "=" * (4 - rest) if rest else segment).translate(_TO_B64))
+    except binascii.Error as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _fast_hmacs(settings: Settings) -> Dict[str, Any]:
+    """alg -> ``hmac`` object keyed with ``jwt_secret``, for the allowed HMAC algorithms whose key
+    PyJWT itself prepares without complaint (not PEM-like, and long enough that PyJWT has no
+    key-length warning to give on every decode). Empty when PyJWT's algorithm objects differ."""
+    fast: Dict[str, Any] = {}
+    if not settings.jwt_secret:
+        return fast
+    try:
+        from jwt.algorithms import HMACAlgorithm, get_default_algorithms
+        algorithms = get_default_algorithms()
+    except ImportError:
+        return fast
+    for name in settings.jwt_algorithms:
+        algorithm = algorithms.get(name)
+        if name not in HMAC_ALGORITHMS or not isinstance(algorithm, HMACAlgorithm):
+            continue
+        try:
+            key = algorithm.prepare_key(settings.jwt_secret)
+            check = getattr(algorithm, "check_key_length", None)
+            if check is not None and check(key):
+                continue
+            fast[name] = hmac.new(key, digestmod=algorithm.hash_alg)
+        except Exception:  # PyJWT refuses this key: its own path reports it
+            continue
+    return fast
 
 
 def _peek_alg(token: str) -> Any:

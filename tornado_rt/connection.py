@@ -69,6 +69,11 @@ class RealtimeHandler(transport.RedactedSummary, WebSocketHandler):
     ``RealtimeServer(handler_class=...)``. ``session`` is the connection's
     :class:`~tornado_rt.session.Session` once the WebSocket is open."""
 
+    #: ``open()`` queues the 101 answer of the lean upgrade (transport.RealtimeProtocol) ahead of
+    #: the connection's first frame. A subclass whose ``open()`` does not call this one's may set
+    #: it False (the answer is then written right after its ``open()`` anyway).
+    queues_handshake = True
+
     def initialize(self, server: Any) -> None:
         self.server = server
         self.session: Session = None  # type: ignore[assignment]  # set by open()
@@ -88,8 +93,8 @@ class RealtimeHandler(transport.RedactedSummary, WebSocketHandler):
                 self._token = None
         positions = request.query_arguments.get("positions")  # the recovery extension (opt-in)
         self._positions = positions is not None and positions[-1:] in ([b"1"], [b"true"])
-        request.uri = redact(request.uri or "")
-        request.query = redact(request.query)
+        request.uri = uri = redact(request.uri or "")
+        request.query = uri.partition("?")[2]  # the query of the redacted URI: redacted once
         server = self.server
         limit = server.settings.max_connections
         if server._closing or (limit and len(server.hub.connections) >= limit):
@@ -122,8 +127,15 @@ class RealtimeHandler(transport.RedactedSummary, WebSocketHandler):
         return None  # frames are shared between recipients; compression would make them per-peer
 
     def get_websocket_protocol(self) -> Optional[WebSocketProtocol13]:
+        server = self.server
+        if server._ws_params is not None and type(self).get_compression_options is _no_compression:
+            # Tornado's version check (RFC 6455: 13 only) without building its protocol object
+            # and parameters again: ours share the first connection's (transport.make_protocol).
+            if self.request.headers.get("Sec-WebSocket-Version") != "13":
+                return None
+            return transport.make_protocol(self, True, server)
         protocol: Any = super().get_websocket_protocol()  # Tornado's version check and parameters
-        return transport.make_protocol(self, protocol, self.server)
+        return transport.make_protocol(self, protocol, server)
 
     # --- Tornado -> session -------------------------------------------------------------------
     def open(self, *args: Any, **kwargs: Any) -> Optional[Any]:
@@ -132,6 +144,10 @@ class RealtimeHandler(transport.RedactedSummary, WebSocketHandler):
         session.positions = self._positions
         session.transport = protocol.transport = transport.Transport(
             protocol, session.out, self.server.settings.max_outgoing_buffer)
+        take = getattr(protocol, "take_handshake", None)
+        answer = take() if take is not None else None
+        if answer is not None:  # the lean upgrade's 101: first on the wire, sent with the first frame
+            self.server.hub.send(session, answer)
         transport.shed_handshake_state(self, protocol.stream)
         self.set_nodelay(True)  # real-time: no Nagle delay on small frames
         token, self._token = self._token, None
@@ -167,3 +183,6 @@ class RealtimeHandler(transport.RedactedSummary, WebSocketHandler):
             super().close(code, reason)
         else:
             self.session.close(1000 if code is None else code, reason or "")
+
+
+_no_compression = RealtimeHandler.get_compression_options

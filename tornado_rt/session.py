@@ -163,8 +163,9 @@ class Session:
         self._refilled = time.monotonic()
         hub.add(self)
         ctx.opened(self)
-        hub.send(self, text_frame(ujson.dumps(
-            {"type": "authentication", "success": True, "web_socket_id": self.web_socket_id}).encode()))
+        # a uuid needs no JSON escaping: the bytes of ujson.dumps({"type": ..., "web_socket_id": id})
+        hub.send(self, text_frame(b'{"type":"authentication","success":true,"web_socket_id":"%s"}'
+                                  % self.web_socket_id.encode("ascii")))
 
     # --- incoming frames ----------------------------------------------------------------------------
     def receive_frame(self, opcode: int, data: Any) -> Optional[Awaitable[None]]:

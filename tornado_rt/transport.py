@@ -18,6 +18,12 @@ Nothing else in tornado-rt touches a private Tornado attribute. What this module
 * ``WebSocketProtocol13._receive_frame_loop()`` (a coroutine): run as a task of its own, so that
   the handshake's coroutine chain finishes (about 2 KiB less per idle connection).
 * ``RequestHandler._headers``: dropped with the rest of the handshake state.
+* ``WebSocketProtocol13._accept_connection(handler)`` (a coroutine): replaced by the lean upgrade
+  (:meth:`RealtimeProtocol._accept_connection`): the 101 answer is precomputed bytes queued
+  ahead of the connection's first frame (one send for the answer and the ``authentication``
+  message) instead of Tornado's header objects, ``finish()`` and a write of its own; the stream
+  is taken with the public ``RequestHandler.detach()`` and the access line written with the public
+  ``Application.log_request``. With a subprotocol offered or compression on it is Tornado's.
 * ``TCPServer._sockets`` / ``_handlers`` (dicts) and ``TCPServer._handle_connection``: the
   listener's own accept loop (:mod:`tornado_rt.listener`: back-off at the file-descriptor limit)
   registers its listening sockets there and hands accepted connections on as Tornado would.
@@ -48,7 +54,7 @@ from typing import Any, List, Optional, Tuple
 from tornado.httputil import HTTPHeaders
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 from tornado.util import _websocket_mask
-from tornado.log import app_log
+from tornado.log import access_log as _access_log, app_log
 from tornado.web import Application, HTTPError, RequestHandler
 from tornado.websocket import WebSocketProtocol13
 
@@ -136,6 +142,26 @@ def protocol_problems(cls: Any = WebSocketProtocol13) -> List[str]:
     return problems
 
 
+def upgrade_problems(cls: Any = WebSocketProtocol13, handler: Any = RequestHandler) -> List[str]:
+    """What differs from what the lean upgrade (:meth:`RealtimeProtocol._accept_connection`)
+    relies on: Tornado's ``_accept_connection(self, handler)`` coroutine (replaced), the public
+    ``compute_accept_value``/``start_pinging`` and ``RequestHandler.detach``."""
+    accept = getattr(cls, "_accept_connection", None)
+    try:
+        names = list(inspect.signature(accept).parameters) if accept is not None else []
+    except (TypeError, ValueError):
+        names = []
+    problems = []
+    if not inspect.iscoroutinefunction(accept) or names != ["self", "handler"]:
+        problems.append(f"WebSocketProtocol13._accept_connection is not a coroutine of {names}")
+    missing = [name for name in ("compute_accept_value", "start_pinging") if not callable(getattr(cls, name, None))]
+    if not callable(getattr(handler, "detach", None)):
+        missing.append("RequestHandler.detach")
+    if missing:
+        problems.append(f"missing: {', '.join(missing)}")
+    return problems
+
+
 def stream_problems(stream: Any) -> List[str]:
     """What differs in an IOStream instance from what this module relies on."""
     problems = []
@@ -152,7 +178,8 @@ def stream_problems(stream: Any) -> List[str]:
 
 class Internals:
     """The outcome of the checks. ``protocol``: the frame overrides are used; ``stream``: direct
-    sends, buffer sizes and small queues are used (None until the first stream is checked)."""
+    sends, buffer sizes and small queues are used (None until the first stream is checked);
+    ``upgrade``: the lean upgrade is used."""
 
     def __init__(self) -> None:
         problems = protocol_problems()
@@ -160,6 +187,13 @@ class Internals:
         self.stream: Optional[bool] = None
         if problems:
             self.fall_back(problems)
+        upgrade = upgrade_problems()
+        #: the lean upgrade is used (else Tornado's own 101 answer, one WARNING)
+        self.upgrade = not upgrade
+        if upgrade:
+            import tornado
+            log.warning("Tornado %s differs from what tornado-rt expects (%s); using Tornado's own "
+                        "WebSocket upgrade instead: more CPU per connect", tornado.version, "; ".join(upgrade))
 
     def check_stream(self, stream: Any) -> bool:
         if self.stream is None:
@@ -448,17 +482,67 @@ def _take(buffer: Any, n: int, keep: bool = True) -> bytes:
 
 # --- Tornado's protocol, adapted ---------------------------------------------------------------
 
+_UPGRADE = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: ")
+
+
 class RealtimeProtocol(WebSocketProtocol13):
     """Tornado's RFC 6455 protocol with its frames written by the :class:`Transport`, its frame
-    loop run as a task, and the session told the moment the server starts closing (a limit, a
-    force disconnect, shutdown, an oversized frame, or the echo of the client's own close), so
-    nothing is queued after the close frame and subscriptions are released at once."""
+    loop run as a task, the lean upgrade, and the session told the moment the server starts
+    closing (a limit, a force disconnect, shutdown, an oversized frame, or the echo of the
+    client's own close), so nothing is queued after the close frame and subscriptions are
+    released at once."""
 
     transport: Optional[Transport] = None
+    #: The 101 answer of the lean upgrade until the handler's ``open()`` queues it (take_handshake).
+    handshake: Optional[bytes] = None
+
+    def take_handshake(self) -> Optional[bytes]:
+        """The 101 answer not yet written (the lean upgrade), once: the handler queues it ahead
+        of anything else on the connection, so it goes out with the first frame in one send."""
+        answer, self.handshake = self.handshake, None
+        return answer
+
+    async def _accept_connection(self, handler: Any) -> None:
+        """The upgrade, once Tornado has checked the request (Upgrade and Connection headers,
+        Origin, version, Host and key present): the same answer as Tornado's (101 with Upgrade,
+        Connection and Sec-WebSocket-Accept), built from precomputed bytes and queued by the
+        handler's ``open()`` ahead of its first frame instead of written on its own through
+        Tornado's response headers and ``finish()``. A subprotocol offered, compression on, or
+        a handler that does not queue it: Tornado's own."""
+        request = handler.request
+        headers = request.headers
+        if not INTERNALS.upgrade or self._compression_options is not None \
+                or headers.get("Sec-WebSocket-Protocol") or not getattr(handler, "queues_handshake", False):
+            await super()._accept_connection(handler)
+            return
+        accept = self.compute_accept_value(headers.get("Sec-Websocket-Key") or "")
+        handler.set_status(101)  # for the access line
+        self.stream = handler.detach()  # public: the handler is finished, HTTP processing ends
+        application = handler.application
+        if _access_log.isEnabledFor(logging.INFO) or "log_function" in application.settings:
+            application.log_request(handler)  # the line Tornado's finish() logs (redacted summary)
+        self.handshake = b"%s%s\r\n\r\n" % (_UPGRADE, accept.encode("ascii"))
+        self.start_pinging()
+        try:
+            opened = handler.open(*handler.open_args, **handler.open_kwargs)
+            answer = self.take_handshake()
+            if answer is not None:  # open() did not queue it (no session): write it now
+                self.stream.write(answer)
+            if opened is not None:
+                await opened
+        except Exception:
+            handler.log_exception(*sys.exc_info())
+            self._abort()
+            return
+        await self._receive_frame_loop()
 
     def _write_frame(self, fin: bool, opcode: int, data: bytes, flags: int = 0) -> "asyncio.Future[None]":
         transport = self.transport
         if transport is None or self.mask_outgoing or self._compressor is not None:
+            answer = self.take_handshake()
+            if answer is not None:  # a frame before open() queued the lean upgrade's 101: 101 first
+                self.stream.write(answer)
             return super()._write_frame(fin, opcode, data, flags)  # before open(): the handshake
         if opcode & 0x8 and (not fin or len(data) > 125):
             raise ValueError("control frames may not be fragmented or exceed 125 bytes")
@@ -630,7 +714,7 @@ class PublicProtocol(WebSocketProtocol13):
         super().close(code, reason)
 
 
-def make_protocol(handler: Any, tornado_protocol: Optional[WebSocketProtocol13], cache: Any) -> Any:
+def make_protocol(handler: Any, tornado_protocol: Any, cache: Any) -> Any:
     """Our protocol object in place of the one Tornado built (its version check and parameters
     are kept; the parameters are shared by every connection through ``cache._ws_params``)."""
     if tornado_protocol is None:
