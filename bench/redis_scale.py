@@ -170,6 +170,44 @@ def redis_info(port: int, section: str) -> str:
         return rest[:n].decode()
 
 
+def redis_command(port: int, *args: str) -> Any:
+    """One command over a raw socket; returns an int, a str, None or a list of those (RESP2)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a.encode()), a.encode()) for a in args))
+        f = s.makefile("rb")
+
+        def read() -> Any:
+            line = f.readline()[:-2]
+            kind, rest = line[:1], line[1:]
+            if kind in (b"+", b"-"):
+                return rest.decode()
+            if kind == b":":
+                return int(rest)
+            if kind == b"$":
+                return None if int(rest) < 0 else f.read(int(rest) + 2)[:-2].decode()
+            if kind == b"*":
+                return None if int(rest) < 0 else [read() for _ in range(int(rest))]
+            raise RuntimeError(f"unexpected reply {line!r}")
+        return read()
+
+
+def wait_for_routing(port: int, prefix: str, timeout: float = 120.0) -> Optional[int]:
+    """A broker that routes page messages per group (``<prefix>:routing`` holds the Redis time in
+    ms from which it does) routes nothing before that time: wait for it, so the measured phases
+    see the design in its steady state. None when the key does not exist (one stream for all)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        since = redis_command(port, "GET", f"{prefix}:routing")
+        if since is None:
+            return None
+        sec, usec = redis_command(port, "TIME")
+        if int(sec) * 1000 + int(usec) // 1000 >= int(since):
+            return int(since)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{prefix}:routing still in the future after {timeout:.0f} s")
+        time.sleep(0.1)
+
+
 def commandstats(port: int) -> Dict[str, Dict[str, float]]:
     """{command: {"calls": n, "usec": µs}} from ``INFO commandstats``."""
     out: Dict[str, Dict[str, float]] = {}
@@ -395,6 +433,7 @@ def measure(cfg: dict) -> Dict[str, Any]:
             status, text = http_call(p.port, "PUT", "/api/directory", body, timeout=60)
             if status != 200:
                 raise RuntimeError(f"PUT /api/directory on process {p.index}: {status} {text[:300]!r}")
+        result["routing_since_ms"] = wait_for_routing(cluster.redis.port, "tornado-rt")
         pool = bench.ClientPool(cfg["workers"], [cluster.procs[0].port], lifetime=lifetime)
         specs = [(k + 1, (t,), cluster.procs[i].port) for k, (t, i) in enumerate(placement)]
         t0 = time.monotonic()
