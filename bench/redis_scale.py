@@ -404,6 +404,9 @@ def checkout_info() -> Dict[str, Any]:
     if git.returncode == 0:
         info["commit"] = git.stdout.strip()
         info["branch"] = branch.stdout.strip()
+        dirty = subprocess.run(["git", "-C", os.path.dirname(path), "status", "--porcelain", "--", "tornado_rt"],
+                               capture_output=True, text=True).stdout.strip()
+        info["uncommitted_changes"] = dirty.splitlines()  # measured as in the working tree
     return info
 
 
@@ -501,7 +504,7 @@ def markdown(r: Dict[str, Any]) -> str:
              f"{cfg['viewers']} viewer(s), {w['publishes']:,} messages via {cfg['publisher']}, batch {cfg['batch']}",
              "",
              f"checkout: `{r['checkout'].get('tornado_rt')}` ({r['checkout'].get('branch', '?')}: "
-             f"{r['checkout'].get('commit', '?')}); {r['redis_server']}; load {r['loadavg_at_start'][0]:.2f} at start, "
+             f"{r['checkout'].get('commit', '?')}{', with uncommitted changes' if r['checkout'].get('uncommitted_changes') else ''}); {r['redis_server']}; load {r['loadavg_at_start'][0]:.2f} at start, "
              f"{r['loadavg_at_end'][0]:.2f} at end",
              "",
              f"delivered {w['delivery']['received']:,} (warm-up round included), **lost {r['lost']:,}**, order errors {r['order_errors']}, "
@@ -534,6 +537,108 @@ def markdown(r: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# --- the model, from several runs (--summarize) ----------------------------------------------------------
+def _cmd(run: Dict[str, Any], name: str) -> float:
+    return run["watched"]["redis_commands"].get(name, {}).get("usec_per_publish") or 0.0
+
+
+def routed(run: Dict[str, Any]) -> bool:
+    """Did the broker route page messages per group (the ``<prefix>:routing`` key was set)?"""
+    return run.get("routing_since_ms") is not None
+
+
+def readers_per_envelope(P: int, V: int, per_group: bool) -> float:
+    """Processes that read a page envelope: all P with one stream; with per-group routing those
+    with a viewer of the page, P (1 - (1 - 1/P)^V) on average (viewers on random processes)."""
+    return P * (1 - (1 - 1 / P) ** V) if per_group else float(P)
+
+
+def parameters(runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """Per-envelope costs averaged over ``runs`` (see the module docstring); Redis's CPU per
+    publish is split into r_read per reader and envelope (XREAD's µs / readers per envelope)
+    and r_pub, the rest (the publish script, networking, its event loop)."""
+    def avg(key: str) -> Optional[float]:
+        return mean([r["model"].get(key) for r in runs])
+    r_read = mean([_cmd(r, "xread") / readers_per_envelope(r["config"]["processes"], r["config"]["viewers"], routed(r))
+                   for r in runs])
+    r_pub = mean([r["watched"]["redis_cpu_us_per_publish"] - _cmd(r, "xread") for r in runs])
+    return {"c_read": avg("c_read_us"), "c_pub": avg("c_pub_us"), "c_del": avg("c_del_us"),
+            "r_pub": r_pub, "r_read": r_read, "runs": len(runs), "per_group": any(routed(r) for r in runs)}
+
+
+def predict(run: Dict[str, Any], prm: Dict[str, Any]) -> Dict[str, Any]:
+    """Predicted vs measured CPU per cluster publish of this run's idle and active processes and Redis."""
+    w = w_ = run["watched"]
+    M = w["publishes"]
+    P, V = run["config"]["processes"], run["config"]["viewers"]
+    c_read, c_pub, c_del = prm["c_read"] or 0.0, prm["c_pub"] or 0.0, prm["c_del"] or 0.0
+    act = [r for r in w_["per_process"] if not r["idle"]]
+    idle = [r for r in w_["per_process"] if r["idle"]]
+    pred_act = mean([(r["accepted"] * c_pub + (M - r["accepted"]) * c_read + r["deliveries"] * c_del) / M for r in act])
+    return {"P": P, "idle": len(idle), "pages": run["config"]["pages"], "load": run["loadavg_at_start"][0],
+            "lost": run["lost"],
+            "idle_measured": mean([r["cpu_us_per_cluster_publish"] for r in idle]), "idle_predicted": c_read if idle else None,
+            "active_measured": mean([r["cpu_us_per_cluster_publish"] for r in act]), "active_predicted": pred_act,
+            "redis_measured": w["redis_cpu_us_per_publish"],
+            "redis_predicted": prm["r_pub"] + readers_per_envelope(P, V, routed(run)) * prm["r_read"]}
+
+
+def summarize(paths: Sequence[str], calibrate_max_p: int) -> str:
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            run = json.load(f)
+        run["_path"] = os.path.basename(path)
+        runs.append(run)
+    runs.sort(key=lambda r: (r["config"]["processes"], r["config"]["pages"], r["_path"]))
+    calib = [r for r in runs if r["config"]["processes"] <= calibrate_max_p]
+    prm = parameters(calib or runs)
+    allp = parameters(runs)
+    design = "per-group routing" if prm["per_group"] else "one stream read by every process"
+    out = [f"## {design}: {len(runs)} runs ({', '.join(sorted({r['checkout'].get('branch', '?') for r in runs}))})", "",
+           "| run | P (idle) | pages | load | publishes/s | lost | idle proc µs/cluster publish | active proc µs/cluster publish | "
+           "Redis µs/publish | script µs/publish | XREAD µs/publish |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        w = r["watched"]
+        idle = mean([x["cpu_us_per_cluster_publish"] for x in w["per_process"] if x["idle"]])
+        act = mean([x["cpu_us_per_cluster_publish"] for x in w["per_process"] if not x["idle"]])
+        out.append(f"| {r['_path'].replace('.json', '')} | {r['config']['processes']} ({r['config']['idle_processes']}) | "
+                   f"{r['config']['pages']:,} | {r['loadavg_at_start'][0]:.1f} | {w['publishes_per_s']:,.0f} | {r['lost']} | "
+                   f"{fmt(idle, '{:.2f}')} | {fmt(act)} | {fmt(w['redis_cpu_us_per_publish'])} | "
+                   f"{fmt(_cmd(r, 'evalsha'))} | {fmt(_cmd(r, 'xread'), '{:.2f}')} |")
+    out += ["", f"Parameters (µs), calibrated on the {prm['runs']} runs with P <= {calibrate_max_p} "
+            f"(over all {allp['runs']} runs in brackets):", "",
+            "| symbol | µs | all runs |", "|---|---|---|"]
+    for k in ("c_read", "c_pub", "c_del", "r_pub", "r_read"):
+        out.append(f"| {k} | {fmt(prm[k], '{:.2f}')} | {fmt(allp[k], '{:.2f}')} |")
+    out += ["", "Predicted (calibrated parameters) vs measured, µs per cluster publish:", "",
+            "| run | P (idle) | idle proc: predicted / measured | active proc: predicted / measured | Redis: predicted / measured |",
+            "|---|---|---|---|---|"]
+    for r in runs:
+        q = predict(r, prm)
+        out.append(f"| {r['_path'].replace('.json', '')} | {q['P']} ({q['idle']}) | {fmt(q['idle_predicted'], '{:.2f}')} / "
+                   f"{fmt(q['idle_measured'], '{:.2f}')} | {fmt(q['active_predicted'])} / {fmt(q['active_measured'])} | "
+                   f"{fmt(q['redis_predicted'])} / {fmt(q['redis_measured'])} |")
+    for V in (1, 2):
+        out += ["", f"Projection with the all-runs parameters, {V} viewer(s) per page on random processes: per process, % of "
+                "one core spent on envelopes without local recipient | Redis, % of one core", "",
+                "| P \\ M | " + " | ".join(f"{m:,}/s" for m in PROJECT_M) + " |", "|---" * (len(PROJECT_M) + 1) + "|"]
+        for P in PROJECT_P:
+            cells = []
+            for m in PROJECT_M:
+                irrelevant = m * ((1 - 1 / P) ** V if not allp["per_group"] else 0.0) * (allp["c_read"] or 0.0)
+                if allp["per_group"]:  # an idle process's CPU per cluster publish: whatever still reaches everyone
+                    irrelevant = m * (allp["c_read"] or 0.0)
+                red = m * (allp["r_pub"] + readers_per_envelope(P, V, allp["per_group"]) * allp["r_read"])
+                cells.append(f"{irrelevant / 1e4:,.0f}% \\| {red / 1e4:,.0f}%")
+            out.append(f"| {P} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+PROJECT_P = (2, 4, 8, 16, 32, 64)
+PROJECT_M = (10000, 50000, 100000, 200000)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--processes", type=int, default=DEFAULTS["processes"], help="tornado-rt processes P (1..8)")
@@ -555,7 +660,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--drain-timeout", type=float, default=DEFAULTS["drain_timeout"],
                     help="seconds to wait for the last messages")
     ap.add_argument("--out", default=os.path.join(bench.RESULTS_DIR, "redis-scale"), help="writes OUT.json and OUT.md")
+    ap.add_argument("--summarize", nargs="+", metavar="JSON",
+                    help="instead of measuring: the model's parameters from these runs, predicted vs measured, "
+                         "and the P x M projection (Markdown on stdout)")
+    ap.add_argument("--calibrate-max-p", type=int, default=2,
+                    help="--summarize: calibrate on the runs with at most this many processes, predict the others")
     a = ap.parse_args(argv)
+    if a.summarize:
+        print(summarize(a.summarize, a.calibrate_max_p))
+        return 0
     if not 1 <= a.processes <= 8:
         ap.error("--processes: 1 to 8")
     if not 0 <= a.idle_processes < a.processes:
@@ -565,7 +678,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ap.error(f"--{name}: at least 1")
     if a.unwatched_messages < 0:
         ap.error("--unwatched-messages: at least 0")
-    cfg = {**DEFAULTS, **{k: v for k, v in vars(a).items() if k != "out"}, "settle": DEFAULTS["settle"]}
+    cfg = {**DEFAULTS, **{k: v for k, v in vars(a).items() if k not in ("out", "summarize", "calibrate_max_p")}, "settle": DEFAULTS["settle"]}
     cfg["lifetime"] = 1800.0
     result = measure(cfg)
     md = markdown(result)
