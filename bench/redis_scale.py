@@ -59,7 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -547,40 +547,84 @@ def routed(run: Dict[str, Any]) -> bool:
     return run.get("routing_since_ms") is not None
 
 
-def readers_per_envelope(P: int, V: int, per_group: bool) -> float:
-    """Processes that read a page envelope: all P with one stream; with per-group routing those
-    with a viewer of the page, P (1 - (1 - 1/P)^V) on average (viewers on random processes)."""
-    return P * (1 - (1 - 1 / P) ** V) if per_group else float(P)
+def _split(r: Dict[str, Any], M: int) -> Tuple[float, float, float]:
+    """(own deliveries, deliveries of other processes' publishes, envelopes read without local
+    recipient) of an active process: its viewers' pages are published by it in the proportion
+    A / M (viewers are placed independently of how batches are dealt)."""
+    share = r["accepted"] / M
+    others = r["envelopes_with_local_recipient"] * (1 - share)
+    return r["deliveries"] * share, r["deliveries"] * (1 - share), M - r["accepted"] - others
 
 
-def parameters(runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-    """Per-envelope costs averaged over ``runs`` (see the module docstring); Redis's CPU per
-    publish is split into r_read per reader and envelope (XREAD's µs / readers per envelope)
-    and r_pub, the rest (the publish script, networking, its event loop)."""
-    def avg(key: str) -> Optional[float]:
-        return mean([r["model"].get(key) for r in runs])
-    r_read = mean([_cmd(r, "xread") / readers_per_envelope(r["config"]["processes"], r["config"]["viewers"], routed(r))
-                   for r in runs])
-    r_pub = mean([r["watched"]["redis_cpu_us_per_publish"] - _cmd(r, "xread") for r in runs])
-    return {"c_read": avg("c_read_us"), "c_pub": avg("c_pub_us"), "c_del": avg("c_del_us"),
-            "r_pub": r_pub, "r_read": r_read, "runs": len(runs), "per_group": any(routed(r) for r in runs)}
+def parameters(runs: Sequence[Dict[str, Any]], calib_max_p: int) -> Dict[str, Any]:
+    """The model's costs (µs): c_read (idle processes), c_pub (unwatched phase) from every run;
+    c_del from runs with one active process (every delivery is of its own publish); c_in (reading
+    and delivering another process's envelope) from the runs with 2..``calib_max_p`` processes and
+    several active ones; Redis per publish = r0 + r1 P fitted on the runs with P <= calib_max_p."""
+    c_read = mean([r["model"].get("c_read_us") for r in runs])
+    c_pub = mean([r["model"].get("c_pub_us") for r in runs])
+    dels, ins = [], []
+    for run in runs:
+        w = run["watched"]
+        M = w["publishes"]
+        act = [x for x in w["per_process"] if not x["idle"]]
+        for x in act:
+            own, other, irrelevant = _split(x, M)
+            rest = x["cpu_s"] * 1e6 - x["accepted"] * (c_pub or 0.0) - irrelevant * (c_read or 0.0)
+            if len(act) == 1 and own:
+                dels.append(rest / own)
+    c_del = mean(dels)
+    for run in runs:
+        w = run["watched"]
+        M = w["publishes"]
+        act = [x for x in w["per_process"] if not x["idle"]]
+        if len(act) < 2 or run["config"]["processes"] > calib_max_p:
+            continue
+        for x in act:
+            own, other, irrelevant = _split(x, M)
+            if other:
+                ins.append((x["cpu_s"] * 1e6 - x["accepted"] * (c_pub or 0.0) - irrelevant * (c_read or 0.0)
+                            - own * (c_del or 0.0)) / other)
+    pts = [(r["config"]["processes"], r["watched"]["redis_cpu_us_per_publish"]) for r in runs
+           if r["config"]["processes"] <= calib_max_p]
+    n = len(pts)
+    mx, my = sum(p for p, _ in pts) / n, sum(v for _, v in pts) / n
+    var = sum((p - mx) ** 2 for p, _ in pts)
+    r1 = sum((p - mx) * (v - my) for p, v in pts) / var if var else 0.0
+    return {"c_read": c_read, "c_pub": c_pub, "c_del": c_del, "c_in": mean(ins), "r0": my - r1 * mx, "r1": r1,
+            "xread_per_reader": mean([_cmd(r, "xread") / r["config"]["processes"] for r in runs]),
+            "runs": len(runs), "per_group": any(routed(r) for r in runs)}
+
+
+def process_cpu(prm: Dict[str, Any], A: float, own: float, other: float, irrelevant: float) -> float:
+    return (A * (prm["c_pub"] or 0.0) + own * (prm["c_del"] or 0.0) + other * (prm["c_in"] or 0.0)
+            + irrelevant * (prm["c_read"] or 0.0))
 
 
 def predict(run: Dict[str, Any], prm: Dict[str, Any]) -> Dict[str, Any]:
     """Predicted vs measured CPU per cluster publish of this run's idle and active processes and Redis."""
-    w = w_ = run["watched"]
-    M = w["publishes"]
-    P, V = run["config"]["processes"], run["config"]["viewers"]
-    c_read, c_pub, c_del = prm["c_read"] or 0.0, prm["c_pub"] or 0.0, prm["c_del"] or 0.0
-    act = [r for r in w_["per_process"] if not r["idle"]]
-    idle = [r for r in w_["per_process"] if r["idle"]]
-    pred_act = mean([(r["accepted"] * c_pub + (M - r["accepted"]) * c_read + r["deliveries"] * c_del) / M for r in act])
-    return {"P": P, "idle": len(idle), "pages": run["config"]["pages"], "load": run["loadavg_at_start"][0],
-            "lost": run["lost"],
-            "idle_measured": mean([r["cpu_us_per_cluster_publish"] for r in idle]), "idle_predicted": c_read if idle else None,
+    w = run["watched"]
+    M, P = w["publishes"], run["config"]["processes"]
+    act = [r for r in w["per_process"] if not r["idle"]]
+    idle = [r for r in w["per_process"] if r["idle"]]
+    pred_act = mean([process_cpu(prm, r["accepted"], *_split(r, M)) / M for r in act])
+    return {"idle_measured": mean([r["cpu_us_per_cluster_publish"] for r in idle]),
+            "idle_predicted": prm["c_read"] if idle else None,
             "active_measured": mean([r["cpu_us_per_cluster_publish"] for r in act]), "active_predicted": pred_act,
-            "redis_measured": w["redis_cpu_us_per_publish"],
-            "redis_predicted": prm["r_pub"] + readers_per_envelope(P, V, routed(run)) * prm["r_read"]}
+            "redis_measured": w["redis_cpu_us_per_publish"], "redis_predicted": prm["r0"] + prm["r1"] * P}
+
+
+def project(prm: Dict[str, Any], P: int, M: float, V: int) -> Tuple[float, float, float]:
+    """(per process: % of a core on envelopes without local recipient, % of a core in all; Redis %
+    of a core) for P processes, M publishes/s spread evenly over them, V viewers per page on random
+    processes. With one stream a process reads every envelope; with per-group routing only those
+    with a local viewer (c_read, measured on idle processes, is then whatever still reaches them)."""
+    f = 1 - (1 - 1 / P) ** V  # pages with a local viewer
+    A = M / P
+    D = M * V / P
+    irrelevant = (M - A) * (1 - f)
+    total = process_cpu(prm, A, D / P, D * (1 - 1 / P), irrelevant)
+    return irrelevant * (prm["c_read"] or 0.0) / 1e4, total / 1e4, M * (prm["r0"] + prm["r1"] * P) / 1e4
 
 
 def summarize(paths: Sequence[str], calibrate_max_p: int) -> str:
@@ -590,12 +634,12 @@ def summarize(paths: Sequence[str], calibrate_max_p: int) -> str:
             run = json.load(f)
         run["_path"] = os.path.basename(path)
         runs.append(run)
-    runs.sort(key=lambda r: (r["config"]["processes"], r["config"]["pages"], r["_path"]))
-    calib = [r for r in runs if r["config"]["processes"] <= calibrate_max_p]
-    prm = parameters(calib or runs)
-    allp = parameters(runs)
+    runs.sort(key=lambda r: (r["config"]["processes"], r["config"]["idle_processes"], r["config"]["pages"], r["_path"]))
+    calib = [r for r in runs if r["config"]["viewers"] == 1] or runs  # other V: predicted, not fitted
+    prm = parameters(calib, calibrate_max_p)
+    full = parameters(calib, max(r["config"]["processes"] for r in calib))
     design = "per-group routing" if prm["per_group"] else "one stream read by every process"
-    out = [f"## {design}: {len(runs)} runs ({', '.join(sorted({r['checkout'].get('branch', '?') for r in runs}))})", "",
+    out = [f"## {design}: {len(runs)} runs", "",
            "| run | P (idle) | pages | load | publishes/s | lost | idle proc µs/cluster publish | active proc µs/cluster publish | "
            "Redis µs/publish | script µs/publish | XREAD µs/publish |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
@@ -606,31 +650,25 @@ def summarize(paths: Sequence[str], calibrate_max_p: int) -> str:
                    f"{r['config']['pages']:,} | {r['loadavg_at_start'][0]:.1f} | {w['publishes_per_s']:,.0f} | {r['lost']} | "
                    f"{fmt(idle, '{:.2f}')} | {fmt(act)} | {fmt(w['redis_cpu_us_per_publish'])} | "
                    f"{fmt(_cmd(r, 'evalsha'))} | {fmt(_cmd(r, 'xread'), '{:.2f}')} |")
-    out += ["", f"Parameters (µs), calibrated on the {prm['runs']} runs with P <= {calibrate_max_p} "
-            f"(over all {allp['runs']} runs in brackets):", "",
-            "| symbol | µs | all runs |", "|---|---|---|"]
-    for k in ("c_read", "c_pub", "c_del", "r_pub", "r_read"):
-        out.append(f"| {k} | {fmt(prm[k], '{:.2f}')} | {fmt(allp[k], '{:.2f}')} |")
-    out += ["", "Predicted (calibrated parameters) vs measured, µs per cluster publish:", "",
+    out += ["", f"Parameters (µs, from the runs with one viewer per page): c_in and the Redis line (r0 + r1 P) "
+            f"calibrated on the runs with P <= {calibrate_max_p}, and on all runs", "", f"| symbol | P <= {calibrate_max_p} | all runs |", "|---|---|---|"]
+    for k in ("c_read", "c_pub", "c_del", "c_in", "r0", "r1", "xread_per_reader"):
+        out.append(f"| {k} | {fmt(prm[k], '{:.2f}')} | {fmt(full[k], '{:.2f}')} |")
+    out += ["", f"Predicted (parameters of P <= {calibrate_max_p}) vs measured, µs per cluster publish:", "",
             "| run | P (idle) | idle proc: predicted / measured | active proc: predicted / measured | Redis: predicted / measured |",
             "|---|---|---|---|---|"]
     for r in runs:
         q = predict(r, prm)
-        out.append(f"| {r['_path'].replace('.json', '')} | {q['P']} ({q['idle']}) | {fmt(q['idle_predicted'], '{:.2f}')} / "
-                   f"{fmt(q['idle_measured'], '{:.2f}')} | {fmt(q['active_predicted'])} / {fmt(q['active_measured'])} | "
+        out.append(f"| {r['_path'].replace('.json', '')} | {r['config']['processes']} ({r['config']['idle_processes']}) | "
+                   f"{fmt(q['idle_predicted'], '{:.2f}')} / {fmt(q['idle_measured'], '{:.2f}')} | "
+                   f"{fmt(q['active_predicted'])} / {fmt(q['active_measured'])} | "
                    f"{fmt(q['redis_predicted'])} / {fmt(q['redis_measured'])} |")
     for V in (1, 2):
-        out += ["", f"Projection with the all-runs parameters, {V} viewer(s) per page on random processes: per process, % of "
-                "one core spent on envelopes without local recipient | Redis, % of one core", "",
+        out += ["", f"Projection (all-runs parameters), {V} viewer(s) per page: per process % of a core on envelopes without local recipient / "
+                "per process % in all / Redis % of a core", "",
                 "| P \\ M | " + " | ".join(f"{m:,}/s" for m in PROJECT_M) + " |", "|---" * (len(PROJECT_M) + 1) + "|"]
         for P in PROJECT_P:
-            cells = []
-            for m in PROJECT_M:
-                irrelevant = m * ((1 - 1 / P) ** V if not allp["per_group"] else 0.0) * (allp["c_read"] or 0.0)
-                if allp["per_group"]:  # an idle process's CPU per cluster publish: whatever still reaches everyone
-                    irrelevant = m * (allp["c_read"] or 0.0)
-                red = m * (allp["r_pub"] + readers_per_envelope(P, V, allp["per_group"]) * allp["r_read"])
-                cells.append(f"{irrelevant / 1e4:,.0f}% \\| {red / 1e4:,.0f}%")
+            cells = ["{:,.0f}% / {:,.0f}% / {:,.0f}%".format(*project(full, P, m, V)) for m in PROJECT_M]
             out.append(f"| {P} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
@@ -663,7 +701,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--summarize", nargs="+", metavar="JSON",
                     help="instead of measuring: the model's parameters from these runs, predicted vs measured, "
                          "and the P x M projection (Markdown on stdout)")
-    ap.add_argument("--calibrate-max-p", type=int, default=2,
+    ap.add_argument("--calibrate-max-p", type=int, default=4,
                     help="--summarize: calibrate on the runs with at most this many processes, predict the others")
     a = ap.parse_args(argv)
     if a.summarize:
