@@ -586,13 +586,15 @@ def parameters(runs: Sequence[Dict[str, Any]], calib_max_p: int) -> Dict[str, An
                 ins.append((x["cpu_s"] * 1e6 - x["accepted"] * (c_pub or 0.0) - irrelevant * (c_read or 0.0)
                             - own * (c_del or 0.0)) / other)
     pts = [(r["config"]["processes"], r["watched"]["redis_cpu_us_per_publish"]) for r in runs
-           if r["config"]["processes"] <= calib_max_p]
+           if r["config"]["processes"] <= calib_max_p] or [(r["config"]["processes"], r["watched"]["redis_cpu_us_per_publish"])
+                                                            for r in runs]
     n = len(pts)
     mx, my = sum(p for p, _ in pts) / n, sum(v for _, v in pts) / n
     var = sum((p - mx) ** 2 for p, _ in pts)
     r1 = sum((p - mx) * (v - my) for p, v in pts) / var if var else 0.0
     return {"c_read": c_read, "c_pub": c_pub, "c_del": c_del, "c_in": mean(ins), "r0": my - r1 * mx, "r1": r1,
             "xread_per_reader": mean([_cmd(r, "xread") / r["config"]["processes"] for r in runs]),
+            "idle_util": mean([x["cpu_util"] for r in runs for x in r["watched"]["per_process"] if x["idle"]]),
             "runs": len(runs), "per_group": any(routed(r) for r in runs)}
 
 
@@ -618,13 +620,18 @@ def project(prm: Dict[str, Any], P: int, M: float, V: int) -> Tuple[float, float
     """(per process: % of a core on envelopes without local recipient, % of a core in all; Redis %
     of a core) for P processes, M publishes/s spread evenly over them, V viewers per page on random
     processes. With one stream a process reads every envelope; with per-group routing only those
-    with a local viewer (c_read, measured on idle processes, is then whatever still reaches them)."""
+    with a local viewer, and what an idle process spends is its background work (timers, the
+    control stream), a constant share of a core rather than a cost per envelope."""
     f = 1 - (1 - 1 / P) ** V  # pages with a local viewer
     A = M / P
     D = M * V / P
-    irrelevant = (M - A) * (1 - f)
-    total = process_cpu(prm, A, D / P, D * (1 - 1 / P), irrelevant)
-    return irrelevant * (prm["c_read"] or 0.0) / 1e4, total / 1e4, M * (prm["r0"] + prm["r1"] * P) / 1e4
+    if prm["per_group"]:
+        waste = (prm["idle_util"] or 0.0) * 1e6
+        total = process_cpu(prm, A, D / P, D * (1 - 1 / P), 0.0) + waste
+    else:
+        waste = (M - A) * (1 - f) * (prm["c_read"] or 0.0)
+        total = process_cpu(prm, A, D / P, D * (1 - 1 / P), (M - A) * (1 - f))
+    return waste / 1e4, total / 1e4, M * (prm["r0"] + prm["r1"] * P) / 1e4
 
 
 def summarize(paths: Sequence[str], calibrate_max_p: int) -> str:
@@ -652,7 +659,7 @@ def summarize(paths: Sequence[str], calibrate_max_p: int) -> str:
                    f"{fmt(_cmd(r, 'evalsha'))} | {fmt(_cmd(r, 'xread'), '{:.2f}')} |")
     out += ["", f"Parameters (µs, from the runs with one viewer per page): c_in and the Redis line (r0 + r1 P) "
             f"calibrated on the runs with P <= {calibrate_max_p}, and on all runs", "", f"| symbol | P <= {calibrate_max_p} | all runs |", "|---|---|---|"]
-    for k in ("c_read", "c_pub", "c_del", "c_in", "r0", "r1", "xread_per_reader"):
+    for k in ("c_read", "c_pub", "c_del", "c_in", "r0", "r1", "xread_per_reader", "idle_util"):
         out.append(f"| {k} | {fmt(prm[k], '{:.2f}')} | {fmt(full[k], '{:.2f}')} |")
     out += ["", f"Predicted (parameters of P <= {calibrate_max_p}) vs measured, µs per cluster publish:", "",
             "| run | P (idle) | idle proc: predicted / measured | active proc: predicted / measured | Redis: predicted / measured |",
@@ -668,7 +675,7 @@ def summarize(paths: Sequence[str], calibrate_max_p: int) -> str:
                 "per process % in all / Redis % of a core", "",
                 "| P \\ M | " + " | ".join(f"{m:,}/s" for m in PROJECT_M) + " |", "|---" * (len(PROJECT_M) + 1) + "|"]
         for P in PROJECT_P:
-            cells = ["{:,.0f}% / {:,.0f}% / {:,.0f}%".format(*project(full, P, m, V)) for m in PROJECT_M]
+            cells = ["{:,.1f}% / {:,.0f}% / {:,.0f}%".format(*project(full, P, m, V)) for m in PROJECT_M]
             out.append(f"| {P} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
