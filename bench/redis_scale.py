@@ -556,11 +556,19 @@ def _split(r: Dict[str, Any], M: int) -> Tuple[float, float, float]:
     return r["deliveries"] * share, r["deliveries"] * (1 - share), M - r["accepted"] - others
 
 
+def redis_x(run: Dict[str, Any]) -> int:
+    """What Redis's cost per publish grows with: the processes reading every envelope (one
+    stream), or the inboxes a publish batch reaches, i.e. the processes with viewers (routing)."""
+    P = run["config"]["processes"]
+    return P - run["config"]["idle_processes"] if routed(run) else P
+
+
 def parameters(runs: Sequence[Dict[str, Any]], calib_max_p: int) -> Dict[str, Any]:
     """The model's costs (µs): c_read (idle processes), c_pub (unwatched phase) from every run;
     c_del from runs with one active process (every delivery is of its own publish); c_in (reading
     and delivering another process's envelope) from the runs with 2..``calib_max_p`` processes and
-    several active ones; Redis per publish = r0 + r1 P fitted on the runs with P <= calib_max_p."""
+    several active ones; Redis per publish = r0 + r1 x fitted on the runs with P <= calib_max_p,
+    x = :func:`redis_x` (every process has viewers in the projection: x = P)."""
     c_read = mean([r["model"].get("c_read_us") for r in runs])
     c_pub = mean([r["model"].get("c_pub_us") for r in runs])
     dels, ins = [], []
@@ -585,8 +593,8 @@ def parameters(runs: Sequence[Dict[str, Any]], calib_max_p: int) -> Dict[str, An
             if other:
                 ins.append((x["cpu_s"] * 1e6 - x["accepted"] * (c_pub or 0.0) - irrelevant * (c_read or 0.0)
                             - own * (c_del or 0.0)) / other)
-    pts = [(r["config"]["processes"], r["watched"]["redis_cpu_us_per_publish"]) for r in runs
-           if r["config"]["processes"] <= calib_max_p] or [(r["config"]["processes"], r["watched"]["redis_cpu_us_per_publish"])
+    pts = [(redis_x(r), r["watched"]["redis_cpu_us_per_publish"]) for r in runs
+           if r["config"]["processes"] <= calib_max_p] or [(redis_x(r), r["watched"]["redis_cpu_us_per_publish"])
                                                             for r in runs]
     n = len(pts)
     mx, my = sum(p for p, _ in pts) / n, sum(v for _, v in pts) / n
@@ -613,7 +621,7 @@ def predict(run: Dict[str, Any], prm: Dict[str, Any]) -> Dict[str, Any]:
     return {"idle_measured": mean([r["cpu_us_per_cluster_publish"] for r in idle]),
             "idle_predicted": prm["c_read"] if idle else None,
             "active_measured": mean([r["cpu_us_per_cluster_publish"] for r in act]), "active_predicted": pred_act,
-            "redis_measured": w["redis_cpu_us_per_publish"], "redis_predicted": prm["r0"] + prm["r1"] * P}
+            "redis_measured": w["redis_cpu_us_per_publish"], "redis_predicted": prm["r0"] + prm["r1"] * redis_x(run)}
 
 
 def project(prm: Dict[str, Any], P: int, M: float, V: int) -> Tuple[float, float, float]:
@@ -658,7 +666,8 @@ def summarize(paths: Sequence[str], calibrate_max_p: int) -> str:
                    f"{fmt(idle, '{:.2f}')} | {fmt(act)} | {fmt(w['redis_cpu_us_per_publish'])} | "
                    f"{fmt(_cmd(r, 'evalsha'))} | {fmt(_cmd(r, 'xread'), '{:.2f}')} |")
     out += ["", f"Parameters (µs, from the runs with one viewer per page): c_in and the Redis line (r0 + r1 P) "
-            f"calibrated on the runs with P <= {calibrate_max_p}, and on all runs", "", f"| symbol | P <= {calibrate_max_p} | all runs |", "|---|---|---|"]
+            f"calibrated on the runs with P <= {calibrate_max_p}, and on all runs (Redis per publish = r0 + r1 x: "
+            "x = P with one stream, the processes with viewers with routing)", "", f"| symbol | P <= {calibrate_max_p} | all runs |", "|---|---|---|"]
     for k in ("c_read", "c_pub", "c_del", "c_in", "r0", "r1", "xread_per_reader", "idle_util"):
         out.append(f"| {k} | {fmt(prm[k], '{:.2f}')} | {fmt(full[k], '{:.2f}')} |")
     out += ["", f"Predicted (parameters of P <= {calibrate_max_p}) vs measured, µs per cluster publish:", "",
