@@ -665,9 +665,9 @@ def summarize(paths: Sequence[str], calibrate_max_p: int) -> str:
                    f"{r['config']['pages']:,} | {r['loadavg_at_start'][0]:.1f} | {w['publishes_per_s']:,.0f} | {r['lost']} | "
                    f"{fmt(idle, '{:.2f}')} | {fmt(act)} | {fmt(w['redis_cpu_us_per_publish'])} | "
                    f"{fmt(_cmd(r, 'evalsha'))} | {fmt(_cmd(r, 'xread'), '{:.2f}')} |")
-    out += ["", f"Parameters (µs, from the runs with one viewer per page): c_in and the Redis line (r0 + r1 P) "
-            f"calibrated on the runs with P <= {calibrate_max_p}, and on all runs (Redis per publish = r0 + r1 x: "
-            "x = P with one stream, the processes with viewers with routing)", "", f"| symbol | P <= {calibrate_max_p} | all runs |", "|---|---|---|"]
+    out += ["", f"Parameters (µs, from the runs with one viewer per page): c_in and the Redis line calibrated on the "
+            f"runs with P <= {calibrate_max_p}, and on all runs (Redis per publish = r0 + r1 x: x = P with one stream, "
+            "the processes with viewers with routing)", "", f"| symbol | P <= {calibrate_max_p} | all runs |", "|---|---|---|"]
     for k in ("c_read", "c_pub", "c_del", "c_in", "r0", "r1", "xread_per_reader", "idle_util"):
         out.append(f"| {k} | {fmt(prm[k], '{:.2f}')} | {fmt(full[k], '{:.2f}')} |")
     out += ["", f"Predicted (parameters of P <= {calibrate_max_p}) vs measured, µs per cluster publish:", "",
