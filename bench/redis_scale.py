@@ -438,7 +438,8 @@ def measure(cfg: dict) -> Dict[str, Any]:
                 raise RuntimeError(f"PUT /api/directory on process {p.index}: {status} {text[:300]!r}")
         result["routing_since_ms"] = wait_for_routing(cluster.redis.port, "tornado-rt")
         pool = bench.ClientPool(cfg["workers"], [cluster.procs[0].port], lifetime=lifetime)
-        specs = [(k + 1, (t,), cluster.procs[i].port) for k, (t, i) in enumerate(placement)]
+        # (user, tables, port): bench/wsclient.py's workers take the port from a spec's third item
+        specs: List[Any] = [(k + 1, (t,), cluster.procs[i].port) for k, (t, i) in enumerate(placement)]
         t0 = time.monotonic()
         conn = pool.connect(specs, concurrency=128)
         result["connect"] = {"ok": conn["ok"], "failed": conn["failed"], "errors": conn["errors"],
@@ -448,6 +449,7 @@ def measure(cfg: dict) -> Dict[str, Any]:
         idle = [i >= active for i in range(P)]
 
         async def drive():
+            sender: Any
             if cfg["publisher"] == "redis":
                 sender = await RedisPublisherSender(cluster.redis.url, P).open()
             else:
