@@ -263,6 +263,8 @@ class HttpApi:
         self.max_body_size = max_body_size
         self.metrics = metrics
         self.started = time.monotonic()
+        #: Requests ``POST /api/publish`` answered on the fast path (:class:`ApiApplication`).
+        self.fast_publishes = 0
         #: Messages per second for the admin page, sampled off the hot path (tornado_rt.admin).
         self.sampler = RateSampler(server)
 
@@ -556,7 +558,9 @@ class PublishHandler(ApiHandler):
             delivered = await self.server.submit(envelopes)
         except BrokerUnavailable as exc:
             raise ApiError(503, f"the broker cannot take the publish: {exc}") from None
-        metrics = self.api.metrics
+        api = self.api
+        api.fast_publishes += 1
+        metrics = api.metrics
         published = len(envelopes)
         if metrics is not None and envelopes:
             # After the hub's flush, which delivery scheduled before it (now when none is pending).
@@ -781,10 +785,12 @@ class _FastPublish(httputil.HTTPMessageDelegate):
         self._published(envelopes, delivered, started)
 
     def _published(self, envelopes: List[Envelope], delivered: int, started: float) -> None:
-        metrics = self.api.metrics
+        api = self.api
+        api.fast_publishes += 1
+        metrics = api.metrics
         published = len(envelopes)
         if metrics is not None and published:
-            self.api.server.hub.after_flush(metrics.observe_publish, started, published)
+            api.server.hub.after_flush(metrics.observe_publish, started, published)
         self._answer(200, b'{"published":%d,"delivered":%d}' % (published, delivered))
 
     def _answer(self, status: int, body: bytes) -> None:
