@@ -785,12 +785,17 @@ class _FastPublish(httputil.HTTPMessageDelegate):
         self._published(envelopes, delivered, started)
 
     def _published(self, envelopes: List[Envelope], delivered: int, started: float) -> None:
+        # Answered once the hub's flush has written the frames (right away when none is pending):
+        # the frames leave in one burst before the answer wakes the publisher, instead of the
+        # answer first and the frames while the publisher is already busy with it.
+        self.api.server.hub.after_flush(self._answer_published, len(envelopes), delivered, started)
+
+    def _answer_published(self, published: int, delivered: int, started: float) -> None:
         api = self.api
         api.fast_publishes += 1
         metrics = api.metrics
-        published = len(envelopes)
         if metrics is not None and published:
-            api.server.hub.after_flush(metrics.observe_publish, started, published)
+            metrics.observe_publish(started, published)
         self._answer(200, b'{"published":%d,"delivered":%d}' % (published, delivered))
 
     def _answer(self, status: int, body: bytes) -> None:
