@@ -752,7 +752,8 @@ class _FastPublish(httputil.HTTPMessageDelegate):
             if type(body) is list:
                 if len(body) > server.publish_slice:
                     raise _Replay()  # PublishHandler works through it in slices
-                envelopes = [publish_envelope(registry, item, f"[{i}].", sender) for i, item in enumerate(body)]
+                # no "[i]." prefix: a refusal is answered by PublishHandler, which names the field
+                envelopes = [publish_envelope(registry, item, "", sender) for item in body]
             else:
                 envelopes = [publish_envelope(registry, body, "", sender)]
         except Exception:  # a refusal (or a surprise): PublishHandler answers it, from the bytes
