@@ -683,7 +683,7 @@ def _http_date() -> str:
 
 
 class _FastPublish(httputil.HTTPMessageDelegate):
-    """One ``POST /api/publish`` on the fast path (see :class:`PublishRoute`)."""
+    """One ``POST /api/publish`` on the fast path (see :class:`ApiApplication`)."""
 
     __slots__ = ("app", "api", "kwargs", "request", "start_line", "headers", "chunks", "delegate", "saved")
 
@@ -706,7 +706,8 @@ class _FastPublish(httputil.HTTPMessageDelegate):
         if (request.method != "POST"
                 or not api.authorized(headers.get("Authorization"))
                 or not _json_media(headers.get("Content-Type", ""))
-                or "Transfer-Encoding" in headers or length is None or not length.isdigit()
+                or "Transfer-Encoding" in headers or length is None
+                or not (length.isascii() and length.isdigit())  # "²".isdigit(), int("²") fails
                 or int(length) > min(api.max_body_size, self.app.max_fast_body)):
             return self._leave()
         trusted = api.server.settings.trusted_proxies
