@@ -773,7 +773,7 @@ class _FastPublish(httputil.HTTPMessageDelegate):
         if isinstance(result, int):
             self._published(envelopes, result, started)
         else:
-            asyncio.ensure_future(self._await(envelopes, result, started))
+            _keep(asyncio.ensure_future(self._await(envelopes, result, started)))
 
     async def _await(self, envelopes: List[Envelope], result: Awaitable[int], started: float) -> None:
         try:
@@ -842,7 +842,18 @@ class _FastPublish(httputil.HTTPMessageDelegate):
                 if waiting is not None:
                     await waiting
             delegate.finish()
-        asyncio.ensure_future(replay()).add_done_callback(_log_replay_failure)
+        task = _keep(asyncio.ensure_future(replay()))
+        task.add_done_callback(_log_replay_failure)
+
+
+#: The fast path's tasks while they run (the loop holds only weak references to tasks).
+_TASKS: "set[asyncio.Future[None]]" = set()
+
+
+def _keep(task: "asyncio.Future[None]") -> "asyncio.Future[None]":
+    _TASKS.add(task)
+    task.add_done_callback(_TASKS.discard)
+    return task
 
 
 class _Replay(Exception):
