@@ -240,6 +240,14 @@ class Hub:
         if not self._flush_scheduled:
             self._schedule()
 
+    def after_flush(self, callback: Callable[..., Any], *args: Any) -> None:
+        """Call ``callback(*args)`` once what is queued now has been written: right away when no
+        flush is pending, else just after the pending one (the loop runs callbacks in order)."""
+        if not self._flush_scheduled or self._call_soon is None:
+            callback(*args)
+        else:
+            self._call_soon(callback, *args)
+
     def _schedule(self) -> None:
         self._flush_scheduled = True
         if self._call_soon is None:

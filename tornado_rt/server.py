@@ -17,7 +17,7 @@ import uuid
 
 import ujson
 from collections import Counter
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Awaitable, Dict, Iterable, List, Mapping, Optional, Sequence, Type, Union
 
 from tornado.ioloop import IOLoop
 from tornado.web import Application, RequestHandler
@@ -77,7 +77,12 @@ def web_socket_id_from_request(handler: RequestHandler) -> Optional[str]:
 
     Pass it on as ``ignore_web_socket_id`` so the sender's own connection is skipped.
     """
-    value = handler.request.headers.get("WebSocketId")
+    return web_socket_id_from_headers(handler.request.headers)
+
+
+def web_socket_id_from_headers(headers: Any) -> Optional[str]:
+    """:func:`web_socket_id_from_request` from the request's headers alone."""
+    value = headers.get("WebSocketId")
     if not value:
         return None
     try:
@@ -262,9 +267,11 @@ class RealtimeServer:
         path = mount.rstrip("/") + self.settings.path_prefix
         return [(path.rstrip("/") + "/?", self.handler_class, {"server": self})]
 
-    def make_app(self, extra_routes: Sequence = (), **app_settings: Any) -> Application:
-        """A Tornado Application serving the endpoint (plus ``extra_routes``)."""
-        return Application(list(extra_routes) + self.routes(), **app_settings)
+    def make_app(self, extra_routes: Sequence = (), *, application_class: Type[Application] = Application,
+                 **app_settings: Any) -> Application:
+        """A Tornado Application serving the endpoint (plus ``extra_routes``); ``application_class``:
+        an ``Application`` subclass to build (the HTTP server API's)."""
+        return application_class(list(extra_routes) + self.routes(), **app_settings)
 
     async def start(self) -> None:
         """Bind to the running IOLoop and start the broker. Call once, on the loop."""
@@ -432,6 +439,32 @@ class RealtimeServer:
             if slicer.due():
                 await slicer.pause()
         return delivered
+
+    def submit_now(self, envelopes: Sequence[Envelope]) -> "Union[int, Awaitable[int]]":
+        """:meth:`submit` of a short list (at most ``publish_slice`` envelopes: no slicing), done
+        without a coroutine when it can be: the delivered count when the broker took every
+        envelope at once and the router delivered them (the in-process broker, no async hook),
+        else an awaitable of it. Raises ``BrokerUnavailable`` as :meth:`submit` does. On the loop."""
+        self._bind()
+        publish = self.broker.publish
+        count = self._count
+        waiting: Optional[List[Any]] = None
+        for env in envelopes:
+            count(env)
+            result = publish(env)
+            if result is not None and inspect.isawaitable(result):
+                if waiting is None:
+                    waiting = []
+                waiting.append(result)
+        if waiting is None and not self.router.busy:
+            return sum([env.delivered for env in envelopes])
+        return self._submitted(envelopes, waiting or [])
+
+    async def _submitted(self, envelopes: Sequence[Envelope], waiting: List[Any]) -> int:
+        for result in waiting:
+            await result
+        await self.router.wait_idle()
+        return sum([env.delivered for env in envelopes])
 
     def _on_loop(self) -> bool:
         return self._thread is not None and threading.get_ident() == self._thread
