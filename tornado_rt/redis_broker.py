@@ -83,8 +83,9 @@ import collections
 import hashlib
 import itertools
 import logging
+import random
 import uuid
-from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Awaitable, Deque, Dict, List, Mapping, Optional, Set, Tuple
 
 import ujson
 
@@ -121,23 +122,36 @@ DEADLINE_MARGIN_MS = 5
 #: loop turn): what the reader learnt just before may be stale (see ``_caught_up``).
 STALL = 1.0
 
-# KEYS[1]: the stream. ARGV[1]: MAXLEN (approximate); ARGV[2]: the highest sequence number the
-# publisher knows of; ARGV[3]: history size (0: no history); ARGV[4]: history TTL in ms; ARGV[5]:
-# the key prefix ("<prefix>:"); then triples (deadline in Redis ms, envelope, page group or "").
-# Returns {Redis time in ms, then per envelope its sequence number, or 0: refused, its deadline
-# had passed}.
+# KEYS[1]: the control stream. ARGV[1]: MAXLEN (approximate, every stream); ARGV[2]: the highest
+# entry id ("<n>-<k>", of any stream) the publisher knows of; ARGV[3]: history size (0: no history); ARGV[4]: history
+# TTL in ms; ARGV[5]: the key prefix ("<prefix>:"); ARGV[6]: the publisher's process id ("" for a
+# publisher that is not a server); then quadruples (deadline in Redis ms, envelope, page group or
+# "", route: "1" for a plain page message — one page group, no side effect — else "0").
+# Returns {Redis time in ms, the id of the last entry it wrote ("<n>-<k>", or "0-0"), then per
+# envelope: its sequence number n > 0 on the control stream;
+# -1: appended to the inboxes of the processes registered for its group, the publisher's among
+# them; -2: the same, not the publisher's (possibly none at all); 0: refused, its deadline had
+# passed}.
+#
+# Control stream: ids <n>-0, n +1 per entry (exact gaps), as before routing existed. A new stream
+# starts at (Redis time in ms) * 1000 and its first entry has the field r: the highest entry id
+# (of the old control stream or of any inbox) its publisher knew of.
+# Routing (docs/redis.md "Routing"): while the key <prefix>routing holds a Redis time that has
+# passed, a plain page message goes only to the inbox streams <prefix>inbox:<process> of the
+# processes that are fields of the hash <prefix>g:<group> (one HKEYS), with the id <n>-<k>, n the
+# control stream's last sequence number (so the two streams of a reader merge into publish
+# order), k > 0 growing within n; its fields t, e as on the control stream, c: the entry's number
+# in that inbox (+1 per entry: exact gaps), then p, q (history). No registered process: no XADD.
+# Without the routing key (a fresh Redis: registrations cannot be trusted yet) every envelope
+# goes on the control stream, read by every process.
 # Recovery extension (tornado_rt.history): an envelope to a page group that keeps a history (hash
-# <prefix>pos:<group>: e = epoch, o = offset; created by tornado_rt.redis_history when a
-# connection with positions subscribes, kept alive while one is subscribed) gets the group's next
-# offset and is appended to the group's history (stream <prefix>hist:<group>, trimmed to the
-# history size; both keys expire after the history TTL); its entry carries p = epoch, q = offset.
-# A group without the hash costs one HGET.
-# A new stream starts at (Redis time in ms) * 1000, above anything an earlier stream reached
-# unless that one carried more than a million envelopes per second on average; its first entry
-# has the field r: the highest sequence number of the old stream its publisher knew of (so a
-# reader behind that knows it lost envelopes).
+# <prefix>pos:<group>: e = epoch, o = offset) gets the group's next offset and is appended to the
+# group's history (stream <prefix>hist:<group>, trimmed to the history size; both keys expire
+# after the history TTL); its entry carries p = epoch, q = offset. A group without it costs one HGET.
 PUBLISH_SCRIPT = """
 local key = KEYS[1]
+local prefix = ARGV[5]
+local me = ARGV[6]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local top = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
@@ -149,38 +163,95 @@ else
   n = now * 1000
   fresh = true
 end
-local out = {now}
+local since = redis.call('GET', prefix .. 'routing')
+local routing = since and tonumber(since) <= now
+local k = 0
+local inboxes = {}
+local touched = {}
+local hi_n, hi_k = 0, 0
+local out = {now, '0-0'}
 local added = false
 local hsize = tonumber(ARGV[3])
-for i = 6, #ARGV, 3 do
+for i = 7, #ARGV, 4 do
   if tonumber(ARGV[i]) >= now then
-    n = n + 1
-    local id = string.format('%.0f-0', n)
-    local entry = {'XADD', key, id, 't', now, 'e', ARGV[i + 1]}
-    if fresh then
-      entry[#entry + 1] = 'r'
-      entry[#entry + 1] = ARGV[2]
-      fresh = false
-    end
     local group = ARGV[i + 2]
+    local envelope = ARGV[i + 1]
+    local epoch, offset
     if group ~= '' and hsize > 0 then
-      local pos = ARGV[5] .. 'pos:' .. group
-      local hist = ARGV[5] .. 'hist:' .. group
-      local epoch = redis.call('HGET', pos, 'e')
+      local pos = prefix .. 'pos:' .. group
+      epoch = redis.call('HGET', pos, 'e')
       if epoch then
-        local offset = redis.call('HINCRBY', pos, 'o', 1)
-        redis.call('XADD', hist, 'MAXLEN', hsize, '*', 'q', offset, 't', now, 'e', ARGV[i + 1])
+        local hist = prefix .. 'hist:' .. group
+        offset = redis.call('HINCRBY', pos, 'o', 1)
+        redis.call('XADD', hist, 'MAXLEN', hsize, '*', 'q', offset, 't', now, 'e', envelope)
         redis.call('PEXPIRE', pos, ARGV[4])
         redis.call('PEXPIRE', hist, ARGV[4])
+      end
+    end
+    if routing and ARGV[i + 3] == '1' then
+      local result = -2
+      local procs = redis.call('HKEYS', prefix .. 'g:' .. group)
+      if procs[1] then
+        k = k + 1
+        for _, proc in ipairs(procs) do
+          local inbox = prefix .. 'inbox:' .. proc
+          local last = inboxes[inbox]
+          if not last then
+            last = {0, 0, 0}
+            local found = redis.call('XREVRANGE', inbox, '+', '-', 'COUNT', 1)
+            if found[1] then
+              local a, b = string.match(found[1][1], '^(%d+)-(%d+)')
+              last[1] = tonumber(a)
+              last[2] = tonumber(b)
+              local fields = found[1][2]
+              if fields[5] == 'c' then last[3] = tonumber(fields[6]) end
+            end
+            inboxes[inbox] = last
+            touched[#touched + 1] = inbox
+          end
+          local a, b = n, k
+          if last[1] > a or (last[1] == a and last[2] >= b) then
+            a = last[1]
+            b = last[2] + 1
+          end
+          last[1] = a
+          last[2] = b
+          last[3] = last[3] + 1
+          if a > hi_n or (a == hi_n and b > hi_k) then
+            hi_n = a
+            hi_k = b
+          end
+          if epoch then
+            redis.call('XADD', inbox, string.format('%.0f-%d', a, b), 't', now, 'e', envelope, 'c', last[3],
+                       'p', epoch, 'q', offset)
+          else
+            redis.call('XADD', inbox, string.format('%.0f-%d', a, b), 't', now, 'e', envelope, 'c', last[3])
+          end
+          if proc == me then result = -1 end
+        end
+      end
+      out[#out + 1] = result
+    else
+      n = n + 1
+      k = 0
+      local entry = {'XADD', key, string.format('%.0f-0', n), 't', now, 'e', envelope}
+      if fresh then
+        entry[#entry + 1] = 'r'
+        entry[#entry + 1] = ARGV[2]
+        fresh = false
+      end
+      if epoch then
         entry[#entry + 1] = 'p'
         entry[#entry + 1] = epoch
         entry[#entry + 1] = 'q'
         entry[#entry + 1] = offset
       end
+      redis.call(unpack(entry))
+      out[#out + 1] = n
+      hi_n = n
+      hi_k = 0
+      added = true
     end
-    redis.call(unpack(entry))
-    out[#out + 1] = n
-    added = true
   else
     out[#out + 1] = 0
   end
@@ -188,9 +259,90 @@ end
 if added then
   redis.call('XTRIM', key, 'MAXLEN', '~', ARGV[1])
 end
+for _, inbox in ipairs(touched) do
+  redis.call('XTRIM', inbox, 'MAXLEN', '~', ARGV[1])
+end
+out[2] = string.format('%.0f-%d', hi_n, hi_k)
 return out
 """
 PUBLISH_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest()
+
+# A process says it is alive (at every reader connection and every third of the liveness TTL).
+# ARGV[1]: the key prefix ("<prefix>:"); ARGV[2]: the process id; ARGV[3]: the liveness TTL (ms);
+# ARGV[4]: the grace (ms) before routing starts when the routing key is missing (0: a process with
+# nothing to lose, at its first connection); then the page groups this process has registered
+# (re-registered here when its registrations are gone: Redis lost them, or a sweep removed them
+# because this process was thought dead). Returns {1 if the registrations were there, Redis time
+# in ms, the routing key's time, 1 if this call created the routing key}. The alive key is only
+# written here: while it exists, nothing of this process was swept nor lost.
+HELLO_SCRIPT = """
+local prefix = ARGV[1]
+local me = ARGV[2]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local intact = redis.call('EXISTS', prefix .. 'alive:' .. me)
+redis.call('SET', prefix .. 'alive:' .. me, now, 'PX', ARGV[3])
+redis.call('SADD', prefix .. 'procs', me)
+local since = redis.call('GET', prefix .. 'routing')
+local created = 0
+if not since then
+  since = now + tonumber(ARGV[4])
+  redis.call('SET', prefix .. 'routing', string.format('%.0f', since))
+  created = 1
+end
+if intact == 0 then
+  for i = 5, #ARGV do
+    redis.call('HSET', prefix .. 'g:' .. ARGV[i], me, 1)
+    redis.call('SADD', prefix .. 'groups:' .. me, ARGV[i])
+  end
+end
+return {intact > 0 and 1 or 0, now, tonumber(since), created}
+"""
+# Register (+) and unregister (-) page groups of one process. ARGV[1]: the key prefix; ARGV[2]:
+# the process id; then pairs (+ or -, group). Returns the number of operations.
+REGISTER_SCRIPT = """
+local prefix = ARGV[1]
+local me = ARGV[2]
+local groups = prefix .. 'groups:' .. me
+for i = 3, #ARGV, 2 do
+  local g = ARGV[i + 1]
+  if ARGV[i] == '+' then
+    redis.call('HSET', prefix .. 'g:' .. g, me, 1)
+    redis.call('SADD', groups, g)
+  else
+    redis.call('HDEL', prefix .. 'g:' .. g, me)
+    redis.call('SREM', groups, g)
+  end
+end
+return (#ARGV - 2) / 2
+"""
+# Remove what processes left behind: ARGV[1]: the key prefix; ARGV[2]: a process id to remove
+# whatever its alive key says (a process that shuts down), or "" to remove every process whose
+# alive key expired (a sweep any live process runs). Returns the processes removed.
+SWEEP_SCRIPT = """
+local prefix = ARGV[1]
+local procs
+if ARGV[2] ~= '' then
+  procs = {ARGV[2]}
+else
+  procs = redis.call('SMEMBERS', prefix .. 'procs')
+end
+local removed = 0
+for _, p in ipairs(procs) do
+  if ARGV[2] ~= '' or redis.call('EXISTS', prefix .. 'alive:' .. p) == 0 then
+    for _, g in ipairs(redis.call('SMEMBERS', prefix .. 'groups:' .. p)) do
+      redis.call('HDEL', prefix .. 'g:' .. g, p)
+    end
+    redis.call('DEL', prefix .. 'groups:' .. p, prefix .. 'inbox:' .. p, prefix .. 'alive:' .. p)
+    redis.call('SREM', prefix .. 'procs', p)
+    removed = removed + 1
+  end
+end
+return removed
+"""
+#: Seconds an emptied page group stays registered (a client that resubscribes at once, a page
+#: that flips, costs no round trip); envelopes that arrive meanwhile are dropped and counted.
+UNREGISTER_DELAY = 1.0
 
 # KEYS[1]: the directory hash. ARGV[1]: the stream position the snapshot corresponds to; ARGV[2]:
 # the snapshot. Replaces the stored one only when it is older: returns 1 when written.
@@ -231,6 +383,22 @@ def encode_envelope(envelope: Envelope, origin: str, seq: int) -> bytes:
     return payload
 
 
+def route_of(envelope: Envelope, registry: Any) -> Tuple[str, bool]:
+    """(the page group of a page message or "", whether it is a plain page message: one page
+    group, a type without side effect — it goes only to the inboxes of the processes registered
+    for the group; anything else goes on the control stream, read by every process). Without a
+    registry everything goes on the control stream."""
+    if envelope.kind != MESSAGE:
+        return "", False
+    audience = envelope.audience
+    if not audience or audience[0] != "page":
+        return "", False
+    if registry is None:
+        return audience[1], False
+    mt = registry.message_type(envelope.type)
+    return audience[1], mt is None or mt.effect is None
+
+
 def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(value), value)
 
@@ -239,6 +407,57 @@ def _seq_of(entry_id: bytes) -> Tuple[int, bool]:
     """(n, whether the id is one of ours: ``<n>-0``) of a stream entry id; ValueError if no id."""
     head, _, tail = entry_id.partition(b"-")
     return int(head), tail == b"0"
+
+
+def entry_key(entry_id: bytes) -> Tuple[int, int]:
+    """The order of an entry of the control stream (``<n>-0``) or an inbox (``<n>-<k>``, k > 0:
+    after the control entry n, before n + 1): ``(n, k)``; ``(0, 0)`` for an id that is not ours
+    (sorted first, then refused as malformed)."""
+    head, _, tail = entry_id.partition(b"-")
+    try:
+        return int(head), int(tail or b"0")
+    except ValueError:
+        return 0, 0
+
+
+Entry = Tuple[bytes, List[bytes]]
+
+
+def merge_replies(control: List[Entry], control_full: bool, inbox: List[Entry],
+                  inbox_full: bool) -> Tuple[List[Tuple[bool, Entry]], List[Entry], List[Entry]]:
+    """Merge what one ``XREAD`` returned from the control stream and from this process's inbox
+    (each after the entries held back from earlier rounds, which come first) into publish order:
+    ``(ready, held_control, held_inbox)``; ``ready`` lists ``(from the inbox?, entry)``.
+
+    ``*_full``: that stream's part of the reply was cut at ``COUNT``, so entries after its last one
+    may exist unseen in Redis. ``XREAD`` is atomic: for a stream that was not cut, everything up
+    to now was returned; for a cut one, nothing after its last entry was. So every entry up to the
+    smallest last id among the cut streams is in order now; entries of the other stream beyond it
+    are held for the next round (an unseen entry of the cut stream may come before them)."""
+    limit: Optional[Tuple[int, int]] = None
+    if control_full and control:
+        limit = entry_key(control[-1][0])
+    if inbox_full and inbox:
+        last = entry_key(inbox[-1][0])
+        if limit is None or last < limit:
+            limit = last
+    ready: List[Tuple[bool, Entry]] = []
+    i = j = 0
+    nc, ni = len(control), len(inbox)
+    ck = [entry_key(e[0]) for e in control]
+    ik = [entry_key(e[0]) for e in inbox]
+    while i < nc or j < ni:
+        if j >= ni or (i < nc and ck[i] < ik[j]):
+            if limit is not None and ck[i] > limit:
+                break
+            ready.append((False, control[i]))
+            i += 1
+        else:
+            if limit is not None and ik[j] > limit:
+                break
+            ready.append((True, inbox[j]))
+            j += 1
+    return ready, list(control[i:]), list(inbox[j:])
 
 
 class _Pending:
@@ -319,8 +538,53 @@ class RedisBroker(Broker):
         self.health_check_interval = health_check_interval
         self.start_timeout = start_timeout
         self.origin = uuid.uuid4().hex[:16]
+        #: This process's inbox: the plain page messages of the page groups it registered.
+        self.inbox = f"{channel_prefix}:inbox:{self.origin}"
+        self.key_prefix = channel_prefix + ":"
+        #: Seconds a process that stopped refreshing its alive key counts as alive (its
+        #: registrations and inbox are swept after): the server's ``presence_ttl``.
+        self.alive_ttl = 30.0
         self._seq = itertools.count(1)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        # Routing (bind_hub): the registry decides which envelopes are plain page messages; the
+        # hub tells which page groups have local subscribers.
+        self.registry: Any = None
+        self._hub: Any = None
+        self._pages: Any = None  # the router (drops a group whose registration came too late)
+        self._registered: Set[str] = set()  # acknowledged by Redis
+        self._wanted: Dict[str, Tuple["asyncio.Future[None]", float]] = {}  # to register (deadline)
+        self._unwanted: Dict[str, float] = {}  # emptied groups -> when to unregister them
+        self._unregistering: Set[str] = set()  # unregistrations in flight
+        self._unconfirmed: Set[str] = set()  # confirmed to clients before Redis registered them
+        self._reg_wake: Optional[asyncio.Event] = None
+        self._reg_timer: Optional[asyncio.TimerHandle] = None
+        self._inbox_id = b"0-0"  # the last inbox entry returned by XREAD
+        self._inbox_count = 0  # the c of the last inbox entry delivered
+        self._inbox_fresh = True  # the inbox may (re)start at c = 1 without a gap
+        # Whether the last read returned everything the inbox had (not cut at COUNT, no loop
+        # stall since), and whether it did not at some point since the last HELLO that found
+        # this process's keys intact: if the inbox was deleted meanwhile (Redis lost its data, a
+        # sweep), entries this process had not read may have gone with it.
+        self._inbox_caught_up = True
+        self._inbox_behind = False
+        self._held_control: List[Entry] = []  # returned, not delivered yet (merge_replies)
+        self._held_inbox: List[Entry] = []
+        self._hello_at = 0.0
+        self._sweep_at = 0.0
+        self._said_hello = False
+        #: Routing counters: entries read from the control stream and from the inbox; page
+        #: messages read from the control stream (routing off, or a type with a side effect);
+        #: page messages read with no local subscriber (dropped); registrations and
+        #: unregistrations sent; dead processes swept by this one; registrations that came after
+        #: the subscription was confirmed (their group was dropped with page_discard).
+        self.control_read = 0
+        self.inbox_read = 0
+        self.control_pages = 0
+        self.dropped = 0
+        self.registrations = 0
+        self.unregistrations = 0
+        self.swept = 0
+        self.late_registrations = 0
         # seq -> publish; insertion order is publish order, hence deadline order.
         self._pending: Dict[int, _Pending] = {}
         self._outbox: Deque[Tuple[int, bytes]] = collections.deque()
@@ -337,6 +601,7 @@ class RedisBroker(Broker):
         #: The stream sequence number this process has read up to (0: none yet).
         self.position = 0
         self._accepted = 0  # the highest sequence number Redis gave a publish of this process
+        self._wrote: Tuple[int, int] = (0, 0)  # the highest entry id a publish of this process got
         self._last_id = b"0-0"
         self._positioned = False
         # Whether the last read reached the end of the stream (nothing was waiting unread), the
@@ -385,6 +650,141 @@ class RedisBroker(Broker):
         if self._snap_wake is not None:
             self._snap_wake.set()
 
+    def configure(self, settings: Any, on_gap: Any = None) -> None:
+        super().configure(settings, on_gap)
+        self.alive_ttl = float(getattr(settings, "presence_ttl", self.alive_ttl))
+
+    def bind_hub(self, hub: Any, router: Any, registry: Any) -> None:
+        """Called by the server when it is built: route plain page messages to the processes
+        that have subscribers (``hub.register`` / ``hub.on_empty`` call :meth:`register` and
+        :meth:`unregister`; see docs/redis.md "Routing")."""
+        self._hub = hub
+        self._pages = router
+        self.registry = registry
+        hub.register = self.register
+        hub.on_empty = self.unregister
+
+    def routing_stats(self) -> Dict[str, int]:
+        """The routing counters (``GET /api/stats`` ``redis``, ``/metrics``)."""
+        return {"control_read": self.control_read, "inbox_read": self.inbox_read,
+                "control_pages": self.control_pages, "dropped": self.dropped,
+                "registered": len(self._registered), "registrations": self.registrations,
+                "unregistrations": self.unregistrations, "swept": self.swept,
+                "late_registrations": self.late_registrations}
+
+    # --- registrations ------------------------------------------------------------------------------
+    def register(self, group: str) -> Optional[Awaitable[None]]:
+        """The first local subscriber of ``group`` is joining: None when this process is
+        registered for it already, else a future that completes once Redis has registered it
+        (then a message published after the client is told page_add reaches this process's
+        inbox), or at ``publish_timeout`` if Redis does not answer (the group is dropped with
+        page_discard when the registration lands later)."""
+        self._unwanted.pop(group, None)
+        if group in self._registered and group not in self._unregistering:
+            return None
+        wanted = self._wanted.get(group)
+        if wanted is not None:
+            return wanted[0]
+        loop = self._loop
+        if loop is None or self._reg_wake is None:  # not started: nothing to route yet
+            return None
+        future: "asyncio.Future[None]" = loop.create_future()
+        self._wanted[group] = (future, loop.time() + self.publish_timeout)
+        self._reg_wake.set()
+        return future
+
+    def unregister(self, group: str) -> None:
+        """The last local subscriber of ``group`` left: unregister it after UNREGISTER_DELAY
+        (unless one joins again meanwhile)."""
+        if group not in self._registered or self._loop is None or self._reg_wake is None:
+            return
+        at = self._loop.time() + UNREGISTER_DELAY
+        self._unwanted[group] = at
+        if self._reg_timer is None:
+            self._reg_timer = self._loop.call_at(at, self._reg_due)
+
+    def _reg_due(self) -> None:
+        self._reg_timer = None
+        if self._reg_wake is not None:
+            self._reg_wake.set()
+
+    async def _register_forever(self) -> None:
+        """The one registrar: sends (un)registrations in batches, one script call in flight."""
+        assert self._reg_wake is not None and self._loop is not None and self._ready is not None
+        wake, loop = self._reg_wake, self._loop
+        conn: Any = None
+        delay = self.reconnect_min
+        await self._ready.wait()  # after the first HELLO: this process is known alive
+        while True:
+            await wake.wait()
+            wake.clear()
+            now = loop.time()
+            groups = self._hub.groups if self._hub is not None else {}
+            adds = list(self._wanted)
+            removes = [g for g, at in self._unwanted.items() if at <= now and g not in groups]
+            for g in removes:
+                del self._unwanted[g]
+            if self._unwanted and self._reg_timer is None:
+                self._reg_timer = loop.call_at(min(self._unwanted.values()), self._reg_due)
+            removes = [g for g in removes if g in self._registered]
+            if not adds and not removes:
+                continue
+            self._unregistering.update(removes)
+            args: List[Any] = [self.key_prefix, self.origin]
+            for g in adds:
+                args += ["+", g]
+            for g in removes:
+                args += ["-", g]
+            try:
+                async with asyncio.timeout(self.socket_timeout):
+                    if conn is None:
+                        conn = await self._connect()
+                    await conn.send_command("EVAL", REGISTER_SCRIPT, 0, *args, check_health=False)
+                    await conn.read_response()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._unregistering.difference_update(removes)
+                for g in removes:  # try again later
+                    self._unwanted.setdefault(g, loop.time() + delay)
+                if isinstance(exc, TimeoutError):
+                    exc = TimeoutError("no reply from Redis in time")
+                log.warning("could not register page groups in Redis: %s; retrying in %.1f s",
+                            _describe(exc), delay, exc_info=not isinstance(exc, (RedisError, OSError, TimeoutError)))
+                if conn is not None:
+                    await _disconnect(conn)
+                    conn = None
+                now = loop.time()
+                for g, (future, deadline) in list(self._wanted.items()):
+                    if deadline <= now + delay and not future.done():
+                        # Confirm rather than hang the client; dropped (page_discard) once the
+                        # registration lands, since messages may pass by until then.
+                        self._unconfirmed.add(g)
+                        future.set_result(None)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.reconnect_max)
+                wake.set()
+                continue
+            delay = self.reconnect_min
+            self.registrations += len(adds)
+            self.unregistrations += len(removes)
+            self._unregistering.difference_update(removes)
+            self._registered.difference_update(removes)
+            for g in adds:
+                self._registered.add(g)
+                wanted = self._wanted.pop(g, None)
+                if wanted is not None and not wanted[0].done():
+                    wanted[0].set_result(None)
+                if g in self._unconfirmed:
+                    self._unconfirmed.discard(g)
+                    self.late_registrations += 1
+                    log.warning("page group %r was registered in Redis after its subscription was "
+                                "confirmed: its subscribers get page_discard (they resubscribe)", g)
+                    if self._pages is not None:
+                        self._pages.drop_group(g)
+            if self._wanted:
+                wake.set()
+
     # --- state ----------------------------------------------------------------------------------
     @property
     def connected(self) -> bool:
@@ -419,9 +819,11 @@ class RedisBroker(Broker):
         self._ready = asyncio.Event()
         self._loaded = asyncio.Event()
         self._snap_wake = asyncio.Event()
+        self._reg_wake = asyncio.Event()
         self._last_tick = self._loop.time()
         self._tasks = [self._loop.create_task(self._read_forever()),
                        self._loop.create_task(self._write_forever()),
+                       self._loop.create_task(self._register_forever()),
                        self._loop.create_task(self._tick())]
         if self._directory is not None:
             self._tasks.append(self._loop.create_task(self._write_snapshots()))
@@ -447,6 +849,7 @@ class RedisBroker(Broker):
 
     async def close(self) -> None:
         """Stop the reader and the publisher; pending publishes fail with BrokerUnavailable."""
+        was_running = bool(self._tasks) and self._said_hello
         self._closed = True
         tasks, self._tasks = self._tasks, []
         for task in tasks:
@@ -461,11 +864,32 @@ class RedisBroker(Broker):
         for seq in list(self._pending):
             self._fail(seq, error)
         self._outbox.clear()
+        if self._reg_timer is not None:
+            self._reg_timer.cancel()
+            self._reg_timer = None
+        if was_running:
+            await self._goodbye()
         for conn in (self._sub_conn, self._pub_conn):
             if conn is not None:
                 await _disconnect(conn)
         self._sub_conn = self._pub_conn = None
         await self._pool.disconnect()
+
+    async def _goodbye(self) -> None:
+        """At shutdown: remove this process's registrations and inbox (best effort: else the
+        sweep of another process does, once the alive key expired)."""
+        conn: Any = None
+        try:
+            conn = await self._connect()
+            async with asyncio.timeout(self.socket_timeout):
+                await conn.send_command("EVAL", SWEEP_SCRIPT, 0, self.key_prefix, self.origin, check_health=False)
+                await conn.read_response()
+        except Exception as exc:
+            log.info("could not remove this process's registrations from Redis at shutdown (%s): "
+                     "they are swept once its alive key expires", _describe(exc))
+        finally:
+            if conn is not None:
+                await _disconnect(conn)
 
     # --- publishing -----------------------------------------------------------------------------
     def publish(self, envelope: Envelope) -> "asyncio.Future[None]":
@@ -602,24 +1026,35 @@ class RedisBroker(Broker):
     async def _send(self, conn: Any, batch: List[Tuple[int, bytes, _Pending]]) -> None:
         """One script call for the batch; marks each publish accepted or fails it (refused)."""
         offset = self._offset - DEADLINE_MARGIN_MS
-        parts = [b"*%d\r\n" % (9 + 3 * len(batch)), self._script_head,
-                 _bulk(b"%d" % max(self.position, self._accepted)), _bulk(b"%d" % self.history_size),
-                 _bulk(b"%d" % self.history_ttl_ms), _bulk(self.channel_prefix.encode() + b":")]
+        parts = [b"*%d\r\n" % (10 + 4 * len(batch)), self._script_head,
+                 _bulk(b"%d-%d" % max((max(self.position, self._accepted), 0), self._wrote,
+                                      entry_key(self._inbox_id))),
+                 _bulk(b"%d" % self.history_size),
+                 _bulk(b"%d" % self.history_ttl_ms), _bulk(self.key_prefix.encode()),
+                 _bulk(self.origin.encode())]
+        registry = self.registry
         for _, payload, entry in batch:
             # Redis must refuse an envelope once the publisher may have answered 503 for it:
             # offset is a lower bound of the true offset, so this is never later than that.
             parts.append(_bulk(b"%d" % int(entry.deadline * 1000 + offset)))
             parts.append(_bulk(payload))
-            audience = entry.envelope.audience
-            group = audience[1] if audience and audience[0] == "page" and entry.envelope.kind == "message" else ""
-            parts.append(_bulk(group.encode() if self.history_size else b""))
+            group, route = route_of(entry.envelope, registry)
+            parts.append(_bulk(group.encode()))
+            parts.append(b"$1\r\n1\r\n" if route else b"$1\r\n0\r\n")
         await conn.send_packed_command([b"".join(parts)], check_health=False)
         reply = await conn.read_response()
         # Redis ran the script between sending and now: Redis time - now is a lower bound.
         self._offset = reply[0] - _now(self._loop) * 1000
+        wrote = entry_key(reply[1])
+        if wrote > self._wrote:
+            self._wrote = wrote
         refused = None
-        for (seq, _, entry), n in zip(batch, reply[1:]):
-            if n:
+        for (seq, _, entry), n in zip(batch, reply[2:]):
+            if n == -2:  # routed to other processes' inboxes only: nothing comes back here
+                self._pending.pop(seq, None)
+                if not entry.future.done():
+                    entry.future.set_result(None)
+            elif n:
                 entry.accepted = n
                 if n > self._accepted:
                     self._accepted = n
@@ -655,6 +1090,7 @@ class RedisBroker(Broker):
                 async with asyncio.timeout(self.connect_timeout + self.socket_timeout):
                     await conn.connect()  # TCP connect, then the handshake (CLIENT SETNAME, AUTH, SELECT)
                 await self._check_position(conn, self.socket_timeout)
+                await self._hello(conn, self.socket_timeout)
                 if self._directory is not None and self.subscriptions:
                     await self._sync_directory(conn, self.socket_timeout, None)
                 self._subscribed = True
@@ -735,28 +1171,109 @@ class RedisBroker(Broker):
                 self._last_id = top
             return
         if top is not None and _seq_of(top)[0] < self.position:
-            self._reset(0, self.position)
+            self._reset((0, 0), self.position)
             self.position = 0
             self._last_id = b"0-0"
 
+    def _interval(self) -> float:
+        """The reader's BLOCK time: the health check interval, at most a third of the liveness
+        TTL (the alive key is refreshed between two reads)."""
+        return max(0.05, min(self.health_check_interval, self.alive_ttl / 3))
+
+    async def _hello(self, conn: Any, timeout: float) -> None:
+        """Refresh this process's alive key (HELLO_SCRIPT). When its registrations were gone
+        (Redis lost its data, or a sweep removed them while this process was stalled longer than
+        the liveness TTL), the script registered them again; page messages may have passed this
+        process by meanwhile unless routing was off (no routing key: every envelope went on the
+        control stream) or had not started yet: then it is a gap (page_discard)."""
+        loop = self._loop
+        assert loop is not None
+        first = not self._said_hello
+        grace = 0 if first else int(self.alive_ttl * 1000)
+        await conn.send_command("EVAL", HELLO_SCRIPT, 0, self.key_prefix, self.origin,
+                                int(self.alive_ttl * 1000), grace, *sorted(self._registered),
+                                check_health=False)
+        async with asyncio.timeout(timeout):
+            intact, now, since, created = await conn.read_response()
+        self._hello_at = loop.time() + self.alive_ttl / 3
+        if not self._sweep_at:
+            self._sweep_at = loop.time() + self.alive_ttl * (1 + random.random())
+        self._said_hello = True
+        if first or intact:
+            self._inbox_behind = not self._inbox_caught_up
+            return
+        self._inbox_fresh = True  # the inbox may have been deleted with the registrations
+        if self._inbox_behind or not self._inbox_caught_up:
+            log.warning("this process's inbox was gone from Redis (Redis lost its data, or this process "
+                        "stalled longer than %g s) while it had not read all of it", self.alive_ttl)
+            self._gap(None, self.position)
+        elif self._registered and not created and since <= now:
+            log.warning("the registrations of this process's page groups were gone from Redis while "
+                        "routing was on (its alive key had expired: Redis lost its data, or this process "
+                        "stalled longer than %g s); registered again", self.alive_ttl)
+            self._gap(None, self.position)
+        elif self._registered:
+            log.warning("the registrations of this process's page groups were gone from Redis (Redis "
+                        "lost its data); registered again while every envelope went on the control stream: "
+                        "nothing was lost")
+
+    async def _sweep(self, conn: Any, timeout: float) -> None:
+        """Remove the registrations and inboxes of processes whose alive key expired."""
+        loop = self._loop
+        assert loop is not None
+        self._sweep_at = loop.time() + self.alive_ttl * (1 + random.random())
+        await conn.send_command("EVAL", SWEEP_SCRIPT, 0, self.key_prefix, "", check_health=False)
+        async with asyncio.timeout(timeout):
+            removed = await conn.read_response()
+        if removed:
+            self.swept += int(removed)
+            log.info("removed the registrations and inboxes of %d process(es) whose alive key expired "
+                     "from Redis", removed)
+
     async def _read(self, conn: Any) -> None:
-        """Deliver every entry after this process's position until the connection breaks."""
-        interval = self.health_check_interval
+        """Deliver every entry after this process's positions (the control stream and its inbox,
+        merged into publish order) until the connection breaks."""
+        interval = self._interval()
         block = str(max(1, int(interval * 1000)))
         count = READ_COUNT
         read = conn.read_response
+        loop = self._loop
+        assert loop is not None
+        stream_name = self.stream.encode()
         while True:
+            now = loop.time()
+            if now >= self._hello_at:
+                await self._hello(conn, interval)
+            if now >= self._sweep_at:
+                await self._sweep(conn, interval)
             stalls = self._stalls
-            await conn.send_command("XREAD", "COUNT", count, "BLOCK", block, "STREAMS", self.stream,
-                                    self._last_id, check_health=False)
+            control_id = self._held_control[-1][0] if self._held_control else self._last_id
+            await conn.send_command("XREAD", "COUNT", count, "BLOCK", block, "STREAMS", self.stream, self.inbox,
+                                    control_id, self._inbox_id, check_health=False)
             async with asyncio.timeout(2 * interval):
                 reply = await read()
             if reply is None:  # nothing new within the BLOCK time
-                self._caught_up = self._fresh(stalls)
+                if self._held_control or self._held_inbox:
+                    self._deliver_merged([], False, [], False)
+                self._caught_up = self._inbox_caught_up = self._fresh(stalls)
                 await self._check_position(conn, interval)
                 continue
-            entries = reply[0][1]
-            size = self._on_entries(entries)
+            control: List[Entry] = []
+            inbox: List[Entry] = []
+            for name, entries in reply:
+                if name == stream_name:
+                    control = entries
+                else:
+                    inbox = entries
+            control_full = len(control) >= count
+            if inbox:
+                self._inbox_id = inbox[-1][0]
+            if self._held_control or self._held_inbox or (control and inbox):
+                size = self._deliver_merged(control, control_full, inbox, len(inbox) >= count)
+            elif control:
+                size = self._on_entries(control)
+            else:
+                size = self._on_inbox(inbox)
             if self._resync is not None:
                 at, self._resync = self._resync, None
                 try:
@@ -765,8 +1282,71 @@ class RedisBroker(Broker):
                     deferred, self._deferred_gap = self._deferred_gap, None
                     if deferred is not None:
                         self._discard(*deferred)
-            self._caught_up = len(entries) < count and self._fresh(stalls)
-            count = max(1, min(READ_COUNT, READ_BYTES * len(entries) // max(1, size)))
+            fresh = self._fresh(stalls)
+            self._caught_up = not control_full and fresh
+            self._inbox_caught_up = len(inbox) < count and fresh
+            if not self._inbox_caught_up:
+                self._inbox_behind = True
+            got = len(control) + len(inbox)
+            count = max(1, min(READ_COUNT, READ_BYTES * got // max(1, size)))
+
+    def _deliver_merged(self, control: List[Entry], control_full: bool, inbox: List[Entry],
+                        inbox_full: bool) -> int:
+        """Deliver the entries of both streams (after those held back) in publish order."""
+        ready, held_control, held_inbox = merge_replies(self._held_control + control, control_full,
+                                                        self._held_inbox + inbox, inbox_full)
+        self._held_control, self._held_inbox = held_control, held_inbox
+        size = 0
+        i, n = 0, len(ready)
+        while i < n:
+            from_inbox = ready[i][0]
+            j = i
+            while j < n and ready[j][0] == from_inbox:
+                j += 1
+            run = [entry for _, entry in ready[i:j]]
+            if from_inbox:
+                size += self._on_inbox(run)
+            else:
+                size += self._on_entries(run)
+                if self._resync is not None:
+                    # Stopped at a gap to sync the directory: the control stream is read again
+                    # from its position; the inbox entries not delivered yet are held.
+                    self._held_control = []
+                    self._held_inbox = [entry for from_i, entry in ready[j:] if from_i] + self._held_inbox
+                    break
+            i = j
+        return size
+
+    def _on_inbox(self, entries: List[Entry]) -> int:
+        """Deliver entries of this process's inbox; returns the bytes of envelope text they held."""
+        size = 0
+        for entry_id, fields in entries:
+            try:
+                if len(fields) < 6 or fields[0] != b"t" or fields[2] != b"e" or fields[4] != b"c":
+                    raise ValueError("not an envelope entry")
+                at = int(fields[1]) / 1000
+                payload = fields[3]
+                c = int(fields[5])
+            except (ValueError, TypeError, IndexError):
+                log.error("ignored a malformed entry %r on Redis stream %s", entry_id, self.inbox)
+                continue
+            position = None
+            if len(fields) >= 10 and fields[6] == b"p":
+                try:
+                    position = (fields[7].decode(), int(fields[9]))
+                except (ValueError, UnicodeDecodeError):
+                    position = None
+            expected = self._inbox_count + 1
+            self._inbox_count = c
+            if c != expected and not (c == 1 and self._inbox_fresh):
+                # Trimmed before this process read it (c > expected), or the inbox was deleted
+                # and started over (c < expected): page messages lost.
+                self._gap(c - expected if c > expected else None, expected - 1, self.inbox)
+            self._inbox_fresh = False
+            self.inbox_read += 1
+            size += len(payload)
+            self._on_envelope(payload, at, position, True)
+        return size
 
     def _on_entries(self, entries: List[Any]) -> int:
         """Deliver stream entries in order; returns the bytes of envelope text they held."""
@@ -784,6 +1364,7 @@ class RedisBroker(Broker):
                 log.error("ignored a malformed entry %r on Redis stream %s", entry_id, self.stream)
                 continue
             size += len(payload)
+            self.control_read += 1
             position = None
             for j in range(4, len(fields) - 1, 2):
                 if fields[j] == b"p":
@@ -798,7 +1379,7 @@ class RedisBroker(Broker):
                 if self._directory is not None:
                     self._resync = seq  # defers the gap's page_discard (see _gap)
                 if len(fields) > 5 and fields[4] == b"r":
-                    self._reset(int(fields[5]), expected - 1)
+                    self._reset(entry_key(fields[5]), expected - 1)
                 elif seq > expected:
                     self._gap(seq - expected, expected - 1)
                 if self.gaps + self.resets == troubles:
@@ -817,7 +1398,8 @@ class RedisBroker(Broker):
                 self._snap_wake.set()
         return size
 
-    def _on_envelope(self, payload: bytes, at: float, position: Optional[Tuple[str, int]] = None) -> None:
+    def _on_envelope(self, payload: bytes, at: float, position: Optional[Tuple[str, int]] = None,
+                     from_inbox: bool = False) -> None:
         entry = None
         try:
             cut = payload.find(b"\n")
@@ -834,6 +1416,13 @@ class RedisBroker(Broker):
             log.error("ignored a malformed envelope on Redis stream %s", self.stream)
             return
         envelope.position = position
+        audience = envelope.audience
+        if audience is not None and audience[0] == "page" and envelope.kind == MESSAGE:
+            if not from_inbox:
+                self.control_pages += 1
+            hub = self._hub
+            if hub is not None and audience[1] not in hub.groups:
+                self.dropped += 1
         key = envelope.id
         if key is not None and self.recent.seen(key, at):
             self.duplicates += 1
@@ -847,11 +1436,14 @@ class RedisBroker(Broker):
         if entry is not None and not entry.future.done():
             entry.future.set_result(None)
 
-    def _gap(self, lost: Optional[int], position: int) -> None:
+    def _gap(self, lost: Optional[int], position: int, stream: Optional[str] = None) -> None:
         """Envelopes this process never received: count, log once, drop every page subscription."""
         self.gaps += 1
         if lost:
             self.lost += lost
+        if stream is not None:  # the inbox: page messages only, nothing for the directory
+            self._discard(lost, position, stream)
+            return
         if self._directory is not None and self._resync is not None:
             # The directory is synced first (_sync_directory), then the clients are told: their
             # resubscriptions are answered with the synced directory.
@@ -859,7 +1451,8 @@ class RedisBroker(Broker):
             return
         self._discard(lost, position)
 
-    def _discard(self, lost: Optional[int], position: int) -> None:
+    def _discard(self, lost: Optional[int], position: int, stream: Optional[str] = None) -> None:
+        self._inbox_behind = False  # every page is dropped: nothing unread matters to anyone now
         discarded = 0
         if self.on_gap is not None:
             try:
@@ -872,18 +1465,27 @@ class RedisBroker(Broker):
                      "/api/directory again if they may have been published")
         log.warning("Redis stream %s: %s after position %d were lost before this process read them "
                     "(gap %d, %d envelopes lost in gaps so far); sent page_discard for %d page "
-                    "subscriptions so that clients resubscribe and refetch; %s.", self.stream, what,
-                    position, self.gaps, self.lost, discarded, directory)
+                    "subscriptions so that clients resubscribe and refetch; %s.", stream or self.stream, what,
+                    position, self.gaps, self.lost, discarded,
+                    "only page messages were lost" if stream is not None else directory)
 
-    def _reset(self, known: int, position: int) -> None:
+    def _reset(self, known_id: Tuple[int, int], position: int) -> None:
         """The stream started over (Redis restarted without persistence, FLUSHALL, key deleted).
         ``known``: the highest sequence number of the old stream that the publisher who started
         the new one knew of (0: unknown); ``position``: where this process had read up to."""
         self.resets += 1
+        self._hello_at = 0.0  # Redis may have lost the registrations too: say hello again now
+        known = known_id[0]
         if known > position:
             self._gap(known - position, position)
+        elif self._registered and known_id > entry_key(self._inbox_id):
+            # Entries were written after this process's last inbox read (to some inbox: maybe
+            # this one); the inbox went with the stream.
+            self._gap(None, position)
         elif not self._caught_up:
             self._gap(None, position)
+        elif self._inbox_behind or not self._inbox_caught_up:
+            self._gap(None, position)  # the inbox went too, with entries this process had not read
         else:
             log.warning("Redis stream %s started over (Redis restarted without persistence, FLUSHALL "
                         "or the stream deleted); this process had read all of it (position %d): "
@@ -1084,7 +1686,7 @@ class _Publishing:
         self.key_prefix = channel_prefix + ":"
         self.origin = uuid.uuid4().hex[:16]
         self._seq = itertools.count(1)
-        self._known = 0  # the highest sequence number Redis gave this publisher
+        self._known: Tuple[int, int] = (0, 0)  # the highest entry id Redis gave this publisher
         self._offset: Optional[float] = None  # a lower bound of (Redis clock - monotonic), in ms
 
     def _unavailable(self, why: str) -> BrokerUnavailable:
@@ -1136,13 +1738,11 @@ class _Publishing:
     def _args(self, chunk: List[Envelope], began: float) -> List[Any]:
         assert self._offset is not None
         deadline = int((began + self.publish_timeout) * 1000 + self._offset - DEADLINE_MARGIN_MS)
-        args: List[Any] = [self.stream_length, self._known, self.history_size, self.history_ttl_ms,
-                           self.key_prefix]
+        args: List[Any] = [self.stream_length, "%d-%d" % self._known, self.history_size, self.history_ttl_ms,
+                           self.key_prefix, ""]  # "": not a server (never reads an inbox)
         for env in chunk:
-            audience = env.audience
-            group = audience[1] if (self.history_size and env.kind == MESSAGE and audience
-                                    and audience[0] == "page") else ""
-            args += [deadline, encode_envelope(env, self.origin, next(self._seq)), group]
+            group, route = route_of(env, self.registry)
+            args += [deadline, encode_envelope(env, self.origin, next(self._seq)), group, "1" if route else "0"]
         return args
 
     def _clock(self, reply: Any) -> None:
@@ -1156,8 +1756,8 @@ class _Publishing:
         import time
 
         self._offset = int(reply[0]) - time.monotonic() * 1000
-        accepted = [int(n) for n in reply[1:]]
-        self._known = max([self._known, *accepted])
+        self._known = max(self._known, entry_key(reply[1]))
+        accepted = [int(n) for n in reply[2:]]
         if not all(accepted):
             raise self._unavailable(f"Redis ran the publish after its deadline ({self.publish_timeout:g} s): "
                                     f"{accepted.count(0)} of {len(accepted)} envelopes not applied")
