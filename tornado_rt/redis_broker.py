@@ -299,7 +299,8 @@ end
 return {intact > 0 and 1 or 0, now, tonumber(since), created}
 """
 # Register (+) and unregister (-) page groups of one process. ARGV[1]: the key prefix; ARGV[2]:
-# the process id; then pairs (+ or -, group). Returns the number of operations.
+# the process id; then pairs (+ or -, group). Returns 1 when routing is on (page messages go to
+# the registered processes only), 0 when every envelope goes on the control stream.
 REGISTER_SCRIPT = """
 local prefix = ARGV[1]
 local me = ARGV[2]
@@ -314,7 +315,16 @@ for i = 3, #ARGV, 2 do
     redis.call('SREM', groups, g)
   end
 end
-return (#ARGV - 2) / 2
+local since = redis.call('GET', prefix .. 'routing')
+if not since then
+  return 0
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if tonumber(since) <= now then
+  return 1
+end
+return 0
 """
 # Remove what processes left behind: ARGV[1]: the key prefix; ARGV[2]: a process id to remove
 # whatever its alive key says (a process that shuts down), or "" to remove every process whose
@@ -691,6 +701,12 @@ class RedisBroker(Broker):
         future: "asyncio.Future[None]" = loop.create_future()
         self._wanted[group] = (future, loop.time() + self.publish_timeout)
         self._reg_wake.set()
+        if not self._subscribed:
+            # Redis is out of reach: nothing can be published meanwhile; confirm now, register
+            # when it is back (see _register_forever).
+            self._unconfirmed.add(group)
+            future.set_result(None)
+            return None
         return future
 
     def unregister(self, group: str) -> None:
@@ -740,7 +756,7 @@ class RedisBroker(Broker):
                     if conn is None:
                         conn = await self._connect()
                     await conn.send_command("EVAL", REGISTER_SCRIPT, 0, *args, check_health=False)
-                    await conn.read_response()
+                    routing = await conn.read_response()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -777,6 +793,8 @@ class RedisBroker(Broker):
                     wanted[0].set_result(None)
                 if g in self._unconfirmed:
                     self._unconfirmed.discard(g)
+                    if not routing:
+                        continue  # every envelope went on the control stream meanwhile: none missed
                     self.late_registrations += 1
                     log.warning("page group %r was registered in Redis after its subscription was "
                                 "confirmed: its subscribers get page_discard (they resubscribe)", g)
