@@ -506,6 +506,24 @@ class RedisBroker(Broker):
     stored snapshot's position is moved forward without a change (default 10,000).
     """
 
+    #: The routing counters exposed on /metrics (``tornado_rt_redis_<name>``; counters get
+    #: ``_total``): kind and help text.
+    ROUTING_METRICS = {
+        "control_read": ("counter", "Entries read from the Redis control stream (every process reads all of it)"),
+        "inbox_read": ("counter", "Entries read from this process's Redis inbox (page messages of the page "
+                                  "groups it registered)"),
+        "control_pages": ("counter", "Page messages read from the control stream (routing off, or a type "
+                                     "with a side effect)"),
+        "dropped": ("counter", "Page messages read with no local subscriber on their page (unregistration "
+                               "pending, or routing off)"),
+        "registered": ("gauge", "Page groups this process is registered for in Redis"),
+        "registrations": ("counter", "Page group registrations sent to Redis"),
+        "unregistrations": ("counter", "Page group unregistrations sent to Redis"),
+        "swept": ("counter", "Dead processes whose registrations and inbox this process removed"),
+        "late_registrations": ("counter", "Registrations that landed after their subscription was "
+                                          "confirmed while routing was on (the group got page_discard)"),
+    }
+
     def __init__(self, url: str, channel_prefix: str = _PREFIX, *,
                  publish_timeout: float = 2.0, stream_length: int = _STREAM_LENGTH,
                  socket_timeout: float = 2.0, connect_timeout: float = 1.0,
