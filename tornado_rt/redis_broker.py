@@ -1276,6 +1276,11 @@ class RedisBroker(Broker):
         loop = self._loop
         assert loop is not None
         stream_name = self.stream.encode()
+        # A read that finds nothing is followed by a blocking one. A blocking XREAD is answered
+        # when one of its streams gets entries; Redis before 7.2 then answers with that stream
+        # alone, so its reply is not a snapshot of both: entries of the other stream may come
+        # before these. Such a reply is held and a non-blocking XREAD (atomic) follows.
+        blocking = False
         while True:
             now = loop.time()
             if now >= self._hello_at:
@@ -1284,15 +1289,21 @@ class RedisBroker(Broker):
                 await self._sweep(conn, interval)
             stalls = self._stalls
             control_id = self._held_control[-1][0] if self._held_control else self._last_id
-            await conn.send_command("XREAD", "COUNT", count, "BLOCK", block, "STREAMS", self.stream, self.inbox,
-                                    control_id, self._inbox_id, check_health=False)
+            if blocking:
+                await conn.send_command("XREAD", "COUNT", count, "BLOCK", block, "STREAMS", self.stream,
+                                        self.inbox, control_id, self._inbox_id, check_health=False)
+            else:
+                await conn.send_command("XREAD", "COUNT", count, "STREAMS", self.stream, self.inbox,
+                                        control_id, self._inbox_id, check_health=False)
             async with asyncio.timeout(2 * interval):
                 reply = await read()
-            if reply is None:  # nothing new within the BLOCK time
+            if reply is None:  # nothing new (within the BLOCK time)
                 if self._held_control or self._held_inbox:
                     self._deliver_merged([], False, [], False)
                 self._caught_up = self._inbox_caught_up = self._fresh(stalls)
-                await self._check_position(conn, interval)
+                if blocking:
+                    await self._check_position(conn, interval)
+                blocking = True
                 continue
             control: List[Entry] = []
             inbox: List[Entry] = []
@@ -1301,9 +1312,15 @@ class RedisBroker(Broker):
                     control = entries
                 else:
                     inbox = entries
-            control_full = len(control) >= count
             if inbox:
                 self._inbox_id = inbox[-1][0]
+            if blocking and not (control and inbox) and (inbox or self._may_have_inbox()):
+                self._held_control += control
+                self._held_inbox += inbox
+                blocking = False
+                continue
+            blocking = False
+            control_full = len(control) >= count
             if self._held_control or self._held_inbox or (control and inbox):
                 size = self._deliver_merged(control, control_full, inbox, len(inbox) >= count)
             elif control:
@@ -1325,6 +1342,12 @@ class RedisBroker(Broker):
                 self._inbox_behind = True
             got = len(control) + len(inbox)
             count = max(1, min(READ_COUNT, READ_BYTES * got // max(1, size)))
+
+    def _may_have_inbox(self) -> bool:
+        """Whether this process may have subscribers whose page messages come through its
+        inbox (registered, or registering, or unregistering): else a reply of the control
+        stream alone needs no second read."""
+        return bool(self._registered or self._wanted or self._unregistering or self._unconfirmed)
 
     def _deliver_merged(self, control: List[Entry], control_full: bool, inbox: List[Entry],
                         inbox_full: bool) -> int:
