@@ -1300,6 +1300,10 @@ class RedisBroker(Broker):
             if reply is None:  # nothing new (within the BLOCK time)
                 if self._held_control or self._held_inbox:
                     self._deliver_merged([], False, [], False)
+                    if self._resync is not None:
+                        await self._resync_directory(conn, interval)
+                        blocking = False
+                        continue
                 self._caught_up = self._inbox_caught_up = self._fresh(stalls)
                 if blocking:
                     await self._check_position(conn, interval)
@@ -1328,13 +1332,7 @@ class RedisBroker(Broker):
             else:
                 size = self._on_inbox(inbox)
             if self._resync is not None:
-                at, self._resync = self._resync, None
-                try:
-                    await self._sync_directory(conn, interval, at)
-                finally:
-                    deferred, self._deferred_gap = self._deferred_gap, None
-                    if deferred is not None:
-                        self._discard(*deferred)
+                await self._resync_directory(conn, interval)
             fresh = self._fresh(stalls)
             self._caught_up = not control_full and fresh
             self._inbox_caught_up = len(inbox) < count and fresh
@@ -1342,6 +1340,18 @@ class RedisBroker(Broker):
                 self._inbox_behind = True
             got = len(control) + len(inbox)
             count = max(1, min(READ_COUNT, READ_BYTES * got // max(1, size)))
+
+    async def _resync_directory(self, conn: Any, timeout: float) -> None:
+        """After a gap in the control stream (reading stopped before it): sync the directory
+        with its snapshot, then tell the clients (the deferred page_discard)."""
+        at, self._resync = self._resync, None
+        assert at is not None
+        try:
+            await self._sync_directory(conn, timeout, at)
+        finally:
+            deferred, self._deferred_gap = self._deferred_gap, None
+            if deferred is not None:
+                self._discard(*deferred)
 
     def _may_have_inbox(self) -> bool:
         """Whether this process may have subscribers whose page messages come through its
@@ -1511,7 +1521,9 @@ class RedisBroker(Broker):
         self._discard(lost, position)
 
     def _discard(self, lost: Optional[int], position: int, stream: Optional[str] = None) -> None:
-        self._inbox_behind = False  # every page is dropped: nothing unread matters to anyone now
+        # Every page is dropped: nothing unread in the inbox matters to anyone now.
+        self._inbox_behind = False
+        self._inbox_caught_up = True
         discarded = 0
         if self.on_gap is not None:
             try:
