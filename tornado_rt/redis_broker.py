@@ -138,10 +138,13 @@ STALL = 1.0
 # (of the old control stream or of any inbox) its publisher knew of.
 # Routing (docs/redis.md "Routing"): while the key <prefix>routing holds a Redis time that has
 # passed, a plain page message goes only to the inbox streams <prefix>inbox:<process> of the
-# processes that are fields of the hash <prefix>g:<group> (one HKEYS), with the id <n>-<k>, n the
-# control stream's last sequence number (so the two streams of a reader merge into publish
-# order), k > 0 growing within n; its fields t, e as on the control stream, c: the entry's number
-# in that inbox (+1 per entry: exact gaps), then p, q (history). No registered process: no XADD.
+# processes that are fields of the hash <prefix>g:<group> (one HKEYS). The page messages of a
+# script call between two control entries that go to one inbox make ONE inbox entry (one XADD
+# per inbox and control interval: XADD costs per call far more than per field), with the id
+# <n>-<k>, n the control stream's last sequence number (so the two streams of a reader merge into
+# publish order), k > 0 growing within n; its fields: t (Redis time), c (the entry's number in
+# that inbox, +1 per entry: exact gaps), then per envelope e (the envelope) and, when it joined a
+# history, p, q. No registered process: no XADD.
 # Without the routing key (a fresh Redis: registrations cannot be trusted yet) every envelope
 # goes on the control stream, read by every process.
 # Recovery extension (tornado_rt.history): an envelope to a page group that keeps a history (hash
@@ -165,11 +168,54 @@ else
 end
 local since = redis.call('GET', prefix .. 'routing')
 local routing = since and tonumber(since) <= now
-local k = 0
 local inboxes = {}
 local touched = {}
+local pend = {}
+local pend_n = {}
+local pending = {}
 local hi_n, hi_k = 0, 0
 local out = {now, '0-0'}
+-- One inbox entry per inbox for the page messages between two control entries: XADD costs per
+-- call far more than per field.
+local function flush()
+  for _, inbox in ipairs(pending) do
+    local last = inboxes[inbox]
+    if not last then
+      last = {0, 0, 0}
+      local found = redis.call('XREVRANGE', inbox, '+', '-', 'COUNT', 1)
+      if found[1] then
+        local a, b = string.match(found[1][1], '^(%d+)-(%d+)')
+        last[1] = tonumber(a)
+        last[2] = tonumber(b)
+        local fields = found[1][2]
+        if fields[3] == 'c' then last[3] = tonumber(fields[4]) end
+      end
+      inboxes[inbox] = last
+      touched[#touched + 1] = inbox
+    end
+    local a, b = n, 1
+    if last[1] > a or (last[1] == a and last[2] >= b) then
+      a = last[1]
+      b = last[2] + 1
+    end
+    last[1] = a
+    last[2] = b
+    last[3] = last[3] + 1
+    if a > hi_n or (a == hi_n and b > hi_k) then
+      hi_n = a
+      hi_k = b
+    end
+    local entry = pend[inbox]
+    entry[3] = string.format('%.0f-%d', a, b)
+    entry[7] = last[3]
+    last[4] = (last[4] or 0) + 1
+    last[5] = (last[5] or 0) + pend_n[inbox]
+    pend_n[inbox] = 0
+    redis.call(unpack(entry))
+    pend[inbox] = nil
+  end
+  pending = {}
+end
 local added = false
 local hsize = tonumber(ARGV[3])
 for i = 7, #ARGV, 4 do
@@ -191,49 +237,29 @@ for i = 7, #ARGV, 4 do
     if routing and ARGV[i + 3] == '1' then
       local result = -2
       local procs = redis.call('HKEYS', prefix .. 'g:' .. group)
-      if procs[1] then
-        k = k + 1
-        for _, proc in ipairs(procs) do
-          local inbox = prefix .. 'inbox:' .. proc
-          local last = inboxes[inbox]
-          if not last then
-            last = {0, 0, 0}
-            local found = redis.call('XREVRANGE', inbox, '+', '-', 'COUNT', 1)
-            if found[1] then
-              local a, b = string.match(found[1][1], '^(%d+)-(%d+)')
-              last[1] = tonumber(a)
-              last[2] = tonumber(b)
-              local fields = found[1][2]
-              if fields[5] == 'c' then last[3] = tonumber(fields[6]) end
-            end
-            inboxes[inbox] = last
-            touched[#touched + 1] = inbox
-          end
-          local a, b = n, k
-          if last[1] > a or (last[1] == a and last[2] >= b) then
-            a = last[1]
-            b = last[2] + 1
-          end
-          last[1] = a
-          last[2] = b
-          last[3] = last[3] + 1
-          if a > hi_n or (a == hi_n and b > hi_k) then
-            hi_n = a
-            hi_k = b
-          end
-          if epoch then
-            redis.call('XADD', inbox, string.format('%.0f-%d', a, b), 't', now, 'e', envelope, 'c', last[3],
-                       'p', epoch, 'q', offset)
-          else
-            redis.call('XADD', inbox, string.format('%.0f-%d', a, b), 't', now, 'e', envelope, 'c', last[3])
-          end
-          if proc == me then result = -1 end
+      for _, proc in ipairs(procs) do
+        local inbox = prefix .. 'inbox:' .. proc
+        local entry = pend[inbox]
+        if not entry then
+          entry = {'XADD', inbox, '', 't', now, 'c', 0}
+          pend[inbox] = entry
+          pending[#pending + 1] = inbox
         end
+        entry[#entry + 1] = 'e'
+        entry[#entry + 1] = envelope
+        pend_n[inbox] = (pend_n[inbox] or 0) + 1
+        if epoch then
+          entry[#entry + 1] = 'p'
+          entry[#entry + 1] = epoch
+          entry[#entry + 1] = 'q'
+          entry[#entry + 1] = offset
+        end
+        if proc == me then result = -1 end
       end
       out[#out + 1] = result
     else
+      flush()
       n = n + 1
-      k = 0
       local entry = {'XADD', key, string.format('%.0f-0', n), 't', now, 'e', envelope}
       if fresh then
         entry[#entry + 1] = 'r'
@@ -259,8 +285,12 @@ end
 if added then
   redis.call('XTRIM', key, 'MAXLEN', '~', ARGV[1])
 end
+flush()
 for _, inbox in ipairs(touched) do
-  redis.call('XTRIM', inbox, 'MAXLEN', '~', ARGV[1])
+  -- about MAXLEN envelopes: entries hold several (field pairs: e, and p, q with a history)
+  local last = inboxes[inbox]
+  local per = last[5] / last[4]
+  redis.call('XTRIM', inbox, 'MAXLEN', '~', math.max(1, math.ceil(tonumber(ARGV[1]) / per)))
 end
 out[2] = string.format('%.0f-%d', hi_n, hi_k)
 return out
@@ -510,8 +540,9 @@ class RedisBroker(Broker):
     #: ``_total``): kind and help text.
     ROUTING_METRICS = {
         "control_read": ("counter", "Entries read from the Redis control stream (every process reads all of it)"),
-        "inbox_read": ("counter", "Entries read from this process's Redis inbox (page messages of the page "
-                                  "groups it registered)"),
+        "inbox_read": ("counter", "Entries read from this process's Redis inbox (each holds the page messages "
+                                  "of the page groups it registered from one publish call)"),
+        "inbox_envelopes": ("counter", "Page messages read from this process's Redis inbox"),
         "control_pages": ("counter", "Page messages read from the control stream (routing off, or a type "
                                      "with a side effect)"),
         "dropped": ("counter", "Page messages read with no local subscriber on their page (unregistration "
@@ -600,13 +631,15 @@ class RedisBroker(Broker):
         self._hello_at = 0.0
         self._sweep_at = 0.0
         self._said_hello = False
-        #: Routing counters: entries read from the control stream and from the inbox; page
+        #: Routing counters: entries read from the control stream and from the inbox (an inbox
+        #: entry holds the page messages of one publish call between two control entries); page
         #: messages read from the control stream (routing off, or a type with a side effect);
         #: page messages read with no local subscriber (dropped); registrations and
         #: unregistrations sent; dead processes swept by this one; registrations that came after
         #: the subscription was confirmed (their group was dropped with page_discard).
         self.control_read = 0
         self.inbox_read = 0
+        self.inbox_envelopes = 0
         self.control_pages = 0
         self.dropped = 0
         self.registrations = 0
@@ -695,6 +728,7 @@ class RedisBroker(Broker):
     def routing_stats(self) -> Dict[str, int]:
         """The routing counters (``GET /api/stats`` ``redis``, ``/metrics``)."""
         return {"control_read": self.control_read, "inbox_read": self.inbox_read,
+                "inbox_envelopes": self.inbox_envelopes,
                 "control_pages": self.control_pages, "dropped": self.dropped,
                 "registered": len(self._registered), "registrations": self.registrations,
                 "unregistrations": self.unregistrations, "swept": self.swept,
@@ -1387,34 +1421,42 @@ class RedisBroker(Broker):
         return size
 
     def _on_inbox(self, entries: List[Entry]) -> int:
-        """Deliver entries of this process's inbox; returns the bytes of envelope text they held."""
+        """Deliver entries of this process's inbox (each: ``t``, ``c``, then per envelope ``e``
+        and, when it joined a history, ``p``, ``q``); returns the bytes of envelope text."""
         size = 0
+        on_envelope = self._on_envelope
         for entry_id, fields in entries:
             try:
-                if len(fields) < 6 or fields[0] != b"t" or fields[2] != b"e" or fields[4] != b"c":
+                if len(fields) < 6 or fields[0] != b"t" or fields[2] != b"c" or fields[4] != b"e":
                     raise ValueError("not an envelope entry")
                 at = int(fields[1]) / 1000
-                payload = fields[3]
-                c = int(fields[5])
+                c = int(fields[3])
             except (ValueError, TypeError, IndexError):
                 log.error("ignored a malformed entry %r on Redis stream %s", entry_id, self.inbox)
                 continue
-            position = None
-            if len(fields) >= 10 and fields[6] == b"p":
-                try:
-                    position = (fields[7].decode(), int(fields[9]))
-                except (ValueError, UnicodeDecodeError):
-                    position = None
             expected = self._inbox_count + 1
             self._inbox_count = c
             if c != expected and not (c == 1 and self._inbox_fresh):
                 # Trimmed before this process read it (c > expected), or the inbox was deleted
-                # and started over (c < expected): page messages lost.
+                # and started over (c < expected): page messages lost (entries, each one or more).
                 self._gap(c - expected if c > expected else None, expected - 1, self.inbox)
             self._inbox_fresh = False
             self.inbox_read += 1
-            size += len(payload)
-            self._on_envelope(payload, at, position, True)
+            n = len(fields)
+            i = 4
+            while i + 1 < n:
+                payload = fields[i + 1]
+                position = None
+                i += 2
+                if i + 3 < n and fields[i] == b"p":
+                    try:
+                        position = (fields[i + 1].decode(), int(fields[i + 3]))
+                    except (ValueError, UnicodeDecodeError):
+                        position = None
+                    i += 4
+                size += len(payload)
+                self.inbox_envelopes += 1
+                on_envelope(payload, at, position, True)
         return size
 
     def _on_entries(self, entries: List[Any]) -> int:
