@@ -143,8 +143,11 @@ STALL = 1.0
 # per inbox and control interval: XADD costs per call far more than per field), with the id
 # <n>-<k>, n the control stream's last sequence number (so the two streams of a reader merge into
 # publish order), k > 0 growing within n; its fields: t (Redis time), c (the entry's number in
-# that inbox, +1 per entry: exact gaps), then per envelope e (the envelope) and, when it joined a
-# history, p, q. No registered process: no XADD.
+# that inbox, +1 per entry: exact gaps), then one envelope as on the control stream (e, and p, q
+# when it joined a history), or several in one field E: each "<length>,<epoch>,<offset>;" (epoch
+# and offset when it joined a history, else empty) then the envelope. One field, not a field per
+# envelope: Redis appends a field at a time to a listpack that it reallocates each time.
+# No registered process: no XADD.
 # Without the routing key (a fresh Redis: registrations cannot be trusted yet) every envelope
 # goes on the control stream, read by every process.
 # Recovery extension (tornado_rt.history): an envelope to a page group that keeps a history (hash
@@ -172,6 +175,7 @@ local inboxes = {}
 local touched = {}
 local pend = {}
 local pend_n = {}
+local pend_q = {}
 local pending = {}
 local hi_n, hi_k = 0, 0
 local out = {now, '0-0'}
@@ -205,13 +209,17 @@ local function flush()
       hi_n = a
       hi_k = b
     end
-    local entry = pend[inbox]
-    entry[3] = string.format('%.0f-%d', a, b)
-    entry[7] = last[3]
     last[4] = (last[4] or 0) + 1
     last[5] = (last[5] or 0) + pend_n[inbox]
-    pend_n[inbox] = 0
-    redis.call(unpack(entry))
+    local id = string.format('%.0f-%d', a, b)
+    if pend_n[inbox] > 1 then
+      redis.call('XADD', inbox, id, 't', now, 'c', last[3], 'E', table.concat(pend[inbox]))
+    elseif pend_q[inbox][1] then
+      redis.call('XADD', inbox, id, 't', now, 'c', last[3], 'e', pend[inbox][2], 'p', pend_q[inbox][1],
+                 'q', pend_q[inbox][2])
+    else
+      redis.call('XADD', inbox, id, 't', now, 'c', last[3], 'e', pend[inbox][2])
+    end
     pend[inbox] = nil
   end
   pending = {}
@@ -237,23 +245,23 @@ for i = 7, #ARGV, 4 do
     if routing and ARGV[i + 3] == '1' then
       local result = -2
       local procs = redis.call('HKEYS', prefix .. 'g:' .. group)
+      local head
       for _, proc in ipairs(procs) do
         local inbox = prefix .. 'inbox:' .. proc
-        local entry = pend[inbox]
-        if not entry then
-          entry = {'XADD', inbox, '', 't', now, 'c', 0}
-          pend[inbox] = entry
+        local parts = pend[inbox]
+        if not parts then
+          parts = {}
+          pend[inbox] = parts
+          pend_n[inbox] = 0
+          pend_q[inbox] = {epoch, offset}
           pending[#pending + 1] = inbox
         end
-        entry[#entry + 1] = 'e'
-        entry[#entry + 1] = envelope
-        pend_n[inbox] = (pend_n[inbox] or 0) + 1
-        if epoch then
-          entry[#entry + 1] = 'p'
-          entry[#entry + 1] = epoch
-          entry[#entry + 1] = 'q'
-          entry[#entry + 1] = offset
+        if not head then
+          head = string.format('%d,%s,%s;', #envelope, epoch or '', offset or '')
         end
+        parts[#parts + 1] = head
+        parts[#parts + 1] = envelope
+        pend_n[inbox] = pend_n[inbox] + 1
         if proc == me then result = -1 end
       end
       out[#out + 1] = result
@@ -1421,13 +1429,14 @@ class RedisBroker(Broker):
         return size
 
     def _on_inbox(self, entries: List[Entry]) -> int:
-        """Deliver entries of this process's inbox (each: ``t``, ``c``, then per envelope ``e``
-        and, when it joined a history, ``p``, ``q``); returns the bytes of envelope text."""
+        """Deliver entries of this process's inbox (fields ``t``, ``c``, then ``e`` [``p``, ``q``]:
+        one envelope, or ``E``: several, each ``<length>,<epoch>,<offset>;`` then the envelope);
+        returns the bytes of envelope text."""
         size = 0
         on_envelope = self._on_envelope
         for entry_id, fields in entries:
             try:
-                if len(fields) < 6 or fields[0] != b"t" or fields[2] != b"c" or fields[4] != b"e":
+                if len(fields) < 6 or fields[0] != b"t" or fields[2] != b"c" or fields[4] not in (b"e", b"E"):
                     raise ValueError("not an envelope entry")
                 at = int(fields[1]) / 1000
                 c = int(fields[3])
@@ -1442,21 +1451,32 @@ class RedisBroker(Broker):
                 self._gap(c - expected if c > expected else None, expected - 1, self.inbox)
             self._inbox_fresh = False
             self.inbox_read += 1
-            n = len(fields)
-            i = 4
-            while i + 1 < n:
-                payload = fields[i + 1]
+            if fields[4] == b"e":  # one envelope, written as on the control stream
+                payload = fields[5]
                 position = None
-                i += 2
-                if i + 3 < n and fields[i] == b"p":
+                if len(fields) >= 10 and fields[6] == b"p":
                     try:
-                        position = (fields[i + 1].decode(), int(fields[i + 3]))
+                        position = (fields[7].decode(), int(fields[9]))
                     except (ValueError, UnicodeDecodeError):
                         position = None
-                    i += 4
                 size += len(payload)
                 self.inbox_envelopes += 1
                 on_envelope(payload, at, position, True)
+                continue
+            blob = fields[5]
+            pos, stop = 0, len(blob)
+            try:
+                while pos < stop:
+                    cut = blob.index(b";", pos)
+                    length, epoch, offset = blob[pos:cut].split(b",")
+                    pos = cut + 1 + int(length)
+                    payload = blob[cut + 1:pos]
+                    position = (epoch.decode(), int(offset)) if epoch else None
+                    size += len(payload)
+                    self.inbox_envelopes += 1
+                    on_envelope(payload, at, position, True)
+            except (ValueError, UnicodeDecodeError):
+                log.error("ignored the rest of a malformed entry %r on Redis stream %s", entry_id, self.inbox)
         return size
 
     def _on_entries(self, entries: List[Any]) -> int:
