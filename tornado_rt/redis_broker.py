@@ -1,4 +1,4 @@
-"""A broker over one Redis Stream, so that several tornado-rt processes (and machines) act as one.
+"""A broker over Redis Streams, so that several tornado-rt processes (and machines) act as one.
 
 Install the extra: ``pip install tornado-rt[redis]`` (``redis`` with ``hiredis``). Then::
 
@@ -9,25 +9,45 @@ Install the extra: ``pip install tornado-rt[redis]`` (``redis`` with ``hiredis``
 or ``tornado-rt serve --broker redis://127.0.0.1:6379/0`` (``TORNADO_RT_BROKER``).
 ``docs/redis.md`` explains the design, the guarantees and the measurements; in short:
 
-Stream layout
-    **One stream per namespace** (``<channel_prefix>:stream``) carries every envelope, in one
-    total order. Entries have the ids ``<n>-0`` where ``n`` grows by exactly one per envelope, so a
-    reader knows when it missed some. Publishing goes through one Lua script per batch (``EVALSHA``):
-    it reads Redis's clock once, appends each envelope whose deadline has not passed with ``XADD``
-    (fields ``t``: Redis time in ms, ``e``: the envelope; the first entry of a new stream also has
-    ``r``: the highest sequence number of the old stream its publisher knew of), then trims the
-    stream once with ``XTRIM MAXLEN ~ stream_length``.
+Streams
+    The **control stream** (``<channel_prefix>:stream``) carries every envelope that every
+    process must see — directory changes, disconnect, revoke, presence, messages to users,
+    workspaces or everyone, and page messages whose type has a side effect — in one total order,
+    with the ids ``<n>-0`` where ``n`` grows by exactly one per entry, so a reader knows when it
+    missed some. A **plain page message** (one page group, a type without side effect) goes only
+    to the **inbox** (``<channel_prefix>:inbox:<process id>``) of each process registered for its
+    page group (hash ``<channel_prefix>:g:<group>``, fields: process ids), or nowhere when none is:
+    a process reads only what it has recipients for. Publishing goes through one Lua script per
+    batch (``EVALSHA``): it reads Redis's clock once, refuses each envelope whose deadline has
+    passed, appends control envelopes to the control stream (fields ``t``: Redis time in ms,
+    ``e``: the envelope; the first entry of a new stream also has ``r``: the highest entry id its
+    publisher knew of) and, per inbox, the page messages between two control entries as one entry
+    with the id ``<n>-<k>`` (``n``: the control stream's last sequence number, ``k`` > 0) and the
+    field ``c`` (+1 per entry of that inbox: exact gaps); then it trims every stream it wrote to
+    (``XTRIM MAXLEN ~``, about ``stream_length`` envelopes).
+
+Registration
+    The first local subscriber of a page group makes this process register it (``HSET``); its
+    ``page_add`` is sent once Redis acknowledged (``Hub.ready``), so a message published after a
+    client saw ``page_add`` reaches this process. The last one leaving unregisters it after
+    ``UNREGISTER_DELAY``. The alive key ``<prefix>:alive:<process id>`` (TTL: the server's
+    ``presence_ttl``) is refreshed every third of it; any process sweeps the registrations and
+    inbox of processes whose alive key expired; a process that stops removes its own. Routing is
+    on while the key ``<prefix>:routing`` holds a time that has passed; when Redis lost its data
+    (no routing key) every envelope goes on the control stream until the processes registered
+    their groups again.
 
 Reading
-    Every process reads the whole stream from its own position (``XREAD COUNT .. BLOCK ..``), one
-    reply at a time, so a process that stalls (a long GC, SIGSTOP, a slow loop) resumes exactly
-    where it stopped, however much was published meanwhile: nothing is pushed at it, and Redis's
-    output-buffer limits (which dropped the old pub/sub subscription) no longer apply. A lost
-    connection also resumes where it stopped.
+    Every process reads the control stream and its inbox from its own positions with one
+    ``XREAD COUNT .. STREAMS <control> <inbox>`` per round trip and merges the two by id (see
+    :func:`merge_replies`), so a process that stalls (a long GC, SIGSTOP, a slow loop) resumes
+    exactly where it stopped: nothing is pushed at it. A lost connection also resumes where it
+    stopped.
 
 Gaps
-    When the next entry is not ``position + 1`` the envelopes in between were trimmed before this
-    process read them (it was more than ``stream_length`` entries behind): a **gap**. When the
+    When the next entry of the control stream is not ``position + 1`` (or the next entry of the
+    inbox not ``c + 1``) the envelopes in between were trimmed before this process read them (it
+    was more than ``stream_length`` entries behind): a **gap**. When the
     stream starts over (Redis restarted without persistence, ``FLUSHALL``, the key deleted) and
     this process had not read everything before (its position is below ``r``, or its last read
     did not reach the end of the stream), that is a gap too. A gap is
@@ -43,7 +63,8 @@ Publishing
     an envelope whose deadline has passed when Redis runs it. The future completes once the
     envelope came back through this process's read and was handed to the router (``submit()``,
     ``publish_async()`` and ``POST /api/publish`` return after local delivery, as with the
-    in-process broker) — or, if Redis accepted it but this process has not read it back by the
+    in-process broker), at once when it was routed only to other processes' inboxes (or to
+    none) — or, if Redis accepted it but this process has not read it back by the
     deadline, at the deadline (it is in the stream: delivery follows). It fails with
     :class:`~tornado_rt.BrokerUnavailable` at once when this process's reader is not connected,
     when Redis refuses the command, and at the deadline when Redis has not answered (then it is
