@@ -268,3 +268,36 @@ async def test_a_killed_process_is_swept_from_redis(connect):  # noqa: F811
             raw.close()
         assert (await stats(a))["swept"] == 1
         on_b.close()
+
+
+def test_inbox_entries_are_read_back_with_their_positions_and_gaps_found():
+    """The reader's side of the inbox format, without sockets: one envelope as on the control
+    stream (e, p, q), several in one field (E: "<length>,<epoch>,<offset>;" then the envelope),
+    the entry number c checked for gaps."""
+    from tornado_rt.envelope import message_envelope
+    from tornado_rt.redis_broker import RedisBroker, encode_envelope
+    from tornado_rt.registry import Registry
+    from tornado_rt.server import builtin_plugins
+
+    registry = Registry(builtin_plugins())
+    broker = RedisBroker("redis://127.0.0.1:1")  # never connected
+    delivered, gaps = [], []
+    broker.attach(delivered.append)
+    broker.on_gap = lambda: gaps.append(1) or 0
+    payloads = [encode_envelope(message_envelope(registry, rows_created(10, i)), "other", i) for i in range(4)]
+    blob = (b"%d,ep,7;" % len(payloads[1]) + payloads[1] + b"%d,,;" % len(payloads[2]) + payloads[2])
+    broker._on_inbox([
+        (b"5-1", [b"t", b"1000", b"c", b"1", b"e", payloads[0], b"p", b"ep", b"q", b"6"]),
+        (b"5-2", [b"t", b"1000", b"c", b"2", b"E", blob]),
+    ])
+    assert [ujson_rows(env) for env in delivered] == [0, 1, 2]
+    assert [env.position for env in delivered] == [("ep", 6), ("ep", 7), None]
+    assert broker.inbox_read == 2 and broker.inbox_envelopes == 3 and gaps == [] and broker.gaps == 0
+    # Entry 3 was trimmed before this process read it: a gap of one entry, page_discard.
+    broker._on_inbox([(b"9-1", [b"t", b"1000", b"c", b"4", b"e", payloads[3]])])
+    assert gaps == [1] and broker.gaps == 1 and broker.lost == 1 and ujson_rows(delivered[-1]) == 3
+
+
+def ujson_rows(envelope):
+    import ujson
+    return ujson.loads(envelope.data)["rows"][0]["id"]
