@@ -329,11 +329,10 @@ PUBLISH_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest()
 # A process says it is alive (at every reader connection and every third of the liveness TTL).
 # ARGV[1]: the key prefix ("<prefix>:"); ARGV[2]: the process id; ARGV[3]: the liveness TTL (ms);
 # ARGV[4]: the grace (ms) before routing starts when the routing key is missing (0: a process with
-# nothing to lose, at its first connection); then the page groups this process has registered
-# (re-registered here when its registrations are gone: Redis lost them, or a sweep removed them
-# because this process was thought dead). Returns {1 if the registrations were there, Redis time
+# nothing to lose, at its first connection). Returns {1 if the alive key was there (then this
+# process's registrations are: Redis lost nothing of it and no sweep removed them), Redis time
 # in ms, the routing key's time, 1 if this call created the routing key}. The alive key is only
-# written here: while it exists, nothing of this process was swept nor lost.
+# written here. When it was gone, the process registers its groups again (REGISTER_SCRIPT).
 HELLO_SCRIPT = """
 local prefix = ARGV[1]
 local me = ARGV[2]
@@ -348,12 +347,6 @@ if not since then
   since = now + tonumber(ARGV[4])
   redis.call('SET', prefix .. 'routing', string.format('%.0f', since))
   created = 1
-end
-if intact == 0 then
-  for i = 5, #ARGV do
-    redis.call('HSET', prefix .. 'g:' .. ARGV[i], me, 1)
-    redis.call('SADD', prefix .. 'groups:' .. me, ARGV[i])
-  end
 end
 return {intact > 0 and 1 or 0, now, tonumber(since), created}
 """
@@ -869,6 +862,9 @@ class RedisBroker(Broker):
             self._registered.difference_update(removes)
             for g in adds:
                 self._registered.add(g)
+                # Unregistered later unless a subscriber joined by then (the subscribe may have
+                # been abandoned: the connection closed while Redis registered the group).
+                self.unregister(g)
                 wanted = self._wanted.pop(g, None)
                 if wanted is not None and not wanted[0].done():
                     wanted[0].set_result(None)
@@ -1290,10 +1286,18 @@ class RedisBroker(Broker):
         first = not self._said_hello
         grace = 0 if first else int(self.alive_ttl * 1000)
         await conn.send_command("EVAL", HELLO_SCRIPT, 0, self.key_prefix, self.origin,
-                                int(self.alive_ttl * 1000), grace, *sorted(self._registered),
-                                check_health=False)
+                                int(self.alive_ttl * 1000), grace, check_health=False)
         async with asyncio.timeout(timeout):
             intact, now, since, created = await conn.read_response()
+        if not intact and not first and self._registered:
+            # Register every group again (the routing key, re-created with a grace if it was
+            # gone, keeps routing off until then; if routing was on, it is a gap below).
+            args: List[Any] = [self.key_prefix, self.origin]
+            for group in self._registered:
+                args += ["+", group]
+            await conn.send_command("EVAL", REGISTER_SCRIPT, 0, *args, check_health=False)
+            async with asyncio.timeout(timeout):
+                await conn.read_response()
         self._hello_at = loop.time() + self.alive_ttl / 3
         if not self._sweep_at:
             self._sweep_at = loop.time() + self.alive_ttl * (1 + random.random())
