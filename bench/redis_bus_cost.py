@@ -105,9 +105,11 @@ async def run(args: argparse.Namespace) -> None:
                       f"{stat['usec_per_call']:.1f} us per call; INFO commandstats)")
         print(f"  process CPU per envelope: {cpu / args.n * 1e6:7.2f} us (publish + read back + route to nobody)")
         print(f"  throughput:              {args.n / wall:9.0f} envelopes/s")
-        if kind == "stream":
-            key = inbox if args.registered and inbox else "tornado-rt:stream"
-            length = raw.xlen(key) if raw.exists(key) else 0
+        key = inbox if args.registered and inbox else "tornado-rt:stream"
+        length = raw.xlen(key) if raw.exists(key) else 0
+        if kind == "stream" and not length:
+            print("  Redis memory:            nothing retained (no process registered the page: no entry)")
+        elif kind == "stream":
             print(f"  Redis memory:            {memory / max(1, length):7.0f} bytes per retained entry "
                   f"({length} entries)")
 
