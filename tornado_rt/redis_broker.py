@@ -331,7 +331,8 @@ PUBLISH_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest()
 # ARGV[4]: the grace (ms) before routing starts when the routing key is missing (0: a process with
 # nothing to lose, at its first connection). Returns {1 if the alive key was there (then this
 # process's registrations are: Redis lost nothing of it and no sweep removed them), Redis time
-# in ms, the routing key's time, 1 if this call created the routing key}. The alive key is only
+# in ms, the routing key's time, 1 if this call created the routing key, 1 if its inbox exists}.
+# The alive key is only
 # written here. When it was gone, the process registers its groups again (REGISTER_SCRIPT).
 HELLO_SCRIPT = """
 local prefix = ARGV[1]
@@ -348,7 +349,7 @@ if not since then
   redis.call('SET', prefix .. 'routing', string.format('%.0f', since))
   created = 1
 end
-return {intact > 0 and 1 or 0, now, tonumber(since), created}
+return {intact > 0 and 1 or 0, now, tonumber(since), created, redis.call('EXISTS', prefix .. 'inbox:' .. me)}
 """
 # Register (+) and unregister (-) page groups of one process. ARGV[1]: the key prefix; ARGV[2]:
 # the process id; then pairs (+ or -, group). Returns 1 when routing is on (page messages go to
@@ -640,6 +641,7 @@ class RedisBroker(Broker):
         self._reg_wake: Optional[asyncio.Event] = None
         self._reg_timer: Optional[asyncio.TimerHandle] = None
         self._inbox_id = b"0-0"  # the last inbox entry returned by XREAD
+        self._inbox_top: Tuple[int, int] = (0, 0)  # the highest inbox entry id ever returned
         self._inbox_count = 0  # the c of the last inbox entry delivered
         self._inbox_fresh = True  # the inbox may (re)start at c = 1 without a gap
         # Whether the last read returned everything the inbox had (not cut at COUNT, no loop
@@ -1123,7 +1125,7 @@ class RedisBroker(Broker):
         offset = self._offset - DEADLINE_MARGIN_MS
         parts = [b"*%d\r\n" % (10 + 4 * len(batch)), self._script_head,
                  _bulk(b"%d-%d" % max((max(self.position, self._accepted), 0), self._wrote,
-                                      entry_key(self._inbox_id))),
+                                      self._inbox_top)),
                  _bulk(b"%d" % self.history_size),
                  _bulk(b"%d" % self.history_ttl_ms), _bulk(self.key_prefix.encode()),
                  _bulk(self.origin.encode())]
@@ -1288,7 +1290,7 @@ class RedisBroker(Broker):
         await conn.send_command("EVAL", HELLO_SCRIPT, 0, self.key_prefix, self.origin,
                                 int(self.alive_ttl * 1000), grace, check_health=False)
         async with asyncio.timeout(timeout):
-            intact, now, since, created = await conn.read_response()
+            intact, now, since, created, inbox_exists = await conn.read_response()
         if not intact and not first and self._registered:
             # Register every group again (the routing key, re-created with a grace if it was
             # gone, keeps routing off until then; if routing was on, it is a gap below).
@@ -1306,6 +1308,11 @@ class RedisBroker(Broker):
             self._inbox_behind = not self._inbox_caught_up
             return
         self._inbox_fresh = True  # the inbox may have been deleted with the registrations
+        if not inbox_exists:
+            # Deleted (swept, or Redis lost it): a new one may start with ids below this
+            # process's last one (the control stream did not move meanwhile): read it from the start.
+            self._inbox_id = b"0-0"
+            self._inbox_count = 0
         if self._inbox_behind or not self._inbox_caught_up:
             log.warning("this process's inbox was gone from Redis (Redis lost its data, or this process "
                         "stalled longer than %g s) while it had not read all of it", self.alive_ttl)
@@ -1385,6 +1392,7 @@ class RedisBroker(Broker):
                     inbox = entries
             if inbox:
                 self._inbox_id = inbox[-1][0]
+                self._inbox_top = max(self._inbox_top, entry_key(self._inbox_id))
             if blocking and not (control and inbox) and (inbox or self._may_have_inbox()):
                 self._held_control += control
                 self._held_inbox += inbox
@@ -1636,7 +1644,7 @@ class RedisBroker(Broker):
         known = known_id[0]
         if known > position:
             self._gap(known - position, position)
-        elif self._registered and known_id > entry_key(self._inbox_id):
+        elif self._registered and known_id > self._inbox_top:
             # Entries were written after this process's last inbox read (to some inbox: maybe
             # this one); the inbox went with the stream.
             self._gap(None, position)
