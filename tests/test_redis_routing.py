@@ -23,7 +23,7 @@ import time
 import pytest
 import redis as redis_sync
 
-from redis_fixtures import marker_message, require_redis_package
+from redis_fixtures import marker_message, redis_server, require_redis_package  # noqa: F401
 from test_redis_streams import (cluster, connect, marker_to_all, metrics, rows_created,  # noqa: F401
                                 stopped)
 from tornado_rt.redis_broker import entry_key, merge_replies, route_of
@@ -301,3 +301,38 @@ def test_inbox_entries_are_read_back_with_their_positions_and_gaps_found():
 def ujson_rows(envelope):
     import ujson
     return ujson.loads(envelope.data)["rows"][0]["id"]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_joined_group_stays_registered_the_registrar_goes_idle_and_the_last_leave_unregisters(redis_server):  # noqa: F811,E501
+    """Every registration is followed by an "unregister unless a subscriber joined" check after
+    UNREGISTER_DELAY: with a subscriber it keeps the group and the registrar goes idle (no timer,
+    nothing pending); once the last subscriber left, the group is unregistered."""
+    import ujson
+    from tornado.websocket import websocket_connect
+
+    from redis_fixtures import token
+    from test_redis import InProcess
+
+    node = InProcess(redis_server.url)
+    await node.server.start()
+    broker = node.server.broker
+
+    async def until(condition, what):
+        deadline = time.monotonic() + 10
+        while not condition():
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.05)  # barrier-ok: bounded poll of the registrar's state
+
+    try:
+        conn = await websocket_connect(f"{node.ws_url}?jwt_token={token(1)}")
+        assert ujson.loads(await conn.read_message())["type"] == "authentication"
+        await conn.write_message(ujson.dumps({"page": "table", "table_id": 10}))
+        assert ujson.loads(await conn.read_message())["type"] == "page_add"
+        await until(lambda: not broker._unwanted and broker._reg_timer is None, "the registrar never went idle")
+        assert broker._registered == {"table-10"} and broker.unregistrations == 0
+        conn.close()
+        await until(lambda: not broker._registered, "the group was not unregistered after its last subscriber left")
+        assert broker.unregistrations == 1 and broker.registrations == 1
+    finally:
+        await node.stop()

@@ -813,12 +813,12 @@ class RedisBroker(Broker):
             now = loop.time()
             groups = self._hub.groups if self._hub is not None else {}
             adds = list(self._wanted)
-            removes = [g for g, at in self._unwanted.items() if at <= now and g not in groups]
-            for g in removes:
+            due = [g for g, at in self._unwanted.items() if at <= now]
+            for g in due:  # no longer unwanted, whether it goes or a subscriber joined meanwhile
                 del self._unwanted[g]
             if self._unwanted and self._reg_timer is None:
                 self._reg_timer = loop.call_at(min(self._unwanted.values()), self._reg_due)
-            removes = [g for g in removes if g in self._registered]
+            removes = [g for g in due if g not in groups and g in self._registered]
             if not adds and not removes:
                 continue
             self._unregistering.update(removes)
