@@ -72,6 +72,7 @@ async def run(args: argparse.Namespace) -> None:
             waiting = broker.register("table-10")
             if waiting is not None:
                 await waiting
+            server.hub.groups.setdefault("table-10", set())  # a (silent) subscriber keeps it registered
         registry = server.registry
         size = len(message_envelope(registry, rows_created(0)).data)
         envelopes = [message_envelope(registry, rows_created(i)) for i in range(args.n)]
