@@ -8,6 +8,7 @@ each batch handed to the broker at once and awaited, and reads them back (its ow
 /proc (Redis) and ``time.process_time`` (this process) around the publishing only.
 
     python bench/redis_bus_cost.py --n 50000 --batch 100           # this checkout (Streams)
+    python bench/redis_bus_cost.py --n 50000 --batch 100 --registered   # the page registered here
     PYTHONPATH=/path/to/old/checkout python bench/redis_bus_cost.py  # e.g. the pub/sub broker
 
 Not part of ``bench/run.py``: a focused measurement for docs/redis.md.
@@ -64,11 +65,18 @@ async def run(args: argparse.Namespace) -> None:
         await server.start()
         if args.watched and server.history is not None:
             await server.history.position("table-10")  # what a subscriber with positions=1 does
+        broker = server.broker
+        if args.registered and hasattr(broker, "register"):
+            # What the first subscriber of the page on this process does (routing, issue 16): its
+            # messages come to this process's inbox and are read back.
+            waiting = broker.register("table-10")
+            if waiting is not None:
+                await waiting
+            server.hub.groups.setdefault("table-10", set())  # a (silent) subscriber keeps it registered
         registry = server.registry
         size = len(message_envelope(registry, rows_created(0)).data)
         envelopes = [message_envelope(registry, rows_created(i)) for i in range(args.n)]
         memory_before = raw.info("memory")["used_memory"]
-        broker = server.broker
 
         async def publish(batch):
             # Straight to the broker, all of a batch before waiting: the bus's own cost, whatever
@@ -76,20 +84,33 @@ async def run(args: argparse.Namespace) -> None:
             await asyncio.gather(*[broker.publish(env) for env in batch])
 
         await publish(envelopes[:args.batch])  # warm up (connections, script)
+        raw.config_resetstat()
         redis_cpu, cpu, wall = proc_cpu(proc.pid), time.process_time(), time.perf_counter()
         for start in range(0, args.n, args.batch):
             await publish(envelopes[start:start + args.batch])
         redis_cpu = proc_cpu(proc.pid) - redis_cpu
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         memory = raw.info("memory")["used_memory"] - memory_before
-        kind = "stream" if raw.exists("tornado-rt:stream") else "pub/sub"
+        stats = raw.info("commandstats")
+        inbox = getattr(broker, "inbox", None)
+        kind = ("stream" if raw.exists("tornado-rt:stream") or raw.exists("tornado-rt:routing")
+                or (inbox and raw.exists(inbox)) else "pub/sub")
         print(f"bus: {kind}; {args.n} envelopes of {size} bytes of message text, batches of {args.batch}; "
-              f"history_size {args.history_size}{', page watched with positions' if args.watched else ''}")
-        print(f"  Redis CPU per publish:   {redis_cpu / args.n * 1e6:7.2f} us")
+              f"history_size {args.history_size}{', page watched with positions' if args.watched else ''}"
+              f"{', page registered by this process (routed to its inbox)' if args.registered else ''}")
+        print(f"  Redis CPU per publish:   {redis_cpu / args.n * 1e6:7.2f} us (/proc)")
+        for name in ("evalsha", "xread", "publish"):
+            stat = stats.get(f"cmdstat_{name}")
+            if stat:
+                print(f"    {name:8s} {stat['usec'] / args.n:6.2f} us per publish ({stat['calls']} calls, "
+                      f"{stat['usec_per_call']:.1f} us per call; INFO commandstats)")
         print(f"  process CPU per envelope: {cpu / args.n * 1e6:7.2f} us (publish + read back + route to nobody)")
         print(f"  throughput:              {args.n / wall:9.0f} envelopes/s")
-        if kind == "stream":
-            length = raw.xlen("tornado-rt:stream")
+        key = inbox if args.registered and inbox else "tornado-rt:stream"
+        length = raw.xlen(key) if raw.exists(key) else 0
+        if kind == "stream" and not length:
+            print("  Redis memory:            nothing retained (no process registered the page: no entry)")
+        elif kind == "stream":
             print(f"  Redis memory:            {memory / max(1, length):7.0f} bytes per retained entry "
                   f"({length} entries)")
 
@@ -121,6 +142,9 @@ def main() -> None:
     parser.add_argument("--history-size", type=int, default=100,
                         help="the recovery extension's history per page (default 100, the setting's "
                              "default; 0: off) to compare the cost of keeping it in Redis")
+    parser.add_argument("--registered", action="store_true",
+                        help="this process registers the page (as its first subscriber would): the "
+                             "messages go to its inbox and are read back (else nobody receives them)")
     parser.add_argument("--watched", action="store_true",
                         help="a connection with positions=1 watches the page: its history is kept "
                              "(else the page costs one HGET per publish)")

@@ -414,7 +414,6 @@ async def test_publish_returns_after_local_delivery_and_crosses_redis_once(redis
 
     node = InProcess(redis_server.url)
     raw = aioredis.from_url(redis_server.url)
-    stream = "tornado-rt:stream"
 
     async def next_entries(after, count):
         """The stream entries after id ``after`` (Redis Streams replaced pub/sub, issue 10)."""
@@ -423,6 +422,8 @@ async def test_publish_returns_after_local_delivery_and_crosses_redis_once(redis
 
     try:
         await node.server.start()
+        # A plain page message goes to the inbox of each process registered for its page (issue 16).
+        stream = node.server.broker.inbox
         top = await raw.xrevrange(stream, count=1)
         after = top[0][0] if top else b"0-0"
         clients = [await connect(node, user) for user in (1, 2, 3)]

@@ -188,6 +188,11 @@ class ServerCollector:
             yield CounterMetricFamily("tornado_rt_redis_resets",
                                       "Times the Redis stream started over (Redis restarted without "
                                       "persistence, FLUSHALL, the stream deleted)", value=getattr(bus, "resets", 0))
+        routing = getattr(bus, "routing_stats", None)
+        if routing is not None:  # the Redis broker's routing of page messages (docs/redis.md "Routing")
+            for name, (kind, text) in getattr(bus, "ROUTING_METRICS").items():
+                family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+                yield family(f"tornado_rt_redis_{name}", text, value=routing()[name])
 
 
 class BatchHistogram:

@@ -26,7 +26,7 @@ subscriptions per (permission group, page group) pair, not connections (the memb
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Hashable, Iterable, List, Optional, Set, Tuple
+from typing import Any, Awaitable, Callable, Dict, Hashable, Iterable, List, Optional, Set, Tuple
 
 from . import closecodes
 from .refusals import refuse
@@ -66,6 +66,12 @@ class Hub:
         #: (unsubscribe, page_discard, revocation, close, drop): the presence extension.
         self.on_join: Optional[Callable[[Any, str, Any], None]] = None
         self.on_leave: Optional[Callable[[Any, str, Any], None]] = None
+        #: A broker that routes page messages to the processes that have subscribers (Redis):
+        #: ``register(group)`` is asked before the first connection of this process joins
+        #: ``group`` (None: join now; an awaitable: join and confirm once it is done) and
+        #: ``on_empty(group)`` is told when the last one left.
+        self.register: Optional[Callable[[str], Optional[Awaitable[Any]]]] = None
+        self.on_empty: Optional[Callable[[str], None]] = None
         #: Page groups being dropped for every subscriber at once (the table or view is gone):
         #: leaving them announces nothing to the other subscribers, who are dropped too.
         self.vanishing: Set[str] = set()
@@ -113,6 +119,14 @@ class Hub:
         if self._behind:
             self._behind_total -= self._behind.pop(conn, 0)
 
+    def ready(self, group: str) -> Optional[Awaitable[Any]]:
+        """None when a connection may join ``group`` now (the common case: this process has
+        subscribers on it already, or its broker needs no registration), else an awaitable to
+        wait for before joining and confirming the subscription (see ``register``)."""
+        if self.register is None or group in self.groups:
+            return None
+        return self.register(group)
+
     def subscribe(self, conn: Any, group: str, subscription: Any) -> None:
         """Put ``conn`` on ``group`` (once, however often it subscribes)."""
         if conn.web_socket_id not in self.connections:
@@ -149,6 +163,8 @@ class Hub:
             members.discard(conn)
             if not members:
                 del self.groups[group]
+                if self.on_empty is not None:
+                    self.on_empty(group)
         positioned = self.positioned.get(group)
         if positioned is not None:
             positioned.discard(conn)

@@ -1,4 +1,4 @@
-"""A broker over one Redis Stream, so that several tornado-rt processes (and machines) act as one.
+"""A broker over Redis Streams, so that several tornado-rt processes (and machines) act as one.
 
 Install the extra: ``pip install tornado-rt[redis]`` (``redis`` with ``hiredis``). Then::
 
@@ -9,25 +9,45 @@ Install the extra: ``pip install tornado-rt[redis]`` (``redis`` with ``hiredis``
 or ``tornado-rt serve --broker redis://127.0.0.1:6379/0`` (``TORNADO_RT_BROKER``).
 ``docs/redis.md`` explains the design, the guarantees and the measurements; in short:
 
-Stream layout
-    **One stream per namespace** (``<channel_prefix>:stream``) carries every envelope, in one
-    total order. Entries have the ids ``<n>-0`` where ``n`` grows by exactly one per envelope, so a
-    reader knows when it missed some. Publishing goes through one Lua script per batch (``EVALSHA``):
-    it reads Redis's clock once, appends each envelope whose deadline has not passed with ``XADD``
-    (fields ``t``: Redis time in ms, ``e``: the envelope; the first entry of a new stream also has
-    ``r``: the highest sequence number of the old stream its publisher knew of), then trims the
-    stream once with ``XTRIM MAXLEN ~ stream_length``.
+Streams
+    The **control stream** (``<channel_prefix>:stream``) carries every envelope that every
+    process must see — directory changes, disconnect, revoke, presence, messages to users,
+    workspaces or everyone, and page messages whose type has a side effect — in one total order,
+    with the ids ``<n>-0`` where ``n`` grows by exactly one per entry, so a reader knows when it
+    missed some. A **plain page message** (one page group, a type without side effect) goes only
+    to the **inbox** (``<channel_prefix>:inbox:<process id>``) of each process registered for its
+    page group (hash ``<channel_prefix>:g:<group>``, fields: process ids), or nowhere when none is:
+    a process reads only what it has recipients for. Publishing goes through one Lua script per
+    batch (``EVALSHA``): it reads Redis's clock once, refuses each envelope whose deadline has
+    passed, appends control envelopes to the control stream (fields ``t``: Redis time in ms,
+    ``e``: the envelope; the first entry of a new stream also has ``r``: the highest entry id its
+    publisher knew of) and, per inbox, the page messages between two control entries as one entry
+    with the id ``<n>-<k>`` (``n``: the control stream's last sequence number, ``k`` > 0) and the
+    field ``c`` (+1 per entry of that inbox: exact gaps); then it trims every stream it wrote to
+    (``XTRIM MAXLEN ~``, about ``stream_length`` envelopes).
+
+Registration
+    The first local subscriber of a page group makes this process register it (``HSET``); its
+    ``page_add`` is sent once Redis acknowledged (``Hub.ready``), so a message published after a
+    client saw ``page_add`` reaches this process. The last one leaving unregisters it after
+    ``UNREGISTER_DELAY``. The alive key ``<prefix>:alive:<process id>`` (TTL: the server's
+    ``presence_ttl``) is refreshed every third of it; any process sweeps the registrations and
+    inbox of processes whose alive key expired; a process that stops removes its own. Routing is
+    on while the key ``<prefix>:routing`` holds a time that has passed; when Redis lost its data
+    (no routing key) every envelope goes on the control stream until the processes registered
+    their groups again.
 
 Reading
-    Every process reads the whole stream from its own position (``XREAD COUNT .. BLOCK ..``), one
-    reply at a time, so a process that stalls (a long GC, SIGSTOP, a slow loop) resumes exactly
-    where it stopped, however much was published meanwhile: nothing is pushed at it, and Redis's
-    output-buffer limits (which dropped the old pub/sub subscription) no longer apply. A lost
-    connection also resumes where it stopped.
+    Every process reads the control stream and its inbox from its own positions with one
+    ``XREAD COUNT .. STREAMS <control> <inbox>`` per round trip and merges the two by id (see
+    :func:`merge_replies`), so a process that stalls (a long GC, SIGSTOP, a slow loop) resumes
+    exactly where it stopped: nothing is pushed at it. A lost connection also resumes where it
+    stopped.
 
 Gaps
-    When the next entry is not ``position + 1`` the envelopes in between were trimmed before this
-    process read them (it was more than ``stream_length`` entries behind): a **gap**. When the
+    When the next entry of the control stream is not ``position + 1`` (or the next entry of the
+    inbox not ``c + 1``) the envelopes in between were trimmed before this process read them (it
+    was more than ``stream_length`` entries behind): a **gap**. When the
     stream starts over (Redis restarted without persistence, ``FLUSHALL``, the key deleted) and
     this process had not read everything before (its position is below ``r``, or its last read
     did not reach the end of the stream), that is a gap too. A gap is
@@ -43,7 +63,8 @@ Publishing
     an envelope whose deadline has passed when Redis runs it. The future completes once the
     envelope came back through this process's read and was handed to the router (``submit()``,
     ``publish_async()`` and ``POST /api/publish`` return after local delivery, as with the
-    in-process broker) — or, if Redis accepted it but this process has not read it back by the
+    in-process broker), at once when it was routed only to other processes' inboxes (or to
+    none) — or, if Redis accepted it but this process has not read it back by the
     deadline, at the deadline (it is in the stream: delivery follows). It fails with
     :class:`~tornado_rt.BrokerUnavailable` at once when this process's reader is not connected,
     when Redis refuses the command, and at the deadline when Redis has not answered (then it is
@@ -83,8 +104,9 @@ import collections
 import hashlib
 import itertools
 import logging
+import random
 import uuid
-from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Awaitable, Deque, Dict, List, Mapping, Optional, Set, Tuple
 
 import ujson
 
@@ -121,23 +143,42 @@ DEADLINE_MARGIN_MS = 5
 #: loop turn): what the reader learnt just before may be stale (see ``_caught_up``).
 STALL = 1.0
 
-# KEYS[1]: the stream. ARGV[1]: MAXLEN (approximate); ARGV[2]: the highest sequence number the
-# publisher knows of; ARGV[3]: history size (0: no history); ARGV[4]: history TTL in ms; ARGV[5]:
-# the key prefix ("<prefix>:"); then triples (deadline in Redis ms, envelope, page group or "").
-# Returns {Redis time in ms, then per envelope its sequence number, or 0: refused, its deadline
-# had passed}.
+# KEYS[1]: the control stream. ARGV[1]: MAXLEN (approximate, every stream); ARGV[2]: the highest
+# entry id ("<n>-<k>", of any stream) the publisher knows of; ARGV[3]: history size (0: no history); ARGV[4]: history
+# TTL in ms; ARGV[5]: the key prefix ("<prefix>:"); ARGV[6]: the publisher's process id ("" for a
+# publisher that is not a server); then quadruples (deadline in Redis ms, envelope, page group or
+# "", route: "1" for a plain page message — one page group, no side effect — else "0").
+# Returns {Redis time in ms, the id of the last entry it wrote ("<n>-<k>", or "0-0"), then per
+# envelope: its sequence number n > 0 on the control stream;
+# -1: appended to the inboxes of the processes registered for its group, the publisher's among
+# them; -2: the same, not the publisher's (possibly none at all); 0: refused, its deadline had
+# passed}.
+#
+# Control stream: ids <n>-0, n +1 per entry (exact gaps), as before routing existed. A new stream
+# starts at (Redis time in ms) * 1000 and its first entry has the field r: the highest entry id
+# (of the old control stream or of any inbox) its publisher knew of.
+# Routing (docs/redis.md "Routing"): while the key <prefix>routing holds a Redis time that has
+# passed, a plain page message goes only to the inbox streams <prefix>inbox:<process> of the
+# processes that are fields of the hash <prefix>g:<group> (one HKEYS). The page messages of a
+# script call between two control entries that go to one inbox make ONE inbox entry (one XADD
+# per inbox and control interval: XADD costs per call far more than per field), with the id
+# <n>-<k>, n the control stream's last sequence number (so the two streams of a reader merge into
+# publish order), k > 0 growing within n; its fields: t (Redis time), c (the entry's number in
+# that inbox, +1 per entry: exact gaps), then one envelope as on the control stream (e, and p, q
+# when it joined a history), or several in one field E: each "<length>,<epoch>,<offset>;" (epoch
+# and offset when it joined a history, else empty) then the envelope. One field, not a field per
+# envelope: Redis appends a field at a time to a listpack that it reallocates each time.
+# No registered process: no XADD.
+# Without the routing key (a fresh Redis: registrations cannot be trusted yet) every envelope
+# goes on the control stream, read by every process.
 # Recovery extension (tornado_rt.history): an envelope to a page group that keeps a history (hash
-# <prefix>pos:<group>: e = epoch, o = offset; created by tornado_rt.redis_history when a
-# connection with positions subscribes, kept alive while one is subscribed) gets the group's next
-# offset and is appended to the group's history (stream <prefix>hist:<group>, trimmed to the
-# history size; both keys expire after the history TTL); its entry carries p = epoch, q = offset.
-# A group without the hash costs one HGET.
-# A new stream starts at (Redis time in ms) * 1000, above anything an earlier stream reached
-# unless that one carried more than a million envelopes per second on average; its first entry
-# has the field r: the highest sequence number of the old stream its publisher knew of (so a
-# reader behind that knows it lost envelopes).
+# <prefix>pos:<group>: e = epoch, o = offset) gets the group's next offset and is appended to the
+# group's history (stream <prefix>hist:<group>, trimmed to the history size; both keys expire
+# after the history TTL); its entry carries p = epoch, q = offset. A group without it costs one HGET.
 PUBLISH_SCRIPT = """
 local key = KEYS[1]
+local prefix = ARGV[5]
+local me = ARGV[6]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local top = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
@@ -149,38 +190,123 @@ else
   n = now * 1000
   fresh = true
 end
-local out = {now}
+local since = redis.call('GET', prefix .. 'routing')
+local routing = since and tonumber(since) <= now
+local inboxes = {}
+local touched = {}
+local pend = {}
+local pend_n = {}
+local pend_q = {}
+local pending = {}
+local hi_n, hi_k = 0, 0
+local out = {now, '0-0'}
+-- One inbox entry per inbox for the page messages between two control entries: XADD costs per
+-- call far more than per field.
+local function flush()
+  for _, inbox in ipairs(pending) do
+    local last = inboxes[inbox]
+    if not last then
+      last = {0, 0, 0}
+      local found = redis.call('XREVRANGE', inbox, '+', '-', 'COUNT', 1)
+      if found[1] then
+        local a, b = string.match(found[1][1], '^(%d+)-(%d+)')
+        last[1] = tonumber(a)
+        last[2] = tonumber(b)
+        local fields = found[1][2]
+        if fields[3] == 'c' then last[3] = tonumber(fields[4]) end
+      end
+      inboxes[inbox] = last
+      touched[#touched + 1] = inbox
+    end
+    local a, b = n, 1
+    if last[1] > a or (last[1] == a and last[2] >= b) then
+      a = last[1]
+      b = last[2] + 1
+    end
+    last[1] = a
+    last[2] = b
+    last[3] = last[3] + 1
+    if a > hi_n or (a == hi_n and b > hi_k) then
+      hi_n = a
+      hi_k = b
+    end
+    last[4] = (last[4] or 0) + 1
+    last[5] = (last[5] or 0) + pend_n[inbox]
+    local id = string.format('%.0f-%d', a, b)
+    if pend_n[inbox] > 1 then
+      redis.call('XADD', inbox, id, 't', now, 'c', last[3], 'E', table.concat(pend[inbox]))
+    elseif pend_q[inbox][1] then
+      redis.call('XADD', inbox, id, 't', now, 'c', last[3], 'e', pend[inbox][2], 'p', pend_q[inbox][1],
+                 'q', pend_q[inbox][2])
+    else
+      redis.call('XADD', inbox, id, 't', now, 'c', last[3], 'e', pend[inbox][2])
+    end
+    pend[inbox] = nil
+  end
+  pending = {}
+end
 local added = false
 local hsize = tonumber(ARGV[3])
-for i = 6, #ARGV, 3 do
+for i = 7, #ARGV, 4 do
   if tonumber(ARGV[i]) >= now then
-    n = n + 1
-    local id = string.format('%.0f-0', n)
-    local entry = {'XADD', key, id, 't', now, 'e', ARGV[i + 1]}
-    if fresh then
-      entry[#entry + 1] = 'r'
-      entry[#entry + 1] = ARGV[2]
-      fresh = false
-    end
     local group = ARGV[i + 2]
+    local envelope = ARGV[i + 1]
+    local epoch, offset
     if group ~= '' and hsize > 0 then
-      local pos = ARGV[5] .. 'pos:' .. group
-      local hist = ARGV[5] .. 'hist:' .. group
-      local epoch = redis.call('HGET', pos, 'e')
+      local pos = prefix .. 'pos:' .. group
+      epoch = redis.call('HGET', pos, 'e')
       if epoch then
-        local offset = redis.call('HINCRBY', pos, 'o', 1)
-        redis.call('XADD', hist, 'MAXLEN', hsize, '*', 'q', offset, 't', now, 'e', ARGV[i + 1])
+        local hist = prefix .. 'hist:' .. group
+        offset = redis.call('HINCRBY', pos, 'o', 1)
+        redis.call('XADD', hist, 'MAXLEN', hsize, '*', 'q', offset, 't', now, 'e', envelope)
         redis.call('PEXPIRE', pos, ARGV[4])
         redis.call('PEXPIRE', hist, ARGV[4])
+      end
+    end
+    if routing and ARGV[i + 3] == '1' then
+      local result = -2
+      local procs = redis.call('HKEYS', prefix .. 'g:' .. group)
+      local head
+      for _, proc in ipairs(procs) do
+        local inbox = prefix .. 'inbox:' .. proc
+        local parts = pend[inbox]
+        if not parts then
+          parts = {}
+          pend[inbox] = parts
+          pend_n[inbox] = 0
+          pend_q[inbox] = {epoch, offset}
+          pending[#pending + 1] = inbox
+        end
+        if not head then
+          head = string.format('%d,%s,%s;', #envelope, epoch or '', offset or '')
+        end
+        parts[#parts + 1] = head
+        parts[#parts + 1] = envelope
+        pend_n[inbox] = pend_n[inbox] + 1
+        if proc == me then result = -1 end
+      end
+      out[#out + 1] = result
+    else
+      flush()
+      n = n + 1
+      local entry = {'XADD', key, string.format('%.0f-0', n), 't', now, 'e', envelope}
+      if fresh then
+        entry[#entry + 1] = 'r'
+        entry[#entry + 1] = ARGV[2]
+        fresh = false
+      end
+      if epoch then
         entry[#entry + 1] = 'p'
         entry[#entry + 1] = epoch
         entry[#entry + 1] = 'q'
         entry[#entry + 1] = offset
       end
+      redis.call(unpack(entry))
+      out[#out + 1] = n
+      hi_n = n
+      hi_k = 0
+      added = true
     end
-    redis.call(unpack(entry))
-    out[#out + 1] = n
-    added = true
   else
     out[#out + 1] = 0
   end
@@ -188,9 +314,98 @@ end
 if added then
   redis.call('XTRIM', key, 'MAXLEN', '~', ARGV[1])
 end
+flush()
+for _, inbox in ipairs(touched) do
+  -- about MAXLEN envelopes: entries hold several (field pairs: e, and p, q with a history)
+  local last = inboxes[inbox]
+  local per = last[5] / last[4]
+  redis.call('XTRIM', inbox, 'MAXLEN', '~', math.max(1, math.ceil(tonumber(ARGV[1]) / per)))
+end
+out[2] = string.format('%.0f-%d', hi_n, hi_k)
 return out
 """
 PUBLISH_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest()
+
+# A process says it is alive (at every reader connection and every third of the liveness TTL).
+# ARGV[1]: the key prefix ("<prefix>:"); ARGV[2]: the process id; ARGV[3]: the liveness TTL (ms);
+# ARGV[4]: the grace (ms) before routing starts when the routing key is missing (0: a process with
+# nothing to lose, at its first connection). Returns {1 if the alive key was there (then this
+# process's registrations are: Redis lost nothing of it and no sweep removed them), Redis time
+# in ms, the routing key's time, 1 if this call created the routing key, 1 if its inbox exists}.
+# The alive key is only
+# written here. When it was gone, the process registers its groups again (REGISTER_SCRIPT).
+HELLO_SCRIPT = """
+local prefix = ARGV[1]
+local me = ARGV[2]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local intact = redis.call('EXISTS', prefix .. 'alive:' .. me)
+redis.call('SET', prefix .. 'alive:' .. me, now, 'PX', ARGV[3])
+redis.call('SADD', prefix .. 'procs', me)
+local since = redis.call('GET', prefix .. 'routing')
+local created = 0
+if not since then
+  since = now + tonumber(ARGV[4])
+  redis.call('SET', prefix .. 'routing', string.format('%.0f', since))
+  created = 1
+end
+return {intact > 0 and 1 or 0, now, tonumber(since), created, redis.call('EXISTS', prefix .. 'inbox:' .. me)}
+"""
+# Register (+) and unregister (-) page groups of one process. ARGV[1]: the key prefix; ARGV[2]:
+# the process id; then pairs (+ or -, group). Returns 1 when routing is on (page messages go to
+# the registered processes only), 0 when every envelope goes on the control stream.
+REGISTER_SCRIPT = """
+local prefix = ARGV[1]
+local me = ARGV[2]
+local groups = prefix .. 'groups:' .. me
+for i = 3, #ARGV, 2 do
+  local g = ARGV[i + 1]
+  if ARGV[i] == '+' then
+    redis.call('HSET', prefix .. 'g:' .. g, me, 1)
+    redis.call('SADD', groups, g)
+  else
+    redis.call('HDEL', prefix .. 'g:' .. g, me)
+    redis.call('SREM', groups, g)
+  end
+end
+local since = redis.call('GET', prefix .. 'routing')
+if not since then
+  return 0
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if tonumber(since) <= now then
+  return 1
+end
+return 0
+"""
+# Remove what processes left behind: ARGV[1]: the key prefix; ARGV[2]: a process id to remove
+# whatever its alive key says (a process that shuts down), or "" to remove every process whose
+# alive key expired (a sweep any live process runs). Returns the processes removed.
+SWEEP_SCRIPT = """
+local prefix = ARGV[1]
+local procs
+if ARGV[2] ~= '' then
+  procs = {ARGV[2]}
+else
+  procs = redis.call('SMEMBERS', prefix .. 'procs')
+end
+local removed = 0
+for _, p in ipairs(procs) do
+  if ARGV[2] ~= '' or redis.call('EXISTS', prefix .. 'alive:' .. p) == 0 then
+    for _, g in ipairs(redis.call('SMEMBERS', prefix .. 'groups:' .. p)) do
+      redis.call('HDEL', prefix .. 'g:' .. g, p)
+    end
+    redis.call('DEL', prefix .. 'groups:' .. p, prefix .. 'inbox:' .. p, prefix .. 'alive:' .. p)
+    redis.call('SREM', prefix .. 'procs', p)
+    removed = removed + 1
+  end
+end
+return removed
+"""
+#: Seconds an emptied page group stays registered (a client that resubscribes at once, a page
+#: that flips, costs no round trip); envelopes that arrive meanwhile are dropped and counted.
+UNREGISTER_DELAY = 1.0
 
 # KEYS[1]: the directory hash. ARGV[1]: the stream position the snapshot corresponds to; ARGV[2]:
 # the snapshot. Replaces the stored one only when it is older: returns 1 when written.
@@ -231,6 +446,22 @@ def encode_envelope(envelope: Envelope, origin: str, seq: int) -> bytes:
     return payload
 
 
+def route_of(envelope: Envelope, registry: Any) -> Tuple[str, bool]:
+    """(the page group of a page message or "", whether it is a plain page message: one page
+    group, a type without side effect — it goes only to the inboxes of the processes registered
+    for the group; anything else goes on the control stream, read by every process). Without a
+    registry everything goes on the control stream."""
+    if envelope.kind != MESSAGE:
+        return "", False
+    audience = envelope.audience
+    if not audience or audience[0] != "page":
+        return "", False
+    if registry is None:
+        return audience[1], False
+    mt = registry.message_type(envelope.type)
+    return audience[1], mt is None or mt.effect is None
+
+
 def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(value), value)
 
@@ -239,6 +470,57 @@ def _seq_of(entry_id: bytes) -> Tuple[int, bool]:
     """(n, whether the id is one of ours: ``<n>-0``) of a stream entry id; ValueError if no id."""
     head, _, tail = entry_id.partition(b"-")
     return int(head), tail == b"0"
+
+
+def entry_key(entry_id: bytes) -> Tuple[int, int]:
+    """The order of an entry of the control stream (``<n>-0``) or an inbox (``<n>-<k>``, k > 0:
+    after the control entry n, before n + 1): ``(n, k)``; ``(0, 0)`` for an id that is not ours
+    (sorted first, then refused as malformed)."""
+    head, _, tail = entry_id.partition(b"-")
+    try:
+        return int(head), int(tail or b"0")
+    except ValueError:
+        return 0, 0
+
+
+Entry = Tuple[bytes, List[bytes]]
+
+
+def merge_replies(control: List[Entry], control_full: bool, inbox: List[Entry],
+                  inbox_full: bool) -> Tuple[List[Tuple[bool, Entry]], List[Entry], List[Entry]]:
+    """Merge what one ``XREAD`` returned from the control stream and from this process's inbox
+    (each after the entries held back from earlier rounds, which come first) into publish order:
+    ``(ready, held_control, held_inbox)``; ``ready`` lists ``(from the inbox?, entry)``.
+
+    ``*_full``: that stream's part of the reply was cut at ``COUNT``, so entries after its last one
+    may exist unseen in Redis. ``XREAD`` is atomic: for a stream that was not cut, everything up
+    to now was returned; for a cut one, nothing after its last entry was. So every entry up to the
+    smallest last id among the cut streams is in order now; entries of the other stream beyond it
+    are held for the next round (an unseen entry of the cut stream may come before them)."""
+    limit: Optional[Tuple[int, int]] = None
+    if control_full and control:
+        limit = entry_key(control[-1][0])
+    if inbox_full and inbox:
+        last = entry_key(inbox[-1][0])
+        if limit is None or last < limit:
+            limit = last
+    ready: List[Tuple[bool, Entry]] = []
+    i = j = 0
+    nc, ni = len(control), len(inbox)
+    ck = [entry_key(e[0]) for e in control]
+    ik = [entry_key(e[0]) for e in inbox]
+    while i < nc or j < ni:
+        if j >= ni or (i < nc and ck[i] < ik[j]):
+            if limit is not None and ck[i] > limit:
+                break
+            ready.append((False, control[i]))
+            i += 1
+        else:
+            if limit is not None and ik[j] > limit:
+                break
+            ready.append((True, inbox[j]))
+            j += 1
+    return ready, list(control[i:]), list(inbox[j:])
 
 
 class _Pending:
@@ -276,6 +558,25 @@ class RedisBroker(Broker):
     :meth:`share_directory` and docs/redis.md); ``snapshot_every``: stream entries after which the
     stored snapshot's position is moved forward without a change (default 10,000).
     """
+
+    #: The routing counters exposed on /metrics (``tornado_rt_redis_<name>``; counters get
+    #: ``_total``): kind and help text.
+    ROUTING_METRICS = {
+        "control_read": ("counter", "Entries read from the Redis control stream (every process reads all of it)"),
+        "inbox_read": ("counter", "Entries read from this process's Redis inbox (each holds the page messages "
+                                  "of the page groups it registered from one publish call)"),
+        "inbox_envelopes": ("counter", "Page messages read from this process's Redis inbox"),
+        "control_pages": ("counter", "Page messages read from the control stream (routing off, or a type "
+                                     "with a side effect)"),
+        "dropped": ("counter", "Page messages read with no local subscriber on their page (unregistration "
+                               "pending, or routing off)"),
+        "registered": ("gauge", "Page groups this process is registered for in Redis"),
+        "registrations": ("counter", "Page group registrations sent to Redis"),
+        "unregistrations": ("counter", "Page group unregistrations sent to Redis"),
+        "swept": ("counter", "Dead processes whose registrations and inbox this process removed"),
+        "late_registrations": ("counter", "Registrations that landed after their subscription was "
+                                          "confirmed while routing was on (the group got page_discard)"),
+    }
 
     def __init__(self, url: str, channel_prefix: str = _PREFIX, *,
                  publish_timeout: float = 2.0, stream_length: int = _STREAM_LENGTH,
@@ -319,8 +620,56 @@ class RedisBroker(Broker):
         self.health_check_interval = health_check_interval
         self.start_timeout = start_timeout
         self.origin = uuid.uuid4().hex[:16]
+        #: This process's inbox: the plain page messages of the page groups it registered.
+        self.inbox = f"{channel_prefix}:inbox:{self.origin}"
+        self.key_prefix = channel_prefix + ":"
+        #: Seconds a process that stopped refreshing its alive key counts as alive (its
+        #: registrations and inbox are swept after): the server's ``presence_ttl``.
+        self.alive_ttl = 30.0
         self._seq = itertools.count(1)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        # Routing (bind_hub): the registry decides which envelopes are plain page messages; the
+        # hub tells which page groups have local subscribers.
+        self.registry: Any = None
+        self._hub: Any = None
+        self._pages: Any = None  # the router (drops a group whose registration came too late)
+        self._registered: Set[str] = set()  # acknowledged by Redis
+        self._wanted: Dict[str, Tuple["asyncio.Future[None]", float]] = {}  # to register (deadline)
+        self._unwanted: Dict[str, float] = {}  # emptied groups -> when to unregister them
+        self._unregistering: Set[str] = set()  # unregistrations in flight
+        self._unconfirmed: Set[str] = set()  # confirmed to clients before Redis registered them
+        self._reg_wake: Optional[asyncio.Event] = None
+        self._reg_timer: Optional[asyncio.TimerHandle] = None
+        self._inbox_id = b"0-0"  # the last inbox entry returned by XREAD
+        self._inbox_top: Tuple[int, int] = (0, 0)  # the highest inbox entry id ever returned
+        self._inbox_count = 0  # the c of the last inbox entry delivered
+        self._inbox_fresh = True  # the inbox may (re)start at c = 1 without a gap
+        # Whether the last read returned everything the inbox had (not cut at COUNT, no loop
+        # stall since), and whether it did not at some point since the last HELLO that found
+        # this process's keys intact: if the inbox was deleted meanwhile (Redis lost its data, a
+        # sweep), entries this process had not read may have gone with it.
+        self._inbox_caught_up = True
+        self._inbox_behind = False
+        self._held_control: List[Entry] = []  # returned, not delivered yet (merge_replies)
+        self._held_inbox: List[Entry] = []
+        self._hello_at = 0.0
+        self._sweep_at = 0.0
+        self._said_hello = False
+        #: Routing counters: entries read from the control stream and from the inbox (an inbox
+        #: entry holds the page messages of one publish call between two control entries); page
+        #: messages read from the control stream (routing off, or a type with a side effect);
+        #: page messages read with no local subscriber (dropped); registrations and
+        #: unregistrations sent; dead processes swept by this one; registrations that came after
+        #: the subscription was confirmed (their group was dropped with page_discard).
+        self.control_read = 0
+        self.inbox_read = 0
+        self.inbox_envelopes = 0
+        self.control_pages = 0
+        self.dropped = 0
+        self.registrations = 0
+        self.unregistrations = 0
+        self.swept = 0
+        self.late_registrations = 0
         # seq -> publish; insertion order is publish order, hence deadline order.
         self._pending: Dict[int, _Pending] = {}
         self._outbox: Deque[Tuple[int, bytes]] = collections.deque()
@@ -337,6 +686,7 @@ class RedisBroker(Broker):
         #: The stream sequence number this process has read up to (0: none yet).
         self.position = 0
         self._accepted = 0  # the highest sequence number Redis gave a publish of this process
+        self._wrote: Tuple[int, int] = (0, 0)  # the highest entry id a publish of this process got
         self._last_id = b"0-0"
         self._positioned = False
         # Whether the last read reached the end of the stream (nothing was waiting unread), the
@@ -385,6 +735,153 @@ class RedisBroker(Broker):
         if self._snap_wake is not None:
             self._snap_wake.set()
 
+    def configure(self, settings: Any, on_gap: Any = None) -> None:
+        super().configure(settings, on_gap)
+        self.alive_ttl = float(getattr(settings, "presence_ttl", self.alive_ttl))
+
+    def bind_hub(self, hub: Any, router: Any, registry: Any) -> None:
+        """Called by the server when it is built: route plain page messages to the processes
+        that have subscribers (``hub.register`` / ``hub.on_empty`` call :meth:`register` and
+        :meth:`unregister`; see docs/redis.md "Routing")."""
+        self._hub = hub
+        self._pages = router
+        self.registry = registry
+        hub.register = self.register
+        hub.on_empty = self.unregister
+
+    def routing_stats(self) -> Dict[str, int]:
+        """The routing counters (``GET /api/stats`` ``redis``, ``/metrics``)."""
+        return {"control_read": self.control_read, "inbox_read": self.inbox_read,
+                "inbox_envelopes": self.inbox_envelopes,
+                "control_pages": self.control_pages, "dropped": self.dropped,
+                "registered": len(self._registered), "registrations": self.registrations,
+                "unregistrations": self.unregistrations, "swept": self.swept,
+                "late_registrations": self.late_registrations}
+
+    # --- registrations ------------------------------------------------------------------------------
+    def register(self, group: str) -> Optional[Awaitable[None]]:
+        """The first local subscriber of ``group`` is joining: None when this process is
+        registered for it already, else a future that completes once Redis has registered it
+        (then a message published after the client is told page_add reaches this process's
+        inbox), or at ``publish_timeout`` if Redis does not answer (the group is dropped with
+        page_discard when the registration lands later)."""
+        self._unwanted.pop(group, None)
+        if group in self._registered and group not in self._unregistering:
+            return None
+        wanted = self._wanted.get(group)
+        if wanted is not None:
+            return wanted[0]
+        loop = self._loop
+        if loop is None or self._reg_wake is None:  # not started: nothing to route yet
+            return None
+        future: "asyncio.Future[None]" = loop.create_future()
+        self._wanted[group] = (future, loop.time() + self.publish_timeout)
+        self._reg_wake.set()
+        if not self._subscribed:
+            # Redis is out of reach: nothing can be published meanwhile; confirm now, register
+            # when it is back (see _register_forever).
+            self._unconfirmed.add(group)
+            future.set_result(None)
+            return None
+        return future
+
+    def unregister(self, group: str) -> None:
+        """The last local subscriber of ``group`` left: unregister it after UNREGISTER_DELAY
+        (unless one joins again meanwhile)."""
+        if group not in self._registered or self._loop is None or self._reg_wake is None:
+            return
+        at = self._loop.time() + UNREGISTER_DELAY
+        self._unwanted[group] = at
+        if self._reg_timer is None:
+            self._reg_timer = self._loop.call_at(at, self._reg_due)
+
+    def _reg_due(self) -> None:
+        self._reg_timer = None
+        if self._reg_wake is not None:
+            self._reg_wake.set()
+
+    async def _register_forever(self) -> None:
+        """The one registrar: sends (un)registrations in batches, one script call in flight."""
+        assert self._reg_wake is not None and self._loop is not None and self._ready is not None
+        wake, loop = self._reg_wake, self._loop
+        conn: Any = None
+        delay = self.reconnect_min
+        await self._ready.wait()  # after the first HELLO: this process is known alive
+        while True:
+            await wake.wait()
+            wake.clear()
+            now = loop.time()
+            groups = self._hub.groups if self._hub is not None else {}
+            adds = list(self._wanted)
+            due = [g for g, at in self._unwanted.items() if at <= now]
+            for g in due:  # no longer unwanted, whether it goes or a subscriber joined meanwhile
+                del self._unwanted[g]
+            if self._unwanted and self._reg_timer is None:
+                self._reg_timer = loop.call_at(min(self._unwanted.values()), self._reg_due)
+            removes = [g for g in due if g not in groups and g in self._registered]
+            if not adds and not removes:
+                continue
+            self._unregistering.update(removes)
+            args: List[Any] = [self.key_prefix, self.origin]
+            for g in adds:
+                args += ["+", g]
+            for g in removes:
+                args += ["-", g]
+            try:
+                async with asyncio.timeout(self.socket_timeout):
+                    if conn is None:
+                        conn = await self._connect()
+                    await conn.send_command("EVAL", REGISTER_SCRIPT, 0, *args, check_health=False)
+                    routing = await conn.read_response()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._unregistering.difference_update(removes)
+                for g in removes:  # try again later
+                    self._unwanted.setdefault(g, loop.time() + delay)
+                if isinstance(exc, TimeoutError):
+                    exc = TimeoutError("no reply from Redis in time")
+                log.warning("could not register page groups in Redis: %s; retrying in %.1f s",
+                            _describe(exc), delay, exc_info=not isinstance(exc, (RedisError, OSError, TimeoutError)))
+                if conn is not None:
+                    await _disconnect(conn)
+                    conn = None
+                now = loop.time()
+                for g, (future, deadline) in list(self._wanted.items()):
+                    if deadline <= now + delay and not future.done():
+                        # Confirm rather than hang the client; dropped (page_discard) once the
+                        # registration lands, since messages may pass by until then.
+                        self._unconfirmed.add(g)
+                        future.set_result(None)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.reconnect_max)
+                wake.set()
+                continue
+            delay = self.reconnect_min
+            self.registrations += len(adds)
+            self.unregistrations += len(removes)
+            self._unregistering.difference_update(removes)
+            self._registered.difference_update(removes)
+            for g in adds:
+                self._registered.add(g)
+                # Unregistered later unless a subscriber joined by then (the subscribe may have
+                # been abandoned: the connection closed while Redis registered the group).
+                self.unregister(g)
+                wanted = self._wanted.pop(g, None)
+                if wanted is not None and not wanted[0].done():
+                    wanted[0].set_result(None)
+                if g in self._unconfirmed:
+                    self._unconfirmed.discard(g)
+                    if not routing:
+                        continue  # every envelope went on the control stream meanwhile: none missed
+                    self.late_registrations += 1
+                    log.warning("page group %r was registered in Redis after its subscription was "
+                                "confirmed: its subscribers get page_discard (they resubscribe)", g)
+                    if self._pages is not None:
+                        self._pages.drop_group(g)
+            if self._wanted:
+                wake.set()
+
     # --- state ----------------------------------------------------------------------------------
     @property
     def connected(self) -> bool:
@@ -419,9 +916,11 @@ class RedisBroker(Broker):
         self._ready = asyncio.Event()
         self._loaded = asyncio.Event()
         self._snap_wake = asyncio.Event()
+        self._reg_wake = asyncio.Event()
         self._last_tick = self._loop.time()
         self._tasks = [self._loop.create_task(self._read_forever()),
                        self._loop.create_task(self._write_forever()),
+                       self._loop.create_task(self._register_forever()),
                        self._loop.create_task(self._tick())]
         if self._directory is not None:
             self._tasks.append(self._loop.create_task(self._write_snapshots()))
@@ -447,6 +946,7 @@ class RedisBroker(Broker):
 
     async def close(self) -> None:
         """Stop the reader and the publisher; pending publishes fail with BrokerUnavailable."""
+        was_running = bool(self._tasks) and self._said_hello
         self._closed = True
         tasks, self._tasks = self._tasks, []
         for task in tasks:
@@ -461,11 +961,32 @@ class RedisBroker(Broker):
         for seq in list(self._pending):
             self._fail(seq, error)
         self._outbox.clear()
+        if self._reg_timer is not None:
+            self._reg_timer.cancel()
+            self._reg_timer = None
+        if was_running:
+            await self._goodbye()
         for conn in (self._sub_conn, self._pub_conn):
             if conn is not None:
                 await _disconnect(conn)
         self._sub_conn = self._pub_conn = None
         await self._pool.disconnect()
+
+    async def _goodbye(self) -> None:
+        """At shutdown: remove this process's registrations and inbox (best effort: else the
+        sweep of another process does, once the alive key expired)."""
+        conn: Any = None
+        try:
+            conn = await self._connect()
+            async with asyncio.timeout(self.socket_timeout):
+                await conn.send_command("EVAL", SWEEP_SCRIPT, 0, self.key_prefix, self.origin, check_health=False)
+                await conn.read_response()
+        except Exception as exc:
+            log.info("could not remove this process's registrations from Redis at shutdown (%s): "
+                     "they are swept once its alive key expires", _describe(exc))
+        finally:
+            if conn is not None:
+                await _disconnect(conn)
 
     # --- publishing -----------------------------------------------------------------------------
     def publish(self, envelope: Envelope) -> "asyncio.Future[None]":
@@ -602,24 +1123,35 @@ class RedisBroker(Broker):
     async def _send(self, conn: Any, batch: List[Tuple[int, bytes, _Pending]]) -> None:
         """One script call for the batch; marks each publish accepted or fails it (refused)."""
         offset = self._offset - DEADLINE_MARGIN_MS
-        parts = [b"*%d\r\n" % (9 + 3 * len(batch)), self._script_head,
-                 _bulk(b"%d" % max(self.position, self._accepted)), _bulk(b"%d" % self.history_size),
-                 _bulk(b"%d" % self.history_ttl_ms), _bulk(self.channel_prefix.encode() + b":")]
+        parts = [b"*%d\r\n" % (10 + 4 * len(batch)), self._script_head,
+                 _bulk(b"%d-%d" % max((max(self.position, self._accepted), 0), self._wrote,
+                                      self._inbox_top)),
+                 _bulk(b"%d" % self.history_size),
+                 _bulk(b"%d" % self.history_ttl_ms), _bulk(self.key_prefix.encode()),
+                 _bulk(self.origin.encode())]
+        registry = self.registry
         for _, payload, entry in batch:
             # Redis must refuse an envelope once the publisher may have answered 503 for it:
             # offset is a lower bound of the true offset, so this is never later than that.
             parts.append(_bulk(b"%d" % int(entry.deadline * 1000 + offset)))
             parts.append(_bulk(payload))
-            audience = entry.envelope.audience
-            group = audience[1] if audience and audience[0] == "page" and entry.envelope.kind == "message" else ""
-            parts.append(_bulk(group.encode() if self.history_size else b""))
+            group, route = route_of(entry.envelope, registry)
+            parts.append(_bulk(group.encode()))
+            parts.append(b"$1\r\n1\r\n" if route else b"$1\r\n0\r\n")
         await conn.send_packed_command([b"".join(parts)], check_health=False)
         reply = await conn.read_response()
         # Redis ran the script between sending and now: Redis time - now is a lower bound.
         self._offset = reply[0] - _now(self._loop) * 1000
+        wrote = entry_key(reply[1])
+        if wrote > self._wrote:
+            self._wrote = wrote
         refused = None
-        for (seq, _, entry), n in zip(batch, reply[1:]):
-            if n:
+        for (seq, _, entry), n in zip(batch, reply[2:]):
+            if n == -2:  # routed to other processes' inboxes only: nothing comes back here
+                self._pending.pop(seq, None)
+                if not entry.future.done():
+                    entry.future.set_result(None)
+            elif n:
                 entry.accepted = n
                 if n > self._accepted:
                     self._accepted = n
@@ -655,6 +1187,7 @@ class RedisBroker(Broker):
                 async with asyncio.timeout(self.connect_timeout + self.socket_timeout):
                     await conn.connect()  # TCP connect, then the handshake (CLIENT SETNAME, AUTH, SELECT)
                 await self._check_position(conn, self.socket_timeout)
+                await self._hello(conn, self.socket_timeout)
                 if self._directory is not None and self.subscriptions:
                     await self._sync_directory(conn, self.socket_timeout, None)
                 self._subscribed = True
@@ -735,38 +1268,249 @@ class RedisBroker(Broker):
                 self._last_id = top
             return
         if top is not None and _seq_of(top)[0] < self.position:
-            self._reset(0, self.position)
+            self._reset((0, 0), self.position)
             self.position = 0
             self._last_id = b"0-0"
 
+    def _interval(self) -> float:
+        """The reader's BLOCK time: the health check interval, at most a third of the liveness
+        TTL (the alive key is refreshed between two reads)."""
+        return max(0.05, min(self.health_check_interval, self.alive_ttl / 3))
+
+    async def _hello(self, conn: Any, timeout: float) -> None:
+        """Refresh this process's alive key (HELLO_SCRIPT). When its registrations were gone
+        (Redis lost its data, or a sweep removed them while this process was stalled longer than
+        the liveness TTL), the script registered them again; page messages may have passed this
+        process by meanwhile unless routing was off (no routing key: every envelope went on the
+        control stream) or had not started yet: then it is a gap (page_discard)."""
+        loop = self._loop
+        assert loop is not None
+        first = not self._said_hello
+        grace = 0 if first else int(self.alive_ttl * 1000)
+        await conn.send_command("EVAL", HELLO_SCRIPT, 0, self.key_prefix, self.origin,
+                                int(self.alive_ttl * 1000), grace, check_health=False)
+        async with asyncio.timeout(timeout):
+            intact, now, since, created, inbox_exists = await conn.read_response()
+        if not intact and not first and self._registered:
+            # Register every group again (the routing key, re-created with a grace if it was
+            # gone, keeps routing off until then; if routing was on, it is a gap below).
+            args: List[Any] = [self.key_prefix, self.origin]
+            for group in self._registered:
+                args += ["+", group]
+            await conn.send_command("EVAL", REGISTER_SCRIPT, 0, *args, check_health=False)
+            async with asyncio.timeout(timeout):
+                await conn.read_response()
+        self._hello_at = loop.time() + self.alive_ttl / 3
+        if not self._sweep_at:
+            self._sweep_at = loop.time() + self.alive_ttl * (1 + random.random())
+        self._said_hello = True
+        if first or intact:
+            self._inbox_behind = not self._inbox_caught_up
+            return
+        self._inbox_fresh = True  # the inbox may have been deleted with the registrations
+        if not inbox_exists:
+            # Deleted (swept, or Redis lost it): a new one may start with ids below this
+            # process's last one (the control stream did not move meanwhile): read it from the start.
+            self._inbox_id = b"0-0"
+            self._inbox_count = 0
+        if self._inbox_behind or not self._inbox_caught_up:
+            log.warning("this process's inbox was gone from Redis (Redis lost its data, or this process "
+                        "stalled longer than %g s) while it had not read all of it", self.alive_ttl)
+            self._gap(None, self.position)
+        elif self._registered and not created and since <= now:
+            log.warning("the registrations of this process's page groups were gone from Redis while "
+                        "routing was on (its alive key had expired: Redis lost its data, or this process "
+                        "stalled longer than %g s); registered again", self.alive_ttl)
+            self._gap(None, self.position)
+        elif self._registered:
+            log.warning("the registrations of this process's page groups were gone from Redis (Redis "
+                        "lost its data); registered again while every envelope went on the control stream: "
+                        "nothing was lost")
+
+    async def _sweep(self, conn: Any, timeout: float) -> None:
+        """Remove the registrations and inboxes of processes whose alive key expired."""
+        loop = self._loop
+        assert loop is not None
+        self._sweep_at = loop.time() + self.alive_ttl * (1 + random.random())
+        await conn.send_command("EVAL", SWEEP_SCRIPT, 0, self.key_prefix, "", check_health=False)
+        async with asyncio.timeout(timeout):
+            removed = await conn.read_response()
+        if removed:
+            self.swept += int(removed)
+            log.info("removed the registrations and inboxes of %d process(es) whose alive key expired "
+                     "from Redis", removed)
+
     async def _read(self, conn: Any) -> None:
-        """Deliver every entry after this process's position until the connection breaks."""
-        interval = self.health_check_interval
+        """Deliver every entry after this process's positions (the control stream and its inbox,
+        merged into publish order) until the connection breaks."""
+        interval = self._interval()
         block = str(max(1, int(interval * 1000)))
         count = READ_COUNT
         read = conn.read_response
+        loop = self._loop
+        assert loop is not None
+        stream_name = self.stream.encode()
+        # A read that finds nothing is followed by a blocking one. A blocking XREAD is answered
+        # when one of its streams gets entries; Redis before 7.2 then answers with that stream
+        # alone, so its reply is not a snapshot of both: entries of the other stream may come
+        # before these. Such a reply is held and a non-blocking XREAD (atomic) follows.
+        blocking = False
         while True:
+            now = loop.time()
+            if now >= self._hello_at:
+                await self._hello(conn, interval)
+            if now >= self._sweep_at:
+                await self._sweep(conn, interval)
             stalls = self._stalls
-            await conn.send_command("XREAD", "COUNT", count, "BLOCK", block, "STREAMS", self.stream,
-                                    self._last_id, check_health=False)
+            control_id = self._held_control[-1][0] if self._held_control else self._last_id
+            if blocking:
+                await conn.send_command("XREAD", "COUNT", count, "BLOCK", block, "STREAMS", self.stream,
+                                        self.inbox, control_id, self._inbox_id, check_health=False)
+            else:
+                await conn.send_command("XREAD", "COUNT", count, "STREAMS", self.stream, self.inbox,
+                                        control_id, self._inbox_id, check_health=False)
             async with asyncio.timeout(2 * interval):
                 reply = await read()
-            if reply is None:  # nothing new within the BLOCK time
-                self._caught_up = self._fresh(stalls)
-                await self._check_position(conn, interval)
+            if reply is None:  # nothing new (within the BLOCK time)
+                if self._held_control or self._held_inbox:
+                    self._deliver_merged([], False, [], False)
+                    if self._resync is not None:
+                        await self._resync_directory(conn, interval)
+                        blocking = False
+                        continue
+                self._caught_up = self._inbox_caught_up = self._fresh(stalls)
+                if blocking:
+                    await self._check_position(conn, interval)
+                blocking = True
                 continue
-            entries = reply[0][1]
-            size = self._on_entries(entries)
+            control: List[Entry] = []
+            inbox: List[Entry] = []
+            for name, entries in reply:
+                if name == stream_name:
+                    control = entries
+                else:
+                    inbox = entries
+            if inbox:
+                self._inbox_id = inbox[-1][0]
+                self._inbox_top = max(self._inbox_top, entry_key(self._inbox_id))
+            if blocking and not (control and inbox) and (inbox or self._may_have_inbox()):
+                self._held_control += control
+                self._held_inbox += inbox
+                blocking = False
+                continue
+            blocking = False
+            control_full = len(control) >= count
+            if self._held_control or self._held_inbox or (control and inbox):
+                size = self._deliver_merged(control, control_full, inbox, len(inbox) >= count)
+            elif control:
+                size = self._on_entries(control)
+            else:
+                size = self._on_inbox(inbox)
             if self._resync is not None:
-                at, self._resync = self._resync, None
-                try:
-                    await self._sync_directory(conn, interval, at)
-                finally:
-                    deferred, self._deferred_gap = self._deferred_gap, None
-                    if deferred is not None:
-                        self._discard(*deferred)
-            self._caught_up = len(entries) < count and self._fresh(stalls)
-            count = max(1, min(READ_COUNT, READ_BYTES * len(entries) // max(1, size)))
+                await self._resync_directory(conn, interval)
+            fresh = self._fresh(stalls)
+            self._caught_up = not control_full and fresh
+            self._inbox_caught_up = len(inbox) < count and fresh
+            if not self._inbox_caught_up:
+                self._inbox_behind = True
+            got = len(control) + len(inbox)
+            count = max(1, min(READ_COUNT, READ_BYTES * got // max(1, size)))
+
+    async def _resync_directory(self, conn: Any, timeout: float) -> None:
+        """After a gap in the control stream (reading stopped before it): sync the directory
+        with its snapshot, then tell the clients (the deferred page_discard)."""
+        at, self._resync = self._resync, None
+        assert at is not None
+        try:
+            await self._sync_directory(conn, timeout, at)
+        finally:
+            deferred, self._deferred_gap = self._deferred_gap, None
+            if deferred is not None:
+                self._discard(*deferred)
+
+    def _may_have_inbox(self) -> bool:
+        """Whether this process may have subscribers whose page messages come through its
+        inbox (registered, or registering, or unregistering): else a reply of the control
+        stream alone needs no second read."""
+        return bool(self._registered or self._wanted or self._unregistering or self._unconfirmed)
+
+    def _deliver_merged(self, control: List[Entry], control_full: bool, inbox: List[Entry],
+                        inbox_full: bool) -> int:
+        """Deliver the entries of both streams (after those held back) in publish order."""
+        ready, held_control, held_inbox = merge_replies(self._held_control + control, control_full,
+                                                        self._held_inbox + inbox, inbox_full)
+        self._held_control, self._held_inbox = held_control, held_inbox
+        size = 0
+        i, n = 0, len(ready)
+        while i < n:
+            from_inbox = ready[i][0]
+            j = i
+            while j < n and ready[j][0] == from_inbox:
+                j += 1
+            run = [entry for _, entry in ready[i:j]]
+            if from_inbox:
+                size += self._on_inbox(run)
+            else:
+                size += self._on_entries(run)
+                if self._resync is not None:
+                    # Stopped at a gap to sync the directory: the control stream is read again
+                    # from its position; the inbox entries not delivered yet are held.
+                    self._held_control = []
+                    self._held_inbox = [entry for from_i, entry in ready[j:] if from_i] + self._held_inbox
+                    break
+            i = j
+        return size
+
+    def _on_inbox(self, entries: List[Entry]) -> int:
+        """Deliver entries of this process's inbox (fields ``t``, ``c``, then ``e`` [``p``, ``q``]:
+        one envelope, or ``E``: several, each ``<length>,<epoch>,<offset>;`` then the envelope);
+        returns the bytes of envelope text."""
+        size = 0
+        on_envelope = self._on_envelope
+        for entry_id, fields in entries:
+            try:
+                if len(fields) < 6 or fields[0] != b"t" or fields[2] != b"c" or fields[4] not in (b"e", b"E"):
+                    raise ValueError("not an envelope entry")
+                at = int(fields[1]) / 1000
+                c = int(fields[3])
+            except (ValueError, TypeError, IndexError):
+                log.error("ignored a malformed entry %r on Redis stream %s", entry_id, self.inbox)
+                continue
+            expected = self._inbox_count + 1
+            self._inbox_count = c
+            if c != expected and not (c == 1 and self._inbox_fresh):
+                # Trimmed before this process read it (c > expected), or the inbox was deleted
+                # and started over (c < expected): page messages lost (entries, each one or more).
+                self._gap(c - expected if c > expected else None, expected - 1, self.inbox)
+            self._inbox_fresh = False
+            self.inbox_read += 1
+            if fields[4] == b"e":  # one envelope, written as on the control stream
+                payload = fields[5]
+                position = None
+                if len(fields) >= 10 and fields[6] == b"p":
+                    try:
+                        position = (fields[7].decode(), int(fields[9]))
+                    except (ValueError, UnicodeDecodeError):
+                        position = None
+                size += len(payload)
+                self.inbox_envelopes += 1
+                on_envelope(payload, at, position, True)
+                continue
+            blob = fields[5]
+            pos, stop = 0, len(blob)
+            try:
+                while pos < stop:
+                    cut = blob.index(b";", pos)
+                    length, epoch, offset = blob[pos:cut].split(b",")
+                    pos = cut + 1 + int(length)
+                    payload = blob[cut + 1:pos]
+                    position = (epoch.decode(), int(offset)) if epoch else None
+                    size += len(payload)
+                    self.inbox_envelopes += 1
+                    on_envelope(payload, at, position, True)
+            except (ValueError, UnicodeDecodeError):
+                log.error("ignored the rest of a malformed entry %r on Redis stream %s", entry_id, self.inbox)
+        return size
 
     def _on_entries(self, entries: List[Any]) -> int:
         """Deliver stream entries in order; returns the bytes of envelope text they held."""
@@ -784,6 +1528,7 @@ class RedisBroker(Broker):
                 log.error("ignored a malformed entry %r on Redis stream %s", entry_id, self.stream)
                 continue
             size += len(payload)
+            self.control_read += 1
             position = None
             for j in range(4, len(fields) - 1, 2):
                 if fields[j] == b"p":
@@ -798,7 +1543,7 @@ class RedisBroker(Broker):
                 if self._directory is not None:
                     self._resync = seq  # defers the gap's page_discard (see _gap)
                 if len(fields) > 5 and fields[4] == b"r":
-                    self._reset(int(fields[5]), expected - 1)
+                    self._reset(entry_key(fields[5]), expected - 1)
                 elif seq > expected:
                     self._gap(seq - expected, expected - 1)
                 if self.gaps + self.resets == troubles:
@@ -817,7 +1562,8 @@ class RedisBroker(Broker):
                 self._snap_wake.set()
         return size
 
-    def _on_envelope(self, payload: bytes, at: float, position: Optional[Tuple[str, int]] = None) -> None:
+    def _on_envelope(self, payload: bytes, at: float, position: Optional[Tuple[str, int]] = None,
+                     from_inbox: bool = False) -> None:
         entry = None
         try:
             cut = payload.find(b"\n")
@@ -834,6 +1580,13 @@ class RedisBroker(Broker):
             log.error("ignored a malformed envelope on Redis stream %s", self.stream)
             return
         envelope.position = position
+        audience = envelope.audience
+        if audience is not None and audience[0] == "page" and envelope.kind == MESSAGE:
+            if not from_inbox:
+                self.control_pages += 1
+            hub = self._hub
+            if hub is not None and audience[1] not in hub.groups:
+                self.dropped += 1
         key = envelope.id
         if key is not None and self.recent.seen(key, at):
             self.duplicates += 1
@@ -847,11 +1600,14 @@ class RedisBroker(Broker):
         if entry is not None and not entry.future.done():
             entry.future.set_result(None)
 
-    def _gap(self, lost: Optional[int], position: int) -> None:
+    def _gap(self, lost: Optional[int], position: int, stream: Optional[str] = None) -> None:
         """Envelopes this process never received: count, log once, drop every page subscription."""
         self.gaps += 1
         if lost:
             self.lost += lost
+        if stream is not None:  # the inbox: page messages only, nothing for the directory
+            self._discard(lost, position, stream)
+            return
         if self._directory is not None and self._resync is not None:
             # The directory is synced first (_sync_directory), then the clients are told: their
             # resubscriptions are answered with the synced directory.
@@ -859,7 +1615,10 @@ class RedisBroker(Broker):
             return
         self._discard(lost, position)
 
-    def _discard(self, lost: Optional[int], position: int) -> None:
+    def _discard(self, lost: Optional[int], position: int, stream: Optional[str] = None) -> None:
+        # Every page is dropped: nothing unread in the inbox matters to anyone now.
+        self._inbox_behind = False
+        self._inbox_caught_up = True
         discarded = 0
         if self.on_gap is not None:
             try:
@@ -872,18 +1631,27 @@ class RedisBroker(Broker):
                      "/api/directory again if they may have been published")
         log.warning("Redis stream %s: %s after position %d were lost before this process read them "
                     "(gap %d, %d envelopes lost in gaps so far); sent page_discard for %d page "
-                    "subscriptions so that clients resubscribe and refetch; %s.", self.stream, what,
-                    position, self.gaps, self.lost, discarded, directory)
+                    "subscriptions so that clients resubscribe and refetch; %s.", stream or self.stream, what,
+                    position, self.gaps, self.lost, discarded,
+                    "only page messages were lost" if stream is not None else directory)
 
-    def _reset(self, known: int, position: int) -> None:
+    def _reset(self, known_id: Tuple[int, int], position: int) -> None:
         """The stream started over (Redis restarted without persistence, FLUSHALL, key deleted).
         ``known``: the highest sequence number of the old stream that the publisher who started
         the new one knew of (0: unknown); ``position``: where this process had read up to."""
         self.resets += 1
+        self._hello_at = 0.0  # Redis may have lost the registrations too: say hello again now
+        known = known_id[0]
         if known > position:
             self._gap(known - position, position)
+        elif self._registered and known_id > self._inbox_top:
+            # Entries were written after this process's last inbox read (to some inbox: maybe
+            # this one); the inbox went with the stream.
+            self._gap(None, position)
         elif not self._caught_up:
             self._gap(None, position)
+        elif self._inbox_behind or not self._inbox_caught_up:
+            self._gap(None, position)  # the inbox went too, with entries this process had not read
         else:
             log.warning("Redis stream %s started over (Redis restarted without persistence, FLUSHALL "
                         "or the stream deleted); this process had read all of it (position %d): "
@@ -1084,7 +1852,7 @@ class _Publishing:
         self.key_prefix = channel_prefix + ":"
         self.origin = uuid.uuid4().hex[:16]
         self._seq = itertools.count(1)
-        self._known = 0  # the highest sequence number Redis gave this publisher
+        self._known: Tuple[int, int] = (0, 0)  # the highest entry id Redis gave this publisher
         self._offset: Optional[float] = None  # a lower bound of (Redis clock - monotonic), in ms
 
     def _unavailable(self, why: str) -> BrokerUnavailable:
@@ -1136,13 +1904,11 @@ class _Publishing:
     def _args(self, chunk: List[Envelope], began: float) -> List[Any]:
         assert self._offset is not None
         deadline = int((began + self.publish_timeout) * 1000 + self._offset - DEADLINE_MARGIN_MS)
-        args: List[Any] = [self.stream_length, self._known, self.history_size, self.history_ttl_ms,
-                           self.key_prefix]
+        args: List[Any] = [self.stream_length, "%d-%d" % self._known, self.history_size, self.history_ttl_ms,
+                           self.key_prefix, ""]  # "": not a server (never reads an inbox)
         for env in chunk:
-            audience = env.audience
-            group = audience[1] if (self.history_size and env.kind == MESSAGE and audience
-                                    and audience[0] == "page") else ""
-            args += [deadline, encode_envelope(env, self.origin, next(self._seq)), group]
+            group, route = route_of(env, self.registry)
+            args += [deadline, encode_envelope(env, self.origin, next(self._seq)), group, "1" if route else "0"]
         return args
 
     def _clock(self, reply: Any) -> None:
@@ -1156,8 +1922,8 @@ class _Publishing:
         import time
 
         self._offset = int(reply[0]) - time.monotonic() * 1000
-        accepted = [int(n) for n in reply[1:]]
-        self._known = max([self._known, *accepted])
+        self._known = max(self._known, entry_key(reply[1]))
+        accepted = [int(n) for n in reply[2:]]
         if not all(accepted):
             raise self._unavailable(f"Redis ran the publish after its deadline ({self.publish_timeout:g} s): "
                                     f"{accepted.count(0)} of {len(accepted)} envelopes not applied")

@@ -214,6 +214,9 @@ class RealtimeServer:
         self.sessions.presence = self.presence
         self.broker.attach(self.router.dispatch)
         self.broker.configure(settings, self._lost_envelopes)
+        bind_hub = getattr(self.broker, "bind_hub", None)
+        if bind_hub is not None:  # the Redis broker routes page messages to processes with subscribers
+            bind_hub(self.hub, self.router, self.registry)
         share = getattr(self.broker, "share_directory", None)
         if share is not None and self.directory is not None:
             share(self.directory, self.router)  # the Redis broker keeps its snapshot, if asked to
@@ -512,6 +515,7 @@ class RealtimeServer:
             "subscriptions": hub.subscriptions,
             "messages_published": sum(self.counters.published.values()),
             "messages_delivered": sum(self.counters.delivered.values()),
+            **({"redis": self.broker.routing_stats()} if hasattr(self.broker, "routing_stats") else {}),
         }
 
     async def shutdown(self, timeout: float = 5.0) -> None:

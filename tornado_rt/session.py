@@ -247,6 +247,14 @@ class Session:
             self._refused_page("too_many_subscriptions", page_type, params, limit=self.ctx.max_subscriptions)
             self.close(closecodes.POLICY_VIOLATION, "too many subscriptions")
             return
+        ready = self.ctx.hub.ready(group)
+        if ready is not None:  # the broker registers this process for the group first (Redis routing)
+            return then(ready, lambda _: self._join(page_type, params, group, frame))
+        return self._join(page_type, params, group, frame)
+
+    def _join(self, page_type: PageType, params: dict, group: str, frame: Optional[dict]) -> Any:
+        if self.state is not State.OPEN:
+            return None  # closed while the broker registered the group
         hub = self.ctx.hub
         hub.subscribe(self, group, Subscription(page_type, params))
         recovery = self.ctx.recovery
