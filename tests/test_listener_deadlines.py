@@ -7,7 +7,6 @@ differ), and the header_timeout counter counts only what it counted before."""
 import logging
 
 import pytest
-from tornado.httpserver import HTTPServer
 from tornado.iostream import StreamClosedError
 from tornado.netutil import bind_sockets
 from tornado.tcpclient import TCPClient
@@ -49,14 +48,6 @@ async def closed_by_server(stream) -> bool:
 
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-
-
-def test_the_head_timeout_internals_are_as_expected():
-    plain = HTTPServer(Application(), idle_connection_timeout=7.0)
-    assert transport.head_timeout_problems(plain) == []
-    guarded = GuardedHTTPServer(Application())
-    assert guarded._own_idle is True
-    assert guarded.conn_params.header_timeout is None  # no with_timeout per head any more
 
 
 def test_a_server_without_them_is_reported_once_and_keeps_tornados_timeout(caplog, monkeypatch):
