@@ -55,6 +55,8 @@ SERVERS = {  # name -> (script, label)
     "centrifuge": ("centrifuge_server.go", "Centrifuge (Go), default GOMAXPROCS"),
     # HTTP scenarios only: tornado-rt on uvloop, the socket.send() floor, a bare Tornado handler
     "tornado-rt-uvloop": ("tornado_rt_server.py", "tornado-rt on uvloop"),
+    # storm/memory only: tornado-rt on Tornado's own app.listen (the default listens as `serve` does)
+    "tornado-rt-applisten": ("tornado_rt_server.py", "tornado-rt on app.listen"),
     "floor": ("floor_server.py", "floor: bare socket.send()"),
     "tornado-bare": ("bare_tornado_http.py", "bare Tornado handler"),
 }
@@ -70,13 +72,14 @@ SUPPORTS = {
     "centrifuge-1": WS | {"http-pages"},
     "centrifuge": WS | {"http-pages"},
     "tornado-rt-uvloop": {"http-pages", "http-single"},
+    "tornado-rt-applisten": {"memory", "storm"},
     "floor": {"http-pages"},
     "tornado-bare": {"http-single"},
 }
 # The HTTP scenarios run tornado-rt as `tornado-rt serve` (its own HTTP API), not embedded.
 SERVE_SCRIPT = "tornado_rt_serve.py"
 HTTP_SCENARIOS = {"http-pages", "http-single", "redis-pages"}
-SERVER_ARGS = {"tornado-rt-uvloop": ["--uvloop"]}
+SERVER_ARGS = {"tornado-rt-uvloop": ["--uvloop"], "tornado-rt-applisten": ["--plain-listen"]}
 OWN_HTTP_PORT = {"websockets", "floor"}  # serve POST /api/publish on a second port (common.HttpApi)
 SERVER_ENV = {"centrifuge-1": {"GOMAXPROCS": "1"}}  # the default: Go's own (one P per CPU)
 PROTOCOL = {"centrifuge-1": wsclient.CENTRIFUGE, "centrifuge": wsclient.CENTRIFUGE}  # else Baserow's

@@ -187,6 +187,18 @@ def test_tcp_server_internals_the_listener_relies_on_are_as_expected():
     assert transport.tcp_server_problems(GuardedHTTPServer(Application())) == []
 
 
+def test_the_head_timeout_internals_are_as_expected():
+    from tornado.httpserver import HTTPServer
+
+    from tornado_rt.listener import GuardedHTTPServer
+
+    plain = HTTPServer(Application(), idle_connection_timeout=7.0)
+    assert transport.head_timeout_problems(plain) == []
+    guarded = GuardedHTTPServer(Application())
+    assert guarded._own_idle is True
+    assert guarded.conn_params.header_timeout is None  # no with_timeout per head any more
+
+
 def test_a_tcp_server_without_them_is_reported_once(caplog):
     class StandIn:
         _sockets: dict = {}

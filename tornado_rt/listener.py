@@ -330,6 +330,10 @@ class GuardedHTTPServer(HTTPServer):
         self._listening: List[socket.socket] = []  # for ``ports``, whichever accept loop is used
         super().initialize(request_callback, idle_connection_timeout=chosen.idle_timeout,
                            body_timeout=chosen.body_timeout, **kwargs)
+        # Every request head is bounded by this server's own deadline (one call_later per head:
+        # the first within min(header_timeout, idle_timeout) of the accept, each later one within
+        # idle_timeout of its start), not by a with_timeout of Tornado's around each head's read.
+        self._own_idle = transport.take_head_timeouts(self)
 
     # --- accepting ----------------------------------------------------------------------------------
     def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
@@ -388,8 +392,12 @@ class GuardedHTTPServer(HTTPServer):
         if host is not None:
             self._unauthenticated.setdefault(host, set()).add(stream)
             _GUARDED[stream] = (self, host)
-        self._header_deadlines[stream] = stream.io_loop.call_later(
-            self.header_timeout, self._header_timed_out, stream)
+        if self._own_idle and self.idle_timeout < self.header_timeout:  # Tornado's bound, first
+            self._header_deadlines[stream] = stream.io_loop.call_later(
+                self.idle_timeout, self._idle_timed_out, stream)
+        else:
+            self._header_deadlines[stream] = stream.io_loop.call_later(
+                self.header_timeout, self._header_timed_out, stream)
         super().handle_stream(stream, address)
 
     def _header_timed_out(self, stream: IOStream) -> None:
@@ -399,6 +407,11 @@ class GuardedHTTPServer(HTTPServer):
         self._log("header_timeout", logging.INFO, "closed a connection that sent no complete request head "
                   "within header_timeout (%gs)", self.header_timeout)
         stream.close()
+
+    def _idle_timed_out(self, stream: IOStream) -> None:
+        # What Tornado's idle_connection_timeout did: close, neither counted nor logged.
+        if self._header_deadlines.pop(stream, None) is not None and not stream.closed():
+            stream.close()
 
     def _head_received(self, stream: IOStream) -> None:
         deadline = self._header_deadlines.pop(stream, None)
@@ -439,6 +452,12 @@ class GuardedHTTPServer(HTTPServer):
         super().on_close(server_conn)
 
     def start_request(self, server_conn: Any, request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:
+        # Called as the connection starts to wait for a request's head. The first one's deadline
+        # runs since the accept; a later one (keep-alive) gets idle_timeout.
+        stream = getattr(server_conn, "stream", None)
+        if self._own_idle and stream is not None and stream not in self._header_deadlines:
+            self._header_deadlines[stream] = stream.io_loop.call_later(
+                self.idle_timeout, self._idle_timed_out, stream)
         return _RequestGuard(self, server_conn, request_conn, super().start_request(server_conn, request_conn))
 
     def _refuse_body(self, request_conn: Any, start_line: httputil.RequestStartLine,

@@ -27,6 +27,12 @@ Nothing else in tornado-rt touches a private Tornado attribute. What this module
 * ``TCPServer._sockets`` / ``_handlers`` (dicts) and ``TCPServer._handle_connection``: the
   listener's own accept loop (:mod:`tornado_rt.listener`: back-off at the file-descriptor limit)
   registers its listening sockets there and hands accepted connections on as Tornado would.
+* ``HTTPServer.conn_params.header_timeout`` (an ``HTTP1ConnectionParameters``), which
+  ``HTTP1Connection._read_message`` (``_read_message_inner``) wraps every request head's read in ``gen.with_timeout`` for
+  unless it is None (``HTTPServer`` always sets it: ``idle_connection_timeout or 3600``): set to
+  None by the guarded listener, whose own deadline per connection (one ``call_later``) bounds
+  each head instead (:func:`take_head_timeouts`; a Future, a chained Future and a timeout less
+  per request).
 * ``RequestHandler._request_summary()``: overridden (:class:`RedactedSummary`, the base of the
   WebSocket and HTTP API handlers) so that Tornado's own log lines (access log, uncaught
   exceptions) show the URI with ``jwt_token`` and other credentials redacted.
@@ -803,3 +809,44 @@ def adopt_listener(server: Any, sock: Any, remove: Any) -> None:
 def handle_accepted(server: Any, connection: Any, address: Any) -> None:
     """Hand an accepted connection to ``server`` as Tornado's own accept loop would."""
     server._handle_connection(connection, address)
+
+
+def head_timeout_problems(server: Any) -> List[str]:
+    """What differs from what :func:`take_head_timeouts` relies on: ``server.conn_params`` is
+    Tornado's ``HTTP1ConnectionParameters`` with a number ``header_timeout``, and
+    ``HTTP1Connection._read_message`` reads the head without a timeout when it is None."""
+    from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
+
+    params = getattr(server, "conn_params", None)
+    if type(params) is not HTTP1ConnectionParameters or not isinstance(getattr(params, "header_timeout", None),
+                                                                         (int, float)):
+        return ["HTTPServer.conn_params.header_timeout is not a number"]
+    try:  # the head is read in _read_message (Tornado < 6.5) or its _read_message_inner
+        source = "".join(inspect.getsource(method) for method in (
+            getattr(HTTP1Connection, name, None) for name in ("_read_message", "_read_message_inner"))
+            if method is not None)
+    except (OSError, TypeError):
+        return ["HTTP1Connection._read_message has no source to check"]
+    if "if self.params.header_timeout is None:" not in source:
+        return ["HTTP1Connection._read_message does not skip its head timeout when header_timeout is None"]
+    return []
+
+
+_head_timeouts_warned = False
+
+
+def take_head_timeouts(server: Any) -> bool:
+    """Turn off Tornado's per-request head timeout on ``server`` (an ``HTTPServer``) so that the
+    caller bounds every request head with its own deadline; False (and one WARNING) when Tornado
+    differs, and Tornado's own timeout stays in force."""
+    global _head_timeouts_warned
+    problems = head_timeout_problems(server)
+    if problems:
+        if not _head_timeouts_warned:
+            _head_timeouts_warned = True
+            import tornado
+            log.warning("Tornado %s differs from what tornado-rt expects (%s); Tornado's own head "
+                        "timeout stays: more CPU per request", tornado.version, "; ".join(problems))
+        return False
+    server.conn_params.header_timeout = None
+    return True

@@ -19,7 +19,7 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import common  # noqa: E402
 from tornado.websocket import WebSocketHandler  # noqa: E402
 
-from tornado_rt import RealtimeServer, Settings, tune_gc  # noqa: E402
+from tornado_rt import RealtimeServer, Settings, listen, tune_gc  # noqa: E402
 
 
 def build(users: int, tables: int, broker_url: Optional[str] = None) -> RealtimeServer:
@@ -54,11 +54,19 @@ async def main() -> None:
     parser = common.parser(__doc__)
     parser.add_argument("--broker", help="redis://host:port/db: publish through a RedisBroker (default: in-process)")
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop (set before the loop starts)")
+    parser.add_argument("--plain-listen", action="store_true",
+                        help="listen with Tornado's app.listen instead of tornado_rt.listen (what `serve` runs)")
     args = parser.parse_args()
     common.prepare_process(args.lifetime)
     server = build(args.users, args.tables, args.broker)
     app = server.make_app(extra_routes=[(common.PUBLISH_PATH, publisher_handler(server))])
-    app.listen(args.port, "127.0.0.1", backlog=1024)
+    # Listen the way `tornado-rt serve` does (cli.serve): the guarded server with the settings'
+    # header/idle/body timeouts, the per-address cap and its own accept loop, headers up to 160 KiB.
+    # ``--plain-listen``: Tornado's own ``app.listen`` instead, to measure what the guard costs.
+    if args.plain_listen:
+        app.listen(args.port, "127.0.0.1", backlog=1024)
+    else:
+        listen(app, args.port, "127.0.0.1", settings=server.settings, backlog=1024, max_header_size=160 * 1024)
     await server.start()
     tune_gc()  # what `tornado-rt serve` does at start (README: Performance)
     common.mark_ready(args.ready_file, args.port)
