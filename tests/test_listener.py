@@ -447,3 +447,20 @@ async def test_embedded_listen_refuses_an_upgrade_body_and_cuts_a_slowloris():
         assert metric(text, "tornado_rt_http_bodies_refused_total") == 1
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("method, path, headers", [
+    ("GET", "/healthz", b""),
+    ("POST", "/api/publish", f"Authorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\n".encode()),
+])
+def test_a_content_length_of_non_ascii_digits_is_refused_as_not_a_number(serve, method, path, headers):
+    # b"\xb2" is "²" in Latin-1 (how HTTP heads are decoded): str.isdigit() says yes, int() refuses it.
+    with connect(serve.port) as sock:
+        sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode() + headers
+                     + b"Content-Length: \xb2\r\n\r\n")
+        answer = read_response(sock)
+        assert answer is not None and answer[0] == 400, answer
+        assert json.loads(answer[2]) == {"error": "Content-Length is not a number", "field": "Content-Length"}
+        assert reads_eof(sock)
+    with connect(serve.port) as sock:  # the server goes on serving
+        assert call(sock, "GET", "/healthz")[0] == 200

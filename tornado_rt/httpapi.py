@@ -374,8 +374,11 @@ class ApiHandler(transport.RedactedSummary):
             if length is not None and length.strip() != "0":
                 raise ApiError(413, f"{method} {self.request.path} takes no request body; this request "
                                     f"announces one (Content-Length: {length.strip()[:20]})", "Content-Length")
-        if length is not None and length.strip().isdigit() and int(length) > self.api.max_body_size:
-            raise ApiError(413, f"the body is larger than the limit of {self.api.max_body_size} bytes")
+        if length is not None:
+            if not (length.strip().isascii() and length.strip().isdigit()):  # "²".isdigit(), int("²") fails
+                raise ApiError(400, "Content-Length is not a number", "Content-Length")
+            if int(length) > self.api.max_body_size:
+                raise ApiError(413, f"the body is larger than the limit of {self.api.max_body_size} bytes")
 
     def _lift_connection_limit(self) -> None:
         # The body limit is enforced by this class, with a JSON 413 (Tornado's own limit answers a

@@ -473,7 +473,7 @@ class GuardedHTTPServer(HTTPServer):
             status, field, text = 413, "Transfer-Encoding", f"{method} {path} takes no request body; this " \
                                                             f"request announces one (Transfer-Encoding)"
         elif length is not None and length.strip() != "0":
-            if length.strip().isdigit():
+            if length.strip().isascii() and length.strip().isdigit():  # "²".isdigit(), int("²") fails
                 status, field, text = 413, "Content-Length", f"{method} {path} takes no request body; this " \
                                                             f"request announces {int(length)} bytes"
             else:
