@@ -58,7 +58,6 @@ from .envelope import Envelope, PublishError, individual_envelope, message_envel
 from .errors import FieldError, require_id, require_ids
 from .listener import mark_authenticated
 from .policy import Directory
-from .redaction import redact_uri
 from . import refusals, transport
 from .proxy import apply_forwarded
 from .server import RealtimeServer, web_socket_id_from_headers, web_socket_id_from_request
@@ -86,8 +85,7 @@ def _log_access(status: int, request: httputil.HTTPServerRequest) -> None:
     level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
     if not access_log.isEnabledFor(level):
         return  # e.g. --log-level warning: no line, so no redaction or formatting either
-    access_log.log(level, "%d %s %s (%s) %.2fms", status, request.method, redact_uri(request.uri or ""),
-                   request.remote_ip, 1000.0 * request.request_time())
+    access_log.log(level, "%d %s %.2fms", status, transport.request_summary(request), 1000.0 * request.request_time())
 
 
 class ApiError(HTTPError, FieldError):
@@ -828,8 +826,7 @@ class _FastPublish(httputil.HTTPMessageDelegate):
 
     def _internal_error(self) -> None:
         request = self.request
-        log.error("uncaught exception in %s %s (%s)", request.method, redact_uri(request.uri or ""),
-                  request.remote_ip, exc_info=True)
+        log.error("uncaught exception in %s", transport.request_summary(request), exc_info=True)
         self._answer_error(500, "internal server error")
 
     def _replay(self, body: bytes) -> None:

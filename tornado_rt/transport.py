@@ -257,14 +257,19 @@ def check_handler() -> bool:
 HANDLER_SUMMARY = check_handler()
 
 
+def request_summary(request: Any) -> str:
+    """``METHOD /redacted-uri (peer)``: how every log line names an HTTP request (handlers and the
+    publish fast path alike), never with a credential of its URI."""
+    return "%s %s (%s)" % (request.method, redact_uri(request.uri or ""), request.remote_ip)
+
+
 class RedactedSummary(RequestHandler):
     """The base of tornado-rt's handlers: Tornado's own log lines about a request (access log,
     uncaught exceptions) show its URI with credentials (``jwt_token``, ...) redacted."""
 
     def request_summary(self) -> str:
         """``METHOD /redacted-uri (peer)``: how a log line names this request."""
-        request = self.request
-        return "%s %s (%s)" % (request.method, redact_uri(request.uri or ""), request.remote_ip)
+        return request_summary(self.request)
 
     def _request_summary(self) -> str:  # Tornado's name, which its log lines call
         return self.request_summary()
