@@ -22,10 +22,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def tracked(directory):
-    """The files under ``directory`` of this checkout (without bytecode caches)."""
+    """The files under ``directory`` of this checkout (without bytecode caches, and without
+    bench/results/, where a benchmark run writes its output)."""
     found = []
     for root, dirs, files in os.walk(REPO / directory):
-        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        dirs[:] = [d for d in dirs if d != "__pycache__" and (directory, d) != ("bench", "results")]
         found += [os.path.relpath(os.path.join(root, f), REPO) for f in files if not f.endswith(".pyc")]
     return found
 
@@ -61,7 +62,7 @@ def test_wheel_metadata(built):
     assert "build" in (metadata.get_all("Provides-Extra") or [])
 
 
-def test_sdist_holds_docs_examples_and_deploy(built):
+def test_sdist_holds_docs_examples_deploy_and_bench(built):
     _, sdist = built
     root = f"tornado_rt-{__version__}/"
     with tarfile.open(sdist) as tf:
@@ -69,11 +70,12 @@ def test_sdist_holds_docs_examples_and_deploy(built):
     for name in ("CHANGELOG.md", "LICENSE", "README.md", "deploy/README.md", "deploy/tornado-rt.service",
                  "deploy/nginx.conf", "deploy/Caddyfile", "tornado_rt/py.typed", "tornado_rt/build.py"):
         assert name in names, name
-    for directory in ("docs", "examples", "deploy"):
+    for directory in ("docs", "examples", "deploy", "bench"):
         files = tracked(directory)
         assert files or directory == "docs", f"{directory}/ is empty"  # docs/ once it exists
         missing = [f for f in files if f not in names]
         assert not missing, f"not in the sdist: {missing}"
+    assert not any(n.startswith("bench/results/") for n in names)
     assert any(n.startswith("examples/") for n in names)
 
 
