@@ -160,6 +160,26 @@ async def test_recovery_within_history(server, connect, barrier):
 
 
 @pytest.mark.gen_test
+async def test_messages_to_a_page_nobody_here_has_open_are_still_recorded(server, connect, barrier):
+    """The page's history began (a positioned subscriber) and every subscriber left: the router
+    frames nothing for the page but still records each message, so a later ``since`` recovers
+    them (issue 16: no frame is built for a page without recipients)."""
+    a = await positioned(connect)
+    epoch = (await a.subscribe("table", table_id=10))["position"]["epoch"]
+    await a.send({"remove_page": "table", "table_id": 10})
+    assert (await a.recv())["type"] == "page_discard"
+    assert 10 not in server.hub.groups and "table-10" not in server.hub.groups  # nobody here on it
+    for n in (1, 2):
+        server.publish(rows_created(n))
+    assert await subscribe_since(a, {"epoch": epoch, "offset": 0}) == {
+        "type": "page_add", "page": "table", "parameters": {"table_id": 10}, "recovered": True,
+        "position": {"epoch": epoch, "offset": 0}}
+    assert await a.recv() == {**rows_created(1), "position": {"epoch": epoch, "offset": 1}}
+    assert await a.recv() == {**rows_created(2), "position": {"epoch": epoch, "offset": 2}}
+    await barrier(a)
+
+
+@pytest.mark.gen_test
 @pytest.mark.rt_settings(history_size=2)
 async def test_recovery_outside_history_or_after_an_epoch_change(server, connect, barrier):
     a = await positioned(connect)

@@ -125,10 +125,21 @@ class MemoryHistory(HistoryStore):
         self.groups: Dict[str, _Group] = {}
         self._swept = clock()
 
+    def record(self, group: str, envelope: Any) -> Optional[Position]:
+        # On the delivery path of every page message: a group without history (nobody ever
+        # subscribed with positions, or it expired) costs one lookup.
+        g = self.groups.get(group)
+        if g is None:
+            return None
+        return self._append(g, envelope.data, envelope.exclude)
+
     def append(self, group: str, data: str, exclude: Optional[list]) -> Optional[Position]:
         g = self.groups.get(group)
         if g is None:
             return None
+        return self._append(g, data, exclude)
+
+    def _append(self, g: "_Group", data: str, exclude: Optional[list]) -> Position:
         now = self.clock()
         g.offset += 1
         g.entries.append((g.offset, now, data, exclude))

@@ -259,26 +259,34 @@ class Router:
         assert data is not None and type_name is not None, "a message envelope has a type and text"
         exclude = set(env.exclude) if env.exclude else None
         history = self.history
-        if history is not None and env.audience is not None and env.audience[0] == "page":
+        audience = env.audience
+        if history is not None and audience is not None and audience[0] == "page":
             # recorded in the page's history even when nobody here has it open (recovery)
-            n = self._deliver_positioned(history, env, text_frame(data.encode()), conns, exclude)
+            n = self._deliver_positioned(history, env, conns, exclude)
         elif conns:  # nobody to frame it for: the common case of a page nobody has open
             n = self.hub.deliver(text_frame(data.encode()), conns, env.ignore, exclude)
         else:
             n = 0
-        env.delivered += n
+        if n:
+            env.delivered += n
         if self.on_delivered is not None:
             self.on_delivered(type_name, n)
 
-    def _deliver_positioned(self, history: HistoryStore, env: Envelope, frame: bytes, conns: Any,
+    def _deliver_positioned(self, history: HistoryStore, env: Envelope, conns: Any,
                             exclude: Optional[set]) -> int:
         """A page message while the recovery extension is on: recorded in the group's history
-        (when it keeps one). Every recipient is queued the same shared ``frame`` as without the
+        (when it keeps one). Every recipient is queued the same shared frame as without the
         extension; then, for the connections with positions only, that last queued frame is
-        swapped for the one with the position (no per-recipient work for the others)."""
-        hub = self.hub
-        n = hub.deliver(frame, conns, env.ignore, exclude)
+        swapped for the one with the position (no per-recipient work for the others). Nobody
+        here on the page: recorded only, nothing framed (a positioned connection is in
+        ``conns`` too, so none is waiting for the positioned frame either)."""
         group = env.audience[1]  # type: ignore[index]
+        if not conns:
+            history.record(group, env)
+            return 0
+        hub = self.hub
+        frame = text_frame(env.data.encode())  # type: ignore[union-attr]
+        n = hub.deliver(frame, conns, env.ignore, exclude)
         position = history.record(group, env)
         opted = hub.positioned.get(group) if position is not None else None
         if opted:
