@@ -273,7 +273,10 @@ for i = 7, #ARGV, 4 do
       end
     end
     local ref = ARGV[i + 3]
-    if routing and ref ~= '0' then
+    -- An empty control stream started over (Redis lost its data): its first entry must be a
+    -- control entry carrying r, before any inbox entry of the new stream (whose ids, above the
+    -- old stream's, would otherwise reach r and look like lost envelopes to every reader).
+    if routing and ref ~= '0' and not fresh then
       local result = -2
       local procs = known[group]
       if not procs then
