@@ -237,7 +237,7 @@ local function flush()
     if inbox == mine then
       redis.call('XADD', inbox, id, 't', now, 'c', last[3], 'R', table.concat(pend[inbox]))
     elseif pend_n[inbox] > 1 then
-      redis.call('XADD', inbox, id, 't', now, 'c', last[3], 'E', table.concat(pend[inbox]))
+      redis.call('XADD', inbox, id, 't', now, 'c', last[3], unpack(pend[inbox]))
     elseif pend_q[inbox][1] then
       redis.call('XADD', inbox, id, 't', now, 'c', last[3], 'e', pend[inbox][2], 'p', pend_q[inbox][1],
                  'q', pend_q[inbox][2])
@@ -299,8 +299,10 @@ for i = 7, #ARGV, 4 do
           result = -1
           parts[#parts + 1] = ref .. ',' .. (epoch or '') .. ',' .. (offset or '') .. ';'
         else
+          -- a field per envelope, its name carrying the position: no concatenation of envelopes
+          -- into one Lua string (that cost Redis more than the XADD itself)
           if not head then
-            head = string.format('%d,%s,%s;', #envelope, epoch or '', offset or '')
+            head = epoch and ('m' .. epoch .. ',' .. offset) or 'm'
           end
           parts[#parts + 1] = head
           parts[#parts + 1] = envelope
@@ -1509,7 +1511,8 @@ class RedisBroker(Broker):
         on_envelope = self._on_envelope
         for entry_id, fields in entries:
             try:
-                if len(fields) < 6 or fields[0] != b"t" or fields[2] != b"c" or fields[4] not in (b"e", b"E", b"R"):
+                if (len(fields) < 6 or fields[0] != b"t" or fields[2] != b"c"
+                        or (fields[4] not in (b"e", b"E", b"R") and fields[4][:1] != b"m")):
                     raise ValueError("not an envelope entry")
                 at = int(fields[1]) / 1000
                 c = int(fields[3])
@@ -1539,6 +1542,23 @@ class RedisBroker(Broker):
             blob = fields[5]
             if fields[4] == b"R":  # references to this process's own publishes
                 self._on_refs(entry_id, blob, at)
+                continue
+            if fields[4] != b"E":  # a field per envelope: "m" or "m<epoch>,<offset>", the envelope
+                try:
+                    for j in range(4, len(fields) - 1, 2):
+                        name, payload = fields[j], fields[j + 1]
+                        if name[:1] != b"m":
+                            raise ValueError("not an envelope field")
+                        if len(name) > 1:
+                            epoch, offset = name[1:].split(b",")
+                            position = (epoch.decode(), int(offset))
+                        else:
+                            position = None
+                        size += len(payload)
+                        self.inbox_envelopes += 1
+                        on_envelope(payload, at, position, True)
+                except (ValueError, UnicodeDecodeError):
+                    log.error("ignored the rest of a malformed entry %r on Redis stream %s", entry_id, self.inbox)
                 continue
             pos, stop = 0, len(blob)
             try:
