@@ -17,7 +17,9 @@ Streams
     missed some. A **plain page message** (one page group, a type without side effect) goes only
     to the **inbox** (``<channel_prefix>:inbox:<process id>``) of each process registered for its
     page group (hash ``<channel_prefix>:g:<group>``, fields: process ids), or nowhere when none is:
-    a process reads only what it has recipients for. Publishing goes through one Lua script per
+    a process reads only what it has recipients for. The publisher's own inbox gets a reference
+    to its envelope (its sequence number), not the bytes: it delivers the envelope it kept when
+    its reader reaches the reference, at that place in the order. Publishing goes through one Lua script per
     batch (``EVALSHA``): it reads Redis's clock once, refuses each envelope whose deadline has
     passed, appends control envelopes to the control stream (fields ``t``: Redis time in ms,
     ``e``: the envelope; the first entry of a new stream also has ``r``: the highest entry id its
@@ -147,7 +149,9 @@ STALL = 1.0
 # entry id ("<n>-<k>", of any stream) the publisher knows of; ARGV[3]: history size (0: no history); ARGV[4]: history
 # TTL in ms; ARGV[5]: the key prefix ("<prefix>:"); ARGV[6]: the publisher's process id ("" for a
 # publisher that is not a server); then quadruples (deadline in Redis ms, envelope, page group or
-# "", route: "1" for a plain page message — one page group, no side effect — else "0").
+# "", route: for a plain page message — one page group, no side effect — the publisher's sequence
+# number of the envelope (any value but "0"; a server's own inbox gets it as a reference instead
+# of the bytes), else "0").
 # Returns {Redis time in ms, the id of the last entry it wrote ("<n>-<k>", or "0-0"), then per
 # envelope: its sequence number n > 0 on the control stream;
 # -1: appended to the inboxes of the processes registered for its group, the publisher's among
@@ -159,22 +163,27 @@ STALL = 1.0
 # (of the old control stream or of any inbox) its publisher knew of.
 # Routing (docs/redis.md "Routing"): while the key <prefix>routing holds a Redis time that has
 # passed, a plain page message goes only to the inbox streams <prefix>inbox:<process> of the
-# processes that are fields of the hash <prefix>g:<group> (one HKEYS). The page messages of a
+# processes that are fields of the hash <prefix>g:<group> (one HKEYS per group and call). The page messages of a
 # script call between two control entries that go to one inbox make ONE inbox entry (one XADD
 # per inbox and control interval: XADD costs per call far more than per field), with the id
 # <n>-<k>, n the control stream's last sequence number (so the two streams of a reader merge into
 # publish order), k > 0 growing within n; its fields: t (Redis time), c (the entry's number in
 # that inbox, +1 per entry: exact gaps), then one envelope as on the control stream (e, and p, q
-# when it joined a history), or several in one field E: each "<length>,<epoch>,<offset>;" (epoch
-# and offset when it joined a history, else empty) then the envelope. One field, not a field per
-# envelope: Redis appends a field at a time to a listpack that it reallocates each time.
-# No registered process: no XADD.
+# when it joined a history), or several as a field per envelope (name "m", or "m<epoch>,<offset>"
+# when it joined a history; value the envelope: concatenating them into one Lua string cost more
+# than the XADD). The publisher's own inbox (ARGV[6]) gets instead one field R: per envelope
+# "<its sequence number>,<epoch>,<offset>;" — the publisher holds the envelope, so its bytes are
+# neither copied in Lua, stored, nor read back. No registered process: no XADD.
+# The first envelope appended while the control stream is empty (it started over) goes on the
+# control stream whatever its route, so that the new stream's first entry, which carries r,
+# comes before any inbox entry with an id of the new stream.
 # Without the routing key (a fresh Redis: registrations cannot be trusted yet) every envelope
 # goes on the control stream, read by every process.
 # Recovery extension (tornado_rt.history): an envelope to a page group that keeps a history (hash
 # <prefix>pos:<group>: e = epoch, o = offset) gets the group's next offset and is appended to the
 # group's history (stream <prefix>hist:<group>, trimmed to the history size; both keys expire
-# after the history TTL); its entry carries p = epoch, q = offset. A group without it costs one HGET.
+# after the history TTL); its entry carries p = epoch, q = offset. A group without it costs one HGET
+# while the marker <prefix>hists exists (some page keeps a history), nothing otherwise.
 PUBLISH_SCRIPT = """
 local key = KEYS[1]
 local prefix = ARGV[5]
