@@ -187,3 +187,37 @@ def test_inbox_entries_with_a_field_per_envelope_are_read_back_with_their_positi
     assert [ujson_rows(env) for env in delivered] == [0, 1, 2, 3]
     assert [env.position for env in delivered] == [None, ("ep", 7), None, None]
     assert broker.inbox_read == 2 and broker.inbox_envelopes == 4 and gaps == [] and broker.gaps == 0
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_the_history_marker_outlives_every_position_it_covers(redis_server):  # noqa: F811
+    """The publish script skips the per-envelope history lookup while <prefix>:hists is absent,
+    so the marker must exist (and expire no earlier) whenever a page's position key does: set
+    with the position (a new epoch), not shortened by a caller with a shorter TTL, and set again
+    by the next position call when it was gone. (The publish script refreshes it too: covered by
+    tests/test_redis_recovery.py, whose messages would get no offset without it.)"""
+    import redis.asyncio as aioredis
+
+    from tornado_rt.redis_history import RedisHistory
+
+    prefix = "hists-marker-test"
+    raw = aioredis.from_url(redis_server.url)
+    long_lived = RedisHistory(redis_server.url, prefix, ttl=300.0)
+    short_lived = RedisHistory(redis_server.url, prefix, ttl=5.0)
+    try:
+        await raw.delete(f"{prefix}:hists", f"{prefix}:pos:table-1", f"{prefix}:pos:table-2")
+        epoch, offset = await long_lived.position("table-1")
+        assert offset == 0
+        pos_ttl = await raw.pttl(f"{prefix}:pos:table-1")
+        assert await raw.pttl(f"{prefix}:hists") >= pos_ttl > 0
+        await short_lived.position("table-2")  # a 5 s TTL must not shorten the 300 s marker
+        assert await raw.pttl(f"{prefix}:hists") >= pos_ttl - 1000 > 5000
+        await raw.delete(f"{prefix}:hists")  # the marker gone: the next position call sets it again
+        await long_lived.position("table-1")
+        assert await raw.pttl(f"{prefix}:hists") >= await raw.pttl(f"{prefix}:pos:table-1")
+    finally:
+        await raw.delete(f"{prefix}:hists", f"{prefix}:pos:table-1", f"{prefix}:pos:table-2",
+                         f"{prefix}:hist:table-1", f"{prefix}:hist:table-2")
+        await raw.aclose()
+        await long_lived.redis.aclose()
+        await short_lived.redis.aclose()
