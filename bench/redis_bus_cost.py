@@ -37,8 +37,8 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def rows_created(i: int) -> dict:
-    return {"type": "rows_created", "table_id": 10, "rows": [{"id": i, "name": "row %d" % i, "notes": "n" * 400,
+def rows_created(i: int, pages: int = 1) -> dict:
+    return {"type": "rows_created", "table_id": 10 + i % pages, "rows": [{"id": i, "name": "row %d" % i, "notes": "n" * 400,
                                                                "order": "1.00000000000000000000"}],
             "metadata": {"row_comment_count": 0}, "before_row_id": None}
 
@@ -63,19 +63,27 @@ async def run(args: argparse.Namespace) -> None:
         server = RealtimeServer(Settings(jwt_secret="x" * 32, ping_interval=0, history_size=args.history_size),
                                 load_entry_points=False, broker=RedisBroker(url))
         await server.start()
+        groups = [f"table-{10 + p}" for p in range(args.pages)]
         if args.watched and server.history is not None:
-            await server.history.position("table-10")  # what a subscriber with positions=1 does
+            for group in groups:
+                await server.history.position(group)  # what a subscriber with positions=1 does
         broker = server.broker
         if args.registered and hasattr(broker, "register"):
             # What the first subscriber of the page on this process does (routing, issue 16): its
             # messages come to this process's inbox and are read back.
-            waiting = broker.register("table-10")
-            if waiting is not None:
-                await waiting
-            server.hub.groups.setdefault("table-10", set())  # a (silent) subscriber keeps it registered
+            for group in groups:
+                waiting = broker.register(group)
+                if waiting is not None:
+                    await waiting
+                server.hub.groups.setdefault(group, set())  # a (silent) subscriber keeps it registered
+        if args.elsewhere:
+            # Another (silent) process registered the pages: their messages go to its inbox, bytes
+            # and all (nobody reads it here; the script trims it like any inbox).
+            for group in groups:
+                raw.hset(f"tornado-rt:g:{group}", "elsewhere", 1)
         registry = server.registry
         size = len(message_envelope(registry, rows_created(0)).data)
-        envelopes = [message_envelope(registry, rows_created(i)) for i in range(args.n)]
+        envelopes = [message_envelope(registry, rows_created(i, args.pages)) for i in range(args.n)]
         memory_before = raw.info("memory")["used_memory"]
 
         async def publish(batch):
@@ -97,7 +105,9 @@ async def run(args: argparse.Namespace) -> None:
                 or (inbox and raw.exists(inbox)) else "pub/sub")
         print(f"bus: {kind}; {args.n} envelopes of {size} bytes of message text, batches of {args.batch}; "
               f"history_size {args.history_size}{', page watched with positions' if args.watched else ''}"
-              f"{', page registered by this process (routed to its inbox)' if args.registered else ''}")
+              f"{', page registered by this process (routed to its inbox)' if args.registered else ''}"
+              f"{', page registered by another process (routed to its inbox)' if args.elsewhere else ''}"
+              f"; {args.pages} page(s)")
         print(f"  Redis CPU per publish:   {redis_cpu / args.n * 1e6:7.2f} us (/proc)")
         for name in ("evalsha", "xread", "publish"):
             stat = stats.get(f"cmdstat_{name}")
@@ -145,6 +155,11 @@ def main() -> None:
     parser.add_argument("--registered", action="store_true",
                         help="this process registers the page (as its first subscriber would): the "
                              "messages go to its inbox and are read back (else nobody receives them)")
+    parser.add_argument("--elsewhere", action="store_true",
+                        help="another process registered the page(s): the messages go to its inbox "
+                             "(with --registered: to both)")
+    parser.add_argument("--pages", type=int, default=1,
+                        help="spread the publishes round-robin over this many pages (default 1)")
     parser.add_argument("--watched", action="store_true",
                         help="a connection with positions=1 watches the page: its history is kept "
                              "(else the page costs one HGET per publish)")

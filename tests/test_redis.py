@@ -437,16 +437,20 @@ async def test_publish_returns_after_local_delivery_and_crosses_redis_once(redis
         for client in clients:
             assert await client.recv() == message
         # One Redis entry for three recipients; the next one in the stream is the next publish.
+        # The publisher's own inbox gets a reference to its publish (field R: "<seq>,<epoch>,
+        # <offset>;"), not the bytes: it holds the envelope (issue 16.5).
         entries = await next_entries(after, 1)
         assert len(entries) == 1
         first_id, fields = entries[0]
-        header, _, text = fields[b"e"].partition(b"\n")
-        assert ujson.loads(text) == message and ujson.loads(header)["k"] == "message"
+        assert b"e" not in fields and b"E" not in fields
+        (first_ref,) = fields[b"R"].split(b";")[:-1]
+        first_seq = int(first_ref.split(b",")[0])
         second = rows_created(10, id=2)
         await node.server.publish_async(second)
         entries = await next_entries(first_id, 1)
         assert len(entries) == 1
-        assert ujson.loads(entries[0][1][b"e"].partition(b"\n")[2]) == second
+        (second_ref,) = entries[0][1][b"R"].split(b";")[:-1]
+        assert int(second_ref.split(b",")[0]) == first_seq + 1
         for client in clients:
             assert await client.recv() == second
 

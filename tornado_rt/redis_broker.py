@@ -17,7 +17,9 @@ Streams
     missed some. A **plain page message** (one page group, a type without side effect) goes only
     to the **inbox** (``<channel_prefix>:inbox:<process id>``) of each process registered for its
     page group (hash ``<channel_prefix>:g:<group>``, fields: process ids), or nowhere when none is:
-    a process reads only what it has recipients for. Publishing goes through one Lua script per
+    a process reads only what it has recipients for. The publisher's own inbox gets a reference
+    to its envelope (its sequence number), not the bytes: it delivers the envelope it kept when
+    its reader reaches the reference, at that place in the order. Publishing goes through one Lua script per
     batch (``EVALSHA``): it reads Redis's clock once, refuses each envelope whose deadline has
     passed, appends control envelopes to the control stream (fields ``t``: Redis time in ms,
     ``e``: the envelope; the first entry of a new stream also has ``r``: the highest entry id its
@@ -147,7 +149,9 @@ STALL = 1.0
 # entry id ("<n>-<k>", of any stream) the publisher knows of; ARGV[3]: history size (0: no history); ARGV[4]: history
 # TTL in ms; ARGV[5]: the key prefix ("<prefix>:"); ARGV[6]: the publisher's process id ("" for a
 # publisher that is not a server); then quadruples (deadline in Redis ms, envelope, page group or
-# "", route: "1" for a plain page message — one page group, no side effect — else "0").
+# "", route: for a plain page message — one page group, no side effect — the publisher's sequence
+# number of the envelope (any value but "0"; a server's own inbox gets it as a reference instead
+# of the bytes), else "0").
 # Returns {Redis time in ms, the id of the last entry it wrote ("<n>-<k>", or "0-0"), then per
 # envelope: its sequence number n > 0 on the control stream;
 # -1: appended to the inboxes of the processes registered for its group, the publisher's among
@@ -159,26 +163,32 @@ STALL = 1.0
 # (of the old control stream or of any inbox) its publisher knew of.
 # Routing (docs/redis.md "Routing"): while the key <prefix>routing holds a Redis time that has
 # passed, a plain page message goes only to the inbox streams <prefix>inbox:<process> of the
-# processes that are fields of the hash <prefix>g:<group> (one HKEYS). The page messages of a
+# processes that are fields of the hash <prefix>g:<group> (one HKEYS per group and call). The page messages of a
 # script call between two control entries that go to one inbox make ONE inbox entry (one XADD
 # per inbox and control interval: XADD costs per call far more than per field), with the id
 # <n>-<k>, n the control stream's last sequence number (so the two streams of a reader merge into
 # publish order), k > 0 growing within n; its fields: t (Redis time), c (the entry's number in
 # that inbox, +1 per entry: exact gaps), then one envelope as on the control stream (e, and p, q
-# when it joined a history), or several in one field E: each "<length>,<epoch>,<offset>;" (epoch
-# and offset when it joined a history, else empty) then the envelope. One field, not a field per
-# envelope: Redis appends a field at a time to a listpack that it reallocates each time.
-# No registered process: no XADD.
+# when it joined a history), or several as a field per envelope (name "m", or "m<epoch>,<offset>"
+# when it joined a history; value the envelope: concatenating them into one Lua string cost more
+# than the XADD). The publisher's own inbox (ARGV[6]) gets instead one field R: per envelope
+# "<its sequence number>,<epoch>,<offset>;" — the publisher holds the envelope, so its bytes are
+# neither copied in Lua, stored, nor read back. No registered process: no XADD.
+# The first envelope appended while the control stream is empty (it started over) goes on the
+# control stream whatever its route, so that the new stream's first entry, which carries r,
+# comes before any inbox entry with an id of the new stream.
 # Without the routing key (a fresh Redis: registrations cannot be trusted yet) every envelope
 # goes on the control stream, read by every process.
 # Recovery extension (tornado_rt.history): an envelope to a page group that keeps a history (hash
 # <prefix>pos:<group>: e = epoch, o = offset) gets the group's next offset and is appended to the
 # group's history (stream <prefix>hist:<group>, trimmed to the history size; both keys expire
-# after the history TTL); its entry carries p = epoch, q = offset. A group without it costs one HGET.
+# after the history TTL); its entry carries p = epoch, q = offset. A group without it costs one HGET
+# while the marker <prefix>hists exists (some page keeps a history), nothing otherwise.
 PUBLISH_SCRIPT = """
 local key = KEYS[1]
 local prefix = ARGV[5]
 local me = ARGV[6]
+local mine = me ~= '' and (prefix .. 'inbox:' .. me) or false
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local top = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
@@ -233,8 +243,10 @@ local function flush()
     last[4] = (last[4] or 0) + 1
     last[5] = (last[5] or 0) + pend_n[inbox]
     local id = string.format('%.0f-%d', a, b)
-    if pend_n[inbox] > 1 then
-      redis.call('XADD', inbox, id, 't', now, 'c', last[3], 'E', table.concat(pend[inbox]))
+    if inbox == mine then
+      redis.call('XADD', inbox, id, 't', now, 'c', last[3], 'R', table.concat(pend[inbox]))
+    elseif pend_n[inbox] > 1 then
+      redis.call('XADD', inbox, id, 't', now, 'c', last[3], unpack(pend[inbox]))
     elseif pend_q[inbox][1] then
       redis.call('XADD', inbox, id, 't', now, 'c', last[3], 'e', pend[inbox][2], 'p', pend_q[inbox][1],
                  'q', pend_q[inbox][2])
@@ -247,6 +259,11 @@ local function flush()
 end
 local added = false
 local hsize = tonumber(ARGV[3])
+if hsize > 0 and redis.call('EXISTS', prefix .. 'hists') == 0 then
+  hsize = 0  -- no page keeps a history: no HGET per envelope
+end
+local kept = false
+local known = {}
 for i = 7, #ARGV, 4 do
   if tonumber(ARGV[i]) >= now then
     local group = ARGV[i + 2]
@@ -261,11 +278,20 @@ for i = 7, #ARGV, 4 do
         redis.call('XADD', hist, 'MAXLEN', hsize, '*', 'q', offset, 't', now, 'e', envelope)
         redis.call('PEXPIRE', pos, ARGV[4])
         redis.call('PEXPIRE', hist, ARGV[4])
+        kept = true
       end
     end
-    if routing and ARGV[i + 3] == '1' then
+    local ref = ARGV[i + 3]
+    -- An empty control stream started over (Redis lost its data): its first entry must be a
+    -- control entry carrying r, before any inbox entry of the new stream (whose ids, above the
+    -- old stream's, would otherwise reach r and look like lost envelopes to every reader).
+    if routing and ref ~= '0' and not fresh then
       local result = -2
-      local procs = redis.call('HKEYS', prefix .. 'g:' .. group)
+      local procs = known[group]
+      if not procs then
+        procs = redis.call('HKEYS', prefix .. 'g:' .. group)
+        known[group] = procs
+      end
       local head
       for _, proc in ipairs(procs) do
         local inbox = prefix .. 'inbox:' .. proc
@@ -277,13 +303,20 @@ for i = 7, #ARGV, 4 do
           pend_q[inbox] = {epoch, offset}
           pending[#pending + 1] = inbox
         end
-        if not head then
-          head = string.format('%d,%s,%s;', #envelope, epoch or '', offset or '')
+        if proc == me then
+          -- the publisher's own inbox: a reference, not the bytes (it kept the envelope)
+          result = -1
+          parts[#parts + 1] = ref .. ',' .. (epoch or '') .. ',' .. (offset or '') .. ';'
+        else
+          -- a field per envelope, its name carrying the position: no concatenation of envelopes
+          -- into one Lua string (that cost Redis more than the XADD itself)
+          if not head then
+            head = epoch and ('m' .. epoch .. ',' .. offset) or 'm'
+          end
+          parts[#parts + 1] = head
+          parts[#parts + 1] = envelope
         end
-        parts[#parts + 1] = head
-        parts[#parts + 1] = envelope
         pend_n[inbox] = pend_n[inbox] + 1
-        if proc == me then result = -1 end
       end
       out[#out + 1] = result
     else
@@ -313,6 +346,11 @@ for i = 7, #ARGV, 4 do
 end
 if added then
   redis.call('XTRIM', key, 'MAXLEN', '~', ARGV[1])
+end
+if kept then
+  -- the marker outlives every pos key (see redis_history.MARK)
+  redis.call('SET', prefix .. 'hists', 1, 'NX', 'PX', ARGV[4])
+  redis.call('PEXPIRE', prefix .. 'hists', ARGV[4], 'GT')
 end
 flush()
 for _, inbox in ipairs(touched) do
@@ -672,6 +710,11 @@ class RedisBroker(Broker):
         self.late_registrations = 0
         # seq -> publish; insertion order is publish order, hence deadline order.
         self._pending: Dict[int, _Pending] = {}
+        # seq -> envelope of a publish routed to this process's own inbox (as a reference: field
+        # R) that passed its deadline before the reader reached the reference; and the highest
+        # reference read so far (references come in seq order: a lower one never comes).
+        self._own: Dict[int, Envelope] = {}
+        self._last_ref = 0
         self._outbox: Deque[Tuple[int, bytes]] = collections.deque()
         self._timer: Optional[asyncio.TimerHandle] = None
         self._wake: Optional[asyncio.Event] = None
@@ -1031,6 +1074,12 @@ class RedisBroker(Broker):
         for seq, entry in done:
             if entry.accepted:
                 del self._pending[seq]
+                if entry.accepted == -1 and seq > self._last_ref:
+                    # Its inbox entry holds only a reference to it: keep the envelope until the
+                    # reader reaches it (it is behind by more than publish_timeout).
+                    self._own[seq] = entry.envelope
+                    if len(self._own) > self.stream_length:  # lost with a trimmed/deleted inbox
+                        del self._own[next(iter(self._own))]
                 if not entry.future.done():
                     entry.future.set_result(None)
             else:
@@ -1130,14 +1179,16 @@ class RedisBroker(Broker):
                  _bulk(b"%d" % self.history_ttl_ms), _bulk(self.key_prefix.encode()),
                  _bulk(self.origin.encode())]
         registry = self.registry
-        for _, payload, entry in batch:
+        for seq, payload, entry in batch:
             # Redis must refuse an envelope once the publisher may have answered 503 for it:
             # offset is a lower bound of the true offset, so this is never later than that.
             parts.append(_bulk(b"%d" % int(entry.deadline * 1000 + offset)))
             parts.append(_bulk(payload))
             group, route = route_of(entry.envelope, registry)
             parts.append(_bulk(group.encode()))
-            parts.append(b"$1\r\n1\r\n" if route else b"$1\r\n0\r\n")
+            # A plain page message carries its sequence number: this process's own inbox gets
+            # that reference instead of the bytes (the envelope is still in _pending / _own).
+            parts.append(_bulk(b"%d" % seq) if route else b"$1\r\n0\r\n")
         await conn.send_packed_command([b"".join(parts)], check_health=False)
         reply = await conn.read_response()
         # Redis ran the script between sending and now: Redis time - now is a lower bound.
@@ -1469,7 +1520,8 @@ class RedisBroker(Broker):
         on_envelope = self._on_envelope
         for entry_id, fields in entries:
             try:
-                if len(fields) < 6 or fields[0] != b"t" or fields[2] != b"c" or fields[4] not in (b"e", b"E"):
+                if (len(fields) < 6 or fields[0] != b"t" or fields[2] != b"c"
+                        or (fields[4] not in (b"e", b"E", b"R") and fields[4][:1] != b"m")):
                     raise ValueError("not an envelope entry")
                 at = int(fields[1]) / 1000
                 c = int(fields[3])
@@ -1497,6 +1549,26 @@ class RedisBroker(Broker):
                 on_envelope(payload, at, position, True)
                 continue
             blob = fields[5]
+            if fields[4] == b"R":  # references to this process's own publishes
+                self._on_refs(entry_id, blob, at)
+                continue
+            if fields[4] != b"E":  # a field per envelope: "m" or "m<epoch>,<offset>", the envelope
+                try:
+                    for j in range(4, len(fields) - 1, 2):
+                        name, payload = fields[j], fields[j + 1]
+                        if name[:1] != b"m":
+                            raise ValueError("not an envelope field")
+                        if len(name) > 1:
+                            epoch, offset = name[1:].split(b",")
+                            position = (epoch.decode(), int(offset))
+                        else:
+                            position = None
+                        size += len(payload)
+                        self.inbox_envelopes += 1
+                        on_envelope(payload, at, position, True)
+                except (ValueError, UnicodeDecodeError):
+                    log.error("ignored the rest of a malformed entry %r on Redis stream %s", entry_id, self.inbox)
+                continue
             pos, stop = 0, len(blob)
             try:
                 while pos < stop:
@@ -1511,6 +1583,35 @@ class RedisBroker(Broker):
             except (ValueError, UnicodeDecodeError):
                 log.error("ignored the rest of a malformed entry %r on Redis stream %s", entry_id, self.inbox)
         return size
+
+    def _on_refs(self, entry_id: bytes, blob: bytes, at: float) -> None:
+        """Deliver this process's own page messages named by an inbox entry's ``R`` field: each
+        ``<seq>,<epoch>,<offset>;`` (epoch and offset when it joined a history, else empty). The
+        envelope is this process's: still pending, or kept in ``_own`` past its deadline."""
+        pending, own = self._pending, self._own
+        try:
+            for ref in blob.split(b";")[:-1]:
+                seq_b, epoch, offset = ref.split(b",")
+                seq = int(seq_b)
+                position = (epoch.decode(), int(offset)) if epoch else None
+                self.inbox_envelopes += 1
+                if seq > self._last_ref:
+                    self._last_ref = seq
+                entry = pending.pop(seq, None)
+                envelope: Optional[Envelope]
+                if entry is not None:
+                    envelope = entry.envelope
+                else:
+                    envelope = own.pop(seq, None)
+                    while own and next(iter(own)) < seq:  # their references were lost
+                        del own[next(iter(own))]
+                    if envelope is None:
+                        log.error("inbox entry %r on Redis stream %s names publish %d of this process, "
+                                  "which it no longer holds: not delivered here", entry_id, self.inbox, seq)
+                        continue
+                self._hand(envelope, at, position, entry)
+        except (ValueError, UnicodeDecodeError):
+            log.error("ignored the rest of a malformed entry %r on Redis stream %s", entry_id, self.inbox)
 
     def _on_entries(self, entries: List[Any]) -> int:
         """Deliver stream entries in order; returns the bytes of envelope text they held."""
@@ -1579,11 +1680,19 @@ class RedisBroker(Broker):
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
             log.error("ignored a malformed envelope on Redis stream %s", self.stream)
             return
+        if not from_inbox and envelope.kind == MESSAGE:
+            audience = envelope.audience
+            if audience is not None and audience[0] == "page":
+                self.control_pages += 1
+        self._hand(envelope, at, position, entry)
+
+    def _hand(self, envelope: Envelope, at: float, position: Optional[Tuple[str, int]],
+              entry: Optional[_Pending]) -> None:
+        """Hand one envelope read from Redis to the router (once per id), then complete its
+        publish's future when it is this process's."""
         envelope.position = position
         audience = envelope.audience
         if audience is not None and audience[0] == "page" and envelope.kind == MESSAGE:
-            if not from_inbox:
-                self.control_pages += 1
             hub = self._hub
             if hub is not None and audience[1] not in hub.groups:
                 self.dropped += 1

@@ -7,7 +7,8 @@ group's epoch ``e`` and offset ``o``; stream ``<prefix>:hist:<group>`` holds its
 published). The hash is created (a new epoch) when a connection with positions subscribes to the
 group on any process, refreshed every third of ``history_ttl`` by each process that has such a
 connection on it, and expires ``history_ttl`` seconds after the last message once nobody with
-positions is subscribed: pages nobody asked positions for cost one ``HGET`` per message. Every
+positions is subscribed: pages nobody asked positions for cost one ``HGET`` per message while
+some page keeps a history (the key ``<prefix>:hists`` exists), nothing otherwise. Every
 process reads the same position with each envelope, so a client may reconnect to any process
 with ``since``.
 
@@ -33,6 +34,10 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 log = logging.getLogger("tornado_rt.redis")
 
+# KEYS[3] is the marker ``<prefix>:hists``: it exists while any page keeps a history (its TTL is
+# never shorter than that of any pos key: set here, by the refresher and by the publish script
+# whenever they set a pos key's), so the publish script skips the per-envelope HGET of the pos
+# key when it is absent (one EXISTS per script call instead).
 _NEW_EPOCH = """
 local e = redis.call('HGET', KEYS[1], 'e')
 if not e then
@@ -42,14 +47,16 @@ if not e then
   redis.call('HSET', KEYS[1], 'e', e, 'o', 0)
   redis.call('PEXPIRE', KEYS[1], ARGV[1])
 end
+redis.call('SET', KEYS[3], 1, 'NX', 'PX', ARGV[1])
+redis.call('PEXPIRE', KEYS[3], ARGV[1], 'GT')
 """
 
-# KEYS: pos, hist. ARGV: ttl ms. Returns {epoch, offset}.
+# KEYS: pos, hist, marker. ARGV: ttl ms. Returns {epoch, offset}.
 POSITION_SCRIPT = _NEW_EPOCH + """
 return {e, redis.call('HGET', KEYS[1], 'o')}
 """
 
-# KEYS: pos, hist. ARGV: ttl ms, epoch, offset. Returns {1 | 0, epoch, offset, then when
+# KEYS: pos, hist, marker. ARGV: ttl ms, epoch, offset. Returns {1 | 0, epoch, offset, then when
 # recovered (offset, envelope) pairs of every message after the given offset, oldest first}.
 SINCE_SCRIPT = _NEW_EPOCH + """
 local o = tonumber(redis.call('HGET', KEYS[1], 'o'))
@@ -109,7 +116,7 @@ class RedisHistory(HistoryStore):
         self._since = self.redis.register_script(SINCE_SCRIPT)
 
     def _keys(self, group: str) -> List[str]:
-        return [f"{self.prefix}pos:{group}", f"{self.prefix}hist:{group}"]
+        return [f"{self.prefix}pos:{group}", f"{self.prefix}hist:{group}", f"{self.prefix}hists"]
 
     def record(self, group: str, envelope: Any) -> Optional[Position]:
         return envelope.position  # assigned by the publish script, read with the envelope
@@ -160,6 +167,9 @@ class RedisHistory(HistoryStore):
                     pipe = self.redis.pipeline(transaction=False)
                     for group in groups:
                         pipe.pexpire(f"{self.prefix}pos:{group}", self.ttl_ms)
+                    # the marker outlives every pos key (see _NEW_EPOCH)
+                    pipe.set(f"{self.prefix}hists", 1, nx=True, px=self.ttl_ms)
+                    pipe.pexpire(f"{self.prefix}hists", self.ttl_ms, gt=True)
                     await pipe.execute()
                 except (RedisError, OSError) as exc:
                     log.warning("recovery: refreshing positions in Redis failed: %s", exc)
