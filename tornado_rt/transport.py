@@ -855,3 +855,115 @@ def take_head_timeouts(server: Any) -> bool:
         return False
     server.conn_params.header_timeout = None
     return True
+
+
+# --- the connect lane (tornado_rt.listener) ----------------------------------------------------------
+
+def lane_problems(stream: Any = None) -> List[str]:
+    """What differs from what the listener's connect lane relies on (``stream``: an IOStream
+    instance to check as well):
+
+    * ``IOStream._read_buffer`` (a bytearray) and ``_read_buffer_size`` (an int): the bytes the
+      lane read are put back in front of them (:func:`unread`) when Tornado is to serve the request;
+    * ``HTTP1Connection`` keeps the request's ``_request_start_line``, ``_request_headers`` and
+      ``_disconnect_on_finish`` (which ``_read_message`` sets and ``write_headers`` reads), and its
+      stream close callback is ``_on_connection_close``;
+    * ``tornado.httpserver._HTTPRequestContext(stream, address, protocol, trusted_downstream)``:
+      the request context ``HTTPServer.handle_stream`` builds;
+    * ``RequestHandler._execute(transforms, *args, **kwargs)`` (a coroutine), what Tornado's
+      ``_HandlerDelegate.execute`` runs;
+    * the cross-origin check of Tornado 6.6 (``WebSocketHandler.get`` calls
+      ``self._check_cross_origin(self.check_origin)``, which reads ``Sec-Fetch-Site``, ``Origin``
+      and ``Host``), which the lane's own check mirrors."""
+    from tornado import httpserver
+    from tornado.http1connection import HTTP1Connection
+    from tornado.websocket import WebSocketHandler
+
+    problems = []
+    if stream is not None:
+        if type(getattr(stream, "_read_buffer", None)) is not bytearray:
+            problems.append("IOStream._read_buffer is not a bytearray")
+        if type(getattr(stream, "_read_buffer_size", None)) is not int:
+            problems.append("IOStream._read_buffer_size is not an int")
+        if getattr(stream, "_user_read_buffer", False):
+            problems.append("IOStream reads into a user buffer")
+    context = getattr(httpserver, "_HTTPRequestContext", None)
+    try:
+        names = list(inspect.signature(context).parameters) if context is not None else []
+    except (TypeError, ValueError):
+        names = []
+    if names[:4] != ["stream", "address", "protocol", "trusted_downstream"]:
+        problems.append("tornado.httpserver._HTTPRequestContext differs")
+    execute = getattr(RequestHandler, "_execute", None)
+    if not inspect.iscoroutinefunction(execute):
+        problems.append("RequestHandler._execute is not a coroutine function")
+    if not callable(getattr(HTTP1Connection, "_on_connection_close", None)):
+        problems.append("HTTP1Connection._on_connection_close is missing")
+    try:
+        init = inspect.getsource(HTTP1Connection.__init__)
+        write_headers = inspect.getsource(HTTP1Connection.write_headers)
+        get = inspect.getsource(WebSocketHandler.get)
+        cross = inspect.getsource(getattr(RequestHandler, "_check_cross_origin"))
+    except (OSError, TypeError, AttributeError):
+        problems.append("Tornado's HTTP/1 connection or WebSocket handler has no source to check")
+    else:
+        for name in ("_request_start_line", "_request_headers", "_disconnect_on_finish"):
+            if f"self.{name}" not in init or f"self.{name}" not in write_headers:
+                problems.append(f"HTTP1Connection.{name} differs")
+        if "self._check_cross_origin(self.check_origin)" not in get:
+            problems.append("WebSocketHandler.get does not check the origin with _check_cross_origin")
+        if not all(s in cross for s in ('"sec-fetch-site"', '"same-origin" | "none"', "_origin_matches_host")):
+            problems.append("RequestHandler._check_cross_origin differs")
+    return problems
+
+
+def unread(stream: IOStream, data: bytes) -> None:
+    """Put ``data`` (what a read of ``stream`` returned) back in front of its read buffer, so that
+    the next read (Tornado's HTTP/1 connection) returns it again, followed by what came after.
+    Only after :func:`lane_problems` found nothing for this stream, with no read pending."""
+    stream._read_buffer[:0] = data
+    stream._read_buffer_size += len(data)
+
+
+def lane_context(stream: IOStream, address: Any, protocol: Optional[str], trusted_downstream: Any) -> Any:
+    """The request context ``HTTPServer.handle_stream`` builds for a connection (remote_ip, protocol)."""
+    from tornado.httpserver import _HTTPRequestContext
+
+    return _HTTPRequestContext(stream, address, protocol, trusted_downstream)
+
+
+def _lane_connection_class() -> Any:
+    from tornado.http1connection import HTTP1Connection
+
+    class LaneConnection(HTTP1Connection):
+        """The HTTP/1 connection of a request whose head the listener read itself (the lane): in
+        the state Tornado's ``_read_message`` leaves it after reading a head (start line, headers,
+        close callback), but no request loop reads a next request. ``on_detach(stream)`` is
+        called when the WebSocket takes the stream. A response written on it (none is expected:
+        the lane takes only upgrades that succeed) closes the connection once sent."""
+
+        def __init__(self, stream: IOStream, params: Any, context: Any, start_line: Any,
+                     headers: HTTPHeaders, on_detach: Any) -> None:
+            super().__init__(stream, False, params, context)
+            self._request_start_line = start_line
+            self._request_headers = headers
+            self._disconnect_on_finish = True
+            self.on_detach = on_detach
+            stream.set_close_callback(self._on_connection_close)
+
+        def detach(self) -> IOStream:
+            stream = super().detach()
+            self.on_detach(stream)
+            return stream
+
+    return LaneConnection
+
+
+LaneConnection = _lane_connection_class()
+
+
+def execute(handler: Any, transforms: List[Any]) -> "asyncio.Future[None]":
+    """Run ``handler`` as Tornado's ``_HandlerDelegate.execute`` does (``_execute`` in a task)."""
+    from tornado import gen
+
+    return gen.convert_yielded(handler._execute(transforms))
