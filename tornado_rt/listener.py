@@ -411,7 +411,10 @@ class GuardedHTTPServer(HTTPServer):
         if lane is None:
             lane = self._lane = self._find_lane(stream)
         if lane and stream.__class__ is IOStream:
-            self._lane_read(stream, address, lane)
+            # Read one loop turn later, as Tornado's request loop (a task) does: by then the head
+            # has usually arrived, and is read without waiting (no read registration, no EAGAIN).
+            self._lane_reading.add(stream)
+            stream.io_loop.add_callback(self._lane_read, stream, address, lane)
             return
         super().handle_stream(stream, address)
 
@@ -439,7 +442,6 @@ class GuardedHTTPServer(HTTPServer):
         if future.done():  # the head was already there
             self._lane_head(stream, address, lane, future)
             return
-        self._lane_reading.add(stream)
         future.add_done_callback(lambda f: self._lane_head(stream, address, lane, f))
 
     def _lane_head(self, stream: IOStream, address: Any, lane: "_Lane", future: Any) -> None:
