@@ -480,3 +480,27 @@ async def test_unread_puts_bytes_back_in_front_of_the_read_buffer():
     finally:
         stream.close()
         right.close()
+
+
+@pytest.mark.parametrize("block, fast_path", [
+    ("Host: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", True),
+    ("hOsT:a\r\nX-Y:  spaced  value \t\r\nEmpty:\r\nEmpty-Spaces:   \r\nTab:\tx\ty\t\r\n\r\n", True),
+    ("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nUser-Agent: a/1 (b; c) d=e,f\r\n\r\n", True),
+    ("Dup: 1\r\ndup: 2\r\n\r\n", False),  # a repeated name
+    ("Host: a\nX: b\r\n\r\n", False),  # a bare LF
+    ("Host: caf\xe9\r\n\r\n", False),  # obs-text
+    (" Folded: x\r\n\r\n", False),  # folding (Tornado refuses it)
+    ("Bad Name: x\r\n\r\n", False), ("NoColon\r\n\r\n", False), ("Ctl: a\x01b\r\n\r\n", False),
+])
+def test_the_lanes_header_parser_agrees_with_tornados(block, fast_path):
+    """Where the lane's parser answers, Tornado's gives the same headers; the rest is Tornado's."""
+    from tornado.httputil import HTTPHeaders
+
+    from tornado_rt.listener import fast_headers
+
+    fast = fast_headers(block)
+    if not fast_path:
+        assert fast is None
+        return
+    assert fast is not None
+    assert sorted(fast.get_all()) == sorted(HTTPHeaders.parse("\n" + block).get_all())
