@@ -80,6 +80,11 @@ class RealtimeHandler(transport.RedactedSummary, WebSocketHandler):
         self._token: Optional[str] = None
         self._positions = False
 
+    def clear(self) -> None:
+        # Tornado's, with the Date header formatted once per second (transport.clear_handler)
+        if not transport.clear_handler(self):
+            super().clear()
+
     def get(self, *args: Any, **kwargs: Any) -> Optional[Any]:  # type: ignore[override]
         # Not a coroutine itself: it returns Tornado's, so a connection holds one frame less.
         request = self.request

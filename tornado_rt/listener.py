@@ -38,6 +38,7 @@ the hard limit (``tornado-rt serve`` does at start).
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -415,7 +416,7 @@ class GuardedHTTPServer(HTTPServer):
             # Read one loop turn later, as Tornado's request loop (a task) does: by then the head
             # has usually arrived, and is read without waiting (no read registration, no EAGAIN).
             self._lane_reading.add(stream)
-            stream.io_loop.add_callback(self._lane_read, stream, address, lane)
+            stream.io_loop.asyncio_loop.call_soon(self._lane_read, stream, address, lane)  # type: ignore[attr-defined]
             return
         super().handle_stream(stream, address)
 
@@ -475,18 +476,21 @@ class GuardedHTTPServer(HTTPServer):
         start_line = httputil.parse_request_start_line(text[:eol].rstrip("\r"))
         if start_line.version != "HTTP/1.1" or start_line.path.partition("?")[0] not in lane.paths:
             return False
-        headers = fast_headers(text[eol + 1:]) or httputil.HTTPHeaders.parse(text[eol:])
-        get = headers.get
-        if ("Content-Length" in headers or "Transfer-Encoding" in headers or "Expect" in headers
+        parsed = fast_headers(text[eol + 1:])
+        if parsed is None:  # an unusual head (see fast_headers): Tornado's
+            return False
+        headers, fields = parsed
+        get = fields.get
+        if ("Content-Length" in fields or "Transfer-Encoding" in fields or "Expect" in fields
                 or get("Upgrade", "").lower() != "websocket"
                 or "upgrade" not in [s.strip().lower() for s in get("Connection", "").split(",")]
-                or get("Sec-WebSocket-Version") != "13" or not get("Sec-Websocket-Key")
-                or not get("Host") or get("Sec-WebSocket-Protocol")):
+                or get("Sec-Websocket-Version") != "13" or not get("Sec-Websocket-Key")
+                or not get("Host") or get("Sec-Websocket-Protocol")):
             return False
         server = lane.server
         limit = server.settings.max_connections
         if server._closing or (limit and len(server.hub.connections) >= limit) \
-                or not lane.origin_allowed(get("sec-fetch-site"), get("origin"), get("Host") or ""):
+                or not lane.origin_allowed(get("Sec-Fetch-Site"), get("Origin"), get("Host") or ""):
             return False
         conn = transport.LaneConnection(stream, self.conn_params,
                                         transport.lane_context(stream, address, self.protocol,
@@ -502,7 +506,8 @@ class GuardedHTTPServer(HTTPServer):
         self._head_received(stream)
         app = lane.app
         handler = lane.handler_class(app, request, **lane.kwargs)
-        running = transport.execute(handler, [t(request) for t in app.transforms])
+        running = transport.execute(handler, [t(request) for t in app.transforms],
+                                    stream.io_loop.asyncio_loop)  # type: ignore[attr-defined]
         running.add_done_callback(lambda f: self._lane_done(stream, f))
         return True
 
@@ -630,22 +635,33 @@ _HEAD_BLOCK = re.compile(rf"(?:{_TCHARS}:[\t\x20-\x7e]*\r\n)*\r\n")
 _HEAD_LINE = re.compile(rf"({_TCHARS}):[\t ]*([\t\x20-\x7e]*?)[\t ]*\r\n")
 
 
-def fast_headers(block: str) -> Optional[httputil.HTTPHeaders]:
+@functools.lru_cache(1000)
+def _normalize(name: str) -> str:
+    """Http-Header-Case, as Tornado's HTTPHeaders keys its fields."""
+    return "-".join([word.capitalize() for word in name.split("-")])
+
+
+def fast_headers(block: str) -> Optional[Tuple[httputil.HTTPHeaders, Dict[str, str]]]:
     """The header lines ``block`` (after the start line, through the empty line) parsed as
     ``HTTPHeaders.parse`` parses them, for the common case only: CRLF line ends, every line
     ``token ":" value`` with printable ASCII (space and tab included) in the value, no name
     twice. Anything else (bare LF, obs-text, control characters, folding, a repeated name,
     no header at all): None, and the caller uses ``HTTPHeaders.parse``. In the common case
     this is the same result (each value stripped of spaces and tabs, names in Http-Header-Case)
-    with two regular-expression passes instead of Tornado's per-line checks."""
+    with two regular-expression passes instead of Tornado's per-line checks. Returned with a
+    plain dict of the same fields (keys in Http-Header-Case) for quick look-ups."""
     if not _HEAD_BLOCK.fullmatch(block):
         return None
-    headers = httputil.HTTPHeaders()
+    fields: Dict[str, str] = {}
     for name, value in _HEAD_LINE.findall(block):
-        if name in headers:
+        name = _normalize(name)
+        if name in fields:
             return None
+        fields[name] = value
+    headers = httputil.HTTPHeaders()
+    for name, value in fields.items():
         headers[name] = value
-    return headers
+    return headers, fields
 
 
 class _Lane:

@@ -52,12 +52,15 @@ import asyncio
 import collections
 import inspect
 import logging
+import socket as _socket_module
 import struct
 import sys
+import time
 from array import array
 from typing import Any, List, Optional, Tuple
 
-from tornado.httputil import HTTPHeaders
+import tornado
+from tornado.httputil import HTTPHeaders, format_timestamp, responses
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 from tornado.util import _websocket_mask
 from tornado.log import access_log as _access_log, app_log
@@ -925,11 +928,28 @@ def unread(stream: IOStream, data: bytes) -> None:
     stream._read_buffer_size += len(data)
 
 
+class _SocketFamily:
+    """What ``_HTTPRequestContext`` reads of a plain stream: ``stream.socket.family``, known
+    from the accepted address (a 2-tuple for AF_INET, a 4-tuple for AF_INET6) instead of
+    ``socket.family``'s enum conversion on every connection."""
+
+    __slots__ = ("socket", "family")
+
+    def __init__(self, family: Any) -> None:
+        self.socket = self
+        self.family = family
+
+
+_FAMILIES = {2: _SocketFamily(_socket_module.AF_INET), 4: _SocketFamily(_socket_module.AF_INET6)}
+
+
 def lane_context(stream: IOStream, address: Any, protocol: Optional[str], trusted_downstream: Any) -> Any:
-    """The request context ``HTTPServer.handle_stream`` builds for a connection (remote_ip, protocol)."""
+    """The request context ``HTTPServer.handle_stream`` builds for a connection (remote_ip,
+    protocol) of a plain (not TLS) stream."""
     from tornado.httpserver import _HTTPRequestContext
 
-    return _HTTPRequestContext(stream, address, protocol, trusted_downstream)
+    standin = _FAMILIES.get(len(address)) if type(address) is tuple and stream.socket is not None else None
+    return _HTTPRequestContext(standin or stream, address, protocol, trusted_downstream)  # type: ignore[arg-type]
 
 
 def _lane_connection_class() -> Any:
@@ -962,8 +982,51 @@ def _lane_connection_class() -> Any:
 LaneConnection = _lane_connection_class()
 
 
-def execute(handler: Any, transforms: List[Any]) -> "asyncio.Future[None]":
-    """Run ``handler`` as Tornado's ``_HandlerDelegate.execute`` does (``_execute`` in a task)."""
-    from tornado import gen
+def execute(handler: Any, transforms: List[Any], loop: Any) -> "asyncio.Future[None]":
+    """Run ``handler`` as Tornado's ``_HandlerDelegate.execute`` does (``_execute`` in a task of
+    ``loop``, the asyncio loop)."""
+    return loop.create_task(handler._execute(transforms))
 
-    return gen.convert_yielded(handler._execute(transforms))
+
+# --- RequestHandler.clear with the Date of the current second -------------------------------------
+
+def clear_problems(cls: Any = RequestHandler) -> List[str]:
+    """What differs in ``RequestHandler.clear`` from what :func:`clear_handler` repeats (it sets
+    ``_headers`` to Server, Content-Type and Date, calls ``set_default_headers``, and resets
+    ``_write_buffer``, ``_status_code`` and ``_reason``)."""
+    try:
+        source = inspect.getsource(cls.clear)
+    except (OSError, TypeError):
+        return ["RequestHandler.clear has no source to check"]
+    body = " ".join(source.split())
+    expected = ('self._headers = httputil.HTTPHeaders( { "Server": "TornadoServer/%s" % tornado.version, '
+                '"Content-Type": "text/html; charset=UTF-8", "Date": httputil.format_timestamp(time.time()), } ) '
+                'self.set_default_headers() self._write_buffer: list[bytes] = [] self._status_code = 200 '
+                'self._reason = httputil.responses[200]')
+    return [] if body.endswith(expected) else ["RequestHandler.clear differs"]
+
+
+CLEAR = not clear_problems()
+_SERVER_HEADER = "TornadoServer/%s" % tornado.version
+_date_cache: List[Any] = [0, ""]
+
+
+def clear_handler(handler: Any) -> bool:
+    """``RequestHandler.clear()`` with the ``Date`` header formatted once per second (the same
+    text: it has a resolution of one second); False when Tornado's differs (call its own)."""
+    if not CLEAR:
+        return False
+    now = time.time()
+    second = int(now)
+    if _date_cache[0] != second:
+        _date_cache[0], _date_cache[1] = second, format_timestamp(now)
+    headers = HTTPHeaders()
+    headers["Server"] = _SERVER_HEADER
+    headers["Content-Type"] = "text/html; charset=UTF-8"
+    headers["Date"] = _date_cache[1]
+    handler._headers = headers
+    handler.set_default_headers()
+    handler._write_buffer = []
+    handler._status_code = 200
+    handler._reason = responses[200]
+    return True
