@@ -154,7 +154,7 @@ class RealtimeHandler(transport.RedactedSummary, WebSocketHandler):
         if answer is not None:  # the lean upgrade's 101: first on the wire, sent with the first frame
             self.server.hub.send(session, answer)
         transport.shed_handshake_state(self, protocol.stream)
-        self.set_nodelay(True)  # real-time: no Nagle delay on small frames
+        transport.set_nodelay(protocol.stream)  # real-time: no Nagle delay on small frames
         token, self._token = self._token, None
         return session.authenticate(token)
 

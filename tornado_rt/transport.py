@@ -52,6 +52,7 @@ import asyncio
 import collections
 import inspect
 import logging
+import _socket
 import socket as _socket_module
 import struct
 import sys
@@ -986,6 +987,24 @@ def execute(handler: Any, transforms: List[Any], loop: Any) -> "asyncio.Future[N
     """Run ``handler`` as Tornado's ``_HandlerDelegate.execute`` does (``_execute`` in a task of
     ``loop``, the asyncio loop)."""
     return loop.create_task(handler._execute(transforms))
+
+
+_raw_family = _socket.socket.family  # the C getter: an int, without socket.family's enum conversion
+_INET = (_socket_module.AF_INET, _socket_module.AF_INET6)
+
+
+def set_nodelay(stream: IOStream) -> None:
+    """``stream.set_nodelay(True)`` (real-time: no Nagle delay on small frames), with the
+    socket's family read without its enum conversion; any error goes through Tornado's own
+    ``set_nodelay``, which decides what to ignore."""
+    sock = stream.socket
+    if sock is not None and type(sock) is _socket_module.socket and _raw_family.__get__(sock) in _INET:
+        try:
+            sock.setsockopt(_socket_module.IPPROTO_TCP, _socket_module.TCP_NODELAY, 1)
+            return
+        except OSError:
+            pass
+    stream.set_nodelay(True)
 
 
 # --- RequestHandler.clear with the Date of the current second -------------------------------------
