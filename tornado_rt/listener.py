@@ -52,6 +52,7 @@ from urllib.parse import urlsplit
 from tornado import httputil
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
+from tornado.log import app_log
 from tornado.iostream import IOStream, StreamClosedError
 from tornado.netutil import bind_sockets
 
@@ -454,31 +455,46 @@ class GuardedHTTPServer(HTTPServer):
             self._lane_ended(stream)
             return
         try:
-            taken = self._lane_request(stream, address, lane, data)
+            request = self._lane_request(stream, address, lane, data)
         except Exception:  # a head Tornado's parser or request refuses: Tornado's to answer
-            taken = False
-        if taken:
-            self.stats.lane_upgrades += 1
+            request = None
+        if request is None:
+            self.stats.lane_fallbacks += 1
+            transport.unread(stream, data)
+            super().handle_stream(stream, address)
             return
-        self.stats.lane_fallbacks += 1
-        transport.unread(stream, data)
-        super().handle_stream(stream, address)
+        self.stats.lane_upgrades += 1
+        # What _RequestGuard.headers_received does first: the head is in (the body check has
+        # nothing to refuse: no body header was sent). Then what Tornado's _HandlerDelegate does.
+        self._head_received(stream)
+        request.connection.begin(self._lane_detached)  # type: ignore[union-attr]
+        app = lane.app
+        try:
+            handler = lane.handler_class(app, request, **lane.kwargs)
+            running = transport.execute(handler, [t(request) for t in app.transforms],
+                                        stream.io_loop.asyncio_loop)  # type: ignore[attr-defined]
+        except Exception:  # as Tornado's request loop: logged, the connection closed
+            app_log.error("Uncaught exception in %s", transport.request_summary(request), exc_info=True)
+            self._lane_ended(stream)
+            return
+        running.add_done_callback(lambda f: self._lane_done(stream, f))
 
-    def _lane_request(self, stream: IOStream, address: Any, lane: "_Lane", data: bytes) -> bool:
-        """Take the request whose head is ``data`` if it is an upgrade Tornado would answer with
-        101 (every check of ``WebSocketHandler.get``, ``RealtimeHandler.get`` and Tornado's
+    def _lane_request(self, stream: IOStream, address: Any, lane: "_Lane",
+                      data: bytes) -> Optional[httputil.HTTPServerRequest]:
+        """The request whose head is ``data`` if it is an upgrade Tornado would answer with 101
+        (every check of ``WebSocketHandler.get``, ``RealtimeHandler.get`` and Tornado's
         ``accept_connection`` that could refuse it is made here first, without side effects);
-        False leaves the request to Tornado."""
+        None leaves the request to Tornado."""
         if data[:4] != b"GET ":
-            return False
+            return None
         text = data.decode("latin1")  # Tornado's HTTP1Connection._parse_headers
         eol = text.find("\n")
         start_line = httputil.parse_request_start_line(text[:eol].rstrip("\r"))
         if start_line.version != "HTTP/1.1" or start_line.path.partition("?")[0] not in lane.paths:
-            return False
+            return None
         parsed = fast_headers(text[eol + 1:])
         if parsed is None:  # an unusual head (see fast_headers): Tornado's
-            return False
+            return None
         headers, fields = parsed
         get = fields.get
         if ("Content-Length" in fields or "Transfer-Encoding" in fields or "Expect" in fields
@@ -486,30 +502,17 @@ class GuardedHTTPServer(HTTPServer):
                 or "upgrade" not in [s.strip().lower() for s in get("Connection", "").split(",")]
                 or get("Sec-Websocket-Version") != "13" or not get("Sec-Websocket-Key")
                 or not get("Host") or get("Sec-Websocket-Protocol")):
-            return False
+            return None
         server = lane.server
         limit = server.settings.max_connections
         if server._closing or (limit and len(server.hub.connections) >= limit) \
                 or not lane.origin_allowed(get("Sec-Fetch-Site"), get("Origin"), get("Host") or ""):
-            return False
+            return None
         conn = transport.LaneConnection(stream, self.conn_params,
                                         transport.lane_context(stream, address, self.protocol,
                                                                self.trusted_downstream),
-                                        start_line, headers, self._lane_detached)
-        try:
-            request = httputil.HTTPServerRequest(connection=conn, start_line=start_line, headers=headers)
-        except Exception:
-            conn.detach()  # its close callback off the stream again; the stream stays Tornado's
-            raise
-        # What _RequestGuard.headers_received does first: the head is in (the body check has
-        # nothing to refuse: no body header was sent).
-        self._head_received(stream)
-        app = lane.app
-        handler = lane.handler_class(app, request, **lane.kwargs)
-        running = transport.execute(handler, [t(request) for t in app.transforms],
-                                    stream.io_loop.asyncio_loop)  # type: ignore[attr-defined]
-        running.add_done_callback(lambda f: self._lane_done(stream, f))
-        return True
+                                        start_line, headers)
+        return httputil.HTTPServerRequest(connection=conn, start_line=start_line, headers=headers)
 
     def _lane_detached(self, stream: IOStream) -> None:
         """The WebSocket took the stream: what on_close does when Tornado's connection ends."""

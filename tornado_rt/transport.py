@@ -958,23 +958,30 @@ def _lane_connection_class() -> Any:
 
     class LaneConnection(HTTP1Connection):
         """The HTTP/1 connection of a request whose head the listener read itself (the lane): in
-        the state Tornado's ``_read_message`` leaves it after reading a head (start line, headers,
-        close callback), but no request loop reads a next request. ``on_detach(stream)`` is
-        called when the WebSocket takes the stream. A response written on it (none is expected:
-        the lane takes only upgrades that succeed) closes the connection once sent."""
+        the state Tornado's ``_read_message`` leaves it after reading a head (start line, headers;
+        the close callback once :meth:`begin` is called), but no request loop reads a next
+        request. ``on_detach(stream)`` is called when the WebSocket takes the stream. A response
+        written on it (none is expected: the lane takes only upgrades that succeed) closes the
+        connection once sent."""
+
+        on_detach: Any = None
 
         def __init__(self, stream: IOStream, params: Any, context: Any, start_line: Any,
-                     headers: HTTPHeaders, on_detach: Any) -> None:
+                     headers: HTTPHeaders) -> None:
             super().__init__(stream, False, params, context)
             self._request_start_line = start_line
             self._request_headers = headers
             self._disconnect_on_finish = True
+
+        def begin(self, on_detach: Any) -> None:
+            """The request is the lane's: the stream's close reaches it (and its handler)."""
             self.on_detach = on_detach
-            stream.set_close_callback(self._on_connection_close)
+            self.stream.set_close_callback(self._on_connection_close)
 
         def detach(self) -> IOStream:
             stream = super().detach()
-            self.on_detach(stream)
+            if self.on_detach is not None:
+                self.on_detach(stream)
             return stream
 
     return LaneConnection
