@@ -519,3 +519,23 @@ def test_the_lanes_header_parser_agrees_with_tornados(block, fast_path):
     assert fast is not None
     assert fast[1] == dict(fast[0].get_all())
     assert sorted(fast[0].get_all()) == sorted(HTTPHeaders.parse("\n" + block).get_all())
+
+
+def test_the_internals_the_lane_relies_on_are_there_and_serve_gets_a_lane():
+    """When Tornado changes, this fails loudly (the lane and the Date cache then fall back)."""
+    from tornado_rt.listener import _Lane
+
+    assert transport.lane_problems() == []
+    assert transport.clear_problems() == [] and transport.CLEAR
+    rt = RealtimeServer(Settings(jwt_secret=SECRET, ping_interval=0), load_entry_points=False)
+    lane = _Lane.find(make_app(rt, [API_KEY]))  # the application `tornado-rt serve` runs
+    assert lane is not None and lane.paths == {"/ws/core", "/ws/core/"} and lane.server is rt
+    mounted = RealtimeServer(Settings(jwt_secret=SECRET, path_prefix="/rt/socket/"), load_entry_points=False)
+    from tornado.web import Application
+
+    assert _Lane.find(Application(mounted.routes("/app"))).paths == {"/app/rt/socket", "/app/rt/socket/"}
+    # A route before it that matches the same path: no lane (Tornado's routing decides).
+    from tornado.web import RequestHandler
+
+    assert _Lane.find(Application([(r"/ws/.*", RequestHandler)] + rt.routes())) is None
+    assert _Lane.find(Application([(r"/other", RequestHandler)] + rt.routes())) is not None

@@ -33,6 +33,14 @@ Nothing else in tornado-rt touches a private Tornado attribute. What this module
   None by the guarded listener, whose own deadline per connection (one ``call_later``) bounds
   each head instead (:func:`take_head_timeouts`; a Future, a chained Future and a timeout less
   per request).
+* For the listener's connect lane (:func:`lane_problems`): ``IOStream._read_buffer`` /
+  ``_read_buffer_size`` (a head the lane read is put back, :func:`unread`), the request state of
+  ``HTTP1Connection`` (``_request_start_line``, ``_request_headers``, ``_disconnect_on_finish``,
+  ``_on_connection_close``), ``tornado.httpserver._HTTPRequestContext``,
+  ``RequestHandler._execute`` and Tornado 6.6's ``_check_cross_origin``. When they differ, one
+  WARNING, and Tornado's HTTP/1 connection reads every request.
+* ``RequestHandler.clear()`` (:func:`clear_handler`): repeated with the ``Date`` header formatted
+  once per second, when its source is the expected one (else Tornado's own).
 * ``RequestHandler._request_summary()``: overridden (:class:`RedactedSummary`, the base of the
   WebSocket and HTTP API handlers) so that Tornado's own log lines (access log, uncaught
   exceptions) show the URI with ``jwt_token`` and other credentials redacted.
