@@ -80,6 +80,11 @@ class RealtimeHandler(transport.RedactedSummary, WebSocketHandler):
         self._token: Optional[str] = None
         self._positions = False
 
+    def clear(self) -> None:
+        # Tornado's, with the Date header formatted once per second (transport.clear_handler)
+        if not transport.clear_handler(self):
+            super().clear()
+
     def get(self, *args: Any, **kwargs: Any) -> Optional[Any]:  # type: ignore[override]
         # Not a coroutine itself: it returns Tornado's, so a connection holds one frame less.
         request = self.request
@@ -149,7 +154,7 @@ class RealtimeHandler(transport.RedactedSummary, WebSocketHandler):
         if answer is not None:  # the lean upgrade's 101: first on the wire, sent with the first frame
             self.server.hub.send(session, answer)
         transport.shed_handshake_state(self, protocol.stream)
-        self.set_nodelay(True)  # real-time: no Nagle delay on small frames
+        transport.set_nodelay(protocol.stream)  # real-time: no Nagle delay on small frames
         token, self._token = self._token, None
         return session.authenticate(token)
 

@@ -38,18 +38,22 @@ the hard limit (``tornado-rt serve`` does at start).
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
+import re
 import socket
 import time
 import weakref
-from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Set, Tuple
+from urllib.parse import urlsplit
 
 from tornado import httputil
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
-from tornado.iostream import IOStream
+from tornado.log import app_log
+from tornado.iostream import IOStream, StreamClosedError
 from tornado.netutil import bind_sockets
 
 from . import transport
@@ -200,13 +204,18 @@ class ListenerStats:
     ``accept_errors``: other ``accept()`` failures.
     """
 
-    __slots__ = ("refused", "header_timeouts", "bodies_refused", "accept_errors")
+    __slots__ = ("refused", "header_timeouts", "bodies_refused", "accept_errors", "lane_upgrades",
+                 "lane_fallbacks")
 
     def __init__(self) -> None:
         self.refused: Dict[str, int] = {"fd_limit": 0, "address_limit": 0}
         self.header_timeouts = 0
         self.bodies_refused = 0
         self.accept_errors = 0
+        #: WebSocket upgrades answered on the connect lane (see GuardedHTTPServer), and first
+        #: request heads the lane read and handed to Tornado (not counted in the metrics).
+        self.lane_upgrades = 0
+        self.lane_fallbacks = 0
 
 
 class ListenerCollector:
@@ -309,7 +318,8 @@ class GuardedHTTPServer(HTTPServer):
                    header_timeout: Optional[float] = None, idle_timeout: Optional[float] = None,
                    body_timeout: Optional[float] = None,
                    max_unauthenticated_per_address: Optional[int] = None,
-                   bodyless_methods: Iterable[str] = BODYLESS_METHODS, **kwargs: Any) -> None:
+                   bodyless_methods: Iterable[str] = BODYLESS_METHODS, lane: bool = True,
+                   **kwargs: Any) -> None:
         if "idle_connection_timeout" in kwargs:
             raise TypeError("GuardedHTTPServer: use idle_timeout (and header_timeout), not idle_connection_timeout")
         base = settings if settings is not None else Settings()
@@ -328,6 +338,8 @@ class GuardedHTTPServer(HTTPServer):
         self._unauthenticated: Dict[str, Set[IOStream]] = {}
         self._header_deadlines: Dict[IOStream, Any] = {}
         self._listening: List[socket.socket] = []  # for ``ports``, whichever accept loop is used
+        self._lane: Any = None if lane else False  # the lane's target (_Lane), False: no lane
+        self._lane_reading: Set[IOStream] = set()  # connections whose head the lane is reading
         super().initialize(request_callback, idle_connection_timeout=chosen.idle_timeout,
                            body_timeout=chosen.body_timeout, **kwargs)
         # Every request head is bounded by this server's own deadline (one call_later per head:
@@ -398,7 +410,131 @@ class GuardedHTTPServer(HTTPServer):
         else:
             self._header_deadlines[stream] = stream.io_loop.call_later(
                 self.header_timeout, self._header_timed_out, stream)
+        lane = self._lane
+        if lane is None:
+            lane = self._lane = self._find_lane(stream)
+        if lane and stream.__class__ is IOStream:
+            # Read one loop turn later, as Tornado's request loop (a task) does: by then the head
+            # has usually arrived, and is read without waiting (no read registration, no EAGAIN).
+            self._lane_reading.add(stream)
+            stream.io_loop.asyncio_loop.call_soon(self._lane_read, stream, address, lane)  # type: ignore[attr-defined]
+            return
         super().handle_stream(stream, address)
+
+    # --- the connect lane ---------------------------------------------------------------------
+    def _find_lane(self, stream: IOStream) -> Any:
+        """The lane's target (:class:`_Lane`) for this server's application, or False (no lane)."""
+        if not self._own_idle or self.xheaders or self.trusted_proxies or self.ssl_options is not None:
+            return False
+        problems = transport.lane_problems(stream)
+        if problems:
+            import tornado
+            log.warning("Tornado %s differs from what tornado-rt expects (%s); every request is read by "
+                        "Tornado's HTTP/1 connection: more CPU per connect", tornado.version, "; ".join(problems))
+            return False
+        return _Lane.find(self.request_callback) or False
+
+    def _lane_read(self, stream: IOStream, address: Any, lane: "_Lane") -> None:
+        """Read the first request head of ``stream`` (as Tornado's HTTP/1 connection reads it,
+        within the same head deadline), then :meth:`_lane_head`."""
+        try:
+            future: Any = stream.read_until_regex(b"\r?\n\r?\n", max_bytes=self.conn_params.max_header_size)
+        except StreamClosedError:
+            self._lane_ended(stream)
+            return
+        if future.done():  # the head was already there
+            self._lane_head(stream, address, lane, future)
+            return
+        future.add_done_callback(lambda f: self._lane_head(stream, address, lane, f))
+
+    def _lane_head(self, stream: IOStream, address: Any, lane: "_Lane", future: Any) -> None:
+        self._lane_reading.discard(stream)
+        try:
+            data = future.result()
+        except Exception:  # closed (peer, head deadline) or a head over the limit: closed as by Tornado
+            self._lane_ended(stream)
+            return
+        try:
+            request = self._lane_request(stream, address, lane, data)
+        except Exception:  # a head Tornado's parser or request refuses: Tornado's to answer
+            request = None
+        if request is None:
+            self.stats.lane_fallbacks += 1
+            transport.unread(stream, data)
+            super().handle_stream(stream, address)
+            return
+        self.stats.lane_upgrades += 1
+        # What _RequestGuard.headers_received does first: the head is in (the body check has
+        # nothing to refuse: no body header was sent). Then what Tornado's _HandlerDelegate does.
+        self._head_received(stream)
+        request.connection.begin(self._lane_detached)  # type: ignore[union-attr]
+        app = lane.app
+        try:
+            handler = lane.handler_class(app, request, **lane.kwargs)
+            running = transport.execute(handler, [t(request) for t in app.transforms],
+                                        stream.io_loop.asyncio_loop)  # type: ignore[attr-defined]
+        except Exception:  # as Tornado's request loop: logged, the connection closed
+            app_log.error("Uncaught exception in %s", transport.request_summary(request), exc_info=True)
+            self._lane_ended(stream)
+            return
+        running.add_done_callback(lambda f: self._lane_done(stream, f))
+
+    def _lane_request(self, stream: IOStream, address: Any, lane: "_Lane",
+                      data: bytes) -> Optional[httputil.HTTPServerRequest]:
+        """The request whose head is ``data`` if it is an upgrade Tornado would answer with 101
+        (every check of ``WebSocketHandler.get``, ``RealtimeHandler.get`` and Tornado's
+        ``accept_connection`` that could refuse it is made here first, without side effects);
+        None leaves the request to Tornado."""
+        if data[:4] != b"GET ":
+            return None
+        text = data.decode("latin1")  # Tornado's HTTP1Connection._parse_headers
+        eol = text.find("\n")
+        start_line = httputil.parse_request_start_line(text[:eol].rstrip("\r"))
+        if start_line.version != "HTTP/1.1" or start_line.path.partition("?")[0] not in lane.paths:
+            return None
+        parsed = fast_headers(text[eol + 1:])
+        if parsed is None:  # an unusual head (see fast_headers): Tornado's
+            return None
+        headers, fields = parsed
+        get = fields.get
+        if ("Content-Length" in fields or "Transfer-Encoding" in fields or "Expect" in fields
+                or get("Upgrade", "").lower() != "websocket"
+                or "upgrade" not in [s.strip().lower() for s in get("Connection", "").split(",")]
+                or get("Sec-Websocket-Version") != "13" or not get("Sec-Websocket-Key")
+                or not get("Host") or get("Sec-Websocket-Protocol")):
+            return None
+        server = lane.server
+        limit = server.settings.max_connections
+        if server._closing or (limit and len(server.hub.connections) >= limit) \
+                or not lane.origin_allowed(get("Sec-Fetch-Site"), get("Origin"), get("Host") or ""):
+            return None
+        conn = transport.LaneConnection(stream, self.conn_params,
+                                        transport.lane_context(stream, address, self.protocol,
+                                                               self.trusted_downstream),
+                                        start_line, headers)
+        return httputil.HTTPServerRequest(connection=conn, start_line=start_line, headers=headers)
+
+    def _lane_detached(self, stream: IOStream) -> None:
+        """The WebSocket took the stream: what on_close does when Tornado's connection ends."""
+        self._head_received(stream)
+        self.release(stream)
+
+    def _lane_done(self, stream: IOStream, future: Any) -> None:
+        self._lane_detached(stream)  # already, if upgraded; else the connection closes
+        if not future.cancelled():
+            future.result()  # as Tornado's _HandlerDelegate: an escaped exception is raised (logged)
+
+    def _lane_ended(self, stream: IOStream) -> None:
+        """The connection ended before a head (what Tornado's on_close would do)."""
+        self._lane_reading.discard(stream)
+        self._lane_detached(stream)
+        if not stream.closed():
+            stream.close()
+
+    async def close_all_connections(self) -> None:
+        for stream in list(self._lane_reading):  # waiting for a first head: as Tornado's connections
+            stream.close()
+        await super().close_all_connections()
 
     def _header_timed_out(self, stream: IOStream) -> None:
         if self._header_deadlines.pop(stream, None) is None or stream.closed():
@@ -495,6 +631,135 @@ class GuardedHTTPServer(HTTPServer):
             body)
         request_conn.finish()  # the body is not read: the connection closes once this is sent
         return True
+
+
+_TCHARS = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"  # RFC 9110 token, Tornado's _ABNF.field_name
+_HEAD_BLOCK = re.compile(rf"(?:{_TCHARS}:[\t\x20-\x7e]*\r\n)*\r\n")
+_HEAD_LINE = re.compile(rf"({_TCHARS}):[\t ]*([\t\x20-\x7e]*?)[\t ]*\r\n")
+
+
+@functools.lru_cache(1000)
+def _normalize(name: str) -> str:
+    """Http-Header-Case, as Tornado's HTTPHeaders keys its fields."""
+    return "-".join([word.capitalize() for word in name.split("-")])
+
+
+def fast_headers(block: str) -> Optional[Tuple[httputil.HTTPHeaders, Dict[str, str]]]:
+    """The header lines ``block`` (after the start line, through the empty line) parsed as
+    ``HTTPHeaders.parse`` parses them, for the common case only: CRLF line ends, every line
+    ``token ":" value`` with printable ASCII (space and tab included) in the value, no name
+    twice. Anything else (bare LF, obs-text, control characters, folding, a repeated name,
+    no header at all): None, and the caller uses ``HTTPHeaders.parse``. In the common case
+    this is the same result (each value stripped of spaces and tabs, names in Http-Header-Case)
+    with two regular-expression passes instead of Tornado's per-line checks. Returned with a
+    plain dict of the same fields (keys in Http-Header-Case) for quick look-ups."""
+    if not _HEAD_BLOCK.fullmatch(block):
+        return None
+    fields: Dict[str, str] = {}
+    for name, value in _HEAD_LINE.findall(block):
+        name = _normalize(name)
+        if name in fields:
+            return None
+        fields[name] = value
+    headers = httputil.HTTPHeaders()
+    for name, value in fields.items():
+        headers[name] = value
+    return headers, fields
+
+
+class _Lane:
+    """What the connect lane answers: the requests of ``paths`` (exact paths, the query aside),
+    which ``app``'s routing gives to ``handler_class`` (a
+    :class:`~tornado_rt.connection.RealtimeHandler` with its own upgrade checks unchanged) with
+    ``kwargs``; ``server`` is its :class:`~tornado_rt.RealtimeServer`."""
+
+    __slots__ = ("app", "paths", "handler_class", "kwargs", "server", "allowed")
+
+    def __init__(self, app: Any, paths: FrozenSet[str], handler_class: Any, kwargs: Dict[str, Any]):
+        self.app = app
+        self.paths = paths
+        self.handler_class = handler_class
+        self.kwargs = kwargs
+        self.server = kwargs["server"]
+        self.allowed = self.server.settings.allowed_origins
+
+    @classmethod
+    def find(cls, app: Any) -> Optional["_Lane"]:
+        """The lane of ``app`` (a Tornado ``Application`` routing by path only, with one
+        RealtimeHandler route whose paths no earlier rule matches), or None."""
+        from tornado.routing import AnyMatches, PathMatches, Rule
+        from tornado.web import Application
+
+        from .connection import RealtimeHandler
+
+        if not isinstance(app, Application) or type(app).start_request is not Application.start_request \
+                or type(app).find_handler is not Application.find_handler \
+                or not app.settings.get("compiled_template_cache", True) \
+                or not app.settings.get("static_hash_cache", True):
+            return None
+        delegate = type(app).get_handler_delegate
+        if delegate is not Application.get_handler_delegate and delegate.__module__ != "tornado_rt.httpapi":
+            return None  # (the HTTP server API's only diverts POST /api/publish)
+        rules = app.default_router.rules
+        if len(rules) != 1 or not isinstance(rules[0].matcher, AnyMatches) or rules[0].target is not app.wildcard_router:
+            return None  # host-specific rules
+        for index, rule in enumerate(app.wildcard_router.rules):
+            target = rule.target
+            if not (isinstance(target, type) and issubclass(target, RealtimeHandler)):
+                continue
+            if not _lane_handler(target) or not isinstance(rule.matcher, PathMatches):
+                return None
+            pattern = rule.matcher.regex.pattern
+            base = pattern[:-1] if pattern.endswith("$") else pattern
+            base = base[:-2] if base.endswith("/?") else base
+            if not base.startswith("/") or any(c in base for c in ".^$*+?{}[]\\|()"):
+                return None
+            paths = frozenset((base, base + "/"))
+            earlier: List[Rule] = app.wildcard_router.rules[:index]
+            for path in paths:
+                probe = httputil.HTTPServerRequest(start_line=httputil.RequestStartLine("GET", path, "HTTP/1.1"),
+                                                   headers=httputil.HTTPHeaders({"Host": "localhost"}))
+                match = rule.matcher.match(probe)
+                if match is None or match.get("path_args") or match.get("path_kwargs") \
+                        or any(not isinstance(r.matcher, PathMatches) or r.matcher.match(probe) is not None
+                               for r in earlier):
+                    return None
+            kwargs = dict(rule.target_kwargs or {})
+            if "server" not in kwargs:
+                return None
+            return cls(app, paths, target, kwargs)
+        return None
+
+    def origin_allowed(self, fetch_site: Optional[str], origin: Optional[str], host: str) -> bool:
+        """Whether ``WebSocketHandler.get`` lets the upgrade through without a log line
+        (Tornado 6.6's ``_check_cross_origin`` with ``RealtimeHandler.check_origin``); False
+        when it would refuse or consult Tornado's own ``check_origin`` (the lane then leaves
+        the request to Tornado)."""
+        if fetch_site in ("same-origin", "none"):
+            return True
+        if fetch_site is None:
+            if origin is None or urlsplit(origin).netloc.lower() == host.lower():
+                return True
+        elif not origin:
+            return False
+        allowed = self.allowed
+        if allowed is None:
+            return False
+        assert origin is not None
+        return "*" in allowed or origin.lower().rstrip("/") in self.server.allowed_origins
+
+
+def _lane_handler(cls: Any) -> bool:
+    """Whether ``cls`` decides the upgrade as RealtimeHandler does (the lane's checks are its)."""
+    from tornado.web import RequestHandler
+
+    from .connection import RealtimeHandler
+
+    return (getattr(cls, "queues_handshake", False) is True
+            and all(getattr(cls, name) is getattr(RealtimeHandler, name) for name in (
+                "get", "check_origin", "get_websocket_protocol", "get_compression_options", "initialize",
+                "_execute", "select_subprotocol"))
+            and cls.prepare is RequestHandler.prepare)
 
 
 class _RequestGuard(httputil.HTTPMessageDelegate):

@@ -33,6 +33,14 @@ Nothing else in tornado-rt touches a private Tornado attribute. What this module
   None by the guarded listener, whose own deadline per connection (one ``call_later``) bounds
   each head instead (:func:`take_head_timeouts`; a Future, a chained Future and a timeout less
   per request).
+* For the listener's connect lane (:func:`lane_problems`): ``IOStream._read_buffer`` /
+  ``_read_buffer_size`` (a head the lane read is put back, :func:`unread`), the request state of
+  ``HTTP1Connection`` (``_request_start_line``, ``_request_headers``, ``_disconnect_on_finish``,
+  ``_on_connection_close``), ``tornado.httpserver._HTTPRequestContext``,
+  ``RequestHandler._execute`` and Tornado 6.6's ``_check_cross_origin``. When they differ, one
+  WARNING, and Tornado's HTTP/1 connection reads every request.
+* ``RequestHandler.clear()`` (:func:`clear_handler`): repeated with the ``Date`` header formatted
+  once per second, when its source is the expected one (else Tornado's own).
 * ``RequestHandler._request_summary()``: overridden (:class:`RedactedSummary`, the base of the
   WebSocket and HTTP API handlers) so that Tornado's own log lines (access log, uncaught
   exceptions) show the URI with ``jwt_token`` and other credentials redacted.
@@ -52,12 +60,16 @@ import asyncio
 import collections
 import inspect
 import logging
+import _socket
+import socket as _socket_module
 import struct
 import sys
+import time
 from array import array
 from typing import Any, List, Optional, Tuple
 
-from tornado.httputil import HTTPHeaders
+import tornado
+from tornado.httputil import HTTPHeaders, format_timestamp, responses
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 from tornado.util import _websocket_mask
 from tornado.log import access_log as _access_log, app_log
@@ -854,4 +866,201 @@ def take_head_timeouts(server: Any) -> bool:
                         "timeout stays: more CPU per request", tornado.version, "; ".join(problems))
         return False
     server.conn_params.header_timeout = None
+    return True
+
+
+# --- the connect lane (tornado_rt.listener) ----------------------------------------------------------
+
+def lane_problems(stream: Any = None) -> List[str]:
+    """What differs from what the listener's connect lane relies on (``stream``: an IOStream
+    instance to check as well):
+
+    * ``IOStream._read_buffer`` (a bytearray) and ``_read_buffer_size`` (an int): the bytes the
+      lane read are put back in front of them (:func:`unread`) when Tornado is to serve the request;
+    * ``HTTP1Connection`` keeps the request's ``_request_start_line``, ``_request_headers`` and
+      ``_disconnect_on_finish`` (which ``_read_message`` sets and ``write_headers`` reads), and its
+      stream close callback is ``_on_connection_close``;
+    * ``tornado.httpserver._HTTPRequestContext(stream, address, protocol, trusted_downstream)``:
+      the request context ``HTTPServer.handle_stream`` builds;
+    * ``RequestHandler._execute(transforms, *args, **kwargs)`` (a coroutine), what Tornado's
+      ``_HandlerDelegate.execute`` runs;
+    * the cross-origin check of Tornado 6.6 (``WebSocketHandler.get`` calls
+      ``self._check_cross_origin(self.check_origin)``, which reads ``Sec-Fetch-Site``, ``Origin``
+      and ``Host``), which the lane's own check mirrors."""
+    from tornado import httpserver
+    from tornado.http1connection import HTTP1Connection
+    from tornado.websocket import WebSocketHandler
+
+    problems = []
+    if stream is not None:
+        if type(getattr(stream, "_read_buffer", None)) is not bytearray:
+            problems.append("IOStream._read_buffer is not a bytearray")
+        if type(getattr(stream, "_read_buffer_size", None)) is not int:
+            problems.append("IOStream._read_buffer_size is not an int")
+        if getattr(stream, "_user_read_buffer", False):
+            problems.append("IOStream reads into a user buffer")
+    context = getattr(httpserver, "_HTTPRequestContext", None)
+    try:
+        names = list(inspect.signature(context).parameters) if context is not None else []
+    except (TypeError, ValueError):
+        names = []
+    if names[:4] != ["stream", "address", "protocol", "trusted_downstream"]:
+        problems.append("tornado.httpserver._HTTPRequestContext differs")
+    execute = getattr(RequestHandler, "_execute", None)
+    if not inspect.iscoroutinefunction(execute):
+        problems.append("RequestHandler._execute is not a coroutine function")
+    if not callable(getattr(HTTP1Connection, "_on_connection_close", None)):
+        problems.append("HTTP1Connection._on_connection_close is missing")
+    try:
+        init = inspect.getsource(HTTP1Connection.__init__)
+        write_headers = inspect.getsource(HTTP1Connection.write_headers)
+        get = inspect.getsource(WebSocketHandler.get)
+        cross = inspect.getsource(getattr(RequestHandler, "_check_cross_origin"))
+    except (OSError, TypeError, AttributeError):
+        problems.append("Tornado's HTTP/1 connection or WebSocket handler has no source to check")
+    else:
+        for name in ("_request_start_line", "_request_headers", "_disconnect_on_finish"):
+            if f"self.{name}" not in init or f"self.{name}" not in write_headers:
+                problems.append(f"HTTP1Connection.{name} differs")
+        if "self._check_cross_origin(self.check_origin)" not in get:
+            problems.append("WebSocketHandler.get does not check the origin with _check_cross_origin")
+        if not all(s in cross for s in ('"sec-fetch-site"', '"same-origin" | "none"', "_origin_matches_host")):
+            problems.append("RequestHandler._check_cross_origin differs")
+    return problems
+
+
+def unread(stream: IOStream, data: bytes) -> None:
+    """Put ``data`` (what a read of ``stream`` returned) back in front of its read buffer, so that
+    the next read (Tornado's HTTP/1 connection) returns it again, followed by what came after.
+    Only after :func:`lane_problems` found nothing for this stream, with no read pending."""
+    stream._read_buffer[:0] = data
+    stream._read_buffer_size += len(data)
+
+
+class _SocketFamily:
+    """What ``_HTTPRequestContext`` reads of a plain stream: ``stream.socket.family``, known
+    from the accepted address (a 2-tuple for AF_INET, a 4-tuple for AF_INET6) instead of
+    ``socket.family``'s enum conversion on every connection."""
+
+    __slots__ = ("socket", "family")
+
+    def __init__(self, family: Any) -> None:
+        self.socket = self
+        self.family = family
+
+
+_FAMILIES = {2: _SocketFamily(_socket_module.AF_INET), 4: _SocketFamily(_socket_module.AF_INET6)}
+
+
+def lane_context(stream: IOStream, address: Any, protocol: Optional[str], trusted_downstream: Any) -> Any:
+    """The request context ``HTTPServer.handle_stream`` builds for a connection (remote_ip,
+    protocol) of a plain (not TLS) stream."""
+    from tornado.httpserver import _HTTPRequestContext
+
+    standin = _FAMILIES.get(len(address)) if type(address) is tuple and stream.socket is not None else None
+    return _HTTPRequestContext(standin or stream, address, protocol, trusted_downstream)  # type: ignore[arg-type]
+
+
+def _lane_connection_class() -> Any:
+    from tornado.http1connection import HTTP1Connection
+
+    class LaneConnection(HTTP1Connection):
+        """The HTTP/1 connection of a request whose head the listener read itself (the lane): in
+        the state Tornado's ``_read_message`` leaves it after reading a head (start line, headers;
+        the close callback once :meth:`begin` is called), but no request loop reads a next
+        request. ``on_detach(stream)`` is called when the WebSocket takes the stream. A response
+        written on it (none is expected: the lane takes only upgrades that succeed) closes the
+        connection once sent."""
+
+        on_detach: Any = None
+
+        def __init__(self, stream: IOStream, params: Any, context: Any, start_line: Any,
+                     headers: HTTPHeaders) -> None:
+            super().__init__(stream, False, params, context)
+            self._request_start_line = start_line
+            self._request_headers = headers
+            self._disconnect_on_finish = True
+
+        def begin(self, on_detach: Any) -> None:
+            """The request is the lane's: the stream's close reaches it (and its handler)."""
+            self.on_detach = on_detach
+            self.stream.set_close_callback(self._on_connection_close)
+
+        def detach(self) -> IOStream:
+            stream = super().detach()
+            if self.on_detach is not None:
+                self.on_detach(stream)
+            return stream
+
+    return LaneConnection
+
+
+LaneConnection = _lane_connection_class()
+
+
+def execute(handler: Any, transforms: List[Any], loop: Any) -> "asyncio.Future[None]":
+    """Run ``handler`` as Tornado's ``_HandlerDelegate.execute`` does (``_execute`` in a task of
+    ``loop``, the asyncio loop)."""
+    return loop.create_task(handler._execute(transforms))
+
+
+_raw_family = _socket.socket.family  # the C getter: an int, without socket.family's enum conversion
+_INET = (_socket_module.AF_INET, _socket_module.AF_INET6)
+
+
+def set_nodelay(stream: IOStream) -> None:
+    """``stream.set_nodelay(True)`` (real-time: no Nagle delay on small frames), with the
+    socket's family read without its enum conversion; any error goes through Tornado's own
+    ``set_nodelay``, which decides what to ignore."""
+    sock = stream.socket
+    if sock is not None and type(sock) is _socket_module.socket and _raw_family.__get__(sock) in _INET:
+        try:
+            sock.setsockopt(_socket_module.IPPROTO_TCP, _socket_module.TCP_NODELAY, 1)
+            return
+        except OSError:
+            pass
+    stream.set_nodelay(True)
+
+
+# --- RequestHandler.clear with the Date of the current second -------------------------------------
+
+def clear_problems(cls: Any = RequestHandler) -> List[str]:
+    """What differs in ``RequestHandler.clear`` from what :func:`clear_handler` repeats (it sets
+    ``_headers`` to Server, Content-Type and Date, calls ``set_default_headers``, and resets
+    ``_write_buffer``, ``_status_code`` and ``_reason``)."""
+    try:
+        source = inspect.getsource(cls.clear)
+    except (OSError, TypeError):
+        return ["RequestHandler.clear has no source to check"]
+    body = " ".join(source.split())
+    expected = ('self._headers = httputil.HTTPHeaders( { "Server": "TornadoServer/%s" % tornado.version, '
+                '"Content-Type": "text/html; charset=UTF-8", "Date": httputil.format_timestamp(time.time()), } ) '
+                'self.set_default_headers() self._write_buffer: list[bytes] = [] self._status_code = 200 '
+                'self._reason = httputil.responses[200]')
+    return [] if body.endswith(expected) else ["RequestHandler.clear differs"]
+
+
+CLEAR = not clear_problems()
+_SERVER_HEADER = "TornadoServer/%s" % tornado.version
+_date_cache: List[Any] = [0, ""]
+
+
+def clear_handler(handler: Any) -> bool:
+    """``RequestHandler.clear()`` with the ``Date`` header formatted once per second (the same
+    text: it has a resolution of one second); False when Tornado's differs (call its own)."""
+    if not CLEAR:
+        return False
+    now = time.time()
+    second = int(now)
+    if _date_cache[0] != second:
+        _date_cache[0], _date_cache[1] = second, format_timestamp(now)
+    headers = HTTPHeaders()
+    headers["Server"] = _SERVER_HEADER
+    headers["Content-Type"] = "text/html; charset=UTF-8"
+    headers["Date"] = _date_cache[1]
+    handler._headers = headers
+    handler.set_default_headers()
+    handler._write_buffer = []
+    handler._status_code = 200
+    handler._reason = responses[200]
     return True
