@@ -15,9 +15,7 @@ complete at once, behind
   then reads the body without ``gen.with_timeout``, which runs the body read as a task of its own);
 
 and prints the CPU µs per request of each, best of ``--repeat`` rounds, alternating. The
-request is the ``http-single`` one (a ~570-byte ``rows_updated`` to a page nobody watches;
-``--subscribed``: with one subscriber on that page, a WebSocket connection whose frames are
-written to a stream that drops them).
+request is the ``http-single`` one (a ~570-byte ``rows_updated`` to a page nobody watches).
 
     python bench/http_single_layers.py [--requests 20000] [--repeat 5] [--profile out.prof]
 """
@@ -113,7 +111,7 @@ def body_of() -> bytes:
     return b'{"message":' + text + b"}"
 
 
-def make_rt(guarded: bool, subscribed: bool) -> Any:
+def make_rt(guarded: bool) -> Any:
     from tornado_rt import Settings
     from tornado_rt.httpapi import make_app
     from tornado_rt.listener import GuardedHTTPServer
@@ -128,18 +126,14 @@ def make_rt(guarded: bool, subscribed: bool) -> Any:
     return http, server
 
 
-async def run(kind: str, n: int, subscribed: bool, holder: dict) -> float:
+async def run(kind: str, n: int, holder: dict) -> float:
     body = body_of()
     if kind == "bare":
         http: Any = HTTPServer(Application([(r"/api/publish", bare_tornado_http.Publish)]))
     else:
-        if "rt" not in holder:
-            holder["rt"] = {}
-        http, server = make_rt(kind != "rt-plain", subscribed)
+        http, server = make_rt(kind != "rt-plain")
         if kind == "rt-no-body-timeout":
             http.conn_params.body_timeout = None
-        if not holder.get("started"):
-            pass
         await server.start()
     finished = asyncio.get_running_loop().create_future()
     stream = LoopbackStream(request(body), body, n, lambda: finished.done() or finished.set_result(None))
@@ -160,7 +154,6 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=20000)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--kinds", default="bare,rt,rt-plain")
-    p.add_argument("--subscribed", action="store_true")
     p.add_argument("--profile", help="cProfile the first of --kinds into this file instead")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)  # as `tornado-rt serve --log-level warning`
@@ -172,14 +165,14 @@ def main() -> None:
         import cProfile
         prof = cProfile.Profile()
         prof.enable()
-        asyncio.run(run(kinds[0], args.requests, args.subscribed, holder))
+        asyncio.run(run(kinds[0], args.requests, holder))
         prof.disable()
         prof.dump_stats(args.profile)
         return
     best = {k: float("inf") for k in kinds}
     for r in range(args.repeat):
         for k in kinds:
-            us = asyncio.run(run(k, args.requests, args.subscribed, holder))
+            us = asyncio.run(run(k, args.requests, holder))
             best[k] = min(best[k], us)
             print(f"round {r + 1}: {k:9s} {us:7.2f} µs/request", flush=True)
     print("best:", "  ".join(f"{k} {v:.2f} µs" for k, v in best.items()))

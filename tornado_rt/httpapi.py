@@ -678,6 +678,8 @@ class ApiApplication(Application):
 
 
 _SERVER_HEADER = "TornadoServer/%s" % tornado.version  # what RequestHandler.clear() sets
+#: The start line of the fast path's common answers (an immutable named tuple: built once).
+_START_LINES = {status: httputil.ResponseStartLine("", status, httputil.responses[status]) for status in (200, 503)}
 _date_cache: List[Any] = [0, ""]
 
 
@@ -838,8 +840,10 @@ class _FastPublish(httputil.HTTPMessageDelegate):
         headers["Content-Length"] = str(len(body))
         connection = self.request.connection
         assert connection is not None
-        connection.write_headers(httputil.ResponseStartLine("", status, httputil.responses.get(status, "Unknown")),
-                                 headers, body)
+        start = _START_LINES.get(status)
+        if start is None:
+            start = httputil.ResponseStartLine("", status, httputil.responses.get(status, "Unknown"))
+        connection.write_headers(start, headers, body)
         connection.finish()
         _log_access(status, self.request)
 
