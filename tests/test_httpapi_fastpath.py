@@ -257,3 +257,68 @@ async def test_the_publish_latency_histogram_counts_each_envelope(conn, app, con
     await ws.recv()
     exposition = app.http_api.metrics.exposition().decode()
     assert "tornado_rt_publish_to_write_seconds_count 3.0" in exposition, exposition
+
+
+# --- behind the GuardedHTTPServer that `tornado-rt serve` runs: the body_timeout ----------------------
+# The fast path bounds the body with one loop timeout of its own (body_timeout) instead of Tornado's
+# gen.with_timeout around the body read (a task per request); the bound and its log line stay.
+
+BODY_TIMEOUT = 0.3
+
+
+@pytest.fixture
+def guarded_port(app, server, io_loop):
+    from tornado_rt import listen
+    guarded = listen(app, 0, "127.0.0.1", settings=server.settings.replace(body_timeout=BODY_TIMEOUT))
+    yield guarded.ports[0]
+    guarded.stop()
+
+
+@pytest.fixture
+def guarded_conn(guarded_port):
+    opened = []
+
+    async def _open():
+        c = await Conn.open(guarded_port)
+        opened.append(c)
+        return c
+    yield _open
+    for c in opened:
+        c.close()
+
+
+@pytest.mark.gen_test
+async def test_guarded_a_slow_body_on_the_fast_path_is_cut_off_at_the_body_timeout(guarded_conn, server,
+                                                                                  http_api, caplog):
+    data = json.dumps(envelope()).encode()
+    c = await guarded_conn()
+    with caplog.at_level(logging.INFO, logger="tornado.general"):
+        await c.send(head(len(data)) + data[:10])  # the rest never comes
+        assert await c.closed()
+    lines = [r.getMessage() for r in caplog.records if r.name == "tornado.general"]
+    assert "Timeout reading body from 127.0.0.1" in lines, lines
+    assert server.stats()["messages_published"] == 0 and http_api.fast_publishes == 0
+    other = await guarded_conn()  # the server goes on serving
+    await other.send(request(envelope(11, 2)))
+    assert (await other.response())[::2] == (200, {"published": 1, "delivered": 0})
+
+
+@pytest.mark.gen_test
+async def test_guarded_a_finished_request_leaves_no_body_deadline_behind(guarded_conn, server, http_api):
+    c = await guarded_conn()
+    data = request(envelope(10, 1))
+    for i in range(0, len(data), 7):  # a body in segments, all within the deadline
+        await c.send(data[i:i + 7])
+    assert (await c.response())[::2] == (200, {"published": 1, "delivered": 0})
+    await c.send(request(envelope(10, 2)) + request(b"{not json") + request(envelope(10, 3)))
+    assert (await c.response())[::2] == (200, {"published": 1, "delivered": 0})
+    assert (await c.response())[0] == 400  # replayed into PublishHandler
+    assert (await c.response())[::2] == (200, {"published": 1, "delivered": 0})
+    # Barrier: a slow body on another connection, sent after those requests ended, is cut off at
+    # its deadline, later than any deadline of theirs; the first connection is still open after it.
+    slow = await guarded_conn()
+    await slow.send(head(100) + b'{"message"')
+    assert await slow.closed()
+    await c.send(request(envelope(10, 4)))
+    assert (await c.response())[::2] == (200, {"published": 1, "delivered": 0})
+    assert http_api.fast_publishes == 4 and server.stats()["messages_published"] == 4

@@ -49,6 +49,8 @@ from typing import Any, Awaitable, Dict, Iterable, Iterator, List, Optional, Seq
 import tornado
 from tornado import httputil
 from tornado.http1connection import HTTP1Connection
+from tornado.ioloop import IOLoop
+from tornado.log import gen_log
 from tornado.web import Application, HTTPError, RequestHandler, stream_request_body
 
 from . import __version__
@@ -676,6 +678,8 @@ class ApiApplication(Application):
 
 
 _SERVER_HEADER = "TornadoServer/%s" % tornado.version  # what RequestHandler.clear() sets
+#: The start line of the fast path's common answers (an immutable named tuple: built once).
+_START_LINES = {status: httputil.ResponseStartLine("", status, httputil.responses[status]) for status in (200, 503)}
 _date_cache: List[Any] = [0, ""]
 
 
@@ -691,7 +695,8 @@ def _http_date() -> str:
 class _FastPublish(httputil.HTTPMessageDelegate):
     """One ``POST /api/publish`` on the fast path (see :class:`ApiApplication`)."""
 
-    __slots__ = ("app", "api", "kwargs", "request", "start_line", "headers", "chunks", "delegate", "saved")
+    __slots__ = ("app", "api", "kwargs", "request", "start_line", "headers", "chunks", "delegate", "saved",
+                 "deadline")
 
     def __init__(self, app: ApiApplication, request: httputil.HTTPServerRequest, kwargs: Dict[str, Any]):
         self.app = app
@@ -702,6 +707,8 @@ class _FastPublish(httputil.HTTPMessageDelegate):
         #: The PublishHandler delegate once the request left the fast path, else None.
         self.delegate: Optional[httputil.HTTPMessageDelegate] = None
         self.saved: Optional[tuple] = None  # what apply_forwarded changed, to undo before a replay
+        #: The body's deadline (a loop timeout handle) while the body is read, else None.
+        self.deadline: Any = None
 
     def headers_received(self, start_line: Any, headers: httputil.HTTPHeaders) -> Optional[Awaitable[None]]:
         self.start_line, self.headers = start_line, headers
@@ -724,6 +731,15 @@ class _FastPublish(httputil.HTTPMessageDelegate):
         connection = request.connection
         if isinstance(connection, HTTP1Connection):
             connection.set_max_body_size(1 << 62)  # as ApiHandler._lift_connection_limit
+            timeout = connection.params.body_timeout
+            if timeout is not None:
+                # The same body_timeout, as one loop timeout of this request's own instead of
+                # Tornado's gen.with_timeout around the body read, which runs the read as a task
+                # of its own (a task, a loop turn and a timeout per request, even when the body
+                # came with the head): measured as the largest share of what a one-message publish
+                # cost beyond a bare Tornado handler (bench/http_single_layers.py).
+                connection.set_body_timeout(None)  # type: ignore[arg-type]  # None: no timeout
+                self.deadline = IOLoop.current().call_later(timeout, _body_timed_out, connection)
         if not api.sampler.running:
             api.sampler.start()
         mark_authenticated(request)
@@ -740,11 +756,19 @@ class _FastPublish(httputil.HTTPMessageDelegate):
         return None
 
     def on_connection_close(self) -> None:
+        self._end_deadline()
         if self.delegate is not None:
             self.delegate.on_connection_close()
         self.chunks = []
 
+    def _end_deadline(self) -> None:
+        if self.deadline is not None:
+            IOLoop.current().remove_timeout(self.deadline)
+            self.deadline = None
+
     def finish(self) -> None:
+        if self.deadline is not None:
+            self._end_deadline()
         if self.delegate is not None:
             self.delegate.finish()
             return
@@ -816,8 +840,10 @@ class _FastPublish(httputil.HTTPMessageDelegate):
         headers["Content-Length"] = str(len(body))
         connection = self.request.connection
         assert connection is not None
-        connection.write_headers(httputil.ResponseStartLine("", status, httputil.responses.get(status, "Unknown")),
-                                 headers, body)
+        start = _START_LINES.get(status)
+        if start is None:
+            start = httputil.ResponseStartLine("", status, httputil.responses.get(status, "Unknown"))
+        connection.write_headers(start, headers, body)
         connection.finish()
         _log_access(status, self.request)
 
@@ -849,6 +875,14 @@ class _FastPublish(httputil.HTTPMessageDelegate):
             delegate.finish()
         task = _keep(asyncio.ensure_future(replay()))
         task.add_done_callback(_log_replay_failure)
+
+
+def _body_timed_out(connection: HTTP1Connection) -> None:
+    """What Tornado does when a body is not read within ``body_timeout`` (the same log line):
+    close the connection (the delegate is told through ``on_connection_close``)."""
+    gen_log.info("Timeout reading body from %s", connection.context)
+    if connection.stream is not None:
+        connection.stream.close()
 
 
 #: The fast path's tasks while they run (the loop holds only weak references to tasks).
