@@ -314,3 +314,19 @@ async def test_the_address_cap_is_released_by_the_key_and_kept_on_401(fronts):
         held.close()
         unauth.close()
     assert laned(pair[0]) == 3
+
+
+@pytest.mark.gen_test
+async def test_a_body_not_sent_within_body_timeout_closes_the_connection(fronts, caplog):
+    pair = fronts(listener={"settings": {"body_timeout": 0.2}})
+    request = post()
+    for front in pair:
+        sock = await open_socket(front.port)
+        with caplog.at_level(logging.INFO, logger="tornado.general"):
+            await asyncio.get_running_loop().sock_sendall(sock, request[:-5])
+            reader = Reader(sock)
+            assert await reader.eof()  # closed, no answer
+        sock.close()
+    timeouts = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Timeout reading body")]
+    assert len(timeouts) == 2  # one line per server
+    assert laned(pair[0]) == 1

@@ -613,7 +613,7 @@ class GuardedHTTPServer(HTTPServer):
                     return
                 if length:
                     reading = stream.read_bytes(length)
-                    timeout = self.conn_params.body_timeout
+                    timeout = conn._body_timeout  # body_timeout, or what the delegate set (set_body_timeout)
                     try:
                         if timeout is None:
                             body = await reading

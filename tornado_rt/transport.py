@@ -924,7 +924,7 @@ def lane_problems(stream: Any = None) -> List[str]:
                 problems.append(f"HTTP1Connection.{name} differs")
         # The publish lane drives a request as _read_message does: these flags and the future
         # that says the answer is written (or the connection closed).
-        for name in ("_read_finished", "_write_finished", "_finish_future"):
+        for name in ("_read_finished", "_write_finished", "_finish_future", "_body_timeout"):
             if f"self.{name}" not in init:
                 problems.append(f"HTTP1Connection.{name} differs")
         if "self._check_cross_origin(self.check_origin)" not in get:
