@@ -438,7 +438,7 @@ class GuardedHTTPServer(HTTPServer):
             return False
         return _Lane.find(self.request_callback) or False
 
-    def _lane_read(self, stream: IOStream, address: Any, lane: "_Lane") -> None:
+    def _lane_read(self, stream: IOStream, address: Any, lane: "_Lane", context: Any = None) -> None:
         """Read the first request head of ``stream`` (as Tornado's HTTP/1 connection reads it,
         within the same head deadline), then :meth:`_lane_head`."""
         try:
@@ -447,11 +447,11 @@ class GuardedHTTPServer(HTTPServer):
             self._lane_ended(stream)
             return
         if future.done():  # the head was already there
-            self._lane_head(stream, address, lane, future)
+            self._lane_head(stream, address, lane, future, context)
             return
-        future.add_done_callback(lambda f: self._lane_head(stream, address, lane, f))
+        future.add_done_callback(lambda f: self._lane_head(stream, address, lane, f, context))
 
-    def _lane_head(self, stream: IOStream, address: Any, lane: "_Lane", future: Any) -> None:
+    def _lane_head(self, stream: IOStream, address: Any, lane: "_Lane", future: Any, context: Any = None) -> None:
         self._lane_reading.discard(stream)
         try:
             data = future.result()
@@ -460,7 +460,7 @@ class GuardedHTTPServer(HTTPServer):
             return
         if data[:5] == b"POST " and lane.publish_path is not None:
             try:
-                post = self._lane_post_request(stream, address, lane, data)
+                post = self._lane_post_request(stream, address, lane, data, context)
             except Exception:  # a head Tornado's parser or request refuses: Tornado's to answer
                 post = None
             if post is not None:
@@ -527,7 +527,8 @@ class GuardedHTTPServer(HTTPServer):
         return httputil.HTTPServerRequest(connection=conn, start_line=start_line, headers=headers)
 
     # --- the publish lane ------------------------------------------------------------------------
-    def _lane_post_request(self, stream: IOStream, address: Any, lane: "_Lane", data: bytes) -> Optional[
+    def _lane_post_request(self, stream: IOStream, address: Any, lane: "_Lane", data: bytes,
+                           context: Any = None) -> Optional[
             Tuple[Any, httputil.RequestStartLine, httputil.HTTPHeaders, int]]:
         """``(request, start_line, headers, length)`` if ``data`` is the head of the common
         ``POST`` of the HTTP API's publish route (HTTP/1.1, the exact path, strict headers, one
@@ -552,10 +553,9 @@ class GuardedHTTPServer(HTTPServer):
                 or (connection is not None and connection.lower() != "keep-alive")
                 or self.conn_params.no_keep_alive):
             return None
-        conn = transport.LaneConnection(stream, self.conn_params,
-                                        transport.lane_context(stream, address, self.protocol,
-                                                               self.trusted_downstream),
-                                        start_line, headers, keep_alive=True)
+        if context is None:  # the connection's (one per connection, as Tornado's)
+            context = transport.lane_context(stream, address, self.protocol, self.trusted_downstream)
+        conn = transport.LaneConnection(stream, self.conn_params, context, start_line, headers, keep_alive=True)
         request = httputil.HTTPServerRequest(connection=conn, start_line=start_line, headers=headers)
         return request, start_line, headers, int(length)
 
@@ -664,7 +664,7 @@ class GuardedHTTPServer(HTTPServer):
             return
         self._header_deadlines[stream] = stream.io_loop.call_later(self.idle_timeout, self._idle_timed_out, stream)
         self._lane_reading.add(stream)
-        self._lane_read(stream, address, lane)
+        self._lane_read(stream, address, lane, conn.context)
 
     def _lane_post_failed(self, stream: IOStream, conn: Any, delegate: Any) -> None:
         """An exception from the delegate: logged as Tornado's _ExceptionLoggingContext logs it;
