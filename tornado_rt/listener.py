@@ -37,6 +37,7 @@ the hard limit (``tornado-rt serve`` does at start).
 """
 from __future__ import annotations
 
+import asyncio
 import errno
 import functools
 import json
@@ -205,7 +206,7 @@ class ListenerStats:
     """
 
     __slots__ = ("refused", "header_timeouts", "bodies_refused", "accept_errors", "lane_upgrades",
-                 "lane_fallbacks")
+                 "lane_fallbacks", "lane_publishes")
 
     def __init__(self) -> None:
         self.refused: Dict[str, int] = {"fd_limit": 0, "address_limit": 0}
@@ -216,6 +217,8 @@ class ListenerStats:
         #: request heads the lane read and handed to Tornado (not counted in the metrics).
         self.lane_upgrades = 0
         self.lane_fallbacks = 0
+        #: ``POST /api/publish`` requests the lane read and drove (first or later on a connection).
+        self.lane_publishes = 0
 
 
 class ListenerCollector:
@@ -340,6 +343,7 @@ class GuardedHTTPServer(HTTPServer):
         self._listening: List[socket.socket] = []  # for ``ports``, whichever accept loop is used
         self._lane: Any = None if lane else False  # the lane's target (_Lane), False: no lane
         self._lane_reading: Set[IOStream] = set()  # connections whose head the lane is reading
+        self._lane_serving: Set[IOStream] = set()  # connections with a laned publish under way
         super().initialize(request_callback, idle_connection_timeout=chosen.idle_timeout,
                            body_timeout=chosen.body_timeout, **kwargs)
         # Every request head is bounded by this server's own deadline (one call_later per head:
@@ -434,7 +438,7 @@ class GuardedHTTPServer(HTTPServer):
             return False
         return _Lane.find(self.request_callback) or False
 
-    def _lane_read(self, stream: IOStream, address: Any, lane: "_Lane") -> None:
+    def _lane_read(self, stream: IOStream, address: Any, lane: "_Lane", context: Any = None) -> None:
         """Read the first request head of ``stream`` (as Tornado's HTTP/1 connection reads it,
         within the same head deadline), then :meth:`_lane_head`."""
         try:
@@ -443,17 +447,25 @@ class GuardedHTTPServer(HTTPServer):
             self._lane_ended(stream)
             return
         if future.done():  # the head was already there
-            self._lane_head(stream, address, lane, future)
+            self._lane_head(stream, address, lane, future, context)
             return
-        future.add_done_callback(lambda f: self._lane_head(stream, address, lane, f))
+        future.add_done_callback(lambda f: self._lane_head(stream, address, lane, f, context))
 
-    def _lane_head(self, stream: IOStream, address: Any, lane: "_Lane", future: Any) -> None:
+    def _lane_head(self, stream: IOStream, address: Any, lane: "_Lane", future: Any, context: Any = None) -> None:
         self._lane_reading.discard(stream)
         try:
             data = future.result()
         except Exception:  # closed (peer, head deadline) or a head over the limit: closed as by Tornado
             self._lane_ended(stream)
             return
+        if data[:5] == b"POST " and lane.publish_path is not None:
+            try:
+                post = self._lane_post_request(stream, address, lane, data, context)
+            except Exception:  # a head Tornado's parser or request refuses: Tornado's to answer
+                post = None
+            if post is not None:
+                self._lane_post(stream, address, lane, *post)
+                return
         try:
             request = self._lane_request(stream, address, lane, data)
         except Exception:  # a head Tornado's parser or request refuses: Tornado's to answer
@@ -514,6 +526,161 @@ class GuardedHTTPServer(HTTPServer):
                                         start_line, headers)
         return httputil.HTTPServerRequest(connection=conn, start_line=start_line, headers=headers)
 
+    # --- the publish lane ------------------------------------------------------------------------
+    def _lane_post_request(self, stream: IOStream, address: Any, lane: "_Lane", data: bytes,
+                           context: Any = None) -> Optional[
+            Tuple[Any, httputil.RequestStartLine, httputil.HTTPHeaders, int]]:
+        """``(request, start_line, headers, length)`` if ``data`` is the head of the common
+        ``POST`` of the HTTP API's publish route (HTTP/1.1, the exact path, strict headers, one
+        Content-Length of ASCII digits within the publish fast path's limit, no
+        Transfer-Encoding, no Expect, no Connection header but keep-alive); None leaves the
+        request (and the rest of the connection) to Tornado."""
+        text = data.decode("latin1")  # Tornado's HTTP1Connection._parse_headers
+        eol = text.find("\n")
+        start_line = httputil.parse_request_start_line(text[:eol].rstrip("\r"))
+        if start_line.version != "HTTP/1.1" or start_line.path.partition("?")[0] != lane.publish_path:
+            return None
+        parsed = fast_headers(text[eol + 1:])
+        if parsed is None:
+            return None
+        headers, fields = parsed
+        length = fields.get("Content-Length")
+        connection = fields.get("Connection")
+        ceiling = self.conn_params.max_body_size
+        if (length is None or not (length.isascii() and length.isdigit())
+                or int(length) > lane.publish_limit or (ceiling is not None and int(length) > ceiling)
+                or "Transfer-Encoding" in fields or "Expect" in fields or not fields.get("Host")
+                or (connection is not None and connection.lower() != "keep-alive")
+                or self.conn_params.no_keep_alive):
+            return None
+        if context is None:  # the connection's (one per connection, as Tornado's)
+            context = transport.lane_context(stream, address, self.protocol, self.trusted_downstream)
+        conn = transport.LaneConnection(stream, self.conn_params, context, start_line, headers, keep_alive=True)
+        request = httputil.HTTPServerRequest(connection=conn, start_line=start_line, headers=headers)
+        return request, start_line, headers, int(length)
+
+    def _lane_post(self, stream: IOStream, address: Any, lane: "_Lane", request: Any,
+                   start_line: httputil.RequestStartLine, headers: httputil.HTTPHeaders, length: int) -> None:
+        """Drive the application's delegate of the publish route (what Tornado's routing gives:
+        ``_FastPublish``, or ``PublishHandler``'s) as Tornado's ``HTTP1Connection._read_message``
+        does: head, body (read whole, within body_timeout), finish; once the answer is written,
+        the next head is read on the lane again. In the common case (the body already
+        buffered, the delegate answering without waiting for a coroutine) without a coroutine."""
+        self.stats.lane_publishes += 1
+        self._head_received(stream)
+        self._lane_serving.add(stream)
+        conn = request.connection
+        delegate: Any = None
+        try:
+            delegate = lane.app.get_handler_delegate(request, lane.publish_class, lane.publish_kwargs, [], {})
+            waiting = delegate.headers_received(start_line, headers)
+        except Exception:
+            self._lane_post_failed(stream, conn, delegate)
+            return
+        if waiting is None and conn.stream is not None and (length == 0 or stream._read_buffer_size >= length):
+            received = None
+            if length:
+                reading: Any = stream.read_bytes(length)
+                body = reading.result()  # buffered: read at once
+                if not conn._write_finished:
+                    try:
+                        received = delegate.data_received(body)
+                    except Exception:
+                        self._lane_post_failed(stream, conn, delegate)
+                        return
+            if received is None:
+                self._lane_post_finish(stream, address, lane, conn, delegate)
+            else:  # the delegate waits for something: the rest as a coroutine
+                self._lane_post_slow(stream, address, lane, conn, delegate, received, 0)
+            return
+        self._lane_post_slow(stream, address, lane, conn, delegate, waiting, length)
+
+    def _lane_post_slow(self, stream: IOStream, address: Any, lane: "_Lane", conn: Any, delegate: Any,
+                        waiting: Any, length: int) -> None:
+        """The rest of :meth:`_lane_post` as a coroutine: ``waiting`` (what the delegate
+        returned) awaited, then the body (``length`` bytes, none if already delivered) read
+        within body_timeout and delivered, then finish."""
+        async def rest() -> None:
+            from tornado import gen
+            from tornado.log import gen_log
+
+            try:
+                if waiting is not None:
+                    await waiting
+                if conn.stream is None:  # detached
+                    self._lane_serving.discard(stream)
+                    self._lane_detached(stream)
+                    return
+                if length:
+                    reading = stream.read_bytes(length)
+                    timeout = conn._body_timeout  # body_timeout, or what the delegate set (set_body_timeout)
+                    try:
+                        if timeout is None:
+                            body = await reading
+                        else:
+                            body = await gen.with_timeout(stream.io_loop.time() + timeout, reading,
+                                                          quiet_exceptions=StreamClosedError)
+                    except TimeoutError:
+                        gen_log.info("Timeout reading body from %s", conn.context)
+                        self._lane_post_closed(stream, delegate)
+                        return
+                    if not conn._write_finished:
+                        received = delegate.data_received(body)
+                        if received is not None:
+                            await received
+            except StreamClosedError:
+                self._lane_post_closed(stream, delegate)
+                return
+            except Exception:
+                self._lane_post_failed(stream, conn, delegate)
+                return
+            self._lane_post_finish(stream, address, lane, conn, delegate)
+
+        stream.io_loop.add_future(asyncio.ensure_future(rest()), lambda f: f.result())
+
+    def _lane_post_finish(self, stream: IOStream, address: Any, lane: "_Lane", conn: Any, delegate: Any) -> None:
+        conn._read_finished = True
+        if not conn._write_finished:
+            try:
+                delegate.finish()
+            except Exception:
+                self._lane_post_failed(stream, conn, delegate)
+                return
+        # Waiting for the answer: the stream's close reaches the request (Tornado does the same).
+        if not conn._finish_future.done() and conn.stream is not None and not stream.closed():
+            stream.set_close_callback(conn._on_connection_close)
+        conn._finish_future.add_done_callback(lambda f: self._lane_post_done(stream, address, lane, conn))
+
+    def _lane_post_done(self, stream: IOStream, address: Any, lane: "_Lane", conn: Any) -> None:
+        """The answer is written (or the connection closed): read the next head on the lane,
+        within idle_timeout (the deadline start_request sets for a keep-alive connection)."""
+        self._lane_serving.discard(stream)
+        if conn.stream is None:  # detached
+            self._lane_detached(stream)
+            return
+        stream.set_close_callback(None)
+        if stream.closed():
+            self._lane_ended(stream)
+            return
+        self._header_deadlines[stream] = stream.io_loop.call_later(self.idle_timeout, self._idle_timed_out, stream)
+        self._lane_reading.add(stream)
+        self._lane_read(stream, address, lane, conn.context)
+
+    def _lane_post_failed(self, stream: IOStream, conn: Any, delegate: Any) -> None:
+        """An exception from the delegate: logged as Tornado's _ExceptionLoggingContext logs it;
+        the delegate is told the connection closed, and it is."""
+        app_log.error("Uncaught exception", exc_info=True)
+        self._lane_post_closed(stream, delegate)
+
+    def _lane_post_closed(self, stream: IOStream, delegate: Any) -> None:
+        self._lane_serving.discard(stream)
+        if delegate is not None:
+            try:
+                delegate.on_connection_close()
+            except Exception:
+                app_log.error("Uncaught exception", exc_info=True)
+        self._lane_ended(stream)
+
     def _lane_detached(self, stream: IOStream) -> None:
         """The WebSocket took the stream: what on_close does when Tornado's connection ends."""
         self._head_received(stream)
@@ -532,7 +699,7 @@ class GuardedHTTPServer(HTTPServer):
             stream.close()
 
     async def close_all_connections(self) -> None:
-        for stream in list(self._lane_reading):  # waiting for a first head: as Tornado's connections
+        for stream in list(self._lane_reading) + list(self._lane_serving):  # as Tornado's connections
             stream.close()
         await super().close_all_connections()
 
@@ -671,9 +838,13 @@ class _Lane:
     """What the connect lane answers: the requests of ``paths`` (exact paths, the query aside),
     which ``app``'s routing gives to ``handler_class`` (a
     :class:`~tornado_rt.connection.RealtimeHandler` with its own upgrade checks unchanged) with
-    ``kwargs``; ``server`` is its :class:`~tornado_rt.RealtimeServer`."""
+    ``kwargs``; ``server`` is its :class:`~tornado_rt.RealtimeServer`. With the HTTP server
+    API's application, also ``POST`` on ``publish_path`` (its publish route, whose delegate
+    ``app.get_handler_delegate`` gives, as Tornado's routing would) with a body of at most
+    ``publish_limit`` bytes (the publish fast path's limit)."""
 
-    __slots__ = ("app", "paths", "handler_class", "kwargs", "server", "allowed")
+    __slots__ = ("app", "paths", "handler_class", "kwargs", "server", "allowed", "publish_path",
+                 "publish_class", "publish_kwargs", "publish_limit")
 
     def __init__(self, app: Any, paths: FrozenSet[str], handler_class: Any, kwargs: Dict[str, Any]):
         self.app = app
@@ -682,6 +853,48 @@ class _Lane:
         self.kwargs = kwargs
         self.server = kwargs["server"]
         self.allowed = self.server.settings.allowed_origins
+        self.publish_path: Optional[str] = None
+        self.publish_class: Any = None
+        self.publish_kwargs: Dict[str, Any] = {}
+        self.publish_limit = 0
+        self._find_publish()
+
+    def _find_publish(self) -> None:
+        """The publish route of the HTTP server API's application (:class:`ApiApplication`), if
+        its path is a plain one that no earlier rule matches."""
+        from tornado.routing import PathMatches
+
+        from .httpapi import ApiApplication, PublishHandler
+
+        app = self.app
+        if not isinstance(app, ApiApplication) or type(app).get_handler_delegate is not ApiApplication.get_handler_delegate:
+            return
+        rules = app.wildcard_router.rules
+        for index, rule in enumerate(rules):
+            if rule.target is not PublishHandler:
+                continue
+            if not isinstance(rule.matcher, PathMatches):
+                return
+            pattern = rule.matcher.regex.pattern
+            path = pattern[:-1] if pattern.endswith("$") else pattern
+            if not path.startswith("/") or any(c in path for c in ".^$*+?{}[]\\|()"):
+                return
+            probe = httputil.HTTPServerRequest(start_line=httputil.RequestStartLine("POST", path, "HTTP/1.1"),
+                                               headers=httputil.HTTPHeaders({"Host": "localhost"}))
+            match = rule.matcher.match(probe)
+            if match is None or match.get("path_args") or match.get("path_kwargs") \
+                    or any(not isinstance(r.matcher, PathMatches) or r.matcher.match(probe) is not None
+                           for r in rules[:index]):
+                return
+            kwargs = dict(rule.target_kwargs or {})
+            api = kwargs.get("api")
+            if api is None:
+                return
+            self.publish_path = path
+            self.publish_class = PublishHandler
+            self.publish_kwargs = rule.target_kwargs
+            self.publish_limit = min(api.max_body_size, app.max_fast_body)
+            return
 
     @classmethod
     def find(cls, app: Any) -> Optional["_Lane"]:

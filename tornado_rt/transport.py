@@ -922,6 +922,11 @@ def lane_problems(stream: Any = None) -> List[str]:
         for name in ("_request_start_line", "_request_headers", "_disconnect_on_finish"):
             if f"self.{name}" not in init or f"self.{name}" not in write_headers:
                 problems.append(f"HTTP1Connection.{name} differs")
+        # The publish lane drives a request as _read_message does: these flags and the future
+        # that says the answer is written (or the connection closed).
+        for name in ("_read_finished", "_write_finished", "_finish_future", "_body_timeout"):
+            if f"self.{name}" not in init:
+                problems.append(f"HTTP1Connection.{name} differs")
         if "self._check_cross_origin(self.check_origin)" not in get:
             problems.append("WebSocketHandler.get does not check the origin with _check_cross_origin")
         if not all(s in cross for s in ('"sec-fetch-site"', '"same-origin" | "none"', "_origin_matches_host")):
@@ -969,17 +974,21 @@ def _lane_connection_class() -> Any:
         the state Tornado's ``_read_message`` leaves it after reading a head (start line, headers;
         the close callback once :meth:`begin` is called), but no request loop reads a next
         request. ``on_detach(stream)`` is called when the WebSocket takes the stream. A response
-        written on it (none is expected: the lane takes only upgrades that succeed) closes the
-        connection once sent."""
+        written on an upgrade's connection (none is expected: the lane takes only upgrades that
+        succeed) closes the connection once sent. With ``keep_alive`` (the publish lane: an
+        HTTP/1.1 request without ``Connection: close``), the answer, written by Tornado's own
+        ``write_headers`` / ``write`` / ``finish``, leaves the connection open for the next
+        request exactly as Tornado's request loop would (closed instead when the answer comes
+        before the body was read, as Tornado's ``finish`` decides)."""
 
         on_detach: Any = None
 
         def __init__(self, stream: IOStream, params: Any, context: Any, start_line: Any,
-                     headers: HTTPHeaders) -> None:
+                     headers: HTTPHeaders, keep_alive: bool = False) -> None:
             super().__init__(stream, False, params, context)
             self._request_start_line = start_line
             self._request_headers = headers
-            self._disconnect_on_finish = True
+            self._disconnect_on_finish = not keep_alive
 
         def begin(self, on_detach: Any) -> None:
             """The request is the lane's: the stream's close reaches it (and its handler)."""
