@@ -1173,7 +1173,9 @@ def scenario_redis_pages(name: str, cfg: dict) -> Dict[str, Any]:
                         await send_round(base + seq)
                     runs.append(await fixed_rounds(_Offset(pool, base), server, cfg, rounds, send,
                                                    cfg["http_window"], n))
-                idle = await fixed_rounds(None, server, cfg, idle_rounds,
+                # under --profile only the watched window is profiled: the unwatched part's Spy
+                # would write the same file and replace it
+                idle = await fixed_rounds(None, server, dict(cfg, profile=False), idle_rounds,
                                           http_sender(client, list(range(n + 1, 2 * n + 1)), batch), 0, n)
             finally:
                 client.close()
