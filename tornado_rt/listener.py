@@ -29,6 +29,18 @@ process runs out of file descriptors.
   :func:`mark_authenticated` vouches for (the HTTP server API does, after the key check), or
   closes. A connection beyond the cap is closed at once, counted (``address_limit``).
 
+* **A lane for the common requests** (``lane=True``, the default): the listener reads the first
+  request head of a plain-TCP connection itself and answers the common WebSocket upgrade on the
+  application's WebSocket path, and ``POST /api/publish`` of the common form on keep-alive
+  connections, through the same handlers and delegates, without Tornado's per-request HTTP/1
+  coroutine and routing (a quarter less CPU per connect). Every other head (another path or
+  method, anything unusual: chunked bodies, ``Expect``, HTTP/1.0, ``Connection: close``, a
+  repeated header, every refusal before an upgrade) is put back in front of the read buffer and
+  Tornado's HTTP/1 connection serves the rest of that connection as it would have: the answers
+  are the same either way (``tests/test_lane*.py`` compare them). No lane with TLS, ``xheaders``
+  or trusted proxies, or when Tornado's internals differ (``transport.lane_problems``).
+  ``stats.lane_upgrades`` / ``lane_publishes`` / ``lane_fallbacks`` count what it did.
+
 Refusals and timeouts are counted in :class:`ListenerStats` (Prometheus collector:
 :meth:`GuardedHTTPServer.collector`) and logged rate-limited (one line a minute per kind).
 
