@@ -90,17 +90,22 @@ class Conn:
         self.stream.close()
 
 
-@pytest.fixture
-def conn(http_server, http_port, io_loop):
+def _opener(port):
+    """A fixture body: ``open()`` connects to ``port``; every connection is closed at the end."""
     opened = []
 
     async def _open():
-        c = await Conn.open(http_port)
+        c = await Conn.open(port)
         opened.append(c)
         return c
     yield _open
     for c in opened:
         c.close()
+
+
+@pytest.fixture
+def conn(http_server, http_port, io_loop):
+    yield from _opener(http_port)
 
 
 @pytest.mark.gen_test
@@ -276,15 +281,7 @@ def guarded_port(app, server, io_loop):
 
 @pytest.fixture
 def guarded_conn(guarded_port):
-    opened = []
-
-    async def _open():
-        c = await Conn.open(guarded_port)
-        opened.append(c)
-        return c
-    yield _open
-    for c in opened:
-        c.close()
+    yield from _opener(guarded_port)
 
 
 @pytest.mark.gen_test

@@ -794,11 +794,8 @@ class _FastPublish(httputil.HTTPMessageDelegate):
         started = time.perf_counter()
         try:
             result = server.submit_now(envelopes)
-        except BrokerUnavailable as exc:
-            self._answer_error(503, f"the broker cannot take the publish: {exc}")
-            return
-        except Exception:
-            self._internal_error()
+        except Exception as exc:
+            self._not_published(exc)
             return
         if isinstance(result, int):
             self._published(envelopes, result, started)
@@ -808,13 +805,18 @@ class _FastPublish(httputil.HTTPMessageDelegate):
     async def _await(self, envelopes: List[Envelope], result: Awaitable[int], started: float) -> None:
         try:
             delivered = await result
-        except BrokerUnavailable as exc:
-            self._answer_error(503, f"the broker cannot take the publish: {exc}")
-            return
-        except Exception:
-            self._internal_error()
+        except Exception as exc:
+            self._not_published(exc)
             return
         self._published(envelopes, delivered, started)
+
+    def _not_published(self, exc: Exception) -> None:
+        """The answer when the publish failed (called in the ``except`` block: a 500 logs it):
+        503 when the broker cannot take it, else 500."""
+        if isinstance(exc, BrokerUnavailable):
+            self._answer_error(503, f"the broker cannot take the publish: {exc}")
+        else:
+            self._internal_error()
 
     def _published(self, envelopes: List[Envelope], delivered: int, started: float) -> None:
         # Answered once the hub's flush has written the frames (right away when none is pending):
