@@ -208,13 +208,21 @@ async def test_the_history_marker_outlives_every_position_it_covers(redis_server
         await raw.delete(f"{prefix}:hists", f"{prefix}:pos:table-1", f"{prefix}:pos:table-2")
         epoch, offset = await long_lived.position("table-1")
         assert offset == 0
-        pos_ttl = await raw.pttl(f"{prefix}:pos:table-1")
-        assert await raw.pttl(f"{prefix}:hists") >= pos_ttl > 0
+
+        async def expires_at(key: str) -> int:
+            # the absolute expiry (ms since the epoch): two PTTL reads a moment apart would
+            # compare remaining times taken at different instants
+            return int(await raw.execute_command("PEXPIRETIME", key))
+
+        pos_at = await expires_at(f"{prefix}:pos:table-1")
+        assert pos_at > 0
+        assert await expires_at(f"{prefix}:hists") >= pos_at
         await short_lived.position("table-2")  # a 5 s TTL must not shorten the 300 s marker
-        assert await raw.pttl(f"{prefix}:hists") >= pos_ttl - 1000 > 5000
+        assert await expires_at(f"{prefix}:hists") >= pos_at
+        assert await raw.pttl(f"{prefix}:hists") > 5000
         await raw.delete(f"{prefix}:hists")  # the marker gone: the next position call sets it again
         await long_lived.position("table-1")
-        assert await raw.pttl(f"{prefix}:hists") >= await raw.pttl(f"{prefix}:pos:table-1")
+        assert await expires_at(f"{prefix}:hists") >= await expires_at(f"{prefix}:pos:table-1") > 0
     finally:
         await raw.delete(f"{prefix}:hists", f"{prefix}:pos:table-1", f"{prefix}:pos:table-2",
                          f"{prefix}:hist:table-1", f"{prefix}:hist:table-2")
