@@ -173,7 +173,10 @@ STALL = 1.0
 #
 # Control stream: ids <n>-0, n +1 per entry (exact gaps), as before routing existed. A new stream
 # starts at (Redis time in ms) * 1000 and its first entry has the field r: the highest entry id
-# (of the old control stream or of any inbox) its publisher knew of.
+# (of the old control stream or of any inbox) its publisher knew of. The key <prefix>top holds
+# the last n this script appended (a mirror, trusted only while the stream is not empty and has
+# no entry after it: ids only grow, so a stale mirror falls back to reading the stream's last
+# entry).
 # Routing (docs/redis.md "Routing"): while the key <prefix>routing holds a Redis time that has
 # passed, a plain page message goes only to the inbox streams <prefix>inbox:<process> of the
 # processes that are fields of the hash <prefix>g:<group> (one HKEYS per group and call). The page messages of a
@@ -204,14 +207,26 @@ local me = ARGV[6]
 local mine = me ~= '' and (prefix .. 'inbox:' .. me) or false
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local top = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+-- The control stream's last sequence number: the mirror <prefix>top (set below whenever this
+-- script appends to it) when the stream is not empty and has nothing after it, else its last
+-- entry (XREVRANGE returns the entry whole: with a directory load envelope of a few hundred KB
+-- there, that cost Redis far more than the rest of the call).
+local top_key = prefix .. 'top'
+local mirror = redis.call('GET', top_key)
 local n
 local fresh = false
-if top[1] then
-  n = tonumber(string.match(top[1][1], '^(%d+)'))
+if mirror and redis.call('XLEN', key) > 0
+    and not redis.call('XRANGE', key, '(' .. mirror .. '-0', '+', 'COUNT', 1)[1] then
+  n = tonumber(mirror)
 else
-  n = now * 1000
-  fresh = true
+  local top = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+  if top[1] then
+    n = tonumber(string.match(top[1][1], '^(%d+)'))
+    redis.call('SET', top_key, string.format('%.0f', n))  -- missing or stale: right again
+  else
+    n = now * 1000
+    fresh = true
+  end
 end
 local since = redis.call('GET', prefix .. 'routing')
 local routing = since and tonumber(since) <= now
@@ -384,6 +399,7 @@ for i = 7, #ARGV, 4 do
 end
 if added then
   redis.call('XTRIM', key, 'MAXLEN', '~', ARGV[1])
+  redis.call('SET', top_key, string.format('%.0f', n))
 end
 if kept then
   -- the marker outlives every pos key (see redis_history.MARK)
