@@ -262,3 +262,32 @@ def _payload(value: bytes) -> dict:
     import ujson
 
     return ujson.loads(value.split(b"\n", 1)[1])
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_stale_or_missing_mirror_of_the_control_streams_top_is_not_trusted(connect):  # noqa: F811
+    """The publish script reads the control stream's last sequence number from <prefix>:top, set
+    whenever it appends there; a mirror that is behind the stream (written by something else) or
+    missing is not trusted: the script reads the stream's last entry and writes the mirror again.
+    Every control message still arrives once, in order, without a gap."""
+    with cluster(connect, 2) as (redis, (a, b)):
+        await a.put_directory(DIRECTORY)
+        on_a, on_b = await connect(a, 1), await connect(b, 2)
+        raw = redis_sync.Redis.from_url(redis.url)
+        try:
+            await marker_to_all(a, on_a, on_b)
+            top = int(raw.xrevrange(f"{PREFIX}:stream", count=1)[0][0].split(b"-")[0])
+            assert int(raw.get(f"{PREFIX}:top")) == top
+            raw.set(f"{PREFIX}:top", top - 1)  # behind the stream
+            await marker_to_all(b, on_a, on_b)
+            assert int(raw.get(f"{PREFIX}:top")) == top + 1
+            raw.delete(f"{PREFIX}:top")
+            await marker_to_all(a, on_a, on_b)
+            assert int(raw.get(f"{PREFIX}:top")) == top + 2
+            assert [int(i.split(b"-")[0]) for i, _ in raw.xrevrange(f"{PREFIX}:stream", count=3)] == [
+                top + 2, top + 1, top]
+        finally:
+            raw.close()
+        for node in (a, b):
+            exposed = await metrics(node)
+            assert exposed["tornado_rt_redis_gaps_total"] == 0 and exposed["tornado_rt_redis_resets_total"] == 0
