@@ -73,6 +73,18 @@ Publishing
     never applied later: the script would refuse it). A publish therefore never waits longer than
     ``publish_timeout``.
 
+Bytes on demand
+    Redis needs an envelope's bytes only for another process's inbox, a history, or the control
+    stream. A server remembers per page group (at most ``LEAN_GROUPS``) whether the script said
+    the last publish to it needed none, and then sends a plain page message to it without its
+    bytes (and without encoding it). The script decides whether an envelope needs its bytes
+    before it applies anything of it; one that came without bytes it needs (the hint was stale)
+    stops the call there: nothing of it or of the envelopes after it is applied, and the writer
+    sends them again at once, with their bytes and their original deadlines, before anything
+    else — so order and deadlines hold as without the hint. The script keeps the control
+    stream's last sequence number in ``<prefix>:top`` (checked against the stream) instead of
+    reading the stream's last entry, which may be a large directory envelope, on every call.
+
 Idempotency
     An envelope ``id`` is delivered at most once per process within the dedup window; the window is
     measured in the stream's own clock (field ``t``), so every process drops the same duplicates.
