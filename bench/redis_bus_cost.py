@@ -9,6 +9,10 @@ each batch handed to the broker at once and awaited, and reads them back (its ow
 
     python bench/redis_bus_cost.py --n 50000 --batch 100           # this checkout (Streams)
     python bench/redis_bus_cost.py --n 50000 --batch 100 --registered   # the page registered here
+    python bench/redis_bus_cost.py --n 30000 --batch 100 --elsewhere --pages 100  # another process's pages
+    python bench/redis_bus_cost.py --registered --pages 200 --directory 20000 --commandstats
+        # with a directory load envelope on the control stream (as the bench servers have), and
+        # every command of INFO commandstats (the script's inner calls too)
     PYTHONPATH=/path/to/old/checkout python bench/redis_bus_cost.py  # e.g. the pub/sub broker
 
 Not part of ``bench/run.py``: a focused measurement for docs/redis.md.
