@@ -9,6 +9,10 @@ each batch handed to the broker at once and awaited, and reads them back (its ow
 
     python bench/redis_bus_cost.py --n 50000 --batch 100           # this checkout (Streams)
     python bench/redis_bus_cost.py --n 50000 --batch 100 --registered   # the page registered here
+    python bench/redis_bus_cost.py --n 30000 --batch 100 --elsewhere --pages 100  # another process's pages
+    python bench/redis_bus_cost.py --registered --pages 200 --directory 20000 --commandstats
+        # with a directory load envelope on the control stream (as the bench servers have), and
+        # every command of INFO commandstats (the script's inner calls too)
     PYTHONPATH=/path/to/old/checkout python bench/redis_bus_cost.py  # e.g. the pub/sub broker
 
 Not part of ``bench/run.py``: a focused measurement for docs/redis.md.
@@ -81,6 +85,11 @@ async def run(args: argparse.Namespace) -> None:
             # and all (nobody reads it here; the script trims it like any inbox).
             for group in groups:
                 raw.hset(f"tornado-rt:g:{group}", "elsewhere", 1)
+        if args.directory:
+            # What a server with a directory loaded does (the bench's serve has 20,000 users and
+            # tables): its load envelope is the last entry of the control stream.
+            await server.change_directory("load", {"workspaces": {"1": list(range(1, args.directory + 1))},
+                                                    "tables": {str(t): 1 for t in range(1, args.directory + 1)}})
         registry = server.registry
         size = len(message_envelope(registry, rows_created(0)).data)
         envelopes = [message_envelope(registry, rows_created(i, args.pages)) for i in range(args.n)]
@@ -107,9 +116,10 @@ async def run(args: argparse.Namespace) -> None:
               f"history_size {args.history_size}{', page watched with positions' if args.watched else ''}"
               f"{', page registered by this process (routed to its inbox)' if args.registered else ''}"
               f"{', page registered by another process (routed to its inbox)' if args.elsewhere else ''}"
-              f"; {args.pages} page(s)")
+              f"; {args.pages} page(s)"
+              f"{f'; a directory of {args.directory} users and tables loaded' if args.directory else ''}")
         print(f"  Redis CPU per publish:   {redis_cpu / args.n * 1e6:7.2f} us (/proc)")
-        for name in ("evalsha", "xread", "publish"):
+        for name in sorted(n[len("cmdstat_"):] for n in stats) if args.commandstats else ("evalsha", "xread", "publish"):
             stat = stats.get(f"cmdstat_{name}")
             if stat:
                 print(f"    {name:8s} {stat['usec'] / args.n:6.2f} us per publish ({stat['calls']} calls, "
@@ -163,6 +173,11 @@ def main() -> None:
     parser.add_argument("--watched", action="store_true",
                         help="a connection with positions=1 watches the page: its history is kept "
                              "(else the page costs one HGET per publish)")
+    parser.add_argument("--directory", type=int, default=0,
+                        help="first load a directory of N users and N tables (its envelope is then the "
+                             "control stream's last entry, as in bench/run.py's servers: 20,000)")
+    parser.add_argument("--commandstats", action="store_true",
+                        help="print every command of INFO commandstats (scripts' inner calls too)")
     asyncio.run(run(parser.parse_args()))
 
 

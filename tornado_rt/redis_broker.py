@@ -73,6 +73,18 @@ Publishing
     never applied later: the script would refuse it). A publish therefore never waits longer than
     ``publish_timeout``.
 
+Bytes on demand
+    Redis needs an envelope's bytes only for another process's inbox, a history, or the control
+    stream. A server remembers per page group (at most ``LEAN_GROUPS``) whether the script said
+    the last publish to it needed none, and then sends a plain page message to it without its
+    bytes (and without encoding it). The script decides whether an envelope needs its bytes
+    before it applies anything of it; one that came without bytes it needs (the hint was stale)
+    stops the call there: nothing of it or of the envelopes after it is applied, and the writer
+    sends them again at once, with their bytes and their original deadlines, before anything
+    else — so order and deadlines hold as without the hint. The script keeps the control
+    stream's last sequence number in ``<prefix>:top`` (checked against the stream) instead of
+    reading the stream's last entry, which may be a large directory envelope, on every call.
+
 Idempotency
     An envelope ``id`` is delivered at most once per process within the dedup window; the window is
     measured in the stream's own clock (field ``t``), so every process drops the same duplicates.
@@ -148,19 +160,35 @@ STALL = 1.0
 # KEYS[1]: the control stream. ARGV[1]: MAXLEN (approximate, every stream); ARGV[2]: the highest
 # entry id ("<n>-<k>", of any stream) the publisher knows of; ARGV[3]: history size (0: no history); ARGV[4]: history
 # TTL in ms; ARGV[5]: the key prefix ("<prefix>:"); ARGV[6]: the publisher's process id ("" for a
-# publisher that is not a server); then quadruples (deadline in Redis ms, envelope, page group or
+# publisher that is not a server); then quadruples (deadline in Redis ms, envelope — or "" when
+# the publisher expects Redis not to need its bytes, see "Bytes on demand" below —, page group or
 # "", route: for a plain page message — one page group, no side effect — the publisher's sequence
 # number of the envelope (any value but "0"; a server's own inbox gets it as a reference instead
 # of the bytes), else "0").
 # Returns {Redis time in ms, the id of the last entry it wrote ("<n>-<k>", or "0-0"), then per
-# envelope: its sequence number n > 0 on the control stream;
+# envelope (see REPLY_* below): its sequence number n > 0 on the control stream;
 # -1: appended to the inboxes of the processes registered for its group, the publisher's among
-# them; -2: the same, not the publisher's (possibly none at all); 0: refused, its deadline had
-# passed}.
+# them (a reference), and the bytes were needed (another process's inbox or the history);
+# -2: the same, not the publisher's (another process's inbox, or only the history);
+# -3: routed to the publisher's own inbox only (a reference), no history: the bytes were not needed;
+# -4: routed to no inbox, no history: nothing written, the bytes were not needed;
+# -5: it came without its bytes and needs them: nothing was applied for it (nor for any later
+# envelope of the call): send it again with its bytes;
+# -6: not attempted (an earlier envelope of the call was -5): send it again;
+# 0: refused, its deadline had passed}.
+# Bytes on demand (docs/redis.md "Bytes on demand"): a server sends "" instead of the envelope
+# for a plain page message to a group whose last publish it made was -3 or -4 (the script said
+# the bytes were not needed). Everything the script reads to decide whether an envelope needs its
+# bytes (the history's HGET, routing, the control stream being empty, HKEYS of the group) has no
+# effect, so an envelope that comes without needed bytes stops the call before anything of it
+# is applied; what came before it is applied (and flushed, trimmed) as usual.
 #
 # Control stream: ids <n>-0, n +1 per entry (exact gaps), as before routing existed. A new stream
 # starts at (Redis time in ms) * 1000 and its first entry has the field r: the highest entry id
-# (of the old control stream or of any inbox) its publisher knew of.
+# (of the old control stream or of any inbox) its publisher knew of. The key <prefix>top holds
+# the last n this script appended (a mirror, trusted only while the stream is not empty and has
+# no entry after it: ids only grow, so a stale mirror falls back to reading the stream's last
+# entry).
 # Routing (docs/redis.md "Routing"): while the key <prefix>routing holds a Redis time that has
 # passed, a plain page message goes only to the inbox streams <prefix>inbox:<process> of the
 # processes that are fields of the hash <prefix>g:<group> (one HKEYS per group and call). The page messages of a
@@ -191,14 +219,26 @@ local me = ARGV[6]
 local mine = me ~= '' and (prefix .. 'inbox:' .. me) or false
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local top = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+-- The control stream's last sequence number: the mirror <prefix>top (set below whenever this
+-- script appends to it) when the stream is not empty and has nothing after it, else its last
+-- entry (XREVRANGE returns the entry whole: with a directory load envelope of a few hundred KB
+-- there, that cost Redis far more than the rest of the call).
+local top_key = prefix .. 'top'
+local mirror = redis.call('GET', top_key)
 local n
 local fresh = false
-if top[1] then
-  n = tonumber(string.match(top[1][1], '^(%d+)'))
+if mirror and redis.call('XLEN', key) > 0
+    and not redis.call('XRANGE', key, '(' .. mirror .. '-0', '+', 'COUNT', 1)[1] then
+  n = tonumber(mirror)
 else
-  n = now * 1000
-  fresh = true
+  local top = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+  if top[1] then
+    n = tonumber(string.match(top[1][1], '^(%d+)'))
+    redis.call('SET', top_key, string.format('%.0f', n))  -- missing or stale: right again
+  else
+    n = now * 1000
+    fresh = true
+  end
 end
 local since = redis.call('GET', prefix .. 'routing')
 local routing = since and tonumber(since) <= now
@@ -264,14 +304,48 @@ if hsize > 0 and redis.call('EXISTS', prefix .. 'hists') == 0 then
 end
 local kept = false
 local known = {}
+local stop = false
 for i = 7, #ARGV, 4 do
-  if tonumber(ARGV[i]) >= now then
+  if stop then
+    out[#out + 1] = -6  -- not attempted: after an envelope that must be sent again with its bytes
+  elseif tonumber(ARGV[i]) >= now then
     local group = ARGV[i + 2]
     local envelope = ARGV[i + 1]
-    local epoch, offset
+    local ref = ARGV[i + 3]
+    -- An empty control stream started over (Redis lost its data): its first entry must be a
+    -- control entry carrying r, before any inbox entry of the new stream (whose ids, above the
+    -- old stream's, would otherwise reach r and look like lost envelopes to every reader).
+    local routed = routing and ref ~= '0' and not fresh
+    local pos, epoch, procs
     if group ~= '' and hsize > 0 then
-      local pos = prefix .. 'pos:' .. group
+      pos = prefix .. 'pos:' .. group
       epoch = redis.call('HGET', pos, 'e')
+    end
+    -- Whether Redis needs the envelope's bytes: a history, the control stream, or the inbox of
+    -- another process (the publisher's own inbox gets a reference).
+    local needed = epoch or not routed
+    if routed then
+      procs = known[group]
+      if not procs then
+        procs = redis.call('HKEYS', prefix .. 'g:' .. group)
+        known[group] = procs
+      end
+      if not needed then
+        for _, proc in ipairs(procs) do
+          if proc ~= me then
+            needed = true
+            break
+          end
+        end
+      end
+    end
+    if needed and envelope == '' then
+      -- sent without its bytes (the publisher's hint was stale): nothing applied for it nor for
+      -- any later envelope of this call; the publisher sends them again, this one with its bytes
+      out[#out + 1] = -5
+      stop = true
+    else
+      local offset
       if epoch then
         local hist = prefix .. 'hist:' .. group
         offset = redis.call('HINCRBY', pos, 'o', 1)
@@ -280,65 +354,56 @@ for i = 7, #ARGV, 4 do
         redis.call('PEXPIRE', hist, ARGV[4])
         kept = true
       end
-    end
-    local ref = ARGV[i + 3]
-    -- An empty control stream started over (Redis lost its data): its first entry must be a
-    -- control entry carrying r, before any inbox entry of the new stream (whose ids, above the
-    -- old stream's, would otherwise reach r and look like lost envelopes to every reader).
-    if routing and ref ~= '0' and not fresh then
-      local result = -2
-      local procs = known[group]
-      if not procs then
-        procs = redis.call('HKEYS', prefix .. 'g:' .. group)
-        known[group] = procs
-      end
-      local head
-      for _, proc in ipairs(procs) do
-        local inbox = prefix .. 'inbox:' .. proc
-        local parts = pend[inbox]
-        if not parts then
-          parts = {}
-          pend[inbox] = parts
-          pend_n[inbox] = 0
-          pend_q[inbox] = {epoch, offset}
-          pending[#pending + 1] = inbox
-        end
-        if proc == me then
-          -- the publisher's own inbox: a reference, not the bytes (it kept the envelope)
-          result = -1
-          parts[#parts + 1] = ref .. ',' .. (epoch or '') .. ',' .. (offset or '') .. ';'
-        else
-          -- a field per envelope, its name carrying the position: no concatenation of envelopes
-          -- into one Lua string (that cost Redis more than the XADD itself)
-          if not head then
-            head = epoch and ('m' .. epoch .. ',' .. offset) or 'm'
+      if routed then
+        local result = needed and -2 or -4
+        local head
+        for _, proc in ipairs(procs) do
+          local inbox = prefix .. 'inbox:' .. proc
+          local parts = pend[inbox]
+          if not parts then
+            parts = {}
+            pend[inbox] = parts
+            pend_n[inbox] = 0
+            pend_q[inbox] = {epoch, offset}
+            pending[#pending + 1] = inbox
           end
-          parts[#parts + 1] = head
-          parts[#parts + 1] = envelope
+          if proc == me then
+            -- the publisher's own inbox: a reference, not the bytes (it kept the envelope)
+            result = needed and -1 or -3
+            parts[#parts + 1] = ref .. ',' .. (epoch or '') .. ',' .. (offset or '') .. ';'
+          else
+            -- a field per envelope, its name carrying the position: no concatenation of envelopes
+            -- into one Lua string (that cost Redis more than the XADD itself)
+            if not head then
+              head = epoch and ('m' .. epoch .. ',' .. offset) or 'm'
+            end
+            parts[#parts + 1] = head
+            parts[#parts + 1] = envelope
+          end
+          pend_n[inbox] = pend_n[inbox] + 1
         end
-        pend_n[inbox] = pend_n[inbox] + 1
+        out[#out + 1] = result
+      else
+        flush()
+        n = n + 1
+        local entry = {'XADD', key, string.format('%.0f-0', n), 't', now, 'e', envelope}
+        if fresh then
+          entry[#entry + 1] = 'r'
+          entry[#entry + 1] = ARGV[2]
+          fresh = false
+        end
+        if epoch then
+          entry[#entry + 1] = 'p'
+          entry[#entry + 1] = epoch
+          entry[#entry + 1] = 'q'
+          entry[#entry + 1] = offset
+        end
+        redis.call(unpack(entry))
+        out[#out + 1] = n
+        hi_n = n
+        hi_k = 0
+        added = true
       end
-      out[#out + 1] = result
-    else
-      flush()
-      n = n + 1
-      local entry = {'XADD', key, string.format('%.0f-0', n), 't', now, 'e', envelope}
-      if fresh then
-        entry[#entry + 1] = 'r'
-        entry[#entry + 1] = ARGV[2]
-        fresh = false
-      end
-      if epoch then
-        entry[#entry + 1] = 'p'
-        entry[#entry + 1] = epoch
-        entry[#entry + 1] = 'q'
-        entry[#entry + 1] = offset
-      end
-      redis.call(unpack(entry))
-      out[#out + 1] = n
-      hi_n = n
-      hi_k = 0
-      added = true
     end
   else
     out[#out + 1] = 0
@@ -346,6 +411,7 @@ for i = 7, #ARGV, 4 do
 end
 if added then
   redis.call('XTRIM', key, 'MAXLEN', '~', ARGV[1])
+  redis.call('SET', top_key, string.format('%.0f', n))
 end
 if kept then
   -- the marker outlives every pos key (see redis_history.MARK)
@@ -363,6 +429,39 @@ out[2] = string.format('%.0f-%d', hi_n, hi_k)
 return out
 """
 PUBLISH_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest()
+
+#: The publish script's reply per envelope, besides n > 0 (its sequence number on the control
+#: stream): see the comment above PUBLISH_SCRIPT.
+REPLY_REFUSED = 0
+REPLY_OWN = -1
+REPLY_ELSEWHERE = -2
+REPLY_OWN_LEAN = -3
+REPLY_NOWHERE_LEAN = -4
+REPLY_RESEND = -5
+REPLY_NOT_TRIED = -6
+#: Page groups a server remembers as "the last publish to it needed no bytes" at most (see
+#: docs/redis.md "Bytes on demand"); one more and every hint is dropped at once (about 100 bytes
+#: each: a few MB at most). A group without a hint is published with its bytes, as before.
+LEAN_GROUPS = 65_536
+
+
+def read_codes(codes: Any) -> Tuple[List[int], Optional[int]]:
+    """The per-envelope part of a publish script reply -> (the codes as ints, the index of the
+    envelope to send again from, or None when every envelope was attempted). Raises ValueError
+    when the codes break the script's rules: a code it never returns, anything but
+    ``REPLY_NOT_TRIED`` after ``REPLY_RESEND``, ``REPLY_NOT_TRIED`` without one before it."""
+    out = [int(code) for code in codes]
+    resend: Optional[int] = None
+    for i, code in enumerate(out):
+        if resend is not None:
+            if code != REPLY_NOT_TRIED:
+                raise ValueError(f"publish script reply: code {code} after a resend at {resend}")
+        elif code == REPLY_RESEND:
+            resend = i
+        elif code < REPLY_NOWHERE_LEAN:
+            raise ValueError(f"publish script reply: unexpected code {code} at {i}")
+    return out, resend
+
 
 # A process says it is alive (at every reader connection and every third of the liveness TTL).
 # ARGV[1]: the key prefix ("<prefix>:"); ARGV[2]: the process id; ARGV[3]: the liveness TTL (ms);
@@ -614,6 +713,13 @@ class RedisBroker(Broker):
         "swept": ("counter", "Dead processes whose registrations and inbox this process removed"),
         "late_registrations": ("counter", "Registrations that landed after their subscription was "
                                           "confirmed while routing was on (the group got page_discard)"),
+        "sent_with_bytes": ("counter", "Envelopes this process sent to the Redis publish script with their "
+                                       "bytes (a resent one counts again)"),
+        "sent_without_bytes": ("counter", "Page messages this process sent to the Redis publish script "
+                                          "without their bytes (the last publish to their group needed none)"),
+        "resends": ("counter", "Publish script calls sent again because an envelope sent without its "
+                               "bytes needed them (another process registered its group, a history, "
+                               "the control stream)"),
     }
 
     def __init__(self, url: str, channel_prefix: str = _PREFIX, *,
@@ -708,6 +814,13 @@ class RedisBroker(Broker):
         self.unregistrations = 0
         self.swept = 0
         self.late_registrations = 0
+        #: Bytes on demand (docs/redis.md): envelopes sent to the publish script with their bytes,
+        #: page messages sent without them, and script calls sent again because one of those
+        #: needed them; the page groups whose last publish needed no bytes (at most LEAN_GROUPS).
+        self.sent_with_bytes = 0
+        self.sent_without_bytes = 0
+        self.resends = 0
+        self._lean: Set[str] = set()
         # seq -> publish; insertion order is publish order, hence deadline order.
         self._pending: Dict[int, _Pending] = {}
         # seq -> envelope of a publish routed to this process's own inbox (as a reference: field
@@ -715,7 +828,7 @@ class RedisBroker(Broker):
         # reference read so far (references come in seq order: a lower one never comes).
         self._own: Dict[int, Envelope] = {}
         self._last_ref = 0
-        self._outbox: Deque[Tuple[int, bytes]] = collections.deque()
+        self._outbox: Deque[int] = collections.deque()  # seqs of publishes to send, in call order
         self._timer: Optional[asyncio.TimerHandle] = None
         self._wake: Optional[asyncio.Event] = None
         self._subscribed = False
@@ -799,7 +912,8 @@ class RedisBroker(Broker):
                 "control_pages": self.control_pages, "dropped": self.dropped,
                 "registered": len(self._registered), "registrations": self.registrations,
                 "unregistrations": self.unregistrations, "swept": self.swept,
-                "late_registrations": self.late_registrations}
+                "late_registrations": self.late_registrations, "sent_with_bytes": self.sent_with_bytes,
+                "sent_without_bytes": self.sent_without_bytes, "resends": self.resends}
 
     # --- registrations ------------------------------------------------------------------------------
     def register(self, group: str) -> Optional[Awaitable[None]]:
@@ -1041,14 +1155,14 @@ class RedisBroker(Broker):
                 raise self._unavailable("broker not started")
             raise self._unavailable(f"not connected ({self._last_error or 'reconnecting'})")
         seq = next(self._seq)
-        payload = encode_envelope(envelope, self.origin, seq)
+        # Not encoded here: the writer encodes it only when Redis needs its bytes (see _send).
         loop = self._loop
         assert loop is not None and self._wake is not None
         future = loop.create_future()
         future.add_done_callback(_retrieve)  # a caller may drop it: no "never retrieved" noise
         deadline = loop.time() + self.publish_timeout
         self._pending[seq] = _Pending(future, deadline, envelope)
-        self._outbox.append((seq, payload))
+        self._outbox.append(seq)
         self._wake.set()
         if self._timer is None:
             self._timer = loop.call_at(deadline, self._expire)
@@ -1086,57 +1200,74 @@ class RedisBroker(Broker):
                 self._fail(seq, error)
 
     async def _write_forever(self) -> None:
-        """The one writer: sends queued publishes in call order, a batch per script call."""
+        """The one writer: sends queued publishes in call order, a batch per script call (and,
+        when an envelope sent without its bytes needed them, the rest of the batch again with
+        its bytes, before anything else)."""
         assert self._wake is not None and self._loop is not None
         wake, outbox, pending, loop = self._wake, self._outbox, self._pending, self._loop
         while True:
             await wake.wait()
             wake.clear()
             while outbox:
-                batch: List[Tuple[int, bytes, _Pending]] = []
+                batch: List[Tuple[int, Optional[bytes], _Pending]] = []
                 now = loop.time()
                 while outbox and len(batch) < MAX_BATCH:
-                    seq, payload = outbox.popleft()
+                    seq = outbox.popleft()
                     entry = pending.get(seq)
                     if entry is not None and not entry.future.done() and entry.deadline > now:
-                        batch.append((seq, payload, entry))
-                if not batch:
-                    continue
-                sent = False
-                try:
-                    # Every step is bounded by the first deadline of the batch.
-                    async with asyncio.timeout_at(batch[0][2].deadline):
-                        conn = self._pub_conn
-                        if conn is None:
-                            conn = await self._connect_publisher()
-                            self._pub_conn = conn
-                        sent = True  # from here on Redis may run the script (ambiguous on error)
-                        await self._send(conn, batch)
-                except asyncio.CancelledError:
-                    raise
-                except ResponseError as exc:  # Redis answered with an error: nothing was applied
-                    self._last_error = _describe(exc)
-                    log.warning("publish to Redis refused: %s", self._last_error)
-                    await self._drop_publisher()
-                    error = self._unavailable(f"publish refused ({self._last_error})")
-                    for seq, _, _ in batch:
-                        self._fail(seq, error)
-                except Exception as exc:  # the writer must survive anything: Redis, OS, timeouts
-                    if isinstance(exc, TimeoutError):
-                        exc = TimeoutError(f"no reply from Redis within {self.publish_timeout:g} s")
-                    self._last_error = _describe(exc)
-                    log.warning("publish to Redis failed: %s", self._last_error,
-                                exc_info=not isinstance(exc, (RedisError, OSError, TimeoutError)))
-                    await self._drop_publisher()
-                    if not sent:  # never reached Redis: certainly not applied
-                        error = self._unavailable(f"publish failed ({self._last_error})")
-                        for seq, _, _ in batch:
-                            self._fail(seq, error)
-                    else:
-                        # Redis may still run the script, refusing each envelope past its deadline:
-                        # each fails at its deadline (_expire). Nothing more is sent before the last
-                        # of those deadlines, so nothing sent later can overtake these in Redis.
-                        await asyncio.sleep(max(0.0, batch[-1][2].deadline - loop.time()))
+                        batch.append((seq, None, entry))
+                lean = True
+                while batch:
+                    rest = await self._attempt(batch, lean)
+                    # The rest of the batch, from an envelope that came without the bytes it
+                    # needed: at once, each with its bytes and its own deadline (one past it is
+                    # not sent: it fails at its deadline, as if Redis had refused it).
+                    now = loop.time()
+                    batch = [item for item in rest if not item[2].future.done() and item[2].deadline > now]
+                    lean = False
+
+    async def _attempt(self, batch: List[Tuple[int, Optional[bytes], _Pending]],
+                       lean: bool) -> List[Tuple[int, Optional[bytes], _Pending]]:
+        """One script call for ``batch`` (see :meth:`_send`); on failure, fails its publishes (or
+        waits out their deadlines when Redis may still run the script) and returns []."""
+        loop = self._loop
+        assert loop is not None
+        sent = False
+        try:
+            # Every step is bounded by the first deadline of the batch.
+            async with asyncio.timeout_at(batch[0][2].deadline):
+                conn = self._pub_conn
+                if conn is None:
+                    conn = await self._connect_publisher()
+                    self._pub_conn = conn
+                sent = True  # from here on Redis may run the script (ambiguous on error)
+                return await self._send(conn, batch, lean)
+        except asyncio.CancelledError:
+            raise
+        except ResponseError as exc:  # Redis answered with an error: nothing was applied
+            self._last_error = _describe(exc)
+            log.warning("publish to Redis refused: %s", self._last_error)
+            await self._drop_publisher()
+            error = self._unavailable(f"publish refused ({self._last_error})")
+            for seq, _, _ in batch:
+                self._fail(seq, error)
+        except Exception as exc:  # the writer must survive anything: Redis, OS, timeouts
+            if isinstance(exc, TimeoutError):
+                exc = TimeoutError(f"no reply from Redis within {self.publish_timeout:g} s")
+            self._last_error = _describe(exc)
+            log.warning("publish to Redis failed: %s", self._last_error,
+                        exc_info=not isinstance(exc, (RedisError, OSError, TimeoutError)))
+            await self._drop_publisher()
+            if not sent:  # never reached Redis: certainly not applied
+                error = self._unavailable(f"publish failed ({self._last_error})")
+                for seq, _, _ in batch:
+                    self._fail(seq, error)
+            else:
+                # Redis may still run the script, refusing each envelope past its deadline:
+                # each fails at its deadline (_expire). Nothing more is sent before the last
+                # of those deadlines, so nothing sent later can overtake these in Redis.
+                await asyncio.sleep(max(0.0, batch[-1][2].deadline - loop.time()))
+        return []
 
     async def _drop_publisher(self) -> None:
         conn, self._pub_conn = self._pub_conn, None
@@ -1169,8 +1300,14 @@ class RedisBroker(Broker):
             raise
         return conn
 
-    async def _send(self, conn: Any, batch: List[Tuple[int, bytes, _Pending]]) -> None:
-        """One script call for the batch; marks each publish accepted or fails it (refused)."""
+    async def _send(self, conn: Any, batch: List[Tuple[int, Optional[bytes], _Pending]],
+                    lean: bool) -> List[Tuple[int, Optional[bytes], _Pending]]:
+        """One script call for the batch; marks each publish accepted or fails it (refused).
+
+        ``lean``: a plain page message to a group whose last publish needed no bytes (``_lean``)
+        goes without them (an empty argument); an envelope is encoded only when its bytes are
+        sent. Returns the publishes to send again, with their bytes, in order: from the first one
+        that came without the bytes Redis needed (the script applied nothing from it on), else []."""
         offset = self._offset - DEADLINE_MARGIN_MS
         parts = [b"*%d\r\n" % (10 + 4 * len(batch)), self._script_head,
                  _bulk(b"%d-%d" % max((max(self.position, self._accepted), 0), self._wrote,
@@ -1178,17 +1315,30 @@ class RedisBroker(Broker):
                  _bulk(b"%d" % self.history_size),
                  _bulk(b"%d" % self.history_ttl_ms), _bulk(self.key_prefix.encode()),
                  _bulk(self.origin.encode())]
-        registry = self.registry
+        registry, hints, origin = self.registry, self._lean, self.origin
+        items: List[Tuple[int, Optional[bytes], _Pending]] = []
+        groups: List[Optional[str]] = []  # the group of each plain page message, else None
+        omitted = 0
         for seq, payload, entry in batch:
             # Redis must refuse an envelope once the publisher may have answered 503 for it:
             # offset is a lower bound of the true offset, so this is never later than that.
             parts.append(_bulk(b"%d" % int(entry.deadline * 1000 + offset)))
-            parts.append(_bulk(payload))
             group, route = route_of(entry.envelope, registry)
+            if route and lean and group in hints:
+                parts.append(b"$0\r\n\r\n")  # Redis did not need its bytes last time
+                omitted += 1
+            else:
+                if payload is None:
+                    payload = encode_envelope(entry.envelope, origin, seq)
+                parts.append(_bulk(payload))
+            items.append((seq, payload, entry))
+            groups.append(group if route else None)
             parts.append(_bulk(group.encode()))
             # A plain page message carries its sequence number: this process's own inbox gets
             # that reference instead of the bytes (the envelope is still in _pending / _own).
             parts.append(_bulk(b"%d" % seq) if route else b"$1\r\n0\r\n")
+        self.sent_without_bytes += omitted
+        self.sent_with_bytes += len(batch) - omitted
         await conn.send_packed_command([b"".join(parts)], check_health=False)
         reply = await conn.read_response()
         # Redis ran the script between sending and now: Redis time - now is a lower bound.
@@ -1196,21 +1346,48 @@ class RedisBroker(Broker):
         wrote = entry_key(reply[1])
         if wrote > self._wrote:
             self._wrote = wrote
+        codes, resend = read_codes(reply[2:])
+        if len(codes) != len(items):
+            raise _protocol_error(f"publish script reply: {len(codes)} codes for {len(items)} envelopes")
         refused = None
-        for (seq, _, entry), n in zip(batch, reply[2:]):
-            if n == -2:  # routed to other processes' inboxes only: nothing comes back here
+        stop = len(items) if resend is None else resend
+        for k in range(stop):
+            seq, _, entry = items[k]
+            n = codes[k]
+            routed = groups[k]
+            if routed is not None:
+                if n == REPLY_OWN_LEAN or n == REPLY_NOWHERE_LEAN:
+                    if routed not in hints:
+                        if len(hints) >= LEAN_GROUPS:
+                            hints.clear()
+                        hints.add(routed)
+                elif n:
+                    hints.discard(routed)
+            if n == REPLY_ELSEWHERE or n == REPLY_NOWHERE_LEAN:
+                # routed to other processes' inboxes only (or none): nothing comes back here
                 self._pending.pop(seq, None)
                 if not entry.future.done():
                     entry.future.set_result(None)
-            elif n:
+            elif n > 0:
                 entry.accepted = n
                 if n > self._accepted:
                     self._accepted = n
+            elif n:  # REPLY_OWN, REPLY_OWN_LEAN: a reference in this process's inbox
+                entry.accepted = REPLY_OWN
             else:
                 if refused is None:
                     refused = self._unavailable(f"Redis ran the publish after its deadline "
                                                 f"({self.publish_timeout:g} s): not applied")
                 self._fail(seq, refused)
+        if resend is None:
+            return []
+        # Sent without its bytes, and Redis needed them (another process registered the group,
+        # a history, the control stream): nothing of it or after it was applied.
+        routed = groups[resend]
+        if routed is not None:
+            hints.discard(routed)
+        self.resends += 1
+        return items[resend:]
 
     # --- reading ----------------------------------------------------------------------------------
     async def _tick(self) -> None:
@@ -2032,7 +2209,13 @@ class _Publishing:
 
         self._offset = int(reply[0]) - time.monotonic() * 1000
         self._known = max(self._known, entry_key(reply[1]))
-        accepted = [int(n) for n in reply[2:]]
+        try:
+            accepted, resend = read_codes(reply[2:])
+        except ValueError as exc:
+            raise self._unavailable(str(exc)) from None
+        if resend is not None:  # never: this publisher always sends the bytes
+            raise self._unavailable(f"the publish script asked for the bytes of envelope {resend} of "
+                                    f"{len(accepted)}, which it was sent: not applied from there on")
         if not all(accepted):
             raise self._unavailable(f"Redis ran the publish after its deadline ({self.publish_timeout:g} s): "
                                     f"{accepted.count(0)} of {len(accepted)} envelopes not applied")
