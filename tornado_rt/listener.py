@@ -495,11 +495,16 @@ class GuardedHTTPServer(HTTPServer):
         app = lane.app
         try:
             handler = lane.handler_class(app, request, **lane.kwargs)
+            # Its first step now: the upgrade is answered (and open() run) without a task or a
+            # loop turn when open() finishes at once; a task only for what it waits for.
             running = transport.execute(handler, [t(request) for t in app.transforms],
                                         stream.io_loop.asyncio_loop)  # type: ignore[attr-defined]
         except Exception:  # as Tornado's request loop: logged, the connection closed
             app_log.error("Uncaught exception in %s", transport.request_summary(request), exc_info=True)
             self._lane_ended(stream)
+            return
+        if running is None:  # done: what _lane_done does
+            self._lane_detached(stream)
             return
         running.add_done_callback(lambda f: self._lane_done(stream, f))
 
@@ -536,7 +541,7 @@ class GuardedHTTPServer(HTTPServer):
                                         transport.lane_context(stream, address, self.protocol,
                                                                self.trusted_downstream),
                                         start_line, headers)
-        return httputil.HTTPServerRequest(connection=conn, start_line=start_line, headers=headers)
+        return transport.lane_request(conn, start_line, headers)
 
     # --- the publish lane ------------------------------------------------------------------------
     def _lane_post_request(self, stream: IOStream, address: Any, lane: "_Lane", data: bytes,
@@ -840,10 +845,7 @@ def fast_headers(block: str) -> Optional[Tuple[httputil.HTTPHeaders, Dict[str, s
         if name in fields:
             return None
         fields[name] = value
-    headers = httputil.HTTPHeaders()
-    for name, value in fields.items():
-        headers[name] = value
-    return headers, fields
+    return transport.make_headers(fields), fields
 
 
 class _Lane:
