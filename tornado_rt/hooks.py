@@ -22,7 +22,7 @@ import inspect
 import logging
 from typing import Any, Awaitable, Callable, Hashable, Iterable, List, Optional, Set, TypeVar, Union
 
-from .auth import log_authenticator_error, refuse_token, to_principal
+from .auth import JWTAuthenticator, log_authenticator_error, refuse_token, to_principal
 from .principal import Principal, normalize_id
 from .refusals import Denied
 
@@ -111,6 +111,12 @@ class Hooks:
         authenticator = self.authenticator
         if authenticator is None:
             return None
+        if authenticator.__class__ is JWTAuthenticator:  # synchronous, counts its own refusals,
+            try:                                         # answers a Principal or None: at once
+                return authenticator(token)
+            except Exception:
+                log_authenticator_error(token)
+                return None
         result = _guarded(lambda: authenticator(token), _RAISED, lambda: log_authenticator_error(token))
         # An authenticator that counts its own refusals (JWTAuthenticator: reports_refusals) is not
         # counted twice; an embedder's None is counted here, an error already was.

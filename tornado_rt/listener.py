@@ -421,11 +421,9 @@ class GuardedHTTPServer(HTTPServer):
             self._unauthenticated.setdefault(host, set()).add(stream)
             _GUARDED[stream] = (self, host)
         if self._own_idle and self.idle_timeout < self.header_timeout:  # Tornado's bound, first
-            self._header_deadlines[stream] = stream.io_loop.call_later(
-                self.idle_timeout, self._idle_timed_out, stream)
+            self._header_deadlines[stream] = self._deadline(stream, self.idle_timeout, self._idle_timed_out)
         else:
-            self._header_deadlines[stream] = stream.io_loop.call_later(
-                self.header_timeout, self._header_timed_out, stream)
+            self._header_deadlines[stream] = self._deadline(stream, self.header_timeout, self._header_timed_out)
         lane = self._lane
         if lane is None:
             lane = self._lane = self._find_lane(stream)
@@ -679,7 +677,7 @@ class GuardedHTTPServer(HTTPServer):
         if stream.closed():
             self._lane_ended(stream)
             return
-        self._header_deadlines[stream] = stream.io_loop.call_later(self.idle_timeout, self._idle_timed_out, stream)
+        self._header_deadlines[stream] = self._deadline(stream, self.idle_timeout, self._idle_timed_out)
         self._lane_reading.add(stream)
         self._lane_read(stream, address, lane, conn.context)
 
@@ -733,10 +731,18 @@ class GuardedHTTPServer(HTTPServer):
         if self._header_deadlines.pop(stream, None) is not None and not stream.closed():
             stream.close()
 
+    @staticmethod
+    def _deadline(stream: IOStream, delay: float, callback: Any) -> asyncio.TimerHandle:
+        """``callback(stream)`` in ``delay`` seconds: what ``stream.io_loop.call_later`` does,
+        straight on the asyncio loop (no ``functools.partial`` and no Tornado wrapper per
+        connection: these callbacks return nothing and raise nothing); cancelled with
+        ``.cancel()`` (what ``IOLoop.remove_timeout`` calls)."""
+        return stream.io_loop.asyncio_loop.call_later(delay, callback, stream)  # type: ignore[attr-defined]
+
     def _head_received(self, stream: IOStream) -> None:
         deadline = self._header_deadlines.pop(stream, None)
         if deadline is not None:
-            stream.io_loop.remove_timeout(deadline)
+            deadline.cancel()
 
     def release(self, stream: IOStream) -> None:
         """``stream`` no longer counts as unauthenticated (idempotent)."""
@@ -776,8 +782,7 @@ class GuardedHTTPServer(HTTPServer):
         # runs since the accept; a later one (keep-alive) gets idle_timeout.
         stream = getattr(server_conn, "stream", None)
         if self._own_idle and stream is not None and stream not in self._header_deadlines:
-            self._header_deadlines[stream] = stream.io_loop.call_later(
-                self.idle_timeout, self._idle_timed_out, stream)
+            self._header_deadlines[stream] = self._deadline(stream, self.idle_timeout, self._idle_timed_out)
         return _RequestGuard(self, server_conn, request_conn, super().start_request(server_conn, request_conn))
 
     def _refuse_body(self, request_conn: Any, start_line: httputil.RequestStartLine,
