@@ -673,8 +673,28 @@ def test_lane_request_builds_what_httpserverrequest_builds(uri):
     assert mine == theirs and type(made) is HTTPServerRequest
     assert made.query_arguments is not made.arguments
     assert all(made.query_arguments[k] is not made.arguments[k] for k in made.arguments)
-    with pytest.raises(Exception):  # Tornado's refusal of a bad Host is raised as Tornado raises it
-        transport.lane_request(None, start_line, HTTPHeaders({"Host": "bad host"}))
+    assert transport.REQUEST  # the repeated constructor, not the fallback, was compared
+    # Tornado's refusals are raised as Tornado raises them (the lane then hands the head back)
+    from tornado.httputil import HTTPInputError
+
+    for bad in ({"Host": "bad host"}, {"Host": "a,b"}, {"Upgrade": "websocket"}):
+        with pytest.raises(HTTPInputError) as theirs:
+            HTTPServerRequest(start_line=start_line, headers=HTTPHeaders(bad))
+        with pytest.raises(HTTPInputError) as mine:
+            transport.lane_request(None, start_line, HTTPHeaders(bad))
+        assert str(mine.value) == str(theirs.value)
+
+
+def test_lane_request_refuses_too_many_query_fields_as_tornado():
+    from tornado.httputil import HTTPHeaders, HTTPInputError, HTTPServerRequest, RequestStartLine
+
+    many = "/ws/core/?" + "&".join(f"f{i}=1" for i in range(transport._PARSE_BODY_CONFIG.urlencoded.max_arguments + 1))
+    start_line = RequestStartLine("GET", many, "HTTP/1.1")
+    with pytest.raises(HTTPInputError) as theirs:
+        HTTPServerRequest(start_line=start_line, headers=HTTPHeaders({"Host": "a"}))
+    with pytest.raises(HTTPInputError) as mine:
+        transport.lane_request(None, start_line, HTTPHeaders({"Host": "a"}))
+    assert str(mine.value) == str(theirs.value)
 
 
 def test_make_headers_is_what_setting_each_field_makes():
