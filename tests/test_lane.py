@@ -758,3 +758,30 @@ async def test_execute_runs_the_first_step_now_and_the_rest_in_a_task():
             with pytest.raises(asyncio.CancelledError):
                 await task
             assert steps.log[1:] == ["cancelled"] and future.cancelled()
+
+
+def test_a_different_tornado_is_noticed_and_the_public_way_used(monkeypatch):
+    """request_problems / headers_problems notice a constructor or HTTPHeaders other than the
+    ones repeated; lane_request and make_headers then use Tornado's own, with the same result."""
+    from tornado.httputil import HTTPHeaders, HTTPServerRequest, RequestStartLine
+
+    class OtherRequest(HTTPServerRequest):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.extra = True
+
+    class OtherHeaders(HTTPHeaders):
+        def __setitem__(self, name, value):
+            super().__setitem__(name, value.strip())
+
+    assert transport.request_problems(OtherRequest) == ["HTTPServerRequest.__init__ differs"]
+    assert transport.headers_problems(OtherHeaders) == ["HTTPHeaders.__setitem__ differs"]
+    start_line = RequestStartLine("GET", "/ws/core/?a=1&a=2", "HTTP/1.1")
+    headers = HTTPHeaders({"Host": "h"})
+    fast = vars(transport.lane_request(None, start_line, headers))
+    monkeypatch.setattr(transport, "REQUEST", False)
+    monkeypatch.setattr(transport, "HEADERS", False)
+    public = vars(transport.lane_request(None, start_line, headers))
+    assert fast.pop("_start_time") <= public.pop("_start_time") and fast == public
+    assert vars(transport.make_headers({"Host": "h", "X": "y"})) == {
+        "_as_list": {"Host": ["h"], "X": ["y"]}, "_combined_cache": {"Host": "h", "X": "y"}}
