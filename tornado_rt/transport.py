@@ -37,15 +37,16 @@ Nothing else in tornado-rt touches a private Tornado attribute. What this module
   ``_read_buffer_size`` (a head the lane read is put back, :func:`unread`), the request state of
   ``HTTP1Connection`` (``_request_start_line``, ``_request_headers``, ``_disconnect_on_finish``,
   ``_on_connection_close``), ``tornado.httpserver._HTTPRequestContext``,
-  ``RequestHandler._execute`` (its first step taken outside a task, :func:`execute`),
-  ``HTTPServerRequest.__init__`` (repeated without its ``copy.deepcopy``, with
-  ``tornado.httputil._ABNF.host`` and ``_DEFAULT_PARSE_BODY_CONFIG``: :func:`lane_request`, only
-  while its text is the one of Tornado 6.6, else the constructor) and Tornado 6.6's
-  ``_check_cross_origin``. When they differ, one
-  WARNING, and Tornado's HTTP/1 connection reads every request.
+  ``RequestHandler._execute`` (its first step taken outside a task, :func:`execute`) and
+  Tornado 6.6's ``_check_cross_origin``. When they differ, one WARNING, and Tornado's HTTP/1
+  connection reads every request.
+* ``HTTPServerRequest.__init__``, ``tornado.httputil._ABNF.host`` and
+  ``_DEFAULT_PARSE_BODY_CONFIG`` (:func:`lane_request`, checked by :func:`request_problems`: the
+  constructor's exact text): the lane's request is built as that constructor builds it, without
+  its ``copy.deepcopy``; when it differs, one WARNING, and the constructor builds it.
 * ``HTTPHeaders._as_list`` / ``_combined_cache`` (:func:`make_headers`, checked by
   :func:`headers_problems`): the lane's parsed headers and the handler's default headers are
-  built at once instead of one ``__setitem__`` per field.
+  built at once instead of one ``__setitem__`` per field (else, one WARNING, one at a time).
 * ``RequestHandler.clear()`` (:func:`clear_handler`): repeated with the ``Date`` header formatted
   once per second, when its source is the expected one (else Tornado's own).
 * ``RequestHandler._request_summary()``: overridden (:class:`RedactedSummary`, the base of the
@@ -895,8 +896,6 @@ def lane_problems(stream: Any = None) -> List[str]:
       the request context ``HTTPServer.handle_stream`` builds;
     * ``RequestHandler._execute(transforms, *args, **kwargs)`` (a coroutine), what Tornado's
       ``_HandlerDelegate.execute`` runs (:func:`execute` takes its first step itself);
-    * ``HTTPServerRequest.__init__`` is the one :func:`lane_request` repeats, with
-      ``tornado.httputil._ABNF.host`` and ``_DEFAULT_PARSE_BODY_CONFIG`` (:func:`request_problems`);
     * the cross-origin check of Tornado 6.6 (``WebSocketHandler.get`` calls
       ``self._check_cross_origin(self.check_origin)``, which reads ``Sec-Fetch-Site``, ``Origin``
       and ``Host``), which the lane's own check mirrors."""
@@ -924,7 +923,6 @@ def lane_problems(stream: Any = None) -> List[str]:
         problems.append("RequestHandler._execute is not a coroutine function")
     if not callable(getattr(HTTP1Connection, "_on_connection_close", None)):
         problems.append("HTTP1Connection._on_connection_close is missing")
-    problems.extend(request_problems())
     try:
         init = inspect.getsource(HTTP1Connection.__init__)
         write_headers = inspect.getsource(HTTP1Connection.write_headers)
@@ -1048,7 +1046,15 @@ def request_problems(cls: Any = HTTPServerRequest) -> List[str]:
     return []
 
 
-REQUEST = not request_problems()
+def _check_built(name: str, problems: List[str]) -> bool:
+    if problems:
+        log.warning("Tornado %s differs from what tornado-rt expects (%s); the connect lane builds %s "
+                    "Tornado's way: more CPU per connect", tornado.version, "; ".join(problems), name)
+    return not problems
+
+
+#: The lane's request is built by :func:`lane_request` (else by Tornado's constructor).
+REQUEST = _check_built("its requests", request_problems())
 
 
 class _Rest:
@@ -1181,7 +1187,8 @@ def headers_problems(cls: Any = HTTPHeaders) -> List[str]:
     return []
 
 
-HEADERS = not headers_problems()
+#: Headers are built at once by :func:`make_headers` (else one field at a time).
+HEADERS = _check_built("its headers", headers_problems())
 
 
 def make_headers(fields: Dict[str, str]) -> HTTPHeaders:
