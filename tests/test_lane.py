@@ -36,9 +36,10 @@ WAIT = 30.0
 class Front:
     """One real server: a RealtimeServer, the HTTP API app, a GuardedHTTPServer on a free port."""
 
-    def __init__(self, lane: bool, rt: Dict[str, Any], listener: Dict[str, Any], handler_class: type):
+    def __init__(self, lane: bool, rt: Dict[str, Any], listener: Dict[str, Any], handler_class: type,
+                 authenticator: Any = None):
         self.rt = RealtimeServer(Settings(jwt_secret=SECRET, ping_interval=0, **rt), load_entry_points=False,
-                                 handler_class=handler_class)
+                                 handler_class=handler_class, authenticator=authenticator)
         kwargs = dict(listener)
         self.http = listen(make_app(self.rt, [API_KEY]), 0, "127.0.0.1",
                            settings=Settings(**kwargs.pop("settings", {})), lane=lane, **kwargs)
@@ -58,9 +59,9 @@ def fronts(io_loop):
     made: List[Front] = []
 
     def make(rt: Optional[Dict[str, Any]] = None, listener: Optional[Dict[str, Any]] = None,
-             handler_class: type = RealtimeHandler) -> Tuple[Front, Front]:
-        pair = (Front(True, rt or {}, listener or {}, handler_class),
-                Front(False, rt or {}, listener or {}, handler_class))
+             handler_class: type = RealtimeHandler, authenticator: Any = None) -> Tuple[Front, Front]:
+        pair = (Front(True, rt or {}, listener or {}, handler_class, authenticator),
+                Front(False, rt or {}, listener or {}, handler_class, authenticator))
         made.extend(pair)
         return pair
 
@@ -476,6 +477,118 @@ async def test_no_lane_where_it_could_differ(fronts):
     assert counts(proxied[0]) == (0, 0)
 
 
+class Recording(RealtimeHandler):
+    """Records the request as open() sees it (after RealtimeHandler.get took the token out)."""
+
+    seen: List[Dict[str, Any]] = []
+
+    def open(self, *args, **kwargs):
+        request = self.request
+        self.seen.append({name: getattr(request, name) for name in (
+            "method", "uri", "version", "path", "query", "arguments", "query_arguments", "body_arguments",
+            "files", "body", "host", "host_name", "remote_ip", "protocol")})
+        self.seen[-1]["headers"] = sorted(request.headers.get_all())
+        return super().open(*args, **kwargs)
+
+
+@pytest.mark.parametrize("query", [
+    "", "&positions=1", "&x=1&x=2&blank=&y=%41%20b+c", "&positions=0&&=v&k", "&caf%C3%A9=%FF",
+])
+@pytest.mark.gen_test
+async def test_the_lanes_request_is_the_one_tornado_builds(fronts, query):
+    """The lane builds the request itself (lane_request: the query's arguments copied without
+    copy.deepcopy, the headers built at once): what the handler sees is what Tornado gives it,
+    repeated and blank arguments, percent-escapes and no query at all included."""
+    Recording.seen = []
+    pair = fronts(handler_class=Recording)
+    path = "/ws/core/" if query else "/ws/core/?"
+    answers = []
+    for front in pair:
+        token = make_token(1) if query or front is pair[0] else make_token(1)
+        request = upgrade(front.port, token=token).replace(b"?jwt_token=" + token.encode(),
+                                                          b"?jwt_token=" + token.encode() + query.encode())
+        answer, reader = await exchange(front.port, request)
+        answers.append(answer)
+        reader.sock.close()
+    assert answers[0] == answers[1] and answers[0]["status"] == 101
+    assert counts(pair[0]) == (1, 0)
+    lane, tornado = Recording.seen
+    # the Host header carries each server's own port
+    for seen, front in ((lane, pair[0]), (tornado, pair[1])):
+        assert seen["host"] == f"127.0.0.1:{front.port}"
+        seen["headers"] = [h for h in seen["headers"] if h[0] != "Host"]
+        seen["host"] = None
+    assert lane == tornado
+    assert lane["uri"].startswith(path) and "jwt_token" not in lane["arguments"]
+
+
+@pytest.mark.gen_test
+async def test_an_upgrade_whose_open_waits_is_laned_and_answered_the_same(fronts):
+    """An authenticator that answers later: the lane's first step of the handler stops at it
+    (transport.execute hands the rest to a task), and the answer is the same as Tornado's, for
+    a token accepted and one refused, in order with a frame the client sent meanwhile."""
+    release = asyncio.Event()
+
+    async def authenticator(token):
+        await release.wait()
+        return 7 if token == "good" else None
+
+    pair = fronts(authenticator=authenticator)
+    for token, success in (("good", True), ("bad", False)):
+        readers = []
+        for front in pair:
+            sock = await open_socket(front.port)
+            await asyncio.get_running_loop().sock_sendall(sock, upgrade(front.port, token=token))
+            readers.append(Reader(sock))
+        answers = []
+        for reader in readers:
+            head = await reader.head()
+            assert head is not None and head.startswith(b"HTTP/1.1 101 ")
+        release.set()
+        for reader in readers:
+            opcode, payload = await reader.frame()
+            message = ujson.loads(payload)
+            message.pop("web_socket_id", None)
+            answers.append((opcode, message))
+            reader.sock.close()
+        release.clear()
+        assert answers[0] == answers[1] and answers[0][1]["success"] is success
+    assert counts(pair[0]) == (2, 0)
+
+
+@pytest.mark.gen_test
+async def test_a_connection_closed_while_open_waits_is_let_go(fronts):
+    """The client leaves while the authenticator is thinking: the laned handler's task (the rest
+    of its first step) ends as Tornado's does, counted the same, and the server serves the next
+    connection."""
+    release = asyncio.Event()
+    calls: List[str] = []
+
+    async def authenticator(token):
+        calls.append(token)
+        await release.wait()
+        return 7
+
+    pair = fronts(authenticator=authenticator)
+    outcome = []
+    for front in pair:
+        calls.clear()
+        sock = await open_socket(front.port)
+        await asyncio.get_running_loop().sock_sendall(sock, upgrade(front.port, token="t1"))
+        assert (await Reader(sock).head()).startswith(b"HTTP/1.1 101 ")
+        sock.close()
+        while not calls:  # barrier-ok: the authenticator has the token
+            await asyncio.sleep(0.01)  # barrier-ok
+        release.set()
+        answer, reader = await exchange(front.port, upgrade(front.port, token="t2"))
+        reader.sock.close()
+        release.clear()
+        outcome.append((answer, front.rt.counters.connections_opened))
+    assert outcome[0] == outcome[1]
+    assert outcome[0][0]["message"] == (1, {"type": "authentication", "success": True})
+    assert counts(pair[0]) == (2, 0)
+
+
 # --- the push-back, without a server ----------------------------------------------------------------
 
 @pytest.mark.gen_test
@@ -527,6 +640,7 @@ def test_the_internals_the_lane_relies_on_are_there_and_serve_gets_a_lane():
 
     assert transport.lane_problems() == []
     assert transport.clear_problems() == [] and transport.CLEAR
+    assert transport.request_problems() == [] and transport.headers_problems() == [] and transport.HEADERS
     rt = RealtimeServer(Settings(jwt_secret=SECRET, ping_interval=0), load_entry_points=False)
     lane = _Lane.find(make_app(rt, [API_KEY]))  # the application `tornado-rt serve` runs
     assert lane is not None and lane.paths == {"/ws/core", "/ws/core/"} and lane.server is rt
@@ -539,3 +653,135 @@ def test_the_internals_the_lane_relies_on_are_there_and_serve_gets_a_lane():
 
     assert _Lane.find(Application([(r"/ws/.*", RequestHandler)] + rt.routes())) is None
     assert _Lane.find(Application([(r"/other", RequestHandler)] + rt.routes())) is not None
+
+
+@pytest.mark.parametrize("uri", [
+    "/ws/core/", "/ws/core/?", "/ws/core/?jwt_token=a.b.c", "/ws/core/?a=1&a=2&b=&c&d=%41+%20",
+    "/ws/core/?%FF=%FE&x==y",
+])
+def test_lane_request_builds_what_httpserverrequest_builds(uri):
+    """Without a server: the lane's request (transport.lane_request) holds what Tornado's
+    constructor makes of the same start line and headers, attribute for attribute."""
+    from tornado.httputil import HTTPHeaders, HTTPServerRequest, RequestStartLine
+
+    headers = HTTPHeaders({"Host": "example.com:8000", "Upgrade": "websocket"})
+    start_line = RequestStartLine("GET", uri, "HTTP/1.1")
+    made = transport.lane_request(None, start_line, headers)
+    tornados = HTTPServerRequest(start_line=start_line, headers=headers)
+    mine, theirs = vars(made), vars(tornados)
+    assert mine.pop("_start_time") <= theirs.pop("_start_time")
+    assert mine == theirs and type(made) is HTTPServerRequest
+    assert made.query_arguments is not made.arguments
+    assert all(made.query_arguments[k] is not made.arguments[k] for k in made.arguments)
+    assert transport.REQUEST  # the repeated constructor, not the fallback, was compared
+    # Tornado's refusals are raised as Tornado raises them (the lane then hands the head back)
+    from tornado.httputil import HTTPInputError
+
+    for bad in ({"Host": "bad host"}, {"Host": "a,b"}, {"Upgrade": "websocket"}):
+        with pytest.raises(HTTPInputError) as theirs:
+            HTTPServerRequest(start_line=start_line, headers=HTTPHeaders(bad))
+        with pytest.raises(HTTPInputError) as mine:
+            transport.lane_request(None, start_line, HTTPHeaders(bad))
+        assert str(mine.value) == str(theirs.value)
+
+
+def test_lane_request_refuses_too_many_query_fields_as_tornado():
+    from tornado.httputil import HTTPHeaders, HTTPInputError, HTTPServerRequest, RequestStartLine
+
+    many = "/ws/core/?" + "&".join(f"f{i}=1" for i in range(transport._PARSE_BODY_CONFIG.urlencoded.max_arguments + 1))
+    start_line = RequestStartLine("GET", many, "HTTP/1.1")
+    with pytest.raises(HTTPInputError) as theirs:
+        HTTPServerRequest(start_line=start_line, headers=HTTPHeaders({"Host": "a"}))
+    with pytest.raises(HTTPInputError) as mine:
+        transport.lane_request(None, start_line, HTTPHeaders({"Host": "a"}))
+    assert str(mine.value) == str(theirs.value)
+
+
+def test_make_headers_is_what_setting_each_field_makes():
+    from tornado.httputil import HTTPHeaders
+
+    fields = {"Host": "a", "Sec-Websocket-Key": "k==", "Empty": ""}
+    one_by_one = HTTPHeaders()
+    for name, value in fields.items():
+        one_by_one[name] = value
+    made = transport.make_headers(fields)
+    assert vars(made) == vars(one_by_one) and type(made) is HTTPHeaders
+    made.add("Host", "b")  # its own lists: the fields given are not shared
+    assert made.get_list("Host") == ["a", "b"] and fields["Host"] == "a"
+    assert one_by_one.get_list("Host") == ["a"]
+
+
+class _Steps:
+    """A stand-in for a handler's ``_execute``: records what happens to it, awaits ``wait``."""
+
+    def __init__(self, wait=None):
+        self.wait = wait
+        self.log: List[Any] = []
+
+    async def _execute(self, transforms):
+        self.log.append(("started", transforms))
+        if self.wait is not None:
+            try:
+                self.log.append(("got", await self.wait))
+            except asyncio.CancelledError:
+                self.log.append("cancelled")
+                raise
+            except ValueError as exc:
+                self.log.append(("raised", str(exc)))
+        return "result"
+
+
+@pytest.mark.gen_test
+async def test_execute_runs_the_first_step_now_and_the_rest_in_a_task():
+    """transport.execute: a handler done in its first step needs no task (None, already run);
+    one that waits continues in a task that sends it the awaited result, throws the awaited
+    error into it, or cancels it where it waits, as a task running it from the start would."""
+    loop = asyncio.get_running_loop()
+    done = _Steps()
+    assert transport.execute(done, ["t"], loop) is None and done.log == [("started", ["t"])]
+
+    for outcome in ("value", "error", "cancel"):
+        future = loop.create_future()
+        steps = _Steps(future)
+        task = transport.execute(steps, [], loop)
+        assert task is not None and steps.log == [("started", [])]  # the first step ran already
+        await asyncio.sleep(0)
+        assert not task.done()
+        if outcome == "value":
+            future.set_result(42)
+            assert await task == "result" and steps.log[1:] == [("got", 42)]
+        elif outcome == "error":
+            future.set_exception(ValueError("no"))
+            assert await task == "result" and steps.log[1:] == [("raised", "no")]
+        else:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert steps.log[1:] == ["cancelled"] and future.cancelled()
+
+
+def test_a_different_tornado_is_noticed_and_the_public_way_used(monkeypatch):
+    """request_problems / headers_problems notice a constructor or HTTPHeaders other than the
+    ones repeated; lane_request and make_headers then use Tornado's own, with the same result."""
+    from tornado.httputil import HTTPHeaders, HTTPServerRequest, RequestStartLine
+
+    class OtherRequest(HTTPServerRequest):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.extra = True
+
+    class OtherHeaders(HTTPHeaders):
+        def __setitem__(self, name, value):
+            super().__setitem__(name, value.strip())
+
+    assert transport.request_problems(OtherRequest) == ["HTTPServerRequest.__init__ differs"]
+    assert transport.headers_problems(OtherHeaders) == ["HTTPHeaders.__setitem__ differs"]
+    start_line = RequestStartLine("GET", "/ws/core/?a=1&a=2", "HTTP/1.1")
+    headers = HTTPHeaders({"Host": "h"})
+    fast = vars(transport.lane_request(None, start_line, headers))
+    monkeypatch.setattr(transport, "REQUEST", False)
+    monkeypatch.setattr(transport, "HEADERS", False)
+    public = vars(transport.lane_request(None, start_line, headers))
+    assert fast.pop("_start_time") <= public.pop("_start_time") and fast == public
+    assert vars(transport.make_headers({"Host": "h", "X": "y"})) == {
+        "_as_list": {"Host": ["h"], "X": ["y"]}, "_combined_cache": {"Host": "h", "X": "y"}}

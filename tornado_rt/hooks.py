@@ -2,7 +2,7 @@
 
 The authenticator, the access policy's methods, a page type's ``can_add`` and a message type's
 side effect may each return a value or an awaitable of one. This module is the only place that
-tells the two apart (``inspect.isawaitable``). Everything else composes results with two
+tells the two apart (:func:`isawaitable`). Everything else composes results with two
 helpers and never asks:
 
 * :func:`then` ``(value, fn)``: ``fn(value)`` now when ``value`` is ready, else an awaitable that
@@ -22,7 +22,7 @@ import inspect
 import logging
 from typing import Any, Awaitable, Callable, Hashable, Iterable, List, Optional, Set, TypeVar, Union
 
-from .auth import log_authenticator_error, refuse_token, to_principal
+from .auth import JWTAuthenticator, log_authenticator_error, refuse_token, to_principal
 from .principal import Principal, normalize_id
 from .refusals import Denied
 
@@ -33,14 +33,25 @@ R = TypeVar("R")
 MaybeAwaitable = Union[T, Awaitable[T]]
 
 
+#: Types whose instances are never awaitable: told apart by one set look-up instead of
+#: ``inspect.isawaitable``'s three isinstance checks (one of them an ABC's). Exact types only (a
+#: subclass may define ``__await__``).
+_READY = frozenset({type(None), bool, int, float, str, bytes, list, dict, tuple, Principal, Denied})
+
+
+def isawaitable(value: Any) -> bool:
+    """``inspect.isawaitable(value)``, at once for the plain results hooks usually give."""
+    return value.__class__ not in _READY and inspect.isawaitable(value)
+
+
 def then(value: Any, fn: Callable[[Any], Any]) -> Any:
     """Apply ``fn`` to ``value`` now, or once ``value`` (an awaitable) is ready."""
-    if not inspect.isawaitable(value):
+    if not isawaitable(value):
         return fn(value)
 
     async def later() -> Any:
         result = fn(await value)
-        if inspect.isawaitable(result):
+        if isawaitable(result):
             result = await result
         return result
     return later()
@@ -49,17 +60,17 @@ def then(value: Any, fn: Callable[[Any], Any]) -> Any:
 def gather(values: Iterable[Any]) -> Any:
     """The list of ``values``, each resolved in order; an awaitable of it if any is awaitable."""
     values = list(values)
-    if not any(inspect.isawaitable(v) for v in values):
+    if not any(isawaitable(v) for v in values):
         return values
 
     async def later() -> List[Any]:
-        return [await v if inspect.isawaitable(v) else v for v in values]
+        return [await v if isawaitable(v) else v for v in values]
     return later()
 
 
 def pending(value: Any) -> Optional[Awaitable[Any]]:
     """``value`` if it still has to be awaited, else None (the step is done)."""
-    return value if inspect.isawaitable(value) else None
+    return value if isawaitable(value) else None
 
 
 def _guarded(call: Callable[[], Any], fallback: Any, on_error: Callable[[], None]) -> Any:
@@ -70,7 +81,7 @@ def _guarded(call: Callable[[], Any], fallback: Any, on_error: Callable[[], None
     except Exception:
         on_error()
         return fallback
-    if not inspect.isawaitable(value):
+    if not isawaitable(value):
         return value
 
     async def later() -> Any:
@@ -100,6 +111,12 @@ class Hooks:
         authenticator = self.authenticator
         if authenticator is None:
             return None
+        if authenticator.__class__ is JWTAuthenticator:  # synchronous, counts its own refusals,
+            try:                                         # answers a Principal or None: at once
+                return authenticator(token)
+            except Exception:
+                log_authenticator_error(token)
+                return None
         result = _guarded(lambda: authenticator(token), _RAISED, lambda: log_authenticator_error(token))
         # An authenticator that counts its own refusals (JWTAuthenticator: reports_refusals) is not
         # counted twice; an embedder's None is counted here, an error already was.

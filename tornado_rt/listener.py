@@ -421,11 +421,9 @@ class GuardedHTTPServer(HTTPServer):
             self._unauthenticated.setdefault(host, set()).add(stream)
             _GUARDED[stream] = (self, host)
         if self._own_idle and self.idle_timeout < self.header_timeout:  # Tornado's bound, first
-            self._header_deadlines[stream] = stream.io_loop.call_later(
-                self.idle_timeout, self._idle_timed_out, stream)
+            self._header_deadlines[stream] = self._deadline(stream, self.idle_timeout, self._idle_timed_out)
         else:
-            self._header_deadlines[stream] = stream.io_loop.call_later(
-                self.header_timeout, self._header_timed_out, stream)
+            self._header_deadlines[stream] = self._deadline(stream, self.header_timeout, self._header_timed_out)
         lane = self._lane
         if lane is None:
             lane = self._lane = self._find_lane(stream)
@@ -495,11 +493,16 @@ class GuardedHTTPServer(HTTPServer):
         app = lane.app
         try:
             handler = lane.handler_class(app, request, **lane.kwargs)
+            # Its first step now: the upgrade is answered (and open() run) without a task or a
+            # loop turn when open() finishes at once; a task only for what it waits for.
             running = transport.execute(handler, [t(request) for t in app.transforms],
                                         stream.io_loop.asyncio_loop)  # type: ignore[attr-defined]
         except Exception:  # as Tornado's request loop: logged, the connection closed
             app_log.error("Uncaught exception in %s", transport.request_summary(request), exc_info=True)
             self._lane_ended(stream)
+            return
+        if running is None:  # done: what _lane_done does
+            self._lane_detached(stream)
             return
         running.add_done_callback(lambda f: self._lane_done(stream, f))
 
@@ -536,7 +539,7 @@ class GuardedHTTPServer(HTTPServer):
                                         transport.lane_context(stream, address, self.protocol,
                                                                self.trusted_downstream),
                                         start_line, headers)
-        return httputil.HTTPServerRequest(connection=conn, start_line=start_line, headers=headers)
+        return transport.lane_request(conn, start_line, headers)
 
     # --- the publish lane ------------------------------------------------------------------------
     def _lane_post_request(self, stream: IOStream, address: Any, lane: "_Lane", data: bytes,
@@ -674,7 +677,7 @@ class GuardedHTTPServer(HTTPServer):
         if stream.closed():
             self._lane_ended(stream)
             return
-        self._header_deadlines[stream] = stream.io_loop.call_later(self.idle_timeout, self._idle_timed_out, stream)
+        self._header_deadlines[stream] = self._deadline(stream, self.idle_timeout, self._idle_timed_out)
         self._lane_reading.add(stream)
         self._lane_read(stream, address, lane, conn.context)
 
@@ -728,10 +731,18 @@ class GuardedHTTPServer(HTTPServer):
         if self._header_deadlines.pop(stream, None) is not None and not stream.closed():
             stream.close()
 
+    @staticmethod
+    def _deadline(stream: IOStream, delay: float, callback: Any) -> asyncio.TimerHandle:
+        """``callback(stream)`` in ``delay`` seconds: what ``stream.io_loop.call_later`` does,
+        straight on the asyncio loop (no ``functools.partial`` and no Tornado wrapper per
+        connection: these callbacks return nothing and raise nothing); cancelled with
+        ``.cancel()`` (what ``IOLoop.remove_timeout`` calls)."""
+        return stream.io_loop.asyncio_loop.call_later(delay, callback, stream)  # type: ignore[attr-defined]
+
     def _head_received(self, stream: IOStream) -> None:
         deadline = self._header_deadlines.pop(stream, None)
         if deadline is not None:
-            stream.io_loop.remove_timeout(deadline)
+            deadline.cancel()
 
     def release(self, stream: IOStream) -> None:
         """``stream`` no longer counts as unauthenticated (idempotent)."""
@@ -771,8 +782,7 @@ class GuardedHTTPServer(HTTPServer):
         # runs since the accept; a later one (keep-alive) gets idle_timeout.
         stream = getattr(server_conn, "stream", None)
         if self._own_idle and stream is not None and stream not in self._header_deadlines:
-            self._header_deadlines[stream] = stream.io_loop.call_later(
-                self.idle_timeout, self._idle_timed_out, stream)
+            self._header_deadlines[stream] = self._deadline(stream, self.idle_timeout, self._idle_timed_out)
         return _RequestGuard(self, server_conn, request_conn, super().start_request(server_conn, request_conn))
 
     def _refuse_body(self, request_conn: Any, start_line: httputil.RequestStartLine,
@@ -840,10 +850,7 @@ def fast_headers(block: str) -> Optional[Tuple[httputil.HTTPHeaders, Dict[str, s
         if name in fields:
             return None
         fields[name] = value
-    headers = httputil.HTTPHeaders()
-    for name, value in fields.items():
-        headers[name] = value
-    return headers, fields
+    return transport.make_headers(fields), fields
 
 
 class _Lane:

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import time
-import uuid
 from typing import Any, Awaitable, Callable, Dict, Optional
 
 import ujson
@@ -86,6 +86,16 @@ class SessionContext:
         self.auth_failed = auth_failed
         self.recovery: Any = None  # history.Recovery when the recovery extension is on
         self.presence: Any = None  # presence.Presence (the ``presence`` client action uses it)
+
+
+def _uuid4() -> str:
+    """``str(uuid.uuid4())`` (16 random bytes, the version and variant bits set as RFC 4122
+    section 4.4 says) without the UUID object: about half the cost, once per connection."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40
+    raw[8] = raw[8] & 0x3F | 0x80
+    text = raw.hex()
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 class Session:
@@ -158,7 +168,7 @@ class Session:
             return
         self.principal = principal
         self.user_id = principal.user_id
-        self.web_socket_id = str(uuid.uuid4())
+        self.web_socket_id = _uuid4()
         self.state = State.OPEN
         self._refilled = time.monotonic()
         hub.add(self)
