@@ -660,6 +660,30 @@ def merge_replies(control: List[Entry], control_full: bool, inbox: List[Entry],
     return ready, list(control[i:]), list(inbox[j:])
 
 
+def parse_refs(blob: bytes) -> Optional[Tuple[List[int], Optional[List[Optional[Tuple[str, int]]]]]]:
+    """The references of an inbox entry's ``R`` field (``<seq>,<epoch>,<offset>;`` each, epoch and
+    offset empty unless the envelope joined a history): ``(seqs, positions)``, ``positions`` None
+    when no reference has one (the common case: parsed without a step per reference), else the
+    ``(epoch, offset)`` or None of each. Text after the last ``;`` is ignored. None when a
+    reference is malformed (the caller then delivers those before it, one at a time)."""
+    parts = blob.split(b",,;")
+    if len(parts) - 1 == blob.count(b";"):  # every reference without a position
+        try:
+            return [int(seq) for seq in parts[:-1]], None
+        except ValueError:
+            return None
+    seqs: List[int] = []
+    positions: List[Optional[Tuple[str, int]]] = []
+    try:
+        for ref in blob.split(b";")[:-1]:
+            seq_b, epoch, offset = ref.split(b",")
+            seqs.append(int(seq_b))
+            positions.append((epoch.decode(), int(offset)) if epoch else None)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return seqs, positions
+
+
 class _Pending:
     """A publish of this process: its future, its deadline (loop time), the envelope, and the
     stream sequence number Redis gave it (0 until accepted)."""
@@ -1158,8 +1182,7 @@ class RedisBroker(Broker):
         # Not encoded here: the writer encodes it only when Redis needs its bytes (see _send).
         loop = self._loop
         assert loop is not None and self._wake is not None
-        future = loop.create_future()
-        future.add_done_callback(_retrieve)  # a caller may drop it: no "never retrieved" noise
+        future = loop.create_future()  # a failure is marked retrieved in _fail: no done callback
         deadline = loop.time() + self.publish_timeout
         self._pending[seq] = _Pending(future, deadline, envelope)
         self._outbox.append(seq)
@@ -1578,6 +1601,12 @@ class RedisBroker(Broker):
         loop = self._loop
         assert loop is not None
         stream_name = self.stream.encode()
+        # The XREAD commands, packed here (redis-py's pack_command per read cost more than the
+        # read's own parsing): what follows COUNT <n> [BLOCK <ms>], then the ids.
+        xread = _bulk(b"XREAD") + _bulk(b"COUNT")
+        blocks = _bulk(b"BLOCK") + _bulk(block.encode())
+        streams = _bulk(b"STREAMS") + _bulk(stream_name) + _bulk(self.inbox.encode())
+        send = conn.send_packed_command
         # A read that finds nothing is followed by a blocking one. A blocking XREAD is answered
         # when one of its streams gets entries; Redis before 7.2 then answers with that stream
         # alone, so its reply is not a snapshot of both: entries of the other stream may come
@@ -1591,12 +1620,11 @@ class RedisBroker(Broker):
                 await self._sweep(conn, interval)
             stalls = self._stalls
             control_id = self._held_control[-1][0] if self._held_control else self._last_id
+            ids = _bulk(control_id) + _bulk(self._inbox_id)
             if blocking:
-                await conn.send_command("XREAD", "COUNT", count, "BLOCK", block, "STREAMS", self.stream,
-                                        self.inbox, control_id, self._inbox_id, check_health=False)
+                await send([b"*10\r\n", xread, _bulk(b"%d" % count), blocks, streams, ids], check_health=False)
             else:
-                await conn.send_command("XREAD", "COUNT", count, "STREAMS", self.stream, self.inbox,
-                                        control_id, self._inbox_id, check_health=False)
+                await send([b"*8\r\n", xread, _bulk(b"%d" % count), streams, ids], check_health=False)
             async with asyncio.timeout(2 * interval):
                 reply = await read()
             if reply is None:  # nothing new (within the BLOCK time)
@@ -1765,6 +1793,57 @@ class RedisBroker(Broker):
         """Deliver this process's own page messages named by an inbox entry's ``R`` field: each
         ``<seq>,<epoch>,<offset>;`` (epoch and offset when it joined a history, else empty). The
         envelope is this process's: still pending, or kept in ``_own`` past its deadline."""
+        pending, own = self._pending, self._own
+        try:
+            refs = parse_refs(blob)
+        except (ValueError, UnicodeDecodeError):
+            refs = None
+        if refs is None:  # malformed somewhere: deliver the refs before the first bad one
+            self._on_refs_slowly(entry_id, blob, at)
+            return
+        seqs, positions = refs
+        if not seqs:
+            return
+        self.inbox_envelopes += len(seqs)
+        if seqs[-1] > self._last_ref:  # in seq order: the last is the highest
+            self._last_ref = seqs[-1]
+        # What _hand does, with its lookups hoisted out of the loop (a batch of a few hundred).
+        hub = self._hub
+        groups = hub.groups if hub is not None else None
+        seen = self.recent.seen
+        deliver = self._deliver
+        for i, seq in enumerate(seqs):
+            entry = pending.pop(seq, None)
+            envelope: Optional[Envelope]
+            if entry is not None:
+                envelope = entry.envelope
+            else:
+                envelope = own.pop(seq, None)
+                while own and next(iter(own)) < seq:  # their references were lost
+                    del own[next(iter(own))]
+                if envelope is None:
+                    log.error("inbox entry %r on Redis stream %s names publish %d of this process, "
+                              "which it no longer holds: not delivered here", entry_id, self.inbox, seq)
+                    continue
+            envelope.position = positions[i] if positions is not None else None
+            audience = envelope.audience
+            if (groups is not None and audience is not None and audience[0] == "page"
+                    and envelope.kind == MESSAGE and audience[1] not in groups):
+                self.dropped += 1
+            key = envelope.id
+            if key is not None and seen(key, at):
+                self.duplicates += 1
+            elif deliver is not None:
+                try:
+                    deliver(envelope)
+                except Exception:
+                    log.exception("delivery of %r failed", envelope)
+            if entry is not None and not entry.future.done():
+                entry.future.set_result(None)
+
+    def _on_refs_slowly(self, entry_id: bytes, blob: bytes, at: float) -> None:
+        """:meth:`_on_refs` one reference at a time: those before a malformed one are delivered,
+        the rest of the entry is logged and ignored."""
         pending, own = self._pending, self._own
         try:
             for ref in blob.split(b";")[:-1]:
@@ -2065,17 +2144,17 @@ class RedisBroker(Broker):
     def _fail(self, seq: int, error: BaseException) -> None:
         entry = self._pending.pop(seq, None)
         if entry is not None and not entry.future.done():
-            entry.future.set_exception(error)
+            future = entry.future
+            future.set_exception(error)
+            # A caller may drop the future: marked retrieved now, so asyncio does not log "Future
+            # exception was never retrieved" (awaiting it still raises). Not a done callback per
+            # publish: a callback costs a loop callback for every publish that succeeds, too.
+            future.exception()
 
 
 def _now(loop: Optional[asyncio.AbstractEventLoop]) -> float:
     assert loop is not None
     return loop.time()
-
-
-def _retrieve(future: "asyncio.Future[None]") -> None:
-    if not future.cancelled():
-        future.exception()
 
 
 def _describe(exc: BaseException) -> str:

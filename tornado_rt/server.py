@@ -40,6 +40,17 @@ from .settings import Settings
 
 log = logging.getLogger("tornado_rt.server")
 
+
+_FUTURE = asyncio.Future
+
+
+def _awaitable(result: Any) -> bool:
+    """``inspect.isawaitable``, answered at once for an asyncio future (what a multi-process
+    broker's ``publish`` returns, once per envelope): ``isawaitable`` of a future goes through
+    the ``Awaitable`` ABC check."""
+    return type(result) is _FUTURE or inspect.isawaitable(result)
+
+
 CLOSE_REASONS = {
     None: "client", 1000: "normal", 1001: "going_away", 1002: "protocol_error", 1007: "invalid_payload",
     1009: "message_too_big",
@@ -429,7 +440,7 @@ class RealtimeServer:
         for env in envelopes:
             self._count(env)
             result = publish(env)
-            if result is not None and inspect.isawaitable(result):
+            if result is not None and _awaitable(result):
                 waiting.append(result)
             if slicer.due():
                 await slicer.pause()
@@ -455,7 +466,7 @@ class RealtimeServer:
         for env in envelopes:
             count(env)
             result = publish(env)
-            if result is not None and inspect.isawaitable(result):
+            if result is not None and _awaitable(result):
                 if waiting is None:
                     waiting = []
                 waiting.append(result)
