@@ -204,6 +204,21 @@ def row(driver, name):
     raise AssertionError(f"no row {name!r}")
 
 
+def click_in_row(driver, name, css):
+    """Click ``css`` in the row named ``name``. The table is redrawn when a live change arrives,
+    which can replace the row between finding it and clicking it: the lookup and the click are
+    retried together while the element went stale (never when the row or the button is missing)."""
+    def attempt(d):
+        row(d, name).find_element(By.CSS_SELECTOR, css).click()
+        return True
+    wait(driver, attempt, f"could not click {css} in row {name!r}")
+
+
+def row_cell(driver, name, css):
+    """The text of ``css`` in the row named ``name``, read again if the row was redrawn meanwhile."""
+    return wait(driver, lambda d: (row(d, name).find_element(By.CSS_SELECTOR, css).text,), f"no {css} in {name!r}")[0]
+
+
 # --- the tests ------------------------------------------------------------------------------------------
 
 def test_two_users_see_each_others_changes_live(example, browsers):
@@ -222,17 +237,15 @@ def test_two_users_see_each_others_changes_live(example, browsers):
     wait(alice, lambda d: "Fix the flaky test" in row_names(d), "alice never saw bob's new row")
 
     # Edited by bob: alice sees the new values, and who changed it.
-    tr = row(bob, "Write the release notes")
-    tr.find_element(By.CSS_SELECTOR, "button.edit").click()
+    click_in_row(bob, "Write the release notes", "button.edit")
     name = wait(bob, lambda d: d.find_element(By.CSS_SELECTOR, "#rows input.edit-name"), "no editor")
     name.clear()
     name.send_keys("Write the release notes (draft)")
     bob.find_element(By.CSS_SELECTOR, "#rows select").send_keys("doing")
     bob.find_element(By.CSS_SELECTOR, "#rows button.save").click()
     wait(alice, lambda d: "Write the release notes (draft)" in row_names(d), "alice never saw bob's edit")
-    edited = row(alice, "Write the release notes (draft)")
-    assert edited.find_element(By.CSS_SELECTOR, "td.by").text == "bob"
-    assert edited.find_element(By.CSS_SELECTOR, ".pill").text == "doing"
+    assert row_cell(alice, "Write the release notes (draft)", "td.by") == "bob"
+    assert row_cell(alice, "Write the release notes (draft)", ".pill") == "doing"
 
     for driver in (alice, bob):
         assert_no_overflow(driver)
@@ -241,7 +254,7 @@ def test_two_users_see_each_others_changes_live(example, browsers):
         side_by_side(browsers, shots, Path(SHOTS) / "live-table.png")
 
     # Deleted by alice: gone from bob's table.
-    row(alice, "Fix the flaky test").find_element(By.CSS_SELECTOR, "button.del").click()
+    click_in_row(alice, "Fix the flaky test", "button.del")
     wait(bob, lambda d: row_names(d) == ["Write the release notes (draft)"], "bob still shows the deleted row")
     wait(alice, lambda d: row_names(d) == ["Write the release notes (draft)"], "alice still shows her deleted row")
 
