@@ -250,24 +250,49 @@ local pend_q = {}
 local pending = {}
 local hi_n, hi_k = 0, 0
 local out = {now, '0-0'}
+-- Each inbox's last entry id and counter c: the mirror <prefix>itops (a hash, field: the process
+-- id, value "<a>-<b> <c>"; written below after the XADDs) when the inbox is not empty and has no
+-- entry after the mirrored id, else its last entry (XREVRANGE returns it whole: up to about 100
+-- envelopes in another process's inbox). An empty or missing inbox starts at {0, 0, 0}.
+local itops = prefix .. 'itops'
+local proc_of = {}
+local function last_of(new)
+  local fields = {}
+  for i, inbox in ipairs(new) do fields[i] = proc_of[inbox] end
+  local mirrors = redis.call('HMGET', itops, unpack(fields))
+  for i, inbox in ipairs(new) do
+    local last = {0, 0, 0}
+    if redis.call('XLEN', inbox) > 0 then
+      local a, b, c
+      if mirrors[i] then a, b, c = string.match(mirrors[i], '^(%d+)-(%d+) (%d+)$') end
+      if a and not redis.call('XRANGE', inbox, '(' .. a .. '-' .. b, '+', 'COUNT', 1)[1] then
+        last = {tonumber(a), tonumber(b), tonumber(c)}
+      else
+        -- missing or stale (another writer appended after it): the last entry, whole
+        local found = redis.call('XREVRANGE', inbox, '+', '-', 'COUNT', 1)
+        if found[1] then
+          a, b = string.match(found[1][1], '^(%d+)-(%d+)')
+          last[1] = tonumber(a)
+          last[2] = tonumber(b)
+          local entry = found[1][2]
+          if entry[3] == 'c' then last[3] = tonumber(entry[4]) end
+        end
+      end
+    end
+    inboxes[inbox] = last
+    touched[#touched + 1] = inbox
+  end
+end
 -- One inbox entry per inbox for the page messages between two control entries: XADD costs per
 -- call far more than per field.
 local function flush()
+  local new = {}
+  for _, inbox in ipairs(pending) do
+    if not inboxes[inbox] then new[#new + 1] = inbox end
+  end
+  if new[1] then last_of(new) end
   for _, inbox in ipairs(pending) do
     local last = inboxes[inbox]
-    if not last then
-      last = {0, 0, 0}
-      local found = redis.call('XREVRANGE', inbox, '+', '-', 'COUNT', 1)
-      if found[1] then
-        local a, b = string.match(found[1][1], '^(%d+)-(%d+)')
-        last[1] = tonumber(a)
-        last[2] = tonumber(b)
-        local fields = found[1][2]
-        if fields[3] == 'c' then last[3] = tonumber(fields[4]) end
-      end
-      inboxes[inbox] = last
-      touched[#touched + 1] = inbox
-    end
     local a, b = n, 1
     if last[1] > a or (last[1] == a and last[2] >= b) then
       a = last[1]
@@ -366,6 +391,7 @@ for i = 7, #ARGV, 4 do
             pend_n[inbox] = 0
             pend_q[inbox] = {epoch, offset}
             pending[#pending + 1] = inbox
+            proc_of[inbox] = proc
           end
           if proc == me then
             -- the publisher's own inbox: a reference, not the bytes (it kept the envelope)
@@ -419,11 +445,19 @@ if kept then
   redis.call('PEXPIRE', prefix .. 'hists', ARGV[4], 'GT')
 end
 flush()
+local mirrored = {}
 for _, inbox in ipairs(touched) do
   -- about MAXLEN envelopes: entries hold several (field pairs: e, and p, q with a history)
   local last = inboxes[inbox]
   local per = last[5] / last[4]
   redis.call('XTRIM', inbox, 'MAXLEN', '~', math.max(1, math.ceil(tonumber(ARGV[1]) / per)))
+  mirrored[#mirrored + 1] = proc_of[inbox]
+  mirrored[#mirrored + 1] = string.format('%.0f-%d %d', last[1], last[2], last[3])
+end
+if mirrored[1] then
+  -- after the XADDs: a mirror is never ahead of its inbox (an error in between leaves it behind,
+  -- which the next call sees as entries after it)
+  redis.call('HSET', itops, unpack(mirrored))
 end
 out[2] = string.format('%.0f-%d', hi_n, hi_k)
 return out
@@ -534,6 +568,7 @@ for _, p in ipairs(procs) do
       redis.call('HDEL', prefix .. 'g:' .. g, p)
     end
     redis.call('DEL', prefix .. 'groups:' .. p, prefix .. 'inbox:' .. p, prefix .. 'alive:' .. p)
+    redis.call('HDEL', prefix .. 'itops', p)  -- the mirror of its inbox's last entry
     redis.call('SREM', prefix .. 'procs', p)
     removed = removed + 1
   end
