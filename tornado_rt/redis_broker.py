@@ -34,7 +34,8 @@ Registration
     client saw ``page_add`` reaches this process. The last one leaving unregisters it after
     ``UNREGISTER_DELAY``. The alive key ``<prefix>:alive:<process id>`` (TTL: the server's
     ``presence_ttl``) is refreshed every third of it; any process sweeps the registrations and
-    inbox of processes whose alive key expired; a process that stops removes its own. Routing is
+    inbox (and its mirror in ``<prefix>:itops``) of processes whose alive key expired; a process
+    that stops removes its own. Routing is
     on while the key ``<prefix>:routing`` holds a time that has passed; when Redis lost its data
     (no routing key) every envelope goes on the control stream until the processes registered
     their groups again.
@@ -82,8 +83,10 @@ Bytes on demand
     stops the call there: nothing of it or of the envelopes after it is applied, and the writer
     sends them again at once, with their bytes and their original deadlines, before anything
     else — so order and deadlines hold as without the hint. The script keeps the control
-    stream's last sequence number in ``<prefix>:top`` (checked against the stream) instead of
-    reading the stream's last entry, which may be a large directory envelope, on every call.
+    stream's last sequence number in ``<prefix>:top``, and each inbox's last id and ``c`` in the
+    hash ``<prefix>:itops`` (field: the process id), both checked against their stream, instead
+    of reading the stream's last entry on every call, which may be a large directory envelope
+    or an inbox entry of up to about 100 envelopes.
 
 Idempotency
     An envelope ``id`` is delivered at most once per process within the dedup window; the window is
@@ -195,13 +198,21 @@ STALL = 1.0
 # script call between two control entries that go to one inbox make ONE inbox entry (one XADD
 # per inbox and control interval: XADD costs per call far more than per field), with the id
 # <n>-<k>, n the control stream's last sequence number (so the two streams of a reader merge into
-# publish order), k > 0 growing within n; its fields: t (Redis time), c (the entry's number in
+# publish order), k > 0 growing within n (after the inbox's last id: <a>-<b+1> when it is not
+# below n); its fields: t (Redis time), c (the entry's number in
 # that inbox, +1 per entry: exact gaps), then one envelope as on the control stream (e, and p, q
 # when it joined a history), or several as a field per envelope (name "m", or "m<epoch>,<offset>"
 # when it joined a history; value the envelope: concatenating them into one Lua string cost more
 # than the XADD). The publisher's own inbox (ARGV[6]) gets instead one field R: per envelope
 # "<its sequence number>,<epoch>,<offset>;" — the publisher holds the envelope, so its bytes are
 # neither copied in Lua, stored, nor read back. No registered process: no XADD.
+# An inbox's last id and c: the hash <prefix>itops (field: the process id, value "<a>-<b> <c>"),
+# read with one HMGET for the inboxes new to the call, written with one HSET at the end (after
+# the XADDs: never ahead of its inbox), deleted with the inbox by SWEEP_SCRIPT. Trusted only
+# while the inbox is not empty (XLEN) and holds no entry after it (an exclusive XRANGE): an
+# inbox deleted (XLEN 0: it starts again at c = 1) or appended to by anything that did not write
+# the mirror (a publisher of the previous script version) falls back to its last entry
+# (XREVRANGE: whole, up to ~100 envelopes in another process's inbox, what the mirror saves).
 # The first envelope appended while the control stream is empty (it started over) goes on the
 # control stream whatever its route, so that the new stream's first entry, which carries r,
 # comes before any inbox entry with an id of the new stream.
