@@ -251,11 +251,14 @@ async def test_a_killed_process_is_swept_from_redis(connect):  # noqa: F811
             assert raw.hkeys(f"{PREFIX}:g:table-10") and raw.hkeys(f"{PREFIX}:g:table-11")
             (b_origin,) = [o.decode() for o in raw.hkeys(f"{PREFIX}:g:table-10")]
             (c_origin,) = [o.decode() for o in raw.hkeys(f"{PREFIX}:g:table-11")]
+            # the publish script's mirrors of both inboxes' last entries (<prefix>:itops)
+            assert sorted(raw.hkeys(f"{PREFIX}:itops")) == sorted([b_origin.encode(), c_origin.encode()])
             b.proc.send_signal(signal.SIGKILL)
             b.proc.wait()
             on_c.close()  # else the graceful stop waits for it (and is cut short by SIGKILL)
             c.stop()  # graceful: removes its own keys
             assert not raw.sismember(f"{PREFIX}:procs", c_origin) and not raw.exists(f"{PREFIX}:inbox:{c_origin}")
+            assert not raw.hexists(f"{PREFIX}:itops", c_origin)
             assert raw.hkeys(f"{PREFIX}:g:table-11") == []
             deadline = time.monotonic() + 20
             while raw.exists(f"{PREFIX}:inbox:{b_origin}") or raw.hkeys(f"{PREFIX}:g:table-10"):
@@ -264,6 +267,7 @@ async def test_a_killed_process_is_swept_from_redis(connect):  # noqa: F811
             assert not raw.sismember(f"{PREFIX}:procs", b_origin)
             assert not raw.exists(f"{PREFIX}:groups:{b_origin}")
             assert raw.keys(f"{PREFIX}:inbox:*") == []
+            assert not raw.exists(f"{PREFIX}:itops")  # the swept process's mirror went with its inbox
         finally:
             raw.close()
         assert (await stats(a))["swept"] == 1

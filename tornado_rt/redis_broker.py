@@ -34,7 +34,8 @@ Registration
     client saw ``page_add`` reaches this process. The last one leaving unregisters it after
     ``UNREGISTER_DELAY``. The alive key ``<prefix>:alive:<process id>`` (TTL: the server's
     ``presence_ttl``) is refreshed every third of it; any process sweeps the registrations and
-    inbox of processes whose alive key expired; a process that stops removes its own. Routing is
+    inbox (and its mirror in ``<prefix>:itops``) of processes whose alive key expired; a process
+    that stops removes its own. Routing is
     on while the key ``<prefix>:routing`` holds a time that has passed; when Redis lost its data
     (no routing key) every envelope goes on the control stream until the processes registered
     their groups again.
@@ -82,8 +83,10 @@ Bytes on demand
     stops the call there: nothing of it or of the envelopes after it is applied, and the writer
     sends them again at once, with their bytes and their original deadlines, before anything
     else — so order and deadlines hold as without the hint. The script keeps the control
-    stream's last sequence number in ``<prefix>:top`` (checked against the stream) instead of
-    reading the stream's last entry, which may be a large directory envelope, on every call.
+    stream's last sequence number in ``<prefix>:top``, and each inbox's last id and ``c`` in the
+    hash ``<prefix>:itops`` (field: the process id), both checked against their stream, instead
+    of reading the stream's last entry on every call, which may be a large directory envelope
+    or an inbox entry of up to about 100 envelopes.
 
 Idempotency
     An envelope ``id`` is delivered at most once per process within the dedup window; the window is
@@ -195,13 +198,21 @@ STALL = 1.0
 # script call between two control entries that go to one inbox make ONE inbox entry (one XADD
 # per inbox and control interval: XADD costs per call far more than per field), with the id
 # <n>-<k>, n the control stream's last sequence number (so the two streams of a reader merge into
-# publish order), k > 0 growing within n; its fields: t (Redis time), c (the entry's number in
+# publish order), k > 0 growing within n (after the inbox's last id: <a>-<b+1> when it is not
+# below n); its fields: t (Redis time), c (the entry's number in
 # that inbox, +1 per entry: exact gaps), then one envelope as on the control stream (e, and p, q
 # when it joined a history), or several as a field per envelope (name "m", or "m<epoch>,<offset>"
 # when it joined a history; value the envelope: concatenating them into one Lua string cost more
 # than the XADD). The publisher's own inbox (ARGV[6]) gets instead one field R: per envelope
 # "<its sequence number>,<epoch>,<offset>;" — the publisher holds the envelope, so its bytes are
 # neither copied in Lua, stored, nor read back. No registered process: no XADD.
+# An inbox's last id and c: the hash <prefix>itops (field: the process id, value "<a>-<b> <c>"),
+# read with one HMGET for the inboxes new to the call, written with one HSET at the end (after
+# the XADDs: never ahead of its inbox), deleted with the inbox by SWEEP_SCRIPT. Trusted only
+# while the inbox is not empty (XLEN) and holds no entry after it (an exclusive XRANGE): an
+# inbox deleted (XLEN 0: it starts again at c = 1) or appended to by anything that did not write
+# the mirror (a publisher of the previous script version) falls back to its last entry
+# (XREVRANGE: whole, up to ~100 envelopes in another process's inbox, what the mirror saves).
 # The first envelope appended while the control stream is empty (it started over) goes on the
 # control stream whatever its route, so that the new stream's first entry, which carries r,
 # comes before any inbox entry with an id of the new stream.
@@ -250,24 +261,49 @@ local pend_q = {}
 local pending = {}
 local hi_n, hi_k = 0, 0
 local out = {now, '0-0'}
+-- Each inbox's last entry id and counter c: the mirror <prefix>itops (a hash, field: the process
+-- id, value "<a>-<b> <c>"; written below after the XADDs) when the inbox is not empty and has no
+-- entry after the mirrored id, else its last entry (XREVRANGE returns it whole: up to about 100
+-- envelopes in another process's inbox). An empty or missing inbox starts at {0, 0, 0}.
+local itops = prefix .. 'itops'
+local proc_of = {}
+local function last_of(new)
+  local fields = {}
+  for i, inbox in ipairs(new) do fields[i] = proc_of[inbox] end
+  local mirrors = redis.call('HMGET', itops, unpack(fields))
+  for i, inbox in ipairs(new) do
+    local last = {0, 0, 0}
+    if redis.call('XLEN', inbox) > 0 then
+      local a, b, c
+      if mirrors[i] then a, b, c = string.match(mirrors[i], '^(%d+)-(%d+) (%d+)$') end
+      if a and not redis.call('XRANGE', inbox, '(' .. a .. '-' .. b, '+', 'COUNT', 1)[1] then
+        last = {tonumber(a), tonumber(b), tonumber(c)}
+      else
+        -- missing or stale (another writer appended after it): the last entry, whole
+        local found = redis.call('XREVRANGE', inbox, '+', '-', 'COUNT', 1)
+        if found[1] then
+          a, b = string.match(found[1][1], '^(%d+)-(%d+)')
+          last[1] = tonumber(a)
+          last[2] = tonumber(b)
+          local entry = found[1][2]
+          if entry[3] == 'c' then last[3] = tonumber(entry[4]) end
+        end
+      end
+    end
+    inboxes[inbox] = last
+    touched[#touched + 1] = inbox
+  end
+end
 -- One inbox entry per inbox for the page messages between two control entries: XADD costs per
 -- call far more than per field.
 local function flush()
+  local new = {}
+  for _, inbox in ipairs(pending) do
+    if not inboxes[inbox] then new[#new + 1] = inbox end
+  end
+  if new[1] then last_of(new) end
   for _, inbox in ipairs(pending) do
     local last = inboxes[inbox]
-    if not last then
-      last = {0, 0, 0}
-      local found = redis.call('XREVRANGE', inbox, '+', '-', 'COUNT', 1)
-      if found[1] then
-        local a, b = string.match(found[1][1], '^(%d+)-(%d+)')
-        last[1] = tonumber(a)
-        last[2] = tonumber(b)
-        local fields = found[1][2]
-        if fields[3] == 'c' then last[3] = tonumber(fields[4]) end
-      end
-      inboxes[inbox] = last
-      touched[#touched + 1] = inbox
-    end
     local a, b = n, 1
     if last[1] > a or (last[1] == a and last[2] >= b) then
       a = last[1]
@@ -366,6 +402,7 @@ for i = 7, #ARGV, 4 do
             pend_n[inbox] = 0
             pend_q[inbox] = {epoch, offset}
             pending[#pending + 1] = inbox
+            proc_of[inbox] = proc
           end
           if proc == me then
             -- the publisher's own inbox: a reference, not the bytes (it kept the envelope)
@@ -419,11 +456,19 @@ if kept then
   redis.call('PEXPIRE', prefix .. 'hists', ARGV[4], 'GT')
 end
 flush()
+local mirrored = {}
 for _, inbox in ipairs(touched) do
   -- about MAXLEN envelopes: entries hold several (field pairs: e, and p, q with a history)
   local last = inboxes[inbox]
   local per = last[5] / last[4]
   redis.call('XTRIM', inbox, 'MAXLEN', '~', math.max(1, math.ceil(tonumber(ARGV[1]) / per)))
+  mirrored[#mirrored + 1] = proc_of[inbox]
+  mirrored[#mirrored + 1] = string.format('%.0f-%d %d', last[1], last[2], last[3])
+end
+if mirrored[1] then
+  -- after the XADDs: a mirror is never ahead of its inbox (an error in between leaves it behind,
+  -- which the next call sees as entries after it)
+  redis.call('HSET', itops, unpack(mirrored))
 end
 out[2] = string.format('%.0f-%d', hi_n, hi_k)
 return out
@@ -534,6 +579,7 @@ for _, p in ipairs(procs) do
       redis.call('HDEL', prefix .. 'g:' .. g, p)
     end
     redis.call('DEL', prefix .. 'groups:' .. p, prefix .. 'inbox:' .. p, prefix .. 'alive:' .. p)
+    redis.call('HDEL', prefix .. 'itops', p)  -- the mirror of its inbox's last entry
     redis.call('SREM', prefix .. 'procs', p)
     removed = removed + 1
   end
