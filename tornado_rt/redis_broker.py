@@ -72,7 +72,9 @@ Publishing
     :class:`~tornado_rt.BrokerUnavailable` at once when this process's reader is not connected,
     when Redis refuses the command, and at the deadline when Redis has not answered (then it is
     never applied later: the script would refuse it). A publish therefore never waits longer than
-    ``publish_timeout``.
+    ``publish_timeout``. :meth:`RedisBroker.publish_batch` (what an HTTP batch goes through)
+    publishes a list the same way with one deadline and ONE future for all of it, completed once
+    each of them would have completed its own, with the first failure among them if any.
 
 Bytes on demand
     Redis needs an envelope's bytes only for another process's inbox, a history, or the control

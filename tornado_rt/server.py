@@ -461,8 +461,8 @@ class RealtimeServer:
         else an awaitable of it. Raises ``BrokerUnavailable`` as :meth:`submit` does. On the loop."""
         self._bind()
         count = self._count
-        batch = getattr(self.broker, "publish_batch", None)
-        if batch is not None and len(envelopes) > 1:
+        batch = getattr(self.broker, "publish_batch", None) if len(envelopes) > 1 else None
+        if batch is not None:
             # One future for the whole batch (RedisBroker): no future, await and completion
             # per envelope; the same order, deadlines and failure as publish() of each.
             try:
