@@ -88,10 +88,11 @@ def test_arguments_built_per_batch_are_byte_for_byte_those_built_one_at_a_time()
         # deadlines: equal runs (one batch), a later one, back to an equal one; a payload already
         # encoded (a resend) is sent as it is
         deadlines = [100.0, 100.0, 100.0004, 100.0004, 101.25, 101.25, 100.0, 7.0]
+        seqs = [9, 10, 99, 100, 999, 1000, 99999, 100000]  # the digits of the sequence numbers change
         batch = []
         for i, (envelope, deadline) in enumerate(zip(envelopes, deadlines)):
             payload = b"already encoded" if i == 6 else None
-            batch.append((1000 + i * 7, payload, _Pending(future, deadline, envelope)))
+            batch.append((seqs[i], payload, _Pending(future, deadline, envelope)))
         for registry in (_Types(), None):
             for lean in (True, False):
                 for offset in (0.0, 1234567.891, -99.5):

@@ -673,8 +673,10 @@ def pack_envelopes(parts: List[bytes], batch: Batch, offset: float, registry: An
     last_ms = -1
     deadline = b""
     omitted = 0
+    low = limit = width = 0  # seqs in [low, limit) have ``width`` digits
     append, add_item, add_group = parts.append, items.append, groups.append
-    for seq, payload, entry in batch:
+    for item in batch:
+        seq, payload, entry = item
         # Redis must refuse an envelope once the publisher may have answered 503 for it:
         # offset is a lower bound of the true offset, so this is never later than that.
         ms = int(entry.deadline * 1000 + offset)
@@ -705,24 +707,27 @@ def pack_envelopes(parts: List[bytes], batch: Batch, offset: float, registry: An
         if route:
             # A plain page message carries its sequence number: this process's own inbox gets
             # that reference instead of the bytes (the envelope is still in _pending / _own).
-            number = b"%d" % seq
-            tail = b"%s$%d\r\n%s\r\n" % (group_arg, len(number), number)
+            if not low <= seq < limit:
+                width = len(b"%d" % seq)
+                low, limit = 10 ** (width - 1), 10 ** width
             add_group(group)
             if lean and group in hints:  # Redis did not need its bytes last time
-                append(deadline + _EMPTY_BULK + tail)
+                append(b"%s$0\r\n\r\n%s$%d\r\n%d\r\n" % (deadline, group_arg, width, seq))
                 omitted += 1
-                add_item((seq, payload, entry))
+                add_item(item)
                 continue
+            tail = b"\r\n%s$%d\r\n%d\r\n" % (group_arg, width, seq)
         else:
-            tail = group_arg + _NO_REF
+            tail = b"\r\n" + group_arg + _NO_REF
             add_group(None)
         if payload is None:
             payload = encode_envelope(envelope, origin, seq)
+            item = (seq, payload, entry)
         append(deadline)
         append(b"$%d\r\n" % len(payload))
         append(payload)
-        append(b"\r\n" + tail)
-        add_item((seq, payload, entry))
+        append(tail)
+        add_item(item)
     return items, groups, omitted
 
 
