@@ -72,7 +72,9 @@ Publishing
     :class:`~tornado_rt.BrokerUnavailable` at once when this process's reader is not connected,
     when Redis refuses the command, and at the deadline when Redis has not answered (then it is
     never applied later: the script would refuse it). A publish therefore never waits longer than
-    ``publish_timeout``.
+    ``publish_timeout``. :meth:`RedisBroker.publish_batch` (what an HTTP batch goes through)
+    publishes a list the same way with one deadline and ONE future for all of it, completed once
+    each of them would have completed its own, with the first failure among them if any.
 
 Bytes on demand
     Redis needs an envelope's bytes only for another process's inbox, a history, or the control
@@ -123,7 +125,7 @@ import itertools
 import logging
 import random
 import uuid
-from typing import Any, Awaitable, Deque, Dict, List, Mapping, Optional, Set, Tuple
+from typing import Any, Awaitable, Deque, Dict, List, Mapping, Optional, Protocol, Sequence, Set, Tuple
 
 import ujson
 
@@ -649,6 +651,86 @@ def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(value), value)
 
 
+_EMPTY_BULK = b"$0\r\n\r\n"  # an empty argument: an envelope without its bytes, no group
+_NO_REF = b"$1\r\n0\r\n"  # the sequence-number argument of an envelope that is not a plain page message
+Batch = List[Tuple[int, Optional[bytes], "_Pending"]]
+
+
+def pack_envelopes(parts: List[bytes], batch: Batch, offset: float, registry: Any, hints: Set[str],
+                   origin: str, lean: bool, bulks: Dict[str, bytes]) -> Tuple[Batch, List[Optional[str]], int]:
+    """Append the publish script's four arguments per envelope of ``batch`` to ``parts`` (its
+    deadline in Redis's clock, ``entry.deadline * 1000 + offset`` ms; its bytes or, with ``lean``,
+    nothing for a plain page message to a group in ``hints``; its page group; its sequence number
+    for a plain page message, else 0). What :func:`route_of` and :func:`encode_envelope` say, with
+    what repeats within a batch done once: a deadline's digits (a batch handed over at once shares
+    one), a message type's routing (looked up once per type), a group's argument (kept in
+    ``bulks``, at most ``LEAN_GROUPS``). Returns ``(items, groups, omitted)``: ``batch`` with each
+    sent payload filled in (None for one sent without its bytes), the group of each plain page
+    message (else None), and how many were sent without their bytes."""
+    items: Batch = []
+    groups: List[Optional[str]] = []
+    plain: Dict[str, bool] = {}  # message type -> a plain page message (no side effect)
+    last_ms = -1
+    deadline = b""
+    omitted = 0
+    low = limit = width = 0  # seqs in [low, limit) have ``width`` digits
+    append, add_item, add_group = parts.append, items.append, groups.append
+    for item in batch:
+        seq, payload, entry = item
+        # Redis must refuse an envelope once the publisher may have answered 503 for it:
+        # offset is a lower bound of the true offset, so this is never later than that.
+        ms = int(entry.deadline * 1000 + offset)
+        if ms != last_ms:
+            last_ms = ms
+            deadline = _bulk(b"%d" % ms)
+        envelope = entry.envelope
+        audience = envelope.audience
+        if envelope.kind == MESSAGE and audience and audience[0] == "page":
+            group: str = audience[1]
+            if registry is None:
+                route = False
+            else:
+                kind = envelope.type
+                known = plain.get(kind)  # type: ignore[arg-type]
+                if known is None:
+                    mt = registry.message_type(kind)
+                    known = plain[kind] = mt is None or mt.effect is None  # type: ignore[index]
+                route = known
+            group_arg = bulks.get(group)
+            if group_arg is None:
+                if len(bulks) >= LEAN_GROUPS:
+                    bulks.clear()
+                group_arg = bulks[group] = _bulk(group.encode())
+        else:
+            route = False
+            group_arg = _EMPTY_BULK
+        if route:
+            # A plain page message carries its sequence number: this process's own inbox gets
+            # that reference instead of the bytes (the envelope is still in _pending / _own).
+            if not low <= seq < limit:
+                width = len(b"%d" % seq)
+                low, limit = 10 ** (width - 1), 10 ** width
+            add_group(group)
+            if lean and group in hints:  # Redis did not need its bytes last time
+                append(b"%s$0\r\n\r\n%s$%d\r\n%d\r\n" % (deadline, group_arg, width, seq))
+                omitted += 1
+                add_item(item)
+                continue
+            tail = b"\r\n%s$%d\r\n%d\r\n" % (group_arg, width, seq)
+        else:
+            tail = b"\r\n" + group_arg + _NO_REF
+            add_group(None)
+        if payload is None:
+            payload = encode_envelope(envelope, origin, seq)
+            item = (seq, payload, entry)
+        append(deadline)
+        append(b"$%d\r\n" % len(payload))
+        append(payload)
+        append(tail)
+        add_item(item)
+    return items, groups, omitted
+
+
 def _seq_of(entry_id: bytes) -> Tuple[int, bool]:
     """(n, whether the id is one of ours: ``<n>-0``) of a stream entry id; ValueError if no id."""
     head, _, tail = entry_id.partition(b"-")
@@ -730,13 +812,71 @@ def parse_refs(blob: bytes) -> Optional[Tuple[List[int], Optional[List[Optional[
     return seqs, positions
 
 
+class _Completion(Protocol):
+    """What completes a publish: its own ``asyncio.Future`` (:meth:`RedisBroker.publish`) or the
+    :class:`_Batch` it belongs to (:meth:`RedisBroker.publish_batch`)."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: None) -> None: ...
+
+    def set_exception(self, exception: BaseException) -> None: ...
+
+    def exception(self) -> Optional[BaseException]: ...
+
+
+class _Batch:
+    """The one future of a batch of publishes (:meth:`RedisBroker.publish_batch`), standing in
+    for the future of each of them: every publish of the batch completes it once (they are
+    taken out of ``_pending`` before they complete, so each exactly once), and its ``future``
+    completes when the last did: with the first error one of them got, else with None.
+    ``done()`` is the batch future's: while a publish of it is still pending that means only
+    that the caller cancelled the batch (its unsent publishes are then not sent, as a cancelled
+    single publish is not)."""
+
+    __slots__ = ("future", "left", "error")
+
+    def __init__(self, future: "asyncio.Future[None]", size: int):
+        self.future = future
+        self.left = size
+        self.error: Optional[BaseException] = None
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def set_result(self, result: None) -> None:
+        self.left -= 1
+        if self.left <= 0:
+            self._finish()
+
+    def set_exception(self, exception: BaseException) -> None:
+        if self.error is None:
+            self.error = exception
+        self.left -= 1
+        if self.left <= 0:
+            self._finish()
+
+    def exception(self) -> Optional[BaseException]:
+        return self.error
+
+    def _finish(self) -> None:
+        future = self.future
+        if future.done():  # cancelled by the caller
+            return
+        if self.error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(self.error)
+            future.exception()  # marked retrieved, as _fail does for a single publish
+
+
 class _Pending:
-    """A publish of this process: its future, its deadline (loop time), the envelope, and the
-    stream sequence number Redis gave it (0 until accepted)."""
+    """A publish of this process: what completes it (its future, or its batch), its deadline
+    (loop time), the envelope, and the stream sequence number Redis gave it (0 until accepted)."""
 
     __slots__ = ("future", "deadline", "envelope", "accepted")
 
-    def __init__(self, future: "asyncio.Future[None]", deadline: float, envelope: Envelope):
+    def __init__(self, future: _Completion, deadline: float, envelope: Envelope):
         self.future = future
         self.deadline = deadline
         self.envelope = envelope
@@ -891,6 +1031,7 @@ class RedisBroker(Broker):
         self.sent_without_bytes = 0
         self.resends = 0
         self._lean: Set[str] = set()
+        self._group_args: Dict[str, bytes] = {}  # page group -> its script argument (pack_envelopes)
         # seq -> publish; insertion order is publish order, hence deadline order.
         self._pending: Dict[int, _Pending] = {}
         # seq -> envelope of a publish routed to this process's own inbox (as a reference: field
@@ -1219,11 +1360,7 @@ class RedisBroker(Broker):
     def publish(self, envelope: Envelope) -> "asyncio.Future[None]":
         """Queue ``envelope`` for Redis; see the module docstring for what the future means."""
         if not self._subscribed:
-            if self._closed:
-                raise self._unavailable("broker closed")
-            if not self._tasks:
-                raise self._unavailable("broker not started")
-            raise self._unavailable(f"not connected ({self._last_error or 'reconnecting'})")
+            raise self._not_ready()
         seq = next(self._seq)
         # Not encoded here: the writer encodes it only when Redis needs its bytes (see _send).
         loop = self._loop
@@ -1236,6 +1373,41 @@ class RedisBroker(Broker):
         if self._timer is None:
             self._timer = loop.call_at(deadline, self._expire)
         return future
+
+    def publish_batch(self, envelopes: Sequence[Envelope]) -> "asyncio.Future[None]":
+        """:meth:`publish` of each envelope, in order, with ONE future for all of them (what
+        ``RealtimeServer.submit_now`` awaits for an HTTP batch): it completes once every one of
+        them would have completed its own future (the same deadline, the same moments), with
+        None, or with the first ``BrokerUnavailable`` one of them got (the others still go
+        their way). Raises ``BrokerUnavailable`` as :meth:`publish` does, then for none of them.
+        Without a future, a completion, a deadline and a wake-up per envelope."""
+        if not self._subscribed:
+            raise self._not_ready()
+        loop = self._loop
+        assert loop is not None and self._wake is not None
+        future = loop.create_future()
+        if not envelopes:
+            future.set_result(None)
+            return future
+        batch = _Batch(future, len(envelopes))
+        deadline = loop.time() + self.publish_timeout
+        pending, outbox, seqs = self._pending, self._outbox, self._seq
+        for envelope in envelopes:
+            seq = next(seqs)
+            pending[seq] = _Pending(batch, deadline, envelope)
+            outbox.append(seq)
+        self._wake.set()
+        if self._timer is None:
+            self._timer = loop.call_at(deadline, self._expire)
+        return future
+
+    def _not_ready(self) -> BrokerUnavailable:
+        """Why a publish is refused at once (this process's reader is not connected)."""
+        if self._closed:
+            return self._unavailable("broker closed")
+        if not self._tasks:
+            return self._unavailable("broker not started")
+        return self._unavailable(f"not connected ({self._last_error or 'reconnecting'})")
 
     def _expire(self) -> None:
         """At a publish's deadline: accepted by Redis → it succeeded (delivery follows when this
@@ -1377,35 +1549,15 @@ class RedisBroker(Broker):
         goes without them (an empty argument); an envelope is encoded only when its bytes are
         sent. Returns the publishes to send again, with their bytes, in order: from the first one
         that came without the bytes Redis needed (the script applied nothing from it on), else []."""
-        offset = self._offset - DEADLINE_MARGIN_MS
         parts = [b"*%d\r\n" % (10 + 4 * len(batch)), self._script_head,
                  _bulk(b"%d-%d" % max((max(self.position, self._accepted), 0), self._wrote,
                                       self._inbox_top)),
                  _bulk(b"%d" % self.history_size),
                  _bulk(b"%d" % self.history_ttl_ms), _bulk(self.key_prefix.encode()),
                  _bulk(self.origin.encode())]
-        registry, hints, origin = self.registry, self._lean, self.origin
-        items: List[Tuple[int, Optional[bytes], _Pending]] = []
-        groups: List[Optional[str]] = []  # the group of each plain page message, else None
-        omitted = 0
-        for seq, payload, entry in batch:
-            # Redis must refuse an envelope once the publisher may have answered 503 for it:
-            # offset is a lower bound of the true offset, so this is never later than that.
-            parts.append(_bulk(b"%d" % int(entry.deadline * 1000 + offset)))
-            group, route = route_of(entry.envelope, registry)
-            if route and lean and group in hints:
-                parts.append(b"$0\r\n\r\n")  # Redis did not need its bytes last time
-                omitted += 1
-            else:
-                if payload is None:
-                    payload = encode_envelope(entry.envelope, origin, seq)
-                parts.append(_bulk(payload))
-            items.append((seq, payload, entry))
-            groups.append(group if route else None)
-            parts.append(_bulk(group.encode()))
-            # A plain page message carries its sequence number: this process's own inbox gets
-            # that reference instead of the bytes (the envelope is still in _pending / _own).
-            parts.append(_bulk(b"%d" % seq) if route else b"$1\r\n0\r\n")
+        hints = self._lean
+        items, groups, omitted = pack_envelopes(parts, batch, self._offset - DEADLINE_MARGIN_MS,
+                                                self.registry, hints, self.origin, lean, self._group_args)
         self.sent_without_bytes += omitted
         self.sent_with_bytes += len(batch) - omitted
         await conn.send_packed_command([b"".join(parts)], check_health=False)
@@ -1419,28 +1571,25 @@ class RedisBroker(Broker):
         if len(codes) != len(items):
             raise _protocol_error(f"publish script reply: {len(codes)} codes for {len(items)} envelopes")
         refused = None
-        stop = len(items) if resend is None else resend
-        for k in range(stop):
-            seq, _, entry = items[k]
-            n = codes[k]
-            routed = groups[k]
+        pending, accepted = self._pending, self._accepted
+        for (seq, _, entry), n, routed in zip(items, codes if resend is None else codes[:resend], groups):
             if routed is not None:
-                if n == REPLY_OWN_LEAN or n == REPLY_NOWHERE_LEAN:
+                if n == REPLY_NOWHERE_LEAN or n == REPLY_OWN_LEAN:
                     if routed not in hints:
                         if len(hints) >= LEAN_GROUPS:
                             hints.clear()
                         hints.add(routed)
                 elif n:
                     hints.discard(routed)
-            if n == REPLY_ELSEWHERE or n == REPLY_NOWHERE_LEAN:
+            if n == REPLY_NOWHERE_LEAN or n == REPLY_ELSEWHERE:
                 # routed to other processes' inboxes only (or none): nothing comes back here
-                self._pending.pop(seq, None)
-                if not entry.future.done():
+                # (completed by whoever takes it out of _pending: once, also for a _Batch)
+                if pending.pop(seq, None) is not None and not entry.future.done():
                     entry.future.set_result(None)
             elif n > 0:
                 entry.accepted = n
-                if n > self._accepted:
-                    self._accepted = n
+                if n > accepted:
+                    accepted = n
             elif n:  # REPLY_OWN, REPLY_OWN_LEAN: a reference in this process's inbox
                 entry.accepted = REPLY_OWN
             else:
@@ -1448,6 +1597,7 @@ class RedisBroker(Broker):
                     refused = self._unavailable(f"Redis ran the publish after its deadline "
                                                 f"({self.publish_timeout:g} s): not applied")
                 self._fail(seq, refused)
+        self._accepted = accepted
         if resend is None:
             return []
         # Sent without its bytes, and Redis needed them (another process registered the group,
