@@ -2008,19 +2008,12 @@ class RedisBroker(Broker):
         groups = hub.groups if hub is not None else None
         seen = self.recent.seen
         deliver = self._deliver
+        take = self._take
         for i, seq in enumerate(seqs):
             entry = pending.pop(seq, None)
-            envelope: Optional[Envelope]
-            if entry is not None:
-                envelope = entry.envelope
-            else:
-                envelope = own.pop(seq, None)
-                while own and next(iter(own)) < seq:  # their references were lost
-                    del own[next(iter(own))]
-                if envelope is None:
-                    log.error("inbox entry %r on Redis stream %s names publish %d of this process, "
-                              "which it no longer holds: not delivered here", entry_id, self.inbox, seq)
-                    continue
+            envelope = entry.envelope if entry is not None else take(seq, entry_id)
+            if envelope is None:
+                continue
             envelope.position = positions[i] if positions is not None else None
             audience = envelope.audience
             if (groups is not None and audience is not None and audience[0] == "page"
@@ -2037,6 +2030,18 @@ class RedisBroker(Broker):
             if entry is not None and not entry.future.done():
                 entry.future.set_result(None)
 
+    def _take(self, seq: int, entry_id: bytes) -> Optional[Envelope]:
+        """The envelope of this process's publish ``seq`` that its reference names, once its
+        publish was completed (kept in ``_own``); None (logged) when it is no longer held."""
+        own = self._own
+        envelope = own.pop(seq, None)
+        while own and next(iter(own)) < seq:  # their references were lost
+            del own[next(iter(own))]
+        if envelope is None:
+            log.error("inbox entry %r on Redis stream %s names publish %d of this process, "
+                      "which it no longer holds: not delivered here", entry_id, self.inbox, seq)
+        return envelope
+
     def _on_refs_slowly(self, entry_id: bytes, blob: bytes, at: float) -> None:
         """:meth:`_on_refs` one reference at a time: those before a malformed one are delivered,
         the rest of the entry is logged and ignored."""
@@ -2050,17 +2055,9 @@ class RedisBroker(Broker):
                 if seq > self._last_ref:
                     self._last_ref = seq
                 entry = pending.pop(seq, None)
-                envelope: Optional[Envelope]
-                if entry is not None:
-                    envelope = entry.envelope
-                else:
-                    envelope = own.pop(seq, None)
-                    while own and next(iter(own)) < seq:  # their references were lost
-                        del own[next(iter(own))]
-                    if envelope is None:
-                        log.error("inbox entry %r on Redis stream %s names publish %d of this process, "
-                                  "which it no longer holds: not delivered here", entry_id, self.inbox, seq)
-                        continue
+                envelope = entry.envelope if entry is not None else self._take(seq, entry_id)
+                if envelope is None:
+                    continue
                 self._hand(envelope, at, position, entry)
         except (ValueError, UnicodeDecodeError):
             log.error("ignored the rest of a malformed entry %r on Redis stream %s", entry_id, self.inbox)
