@@ -2003,32 +2003,12 @@ class RedisBroker(Broker):
         self.inbox_envelopes += len(seqs)
         if seqs[-1] > self._last_ref:  # in seq order: the last is the highest
             self._last_ref = seqs[-1]
-        # What _hand does, with its lookups hoisted out of the loop (a batch of a few hundred).
-        hub = self._hub
-        groups = hub.groups if hub is not None else None
-        seen = self.recent.seen
-        deliver = self._deliver
-        take = self._take
+        hand, take = self._hand, self._take
         for i, seq in enumerate(seqs):
             entry = pending.pop(seq, None)
             envelope = entry.envelope if entry is not None else take(seq, entry_id)
-            if envelope is None:
-                continue
-            envelope.position = positions[i] if positions is not None else None
-            audience = envelope.audience
-            if (groups is not None and audience is not None and audience[0] == "page"
-                    and envelope.kind == MESSAGE and audience[1] not in groups):
-                self.dropped += 1
-            key = envelope.id
-            if key is not None and seen(key, at):
-                self.duplicates += 1
-            elif deliver is not None:
-                try:
-                    deliver(envelope)
-                except Exception:
-                    log.exception("delivery of %r failed", envelope)
-            if entry is not None and not entry.future.done():
-                entry.future.set_result(None)
+            if envelope is not None:
+                hand(envelope, at, positions[i] if positions is not None else None, entry)
 
     def _take(self, seq: int, entry_id: bytes) -> Optional[Envelope]:
         """The envelope of this process's publish ``seq`` that its reference names, once its
