@@ -125,7 +125,7 @@ import itertools
 import logging
 import random
 import uuid
-from typing import Any, Awaitable, Deque, Dict, List, Mapping, Optional, Protocol, Sequence, Set, Tuple
+from typing import Any, Awaitable, Callable, Deque, Dict, List, Mapping, Optional, Protocol, Sequence, Set, Tuple
 
 import ujson
 
@@ -937,7 +937,8 @@ class RedisBroker(Broker):
                  socket_timeout: float = 2.0, connect_timeout: float = 1.0,
                  reconnect_min: float = 0.1, reconnect_max: float = 5.0,
                  health_check_interval: float = 5.0, start_timeout: float = 5.0,
-                 share_directory: bool = False, snapshot_every: int = SNAPSHOT_EVERY):
+                 share_directory: bool = False, snapshot_every: int = SNAPSHOT_EVERY,
+                 origin: Optional[str] = None):
         if not channel_prefix or not isinstance(channel_prefix, str):
             raise ValueError("channel_prefix must be a non-empty string")
         if not publish_timeout > 0:
@@ -973,7 +974,8 @@ class RedisBroker(Broker):
         self.reconnect_max = reconnect_max
         self.health_check_interval = health_check_interval
         self.start_timeout = start_timeout
-        self.origin = uuid.uuid4().hex[:16]
+        #: This process's id (random unless given: the shards of a PartitionedRedisBroker share one).
+        self.origin = origin if origin is not None else uuid.uuid4().hex[:16]
         #: This process's inbox: the plain page messages of the page groups it registered.
         self.inbox = f"{channel_prefix}:inbox:{self.origin}"
         self.key_prefix = channel_prefix + ":"
@@ -1040,6 +1042,9 @@ class RedisBroker(Broker):
         self._own: Dict[int, Envelope] = {}
         self._last_ref = 0
         self._outbox: Deque[int] = collections.deque()  # seqs of publishes to send, in call order
+        #: Called by the writer with ``(n, publish)`` when Redis appended a publish of this process
+        #: to the control stream as entry ``n`` (redis_partitions fences it on the other instances).
+        self.on_accepted: Optional[Callable[[int, "_Pending"], None]] = None
         self._timer: Optional[asyncio.TimerHandle] = None
         self._wake: Optional[asyncio.Event] = None
         self._subscribed = False
@@ -1357,8 +1362,10 @@ class RedisBroker(Broker):
                 await _disconnect(conn)
 
     # --- publishing -----------------------------------------------------------------------------
-    def publish(self, envelope: Envelope) -> "asyncio.Future[None]":
-        """Queue ``envelope`` for Redis; see the module docstring for what the future means."""
+    def publish(self, envelope: Envelope, deadline: Optional[float] = None) -> "asyncio.Future[None]":
+        """Queue ``envelope`` for Redis; see the module docstring for what the future means.
+        ``deadline``: the loop time it must be accepted by (default: now + ``publish_timeout``;
+        one held back by a PartitionedRedisBroker keeps its original one)."""
         if not self._subscribed:
             raise self._not_ready()
         seq = next(self._seq)
@@ -1366,7 +1373,8 @@ class RedisBroker(Broker):
         loop = self._loop
         assert loop is not None and self._wake is not None
         future = loop.create_future()  # a failure is marked retrieved in _fail: no done callback
-        deadline = loop.time() + self.publish_timeout
+        if deadline is None:
+            deadline = loop.time() + self.publish_timeout
         self._pending[seq] = _Pending(future, deadline, envelope)
         self._outbox.append(seq)
         self._wake.set()
@@ -1374,13 +1382,15 @@ class RedisBroker(Broker):
             self._timer = loop.call_at(deadline, self._expire)
         return future
 
-    def publish_batch(self, envelopes: Sequence[Envelope]) -> "asyncio.Future[None]":
+    def publish_batch(self, envelopes: Sequence[Envelope],
+                      deadline: Optional[float] = None) -> "asyncio.Future[None]":
         """:meth:`publish` of each envelope, in order, with ONE future for all of them (what
         ``RealtimeServer.submit_now`` awaits for an HTTP batch): it completes once every one of
         them would have completed its own future (the same deadline, the same moments), with
         None, or with the first ``BrokerUnavailable`` one of them got (the others still go
         their way). Raises ``BrokerUnavailable`` as :meth:`publish` does, then for none of them.
-        Without a future, a completion, a deadline and a wake-up per envelope."""
+        Without a future, a completion, a deadline and a wake-up per envelope. ``deadline``: as
+        for :meth:`publish`."""
         if not self._subscribed:
             raise self._not_ready()
         loop = self._loop
@@ -1390,7 +1400,8 @@ class RedisBroker(Broker):
             future.set_result(None)
             return future
         batch = _Batch(future, len(envelopes))
-        deadline = loop.time() + self.publish_timeout
+        if deadline is None:
+            deadline = loop.time() + self.publish_timeout
         pending, outbox, seqs = self._pending, self._outbox, self._seq
         for envelope in envelopes:
             seq = next(seqs)
@@ -1571,7 +1582,7 @@ class RedisBroker(Broker):
         if len(codes) != len(items):
             raise _protocol_error(f"publish script reply: {len(codes)} codes for {len(items)} envelopes")
         refused = None
-        pending, accepted = self._pending, self._accepted
+        pending, accepted, on_accepted = self._pending, self._accepted, self.on_accepted
         for (seq, _, entry), n, routed in zip(items, codes if resend is None else codes[:resend], groups):
             if routed is not None:
                 if n == REPLY_NOWHERE_LEAN or n == REPLY_OWN_LEAN:
@@ -1590,6 +1601,8 @@ class RedisBroker(Broker):
                 entry.accepted = n
                 if n > accepted:
                     accepted = n
+                if on_accepted is not None:
+                    on_accepted(n, entry)
             elif n:  # REPLY_OWN, REPLY_OWN_LEAN: a reference in this process's inbox
                 entry.accepted = REPLY_OWN
             else:
@@ -2126,17 +2139,23 @@ class RedisBroker(Broker):
             if hub is not None and audience[1] not in hub.groups:
                 self.dropped += 1
         key = envelope.id
+        held: Any = None
         if key is not None and self.recent.seen(key, at):
             self.duplicates += 1
         else:
-            deliver = self._deliver
+            deliver: Any = self._deliver
             if deliver is not None:
                 try:
-                    deliver(envelope)
+                    # None: handed to the router. A PartitionedRedisBroker's gate that holds the
+                    # envelope back returns what takes its publish, to complete it once delivered.
+                    held = deliver(envelope)
                 except Exception:
                     log.exception("delivery of %r failed", envelope)
         if entry is not None and not entry.future.done():
-            entry.future.set_result(None)
+            if held is None:
+                entry.future.set_result(None)
+            else:
+                held(entry)
 
     def _gap(self, lost: Optional[int], position: int, stream: Optional[str] = None) -> None:
         """Envelopes this process never received: count, log once, drop every page subscription."""
