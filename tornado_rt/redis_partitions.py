@@ -175,6 +175,7 @@ class FenceGate:
         if not queue:
             if n - 1 > self.applied:  # shard 0 read everything before it
                 self.applied = n - 1
+                self._pump()  # shards held at fences below n go on (and may reach n)
             if self._passes(n):
                 self._hand(envelope)
                 if n > self.applied:
@@ -184,7 +185,6 @@ class FenceGate:
         self.waited += 1
         waiters: List[Any] = []
         queue.append([_CONTROL, n, envelope, waiters])
-        self._pump()  # shards held at fences below n may go on (applied moved)
         return waiters.append
 
     def fence(self, shard: int, n: int) -> None:
@@ -519,7 +519,9 @@ class PartitionedRedisBroker(Broker):
         self.shards[shard_of(group, self.count)].unregister(group)
 
     def share_directory(self, directory: Any, router: Any) -> None:
-        self.shards[0].share_directory(directory, router)
+        """Instance 0 keeps the directory snapshot; it is taken only while the gate holds nothing
+        of instance 0 (else its read position would be ahead of the directory applied)."""
+        self.shards[0].share_directory(directory, _GatedRouter(router, self.gate))
 
     def history_store(self, size: int, ttl: float, live: Any = tuple) -> Any:
         count = self.count
@@ -735,7 +737,10 @@ class PartitionedRedisBroker(Broker):
             return  # a plain page message on the control stream (routing off): no fence needed
         control.n = n
         control.state = 1
-        self._drain()
+        try:  # never into instance 0's writer: it would take it for a failed publish
+            self._drain()
+        except Exception:
+            log.exception("handing over after control entry %d failed", n)
 
     def _settled(self, control: _Control, future: "asyncio.Future[None]") -> None:
         if control.state == 0:  # failed (or cancelled) before Redis accepted it: nothing to fence
@@ -854,6 +859,28 @@ class PartitionedRedisBroker(Broker):
                     "the control stream may not hold (fence gap %d); sent page_discard for %d page "
                     "subscriptions so that clients resubscribe and refetch.", redact_url(self.urls[i]), n, n,
                     2 * self.fence_timeout, self.gate.gaps, discarded)
+
+
+class _GatedRouter:
+    """The router as instance 0's directory snapshot writer sees it: busy also while the gate
+    holds envelopes of instance 0 (read, so counted in its position, but not applied yet)."""
+
+    def __init__(self, router: Any, gate: FenceGate):
+        self._router = router
+        self._gate = gate
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._router.busy) or bool(self._gate._queues[0])
+
+    async def wait_idle(self) -> None:
+        while True:
+            if self._router.busy:
+                await self._router.wait_idle()
+            elif self._gate._queues[0]:
+                await asyncio.sleep(WATCH_INTERVAL)  # the gate has no event; its holds are short
+            else:
+                return
 
 
 def _nowhere(envelope: Envelope) -> None:

@@ -1,0 +1,393 @@
+"""Page groups partitioned over several Redis instances (issue 16, item 5d; docs/redis.md
+"Partitioning over several Redis instances"): the fence gate and the placement as pure logic, then
+three real ``redis-server`` processes and real ``tornado-rt serve`` subprocesses with
+``--broker url1,url2,url3``.
+
+* The gate: in-order delivery, a shard held behind a fence, fences out of order and duplicated,
+  a control envelope held until every shard reached its fence, the timeout decisions (write the
+  fence, then give up with a gap), a fence whose control never comes.
+* The placement is a stable pure function that spreads the groups.
+* Page messages for groups on all three instances reach the other process's subscribers (and
+  the publisher's own), per-page order kept, nothing lost; each group's registrations live on its
+  instance only.
+* Order across instances: a page message on instance x, a control envelope that takes a page
+  away, a page message on instance y: the other process's client sees the first, the effect, and
+  never the third (a marker comes next).
+* A control envelope appended to instance 0 without its fences (a publisher that died before
+  writing them): the servers write the fences themselves and apply it.
+* URLs listed in another order are refused at start; a bad URL in the list is exit code 2
+  naming --broker.
+
+Non-delivery is always proved with a marker that must be the next message received.
+"""
+import asyncio
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+import pytest
+import redis as redis_sync
+import ujson
+
+from redis_fixtures import (REPO, RedisProcess, WSClient, marker_message, require_redis_binary,  # noqa: F401
+                            serve_command, start_nodes, token)
+from tornado_rt.envelope import Envelope
+from tornado_rt.redis_partitions import FenceGate, shard_of
+
+PREFIX = "tornado-rt"
+K = 3
+#: Tables by instance (shard_of("table-<id>", 3)), pinned by test_shard_of_is_stable_and_spreads_groups.
+ON = {0: [10, 13, 14], 1: [11, 16, 17], 2: [12, 25, 26]}
+DIRECTORY = {"workspaces": {"1": [1, 2, 3]}, "tables": {str(t): 1 for t in range(10, 60)}, "public_views": {}}
+
+
+# --- pure logic: the placement ---------------------------------------------------------------------
+
+def test_shard_of_is_stable_and_spreads_groups():
+    # Every process and publisher must compute the same placement, release after release: pinned.
+    assert [shard_of(g, 3) for g in ("table-1", "table-10", "row-10-5", "view-7", "table-123456")] == [1, 0, 0, 0, 2]
+    assert [shard_of(g, 4) for g in ("table-1", "table-10", "row-10-5", "view-7", "table-123456")] == [1, 3, 0, 3, 0]
+    for k, tables in ON.items():
+        assert all(shard_of(f"table-{t}", K) == k for t in tables)
+    for k in (2, 3, 5, 8):
+        counts = [0] * k
+        for t in range(20_000):
+            counts[shard_of(f"table-{t}", k)] += 1
+        assert min(counts) > 0.9 * 20_000 / k and max(counts) < 1.1 * 20_000 / k, (k, counts)
+
+
+# --- pure logic: the gate --------------------------------------------------------------------------
+
+class _Future:
+    def __init__(self):
+        self.result = None
+
+    def done(self):
+        return self.result is not None
+
+    def set_result(self, value):
+        assert self.result is None
+        self.result = "done"
+
+
+class _Publish:
+    """What RedisBroker._hand passes for a held envelope of this process (a _Pending)."""
+
+    def __init__(self, deadline=0.0):
+        self.future = _Future()
+        self.deadline = deadline
+
+
+def page(name):
+    return Envelope("message", type="rows_created", data=name, audience=["page", name])
+
+
+def control(name):
+    return Envelope("revoke", user_ids=[1], permission_group=name)
+
+
+def names(out):
+    return [env.data or env.permission_group for env in out]
+
+
+def test_gate_holds_a_shard_behind_its_fence_and_a_control_until_every_shard_reached_it():
+    out = []
+    gate = FenceGate(3, out.append)
+    gate.open(10)
+    assert gate.page(0, page("a0"), 10) is None and gate.page(1, page("a1")) is None
+    held_control = gate.control(control("C11"), 11)
+    assert held_control is not None  # no shard reached fence 11 yet
+    mine = _Publish()
+    held_control(mine)  # this process's own control: completed when applied
+    assert gate.page(0, page("b0"), 11) is not None  # after the control on shard 0: behind it
+    gate.fence(1, 11)
+    assert gate.page(1, page("b1")) is not None  # after fence 11 on shard 1: waits for control 11
+    assert gate.page(2, page("a2")) is None  # before shard 2's fence: goes on
+    assert names(out) == ["a0", "a1", "a2"] and not mine.future.done()
+    gate.fence(2, 11)  # every shard reached 11: control 11, then what waited behind it
+    assert names(out) == ["a0", "a1", "a2", "C11", "b0", "b1"]
+    assert mine.future.done() and gate.applied == 11 and not gate.holding() and gate.waited == 1
+    assert gate.page(1, page("c1")) is None and gate.page(2, page("c2")) is None
+
+
+def test_gate_takes_fences_out_of_order_and_duplicated():
+    out = []
+    gate = FenceGate(3, out.append)
+    gate.open(10)
+    gate.fence(1, 12)  # shard 1 is ahead: holds its later envelopes until control 12
+    assert gate.page(1, page("x1")) is not None
+    gate.fence(2, 11)
+    assert gate.control(control("C11"), 11) is None  # every shard reached 11 (shard 1 even 12)
+    assert gate.control(control("C12"), 12) is not None  # shard 2 is at 11
+    gate.fence(2, 12)
+    assert names(out) == ["C11", "C12", "x1"] and gate.applied == 12 and not gate.holding()
+    gate.fence(1, 11)  # late and duplicated: no-ops
+    gate.fence(1, 12)
+    gate.fence(2, 12)
+    assert gate.page(1, page("y1")) is None and gate.page(2, page("y2")) is None
+    assert names(out)[-2:] == ["y1", "y2"] and not gate.holding()
+    # A control that waits behind another one: both held, then applied in order.
+    assert gate.control(control("C13"), 13) is not None and gate.control(control("C14"), 14) is not None
+    gate.fence(1, 14)
+    gate.fence(2, 13)
+    assert names(out)[-1] == "C13"
+    gate.fence(2, 14)
+    assert names(out)[-1] == "C14" and gate.applied == 14
+
+
+def test_gate_goes_on_after_a_control_shard_zero_read_but_never_handed_on():
+    """A control entry that delivered nothing (a duplicate id, a malformed entry): the next one
+    (or advance()) tells the gate shard 0 read past it, so shards held at its fence go on."""
+    out = []
+    gate = FenceGate(3, out.append)
+    gate.open(10)
+    gate.fence(1, 11)
+    gate.fence(2, 11)
+    assert gate.page(1, page("p1")) is not None  # control 11 not seen: shard 1 waits
+    gate.fence(1, 12)
+    gate.fence(2, 12)
+    assert gate.control(control("C12"), 12) is None  # shard 0 read 11 before 12: both shards go on
+    assert names(out) == ["p1", "C12"] and not gate.holding()
+    gate.fence(1, 13)
+    assert gate.page(1, page("p2")) is not None
+    gate.advance(13)  # shard 0 read 13 (it delivered nothing): shard 1 goes on
+    assert names(out)[-1] == "p2" and not gate.holding()
+
+
+def test_a_closed_gate_passes_everything_and_records_fences():
+    out = []
+    gate = FenceGate(2, out.append)
+    gate.fence(1, 50)
+    assert gate.control(control("C40"), 40) is None and gate.control(control("C60"), 60) is None
+    assert gate.page(1, page("p")) is None and names(out) == ["C40", "C60", "p"] and gate.reached[1] == 50
+    gate.open(60)
+    assert gate.applied == 60 and gate.control(control("C61"), 61) is not None
+
+
+def test_gate_timeouts_write_the_missing_fence_then_give_up_with_a_gap():
+    out = []
+    gate = FenceGate(3, out.append)
+    gate.open(10)
+    waiter = _Publish(deadline=1.0)
+    gate.control(control("C11"), 11)(waiter)
+    assert gate.overdue(100.0, 3.0, 6.0) == ([], [])  # the wait starts when first seen
+    assert gate.overdue(102.9, 3.0, 6.0) == ([], [])
+    assert gate.waiters() == [waiter]  # the caller completes it at its deadline (accepted)
+    writes, gaps = gate.overdue(103.0, 3.0, 6.0)
+    assert sorted(writes) == [(1, 11), (2, 11)] and gaps == [] and gate.timeouts == 2
+    assert gate.overdue(104.0, 3.0, 6.0) == ([], [])  # asked once
+    gate.fence(1, 11)  # shard 1's came (written by whoever); shard 2 unreachable
+    assert out == []
+    writes, gaps = gate.overdue(106.0, 3.0, 6.0)
+    assert writes == [] and gaps == [(2, 11)] and gate.gaps == 1
+    assert names(out) == ["C11"] and waiter.future.done() and not gate.holding()
+    gate.fence(2, 11)  # arrives after all: a no-op
+    assert gate.page(2, page("late")) is None and names(out)[-1] == "late"
+    # A fence whose control never comes (instance 0 restarted empty): shard 1 is released with
+    # a gap; a waiting control of shard 0 would have decided instead.
+    gate.fence(1, 30)
+    assert gate.page(1, page("q1")) is not None
+    assert gate.overdue(200.0, 3.0, 6.0) == ([], [])
+    assert gate.overdue(205.9, 3.0, 6.0) == ([], [])
+    assert gate.overdue(206.0, 3.0, 6.0) == ([], [(1, 30)])
+    assert names(out)[-1] == "q1" and gate.gaps == 2 and not gate.holding()
+
+
+# --- three Redis instances, real processes ---------------------------------------------------------
+
+@contextmanager
+def partitioned(connect, count=2, serve_args=()):
+    """Three fresh redis-servers and ``count`` tornado-rt serve processes partitioned over them."""
+    binary = require_redis_binary()
+    instances = []
+    try:
+        instances = [RedisProcess(binary).start() for _ in range(K)]
+        nodes = start_nodes(",".join(r.url for r in instances), count, serve_args)
+    except BaseException:
+        for r in instances:
+            r.kill()
+        raise
+    try:
+        yield instances, nodes
+    finally:
+        for client in connect.clients:
+            client.close()
+        for node in nodes:
+            node.stop()
+        for r in instances:
+            r.kill()
+
+
+@pytest.fixture
+def connect(io_loop):
+    from tornado.websocket import websocket_connect
+
+    clients = []
+
+    async def _connect(node, user_id):
+        client = WSClient(await websocket_connect(f"{node.ws_url}?jwt_token={token(user_id)}"), node)
+        clients.append(client)
+        auth = await client.recv()
+        assert auth["type"] == "authentication" and auth["success"] is True, auth
+        return client
+
+    _connect.clients = clients
+    yield _connect
+
+
+def rows_created(table_id, i):
+    return {"type": "rows_created", "table_id": table_id, "rows": [{"id": i}], "metadata": {}, "before_row_id": None}
+
+
+async def stats(node):
+    status, body = await node.call("GET", "/api/stats")
+    assert status == 200, status
+    return body["redis"]
+
+
+async def marker_to_all(via, *clients):
+    marker = marker_message()
+    await via.publish({"message": marker, "to": {"all_users": True}})
+    for client in clients:
+        got = await client.recv()
+        assert got == marker, f"{client.node.name}: expected nothing before the marker, got {str(got)[:300]}"
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_page_messages_on_every_instance_reach_the_other_process_in_order(connect):
+    with partitioned(connect) as (instances, (a, b)):
+        await a.put_directory(DIRECTORY)
+        tables = [t for k in range(K) for t in ON[k][:2]]
+        on_b = await connect(b, 1)
+        on_a = await connect(a, 2)  # the publisher's own subscriber: its references, through the gate
+        for t in tables:
+            await on_b.subscribe("table", table_id=t)
+        for k in range(K):
+            await on_a.subscribe("table", table_id=ON[k][0])
+        total = 600
+        for start in range(0, total, 100):
+            await a.publish([{"message": rows_created(tables[i % len(tables)], i)} for i in range(start, start + 100)])
+        got_b = {t: [] for t in tables}
+        for _ in range(total):
+            message = await on_b.recv()
+            got_b[message["table_id"]].append(message["rows"][0]["id"])
+        for n, t in enumerate(tables):
+            assert got_b[t] == list(range(n, total, len(tables))), t
+        got_a = {ON[k][0]: [] for k in range(K)}
+        for _ in range(total // 2):
+            message = await on_a.recv()
+            got_a[message["table_id"]].append(message["rows"][0]["id"])
+        for t, ids in got_a.items():
+            assert ids == list(range(tables.index(t), total, len(tables))), t
+        await marker_to_all(a, on_a, on_b)  # nothing else came
+        # Each group is registered on its instance only.
+        for k, r in enumerate(instances):
+            raw = redis_sync.Redis.from_url(r.url)
+            try:
+                for t in tables:
+                    registered = raw.hkeys(f"{PREFIX}:g:table-{t}")
+                    assert bool(registered) == (shard_of(f"table-{t}", K) == k), (t, k, registered)
+                assert raw.get(f"{PREFIX}:partition") == f"{k}/{K}".encode()
+            finally:
+                raw.close()
+        seen_a, seen_b = await stats(a), await stats(b)
+        assert seen_b["inbox_envelopes"] == total and seen_b["dropped"] == 0 and seen_b["partitions"] == K, seen_b
+        assert seen_a["fences_sent"] >= 2 * (K - 1) and seen_a["fence_gaps"] == 0, seen_a  # directory, marker
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_control_envelope_keeps_its_place_among_page_messages_on_other_instances(connect):
+    """p1 on instance x, a control envelope taking page p2's table away, p2's message on instance
+    y != x: B's client sees p1, the effect, never p2 — in one HTTP batch (handed over at once: the
+    third is held until the control's fences are queued) and in three requests."""
+    with partitioned(connect) as (instances, (a, b)):
+        await a.put_directory(DIRECTORY)
+        on_b = await connect(b, 1)
+        for x, y in ((ON[1][0], ON[2][0]), (ON[2][1], ON[0][1]), (ON[0][2], ON[1][2])):
+            assert shard_of(f"table-{x}", K) != shard_of(f"table-{y}", K)
+            await on_b.subscribe("table", table_id=x)
+            await on_b.subscribe("table", table_id=y)
+            first = rows_created(x, 1)
+            deleted = {"type": "table_deleted", "database_id": 1, "table_id": y}  # a side effect: control
+            after = rows_created(y, 2)
+            await a.publish([{"message": first}, {"message": deleted, "to": {"page": "table", "table_id": y}},
+                             {"message": after}])
+            assert await on_b.recv() == first
+            assert await on_b.recv() == deleted
+            assert await on_b.recv() == {"type": "page_discard", "page": "table", "parameters": {"table_id": y}}
+            await marker_to_all(a, on_b)  # `after` never came
+        # Three requests, the control a revocation through the HTTP API.
+        x, y = ON[1][1], ON[2][2]
+        await on_b.subscribe("table", table_id=x)
+        await on_b.subscribe("table", table_id=y)
+        first, after = rows_created(x, 3), rows_created(y, 4)
+        await a.publish({"message": first})
+        status, body = await a.call("POST", "/api/revoke", {"user_ids": [1], "permission_group": f"permissions-table-{y}"})
+        assert status == 200, body
+        await a.publish({"message": after})
+        assert await on_b.recv() == first
+        assert await on_b.recv() == {"type": "page_discard", "page": "table", "parameters": {"table_id": y}}
+        await marker_to_all(a, on_b)
+        seen = await stats(b)
+        assert seen["fence_gaps"] == 0 and seen["fence_timeouts"] == 0, seen
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_control_envelope_without_fences_is_fenced_by_the_servers(connect):
+    """A control envelope appended to instance 0 alone (what a publisher that died before writing
+    its fences leaves): the servers wait fence_timeout, write the fences themselves, apply it."""
+    from tornado_rt.redis_broker import AsyncRedisPublisher
+
+    with partitioned(connect) as (instances, (a, b)):
+        await a.put_directory(DIRECTORY)
+        on_b = await connect(b, 1)
+        on_a = await connect(a, 2)
+        await on_b.subscribe("table", table_id=ON[1][0])
+        marker = marker_message()
+        async with AsyncRedisPublisher(instances[0].url) as alone:  # one URL: instance 0 only, no fence
+            await alone.publish(marker, {"all_users": True})
+        assert await on_b.recv() == marker
+        assert await on_a.recv() == marker
+        after = rows_created(ON[1][0], 1)
+        await b.publish({"message": after})
+        assert await on_b.recv() == after
+        await marker_to_all(b, on_a, on_b)
+        seen_a, seen_b = await stats(a), await stats(b)
+        assert seen_a["fences_waited"] >= 1 and seen_b["fences_waited"] >= 1, (seen_a, seen_b)
+        assert seen_a["fence_timeouts"] + seen_b["fence_timeouts"] >= 1, (seen_a, seen_b)
+        assert seen_a["fence_gaps"] == seen_b["fence_gaps"] == 0
+        # The fences the servers wrote are on instances 1 and 2.
+        for r in instances[1:]:
+            raw = redis_sync.Redis.from_url(r.url)
+            try:
+                kinds = [ujson.loads(fields[b"e"].split(b"\n")[0])["k"] for _, fields in raw.xrange(f"{PREFIX}:stream")]
+            finally:
+                raw.close()
+            assert "fence" in kinds, kinds
+
+
+def _serve(broker, timeout=30):
+    return subprocess.run(serve_command(broker), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_urls_in_another_order_or_a_bad_url_are_refused_at_start(connect):
+    with partitioned(connect, count=1) as (instances, (a,)):
+        urls = [r.url for r in instances]
+        result = _serve(",".join([urls[1], urls[0], urls[2]]))
+        assert result.returncode == 2, result
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "--broker" in lines[0], result.stderr
+        assert f"{urls[1]} is partition 1/3 but listed as 0/3" in lines[0], lines[0]
+        assert "same Redis URLs in the same order" in lines[0]
+        result = _serve(",".join(urls[:2]))  # another K
+        assert result.returncode == 2 and "is partition 0/3 but listed as 0/2" in result.stderr, result
+        on_a = await connect(a, 1)
+        await marker_to_all(a, on_a)  # the running process is untouched
+    for broker, why in ((f"{urls[0]},http://127.0.0.1:1/", "Redis URL"), (f"{urls[0]},,{urls[1]}", "empty Redis URL"),
+                        (f"{urls[0]},{urls[0]}", "listed twice"), (f"{urls[0]},redis://127.0.0.1:http/0", "not a valid URL")):
+        result = _serve(broker)
+        assert result.returncode == 2, (broker, result)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "--broker" in lines[0] and why in lines[0], (broker, result.stderr)
