@@ -391,3 +391,44 @@ async def test_urls_in_another_order_or_a_bad_url_are_refused_at_start(connect):
         assert result.returncode == 2, (broker, result)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and "--broker" in lines[0] and why in lines[0], (broker, result.stderr)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_publishers_outside_a_server_fence_their_control_envelopes(connect):
+    """RedisPublisher / AsyncRedisPublisher with the list of URLs: each page message on its
+    group's instance, a control envelope on instance 0 followed by its fences, in call order; in
+    another order the list is refused before anything is sent."""
+    from tornado_rt.redis_broker import AsyncRedisPublisher, RedisPublisher
+    from tornado_rt.redis_partitions import PartitionMismatch
+
+    with partitioned(connect) as (instances, (a, b)):
+        await a.put_directory(DIRECTORY)
+        on_b = await connect(b, 1)
+        urls = [r.url for r in instances]
+        rounds = ((ON[1][0], ON[2][0]), (ON[0][1], ON[1][1]))
+        for n, (x, y) in enumerate(rounds):
+            await on_b.subscribe("table", table_id=x)
+            await on_b.subscribe("table", table_id=y)
+            first, after = rows_created(x, 1), rows_created(y, 2)
+            deleted = {"type": "table_deleted", "database_id": 1, "table_id": y}
+            items = [{"message": first}, {"message": deleted, "to": {"page": "table", "table_id": y}},
+                     {"message": after}]
+            if n == 0:
+                with RedisPublisher(",".join(urls)) as publisher:
+                    publisher.publish_many(items)
+            else:
+                async with AsyncRedisPublisher(urls) as publisher:
+                    await publisher.publish_many(items)
+            assert await on_b.recv() == first
+            assert await on_b.recv() == deleted
+            assert await on_b.recv() == {"type": "page_discard", "page": "table", "parameters": {"table_id": y}}
+            await marker_to_all(a, on_b)  # `after` never came
+        seen = await stats(b)
+        assert seen["fence_timeouts"] == 0 and seen["fence_gaps"] == 0, seen  # the publishers wrote the fences
+        with RedisPublisher([urls[0], urls[2], urls[1]]) as wrong:
+            with pytest.raises(PartitionMismatch, match="is partition 2/3 but listed as 1/3"):
+                wrong.publish(marker_message(), {"all_users": True})
+        async with AsyncRedisPublisher([urls[0], urls[2], urls[1]]) as wrong_async:
+            with pytest.raises(PartitionMismatch, match="same Redis URLs in the same order"):
+                await wrong_async.publish(marker_message(), {"all_users": True})
+        await marker_to_all(a, on_b)  # nothing was sent
