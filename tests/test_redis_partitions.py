@@ -432,3 +432,52 @@ async def test_publishers_outside_a_server_fence_their_control_envelopes(connect
             with pytest.raises(PartitionMismatch, match="same Redis URLs in the same order"):
                 await wrong_async.publish(marker_message(), {"all_users": True})
         await marker_to_all(a, on_b)  # nothing was sent
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_recovery_history_lives_on_the_groups_instance(connect):
+    """With --history-size: a page's positions and history are kept on its group's instance; a
+    client that subscribed through A recovers through B, for a page on each instance."""
+    with partitioned(connect, serve_args=["--history-size", "5"]) as (instances, (a, b)):
+        await a.put_directory(DIRECTORY)
+        from tornado.websocket import websocket_connect
+
+        async def positioned(node):
+            client = WSClient(await websocket_connect(f"{node.ws_url}?jwt_token={token(1)}&positions=1"), node)
+            connect.clients.append(client)
+            assert (await client.recv())["success"] is True
+            return client
+
+        async def subscribe(client, table, since=None):
+            await client.send({"page": "table", "table_id": table, **({"since": since} if since else {})})
+            reply = await client.recv()
+            assert reply["type"] == "page_add", reply
+            return reply
+
+        for k in range(K):
+            table = ON[k][0]
+            first = await positioned(a)
+            added = await subscribe(first, table)
+            epoch, start = added["position"]["epoch"], added["position"]["offset"]
+            await b.publish({"message": rows_created(table, 1)})
+            assert await first.recv() == {**rows_created(table, 1), "position": {"epoch": epoch, "offset": start + 1}}
+            first.close()
+            for n in (2, 3):
+                await a.publish({"message": rows_created(table, n)})
+            again = await positioned(b)
+            assert (await subscribe(again, table, {"epoch": epoch, "offset": start + 1}))["recovered"] is True
+            for n in (2, 3):
+                assert await again.recv() == {**rows_created(table, n), "position": {"epoch": epoch, "offset": start + n}}
+            raw = redis_sync.Redis.from_url(instances[k].url)
+            try:
+                assert raw.xlen(f"{PREFIX}:hist:table-{table}") == 3  # on its instance
+            finally:
+                raw.close()
+            for other in range(K):
+                if other != k:
+                    raw = redis_sync.Redis.from_url(instances[other].url)
+                    try:
+                        assert not raw.exists(f"{PREFIX}:hist:table-{table}", f"{PREFIX}:pos:table-{table}")
+                    finally:
+                        raw.close()
+            await marker_to_all(a, again)
