@@ -17,6 +17,9 @@ three real ``redis-server`` processes and real ``tornado-rt serve`` subprocesses
   writing them): the servers write the fences themselves and apply it.
 * URLs listed in another order are refused at start; a bad URL in the list is exit code 2
   naming --broker.
+* RedisPublisher / AsyncRedisPublisher with the list keep the same order (their own fences), and
+  refuse a list in another order before sending anything.
+* The recovery extension's history of a page lives on its group's instance.
 
 Non-delivery is always proved with a marker that must be the next message received.
 """
