@@ -484,3 +484,50 @@ async def test_recovery_history_lives_on_the_groups_instance(connect):
                     finally:
                         raw.close()
             await marker_to_all(a, again)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_control_envelope_goes_to_instance_0_only_once_the_page_messages_before_it_were_answered():
+    """Why the writer waits: a page message sent before a control envelope must be in its
+    instance's stream before the control envelope is accepted, else another publisher's later
+    fence could land on that instance before it (and let readers apply the control first).
+    Instance 1 pauses its writes (CLIENT PAUSE WRITE) with the page message in flight; another
+    publisher's control envelope reaches instance 0 meanwhile; when instance 1 resumes, the
+    control envelope of the batch is appended after it, not before."""
+    from tornado_rt import RealtimeServer, Settings
+    from tornado_rt.envelope import message_envelope
+    from tornado_rt.redis_broker import AsyncRedisPublisher
+    from tornado_rt.redis_partitions import PartitionedRedisBroker
+
+    binary = require_redis_binary()
+    instances = [RedisProcess(binary).start() for _ in range(K)]
+    raws = [redis_sync.Redis.from_url(r.url) for r in instances]
+    server = RealtimeServer(Settings(jwt_secret="partition-tests-secret-long-enough-for-hs256", ping_interval=0),
+                            load_entry_points=False, broker=PartitionedRedisBroker([r.url for r in instances]))
+    try:
+        await server.start()
+        broker = server.broker
+        page_message = message_envelope(server.registry, rows_created(ON[1][0], 1))
+        mine, theirs = marker_message(), marker_message()
+        raws[1].execute_command("CLIENT", "PAUSE", 5000, "WRITE")
+        done = broker.publish_batch([page_message, message_envelope(server.registry, mine, {"all_users": True})])
+        first = broker.shards[0]
+        deadline = time.monotonic() + 10
+        while first._outbox or not all(entry.accepted for entry in first._pending.values()):
+            assert time.monotonic() < deadline, "instance 0's writer never went idle"
+            await asyncio.sleep(0.01)  # barrier-ok: bounded poll until instance 0 answered what it was sent
+        async with AsyncRedisPublisher(instances[0].url) as other:
+            await other.publish(theirs, {"all_users": True})
+        raws[1].execute_command("CLIENT", "UNPAUSE")
+        await done
+        order = [ujson.loads(fields[b"e"].split(b"\n", 1)[1]) for _, fields in raws[0].xrange(f"{PREFIX}:stream")
+                 if b"\n" in fields[b"e"]]
+        markers = [m for m in order if m.get("type") == "notifications_fetch_required"]
+        assert markers == [theirs, mine], markers
+    finally:
+        raws[1].execute_command("CLIENT", "UNPAUSE")
+        await server.shutdown(timeout=1)
+        for raw in raws:
+            raw.close()
+        for r in instances:
+            r.kill()

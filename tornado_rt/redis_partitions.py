@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import uuid
 import zlib
@@ -367,22 +368,29 @@ class PartitionMismatch(ValueError):
     """An instance says it is another partition (other URLs, another order, another K)."""
 
 
-class _Control:
-    """A control envelope of this process on its way: pending, accepted as entry ``n`` of
-    instance 0 (its fences go out once every submission before it was handed over), or failed."""
+_WAIT, _PROBING, _HANDED, _ACCEPTED, _FAILED = range(5)
 
-    __slots__ = ("envelope", "n", "deadline", "state")
+
+class _Control:
+    """A control envelope of this process on its way: waiting its turn, probing (the page messages
+    submitted before it must be answered by their instances first), handed to instance 0,
+    accepted there as entry ``n`` (its fences go out once what came before it was handed over),
+    or failed. ``future``: what the caller awaits (instance 0's, or one chained to it)."""
+
+    __slots__ = ("envelope", "n", "deadline", "state", "future", "probes")
 
     def __init__(self, envelope: Envelope, deadline: float):
         self.envelope = envelope
         self.n = 0
         self.deadline = deadline
-        self.state = 0  # 0 pending, 1 accepted, 2 failed
+        self.state = _WAIT
+        self.future: Optional["asyncio.Future[None]"] = None
+        self.probes = 0
 
 
 class _Held:
-    """Page messages for instance ``shard`` submitted after a control envelope whose fences are not
-    queued yet: handed over (with their original deadline) once they are."""
+    """Page messages for instance ``shard`` submitted after a control envelope they must follow:
+    handed over (with their original deadline) once they may."""
 
     __slots__ = ("shard", "envelopes", "deadline", "future")
 
@@ -391,6 +399,12 @@ class _Held:
         self.envelopes = envelopes
         self.deadline = deadline
         self.future = future
+
+
+def _fail(future: "asyncio.Future[None]", error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
+        future.exception()  # marked retrieved: a caller may drop it
 
 
 def _retrieved(future: "asyncio.Future[Any]") -> None:
@@ -486,8 +500,12 @@ class PartitionedRedisBroker(Broker):
         for i in range(1, self.count):
             self.shards[i].attach(self._from_shard(i))
         self.shards[0].on_accepted = self._accepted
+        for shard in self.shards[1:]:
+            shard.on_accepted = self._probe_accepted
         self._queue: Deque[Union[_Control, _Held]] = collections.deque()
         self._controls: Dict[int, _Control] = {}  # id(envelope) -> its control, until accepted or failed
+        self._probes: Dict[int, Tuple[Envelope, _Control]] = {}  # id(probe) -> (probe, its control)
+        self._unhanded = 0  # control envelopes not handed to instance 0 yet
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._watch: Optional[asyncio.Task] = None
         #: Fences appended after this process's control envelopes.
@@ -630,19 +648,30 @@ class PartitionedRedisBroker(Broker):
         error = BrokerUnavailable(f"Redis broker unavailable ({self.url}): broker closed")
         while self._queue:
             item = self._queue.popleft()
-            if isinstance(item, _Held) and not item.future.done():
-                item.future.set_exception(error)
-                item.future.exception()
+            if isinstance(item, _Held):
+                _fail(item.future, error)
+            elif item.state in (_WAIT, _PROBING) and item.future is not None:
+                _fail(item.future, error)
         await asyncio.gather(*(shard.close() for shard in self.shards), return_exceptions=True)
         for waiter in self.gate.waiters():  # accepted: as at their deadline
             _complete(waiter)
 
     # --- publishing ---------------------------------------------------------------------------------
+    # Writer order (docs/redis.md "Fences"): a control envelope goes to instance 0 only once every
+    # page message this process handed to another instance before it was answered there (a probe,
+    # an empty fence, when some are still unanswered): so any fence >= its entry is behind them in
+    # their instance's stream, whoever wrote that fence. Page messages for another instance that
+    # come after a control envelope wait until its fences are queued; page messages for instance
+    # 0 wait only while a control envelope before them is not handed to instance 0 yet.
     def _not_ready(self, shards: Sequence[RedisBroker]) -> Optional[BrokerUnavailable]:
         for shard in shards:
             if not shard.connected:
                 return shard._not_ready()
         return None
+
+    def _direct(self, i: int) -> bool:
+        """Whether a page message for instance ``i`` may be handed over at once."""
+        return not self._queue if i else self._unhanded == 0
 
     def publish(self, envelope: Envelope, deadline: Optional[float] = None) -> "asyncio.Future[None]":
         """Queue ``envelope`` on its instance (see the module docstring)."""
@@ -651,7 +680,7 @@ class PartitionedRedisBroker(Broker):
             return self._control(envelope, deadline)
         i = shard_of(group, self.count)
         shard = self.shards[i]
-        if i == 0 or not self._queue:
+        if self._direct(i):
             return shard.publish(envelope, deadline)
         if not shard.connected:
             raise shard._not_ready()
@@ -670,14 +699,13 @@ class PartitionedRedisBroker(Broker):
             raise error
         loop = self._loop
         assert loop is not None
-        if deadline is None:
-            deadline = loop.time() + self.publish_timeout
-        future = self.shards[0].publish(envelope, deadline)
-        control = _Control(envelope, deadline)
-        self._controls[id(envelope)] = control
+        control = _Control(envelope, loop.time() + self.publish_timeout if deadline is None else deadline)
         self._queue.append(control)
-        future.add_done_callback(lambda done: self._settled(control, done))
-        return future
+        self._unhanded += 1
+        self._drain()
+        if control.future is None:
+            control.future = loop.create_future()
+        return control.future
 
     def publish_batch(self, envelopes: Sequence[Envelope],
                       deadline: Optional[float] = None) -> "asyncio.Future[None]":
@@ -701,11 +729,11 @@ class PartitionedRedisBroker(Broker):
         mine: Set[int] = set()  # the _Held of this batch (extended while they are the queue's tail)
         for envelope, i in zip(envelopes, targets):
             if i < 0:
-                run = runs.pop(0, None)
-                if run:
-                    parts.append(self._hand_over(0, run, deadline))
+                for shard, run in runs.items():  # handed over first: the control waits for their answers
+                    parts.append(self._hand_over(shard, run, deadline))
+                runs = {}
                 parts.append(self._control(envelope, deadline))
-            elif i == 0 or not self._queue:
+            elif self._direct(i):
                 runs.setdefault(i, []).append(envelope)
             else:
                 tail = self._queue[-1]
@@ -718,10 +746,6 @@ class PartitionedRedisBroker(Broker):
                     parts.append(held.future)
         for i, run in runs.items():
             parts.append(self._hand_over(i, run, deadline))
-        if not parts:
-            done: "asyncio.Future[None]" = loop.create_future()
-            done.set_result(None)
-            return done
         return _join(loop, parts)
 
     def _hand_over(self, i: int, envelopes: List[Envelope], deadline: float) -> "asyncio.Future[None]":
@@ -730,45 +754,135 @@ class PartitionedRedisBroker(Broker):
             return shard.publish(envelopes[0], deadline)
         return shard.publish_batch(envelopes, deadline)
 
+    def _drain(self) -> None:
+        """Move on, in call order: fence what instance 0 accepted, release what waited for those
+        fences, hand control envelopes (and the page messages for instance 0 behind them) over."""
+        queue = self._queue
+        loop = self._loop
+        assert loop is not None
+        while queue:
+            head = queue[0]
+            if isinstance(head, _Held):  # every control envelope before it is fenced (or failed)
+                queue.popleft()
+                self._release(head)
+                continue
+            if head.state == _ACCEPTED:
+                queue.popleft()
+                # The fence's deadline: the control's (the publishes held behind it have later
+                # ones), unless that has passed (accepted at the last moment).
+                deadline = max(head.deadline, loop.time() + 0.1)
+                for i in range(1, self.count):
+                    self.fences_sent += 1
+                    self._write_fence(i, head.n, deadline)
+                continue
+            if head.state == _FAILED:
+                queue.popleft()
+                continue
+            break
+        for item in list(queue):
+            if isinstance(item, _Held):
+                if item.shard:
+                    return  # it waits for fences; what follows it waits for its answer
+                queue.remove(item)  # behind the control envelopes handed over before it
+                self._release(item)
+            elif item.state == _WAIT:
+                if not self._start(item):
+                    return
+            elif item.state == _PROBING:
+                return
+
+    def _start(self, control: _Control) -> bool:
+        """Hand ``control`` to instance 0 (True), or first probe the instances where page messages
+        of this process are still unanswered (False: it goes once the probes are answered)."""
+        unanswered = [shard for shard in self.shards[1:]
+                      if any(not entry.accepted for entry in shard._pending.values())]
+        if not unanswered:
+            self._hand_control(control)
+            return True
+        control.state = _PROBING
+        for shard in unanswered:
+            probe = fence_envelope(0)  # a fence that is always a no-op for readers
+            try:
+                future = shard.publish(probe, control.deadline)
+            except BrokerUnavailable:
+                continue  # not reading it: nothing of this process is sent there meanwhile
+            control.probes += 1
+            self._probes[id(probe)] = (probe, control)
+            future.add_done_callback(functools.partial(self._probe_done, probe))
+        if not control.probes:
+            self._hand_control(control)
+            return True
+        return False
+
+    def _probe_done(self, probe: Envelope, future: "asyncio.Future[None]") -> None:
+        if not future.cancelled():
+            future.exception()  # a failed probe is an answer too (marked retrieved)
+        self._probed(probe)
+
+    def _probed(self, probe: Envelope) -> None:
+        """A probe was answered (accepted, or failed: then nothing before it can land later)."""
+        taken = self._probes.pop(id(probe), None)
+        if taken is None or taken[0] is not probe:
+            return
+        control = taken[1]
+        control.probes -= 1
+        if control.probes == 0 and control.state == _PROBING:
+            self._hand_control(control)
+            self._drain()
+
+    def _hand_control(self, control: _Control) -> None:
+        loop = self._loop
+        assert loop is not None
+        self._unhanded -= 1
+        error: Optional[BrokerUnavailable] = None
+        if control.deadline <= loop.time():
+            error = self.shards[0]._unavailable(
+                f"not sent within {self.publish_timeout:g} s: it waited for page messages sent before it "
+                "(the publish will not be applied later)")
+        else:
+            try:
+                inner = self.shards[0].publish(control.envelope, control.deadline)
+            except BrokerUnavailable as exc:
+                error = exc
+        if error is not None:
+            control.state = _FAILED
+            if control.future is None:
+                control.future = loop.create_future()
+            _fail(control.future, error)
+            return
+        control.state = _HANDED
+        self._controls[id(control.envelope)] = control
+        if control.future is None:
+            control.future = inner
+        else:
+            _chain(inner, control.future)
+        inner.add_done_callback(lambda done: self._settled(control))
+
     def _accepted(self, n: int, entry: _Pending) -> None:
         """Instance 0's writer: a publish of this process became control entry ``n``."""
         control = self._controls.pop(id(entry.envelope), None)
         if control is None or control.envelope is not entry.envelope:
             return  # a plain page message on the control stream (routing off): no fence needed
         control.n = n
-        control.state = 1
+        control.state = _ACCEPTED
         try:  # never into instance 0's writer: it would take it for a failed publish
             self._drain()
         except Exception:
             log.exception("handing over after control entry %d failed", n)
 
-    def _settled(self, control: _Control, future: "asyncio.Future[None]") -> None:
-        if control.state == 0:  # failed (or cancelled) before Redis accepted it: nothing to fence
-            self._controls.pop(id(control.envelope), None)
-            control.state = 2
-            self._drain()
+    def _probe_accepted(self, n: int, entry: _Pending) -> None:
+        """Another instance's writer: a probe was accepted (or another control entry: ignored)."""
+        if id(entry.envelope) in self._probes:
+            try:
+                self._probed(entry.envelope)
+            except Exception:
+                log.exception("handing over after a probe failed")
 
-    def _drain(self) -> None:
-        """Hand over, in call order, what waited for control envelopes' fences."""
-        queue = self._queue
-        loop = self._loop
-        assert loop is not None
-        while queue:
-            head = queue[0]
-            if isinstance(head, _Control):
-                if head.state == 0:
-                    return
-                queue.popleft()
-                if head.state == 1:
-                    # The fence's deadline: the control's (the publishes held behind it have later
-                    # ones), unless that has passed (accepted at the last moment).
-                    deadline = max(head.deadline, loop.time() + 0.1)
-                    for i in range(1, self.count):
-                        self.fences_sent += 1
-                        self._write_fence(i, head.n, deadline)
-                continue
-            queue.popleft()
-            self._release(head)
+    def _settled(self, control: _Control) -> None:
+        if control.state == _HANDED:  # failed (or cancelled) before Redis accepted it: nothing to fence
+            self._controls.pop(id(control.envelope), None)
+            control.state = _FAILED
+            self._drain()
 
     def _release(self, held: _Held) -> None:
         loop = self._loop
@@ -776,16 +890,14 @@ class PartitionedRedisBroker(Broker):
         if held.future.done():
             return
         if held.deadline <= loop.time():
-            held.future.set_exception(self.shards[held.shard]._unavailable(
+            _fail(held.future, self.shards[held.shard]._unavailable(
                 f"not sent within {self.publish_timeout:g} s: it waited behind a control envelope's fences "
                 "(the publish will not be applied later)"))
-            held.future.exception()
             return
         try:
             inner = self._hand_over(held.shard, held.envelopes, held.deadline)
         except BrokerUnavailable as exc:
-            held.future.set_exception(exc)
-            held.future.exception()
+            _fail(held.future, exc)
             return
         _chain(inner, held.future)
 
