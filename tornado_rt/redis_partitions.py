@@ -28,10 +28,12 @@ Fences
     revoked page). When instance 0 accepts control envelope ``N`` (its entry ``<N>-0``), the
     publisher appends a small *fence* envelope carrying ``N`` to the control stream of every other
     instance (``k: "fence"``; its own numbering, gaps and restart detection there). The writer keeps
-    the publisher's call order across instances: a page message submitted after a control envelope
-    is handed to its instance only once that envelope's fence was (it is held meanwhile, with its
-    original deadline; the page messages submitted before are ahead of the fence in that
-    instance's FIFO). The reader (:class:`FenceGate`, between the shards' readers and the router)
+    the publisher's call order across instances: a control envelope goes to instance 0 only once
+    the page messages submitted before it were answered by their instances (where some are still
+    unanswered, an empty fence is sent there as a probe and awaited), so every fence >= its
+    entry, whoever writes it, is behind them in their instance's stream; a page message submitted
+    after a control envelope is handed to its instance only once that envelope's fence was (held
+    meanwhile, with its original deadline). The reader (:class:`FenceGate`, between the shards' readers and the router)
     holds instance i at fence F until control F was applied, and holds control N until every other
     instance reached fence N: every page message published before control N (on any instance) is
     delivered before it, every one published after its publish returned is delivered after it.
