@@ -508,6 +508,8 @@ class PartitionedRedisBroker(Broker):
         self._controls: Dict[int, _Control] = {}  # id(envelope) -> its control, until accepted or failed
         self._probes: Dict[int, Tuple[Envelope, _Control]] = {}  # id(probe) -> (probe, its control)
         self._unhanded = 0  # control envelopes not handed to instance 0 yet
+        # Instances that were handed page messages since _start last found all of them answered.
+        self._dirty = [False] * self.count
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._watch: Optional[asyncio.Task] = None
         #: Fences appended after this process's control envelopes.
@@ -683,6 +685,7 @@ class PartitionedRedisBroker(Broker):
         i = shard_of(group, self.count)
         shard = self.shards[i]
         if self._direct(i):
+            self._dirty[i] = True
             return shard.publish(envelope, deadline)
         if not shard.connected:
             raise shard._not_ready()
@@ -752,6 +755,7 @@ class PartitionedRedisBroker(Broker):
 
     def _hand_over(self, i: int, envelopes: List[Envelope], deadline: float) -> "asyncio.Future[None]":
         shard = self.shards[i]
+        self._dirty[i] = True
         if len(envelopes) == 1:
             return shard.publish(envelopes[0], deadline)
         return shard.publish_batch(envelopes, deadline)
@@ -796,8 +800,14 @@ class PartitionedRedisBroker(Broker):
     def _start(self, control: _Control) -> bool:
         """Hand ``control`` to instance 0 (True), or first probe the instances where page messages
         of this process are still unanswered (False: it goes once the probes are answered)."""
-        unanswered = [shard for shard in self.shards[1:]
-                      if any(not entry.accepted for entry in shard._pending.values())]
+        unanswered = []
+        for i in range(1, self.count):
+            if self._dirty[i]:
+                shard = self.shards[i]
+                if any(not entry.accepted for entry in shard._pending.values()):
+                    unanswered.append(shard)
+                else:
+                    self._dirty[i] = False
         if not unanswered:
             self._hand_control(control)
             return True
