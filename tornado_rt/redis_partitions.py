@@ -611,6 +611,8 @@ class PartitionedRedisBroker(Broker):
             raise
         self.gate.open(self.shards[0].position)
         self._watch = self._loop.create_task(self._watch_forever())
+        log.info("page groups partitioned over %d Redis instances (%s); control stream on the first",
+                 self.count, self.url)
 
     async def _check_partitions(self) -> None:
         """``<prefix>:partition`` = ``"<i>/<K>"`` on each instance (set when absent): refuse to
@@ -951,25 +953,32 @@ class PartitionedRedisBroker(Broker):
     async def _watch_forever(self) -> None:
         """While the gate holds something: let it know how far instance 0 was read, complete held
         publishes at their deadline, write overdue fences, give up on lost ones (a gap)."""
-        loop = self._loop
-        assert loop is not None
         gate = self.gate
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
-            if not gate.holding():
-                continue
-            gate.advance(self.shards[0].position)
-            now = loop.time()
-            for waiter in gate.waiters():
-                if waiter.deadline <= now:
-                    _complete(waiter)
-            writes, gaps = gate.overdue(now, self.fence_timeout, 2 * self.fence_timeout)
-            for i, n in writes:
-                log.warning("fence %d did not arrive from Redis %s within %g s (its publisher died or is slow): "
-                            "writing it", n, redact_url(self.urls[i]), self.fence_timeout)
-                self._write_fence(i, n)
-            for i, n in gaps:
-                self._fence_gap(i, n)
+            if gate.holding():
+                try:
+                    self._look()
+                except Exception:  # the watch must survive anything
+                    log.exception("the fence gate's watch failed")
+
+    def _look(self) -> None:
+        """One look of the watch (see :meth:`_watch_forever`)."""
+        loop = self._loop
+        assert loop is not None
+        gate = self.gate
+        gate.advance(self.shards[0].position)
+        now = loop.time()
+        for waiter in gate.waiters():
+            if waiter.deadline <= now:
+                _complete(waiter)
+        writes, gaps = gate.overdue(now, self.fence_timeout, 2 * self.fence_timeout)
+        for i, n in writes:
+            log.warning("fence %d did not arrive from Redis %s within %g s (its publisher died or is slow): "
+                        "writing it", n, redact_url(self.urls[i]), self.fence_timeout)
+            self._write_fence(i, n)
+        for i, n in gaps:
+            self._fence_gap(i, n)
 
     def _fence_gap(self, i: int, n: int) -> None:
         discarded = 0
