@@ -60,6 +60,19 @@ def test_shard_of_is_stable_and_spreads_groups():
         assert min(counts) > 0.9 * 20_000 / k and max(counts) < 1.1 * 20_000 / k, (k, counts)
 
 
+def test_the_broker_setting_takes_a_list_of_redis_urls():
+    from tornado_rt.settings import _broker
+
+    assert _broker("redis://a:1/0") == "redis://a:1/0"  # one: as before
+    assert _broker(" redis://a:1/0 , rediss://b:2/1,unix:///tmp/r.sock ") == "redis://a:1/0,rediss://b:2/1,unix:///tmp/r.sock"
+    assert _broker(["redis://a:1/0", "redis://b:1/0"]) == "redis://a:1/0,redis://b:1/0"  # a list in the config file
+    for bad, why in (("redis://a:1/0,", "empty Redis URL"), ("redis://a:1/0,amqp://b/", "Redis URL"),
+                     ("redis://a:1/0,redis://a:1/0", "listed twice"), ("redis://:secret@a:1/0,redis://b:x/0", "not a valid URL")):
+        with pytest.raises(ValueError, match=why) as refused:
+            _broker(bad)
+        assert "secret" not in str(refused.value)
+
+
 # --- pure logic: the gate --------------------------------------------------------------------------
 
 class _Future:
@@ -249,6 +262,15 @@ async def stats(node):
     return body["redis"]
 
 
+async def metrics(node):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, body = await node.call("GET", "/metrics")
+    assert status == 200, status
+    text = body.decode() if isinstance(body, bytes) else str(body)
+    return {sample.name: sample.value for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
 async def marker_to_all(via, *clients):
     marker = marker_message()
     await via.publish({"message": marker, "to": {"all_users": True}})
@@ -297,6 +319,12 @@ async def test_page_messages_on_every_instance_reach_the_other_process_in_order(
         seen_a, seen_b = await stats(a), await stats(b)
         assert seen_b["inbox_envelopes"] == total and seen_b["dropped"] == 0 and seen_b["partitions"] == K, seen_b
         assert seen_a["fences_sent"] >= 2 * (K - 1) and seen_a["fence_gaps"] == 0, seen_a  # directory, marker
+        exposed = await metrics(a)
+        assert exposed["tornado_rt_redis_partitions"] == K
+        assert exposed["tornado_rt_redis_fences_sent_total"] == seen_a["fences_sent"]
+        assert exposed["tornado_rt_redis_fence_gaps_total"] == 0 and exposed["tornado_rt_redis_gaps_total"] == 0
+        status, health = await b.call("GET", "/healthz")
+        assert status == 200 and health["broker"] == {"kind": "redis", "connected": True}, health
 
 
 @pytest.mark.gen_test(timeout=60)

@@ -228,6 +228,8 @@ def _path_prefix(value: Any) -> str:
 
 
 def _broker(value: Any) -> Optional[str]:
+    if isinstance(value, (list, tuple)) and value and all(isinstance(url, str) for url in value):
+        value = ",".join(value)  # a list in the config file: several Redis instances
     text = _non_empty(value).strip()
     if text.lower() in IN_PROCESS:
         return None
