@@ -43,9 +43,9 @@ A dead publisher
     A publisher that died after instance 0 accepted N but before its fences were written must not
     block the cluster: after ``fence_timeout`` seconds (default ``publish_timeout`` + 1 s) without
     fence N from instance i, a reader writes fence N there itself (any process may; duplicates are
-    no-ops). If it still does not arrive within another ``fence_timeout`` (instance i unreachable)
-    — or a fence's control never comes (instance 0 restarted empty) — the gate goes on without
-    it: a *gap* (``fence_gaps``, logged once with its numbers, ``page_discard`` for every page
+    no-ops). If it still has not arrived after another ``fence_timeout`` and instance i is
+    unreachable — or a fence's control never comes (instance 0 read to its end without it: it
+    restarted empty; or unreachable) — the gate goes on without it: a *gap* (``fence_gaps``, logged once with its numbers, ``page_discard`` for every page
     subscription through ``on_gap``, as for a gap of a stream).
 
 Futures
@@ -278,14 +278,18 @@ class FenceGate:
             return 0.0
         return now - seen[1]
 
-    def overdue(self, now: float, write_after: float,
-                give_up_after: float) -> Tuple[List[Tuple[int, int]], List[Tuple[int, int]]]:
+    def overdue(self, now: float, write_after: float, give_up_after: float,
+                stuck: Callable[[int], bool] = lambda shard: True,
+                ) -> Tuple[List[Tuple[int, int]], List[Tuple[int, int]]]:
         """``(writes, gaps)``: the fences ``(shard, n)`` to write now because shard 0's control n
         has waited ``write_after`` seconds for them (once each: any process may write a fence,
         duplicates are no-ops), and the ``(shard, n)`` given up on after ``give_up_after``: shard
         i's missing fence n (counted as reached), or shard i's fence n whose control never came
-        while shard 0 held nothing (dropped). Each gap is counted (``gaps``); the caller tells the
-        clients (page_discard). A wait is measured from the first call that saw it."""
+        while shard 0 held nothing (dropped). Only when ``stuck(shard)`` says the shard the
+        missing piece would come from (i, or 0 for a control) cannot deliver it (unreachable; for
+        shard 0 also: it read to the end of its stream): a reader that is merely behind will
+        bring it. Each gap is counted (``gaps``); the caller tells the clients (page_discard). A
+        wait is measured from the first call that saw it."""
         writes: List[Tuple[int, int]] = []
         gaps: List[Tuple[int, int]] = []
         if not self.is_open:
@@ -297,7 +301,7 @@ class FenceGate:
             for i in range(1, self.shards):
                 if self.reached[i] >= n:
                     continue
-                if waited >= give_up_after:
+                if waited >= give_up_after and stuck(i):
                     self.reached[i] = n
                     self.gaps += 1
                     gaps.append((i, n))
@@ -317,7 +321,7 @@ class FenceGate:
                 waited = self._waited(i, (_FENCE, n), now)
                 # While shard 0 holds a control, its own wait decides (it may be waiting for this
                 # very shard's next fence): no second gap for one cause.
-                if waited >= give_up_after and not shard0_waits:
+                if waited >= give_up_after and not shard0_waits and stuck(0):
                     queue.popleft()
                     self.gaps += 1
                     gaps.append((i, n))
@@ -972,13 +976,19 @@ class PartitionedRedisBroker(Broker):
         for waiter in gate.waiters():
             if waiter.deadline <= now:
                 _complete(waiter)
-        writes, gaps = gate.overdue(now, self.fence_timeout, 2 * self.fence_timeout)
+        writes, gaps = gate.overdue(now, self.fence_timeout, 2 * self.fence_timeout, self._stuck)
         for i, n in writes:
             log.warning("fence %d did not arrive from Redis %s within %g s (its publisher died or is slow): "
                         "writing it", n, redact_url(self.urls[i]), self.fence_timeout)
             self._write_fence(i, n)
         for i, n in gaps:
             self._fence_gap(i, n)
+
+    def _stuck(self, i: int) -> bool:
+        """Whether instance ``i`` cannot bring what the gate waits for: not connected; or, for
+        instance 0, its reader read to the end of its stream (the control envelope is not there)."""
+        shard = self.shards[i]
+        return not shard.connected or (i == 0 and shard._caught_up)
 
     def _fence_gap(self, i: int, n: int) -> None:
         discarded = 0
