@@ -20,6 +20,9 @@ three real ``redis-server`` processes and real ``tornado-rt serve`` subprocesses
 * RedisPublisher / AsyncRedisPublisher with the list keep the same order (their own fences), and
   refuse a list in another order before sending anything.
 * The recovery extension's history of a page lives on its group's instance.
+* The writer (in process, instances paused with CLIENT PAUSE WRITE): a control envelope reaches
+  instance 0 only after the page messages sent before it were answered; page messages for
+  instance 0 held behind it keep their order against later ones.
 
 Non-delivery is always proved with a marker that must be the next message received.
 """
@@ -561,5 +564,79 @@ async def test_a_control_envelope_goes_to_instance_0_only_once_the_page_messages
         await server.shutdown(timeout=1)
         for raw in raws:
             raw.close()
+        for r in instances:
+            r.kill()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_page_messages_for_instance_0_held_behind_a_control_envelope_keep_their_order():
+    """A control envelope waits for a probe (a page message for instance 1 is unanswered: its
+    writes are paused); page messages for instance 1 and then instance 0 come after it and are
+    held. Once the control envelope is handed to instance 0 (whose writes are paused in turn), a
+    new page message for instance 0 must not overtake the held one for the same page."""
+    from tornado.httpserver import HTTPServer
+    from tornado.testing import bind_unused_port
+    from tornado.websocket import websocket_connect
+
+    from tornado_rt import RealtimeServer, Settings
+    from tornado_rt.envelope import message_envelope
+    from tornado_rt.redis_partitions import PartitionedRedisBroker
+
+    binary = require_redis_binary()
+    instances = [RedisProcess(binary).start() for _ in range(K)]
+    raws = [redis_sync.Redis.from_url(r.url) for r in instances]
+    secret = "redis-tests-secret-that-is-long-enough-for-hs256"
+    server = RealtimeServer(Settings(jwt_secret=secret, ping_interval=0), load_entry_points=False,
+                            broker=PartitionedRedisBroker([r.url for r in instances]))
+    server.directory.load(DIRECTORY)
+    sock, port = bind_unused_port()
+    http = HTTPServer(server.make_app())
+    http.add_sockets([sock])
+    client = None
+    try:
+        await server.start()
+        broker = server.broker
+        client = WSClient(await websocket_connect(f"ws://127.0.0.1:{port}/ws/core/?jwt_token={token(1)}"), None)
+        assert (await client.recv())["success"] is True
+        on_0, on_1 = ON[0][0], ON[1][0]
+        await client.subscribe("table", table_id=on_0)
+        await client.subscribe("table", table_id=on_1)
+
+        def publish(message, to=None):
+            return broker.publish(message_envelope(server.registry, message, to))
+
+        async def until(condition, what):
+            deadline = time.monotonic() + 10
+            while not condition():
+                assert time.monotonic() < deadline, what
+                await asyncio.sleep(0.01)  # barrier-ok: bounded poll of the writer's state
+
+        raws[1].execute_command("CLIENT", "PAUSE", 5000, "WRITE")
+        futures = [publish(rows_created(on_1, 1))]  # in flight on instance 1
+        mine = marker_message()
+        futures.append(publish(mine, {"all_users": True}))  # waits for a probe of instance 1
+        futures.append(publish(rows_created(on_1, 2)))  # held: after the control envelope
+        futures.append(publish(rows_created(on_0, 3)))  # held: the control envelope is not on instance 0 yet
+        raws[0].execute_command("CLIENT", "PAUSE", 5000, "WRITE")
+        raws[1].execute_command("CLIENT", "UNPAUSE")
+        await until(lambda: broker._unhanded == 0, "the control envelope was never handed to instance 0")
+        futures.append(publish(rows_created(on_0, 4)))  # must come after 3
+        raws[0].execute_command("CLIENT", "UNPAUSE")
+        for future in futures:
+            await future
+        got = [await client.recv() for _ in range(5)]
+        # The control envelope after the first, before the rest; each page in publish order (the
+        # two pages on different instances may interleave either way).
+        assert got[:2] == [rows_created(on_1, 1), mine], got
+        assert [m for m in got[2:] if m["table_id"] == on_0] == [rows_created(on_0, 3), rows_created(on_0, 4)], got
+        assert [m for m in got[2:] if m["table_id"] == on_1] == [rows_created(on_1, 2)], got
+    finally:
+        for raw in raws:
+            raw.execute_command("CLIENT", "UNPAUSE")
+            raw.close()
+        if client is not None:
+            client.close()
+        http.stop()
+        await server.shutdown(timeout=1)
         for r in instances:
             r.kill()

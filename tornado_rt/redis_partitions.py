@@ -791,14 +791,16 @@ class PartitionedRedisBroker(Broker):
                 queue.popleft()
                 continue
             break
+        blocked = False  # a page message for another instance waits before what follows
         for item in list(queue):
             if isinstance(item, _Held):
                 if item.shard:
-                    return  # it waits for fences; what follows it waits for its answer
+                    blocked = True  # it waits for fences; a control envelope after it, for its answer
+                    continue
                 queue.remove(item)  # behind the control envelopes handed over before it
                 self._release(item)
             elif item.state == _WAIT:
-                if not self._start(item):
+                if blocked or not self._start(item):
                     return
             elif item.state == _PROBING:
                 return
