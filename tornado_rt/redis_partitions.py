@@ -437,6 +437,9 @@ def _join(loop: asyncio.AbstractEventLoop, parts: List["asyncio.Future[None]"]) 
     if len(parts) == 1:
         return parts[0]
     joined: "asyncio.Future[None]" = loop.create_future()
+    if not parts:
+        joined.set_result(None)
+        return joined
     left = [len(parts)]
     errors: List[BaseException] = []
 
