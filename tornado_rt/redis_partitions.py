@@ -33,9 +33,9 @@ Fences
     unanswered, an empty fence is sent there as a probe and awaited), so every fence >= its
     entry, whoever writes it, is behind them in their instance's stream; a page message submitted
     after a control envelope is handed to its instance only once that envelope's fence was (held
-    meanwhile, with its original deadline). The reader (:class:`FenceGate`, between the shards' readers and the router)
-    holds instance i at fence F until control F was applied, and holds control N until every other
-    instance reached fence N: every page message published before control N (on any instance) is
+    meanwhile, with its original deadline). The reader (:class:`FenceGate`, between the shards'
+    readers and the router) holds instance i at fence F until control F was applied, and holds
+    control N until every other instance reached fence N: every page message published before control N (on any instance) is
     delivered before it, every one published after its publish returned is delivered after it.
     A fence never reaches the router.
 
@@ -45,8 +45,9 @@ A dead publisher
     fence N from instance i, a reader writes fence N there itself (any process may; duplicates are
     no-ops). If it still has not arrived after another ``fence_timeout`` and instance i is
     unreachable — or a fence's control never comes (instance 0 read to its end without it: it
-    restarted empty; or unreachable) — the gate goes on without it: a *gap* (``fence_gaps``, logged once with its numbers, ``page_discard`` for every page
-    subscription through ``on_gap``, as for a gap of a stream).
+    restarted empty; or unreachable) — the gate goes on without it: a *gap* (``fence_gaps``,
+    logged once with its numbers, ``page_discard`` for every page subscription through
+    ``on_gap``, as for a gap of a stream).
 
 Futures
     As with one instance: a publish completes once it came back through this process's reader and
