@@ -14,7 +14,9 @@ three real ``redis-server`` processes and real ``tornado-rt serve`` subprocesses
   away, a page message on instance y: the other process's client sees the first, the effect, and
   never the third (a marker comes next).
 * A control envelope appended to instance 0 without its fences (a publisher that died before
-  writing them): the servers write the fences themselves and apply it.
+  writing them): the servers write the fences themselves and apply it; with an instance
+  unreachable they give up on its fence: page_discard (a gap, counted and logged), then the
+  control envelope.
 * URLs listed in another order are refused at start; a bad URL in the list is exit code 2
   naming --broker.
 * RedisPublisher / AsyncRedisPublisher with the list keep the same order (their own fences), and
@@ -203,6 +205,8 @@ def test_gate_timeouts_write_the_missing_fence_then_give_up_with_a_gap():
     assert names(out) == [] and gate.gaps == 0
     writes, gaps = gate.overdue(106.0, 3.0, 6.0, stuck=lambda shard: shard == 2)  # shard 2 unreachable
     assert writes == [] and gaps == [(2, 11)] and gate.gaps == 1
+    assert out == []  # the caller tells the clients first (page_discard), then resumes
+    gate.resume()
     assert names(out) == ["C11"] and waiter.future.done() and not gate.holding()
     gate.fence(2, 11)  # arrives after all: a no-op
     assert gate.page(2, page("late")) is None and names(out)[-1] == "late"
@@ -214,6 +218,7 @@ def test_gate_timeouts_write_the_missing_fence_then_give_up_with_a_gap():
     assert gate.overdue(205.9, 3.0, 6.0) == ([], [])
     assert gate.overdue(206.0, 3.0, 6.0, stuck=lambda shard: shard != 0) == ([], [])  # shard 0 behind: it may come
     assert gate.overdue(206.0, 3.0, 6.0, stuck=lambda shard: shard == 0) == ([], [(1, 30)])
+    gate.resume()
     assert names(out)[-1] == "q1" and gate.gaps == 2 and not gate.holding()
 
 
@@ -640,3 +645,29 @@ async def test_page_messages_for_instance_0_held_behind_a_control_envelope_keep_
         await server.shutdown(timeout=1)
         for r in instances:
             r.kill()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_fence_from_an_unreachable_instance_is_given_up_on_with_a_gap(connect):
+    """Instance 2 is killed; a control envelope reaches instance 0 without fences (a publisher
+    of instance 0 alone). Instance 1's fence is written by the servers; instance 2's cannot be:
+    after twice fence_timeout the servers apply the control envelope anyway, and since order
+    with instance 2's page messages may not hold, their clients get page_discard (a gap, counted
+    and logged)."""
+    from tornado_rt.redis_broker import AsyncRedisPublisher
+
+    with partitioned(connect) as (instances, (a, b)):
+        await a.put_directory(DIRECTORY)
+        on_b = await connect(b, 1)
+        await on_b.subscribe("table", table_id=ON[1][0])
+        instances[2].kill()
+        marker = marker_message()
+        async with AsyncRedisPublisher(instances[0].url) as alone:
+            await alone.publish(marker, {"all_users": True})
+        assert await on_b.recv() == {"type": "page_discard", "page": "table", "parameters": {"table_id": ON[1][0]}}
+        assert await on_b.recv() == marker  # after the gap's page_discard
+        seen = await stats(b)
+        assert seen["fence_gaps"] == 1 and seen["fences_waited"] >= 1, seen
+        assert "was given up on" in b.log_text() and "fence gap 1" in b.log_text()
+        status, health = await b.call("GET", "/healthz")
+        assert status == 503 and health["broker"] == {"kind": "redis", "connected": False}, health

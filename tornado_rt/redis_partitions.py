@@ -289,8 +289,8 @@ class FenceGate:
         while shard 0 held nothing (dropped). Only when ``stuck(shard)`` says the shard the
         missing piece would come from (i, or 0 for a control) cannot deliver it (unreachable; for
         shard 0 also: it read to the end of its stream): a reader that is merely behind will
-        bring it. Each gap is counted (``gaps``); the caller tells the clients (page_discard). A
-        wait is measured from the first call that saw it."""
+        bring it. Each gap is counted (``gaps``); the caller tells the clients (page_discard),
+        then calls :meth:`resume`. A wait is measured from the first call that saw it."""
         writes: List[Tuple[int, int]] = []
         gaps: List[Tuple[int, int]] = []
         if not self.is_open:
@@ -328,9 +328,12 @@ class FenceGate:
                     gaps.append((i, n))
             else:
                 self._heads.pop(i, None)
-        if gaps:
-            self._pump()
         return writes, gaps
+
+    def resume(self) -> None:
+        """Hand on what may go after :meth:`overdue` gave up on something (called once the
+        clients were told of the gaps: their page_discard comes before what follows)."""
+        self._pump()
 
 
 # --- the history of the recovery extension, per shard -------------------------------------------------
@@ -989,6 +992,8 @@ class PartitionedRedisBroker(Broker):
             self._write_fence(i, n)
         for i, n in gaps:
             self._fence_gap(i, n)
+        if gaps:
+            gate.resume()
 
     def _stuck(self, i: int) -> bool:
         """Whether instance ``i`` cannot bring what the gate waits for: not connected; or, for
