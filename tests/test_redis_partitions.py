@@ -12,7 +12,8 @@ three real ``redis-server`` processes and real ``tornado-rt serve`` subprocesses
   instance only.
 * Order across instances: a page message on instance x, a control envelope that takes a page
   away, a page message on instance y: the other process's client sees the first, the effect, and
-  never the third (a marker comes next).
+  never the third (a marker comes next). Two processes publishing rounds of page messages and a
+  control envelope at the same time: each one's call order holds on both processes.
 * A control envelope appended to instance 0 without its fences (a publisher that died before
   writing them): the servers write the fences themselves and apply it; with an instance
   unreachable they give up on its fence: page_discard (a gap, counted and logged), then the
@@ -671,3 +672,56 @@ async def test_a_fence_from_an_unreachable_instance_is_given_up_on_with_a_gap(co
         assert "was given up on" in b.log_text() and "fence gap 1" in b.log_text()
         status, health = await b.call("GET", "/healthz")
         assert status == 503 and health["broker"] == {"kind": "redis", "connected": False}, health
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_two_publishers_interleaving_control_envelopes_keep_each_ones_call_order(connect):
+    """A and B publish at the same time, each in rounds: page messages spread over the three
+    instances, then a control envelope (to every user), awaited in turn. A client on each process,
+    on every page, sees each publisher's rounds in its call order: every page message of round k
+    after control k - 1 and before control k — while the other publisher's control envelopes (and
+    fences) interleave."""
+    with partitioned(connect) as (instances, (a, b)):
+        await a.put_directory(DIRECTORY)
+        tables = [t for k in range(K) for t in ON[k]]
+        clients = []
+        for node in (a, b):
+            client = await connect(node, 1)
+            for t in tables:
+                await client.subscribe("table", table_id=t)
+            clients.append(client)
+        rounds = 40
+
+        async def publisher(node, name):
+            for k in range(rounds):
+                pages = [{"message": {**rows_created(tables[(k * 7 + j) % len(tables)], f"{name}-{k}-{j}")}}
+                         for j in range(1 + (k * 5) % 9)]
+                control = {"message": {"type": "notifications_fetch_required", "c": f"{name}-{k}"},
+                           "to": {"all_users": True}}
+                if k % 2:
+                    await node.publish(pages + [control])  # one batch
+                else:
+                    for item in pages + [control]:  # one request each, in turn
+                        await node.publish(item)
+
+        await asyncio.gather(publisher(a, "A"), publisher(b, "B"))
+        end = marker_message()
+        await a.publish({"message": end, "to": {"all_users": True}})
+        for client in clients:
+            seen = []
+            while (message := await client.recv()) != end:
+                seen.append(message)
+            for name in "AB":
+                controls = -1
+                for message in seen:
+                    if message["type"] == "rows_created" and message["rows"][0]["id"].startswith(name):
+                        assert int(message["rows"][0]["id"].split("-")[1]) == controls + 1, (client.node.name, message)
+                    elif message.get("c", "").startswith(name):
+                        assert int(message["c"].split("-")[1]) == controls + 1, (client.node.name, message)
+                        controls += 1
+                assert controls == rounds - 1
+            total = sum(1 + (k * 5) % 9 for k in range(rounds))
+            assert len([m for m in seen if m["type"] == "rows_created"]) == 2 * total  # nothing lost
+        for node in (a, b):
+            seen = await stats(node)
+            assert seen["fence_gaps"] == 0 and seen["fence_timeouts"] == 0, seen
