@@ -943,10 +943,25 @@ class PartitionedRedisBroker(Broker):
         if envelope.kind == MESSAGE:
             audience = envelope.audience
             if audience and audience[0] == "page" and route_of(envelope, self.registry)[1]:
-                return self.gate.page(0, envelope, self.shards[0].position)
+                hold = self.gate.page(0, envelope, self.shards[0].position)
+                return None if hold is None else self._held(hold)
         elif envelope.kind == FENCE:
             return None
-        return self.gate.control(envelope, self.shards[0].position)
+        return self._held(self.gate.control(envelope, self.shards[0].position))
+
+    def _held(self, hold: Optional[Callable[[Any], None]]) -> Optional[Callable[[Any], None]]:
+        """What ``RedisBroker._hand`` gets for an envelope the gate holds: the gate completes its
+        publish when it hands the envelope on, a timer at its deadline if that comes first
+        (accepted: delivery follows), so a publish never waits longer than ``publish_timeout``."""
+        if hold is None:
+            return None
+        loop = self._loop
+
+        def take(entry: Any) -> None:
+            hold(entry)
+            if loop is not None:
+                loop.call_at(entry.deadline, _complete, entry)
+        return take
 
     def _from_shard(self, i: int) -> Callable[[Envelope], Any]:
         gate = self.gate
@@ -960,12 +975,14 @@ class PartitionedRedisBroker(Broker):
                     return None
                 gate.fence(i, n)
                 return None
-            return gate.page(i, envelope)
+            hold = gate.page(i, envelope)
+            return None if hold is None else self._held(hold)
         return deliver
 
     async def _watch_forever(self) -> None:
-        """While the gate holds something: let it know how far instance 0 was read, complete held
-        publishes at their deadline, write overdue fences, give up on lost ones (a gap)."""
+        """While the gate holds something: let it know how far instance 0 was read, write overdue
+        fences, give up on lost ones (a gap); complete held publishes past their deadline (each
+        has its own timer too: see :meth:`_held`)."""
         gate = self.gate
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
