@@ -30,7 +30,9 @@ Access and identity
 Event bus
     :class:`Broker` (interface), :class:`LocalBroker` (default, in-process),
     ``RedisBroker`` (several processes over one Redis Stream; needs ``pip install tornado-rt[redis]``;
-    imported on first access, or ``from tornado_rt.redis_broker import RedisBroker``).
+    imported on first access, or ``from tornado_rt.redis_broker import RedisBroker``);
+    ``PartitionedRedisBroker`` (the page groups over several Redis instances, the same way, or
+    ``from tornado_rt.redis_partitions import PartitionedRedisBroker``).
     ``tornado_rt.redis_broker.RedisPublisher`` / ``AsyncRedisPublisher`` — publish from a process
     that is not a server (a Celery worker, a Django or FastAPI view) straight into the servers'
     Redis stream, validated with the same registry (same extra).
@@ -76,10 +78,13 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """``tornado_rt.RedisBroker`` is imported on first use only, so that tornado-rt never needs
-    the optional ``redis`` package unless the Redis broker is used (not in ``__all__`` for the
-    same reason)."""
+    """``tornado_rt.RedisBroker`` (and ``PartitionedRedisBroker``) is imported on first use only,
+    so that tornado-rt never needs the optional ``redis`` package unless the Redis broker is used
+    (not in ``__all__`` for the same reason)."""
     if name == "RedisBroker":
         from .redis_broker import RedisBroker
         return RedisBroker
+    if name == "PartitionedRedisBroker":
+        from .redis_partitions import PartitionedRedisBroker
+        return PartitionedRedisBroker
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -360,7 +360,8 @@ def settings(config: Config) -> Settings:
 
 
 def make_broker(config: Config) -> Any:
-    """The broker named by ``--broker``: None for in-process, else a RedisBroker (lazy import)."""
+    """The broker named by ``--broker``: None for in-process, else a RedisBroker, or for several
+    comma-separated URLs a PartitionedRedisBroker (lazy imports)."""
     url = config.broker
     if url is None:
         return None
@@ -379,6 +380,10 @@ def make_broker(config: Config) -> Any:
                       "PUT /api/directory with the file's content")
     try:
         # share_directory: the directory snapshot is kept in Redis, loaded before serving.
+        if "," in url:
+            from .redis_partitions import PartitionedRedisBroker
+            return PartitionedRedisBroker(url.split(","), config.redis_channel_prefix,
+                                          stream_length=config.redis_stream_length, share_directory=True)
         return RedisBroker(url, config.redis_channel_prefix, stream_length=config.redis_stream_length,
                            share_directory=True)
     except (ValueError, TypeError) as exc:

@@ -125,7 +125,7 @@ import itertools
 import logging
 import random
 import uuid
-from typing import Any, Awaitable, Deque, Dict, List, Mapping, Optional, Protocol, Sequence, Set, Tuple
+from typing import Any, Awaitable, Callable, Deque, Dict, List, Mapping, Optional, Protocol, Sequence, Set, Tuple
 
 import ujson
 
@@ -937,7 +937,8 @@ class RedisBroker(Broker):
                  socket_timeout: float = 2.0, connect_timeout: float = 1.0,
                  reconnect_min: float = 0.1, reconnect_max: float = 5.0,
                  health_check_interval: float = 5.0, start_timeout: float = 5.0,
-                 share_directory: bool = False, snapshot_every: int = SNAPSHOT_EVERY):
+                 share_directory: bool = False, snapshot_every: int = SNAPSHOT_EVERY,
+                 origin: Optional[str] = None):
         if not channel_prefix or not isinstance(channel_prefix, str):
             raise ValueError("channel_prefix must be a non-empty string")
         if not publish_timeout > 0:
@@ -973,7 +974,8 @@ class RedisBroker(Broker):
         self.reconnect_max = reconnect_max
         self.health_check_interval = health_check_interval
         self.start_timeout = start_timeout
-        self.origin = uuid.uuid4().hex[:16]
+        #: This process's id (random unless given: the shards of a PartitionedRedisBroker share one).
+        self.origin = origin if origin is not None else uuid.uuid4().hex[:16]
         #: This process's inbox: the plain page messages of the page groups it registered.
         self.inbox = f"{channel_prefix}:inbox:{self.origin}"
         self.key_prefix = channel_prefix + ":"
@@ -1040,6 +1042,9 @@ class RedisBroker(Broker):
         self._own: Dict[int, Envelope] = {}
         self._last_ref = 0
         self._outbox: Deque[int] = collections.deque()  # seqs of publishes to send, in call order
+        #: Called by the writer with ``(n, publish)`` when Redis appended a publish of this process
+        #: to the control stream as entry ``n`` (redis_partitions fences it on the other instances).
+        self.on_accepted: Optional[Callable[[int, "_Pending"], None]] = None
         self._timer: Optional[asyncio.TimerHandle] = None
         self._wake: Optional[asyncio.Event] = None
         self._subscribed = False
@@ -1357,8 +1362,10 @@ class RedisBroker(Broker):
                 await _disconnect(conn)
 
     # --- publishing -----------------------------------------------------------------------------
-    def publish(self, envelope: Envelope) -> "asyncio.Future[None]":
-        """Queue ``envelope`` for Redis; see the module docstring for what the future means."""
+    def publish(self, envelope: Envelope, deadline: Optional[float] = None) -> "asyncio.Future[None]":
+        """Queue ``envelope`` for Redis; see the module docstring for what the future means.
+        ``deadline``: the loop time it must be accepted by (default: now + ``publish_timeout``;
+        one held back by a PartitionedRedisBroker keeps its original one)."""
         if not self._subscribed:
             raise self._not_ready()
         seq = next(self._seq)
@@ -1366,7 +1373,8 @@ class RedisBroker(Broker):
         loop = self._loop
         assert loop is not None and self._wake is not None
         future = loop.create_future()  # a failure is marked retrieved in _fail: no done callback
-        deadline = loop.time() + self.publish_timeout
+        if deadline is None:
+            deadline = loop.time() + self.publish_timeout
         self._pending[seq] = _Pending(future, deadline, envelope)
         self._outbox.append(seq)
         self._wake.set()
@@ -1374,13 +1382,15 @@ class RedisBroker(Broker):
             self._timer = loop.call_at(deadline, self._expire)
         return future
 
-    def publish_batch(self, envelopes: Sequence[Envelope]) -> "asyncio.Future[None]":
+    def publish_batch(self, envelopes: Sequence[Envelope],
+                      deadline: Optional[float] = None) -> "asyncio.Future[None]":
         """:meth:`publish` of each envelope, in order, with ONE future for all of them (what
         ``RealtimeServer.submit_now`` awaits for an HTTP batch): it completes once every one of
         them would have completed its own future (the same deadline, the same moments), with
         None, or with the first ``BrokerUnavailable`` one of them got (the others still go
         their way). Raises ``BrokerUnavailable`` as :meth:`publish` does, then for none of them.
-        Without a future, a completion, a deadline and a wake-up per envelope."""
+        Without a future, a completion, a deadline and a wake-up per envelope. ``deadline``: as
+        for :meth:`publish`."""
         if not self._subscribed:
             raise self._not_ready()
         loop = self._loop
@@ -1390,7 +1400,8 @@ class RedisBroker(Broker):
             future.set_result(None)
             return future
         batch = _Batch(future, len(envelopes))
-        deadline = loop.time() + self.publish_timeout
+        if deadline is None:
+            deadline = loop.time() + self.publish_timeout
         pending, outbox, seqs = self._pending, self._outbox, self._seq
         for envelope in envelopes:
             seq = next(seqs)
@@ -1571,7 +1582,7 @@ class RedisBroker(Broker):
         if len(codes) != len(items):
             raise _protocol_error(f"publish script reply: {len(codes)} codes for {len(items)} envelopes")
         refused = None
-        pending, accepted = self._pending, self._accepted
+        pending, accepted, on_accepted = self._pending, self._accepted, self.on_accepted
         for (seq, _, entry), n, routed in zip(items, codes if resend is None else codes[:resend], groups):
             if routed is not None:
                 if n == REPLY_NOWHERE_LEAN or n == REPLY_OWN_LEAN:
@@ -1590,6 +1601,8 @@ class RedisBroker(Broker):
                 entry.accepted = n
                 if n > accepted:
                     accepted = n
+                if on_accepted is not None:
+                    on_accepted(n, entry)
             elif n:  # REPLY_OWN, REPLY_OWN_LEAN: a reference in this process's inbox
                 entry.accepted = REPLY_OWN
             else:
@@ -2126,17 +2139,23 @@ class RedisBroker(Broker):
             if hub is not None and audience[1] not in hub.groups:
                 self.dropped += 1
         key = envelope.id
+        held: Any = None
         if key is not None and self.recent.seen(key, at):
             self.duplicates += 1
         else:
-            deliver = self._deliver
+            deliver: Any = self._deliver
             if deliver is not None:
                 try:
-                    deliver(envelope)
+                    # None: handed to the router. A PartitionedRedisBroker's gate that holds the
+                    # envelope back returns what takes its publish, to complete it once delivered.
+                    held = deliver(envelope)
                 except Exception:
                     log.exception("delivery of %r failed", envelope)
         if entry is not None and not entry.future.done():
-            entry.future.set_result(None)
+            if held is None:
+                entry.future.set_result(None)
+            else:
+                held(entry)
 
     def _gap(self, lost: Optional[int], position: int, stream: Optional[str] = None) -> None:
         """Envelopes this process never received: count, log once, drop every page subscription."""
@@ -2351,6 +2370,9 @@ class _Publishing:
     """What the sync and the asyncio write-only publishers share: the registry, validation and
     serialization, the script's arguments and the reading of its reply."""
 
+    #: One publisher per Redis instance, this one first (several: page groups partitioned).
+    _parts: List[Any]
+
     def __init__(self, url: str, channel_prefix: str, plugins: Any, registry: Any,
                  load_entry_points: bool, types: Optional[str], publish_timeout: float,
                  stream_length: int, history_size: int = _HISTORY_SIZE, history_ttl: float = _HISTORY_TTL):
@@ -2455,8 +2477,9 @@ class _Publishing:
 
         self._offset = int(reply[0]) * 1000 + int(reply[1]) / 1000 - time.monotonic() * 1000
 
-    def _accepted(self, reply: Any) -> None:
-        """Read the script's reply (Redis ran it just now); raise unless every envelope was taken."""
+    def _accepted(self, reply: Any) -> List[int]:
+        """Read the script's reply (Redis ran it just now); raise unless every envelope was taken.
+        Returns each envelope's code (n > 0: its control stream entry)."""
         import time
 
         self._offset = int(reply[0]) - time.monotonic() * 1000
@@ -2471,6 +2494,50 @@ class _Publishing:
         if not all(accepted):
             raise self._unavailable(f"Redis ran the publish after its deadline ({self.publish_timeout:g} s): "
                                     f"{accepted.count(0)} of {len(accepted)} envelopes not applied")
+        return accepted
+
+    # --- several Redis instances (redis_partitions) -------------------------------------------------------
+    def _runs(self, envelopes: List[Envelope]) -> List[Tuple[int, List[Envelope]]]:
+        """``envelopes`` in call order as runs ``(instance, envelopes)``: a run of control
+        envelopes is ``(-1, ...)`` (instance 0, then a fence on every other); between two, the
+        page messages per instance (their order across instances does not matter, within one
+        it is kept)."""
+        from .redis_partitions import shard_of
+
+        count = len(self._parts)
+        runs: List[Tuple[int, List[Envelope]]] = []
+        pages: Dict[int, List[Envelope]] = {}
+        controls: List[Envelope] = []
+        for env in envelopes:
+            group, plain = route_of(env, self.registry)
+            if plain:
+                if controls:
+                    runs.append((-1, controls))
+                    controls = []
+                pages.setdefault(shard_of(group, count), []).append(env)
+            else:
+                runs.extend(pages.items())
+                pages = {}
+                controls.append(env)
+        runs.extend(pages.items())
+        if controls:
+            runs.append((-1, controls))
+        return runs
+
+    def _partition_check(self, index: int, found: Any) -> None:
+        from .redis_partitions import PartitionMismatch
+
+        expected = f"{index}/{len(self._parts)}"
+        found = found.decode() if isinstance(found, bytes) else str(found)
+        if found != expected:
+            raise PartitionMismatch(
+                f"{redact_url(self.url)} is partition {found} but listed as {expected}: every process and "
+                "publisher must list the same Redis URLs in the same order")
+
+    def _fence_failed(self, part: "_Publishing", n: int, exc: BrokerUnavailable) -> BrokerUnavailable:
+        return part._unavailable(f"control entry {n} was applied on the first instance, but its fence was not "
+                                 f"written here ({exc}); the servers write it themselves after their fence "
+                                 "timeout, and page messages published meanwhile may overtake it there")
 
     def _failed(self, exc: BaseException) -> BrokerUnavailable:
         self._offset = None
@@ -2513,11 +2580,17 @@ class RedisPublisher(_Publishing):
                  stream_length: int = _STREAM_LENGTH, history_size: int = _HISTORY_SIZE, history_ttl: float = _HISTORY_TTL):
         import redis as redis_sync
 
-        super().__init__(url, channel_prefix, plugins, registry, load_entry_points, types, publish_timeout,
+        urls = _url_list(url)
+        super().__init__(urls[0], channel_prefix, plugins, registry, load_entry_points, types, publish_timeout,
                          stream_length, history_size, history_ttl)
-        self._redis = redis_sync.Redis.from_url(url, socket_connect_timeout=connect_timeout,
+        self._redis = redis_sync.Redis.from_url(urls[0], socket_connect_timeout=connect_timeout,
                                                 socket_timeout=publish_timeout, retry=None, protocol=2,
                                                 client_name="tornado-rt-publisher")
+        self._parts: List[Any] = [self] + [
+            RedisPublisher(other, channel_prefix, registry=self.registry, publish_timeout=publish_timeout,
+                           connect_timeout=connect_timeout, stream_length=stream_length, history_size=history_size,
+                           history_ttl=history_ttl) for other in urls[1:]]
+        self._checked = len(urls) == 1
 
     def publish(self, message: Any, to: Any = None, *, ignore_web_socket_id: Optional[str] = None,
                 exclude_user_ids: Any = None, id: Optional[str] = None) -> str:
@@ -2555,7 +2628,8 @@ class RedisPublisher(_Publishing):
         self.send([directory_envelope(operation, args)])
 
     def close(self) -> None:
-        self._redis.close()
+        for part in self._parts:
+            part._redis.close()
 
     def __enter__(self) -> "RedisPublisher":
         return self
@@ -2565,14 +2639,50 @@ class RedisPublisher(_Publishing):
 
     def send(self, envelopes: List[Envelope]) -> None:
         """Append prepared envelopes in one script call (at most MAX_BATCH per call). Raises
-        ``BrokerUnavailable`` unless Redis accepted every one of them."""
+        ``BrokerUnavailable`` unless Redis accepted every one of them. With several Redis
+        instances: each page message on its group's instance, control envelopes on the first one,
+        each run of them followed by a fence on every other instance, in call order, all within
+        one ``publish_timeout`` (docs/redis.md "Partitioning over several Redis instances")."""
+        if len(self._parts) == 1:
+            self._send_here(envelopes)
+            return
+        import time
+
+        from .redis_partitions import fence_envelope
+
+        if not self._checked:
+            for i, part in enumerate(self._parts):
+                key = part.key_prefix + "partition"
+                try:
+                    part._redis.set(key, f"{i}/{len(self._parts)}", nx=True)
+                    found = part._redis.get(key)
+                except (RedisError, OSError) as exc:
+                    raise part._failed(exc) from None
+                self._partition_check(i, found)
+            self._checked = True
+        began = time.monotonic()
+        for index, run in self._runs(envelopes):
+            if index >= 0:
+                self._parts[index]._send_here(run, began)
+                continue
+            n = max(self._send_here(run, began))
+            for part in self._parts[1:]:
+                try:
+                    part._send_here([fence_envelope(n)], began)
+                except BrokerUnavailable as exc:
+                    raise self._fence_failed(part, n, exc) from None
+
+    def _send_here(self, envelopes: List[Envelope], began: Optional[float] = None) -> List[int]:
+        """Append envelopes to this instance; returns their codes (see :meth:`_accepted`)."""
         import time
 
         from redis.exceptions import NoScriptError
 
+        codes: List[int] = []
         for start in range(0, len(envelopes), MAX_BATCH):
             chunk = envelopes[start:start + MAX_BATCH]
-            began = time.monotonic()
+            if began is None:
+                began = time.monotonic()
             try:
                 if self._offset is None:
                     self._clock(self._redis.time())
@@ -2584,7 +2694,9 @@ class RedisPublisher(_Publishing):
                     reply = self._redis.evalsha(PUBLISH_SHA, 1, self.stream, *args)
             except (RedisError, OSError) as exc:
                 raise self._failed(exc) from None
-            self._accepted(reply)
+            codes += self._accepted(reply)
+            began = None
+        return codes
 
 
 class AsyncRedisPublisher(_Publishing):
@@ -2597,11 +2709,17 @@ class AsyncRedisPublisher(_Publishing):
                  stream_length: int = _STREAM_LENGTH, history_size: int = _HISTORY_SIZE, history_ttl: float = _HISTORY_TTL):
         import redis.asyncio as redis_async
 
-        super().__init__(url, channel_prefix, plugins, registry, load_entry_points, types, publish_timeout,
+        urls = _url_list(url)
+        super().__init__(urls[0], channel_prefix, plugins, registry, load_entry_points, types, publish_timeout,
                          stream_length, history_size, history_ttl)
-        self._redis = redis_async.Redis.from_url(url, socket_connect_timeout=connect_timeout,
+        self._redis = redis_async.Redis.from_url(urls[0], socket_connect_timeout=connect_timeout,
                                                  socket_timeout=publish_timeout, retry=None, protocol=2,
                                                  client_name="tornado-rt-publisher")
+        self._parts: List[Any] = [self] + [
+            AsyncRedisPublisher(other, channel_prefix, registry=self.registry, publish_timeout=publish_timeout,
+                                connect_timeout=connect_timeout, stream_length=stream_length,
+                                history_size=history_size, history_ttl=history_ttl) for other in urls[1:]]
+        self._checked = len(urls) == 1
 
     async def publish(self, message: Any, to: Any = None, *, ignore_web_socket_id: Optional[str] = None,
                       exclude_user_ids: Any = None, id: Optional[str] = None) -> str:
@@ -2630,7 +2748,8 @@ class AsyncRedisPublisher(_Publishing):
         await self.send([directory_envelope(operation, args)])
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        for part in self._parts:
+            await part._redis.aclose()
 
     async def __aenter__(self) -> "AsyncRedisPublisher":
         return self
@@ -2639,13 +2758,47 @@ class AsyncRedisPublisher(_Publishing):
         await self.close()
 
     async def send(self, envelopes: List[Envelope]) -> None:
+        """:meth:`RedisPublisher.send`, awaited."""
+        if len(self._parts) == 1:
+            await self._send_here(envelopes)
+            return
+        import time
+
+        from .redis_partitions import fence_envelope
+
+        if not self._checked:
+            for i, part in enumerate(self._parts):
+                key = part.key_prefix + "partition"
+                try:
+                    async with asyncio.timeout(self.publish_timeout):
+                        await part._redis.set(key, f"{i}/{len(self._parts)}", nx=True)
+                        found = await part._redis.get(key)
+                except (RedisError, OSError, TimeoutError) as exc:
+                    raise part._failed(exc) from None
+                self._partition_check(i, found)
+            self._checked = True
+        began = time.monotonic()
+        for index, run in self._runs(envelopes):
+            if index >= 0:
+                await self._parts[index]._send_here(run, began)
+                continue
+            n = max(await self._send_here(run, began))
+            for part in self._parts[1:]:
+                try:
+                    await part._send_here([fence_envelope(n)], began)
+                except BrokerUnavailable as exc:
+                    raise self._fence_failed(part, n, exc) from None
+
+    async def _send_here(self, envelopes: List[Envelope], began: Optional[float] = None) -> List[int]:
         import time
 
         from redis.exceptions import NoScriptError
 
+        codes: List[int] = []
         for start in range(0, len(envelopes), MAX_BATCH):
             chunk = envelopes[start:start + MAX_BATCH]
-            began = time.monotonic()
+            if began is None:
+                began = time.monotonic()
             try:
                 async with asyncio.timeout(self.publish_timeout):
                     if self._offset is None:
@@ -2658,7 +2811,20 @@ class AsyncRedisPublisher(_Publishing):
                         reply = await self._redis.evalsha(PUBLISH_SHA, 1, self.stream, *args)
             except (RedisError, OSError, TimeoutError) as exc:
                 raise self._failed(exc) from None
-            self._accepted(reply)
+            codes += self._accepted(reply)
+            began = None
+        return codes
+
+
+def _url_list(url: Any) -> List[str]:
+    """A publisher's ``url``: one Redis URL, or several (a list, or separated by commas) when the
+    page groups are partitioned over several instances, in the servers' order."""
+    urls = [u.strip() for u in (url.split(",") if isinstance(url, str) else list(url))]
+    if not urls or not all(isinstance(u, str) and u for u in urls):
+        raise ValueError("url must be a Redis URL, or several (a list, or separated by commas)")
+    if len(set(urls)) != len(urls):
+        raise ValueError("the same Redis URL is listed twice: each instance holds one partition")
+    return urls
 
 
 def _deny(*args: Any) -> bool:

@@ -228,9 +228,24 @@ def _path_prefix(value: Any) -> str:
 
 
 def _broker(value: Any) -> Optional[str]:
-    url = _non_empty(value).strip()
-    if url.lower() in IN_PROCESS:
+    if isinstance(value, (list, tuple)) and value and all(isinstance(url, str) for url in value):
+        value = ",".join(value)  # a list in the config file: several Redis instances
+    text = _non_empty(value).strip()
+    if text.lower() in IN_PROCESS:
         return None
+    if "," not in text:
+        return _redis_url(text)
+    # Several Redis instances (docs/redis.md "Partitioning over several Redis instances"): each
+    # URL is checked; a comma inside one (a password) must be percent-encoded (%2C).
+    urls = [_redis_url(url.strip()) for url in text.split(",")]
+    if len(set(urls)) != len(urls):
+        raise ValueError("the same Redis URL is listed twice: each instance holds one partition")
+    return ",".join(urls)
+
+
+def _redis_url(url: str) -> str:
+    if not url:
+        raise ValueError("an empty Redis URL in the list (URLs are separated by commas)")
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a bad port
@@ -545,7 +560,9 @@ class Standalone:
         "'tornado-rt token' and 'listen --user' to sign tokens for RS*/ES*/EdDSA; the server never needs it",
         metavar="FILE", group="auth")
     broker: Optional[str] = setting(
-        None, "event bus: 'in-process' or a Redis URL such as redis://127.0.0.1:6379/0 (needs the redis extra)",
+        None, "event bus: 'in-process' or a Redis URL such as redis://127.0.0.1:6379/0 (needs the redis extra); "
+        "several Redis URLs separated by commas partition the page groups over those instances (the same "
+        "list in the same order on every process)",
         _broker, metavar="URL", shown_default="in-process")
     redis_channel_prefix: str = setting(
         "tornado-rt", "with a Redis broker: processes with the same prefix on the same Redis form one server "
