@@ -301,6 +301,27 @@ class RedisServer:
         utime + stime in a measured window)."""
         return proc_cpu_ns(self.pid)
 
+    def calls(self) -> Dict[str, int]:
+        """Redis's own count of calls per command (``INFO commandstats``; the commands of a script
+        counted too), e.g. ``{"xread": 12, "evalsha": 3}``."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.sendall(b"INFO commandstats\r\n")
+            data = b""
+            while True:  # a bulk reply: $<length>\r\n<text>\r\n
+                head = data.find(b"\r\n")
+                if head > 0 and len(data) >= head + 4 + int(data[1:head]):
+                    break
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        out = {}
+        for line in data.decode().splitlines():
+            if line.startswith("cmdstat_"):
+                name, _, rest = line[8:].partition(":")
+                out[name] = int(rest.split(",")[0].split("=")[1])
+        return out
+
     def alive(self) -> bool:
         return self.proc.poll() is None
 
@@ -736,6 +757,7 @@ async def fixed_rounds(pool: Optional["ClientPool"], server, cfg: dict, rounds: 
     total0 = pool.total() if pool else 0
     ccpu0 = pool.cpu() if pool else 0.0
     cpu0, rcpu0, (mbusy0, mall0), pcpu0 = server.cpu(), redis.cpu() if redis else 0.0, machine_cpu(), self_cpu()
+    calls0 = redis.calls() if redis else {}
     t0 = time.monotonic()
     for seq in range(1, rounds + 1):
         while pool is not None and seq - pool.minimum() >= window:
@@ -771,6 +793,10 @@ async def fixed_rounds(pool: Optional["ClientPool"], server, cfg: dict, rounds: 
         out["redis_cpu_s"] = rcpu1 - rcpu0
         out["redis_cpu_us_per_publish"] = (rcpu1 - rcpu0) / publishes * 1e6
         out["redis_server"] = redis.version
+        # every process's reads together (XREAD per publish request: what a reader's turns cost)
+        calls1 = redis.calls()
+        out["redis_calls"] = {k: v - calls0.get(k, 0) for k, v in calls1.items() if v != calls0.get(k, 0)}
+        out["redis_xread_per_publish"] = out["redis_calls"].get("xread", 0) / publishes
     return out
 
 
@@ -1141,6 +1167,8 @@ def _redis_median(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
             out["b_cpu_us_per_publish"] = by[1]
         if r.get("redis_cpu_us_per_publish") is not None:
             out["redis_cpu_us_per_publish"] = r["redis_cpu_us_per_publish"]
+        if r.get("redis_xread_per_publish") is not None:
+            out["redis_xread_per_publish"] = r["redis_xread_per_publish"]
         return out
     figs = [per(r) for r in runs]
     med_a = _median([f["a_cpu_us_per_publish"] for f in figs])
@@ -1369,6 +1397,7 @@ METRICS = [
     ("redis-pages", "a_cpu_us_per_publish", "CPU µs / publish, publishing process A", "low", "{:.1f}"),
     ("redis-pages", "b_cpu_us_per_publish", "CPU µs / publish, process B (no subscriber)", None, "{:.1f}"),
     ("redis-pages", "redis_cpu_us_per_publish", "CPU µs / publish, redis-server", None, "{:.1f}"),
+    ("redis-pages", "redis_xread_per_publish", "XREADs / publish, all processes (INFO commandstats)", None, "{:.3f}"),
     ("redis-pages", "unwatched_cpu_us_per_publish", "CPU µs / publish to a page nobody watches, A", "low",
      "{:.1f}"),
     ("redis-pages", "unwatched_b_cpu_us_per_publish", "same, process B", None, "{:.1f}"),
