@@ -46,8 +46,8 @@ def test_redis_pages_runs_both_servers_in_alternating_window_pairs(tmp_path):
         for key in ("a_cpu_us_per_publish", "a_cpu_us_per_publish_min", "a_cpu_us_per_publish_max",
                     "cpu_us_per_publish", "unwatched_cpu_us_per_publish"):
             assert r[key] is not None, key
-    for key in ("b_cpu_us_per_publish", "redis_cpu_us_per_publish", "redis_xread_per_publish", "unwatched_b_cpu_us_per_publish",
-                "unwatched_redis_cpu_us_per_publish"):
+    for key in ("b_cpu_us_per_publish", "redis_cpu_us_per_publish", "redis_xread_per_publish",
+                "unwatched_b_cpu_us_per_publish", "unwatched_redis_cpu_us_per_publish"):
         assert two[key] is not None, key
 
     # The windows alternate: one process, Redis mode, one process, ... each after the other ended.

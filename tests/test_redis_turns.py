@@ -136,7 +136,7 @@ async def test_a_batch_that_reaches_only_inboxes_costs_one_xread_and_arrives_in_
 
 
 @pytest.mark.gen_test(timeout=60)
-async def test_page_messages_keep_their_place_between_control_envelopes_read_without_a_second_turn(connect):  # noqa: F811
+async def test_page_messages_keep_their_place_between_control_envelopes_without_a_second_read(connect):  # noqa: F811
     require_redis_package()
     redis = RedisProcess(require_redis_binary()).start()
     a = b = None
