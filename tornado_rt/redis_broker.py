@@ -45,7 +45,9 @@ Reading
     ``XREAD COUNT .. STREAMS <control> <inbox>`` per round trip and merges the two by id (see
     :func:`merge_replies`), so a process that stalls (a long GC, SIGSTOP, a slow loop) resumes
     exactly where it stopped: nothing is pushed at it. A lost connection also resumes where it
-    stopped.
+    stopped. A blocking read answered with inbox entries alone, none after the control entry
+    read last, is delivered at once (one ``XREAD`` per publish batch of page messages; see
+    :meth:`RedisBroker._read`).
 
 Gaps
     When the next entry of the control stream is not ``position + 1`` (or the next entry of the
