@@ -45,7 +45,9 @@ Reading
     ``XREAD COUNT .. STREAMS <control> <inbox>`` per round trip and merges the two by id (see
     :func:`merge_replies`), so a process that stalls (a long GC, SIGSTOP, a slow loop) resumes
     exactly where it stopped: nothing is pushed at it. A lost connection also resumes where it
-    stopped.
+    stopped. A blocking read answered with inbox entries alone, none after the control entry
+    read last, is delivered at once (one ``XREAD`` per publish batch of page messages; see
+    :meth:`RedisBroker._read`).
 
 Gaps
     When the next entry of the control stream is not ``position + 1`` (or the next entry of the
@@ -1858,6 +1860,20 @@ class RedisBroker(Broker):
             if inbox:
                 self._inbox_id = inbox[-1][0]
                 self._inbox_top = max(self._inbox_top, entry_key(self._inbox_id))
+            if (blocking and inbox and not control and not self._held_control and not self._held_inbox
+                    and entry_key(inbox[-1][0])[0] <= entry_key(self._last_id)[0]):
+                # Only inbox entries, each of an id <n>-<k> with n at most the control entry this
+                # reader read last: every control entry that comes before them (n' <= n) was
+                # delivered, any unread one comes after them. Delivered now, and the next read
+                # blocks again: one XREAD per publish batch that only reached inboxes, not a
+                # second one to learn what the control stream holds. What the control stream
+                # holds is still unknown: its caught-up state stays as the last full read left it.
+                size = self._on_inbox(inbox)
+                self._inbox_caught_up = len(inbox) < count and self._fresh(stalls)
+                if not self._inbox_caught_up:
+                    self._inbox_behind = True
+                count = max(1, min(READ_COUNT, READ_BYTES * len(inbox) // max(1, size)))
+                continue
             if blocking and not (control and inbox) and (inbox or self._may_have_inbox()):
                 self._held_control += control
                 self._held_inbox += inbox
