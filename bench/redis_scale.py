@@ -4,9 +4,13 @@ Redis pay per cluster publish (issue 16 item 5, the measurement behind docs/scal
     python bench/redis_scale.py                                   # quick default, < 60 s at P=4
     python bench/redis_scale.py --processes 8 --idle-processes 2 --pages 10000 --messages 50000
     PYTHONPATH=/path/to/other/checkout python bench/redis_scale.py --out bench/results/other
+    python bench/redis_scale.py --processes 8 --idle-processes 2 --shards 3    # 3 Redis instances
+    python bench/redis_scale.py --summarize bench/results/*.json --project-shards 1,3,4
 
-What runs: its own ``redis-server`` (loopback, a free port, no persistence), ``--processes`` P
-``python -m tornado_rt serve --broker redis://...`` processes (started with the working directory
+What runs: its own ``redis-server`` (loopback, a free port, no persistence) — ``--shards`` K of
+them, the page groups partitioned over them —, ``--processes`` P
+``python -m tornado_rt serve --broker redis://...`` processes (each given all K URLs in one order:
+``--broker url1,...,urlK``; started with the working directory
 in a temporary directory, so **PYTHONPATH selects which checkout of tornado_rt is measured**; the
 JSON records the file that was imported), the directory (workspace 1 with one user per viewer;
 tables 1..2N) loaded through ``PUT /api/directory`` of every process in turn (each answer comes
@@ -33,7 +37,8 @@ uses CPU any more:
 Per process: on-CPU time from ``/proc/<pid>/task/*/schedstat`` (as bench/run.py), the
 publishes it accepted, the deliveries it made and the envelopes it had no recipient for, and CPU
 µs per cluster publish. Redis: CPU µs per cluster publish (its /proc) and, per command, calls
-and µs from ``INFO commandstats``. Derived, the model's per-envelope costs (docs/scaling.md):
+and µs from ``INFO commandstats``; with K instances for each instance (per *cluster* publish, so
+they add up: ``redis_instances``) and for all of them together (the ``redis_*`` figures). Derived, the model's per-envelope costs (docs/scaling.md):
 
 * ``c_read``: CPU of an idle process (no subscriber, no publish) per cluster publish: what every
   process pays for an envelope it has no recipient for (issue target: at most 1 µs);
