@@ -806,7 +806,8 @@ def summarize(paths: Sequence[str], calibrate_max_p: int, project_shards: Option
                 "with one stream, the processes with viewers with routing)", "",
                 f"| symbol | P <= {calibrate_max_p} | all runs |", "|---|---|---|"]
         for k in ("c_read", "c_pub", "c_del", "c_in", "r0", "r1", "xread_per_reader", "idle_util"):
-            out.append(f"| {k} | {fmt(prm[k], '{:.2f}')} | {fmt(full[k], '{:.2f}')} |")
+            spec = "{:.4f}" if k == "idle_util" else "{:.2f}"  # a fraction of one core
+            out.append(f"| {k} | {fmt(prm[k], spec)} | {fmt(full[k], spec)} |")
         out += ["", f"{'K = %d: p' % K if len(ks) > 1 else 'P'}redicted (parameters of P <= {calibrate_max_p}) vs measured, "
                 "µs per cluster publish (Redis: all instances):", "",
                 "| run | P (idle) | idle proc: predicted / measured | active proc: predicted / measured | Redis: predicted / measured |",
