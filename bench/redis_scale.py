@@ -4,9 +4,13 @@ Redis pay per cluster publish (issue 16 item 5, the measurement behind docs/scal
     python bench/redis_scale.py                                   # quick default, < 60 s at P=4
     python bench/redis_scale.py --processes 8 --idle-processes 2 --pages 10000 --messages 50000
     PYTHONPATH=/path/to/other/checkout python bench/redis_scale.py --out bench/results/other
+    python bench/redis_scale.py --processes 8 --idle-processes 2 --shards 3    # 3 Redis instances
+    python bench/redis_scale.py --summarize bench/results/*.json --project-shards 1,3,4
 
-What runs: its own ``redis-server`` (loopback, a free port, no persistence), ``--processes`` P
-``python -m tornado_rt serve --broker redis://...`` processes (started with the working directory
+What runs: its own ``redis-server`` (loopback, a free port, no persistence) — ``--shards`` K of
+them, the page groups partitioned over them —, ``--processes`` P
+``python -m tornado_rt serve --broker redis://...`` processes (each given all K URLs in one order:
+``--broker url1,...,urlK``; started with the working directory
 in a temporary directory, so **PYTHONPATH selects which checkout of tornado_rt is measured**; the
 JSON records the file that was imported), the directory (workspace 1 with one user per viewer;
 tables 1..2N) loaded through ``PUT /api/directory`` of every process in turn (each answer comes
@@ -33,7 +37,8 @@ uses CPU any more:
 Per process: on-CPU time from ``/proc/<pid>/task/*/schedstat`` (as bench/run.py), the
 publishes it accepted, the deliveries it made and the envelopes it had no recipient for, and CPU
 µs per cluster publish. Redis: CPU µs per cluster publish (its /proc) and, per command, calls
-and µs from ``INFO commandstats``. Derived, the model's per-envelope costs (docs/scaling.md):
+and µs from ``INFO commandstats``; with K instances for each instance (per *cluster* publish, so
+they add up: ``redis_instances``) and for all of them together (the ``redis_*`` figures). Derived, the model's per-envelope costs (docs/scaling.md):
 
 * ``c_read``: CPU of an idle process (no subscriber, no publish) per cluster publish: what every
   process pays for an envelope it has no recipient for (issue target: at most 1 µs);
@@ -59,6 +64,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -68,7 +74,7 @@ import run as bench  # noqa: E402  (also puts bench/servers on sys.path)
 import common  # noqa: E402
 
 DEFAULTS = dict(processes=4, idle_processes=1, pages=2000, viewers=1, messages=20000, unwatched_messages=10000,
-                batch=100, window=2, publisher="http", workers=2, seed=1, drain_timeout=60.0, settle=5.0)
+                batch=100, window=2, publisher="http", workers=2, seed=1, drain_timeout=60.0, settle=5.0, shards=1)
 
 
 # --- the cluster ------------------------------------------------------------------------------------
@@ -118,28 +124,39 @@ class ServeProcess:
 
 
 class Cluster:
-    """Redis + P processes; ``procs`` and ``redis`` as bench.run.settle_cpu expects."""
+    """K Redis instances + P processes, each given all K URLs in the same order (``--broker
+    url1,...,urlK``: page groups partitioned over them; one URL when K = 1). ``redis`` is
+    instance 0, ``redises`` all of them."""
 
-    def __init__(self, processes: int, lifetime: float):
+    def __init__(self, processes: int, lifetime: float, shards: int = 1):
         os.makedirs(os.path.join(bench.RESULTS_DIR, "logs"), exist_ok=True)
-        self.redis = bench.RedisServer("redis-scale-redis")
+        self.redises: List[Any] = []
         self.procs: List[ServeProcess] = []
         try:
+            for k in range(shards):
+                self.redises.append(bench.RedisServer("redis-scale-redis" + (f"-{k}" if shards > 1 else "")))
+            self.redis = self.redises[0]
+            self.url = ",".join(r.url for r in self.redises)
             for i in range(processes):
-                self.procs.append(ServeProcess(i, self.redis.url, os.path.join(bench.RESULTS_DIR, "logs"), lifetime))
+                self.procs.append(ServeProcess(i, self.url, os.path.join(bench.RESULTS_DIR, "logs"), lifetime))
             for p in self.procs:
                 p.wait_ready()
         except BaseException:
             self.stop()
             raise
 
+    def settle_view(self) -> Any:
+        """What bench.run.settle_cpu reads: every process and every Redis instance."""
+        return types.SimpleNamespace(procs=list(self.procs) + self.redises[1:], redis=self.redises[0])
+
     def alive(self) -> bool:
-        return self.redis.alive() and all(p.alive() for p in self.procs)
+        return all(r.alive() for r in self.redises) and all(p.alive() for p in self.procs)
 
     def stop(self) -> None:
         for p in self.procs:
             p.stop()
-        self.redis.stop()
+        for r in self.redises:
+            r.stop()
 
 
 def http_call(port: int, method: str, path: str, body: Optional[bytes] = None, timeout: float = 30.0):
@@ -217,6 +234,17 @@ def commandstats(port: int) -> Dict[str, Dict[str, float]]:
         name, fields = line[8:].split(":", 1)
         kv = dict(f.split("=", 1) for f in fields.split(","))
         out[name] = {"calls": float(kv["calls"]), "usec": float(kv["usec"])}
+    return out
+
+
+def stats_sum(parts: Sequence[Dict[str, Dict[str, float]]]) -> Dict[str, Dict[str, float]]:
+    """The commandstats of several instances added up, per command."""
+    out: Dict[str, Dict[str, float]] = {}
+    for part in parts:
+        for name, v in part.items():
+            acc = out.setdefault(name, {"calls": 0.0, "usec": 0.0})
+            acc["calls"] += v["calls"]
+            acc["usec"] += v["usec"]
     return out
 
 
@@ -300,11 +328,12 @@ async def phase(cluster: Cluster, pool: Optional[bench.ClientPool], sender, tabl
     await sender.round(tables, cfg["batch"], 0)
     if pool is not None and not await bench.wait_drained(pool, 1, max(cfg["drain_timeout"], 120.0), cfg["settle"]):
         raise RuntimeError("warm-up round not fully delivered")
-    await bench.settle_cpu(cluster)
+    await bench.settle_cpu(cluster.settle_view())
     accepted = [0] * len(cluster.procs)
-    cs0 = commandstats(cluster.redis.port)
+    cs0 = [commandstats(r.port) for r in cluster.redises]
     cpu0 = [p.cpu() for p in cluster.procs]
-    rcpu0, (mb0, ma0), pcpu0, t0 = cluster.redis.cpu(), bench.machine_cpu(), bench.self_cpu(), time.monotonic()
+    rcpu0 = [r.cpu() for r in cluster.redises]
+    (mb0, ma0), pcpu0, t0 = bench.machine_cpu(), bench.self_cpu(), time.monotonic()
     for seq in range(1, rounds + 1):
         while pool is not None and seq - pool.minimum() >= cfg["window"]:
             await asyncio.sleep(0.001)
@@ -314,17 +343,25 @@ async def phase(cluster: Cluster, pool: Optional[bench.ClientPool], sender, tabl
     if pool is not None:
         drained = await bench.wait_drained(pool, rounds + 1, cfg["drain_timeout"], cfg["settle"])
     t1 = time.monotonic()
-    await bench.settle_cpu(cluster)  # the other processes and Redis may still be reading
+    await bench.settle_cpu(cluster.settle_view())  # the other processes and Redis may still be reading
     cpu1 = [p.cpu() for p in cluster.procs]
-    rcpu1, (mb1, ma1), pcpu1 = cluster.redis.cpu(), bench.machine_cpu(), bench.self_cpu()
-    cs1 = commandstats(cluster.redis.port)
+    rcpu1 = [r.cpu() for r in cluster.redises]
+    (mb1, ma1), pcpu1 = bench.machine_cpu(), bench.self_cpu()
+    cs1 = [commandstats(r.port) for r in cluster.redises]
     publishes = rounds * len(tables)
+    rcpu = sum(rcpu1) - sum(rcpu0)
+    # Per instance: its CPU and commands per *cluster* publish (so the instances' figures add up
+    # to the all-instance ones); "redis_*" without "instances" are all instances together.
+    instances = [{"cpu_s": b - a, "cpu_us_per_publish": (b - a) / publishes * 1e6,
+                  "commands": stats_delta(x, y, publishes)}
+                 for a, b, x, y in zip(rcpu0, rcpu1, cs0, cs1)]
     return {"rounds": rounds, "publishes": publishes, "wall_s": t1 - t0, "drained": drained,
             "publishes_per_s": publishes / (t1 - t0) if t1 > t0 else None,
             "cpu_s": [b - a for a, b in zip(cpu0, cpu1)], "accepted": accepted,
-            "redis_cpu_s": rcpu1 - rcpu0,
-            "redis_cpu_us_per_publish": (rcpu1 - rcpu0) / publishes * 1e6,
-            "redis_commands": stats_delta(cs0, cs1, publishes),
+            "redis_cpu_s": rcpu,
+            "redis_cpu_us_per_publish": rcpu / publishes * 1e6,
+            "redis_commands": stats_delta(stats_sum(cs0), stats_sum(cs1), publishes),
+            "redis_instances": instances,
             "harness_cpu_s": pcpu1 - pcpu0,
             "machine_busy_cores": (mb1 - mb0) / (ma1 - ma0) * (os.cpu_count() or 1) if ma1 > ma0 else None}
 
@@ -426,7 +463,7 @@ def measure(cfg: dict) -> Dict[str, Any]:
     lifetime = cfg["lifetime"]
     result: Dict[str, Any] = {"config": cfg, "checkout": checkout_info(),
                               "loadavg_at_start": os.getloadavg()}
-    cluster = Cluster(P, lifetime)
+    cluster = Cluster(P, lifetime, cfg.get("shards", 1))
     pool = None
     try:
         result["redis_server"] = cluster.redis.version
@@ -436,7 +473,9 @@ def measure(cfg: dict) -> Dict[str, Any]:
             status, text = http_call(p.port, "PUT", "/api/directory", body, timeout=60)
             if status != 200:
                 raise RuntimeError(f"PUT /api/directory on process {p.index}: {status} {text[:300]!r}")
-        result["routing_since_ms"] = wait_for_routing(cluster.redis.port, "tornado-rt")
+        since = [wait_for_routing(r.port, "tornado-rt") for r in cluster.redises]
+        result["routing_since_ms"] = since[0]
+        result["routing_since_ms_by_instance"] = since
         pool = bench.ClientPool(cfg["workers"], [cluster.procs[0].port], lifetime=lifetime)
         # (user, tables, port): bench/wsclient.py's workers take the port from a spec's third item
         specs: List[Any] = [(k + 1, (t,), cluster.procs[i].port) for k, (t, i) in enumerate(placement)]
@@ -451,7 +490,7 @@ def measure(cfg: dict) -> Dict[str, Any]:
         async def drive():
             sender: Any
             if cfg["publisher"] == "redis":
-                sender = await RedisPublisherSender(cluster.redis.url, P).open()
+                sender = await RedisPublisherSender(cluster.url, P).open()
             else:
                 sender = await HttpPublisher([p.port for p in cluster.procs[:active]]).open()
             try:
@@ -502,7 +541,7 @@ def fmt(v: Any, spec: str = "{:.1f}") -> str:
 
 def markdown(r: Dict[str, Any]) -> str:
     cfg, w, u, m = r["config"], r["watched"], r.get("unwatched"), r["model"]
-    lines = [f"# redis_scale: P={cfg['processes']} ({cfg['idle_processes']} idle), {cfg['pages']:,} pages x "
+    lines = [f"# redis_scale: P={cfg['processes']} ({cfg['idle_processes']} idle), K={shards(r)} Redis instance(s), {cfg['pages']:,} pages x "
              f"{cfg['viewers']} viewer(s), {w['publishes']:,} messages via {cfg['publisher']}, batch {cfg['batch']}",
              "",
              f"checkout: `{r['checkout'].get('tornado_rt')}` ({r['checkout'].get('branch', '?')}: "
@@ -523,18 +562,26 @@ def markdown(r: Dict[str, Any]) -> str:
                          f"{row['envelopes_without_local_recipient']:,} | {row['cpu_s']:.3f} | "
                          f"{fmt(row['cpu_us_per_cluster_publish'])} | {fmt(row['cpu_us_per_accepted'])} | "
                          f"{fmt(row['cpu_us_per_delivery'])} |")
-        lines.append(f"| redis-server | {name} | | | | {ph['redis_cpu_s']:.3f} | {fmt(ph['redis_cpu_us_per_publish'])} | | |")
+        insts = ph.get("redis_instances") or []
+        for k, inst in enumerate(insts if len(insts) > 1 else []):
+            lines.append(f"| redis-server {k} | {name} | | | | {inst['cpu_s']:.3f} | {fmt(inst['cpu_us_per_publish'], '{:.2f}')} | | |")
+        lines.append(f"| redis-server{' (all instances)' if shards(r) > 1 else ''} | {name} | | | | {ph['redis_cpu_s']:.3f} | "
+                     f"{fmt(ph['redis_cpu_us_per_publish'])} | | |")
     lines += ["", "Redis commands (watched phase), per cluster publish (a script's time includes the commands it "
-              "calls, which are listed too):", "",
-              "| command | calls / publish | µs / publish |", "|---|---|---|"]
+              "calls, which are listed too)" + (", all instances and each" if shards(r) > 1 else "") + ":", ""]
+    insts = w.get("redis_instances") or []
+    many = len(insts) > 1
+    lines += ["| command | calls / publish | µs / publish |" + "".join(f" instance {k}: µs / publish |" for k in range(len(insts)) if many),
+              "|---|---|---|" + "---|" * (len(insts) if many else 0)]
     for name, c in sorted(w["redis_commands"].items(), key=lambda kv: -kv[1]["usec"]):
-        lines.append(f"| {name} | {fmt(c['calls_per_publish'], '{:.3f}')} | {fmt(c['usec_per_publish'], '{:.2f}')} |")
+        each = "".join(f" {fmt(i['commands'].get(name, {}).get('usec_per_publish'), '{:.2f}')} |" for i in insts) if many else ""
+        lines.append(f"| {name} | {fmt(c['calls_per_publish'], '{:.3f}')} | {fmt(c['usec_per_publish'], '{:.2f}')} |" + each)
     lines += ["", "Model costs (docs/scaling.md):", "",
               "| symbol | meaning | µs |", "|---|---|---|",
               f"| c_read | CPU of an idle process per cluster publish (target <= 1) | {fmt(m.get('c_read_us'), '{:.2f}')} |",
               f"| c_pub | CPU per publish accepted (HTTP, own read-back included) | {fmt(m.get('c_pub_us'))} |",
               f"| c_del | CPU per local delivery beyond c_read | {fmt(m.get('c_del_us'))} |",
-              f"| r_pub | Redis CPU per cluster publish (watched phase, {cfg['processes']} readers) | {fmt(m.get('r_pub_us'))} |",
+              f"| r_pub | Redis CPU per cluster publish (watched phase, {cfg['processes']} readers, all instances) | {fmt(m.get('r_pub_us'))} |",
               ""]
     return "\n".join(lines)
 
@@ -542,6 +589,11 @@ def markdown(r: Dict[str, Any]) -> str:
 # --- the model, from several runs (--summarize) ----------------------------------------------------------
 def _cmd(run: Dict[str, Any], name: str) -> float:
     return run["watched"]["redis_commands"].get(name, {}).get("usec_per_publish") or 0.0
+
+
+def shards(run: Dict[str, Any]) -> int:
+    """K, the Redis instances the page groups were partitioned over (1 for runs before --shards)."""
+    return int(run["config"].get("shards", 1))
 
 
 def routed(run: Dict[str, Any]) -> bool:
@@ -644,51 +696,166 @@ def project(prm: Dict[str, Any], P: int, M: float, V: int) -> Tuple[float, float
     return waste / 1e4, total / 1e4, M * (prm["r0"] + prm["r1"] * P) / 1e4
 
 
-def summarize(paths: Sequence[str], calibrate_max_p: int) -> str:
+def instance_costs(run: Dict[str, Any]) -> List[float]:
+    """Redis CPU µs per cluster publish of each instance (watched phase); one entry for a run
+    before --shards (its only instance)."""
+    w = run["watched"]
+    insts = w.get("redis_instances")
+    if not insts:
+        return [w["redis_cpu_us_per_publish"]]
+    return [i["cpu_us_per_publish"] for i in insts]
+
+
+def _line(pts: Sequence[Tuple[float, float]]) -> Tuple[float, float]:
+    """Least-squares (intercept, slope) through (x, y) points (slope 0 when x does not vary)."""
+    n = len(pts)
+    mx, my = sum(p for p, _ in pts) / n, sum(v for _, v in pts) / n
+    var = sum((p - mx) ** 2 for p, _ in pts)
+    slope = sum((p - mx) * (v - my) for p, v in pts) / var if var else 0.0
+    return my - slope * mx, slope
+
+
+def shard_model(runs: Sequence[Dict[str, Any]], calib_max_p: int) -> Dict[str, Any]:
+    """Redis CPU per cluster publish, all instances together, as a function of x (:func:`redis_x`)
+    and K: for each K measured a line r0_K + r1_K x (runs with P <= ``calib_max_p``, or all when
+    none); with two or more K measured, r0 and r1 are in turn linear in K (each more instance adds
+    one script call per publish batch and one reader per process on it), so other K are
+    interpolated or extrapolated; with one K measured, the all-instance cost is taken as the same
+    for every K (flagged by ``k_measured``). Per instance: that divided by K (page groups spread
+    evenly: ``imbalance`` is the measured busiest instance over the mean)."""
+    lines: Dict[int, Tuple[float, float]] = {}
+    for K in sorted({shards(r) for r in runs}):
+        mine = [r for r in runs if shards(r) == K]
+        pts = [(redis_x(r), r["watched"]["redis_cpu_us_per_publish"]) for r in mine
+               if r["config"]["processes"] <= calib_max_p] or [
+               (redis_x(r), r["watched"]["redis_cpu_us_per_publish"]) for r in mine]
+        lines[K] = _line(pts)
+    if len(lines) > 1:
+        k0 = _line([(K, v[0]) for K, v in lines.items()])
+        k1 = _line([(K, v[1]) for K, v in lines.items()])
+    else:
+        (only,) = lines.values()
+        k0, k1 = (only[0], 0.0), (only[1], 0.0)
+    imb: List[float] = []
+    for r in runs:
+        costs = instance_costs(r)
+        if len(costs) > 1 and sum(costs) > 0:
+            imb.append(max(costs) * len(costs) / sum(costs))
+    return {"lines": lines, "k0": k0, "k1": k1, "k_measured": sorted(lines), "imbalance": max(imb) if imb else None}
+
+
+def redis_line(model: Dict[str, Any], K: int) -> Tuple[float, float]:
+    """(r0_K, r1_K): fitted where K was measured, else linear in K (see :func:`shard_model`)."""
+    if K in model["lines"]:
+        return model["lines"][K]
+    return model["k0"][0] + model["k0"][1] * K, model["k1"][0] + model["k1"][1] * K
+
+
+def redis_all(model: Dict[str, Any], K: int, x: float) -> float:
+    """Redis CPU µs per cluster publish, all K instances together, x processes with viewers."""
+    r0, r1 = redis_line(model, K)
+    return r0 + r1 * x
+
+
+def redis_per_instance_pct(model: Dict[str, Any], K: int, P: int, M: float) -> float:
+    """% of one core each of K instances spends at M cluster publishes/s, P processes with viewers."""
+    return M * redis_all(model, K, P) / K / 1e4
+
+
+def _runs_table(runs: Sequence[Dict[str, Any]]) -> List[str]:
+    out = ["| run | P (idle) | K | pages | load | publishes/s | lost | idle proc µs/cluster publish | active proc µs/cluster publish | "
+           "Redis µs/publish, all instances | Redis µs/publish, each instance | script µs/publish | XREAD µs/publish |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        w = r["watched"]
+        idle = mean([x["cpu_us_per_cluster_publish"] for x in w["per_process"] if x["idle"]])
+        act = mean([x["cpu_us_per_cluster_publish"] for x in w["per_process"] if not x["idle"]])
+        each = " / ".join(fmt(c) for c in instance_costs(r))
+        out.append(f"| {r['_path'].replace('.json', '')} | {r['config']['processes']} ({r['config']['idle_processes']}) | "
+                   f"{shards(r)} | {r['config']['pages']:,} | {r['loadavg_at_start'][0]:.1f} | {w['publishes_per_s']:,.0f} | "
+                   f"{r['lost']} | {fmt(idle, '{:.2f}')} | {fmt(act)} | {fmt(w['redis_cpu_us_per_publish'])} | {each} | "
+                   f"{fmt(_cmd(r, 'evalsha'))} | {fmt(_cmd(r, 'xread'), '{:.2f}')} |")
+    return out
+
+
+def summarize(paths: Sequence[str], calibrate_max_p: int, project_shards: Optional[Sequence[int]] = None) -> str:
+    """Markdown: every run, the model's parameters per K, predicted vs measured, the projections
+    per K measured (processes, and Redis per instance), and Redis per instance for every K of
+    ``project_shards``."""
     runs = []
     for path in paths:
         with open(path) as f:
             run = json.load(f)
         run["_path"] = os.path.basename(path)
         runs.append(run)
-    runs.sort(key=lambda r: (r["config"]["processes"], r["config"]["idle_processes"], r["config"]["pages"], r["_path"]))
-    calib = [r for r in runs if r["config"]["viewers"] == 1] or runs  # other V: predicted, not fitted
-    prm = parameters(calib, calibrate_max_p)
-    full = parameters(calib, max(r["config"]["processes"] for r in calib))
-    design = "per-group routing" if prm["per_group"] else "one stream read by every process"
-    out = [f"## {design}: {len(runs)} runs", "",
-           "| run | P (idle) | pages | load | publishes/s | lost | idle proc µs/cluster publish | active proc µs/cluster publish | "
-           "Redis µs/publish | script µs/publish | XREAD µs/publish |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in runs:
-        w = r["watched"]
-        idle = mean([x["cpu_us_per_cluster_publish"] for x in w["per_process"] if x["idle"]])
-        act = mean([x["cpu_us_per_cluster_publish"] for x in w["per_process"] if not x["idle"]])
-        out.append(f"| {r['_path'].replace('.json', '')} | {r['config']['processes']} ({r['config']['idle_processes']}) | "
-                   f"{r['config']['pages']:,} | {r['loadavg_at_start'][0]:.1f} | {w['publishes_per_s']:,.0f} | {r['lost']} | "
-                   f"{fmt(idle, '{:.2f}')} | {fmt(act)} | {fmt(w['redis_cpu_us_per_publish'])} | "
-                   f"{fmt(_cmd(r, 'evalsha'))} | {fmt(_cmd(r, 'xread'), '{:.2f}')} |")
-    out += ["", f"Parameters (µs, from the runs with one viewer per page): c_in and the Redis line calibrated on the "
-            f"runs with P <= {calibrate_max_p}, and on all runs (Redis per publish = r0 + r1 x: x = P with one stream, "
-            "the processes with viewers with routing)", "", f"| symbol | P <= {calibrate_max_p} | all runs |", "|---|---|---|"]
-    for k in ("c_read", "c_pub", "c_del", "c_in", "r0", "r1", "xread_per_reader", "idle_util"):
-        out.append(f"| {k} | {fmt(prm[k], '{:.2f}')} | {fmt(full[k], '{:.2f}')} |")
-    out += ["", f"Predicted (parameters of P <= {calibrate_max_p}) vs measured, µs per cluster publish:", "",
-            "| run | P (idle) | idle proc: predicted / measured | active proc: predicted / measured | Redis: predicted / measured |",
-            "|---|---|---|---|---|"]
-    for r in runs:
-        q = predict(r, prm)
-        out.append(f"| {r['_path'].replace('.json', '')} | {r['config']['processes']} ({r['config']['idle_processes']}) | "
-                   f"{fmt(q['idle_predicted'], '{:.2f}')} / {fmt(q['idle_measured'], '{:.2f}')} | "
-                   f"{fmt(q['active_predicted'])} / {fmt(q['active_measured'])} | "
-                   f"{fmt(q['redis_predicted'])} / {fmt(q['redis_measured'])} |")
-    for V in (1, 2):
-        out += ["", f"Projection (all-runs parameters), {V} viewer(s) per page: per process % of a core on envelopes without local recipient / "
-                "per process % in all / Redis % of a core", "",
+    runs.sort(key=lambda r: (r["config"]["processes"], r["config"]["idle_processes"], r["config"]["pages"],
+                             shards(r), r["_path"]))
+    calib_all = [r for r in runs if r["config"]["viewers"] == 1] or runs  # other V: predicted, not fitted
+    ks = sorted({shards(r) for r in runs})
+    smodel = shard_model(calib_all, calibrate_max_p)
+    sfull = shard_model(calib_all, max(r["config"]["processes"] for r in calib_all))
+    design = "per-group routing" if any(routed(r) for r in runs) else "one stream read by every process"
+    out = [f"## {design}: {len(runs)} runs, K = {', '.join(map(str, ks))} Redis instance(s)", ""] + _runs_table(runs)
+    for K in ks:
+        calib = [r for r in calib_all if shards(r) == K] or [r for r in runs if shards(r) == K]
+        prm = parameters(calib, calibrate_max_p)
+        full = parameters(calib, max(r["config"]["processes"] for r in calib))
+        title = f"K = {K}: p" if len(ks) > 1 else "P"
+        out += ["", f"{title}arameters (µs, from the runs with one viewer per page): c_in and the Redis line calibrated on "
+                f"the runs with P <= {calibrate_max_p}, and on all runs (Redis per publish, all instances = r0 + r1 x: x = P "
+                "with one stream, the processes with viewers with routing)", "",
+                f"| symbol | P <= {calibrate_max_p} | all runs |", "|---|---|---|"]
+        for k in ("c_read", "c_pub", "c_del", "c_in", "r0", "r1", "xread_per_reader", "idle_util"):
+            spec = "{:.4f}" if k == "idle_util" else "{:.2f}"  # a fraction of one core
+            out.append(f"| {k} | {fmt(prm[k], spec)} | {fmt(full[k], spec)} |")
+        out += ["", f"{'K = %d: p' % K if len(ks) > 1 else 'P'}redicted (parameters of P <= {calibrate_max_p}) vs measured, "
+                "µs per cluster publish (Redis: all instances):", "",
+                "| run | P (idle) | idle proc: predicted / measured | active proc: predicted / measured | Redis: predicted / measured |",
+                "|---|---|---|---|---|"]
+        for r in [r for r in runs if shards(r) == K]:
+            q = predict(r, prm)
+            out.append(f"| {r['_path'].replace('.json', '')} | {r['config']['processes']} ({r['config']['idle_processes']}) | "
+                       f"{fmt(q['idle_predicted'], '{:.2f}')} / {fmt(q['idle_measured'], '{:.2f}')} | "
+                       f"{fmt(q['active_predicted'])} / {fmt(q['active_measured'])} | "
+                       f"{fmt(q['redis_predicted'])} / {fmt(q['redis_measured'])} |")
+        for V in (1, 2):
+            out += ["", f"{'K = %d: p' % K if len(ks) > 1 else 'P'}rojection (all-runs parameters), {V} viewer(s) per page: "
+                    "per process % of a core on envelopes without local recipient / per process % in all / Redis % of a core"
+                    + (", each instance" if K > 1 else ""), "",
+                    "| P \\ M | " + " | ".join(f"{m:,}/s" for m in PROJECT_M) + " |", "|---" * (len(PROJECT_M) + 1) + "|"]
+            for P in PROJECT_P:
+                cells = []
+                for m in PROJECT_M:
+                    waste, total, _ = project(full, P, m, V)
+                    cells.append("{:,.1f}% / {:,.0f}% / {:,.0f}%".format(waste, total, redis_per_instance_pct(sfull, K, P, m)))
+                out.append(f"| {P} | " + " | ".join(cells) + " |")
+    out += ["", "Redis per publish, all instances = r0_K + r1_K x, per K (µs; P <= "
+            f"{calibrate_max_p} / all runs)" + ("; r0 and r1 linear in K between the K measured" if len(ks) > 1 else
+                                              "; one K measured: other K assume the same all-instance cost") + ":", "",
+            "| K | r0_K | r1_K |", "|---|---|---|"]
+    for K in sorted(set(ks) | set(project_shards or ())):
+        c = redis_line(smodel, K)
+        a = redis_line(sfull, K)
+        out.append(f"| {K}{'' if K in smodel['lines'] else ' (not measured)'} | {c[0]:.2f} / {a[0]:.2f} | "
+                   f"{c[1]:.2f} / {a[1]:.2f} |")
+    if sfull["imbalance"]:
+        out += ["", f"Busiest instance over the mean of its run, at most: {sfull['imbalance']:.2f} (the projections assume an even spread)."]
+    if project_shards:
+        out += project_redis(sfull, project_shards)
+    return "\n".join(out) + "\n"
+
+
+def project_redis(model: Dict[str, Any], ks: Sequence[int]) -> List[str]:
+    """Redis % of one core per instance, P processes with viewers x M publishes/s, for each K."""
+    out: List[str] = []
+    for K in ks:
+        note = "" if K in model["lines"] else " (K not measured: " + (
+            "interpolated/extrapolated linearly in K)" if len(model["lines"]) > 1 else "all-instance cost of the K measured)")
+        out += ["", f"Redis % of one core per instance, K = {K}{note} (all-runs fit), every process with viewers:", "",
                 "| P \\ M | " + " | ".join(f"{m:,}/s" for m in PROJECT_M) + " |", "|---" * (len(PROJECT_M) + 1) + "|"]
         for P in PROJECT_P:
-            cells = ["{:,.1f}% / {:,.0f}% / {:,.0f}%".format(*project(full, P, m, V)) for m in PROJECT_M]
-            out.append(f"| {P} | " + " | ".join(cells) + " |")
-    return "\n".join(out) + "\n"
+            out.append(f"| {P} | " + " | ".join(f"{redis_per_instance_pct(model, K, P, m):,.0f}%" for m in PROJECT_M) + " |")
+    return out
 
 
 PROJECT_P = (2, 4, 8, 16, 32, 64)
@@ -711,6 +878,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--publisher", choices=("http", "redis"), default=DEFAULTS["publisher"],
                     help="http: POST /api/publish round-robin over the active processes; "
                          "redis: RedisPublisher from this process")
+    ap.add_argument("--shards", type=int, default=DEFAULTS["shards"],
+                    help="K Redis instances the page groups are partitioned over (every process and "
+                         "--publisher redis get all K URLs: --broker url1,...,urlK)")
     ap.add_argument("--workers", type=int, default=DEFAULTS["workers"], help="load-client processes")
     ap.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="placement of viewers on processes")
     ap.add_argument("--drain-timeout", type=float, default=DEFAULTS["drain_timeout"],
@@ -719,22 +889,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--summarize", nargs="+", metavar="JSON",
                     help="instead of measuring: the model's parameters from these runs, predicted vs measured, "
                          "and the P x M projection (Markdown on stdout)")
+    ap.add_argument("--project-shards", metavar="K1,K2,...",
+                    help="--summarize: also the Redis %% of a core per instance for these K (e.g. 1,3,4), "
+                         "P up to 64, M up to 200,000/s")
     ap.add_argument("--calibrate-max-p", type=int, default=4,
                     help="--summarize: calibrate on the runs with at most this many processes, predict the others")
     a = ap.parse_args(argv)
     if a.summarize:
-        print(summarize(a.summarize, a.calibrate_max_p))
+        ks = [int(k) for k in a.project_shards.split(",")] if a.project_shards else None
+        if ks is not None and any(k < 1 for k in ks):
+            ap.error("--project-shards: K at least 1")
+        print(summarize(a.summarize, a.calibrate_max_p, ks))
         return 0
     if not 1 <= a.processes <= 8:
         ap.error("--processes: 1 to 8")
     if not 0 <= a.idle_processes < a.processes:
         ap.error("--idle-processes: 0 to --processes minus 1")
-    for name in ("pages", "viewers", "messages", "batch", "window", "workers"):
+    for name in ("pages", "viewers", "messages", "batch", "window", "workers", "shards"):
         if getattr(a, name) < 1:
             ap.error(f"--{name}: at least 1")
     if a.unwatched_messages < 0:
         ap.error("--unwatched-messages: at least 0")
-    cfg = {**DEFAULTS, **{k: v for k, v in vars(a).items() if k not in ("out", "summarize", "calibrate_max_p")}, "settle": DEFAULTS["settle"]}
+    cfg = {**DEFAULTS, **{k: v for k, v in vars(a).items() if k not in ("out", "summarize", "calibrate_max_p", "project_shards")}, "settle": DEFAULTS["settle"]}
     cfg["lifetime"] = 1800.0
     result = measure(cfg)
     md = markdown(result)
