@@ -140,7 +140,7 @@ def run_mode(mode: str, port: int, pid: int, args: argparse.Namespace) -> Dict[s
     spent = cpu_ns(pid) - before
     stats = raw.info("commandstats")
     conn.disconnect()
-    n = args.calls * args.batch
+    n = max(1, args.calls * args.batch)
     inner = {name[len("cmdstat_"):]: v["usec"] / n for name, v in stats.items()
              if name not in ("cmdstat_evalsha", "cmdstat_info", "cmdstat_config")}
     return {"mode": mode, "envelopes": n, "redis_us_per_envelope": spent / 1e3 / n,

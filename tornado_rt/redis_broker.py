@@ -269,6 +269,7 @@ local pend_q = {}
 local pending = {}
 local hi_n, hi_k = 0, 0
 local out = {now, '0-0'}
+local o = 2  -- out's length
 -- Each inbox's last entry id and counter c: the mirror <prefix>itops (a hash, field: the process
 -- id, value "<a>-<b> <c>"; written below after the XADDs) when the inbox is not empty and has no
 -- entry after the mirrored id, else its last entry (XREVRANGE returns it whole: up to about 100
@@ -304,6 +305,7 @@ local function last_of(new)
 end
 -- One inbox entry per inbox for the page messages between two control entries: XADD costs per
 -- call far more than per field.
+local own_full = false  -- the publisher's pending references are whole ("<ref>,<epoch>,<offset>;")
 local function flush()
   local new = {}
   for _, inbox in ipairs(pending) do
@@ -328,7 +330,9 @@ local function flush()
     last[5] = (last[5] or 0) + pend_n[inbox]
     local id = string.format('%.0f-%d', a, b)
     if inbox == mine then
-      redis.call('XADD', inbox, id, 't', now, 'c', last[3], 'R', table.concat(pend[inbox]))
+      local refs = own_full and table.concat(pend[inbox]) or (table.concat(pend[inbox], ',,;') .. ',,;')
+      own_full = false
+      redis.call('XADD', inbox, id, 't', now, 'c', last[3], 'R', refs)
     elseif pend_n[inbox] > 1 then
       redis.call('XADD', inbox, id, 't', now, 'c', last[3], unpack(pend[inbox]))
     elseif pend_q[inbox][1] then
@@ -348,76 +352,82 @@ if hsize > 0 and redis.call('EXISTS', prefix .. 'hists') == 0 then
 end
 local kept = false
 local nargs = #ARGV
--- The processes registered for each group of the call's plain page messages, read for all of
--- them at once: one MGET of the summary keys <prefix>r:<group> (the ids of the fields of the hash
--- <prefix>g:<group>, space-separated; REGISTER_SCRIPT and SWEEP_SCRIPT keep both in step, and
--- delete r: with the last field), instead of one HKEYS per group. A process of an older version
--- writes g: only: while one is alive (a member of <prefix>procs that is not one of
--- <prefix>rprocs, which HELLO_SCRIPT fills) the hashes are read as before, one HKEYS per group.
-local known = {}
-local others = {}  -- group -> true when a process other than the publisher is registered
-local inbox_of = {}
+-- The processes registered for the group of each plain page message of the call (in call order:
+-- regs[k] for the k-th), read for all of them at once: one MGET of the summary keys
+-- <prefix>r:<group> (the ids of the fields of the hash <prefix>g:<group>, space-separated;
+-- REGISTER_SCRIPT and SWEEP_SCRIPT keep both in step, and delete r: with the last field), instead
+-- of one HKEYS per group. A process of an older version writes g: only: while one is alive (a
+-- member of <prefix>procs that is not one of <prefix>rprocs, which HELLO_SCRIPT fills) the hashes
+-- are read as before, one HKEYS per group (regs[k]: the list instead of the string).
+local regs = {}
 if routing then
-  local names, keys = {}, {}
+  local keys, nk = {}, 0
   local i = 7
   while i <= nargs do
     local c = tonumber(ARGV[i + 1])
     i = i + 2
     if c < 0 then
       for j = i, i - 2 * c - 1, 2 do
-        local g = ARGV[j]
-        if not known[g] then
-          known[g] = true
-          names[#names + 1] = g
-          keys[#keys + 1] = prefix .. 'r:' .. g
-        end
+        nk = nk + 1
+        keys[nk] = ARGV[j]
       end
       i = i - 2 * c
     else
-      for j = i, i + 3 * c - 1, 3 do
-        if ARGV[j + 2] ~= '0' then
-          local g = ARGV[j + 1]
-          if not known[g] then
-            known[g] = true
-            names[#names + 1] = g
-            keys[#keys + 1] = prefix .. 'r:' .. g
-          end
+      for j = i + 1, i + 3 * c - 1, 3 do
+        if ARGV[j + 1] ~= '0' then
+          nk = nk + 1
+          keys[nk] = ARGV[j]
         end
       end
       i = i + 3 * c
     end
   end
-  if names[1] then
-    local nobody = {}
+  if nk > 0 then
     if redis.call('SDIFF', prefix .. 'procs', prefix .. 'rprocs')[1] then
-      for _, g in ipairs(names) do
-        known[g] = redis.call('HKEYS', prefix .. 'g:' .. g)
+      local known = {}
+      for k = 1, nk do
+        local g = keys[k]
+        local procs = known[g]
+        if not procs then
+          procs = redis.call('HKEYS', prefix .. 'g:' .. g)
+          known[g] = procs
+        end
+        regs[k] = procs
       end
     else
-      local found = redis.call('MGET', unpack(keys))
-      for k, g in ipairs(names) do
-        local v = found[k]
-        if not v then
-          known[g] = nobody
-        elseif not string.find(v, ' ', 1, true) then
-          known[g] = {v}
-        else
-          local list = {}
-          for proc in string.gmatch(v, '%S+') do list[#list + 1] = proc end
-          known[g] = list
-        end
-      end
-    end
-    for _, g in ipairs(names) do
-      for _, proc in ipairs(known[g]) do
-        if proc ~= me then
-          others[g] = true
-          break
-        end
-      end
+      local r = prefix .. 'r:'
+      for k = 1, nk do keys[k] = r .. keys[k] end
+      regs = redis.call('MGET', unpack(keys))
     end
   end
 end
+-- a registration's processes (a summary key's value, or the hash's fields) -> (the list, whether
+-- a process other than the publisher is in it), each value parsed once per call
+local nobody = {}
+local lists, elsewhere = {}, {}
+local function registered(value)
+  if not value then return nobody, false end
+  local procs = lists[value]
+  if procs then return procs, elsewhere[value] end
+  if type(value) == 'table' then
+    procs = value
+  else
+    procs = {}
+    for proc in string.gmatch(value, '%S+') do procs[#procs + 1] = proc end
+  end
+  local other = false
+  for _, proc in ipairs(procs) do
+    if proc ~= me then
+      other = true
+      break
+    end
+  end
+  lists[value] = procs
+  elsewhere[value] = other
+  return procs, other
+end
+local nr = 0  -- plain page messages seen so far (regs' index)
+local inbox_of = {}  -- process id -> its inbox's key
 local stop = false
 local i = 7
 while i <= nargs do
@@ -437,10 +447,13 @@ while i <= nargs do
       envelope, group, ref = ARGV[i], ARGV[i + 1], ARGV[i + 2]
       i = i + 3
     end
+    if ref ~= '0' then nr = nr + 1 end
     if stop then
-      out[#out + 1] = -6  -- not attempted: after an envelope that must be sent again with its bytes
+      o = o + 1
+      out[o] = -6  -- not attempted: after an envelope that must be sent again with its bytes
     elseif not live then
-      out[#out + 1] = 0
+      o = o + 1
+      out[o] = 0
     else
       -- An empty control stream started over (Redis lost its data): its first entry must be a
       -- control entry carrying r, before any inbox entry of the new stream (whose ids, above the
@@ -455,13 +468,15 @@ while i <= nargs do
       -- another process (the publisher's own inbox gets a reference).
       local needed = epoch or not routed
       if routed then
-        procs = known[group]
-        if others[group] then needed = true end
+        local other
+        procs, other = registered(regs[nr])
+        if other then needed = true end
       end
       if needed and envelope == '' then
         -- sent without its bytes (the publisher's hint was stale): nothing applied for it nor for
         -- any later envelope of this call; the publisher sends them again, this one with its bytes
-        out[#out + 1] = -5
+        o = o + 1
+        out[o] = -5
         stop = true
       else
         local offset
@@ -492,12 +507,20 @@ while i <= nargs do
               proc_of[inbox] = proc
             end
             if proc == me then
-              -- the publisher's own inbox: a reference, not the bytes (it kept the envelope)
+              -- the publisher's own inbox: a reference, not the bytes (it kept the envelope):
+              -- "<ref>,<epoch>,<offset>;", the common "<ref>,,;" joined at the flush (no string
+              -- built per envelope) until one has a history position
               result = needed and -1 or -3
               if epoch then
+                if not own_full then
+                  for j = 1, #parts do parts[j] = parts[j] .. ',,;' end
+                  own_full = true
+                end
                 parts[#parts + 1] = ref .. ',' .. epoch .. ',' .. offset .. ';'
-              else
+              elseif own_full then
                 parts[#parts + 1] = ref .. ',,;'
+              else
+                parts[#parts + 1] = ref
               end
             else
               -- a field per envelope, its name carrying the position: no concatenation of envelopes
@@ -510,7 +533,8 @@ while i <= nargs do
             end
             pend_n[inbox] = pend_n[inbox] + 1
           end
-          out[#out + 1] = result
+          o = o + 1
+          out[o] = result
         else
           flush()
           n = n + 1
@@ -527,7 +551,8 @@ while i <= nargs do
             entry[#entry + 1] = offset
           end
           redis.call(unpack(entry))
-          out[#out + 1] = n
+          o = o + 1
+          out[o] = n
           hi_n = n
           hi_k = 0
           added = true
