@@ -2011,11 +2011,20 @@ class RedisBroker(Broker):
             if inbox:
                 self._inbox_id = inbox[-1][0]
                 self._inbox_top = max(self._inbox_top, entry_key(self._inbox_id))
+            alone = False  # inbox entries that nothing unread on the control stream can precede
             if blocking and not (control and inbox) and (inbox or self._may_have_inbox()):
-                self._held_control += control
-                self._held_inbox += inbox
-                blocking = False
-                continue
+                if (inbox and not self._held_control and not self._held_inbox
+                        and entry_key(inbox[-1][0])[0] <= entry_key(self._last_id)[0]):
+                    # Every inbox entry here is <n>-<k> with n at most the last control entry
+                    # read: an unread control entry (n + 1 or more) comes after all of them, so
+                    # they are in order now, without a second XREAD (the common case: page
+                    # messages with no control envelope since).
+                    alone = True
+                else:
+                    self._held_control += control
+                    self._held_inbox += inbox
+                    blocking = False
+                    continue
             blocking = False
             control_full = len(control) >= count
             if self._held_control or self._held_inbox or (control and inbox):
@@ -2027,12 +2036,18 @@ class RedisBroker(Broker):
             if self._resync is not None:
                 await self._resync_directory(conn, interval)
             fresh = self._fresh(stalls)
-            self._caught_up = not control_full and fresh
-            self._inbox_caught_up = len(inbox) < count and fresh
+            inbox_full = len(inbox) >= count
+            if not alone:  # (a reply of the inbox alone says nothing of the control stream)
+                self._caught_up = not control_full and fresh
+            self._inbox_caught_up = not inbox_full and fresh
             if not self._inbox_caught_up:
                 self._inbox_behind = True
             got = len(control) + len(inbox)
             count = max(1, min(READ_COUNT, READ_BYTES * got // max(1, size)))
+            # After inbox entries alone, not cut at COUNT: the next read may block at once (it
+            # returns at once when there is more); after anything else a non-blocking read
+            # follows, as a blocking one answered with one stream would be read again.
+            blocking = alone and not inbox_full
 
     async def _resync_directory(self, conn: Any, timeout: float) -> None:
         """After a gap in the control stream (reading stopped before it): sync the directory
