@@ -327,7 +327,8 @@ local function flush()
       hi_k = b
     end
     last[4] = (last[4] or 0) + 1
-    last[5] = (last[5] or 0) + pend_n[inbox]
+    -- envelopes in it (the publisher's own: one reference each, counted here)
+    last[5] = (last[5] or 0) + (inbox == mine and #pend[inbox] or pend_n[inbox])
     local id = string.format('%.0f-%d', a, b)
     if inbox == mine then
       local refs = own_full and table.concat(pend[inbox]) or (table.concat(pend[inbox], ',,;') .. ',,;')
@@ -361,6 +362,9 @@ local nargs = #ARGV
 -- are read as before, one HKEYS per group (regs[k]: the list instead of the string).
 local regs = {}
 if routing then
+  -- the summary keys (or, for an older version's hashes, the groups), in call order
+  local legacy = redis.call('SDIFF', prefix .. 'procs', prefix .. 'rprocs')[1]
+  local r = legacy and '' or (prefix .. 'r:')
   local keys, nk = {}, 0
   local i = 7
   while i <= nargs do
@@ -369,21 +373,21 @@ if routing then
     if c < 0 then
       for j = i, i - 2 * c - 1, 2 do
         nk = nk + 1
-        keys[nk] = ARGV[j]
+        keys[nk] = r .. ARGV[j]
       end
       i = i - 2 * c
     else
       for j = i + 1, i + 3 * c - 1, 3 do
         if ARGV[j + 1] ~= '0' then
           nk = nk + 1
-          keys[nk] = ARGV[j]
+          keys[nk] = r .. ARGV[j]
         end
       end
       i = i + 3 * c
     end
   end
   if nk > 0 then
-    if redis.call('SDIFF', prefix .. 'procs', prefix .. 'rprocs')[1] then
+    if legacy then
       local known = {}
       for k = 1, nk do
         local g = keys[k]
@@ -395,8 +399,6 @@ if routing then
         regs[k] = procs
       end
     else
-      local r = prefix .. 'r:'
-      for k = 1, nk do keys[k] = r .. keys[k] end
       regs = redis.call('MGET', unpack(keys))
     end
   end
@@ -427,6 +429,17 @@ local function registered(value)
   return procs, other
 end
 local nr = 0  -- plain page messages seen so far (regs' index)
+-- routed, no history anywhere: what the short path for a page message without bytes needs
+local quick = routing and not fresh and hsize == 0
+local function own_pend()
+  local parts = {}
+  pend[mine] = parts
+  pend_n[mine] = 0
+  pend_q[mine] = {}
+  pending[#pending + 1] = mine
+  proc_of[mine] = me
+  return parts
+end
 local inbox_of = {}  -- process id -> its inbox's key
 local stop = false
 local i = 7
@@ -454,6 +467,16 @@ while i <= nargs do
     elseif not live then
       o = o + 1
       out[o] = 0
+    elseif quick and lean and regs[nr] == me then
+      -- the common case, in short: sent without its bytes, registered by the publisher alone,
+      -- no history anywhere: a reference in its own inbox
+      local parts = pend[mine] or own_pend()
+      parts[#parts + 1] = own_full and (ref .. ',,;') or ref
+      o = o + 1
+      out[o] = -3
+    elseif quick and lean and not regs[nr] then
+      o = o + 1
+      out[o] = -4  -- nobody registered, no history: nothing written
     else
       -- An empty control stream started over (Redis lost its data): its first entry must be a
       -- control entry carrying r, before any inbox entry of the new stream (whose ids, above the
@@ -543,6 +566,7 @@ while i <= nargs do
             entry[#entry + 1] = 'r'
             entry[#entry + 1] = ARGV[2]
             fresh = false
+            quick = routing and hsize == 0
           end
           if epoch then
             entry[#entry + 1] = 'p'
