@@ -16,7 +16,8 @@ Streams
     with the ids ``<n>-0`` where ``n`` grows by exactly one per entry, so a reader knows when it
     missed some. A **plain page message** (one page group, a type without side effect) goes only
     to the **inbox** (``<channel_prefix>:inbox:<process id>``) of each process registered for its
-    page group (hash ``<channel_prefix>:g:<group>``, fields: process ids), or nowhere when none is:
+    page group (hash ``<channel_prefix>:g:<group>``, fields: process ids; the script reads them
+    from its summary key ``<channel_prefix>:r:<group>``, one ``MGET`` per call), or nowhere when none is:
     a process reads only what it has recipients for. The publisher's own inbox gets a reference
     to its envelope (its sequence number), not the bytes: it delivers the envelope it kept when
     its reader reaches the reference, at that place in the order. Publishing goes through one Lua script per
@@ -188,7 +189,7 @@ STALL = 1.0
 # Bytes on demand (docs/redis.md "Bytes on demand"): a server sends "" instead of the envelope
 # for a plain page message to a group whose last publish it made was -3 or -4 (the script said
 # the bytes were not needed). Everything the script reads to decide whether an envelope needs its
-# bytes (the history's HGET, routing, the control stream being empty, HKEYS of the group) has no
+# bytes (the history's HGET, routing, the control stream being empty, the group's registrations) has no
 # effect, so an envelope that comes without needed bytes stops the call before anything of it
 # is applied; what came before it is applied (and flushed, trimmed) as usual.
 #
