@@ -83,8 +83,10 @@ async def run(args: argparse.Namespace) -> None:
         if args.elsewhere:
             # Another (silent) process registered the pages: their messages go to its inbox, bytes
             # and all (nobody reads it here; the script trims it like any inbox).
-            for group in groups:
-                raw.hset(f"tornado-rt:g:{group}", "elsewhere", 1)
+            from tornado_rt.redis_broker import REGISTER_SCRIPT
+
+            for group in groups:  # as that process's registrar does (the hash and its summary key)
+                raw.eval(REGISTER_SCRIPT, 0, "tornado-rt:", "elsewhere", "+", group)
         if args.directory:
             # What a server with a directory loaded does (the bench's serve has 20,000 users and
             # tables): its load envelope is the last entry of the control stream.

@@ -136,7 +136,9 @@ async def test_a_mirror_left_after_its_inbox_was_lost_is_not_trusted(connect):  
             raw.delete(f"{PREFIX}:alive:{b_origin}", f"{PREFIX}:groups:{b_origin}", inbox,
                        f"{PREFIX}:routing")
             raw.srem(f"{PREFIX}:procs", b_origin)
+            raw.srem(f"{PREFIX}:rprocs", b_origin)
             raw.hdel(f"{PREFIX}:g:table-10", b_origin)
+            raw.delete(f"{PREFIX}:r:table-10")  # the group's summary key (B was its only process)
             deadline = time.monotonic() + 20
             while True:  # B's next hello registers it again; routing resumes after the grace
                 since = raw.get(f"{PREFIX}:routing")

@@ -26,30 +26,43 @@ from test_redis import InProcess
 from test_redis_streams import connect, rows_created  # noqa: F401
 from tornado_rt import BrokerUnavailable
 from tornado_rt.envelope import MESSAGE, Envelope, message_envelope
-from tornado_rt.redis_broker import (LEAN_GROUPS, RedisBroker, _Batch, _bulk, _Pending, encode_envelope,
-                                     pack_envelopes, route_of)
+from tornado_rt.redis_broker import (LEAN_GROUPS, REGISTER_SCRIPT, RedisBroker, _Batch, _bulk, _Pending,
+                                     encode_envelope, pack_envelopes, route_of)
 
 
 # --- without sockets ----------------------------------------------------------------------------------
 
 def _one_at_a_time(batch, offset, registry, hints, origin, lean):
-    """The arguments as the writer built them before (one envelope at a time, every part formatted)."""
-    parts, items, groups, omitted = [], [], [], 0
+    """The arguments built one envelope at a time, every part formatted, then grouped into the
+    script's runs: consecutive envelopes with the same deadline sent the same way (with their
+    bytes: three arguments each, count > 0; without: two, count < 0) after the run's deadline
+    and count."""
+    runs, items, groups, omitted = [], [], [], 0  # runs: [deadline ms, bare, [argument bytes]]
     for seq, payload, entry in batch:
-        parts.append(_bulk(b"%d" % int(entry.deadline * 1000 + offset)))
+        ms = int(entry.deadline * 1000 + offset)
         group, route = route_of(entry.envelope, registry)
-        if route and lean and group in hints:
-            parts.append(b"$0\r\n\r\n")
+        bare = bool(route and lean and group in hints)
+        args = []
+        if bare:
             omitted += 1
         else:
             if payload is None:
                 payload = encode_envelope(entry.envelope, origin, seq)
-            parts.append(_bulk(payload))
+            args.append(_bulk(payload))
         items.append((seq, payload, entry))
         groups.append(group if route else None)
-        parts.append(_bulk(group.encode()))
-        parts.append(_bulk(b"%d" % seq) if route else b"$1\r\n0\r\n")
-    return b"".join(parts), items, groups, omitted
+        args.append(_bulk(group.encode()))
+        args.append(_bulk(b"%d" % seq) if route else b"$1\r\n0\r\n")
+        if not runs or runs[-1][0] != ms or runs[-1][1] != bare:
+            runs.append([ms, bare, []])
+        runs[-1][2].append(b"".join(args))
+    parts, count = [], 0
+    for ms, bare, envelopes in runs:
+        parts.append(_bulk(b"%d" % ms))
+        parts.append(_bulk(b"%d" % (-len(envelopes) if bare else len(envelopes))))
+        parts += envelopes
+        count += 2 + len(envelopes) * (2 if bare else 3)
+    return b"".join(parts), items, groups, omitted, count
 
 
 class _Types:
@@ -99,17 +112,17 @@ def test_arguments_built_per_batch_are_byte_for_byte_those_built_one_at_a_time()
                     hints = {"table-1", "table-3"}
                     bulks = {}
                     parts = [b"head"]
-                    items, groups, omitted = pack_envelopes(parts, batch, offset, registry, hints, "origin1",
-                                                            lean, bulks)
+                    items, groups, omitted, count = pack_envelopes(parts, batch, offset, registry, hints,
+                                                                   "origin1", lean, bulks)
                     want = _one_at_a_time(batch, offset, registry, hints, "origin1", lean)
-                    assert (b"".join(parts), items, groups, omitted) == (b"head" + want[0], *want[1:])
+                    assert (b"".join(parts), items, groups, omitted, count) == (b"head" + want[0], *want[1:])
                     if registry is not None and lean:
                         assert omitted == 4 and groups[0] == "table-1" and groups[2] is None
                     # the group arguments are kept for the next batch, and used from there
                     assert bulks == {g: _bulk(g.encode()) for g in ("table-1", "table-2", "table-3")}
                     again = [b"head"]
                     assert pack_envelopes(again, batch, offset, registry, hints, "origin1", lean, bulks) == (
-                        items, groups, omitted)
+                        items, groups, omitted, count)
                     assert again == parts
         types = _Types()
         pack_envelopes([], batch, 0.0, types, set(), "o", True, {})
@@ -204,7 +217,7 @@ async def test_one_batch_with_every_outcome_completes_its_future_after_all_of_th
         assert "table-12" in broker._lean
         # another process registers table 12 meanwhile: a publish sent without bytes must be
         # sent again, with them, from there on
-        await raw.hset("batches-mixed:g:table-12", "elsewhere", 1)
+        await raw.eval(REGISTER_SCRIPT, 0, "batches-mixed:", "elsewhere", "+", "table-12")
 
         messages = [
             (rows_created(10, 1), None),  # own inbox: read back as a reference

@@ -16,7 +16,8 @@ Streams
     with the ids ``<n>-0`` where ``n`` grows by exactly one per entry, so a reader knows when it
     missed some. A **plain page message** (one page group, a type without side effect) goes only
     to the **inbox** (``<channel_prefix>:inbox:<process id>``) of each process registered for its
-    page group (hash ``<channel_prefix>:g:<group>``, fields: process ids), or nowhere when none is:
+    page group (hash ``<channel_prefix>:g:<group>``, fields: process ids; the script reads them
+    from its summary key ``<channel_prefix>:r:<group>``, one ``MGET`` per call), or nowhere when none is:
     a process reads only what it has recipients for. The publisher's own inbox gets a reference
     to its envelope (its sequence number), not the bytes: it delivers the envelope it kept when
     its reader reaches the reference, at that place in the order. Publishing goes through one Lua script per
@@ -167,11 +168,15 @@ STALL = 1.0
 # KEYS[1]: the control stream. ARGV[1]: MAXLEN (approximate, every stream); ARGV[2]: the highest
 # entry id ("<n>-<k>", of any stream) the publisher knows of; ARGV[3]: history size (0: no history); ARGV[4]: history
 # TTL in ms; ARGV[5]: the key prefix ("<prefix>:"); ARGV[6]: the publisher's process id ("" for a
-# publisher that is not a server); then quadruples (deadline in Redis ms, envelope — or "" when
-# the publisher expects Redis not to need its bytes, see "Bytes on demand" below —, page group or
-# "", route: for a plain page message — one page group, no side effect — the publisher's sequence
-# number of the envelope (any value but "0"; a server's own inbox gets it as a reference instead
-# of the bytes), else "0").
+# publisher that is not a server); then the envelopes in runs (consecutive envelopes with one
+# deadline sent the same way; a batch handed over at once is one or two runs): the run's deadline
+# in Redis ms, its count c, then c envelopes as triples (envelope, page group or "", route) when
+# c > 0, or -c plain page messages sent without their bytes (the publisher expects Redis not to
+# need them, see "Bytes on demand" below) as pairs (page group, route) when c < 0. route: for a
+# plain page message — one page group, no side effect — the publisher's sequence number of the
+# envelope (any value but "0"; a server's own inbox gets it as a reference instead of the
+# bytes), else "0". (Each argument costs Redis about as much as a short Lua statement: a deadline
+# per envelope and an empty argument per envelope without bytes were half of them.)
 # Returns {Redis time in ms, the id of the last entry it wrote ("<n>-<k>", or "0-0"), then per
 # envelope (see REPLY_* below): its sequence number n > 0 on the control stream;
 # -1: appended to the inboxes of the processes registered for its group, the publisher's among
@@ -186,7 +191,7 @@ STALL = 1.0
 # Bytes on demand (docs/redis.md "Bytes on demand"): a server sends "" instead of the envelope
 # for a plain page message to a group whose last publish it made was -3 or -4 (the script said
 # the bytes were not needed). Everything the script reads to decide whether an envelope needs its
-# bytes (the history's HGET, routing, the control stream being empty, HKEYS of the group) has no
+# bytes (the history's HGET, routing, the control stream being empty, the group's registrations) has no
 # effect, so an envelope that comes without needed bytes stops the call before anything of it
 # is applied; what came before it is applied (and flushed, trimmed) as usual.
 #
@@ -198,7 +203,9 @@ STALL = 1.0
 # entry).
 # Routing (docs/redis.md "Routing"): while the key <prefix>routing holds a Redis time that has
 # passed, a plain page message goes only to the inbox streams <prefix>inbox:<process> of the
-# processes that are fields of the hash <prefix>g:<group> (one HKEYS per group and call). The page messages of a
+# processes that are fields of the hash <prefix>g:<group>, read from its summary key
+# <prefix>r:<group> (one MGET for all groups of the call; one HKEYS per group and call while a
+# process of an older version is alive, see below). The page messages of a
 # script call between two control entries that go to one inbox make ONE inbox entry (one XADD
 # per inbox and control interval: XADD costs per call far more than per field), with the id
 # <n>-<k>, n the control stream's last sequence number (so the two streams of a reader merge into
@@ -265,6 +272,7 @@ local pend_q = {}
 local pending = {}
 local hi_n, hi_k = 0, 0
 local out = {now, '0-0'}
+local o = 2  -- out's length
 -- Each inbox's last entry id and counter c: the mirror <prefix>itops (a hash, field: the process
 -- id, value "<a>-<b> <c>"; written below after the XADDs) when the inbox is not empty and has no
 -- entry after the mirrored id, else its last entry (XREVRANGE returns it whole: up to about 100
@@ -300,6 +308,7 @@ local function last_of(new)
 end
 -- One inbox entry per inbox for the page messages between two control entries: XADD costs per
 -- call far more than per field.
+local own_full = false  -- the publisher's pending references are whole ("<ref>,<epoch>,<offset>;")
 local function flush()
   local new = {}
   for _, inbox in ipairs(pending) do
@@ -321,10 +330,13 @@ local function flush()
       hi_k = b
     end
     last[4] = (last[4] or 0) + 1
-    last[5] = (last[5] or 0) + pend_n[inbox]
+    -- envelopes in it (the publisher's own: one reference each, counted here)
+    last[5] = (last[5] or 0) + (inbox == mine and #pend[inbox] or pend_n[inbox])
     local id = string.format('%.0f-%d', a, b)
     if inbox == mine then
-      redis.call('XADD', inbox, id, 't', now, 'c', last[3], 'R', table.concat(pend[inbox]))
+      local refs = own_full and table.concat(pend[inbox]) or (table.concat(pend[inbox], ',,;') .. ',,;')
+      own_full = false
+      redis.call('XADD', inbox, id, 't', now, 'c', last[3], 'R', refs)
     elseif pend_n[inbox] > 1 then
       redis.call('XADD', inbox, id, 't', now, 'c', last[3], unpack(pend[inbox]))
     elseif pend_q[inbox][1] then
@@ -343,111 +355,237 @@ if hsize > 0 and redis.call('EXISTS', prefix .. 'hists') == 0 then
   hsize = 0  -- no page keeps a history: no HGET per envelope
 end
 local kept = false
-local known = {}
-local stop = false
-for i = 7, #ARGV, 4 do
-  if stop then
-    out[#out + 1] = -6  -- not attempted: after an envelope that must be sent again with its bytes
-  elseif tonumber(ARGV[i]) >= now then
-    local group = ARGV[i + 2]
-    local envelope = ARGV[i + 1]
-    local ref = ARGV[i + 3]
-    -- An empty control stream started over (Redis lost its data): its first entry must be a
-    -- control entry carrying r, before any inbox entry of the new stream (whose ids, above the
-    -- old stream's, would otherwise reach r and look like lost envelopes to every reader).
-    local routed = routing and ref ~= '0' and not fresh
-    local pos, epoch, procs
-    if group ~= '' and hsize > 0 then
-      pos = prefix .. 'pos:' .. group
-      epoch = redis.call('HGET', pos, 'e')
-    end
-    -- Whether Redis needs the envelope's bytes: a history, the control stream, or the inbox of
-    -- another process (the publisher's own inbox gets a reference).
-    local needed = epoch or not routed
-    if routed then
-      procs = known[group]
-      if not procs then
-        procs = redis.call('HKEYS', prefix .. 'g:' .. group)
-        known[group] = procs
+local nargs = #ARGV
+-- The processes registered for the group of each plain page message of the call (in call order:
+-- regs[k] for the k-th), read for all of them at once: one MGET of the summary keys
+-- <prefix>r:<group> (the ids of the fields of the hash <prefix>g:<group>, space-separated;
+-- REGISTER_SCRIPT and SWEEP_SCRIPT keep both in step, and delete r: with the last field), instead
+-- of one HKEYS per group. A process of an older version writes g: only: while one is alive (a
+-- member of <prefix>procs that is not one of <prefix>rprocs, which HELLO_SCRIPT fills) the hashes
+-- are read as before, one HKEYS per group (regs[k]: the list instead of the string).
+local regs = {}
+if routing then
+  -- the summary keys (or, for an older version's hashes, the groups), in call order
+  local legacy = redis.call('SDIFF', prefix .. 'procs', prefix .. 'rprocs')[1]
+  local r = legacy and '' or (prefix .. 'r:')
+  local keys, nk = {}, 0
+  local i = 7
+  while i <= nargs do
+    local c = tonumber(ARGV[i + 1])
+    i = i + 2
+    if c < 0 then
+      for j = i, i - 2 * c - 1, 2 do
+        nk = nk + 1
+        keys[nk] = r .. ARGV[j]
       end
-      if not needed then
-        for _, proc in ipairs(procs) do
-          if proc ~= me then
-            needed = true
-            break
-          end
-        end
-      end
-    end
-    if needed and envelope == '' then
-      -- sent without its bytes (the publisher's hint was stale): nothing applied for it nor for
-      -- any later envelope of this call; the publisher sends them again, this one with its bytes
-      out[#out + 1] = -5
-      stop = true
+      i = i - 2 * c
     else
-      local offset
-      if epoch then
-        local hist = prefix .. 'hist:' .. group
-        offset = redis.call('HINCRBY', pos, 'o', 1)
-        redis.call('XADD', hist, 'MAXLEN', hsize, '*', 'q', offset, 't', now, 'e', envelope)
-        redis.call('PEXPIRE', pos, ARGV[4])
-        redis.call('PEXPIRE', hist, ARGV[4])
-        kept = true
+      for j = i + 1, i + 3 * c - 1, 3 do
+        if ARGV[j + 1] ~= '0' then
+          nk = nk + 1
+          keys[nk] = r .. ARGV[j]
+        end
       end
+      i = i + 3 * c
+    end
+  end
+  if nk > 0 then
+    if legacy then
+      local known = {}
+      for k = 1, nk do
+        local g = keys[k]
+        local procs = known[g]
+        if not procs then
+          procs = redis.call('HKEYS', prefix .. 'g:' .. g)
+          known[g] = procs
+        end
+        regs[k] = procs
+      end
+    else
+      regs = redis.call('MGET', unpack(keys))
+    end
+  end
+end
+-- a registration's processes (a summary key's value, or the hash's fields) -> (the list, whether
+-- a process other than the publisher is in it), each value parsed once per call
+local nobody = {}
+local lists, elsewhere = {}, {}
+local function registered(value)
+  if not value then return nobody, false end
+  local procs = lists[value]
+  if procs then return procs, elsewhere[value] end
+  if type(value) == 'table' then
+    procs = value
+  else
+    procs = {}
+    for proc in string.gmatch(value, '%S+') do procs[#procs + 1] = proc end
+  end
+  local other = false
+  for _, proc in ipairs(procs) do
+    if proc ~= me then
+      other = true
+      break
+    end
+  end
+  lists[value] = procs
+  elsewhere[value] = other
+  return procs, other
+end
+local nr = 0  -- plain page messages seen so far (regs' index)
+-- routed, no history anywhere: what the short path for a page message without bytes needs
+local quick = routing and not fresh and hsize == 0
+local function own_pend()
+  local parts = {}
+  pend[mine] = parts
+  pend_n[mine] = 0
+  pend_q[mine] = {}
+  pending[#pending + 1] = mine
+  proc_of[mine] = me
+  return parts
+end
+local inbox_of = {}  -- process id -> its inbox's key
+local stop = false
+local i = 7
+while i <= nargs do
+  -- a run: its deadline, then its count c: c > 0 envelopes as (envelope, group, ref), or -c plain
+  -- page messages sent without their bytes as (group, ref)
+  local live = tonumber(ARGV[i]) >= now
+  local c = tonumber(ARGV[i + 1])
+  i = i + 2
+  local lean = c < 0
+  if lean then c = -c end
+  for _ = 1, c do
+    local envelope, group, ref
+    if lean then
+      envelope, group, ref = '', ARGV[i], ARGV[i + 1]
+      i = i + 2
+    else
+      envelope, group, ref = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+      i = i + 3
+    end
+    if ref ~= '0' then nr = nr + 1 end
+    if stop then
+      o = o + 1
+      out[o] = -6  -- not attempted: after an envelope that must be sent again with its bytes
+    elseif not live then
+      o = o + 1
+      out[o] = 0
+    elseif quick and lean and regs[nr] == me then
+      -- the common case, in short: sent without its bytes, registered by the publisher alone,
+      -- no history anywhere: a reference in its own inbox
+      local parts = pend[mine] or own_pend()
+      parts[#parts + 1] = own_full and (ref .. ',,;') or ref
+      o = o + 1
+      out[o] = -3
+    elseif quick and lean and not regs[nr] then
+      o = o + 1
+      out[o] = -4  -- nobody registered, no history: nothing written
+    else
+      -- An empty control stream started over (Redis lost its data): its first entry must be a
+      -- control entry carrying r, before any inbox entry of the new stream (whose ids, above the
+      -- old stream's, would otherwise reach r and look like lost envelopes to every reader).
+      local routed = routing and ref ~= '0' and not fresh
+      local pos, epoch, procs
+      if group ~= '' and hsize > 0 then
+        pos = prefix .. 'pos:' .. group
+        epoch = redis.call('HGET', pos, 'e')
+      end
+      -- Whether Redis needs the envelope's bytes: a history, the control stream, or the inbox of
+      -- another process (the publisher's own inbox gets a reference).
+      local needed = epoch or not routed
       if routed then
-        local result = needed and -2 or -4
-        local head
-        for _, proc in ipairs(procs) do
-          local inbox = prefix .. 'inbox:' .. proc
-          local parts = pend[inbox]
-          if not parts then
-            parts = {}
-            pend[inbox] = parts
-            pend_n[inbox] = 0
-            pend_q[inbox] = {epoch, offset}
-            pending[#pending + 1] = inbox
-            proc_of[inbox] = proc
-          end
-          if proc == me then
-            -- the publisher's own inbox: a reference, not the bytes (it kept the envelope)
-            result = needed and -1 or -3
-            parts[#parts + 1] = ref .. ',' .. (epoch or '') .. ',' .. (offset or '') .. ';'
-          else
-            -- a field per envelope, its name carrying the position: no concatenation of envelopes
-            -- into one Lua string (that cost Redis more than the XADD itself)
-            if not head then
-              head = epoch and ('m' .. epoch .. ',' .. offset) or 'm'
-            end
-            parts[#parts + 1] = head
-            parts[#parts + 1] = envelope
-          end
-          pend_n[inbox] = pend_n[inbox] + 1
-        end
-        out[#out + 1] = result
+        local other
+        procs, other = registered(regs[nr])
+        if other then needed = true end
+      end
+      if needed and envelope == '' then
+        -- sent without its bytes (the publisher's hint was stale): nothing applied for it nor for
+        -- any later envelope of this call; the publisher sends them again, this one with its bytes
+        o = o + 1
+        out[o] = -5
+        stop = true
       else
-        flush()
-        n = n + 1
-        local entry = {'XADD', key, string.format('%.0f-0', n), 't', now, 'e', envelope}
-        if fresh then
-          entry[#entry + 1] = 'r'
-          entry[#entry + 1] = ARGV[2]
-          fresh = false
-        end
+        local offset
         if epoch then
-          entry[#entry + 1] = 'p'
-          entry[#entry + 1] = epoch
-          entry[#entry + 1] = 'q'
-          entry[#entry + 1] = offset
+          local hist = prefix .. 'hist:' .. group
+          offset = redis.call('HINCRBY', pos, 'o', 1)
+          redis.call('XADD', hist, 'MAXLEN', hsize, '*', 'q', offset, 't', now, 'e', envelope)
+          redis.call('PEXPIRE', pos, ARGV[4])
+          redis.call('PEXPIRE', hist, ARGV[4])
+          kept = true
         end
-        redis.call(unpack(entry))
-        out[#out + 1] = n
-        hi_n = n
-        hi_k = 0
-        added = true
+        if routed then
+          local result = needed and -2 or -4
+          local head
+          for _, proc in ipairs(procs) do
+            local inbox = inbox_of[proc]
+            if not inbox then
+              inbox = prefix .. 'inbox:' .. proc
+              inbox_of[proc] = inbox
+            end
+            local parts = pend[inbox]
+            if not parts then
+              parts = {}
+              pend[inbox] = parts
+              pend_n[inbox] = 0
+              pend_q[inbox] = {epoch, offset}
+              pending[#pending + 1] = inbox
+              proc_of[inbox] = proc
+            end
+            if proc == me then
+              -- the publisher's own inbox: a reference, not the bytes (it kept the envelope):
+              -- "<ref>,<epoch>,<offset>;", the common "<ref>,,;" joined at the flush (no string
+              -- built per envelope) until one has a history position
+              result = needed and -1 or -3
+              if epoch then
+                if not own_full then
+                  for j = 1, #parts do parts[j] = parts[j] .. ',,;' end
+                  own_full = true
+                end
+                parts[#parts + 1] = ref .. ',' .. epoch .. ',' .. offset .. ';'
+              elseif own_full then
+                parts[#parts + 1] = ref .. ',,;'
+              else
+                parts[#parts + 1] = ref
+              end
+            else
+              -- a field per envelope, its name carrying the position: no concatenation of envelopes
+              -- into one Lua string (that cost Redis more than the XADD itself)
+              if not head then
+                head = epoch and ('m' .. epoch .. ',' .. offset) or 'm'
+              end
+              parts[#parts + 1] = head
+              parts[#parts + 1] = envelope
+            end
+            pend_n[inbox] = pend_n[inbox] + 1
+          end
+          o = o + 1
+          out[o] = result
+        else
+          flush()
+          n = n + 1
+          local entry = {'XADD', key, string.format('%.0f-0', n), 't', now, 'e', envelope}
+          if fresh then
+            entry[#entry + 1] = 'r'
+            entry[#entry + 1] = ARGV[2]
+            fresh = false
+            quick = routing and hsize == 0
+          end
+          if epoch then
+            entry[#entry + 1] = 'p'
+            entry[#entry + 1] = epoch
+            entry[#entry + 1] = 'q'
+            entry[#entry + 1] = offset
+          end
+          redis.call(unpack(entry))
+          o = o + 1
+          out[o] = n
+          hi_n = n
+          hi_k = 0
+          added = true
+        end
       end
     end
-  else
-    out[#out + 1] = 0
   end
 end
 if added then
@@ -528,6 +666,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local intact = redis.call('EXISTS', prefix .. 'alive:' .. me)
 redis.call('SET', prefix .. 'alive:' .. me, now, 'PX', ARGV[3])
 redis.call('SADD', prefix .. 'procs', me)
+redis.call('SADD', prefix .. 'rprocs', me)  -- keeps the summary keys r:<group> (see PUBLISH_SCRIPT)
 local since = redis.call('GET', prefix .. 'routing')
 local created = 0
 if not since then
@@ -544,6 +683,7 @@ REGISTER_SCRIPT = """
 local prefix = ARGV[1]
 local me = ARGV[2]
 local groups = prefix .. 'groups:' .. me
+local changed = {}
 for i = 3, #ARGV, 2 do
   local g = ARGV[i + 1]
   if ARGV[i] == '+' then
@@ -552,6 +692,16 @@ for i = 3, #ARGV, 2 do
   else
     redis.call('HDEL', prefix .. 'g:' .. g, me)
     redis.call('SREM', groups, g)
+  end
+  changed[g] = true
+end
+-- the summary key of each group changed: the fields of its hash (also those another version wrote)
+for g in pairs(changed) do
+  local procs = redis.call('HKEYS', prefix .. 'g:' .. g)
+  if procs[1] then
+    redis.call('SET', prefix .. 'r:' .. g, table.concat(procs, ' '))
+  else
+    redis.call('DEL', prefix .. 'r:' .. g)
   end
 end
 local since = redis.call('GET', prefix .. 'routing')
@@ -574,17 +724,27 @@ local procs
 if ARGV[2] ~= '' then
   procs = {ARGV[2]}
 else
-  procs = redis.call('SMEMBERS', prefix .. 'procs')
+  -- rprocs too: a process of an older version sweeps procs only
+  procs = redis.call('SUNION', prefix .. 'procs', prefix .. 'rprocs')
 end
 local removed = 0
 for _, p in ipairs(procs) do
   if ARGV[2] ~= '' or redis.call('EXISTS', prefix .. 'alive:' .. p) == 0 then
     for _, g in ipairs(redis.call('SMEMBERS', prefix .. 'groups:' .. p)) do
-      redis.call('HDEL', prefix .. 'g:' .. g, p)
+      local hash = prefix .. 'g:' .. g
+      redis.call('HDEL', hash, p)
+      -- the summary key, in step with the hash (see REGISTER_SCRIPT)
+      local left = redis.call('HKEYS', hash)
+      if left[1] then
+        redis.call('SET', prefix .. 'r:' .. g, table.concat(left, ' '))
+      else
+        redis.call('DEL', prefix .. 'r:' .. g)
+      end
     end
     redis.call('DEL', prefix .. 'groups:' .. p, prefix .. 'inbox:' .. p, prefix .. 'alive:' .. p)
     redis.call('HDEL', prefix .. 'itops', p)  -- the mirror of its inbox's last entry
     redis.call('SREM', prefix .. 'procs', p)
+    redis.call('SREM', prefix .. 'rprocs', p)
     removed = removed + 1
   end
 end
@@ -659,22 +819,28 @@ Batch = List[Tuple[int, Optional[bytes], "_Pending"]]
 
 
 def pack_envelopes(parts: List[bytes], batch: Batch, offset: float, registry: Any, hints: Set[str],
-                   origin: str, lean: bool, bulks: Dict[str, bytes]) -> Tuple[Batch, List[Optional[str]], int]:
-    """Append the publish script's four arguments per envelope of ``batch`` to ``parts`` (its
-    deadline in Redis's clock, ``entry.deadline * 1000 + offset`` ms; its bytes or, with ``lean``,
-    nothing for a plain page message to a group in ``hints``; its page group; its sequence number
-    for a plain page message, else 0). What :func:`route_of` and :func:`encode_envelope` say, with
-    what repeats within a batch done once: a deadline's digits (a batch handed over at once shares
-    one), a message type's routing (looked up once per type), a group's argument (kept in
-    ``bulks``, at most ``LEAN_GROUPS``). Returns ``(items, groups, omitted)``: ``batch`` with each
-    sent payload filled in (None for one sent without its bytes), the group of each plain page
-    message (else None), and how many were sent without their bytes."""
+                   origin: str, lean: bool, bulks: Dict[str, bytes]) -> Tuple[Batch, List[Optional[str]], int, int]:
+    """Append the publish script's arguments for the envelopes of ``batch`` to ``parts``, in runs:
+    consecutive envelopes with the same deadline (in Redis's clock, ``entry.deadline * 1000 +
+    offset`` ms) sent the same way make one run, its deadline and its count ``c`` then its
+    envelopes: ``c > 0`` envelopes as three arguments each (its bytes, its page group or "", its
+    sequence number for a plain page message, else 0), or, with ``lean``, ``-c`` plain page
+    messages to groups in ``hints`` sent without their bytes as two (group, sequence number).
+    What :func:`route_of` and :func:`encode_envelope` say, with what repeats within a batch done
+    once: a message type's routing (looked up once per type), a group's argument (kept in
+    ``bulks``, at most ``LEAN_GROUPS``). Returns ``(items, groups, omitted, count)``: ``batch``
+    with each sent payload filled in (None for one sent without its bytes), the group of each plain
+    page message (else None), how many were sent without their bytes, and how many arguments
+    were appended."""
     items: Batch = []
     groups: List[Optional[str]] = []
     plain: Dict[str, bool] = {}  # message type -> a plain page message (no side effect)
-    last_ms = -1
-    deadline = b""
     omitted = 0
+    count = 0
+    run: List[bytes] = []  # the current run's arguments
+    run_ms = -1
+    run_lean = False
+    run_n = 0
     low = limit = width = 0  # seqs in [low, limit) have ``width`` digits
     append, add_item, add_group = parts.append, items.append, groups.append
     for item in batch:
@@ -682,9 +848,6 @@ def pack_envelopes(parts: List[bytes], batch: Batch, offset: float, registry: An
         # Redis must refuse an envelope once the publisher may have answered 503 for it:
         # offset is a lower bound of the true offset, so this is never later than that.
         ms = int(entry.deadline * 1000 + offset)
-        if ms != last_ms:
-            last_ms = ms
-            deadline = _bulk(b"%d" % ms)
         envelope = entry.envelope
         audience = envelope.audience
         if envelope.kind == MESSAGE and audience and audience[0] == "page":
@@ -706,6 +869,7 @@ def pack_envelopes(parts: List[bytes], batch: Batch, offset: float, registry: An
         else:
             route = False
             group_arg = _EMPTY_BULK
+        bare = False
         if route:
             # A plain page message carries its sequence number: this process's own inbox gets
             # that reference instead of the bytes (the envelope is still in _pending / _own).
@@ -713,24 +877,37 @@ def pack_envelopes(parts: List[bytes], batch: Batch, offset: float, registry: An
                 width = len(b"%d" % seq)
                 low, limit = 10 ** (width - 1), 10 ** width
             add_group(group)
-            if lean and group in hints:  # Redis did not need its bytes last time
-                append(b"%s$0\r\n\r\n%s$%d\r\n%d\r\n" % (deadline, group_arg, width, seq))
-                omitted += 1
-                add_item(item)
-                continue
-            tail = b"\r\n%s$%d\r\n%d\r\n" % (group_arg, width, seq)
+            bare = lean and group in hints  # Redis did not need its bytes last time
+            tail = b"%s$%d\r\n%d\r\n" % (group_arg, width, seq)
         else:
-            tail = b"\r\n" + group_arg + _NO_REF
+            tail = group_arg + _NO_REF
             add_group(None)
+        if ms != run_ms or bare != run_lean:
+            if run_n:
+                append(b"$%d\r\n%d\r\n%s" % (len(b"%d" % run_ms), run_ms,
+                                                _bulk(b"%d" % (-run_n if run_lean else run_n))))
+                parts += run
+                count += 2 + run_n * (2 if run_lean else 3)
+                run = []
+            run_ms, run_lean, run_n = ms, bare, 0
+        run_n += 1
+        if bare:
+            run.append(tail)
+            omitted += 1
+            add_item(item)
+            continue
         if payload is None:
             payload = encode_envelope(envelope, origin, seq)
             item = (seq, payload, entry)
-        append(deadline)
-        append(b"$%d\r\n" % len(payload))
-        append(payload)
-        append(tail)
+        run.append(b"$%d\r\n" % len(payload))
+        run.append(payload)
+        run.append(b"\r\n" + tail)
         add_item(item)
-    return items, groups, omitted
+    if run_n:
+        append(b"$%d\r\n%d\r\n%s" % (len(b"%d" % run_ms), run_ms, _bulk(b"%d" % (-run_n if run_lean else run_n))))
+        parts += run
+        count += 2 + run_n * (2 if run_lean else 3)
+    return items, groups, omitted, count
 
 
 def _seq_of(entry_id: bytes) -> Tuple[int, bool]:
@@ -1562,15 +1739,16 @@ class RedisBroker(Broker):
         goes without them (an empty argument); an envelope is encoded only when its bytes are
         sent. Returns the publishes to send again, with their bytes, in order: from the first one
         that came without the bytes Redis needed (the script applied nothing from it on), else []."""
-        parts = [b"*%d\r\n" % (10 + 4 * len(batch)), self._script_head,
+        parts = [b"", self._script_head,
                  _bulk(b"%d-%d" % max((max(self.position, self._accepted), 0), self._wrote,
                                       self._inbox_top)),
                  _bulk(b"%d" % self.history_size),
                  _bulk(b"%d" % self.history_ttl_ms), _bulk(self.key_prefix.encode()),
                  _bulk(self.origin.encode())]
         hints = self._lean
-        items, groups, omitted = pack_envelopes(parts, batch, self._offset - DEADLINE_MARGIN_MS,
-                                                self.registry, hints, self.origin, lean, self._group_args)
+        items, groups, omitted, count = pack_envelopes(parts, batch, self._offset - DEADLINE_MARGIN_MS,
+                                                       self.registry, hints, self.origin, lean, self._group_args)
+        parts[0] = b"*%d\r\n" % (10 + count)
         self.sent_without_bytes += omitted
         self.sent_with_bytes += len(batch) - omitted
         await conn.send_packed_command([b"".join(parts)], check_health=False)
@@ -1860,25 +2038,20 @@ class RedisBroker(Broker):
             if inbox:
                 self._inbox_id = inbox[-1][0]
                 self._inbox_top = max(self._inbox_top, entry_key(self._inbox_id))
-            if (blocking and inbox and not control and not self._held_control and not self._held_inbox
-                    and entry_key(inbox[-1][0])[0] <= entry_key(self._last_id)[0]):
-                # Only inbox entries, each of an id <n>-<k> with n at most the control entry this
-                # reader read last: every control entry that comes before them (n' <= n) was
-                # delivered, any unread one comes after them. Delivered now, and the next read
-                # blocks again: one XREAD per publish batch that only reached inboxes, not a
-                # second one to learn what the control stream holds. What the control stream
-                # holds is still unknown: its caught-up state stays as the last full read left it.
-                size = self._on_inbox(inbox)
-                self._inbox_caught_up = len(inbox) < count and self._fresh(stalls)
-                if not self._inbox_caught_up:
-                    self._inbox_behind = True
-                count = max(1, min(READ_COUNT, READ_BYTES * len(inbox) // max(1, size)))
-                continue
+            alone = False  # inbox entries that nothing unread on the control stream can precede
             if blocking and not (control and inbox) and (inbox or self._may_have_inbox()):
-                self._held_control += control
-                self._held_inbox += inbox
-                blocking = False
-                continue
+                if (inbox and not self._held_control and not self._held_inbox
+                        and entry_key(inbox[-1][0])[0] <= entry_key(self._last_id)[0]):
+                    # Every inbox entry here is <n>-<k> with n at most the last control entry
+                    # read: an unread control entry (n + 1 or more) comes after all of them, so
+                    # they are in order now, without a second XREAD (the common case: page
+                    # messages with no control envelope since).
+                    alone = True
+                else:
+                    self._held_control += control
+                    self._held_inbox += inbox
+                    blocking = False
+                    continue
             blocking = False
             control_full = len(control) >= count
             if self._held_control or self._held_inbox or (control and inbox):
@@ -1890,12 +2063,18 @@ class RedisBroker(Broker):
             if self._resync is not None:
                 await self._resync_directory(conn, interval)
             fresh = self._fresh(stalls)
-            self._caught_up = not control_full and fresh
-            self._inbox_caught_up = len(inbox) < count and fresh
+            inbox_full = len(inbox) >= count
+            if not alone:  # (a reply of the inbox alone says nothing of the control stream)
+                self._caught_up = not control_full and fresh
+            self._inbox_caught_up = not inbox_full and fresh
             if not self._inbox_caught_up:
                 self._inbox_behind = True
             got = len(control) + len(inbox)
             count = max(1, min(READ_COUNT, READ_BYTES * got // max(1, size)))
+            # After inbox entries alone, not cut at COUNT: the next read may block at once (it
+            # returns at once when there is more); after anything else a non-blocking read
+            # follows, as a blocking one answered with one stream would be read again.
+            blocking = alone and not inbox_full
 
     async def _resync_directory(self, conn: Any, timeout: float) -> None:
         """After a gap in the control stream (reading stopped before it): sync the directory
@@ -2482,9 +2661,10 @@ class _Publishing:
         deadline = int((began + self.publish_timeout) * 1000 + self._offset - DEADLINE_MARGIN_MS)
         args: List[Any] = [self.stream_length, "%d-%d" % self._known, self.history_size, self.history_ttl_ms,
                            self.key_prefix, ""]  # "": not a server (never reads an inbox)
+        args += [deadline, len(chunk)]  # one run: one deadline, every envelope with its bytes
         for env in chunk:
             group, route = route_of(env, self.registry)
-            args += [deadline, encode_envelope(env, self.origin, next(self._seq)), group, "1" if route else "0"]
+            args += [encode_envelope(env, self.origin, next(self._seq)), group, "1" if route else "0"]
         return args
 
     def _clock(self, reply: Any) -> None:
