@@ -1136,10 +1136,12 @@ class RedisBroker(Broker):
         self.share_directory_snapshot = share_directory
         self.snapshot_every = snapshot_every
         # protocol=2: plain arrays. No command retries: fail fast. socket_timeout=None: redis-py
-        # would arm a timer for every reply read; the broker bounds each exchange itself.
+        # would arm a timer for every reply read; the broker bounds each exchange itself. TCP
+        # keepalive only over TCP: redis-py's Unix socket connection refuses the option (with it,
+        # a unix:// URL never connected).
+        tcp = {} if url.lstrip().lower().startswith("unix:") else {"socket_keepalive": True}
         self._pool = ConnectionPool.from_url(
-            url, socket_connect_timeout=connect_timeout, socket_keepalive=True, retry=None,
-            client_name="tornado-rt")
+            url, socket_connect_timeout=connect_timeout, retry=None, client_name="tornado-rt", **tcp)
         kwargs = self._pool.connection_kwargs
         kwargs["protocol"] = 2
         kwargs["socket_timeout"] = None
