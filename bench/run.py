@@ -83,6 +83,9 @@ SERVER_ARGS = {"tornado-rt-uvloop": ["--uvloop"], "tornado-rt-applisten": ["--pl
 # --server-loop: the event loop tornado-rt's own server scripts run on ("asyncio", or "uvloop" when
 # installed: they get --uvloop); the other servers keep theirs.
 SERVER_LOOP = {"loop": "asyncio"}
+# How tornado-rt-redis's processes reach their redis-server (--redis-unix): "tcp" (loopback) or
+# "unix" (a Unix domain socket; the TCP port stays open for this script's INFO calls).
+REDIS_TRANSPORT = {"transport": "tcp"}
 LOOP_SCRIPTS = ("tornado_rt_server.py", SERVE_SCRIPT)
 OWN_HTTP_PORT = {"websockets", "floor"}  # serve POST /api/publish on a second port (common.HttpApi)
 SERVER_ENV = {"centrifuge-1": {"GOMAXPROCS": "1"}}  # the default: Go's own (one P per CPU)
@@ -266,12 +269,17 @@ class RedisServer:
             raise RuntimeError("redis-server not found (Debian package redis-server)")
         self.port = free_port()
         self.version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.strip()
+        self.unix_path: Optional[str] = None
+        extra: List[str] = []
+        if REDIS_TRANSPORT["transport"] == "unix":
+            self.unix_path = os.path.join(tempfile.mkdtemp(prefix="bench-redis-"), "redis.sock")
+            extra = ["--unixsocket", self.unix_path, "--unixsocketperm", "700"]
         os.makedirs(os.path.join(RESULTS_DIR, "logs"), exist_ok=True)
         self.log_path = os.path.join(RESULTS_DIR, "logs", f"{log_name}.log")
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--daemonize", "no"],
+             "--daemonize", "no", *extra],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, preexec_fn=_die_with_parent, cwd=tempfile.gettempdir())
         _children.append(self)
@@ -294,6 +302,9 @@ class RedisServer:
 
     @property
     def url(self) -> str:
+        """What the servers are given: the Unix socket with --redis-unix, else TCP on loopback."""
+        if self.unix_path:
+            return f"unix://{self.unix_path}?db=0"
         return f"redis://127.0.0.1:{self.port}/0"
 
     def cpu(self) -> float:
@@ -1597,7 +1608,7 @@ def event_loops() -> Dict[str, str]:
     (the load-client workers: uvloop when installed, see wsclient.worker_main) and
     ``publisher_loop`` (this process's publisher: asyncio)."""
     return {"server_loop": SERVER_LOOP["loop"], "client_loop": "uvloop" if uvloop_installed() else "asyncio",
-            "publisher_loop": "asyncio"}
+            "publisher_loop": "asyncio", "redis_transport": REDIS_TRANSPORT["transport"]}
 
 
 def versions() -> Dict[str, str]:
@@ -1778,6 +1789,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--server-loop", choices=("asyncio", "uvloop"), default="asyncio",
                    help="event loop of tornado-rt's servers (uvloop: when installed, else asyncio with a "
                         "warning; recorded as server_loop in the JSON)")
+    p.add_argument("--redis-unix", action="store_true",
+                   help="tornado-rt-redis: the processes reach redis-server over a Unix domain socket "
+                        "instead of TCP on loopback (recorded as redis_transport in the JSON)")
     p.add_argument("--workers", type=int, default=max(2, min(8, (os.cpu_count() or 2))),
                    help="load-client processes (default: CPU count, at least 2, at most 8)")
     p.add_argument("--profile", nargs="?", const="fanout",
@@ -1810,6 +1824,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.server_loop == "uvloop" and not uvloop_installed():
         print("--server-loop uvloop: uvloop is not installed; the servers run on asyncio", file=sys.stderr)
     SERVER_LOOP["loop"] = "uvloop" if args.server_loop == "uvloop" and uvloop_installed() else "asyncio"
+    REDIS_TRANSPORT["transport"] = "unix" if args.redis_unix else "tcp"
 
     if args.profile in HTTP_SCENARIOS:
         return profile_http(cfg, args.profile, args.servers)
