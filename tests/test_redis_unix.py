@@ -101,3 +101,29 @@ async def test_two_processes_and_a_publisher_over_a_unix_socket(connect):  # noq
         for node in nodes:
             node.stop()
         redis.stop()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_connection_that_cannot_be_made_is_reported_with_its_reason(caplog):
+    """A URL whose options its kind of socket refuses (TCP keepalive on a Unix socket) makes
+    redis-py's connection constructor raise: start() reports that reason (not 'no reply'), and the
+    reader logs it at ERROR, with the URL's password redacted."""
+    require_redis_package()
+    from tornado_rt import BrokerUnavailable
+    from tornado_rt.redis_broker import RedisBroker
+
+    redis = UnixRedis()
+    try:
+        url = f"unix://{redis.path}?db=0&password=hunter2&socket_keepalive=true"
+        broker = RedisBroker(url, start_timeout=0.5)
+        with caplog.at_level("DEBUG", logger="tornado_rt"):
+            with pytest.raises(BrokerUnavailable) as failed:
+                await broker.start()
+        text = str(failed.value)
+        assert "socket_keepalive" in text and "no reply" not in text, text
+        assert "hunter2" not in text
+        errors = [r for r in caplog.records if r.levelname == "ERROR" and "Redis stream reader" in r.getMessage()]
+        assert errors, [r.getMessage() for r in caplog.records]
+        assert not broker.connected
+    finally:
+        redis.stop()

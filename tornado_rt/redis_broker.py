@@ -1823,9 +1823,11 @@ class RedisBroker(Broker):
     async def _read_forever(self) -> None:
         delay = self.reconnect_min
         while not self._closed:
-            conn = self._pool.make_connection()
-            self._sub_conn = conn
+            conn = None
             try:
+                # inside the try: a connection that cannot even be made (a bad option for its
+                # kind of socket) is logged and reported by start(), not a reader task that died
+                conn = self._sub_conn = self._pool.make_connection()
                 async with asyncio.timeout(self.connect_timeout + self.socket_timeout):
                     await conn.connect()  # TCP connect, then the handshake (CLIENT SETNAME, AUTH, SELECT)
                 await self._check_position(conn, self.socket_timeout)
