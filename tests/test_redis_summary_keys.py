@@ -19,7 +19,7 @@ import redis as redis_sync
 from redis_fixtures import redis_server, require_redis_package  # noqa: F401
 from tornado_rt.redis_broker import (HELLO_SCRIPT, PUBLISH_SCRIPT, REGISTER_SCRIPT, REPLY_ELSEWHERE,
                                      REPLY_NOT_TRIED, REPLY_NOWHERE_LEAN, REPLY_OWN_LEAN, REPLY_REFUSED,
-                                     REPLY_RESEND, SWEEP_SCRIPT)
+                                     REPLY_RESEND, SWEEP_SCRIPT, read_codes)
 
 # The registration scripts of the version before the summary keys, verbatim: what a process that
 # was not upgraded yet runs against the same Redis.
@@ -107,15 +107,21 @@ def _redis_ms(raw):
     return seconds * 1000 + micros // 1000
 
 
-def _publish(raw, prefix, me, runs):
+def _publish_raw(raw, prefix, me, runs):
     """One call of the publish script: ``runs`` is a list of (deadline ms, lean, envelopes), an
-    envelope (group, route) when lean, else (bytes, group, route). Returns the reply."""
+    envelope (group, route) when lean, else (bytes, group, route). Returns the reply as it is."""
     args = [1000, "0-0", 0, TTL_MS, prefix, me]
     for deadline, lean, envelopes in runs:
         args += [deadline, -len(envelopes) if lean else len(envelopes)]
         for envelope in envelopes:
             args += list(envelope)
     return raw.eval(PUBLISH_SCRIPT, 1, prefix + "stream", *args)
+
+
+def _publish(raw, prefix, me, runs):
+    """:func:`_publish_raw`, its codes read (``read_codes``): [Redis time, last id, code, ...]."""
+    reply = _publish_raw(raw, prefix, me, runs)
+    return reply[:2] + read_codes(reply[2:])[0]
 
 
 def _routing_on(raw, prefix):

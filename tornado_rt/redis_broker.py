@@ -177,8 +177,10 @@ STALL = 1.0
 # envelope (any value but "0"; a server's own inbox gets it as a reference instead of the
 # bytes), else "0". (Each argument costs Redis about as much as a short Lua statement: a deadline
 # per envelope and an empty argument per envelope without bytes were half of them.)
-# Returns {Redis time in ms, the id of the last entry it wrote ("<n>-<k>", or "0-0"), then per
-# envelope (see REPLY_* below): its sequence number n > 0 on the control stream;
+# Returns {Redis time in ms, the id of the last entry it wrote ("<n>-<k>", or "0-0"), n0, then
+# ONE string of one character per envelope (read_codes; one reply element per envelope cost Redis
+# about 900 instructions each): "+" for an envelope appended to the control stream, the k-th "+"
+# of the call having the sequence number n0 + k, else the digit of the code -c below (see REPLY_*):
 # -1: appended to the inboxes of the processes registered for its group, the publisher's among
 # them (a reference), and the bytes were needed (another process's inbox or the history);
 # -2: the same, not the publisher's (another process's inbox, or only the history);
@@ -187,7 +189,7 @@ STALL = 1.0
 # -5: it came without its bytes and needs them: nothing was applied for it (nor for any later
 # envelope of the call): send it again with its bytes;
 # -6: not attempted (an earlier envelope of the call was -5): send it again;
-# 0: refused, its deadline had passed}.
+# 0: refused, its deadline had passed.
 # Bytes on demand (docs/redis.md "Bytes on demand"): a server sends "" instead of the envelope
 # for a plain page message to a group whose last publish it made was -3 or -4 (the script said
 # the bytes were not needed). Everything the script reads to decide whether an envelope needs its
@@ -271,8 +273,10 @@ local pend_n = {}
 local pend_q = {}
 local pending = {}
 local hi_n, hi_k = 0, 0
-local out = {now, '0-0'}
-local o = 2  -- out's length
+local n0 = n  -- the k-th control entry of this call gets n0 + k
+-- one character per envelope (see REPLY_* below), returned joined: one string, not an element each
+local out = {}
+local o = 0  -- out's length
 -- Each inbox's last entry id and counter c: the mirror <prefix>itops (a hash, field: the process
 -- id, value "<a>-<b> <c>"; written below after the XADDs) when the inbox is not empty and has no
 -- entry after the mirrored id, else its last entry (XREVRANGE returns it whole: up to about 100
@@ -466,20 +470,20 @@ while i <= nargs do
     if ref ~= '0' then nr = nr + 1 end
     if stop then
       o = o + 1
-      out[o] = -6  -- not attempted: after an envelope that must be sent again with its bytes
+      out[o] = '6'  -- not attempted: after an envelope that must be sent again with its bytes
     elseif not live then
       o = o + 1
-      out[o] = 0
+      out[o] = '0'
     elseif quick and lean and regs[nr] == me then
       -- the common case, in short: sent without its bytes, registered by the publisher alone,
       -- no history anywhere: a reference in its own inbox
       local parts = pend[mine] or own_pend()
       parts[#parts + 1] = own_full and (ref .. ',,;') or ref
       o = o + 1
-      out[o] = -3
+      out[o] = '3'
     elseif quick and lean and not regs[nr] then
       o = o + 1
-      out[o] = -4  -- nobody registered, no history: nothing written
+      out[o] = '4'  -- nobody registered, no history: nothing written
     else
       -- An empty control stream started over (Redis lost its data): its first entry must be a
       -- control entry carrying r, before any inbox entry of the new stream (whose ids, above the
@@ -502,7 +506,7 @@ while i <= nargs do
         -- sent without its bytes (the publisher's hint was stale): nothing applied for it nor for
         -- any later envelope of this call; the publisher sends them again, this one with its bytes
         o = o + 1
-        out[o] = -5
+        out[o] = '5'
         stop = true
       else
         local offset
@@ -515,7 +519,7 @@ while i <= nargs do
           kept = true
         end
         if routed then
-          local result = needed and -2 or -4
+          local result = needed and '2' or '4'
           local head
           for _, proc in ipairs(procs) do
             local inbox = inbox_of[proc]
@@ -536,7 +540,7 @@ while i <= nargs do
               -- the publisher's own inbox: a reference, not the bytes (it kept the envelope):
               -- "<ref>,<epoch>,<offset>;", the common "<ref>,,;" joined at the flush (no string
               -- built per envelope) until one has a history position
-              result = needed and -1 or -3
+              result = needed and '1' or '3'
               if epoch then
                 if not own_full then
                   for j = 1, #parts do parts[j] = parts[j] .. ',,;' end
@@ -579,7 +583,7 @@ while i <= nargs do
           end
           redis.call(unpack(entry))
           o = o + 1
-          out[o] = n
+          out[o] = '+'
           hi_n = n
           hi_k = 0
           added = true
@@ -612,8 +616,7 @@ if mirrored[1] then
   -- which the next call sees as entries after it)
   redis.call('HSET', itops, unpack(mirrored))
 end
-out[2] = string.format('%.0f-%d', hi_n, hi_k)
-return out
+return {now, string.format('%.0f-%d', hi_n, hi_k), string.format('%.0f', n0), table.concat(out)}
 """
 PUBLISH_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest()
 
@@ -632,21 +635,51 @@ REPLY_NOT_TRIED = -6
 LEAN_GROUPS = 65_536
 
 
+_CODE_OF: List[Optional[int]] = [None] * 256  # a reply character -> its code (see read_codes)
+for _c in range(7):
+    _CODE_OF[ord("0") + _c] = -_c
+_PLUS = ord("+")
+
+
 def read_codes(codes: Any) -> Tuple[List[int], Optional[int]]:
-    """The per-envelope part of a publish script reply -> (the codes as ints, the index of the
+    """The per-envelope part of a publish script reply, ``[n0, codes]`` (``codes``: one character
+    per envelope, see the comment above PUBLISH_SCRIPT) -> (the codes as ints: n > 0 for an
+    envelope on the control stream, the k-th such ``n0 + k``, else REPLY_*; the index of the
     envelope to send again from, or None when every envelope was attempted). Raises ValueError
-    when the codes break the script's rules: a code it never returns, anything but
-    ``REPLY_NOT_TRIED`` after ``REPLY_RESEND``, ``REPLY_NOT_TRIED`` without one before it."""
-    out = [int(code) for code in codes]
-    resend: Optional[int] = None
-    for i, code in enumerate(out):
-        if resend is not None:
-            if code != REPLY_NOT_TRIED:
-                raise ValueError(f"publish script reply: code {code} after a resend at {resend}")
-        elif code == REPLY_RESEND:
-            resend = i
-        elif code < REPLY_NOWHERE_LEAN:
-            raise ValueError(f"publish script reply: unexpected code {code} at {i}")
+    when the reply breaks the script's rules: not two elements, a character it never returns,
+    anything but ``REPLY_NOT_TRIED`` after ``REPLY_RESEND``, ``REPLY_NOT_TRIED`` without one before
+    it."""
+    try:
+        first, blob = codes
+        n = int(first)
+    except (TypeError, ValueError):
+        raise ValueError(f"publish script reply: not [n0, codes]: {codes!r:.100}") from None
+    if isinstance(blob, str):
+        blob = blob.encode()
+    elif not isinstance(blob, bytes):
+        raise ValueError(f"publish script reply: codes not a string: {blob!r:.100}")
+    of = _CODE_OF
+    out: List[Any]
+    if _PLUS in blob:
+        out = []
+        for c in blob:
+            if c == _PLUS:
+                n += 1
+                out.append(n)
+            else:
+                out.append(of[c])
+    else:
+        out = [of[c] for c in blob]
+    if None in out:
+        at = out.index(None)
+        raise ValueError(f"publish script reply: unexpected code {blob[at:at + 1]!r} at {at}")
+    resend: Optional[int] = blob.find(b"5")
+    if resend == -1:
+        resend = None
+        if b"6" in blob:
+            raise ValueError(f"publish script reply: code -6 without a resend before it at {blob.find(b'6')}")
+    elif b"6" in blob[:resend] or blob.count(b"6", resend + 1) != len(blob) - resend - 1:
+        raise ValueError(f"publish script reply: -6 before, or another code after, a resend at {resend}")
     return out, resend
 
 
