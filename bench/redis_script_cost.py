@@ -24,6 +24,7 @@ It uses the script and the packing of the ``tornado_rt`` it imports, so the same
 two checkouts. Not part of ``bench/run.py``: a focused measurement for docs/redis.md.
 """
 import argparse
+import inspect
 import os
 import shutil
 import socket
@@ -92,7 +93,9 @@ def run_mode(mode: str, port: int, pid: int, args: argparse.Namespace) -> Dict[s
             + rb._bulk(b"%d" % 10_000) + rb._bulk(b"0-0") + rb._bulk(b"100") + rb._bulk(b"300000")
             + rb._bulk(prefix.encode()) + rb._bulk(me.encode()))
     hints: set = set()
-    bulks: Dict[str, bytes] = {}
+    bulks: Dict[str, Any] = {}
+    # the key prefix, for a checkout whose pack_envelopes takes it (lean groups as summary keys' names)
+    extra = [prefix] if "key_prefix" in inspect.signature(rb.pack_envelopes).parameters else []
     seqs = iter(range(1, 1 << 62))
     t = raw.time()
     offset = t[0] * 1000 + t[1] / 1000 - time.monotonic() * 1000 - rb.DEADLINE_MARGIN_MS
@@ -107,7 +110,7 @@ def run_mode(mode: str, port: int, pid: int, args: argparse.Namespace) -> Dict[s
         lean = True
         while batch:
             parts: List[bytes] = []
-            packed = rb.pack_envelopes(parts, batch, offset, registry, hints, me, lean, bulks)
+            packed = rb.pack_envelopes(parts, batch, offset, registry, hints, me, lean, bulks, *extra)
             items, groups_of = packed[0], packed[1]
             nargs = packed[3] if len(packed) > 3 else 4 * len(items)  # this checkout's format, or 4 per envelope
             conn.send_packed_command([b"*%d\r\n" % (10 + nargs) + head + b"".join(parts)])

@@ -32,11 +32,11 @@ from tornado_rt.redis_broker import (LEAN_GROUPS, REGISTER_SCRIPT, RedisBroker, 
 
 # --- without sockets ----------------------------------------------------------------------------------
 
-def _one_at_a_time(batch, offset, registry, hints, origin, lean):
+def _one_at_a_time(batch, offset, registry, hints, origin, lean, key_prefix):
     """The arguments built one envelope at a time, every part formatted, then grouped into the
     script's runs: consecutive envelopes with the same deadline sent the same way (with their
-    bytes: three arguments each, count > 0; without: two, count < 0) after the run's deadline
-    and count."""
+    bytes: three arguments each, count > 0; without: two, count < 0, the group as its summary
+    key's name ``<key_prefix>r:<group>``) after the run's deadline and count."""
     runs, items, groups, omitted = [], [], [], 0  # runs: [deadline ms, bare, [argument bytes]]
     for seq, payload, entry in batch:
         ms = int(entry.deadline * 1000 + offset)
@@ -51,7 +51,7 @@ def _one_at_a_time(batch, offset, registry, hints, origin, lean):
             args.append(_bulk(payload))
         items.append((seq, payload, entry))
         groups.append(group if route else None)
-        args.append(_bulk(group.encode()))
+        args.append(_bulk(f"{key_prefix}r:{group}".encode() if bare else group.encode()))
         args.append(_bulk(b"%d" % seq) if route else b"$1\r\n0\r\n")
         if not runs or runs[-1][0] != ms or runs[-1][1] != bare:
             runs.append([ms, bare, []])
@@ -113,24 +113,26 @@ def test_arguments_built_per_batch_are_byte_for_byte_those_built_one_at_a_time()
                     bulks = {}
                     parts = [b"head"]
                     items, groups, omitted, count = pack_envelopes(parts, batch, offset, registry, hints,
-                                                                   "origin1", lean, bulks)
-                    want = _one_at_a_time(batch, offset, registry, hints, "origin1", lean)
+                                                                   "origin1", lean, bulks, "pfx:")
+                    want = _one_at_a_time(batch, offset, registry, hints, "origin1", lean, "pfx:")
                     assert (b"".join(parts), items, groups, omitted, count) == (b"head" + want[0], *want[1:])
                     if registry is not None and lean:
                         assert omitted == 4 and groups[0] == "table-1" and groups[2] is None
                     # the group arguments are kept for the next batch, and used from there
-                    assert bulks == {g: _bulk(g.encode()) for g in ("table-1", "table-2", "table-3")}
+                    assert bulks == {g: (_bulk(g.encode()), _bulk(f"pfx:r:{g}".encode()))
+                                     for g in ("table-1", "table-2", "table-3")}
                     again = [b"head"]
-                    assert pack_envelopes(again, batch, offset, registry, hints, "origin1", lean, bulks) == (
+                    assert pack_envelopes(again, batch, offset, registry, hints, "origin1", lean, bulks,
+                                          "pfx:") == (
                         items, groups, omitted, count)
                     assert again == parts
         types = _Types()
-        pack_envelopes([], batch, 0.0, types, set(), "o", True, {})
+        pack_envelopes([], batch, 0.0, types, set(), "o", True, {}, "pfx:")
         assert sorted(types.asked) == ["plain", "unknown", "with_effect"]  # once per type per batch
         # the kept group arguments are bounded
-        full = {f"g{i}": b"x" for i in range(LEAN_GROUPS)}
-        pack_envelopes([], batch[:1], 0.0, _Types(), set(), "o", True, full)
-        assert full == {"table-1": _bulk(b"table-1")}
+        full = {f"g{i}": (b"x", b"y") for i in range(LEAN_GROUPS)}
+        pack_envelopes([], batch[:1], 0.0, _Types(), set(), "o", True, full, "pfx:")
+        assert full == {"table-1": (_bulk(b"table-1"), _bulk(b"pfx:r:table-1"))}
     finally:
         loop.close()
 

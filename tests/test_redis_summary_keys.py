@@ -109,12 +109,17 @@ def _redis_ms(raw):
 
 def _publish_raw(raw, prefix, me, runs):
     """One call of the publish script: ``runs`` is a list of (deadline ms, lean, envelopes), an
-    envelope (group, route) when lean, else (bytes, group, route). Returns the reply as it is."""
+    envelope (group, route) when lean, else (bytes, group, route), sent as the writer sends them
+    (pack_envelopes: a lean envelope's group as its summary key's name). Returns the reply as it is."""
     args = [1000, "0-0", 0, TTL_MS, prefix, me]
     for deadline, lean, envelopes in runs:
         args += [deadline, -len(envelopes) if lean else len(envelopes)]
         for envelope in envelopes:
-            args += list(envelope)
+            if lean:
+                group, route = envelope
+                args += [f"{prefix}r:{group}", route]
+            else:
+                args += list(envelope)
     return raw.eval(PUBLISH_SCRIPT, 1, prefix + "stream", *args)
 
 
@@ -201,6 +206,15 @@ def test_registrations_of_an_older_version_are_read_from_the_hash_while_it_is_al
     assert _inbox_payloads(raw, prefix, "old1") == [("bytes", b"a1"), ("bytes", b"a2")]
     assert _inbox_payloads(raw, prefix, "new1") == [("bytes", b"a1")]
 
+    # page messages sent without their bytes (their groups as summary keys' names) are read from
+    # the hashes too: table 4, registered by new1 alone, gets a reference; table 2 (old1's) stops
+    # the call for its bytes
+    raw.eval(REGISTER_SCRIPT, 0, prefix, "new1", "+", "table-4")
+    reply = _publish(raw, prefix, "new1", [(live, True, [("table-4", "7"), ("table-2", "8"), ("table-4", "9")])])
+    assert reply[2:] == [REPLY_OWN_LEAN, REPLY_RESEND, REPLY_NOT_TRIED]
+    assert _inbox_payloads(raw, prefix, "new1") == [("bytes", b"a1"), ("ref", b"7")]
+    raw.eval(REGISTER_SCRIPT, 0, prefix, "new1", "-", "table-4")
+
     # a registration of this version rewrites a group's summary key from its hash, old1 included
     raw.eval(REGISTER_SCRIPT, 0, prefix, "new1", "+", "table-2")
     assert sorted(raw.get(prefix + "r:table-2").split()) == [b"new1", b"old1"]
@@ -210,7 +224,7 @@ def test_registrations_of_an_older_version_are_read_from_the_hash_while_it_is_al
     assert raw.get(prefix + "r:table-1") == b"new1"
     reply = _publish(raw, prefix, "", [(live, False, [(b"b1", "table-1", "1"), (b"b2", "table-3", "1")])])
     assert reply[2:] == [REPLY_ELSEWHERE, REPLY_NOWHERE_LEAN]
-    assert _inbox_payloads(raw, prefix, "new1") == [("bytes", b"a1"), ("bytes", b"b1")]
+    assert _inbox_payloads(raw, prefix, "new1") == [("bytes", b"a1"), ("ref", b"7"), ("bytes", b"b1")]
     assert not raw.exists(f"{prefix}inbox:old1")  # deleted by its sweep, nothing routed there since
 
     # with no older process alive, the summary keys alone route: a field written behind their back

@@ -172,7 +172,9 @@ STALL = 1.0
 # deadline sent the same way; a batch handed over at once is one or two runs): the run's deadline
 # in Redis ms, its count c, then c envelopes as triples (envelope, page group or "", route) when
 # c > 0, or -c plain page messages sent without their bytes (the publisher expects Redis not to
-# need them, see "Bytes on demand" below) as pairs (page group, route) when c < 0. route: for a
+# need them, see "Bytes on demand" below) as pairs (the name of the group's summary key
+# "<prefix>r:<group>", route) when c < 0 (the name is what the script looks up: no string built
+# per envelope). route: for a
 # plain page message — one page group, no side effect — the publisher's sequence number of the
 # envelope (any value but "0"; a server's own inbox gets it as a reference instead of the
 # bytes), else "0". (Each argument costs Redis about as much as a short Lua statement: a deadline
@@ -368,6 +370,7 @@ local nargs = #ARGV
 -- member of <prefix>procs that is not one of <prefix>rprocs, which HELLO_SCRIPT fills) the hashes
 -- are read as before, one HKEYS per group (regs[k]: the list instead of the string).
 local regs = {}
+local skip = #prefix + 3  -- a summary key's name <prefix>r:<group>: where its group starts
 if routing then
   -- the summary keys (or, for an older version's hashes, the groups), in call order
   local legacy = redis.call('SDIFF', prefix .. 'procs', prefix .. 'rprocs')[1]
@@ -378,9 +381,17 @@ if routing then
     local c = tonumber(ARGV[i + 1])
     i = i + 2
     if c < 0 then
-      for j = i, i - 2 * c - 1, 2 do
-        nk = nk + 1
-        keys[nk] = r .. ARGV[j]
+      -- sent as the summary keys' names: no string built here (but the group for the hashes)
+      if legacy then
+        for j = i, i - 2 * c - 1, 2 do
+          nk = nk + 1
+          keys[nk] = string.sub(ARGV[j], skip)
+        end
+      else
+        for j = i, i - 2 * c - 1, 2 do
+          nk = nk + 1
+          keys[nk] = ARGV[j]
+        end
       end
       i = i - 2 * c
     else
@@ -485,6 +496,7 @@ while i <= nargs do
       o = o + 1
       out[o] = '4'  -- nobody registered, no history: nothing written
     else
+      if lean then group = string.sub(group, skip) end  -- its summary key's name: the group
       -- An empty control stream started over (Redis lost its data): its first entry must be a
       -- control entry carrying r, before any inbox entry of the new stream (whose ids, above the
       -- old stream's, would otherwise reach r and look like lost envelopes to every reader).
@@ -673,14 +685,14 @@ def read_codes(codes: Any) -> Tuple[List[int], Optional[int]]:
     if None in out:
         at = out.index(None)
         raise ValueError(f"publish script reply: unexpected code {blob[at:at + 1]!r} at {at}")
-    resend: Optional[int] = blob.find(b"5")
-    if resend == -1:
-        resend = None
+    at = blob.find(b"5")
+    if at == -1:
         if b"6" in blob:
             raise ValueError(f"publish script reply: code -6 without a resend before it at {blob.find(b'6')}")
-    elif b"6" in blob[:resend] or blob.count(b"6", resend + 1) != len(blob) - resend - 1:
-        raise ValueError(f"publish script reply: -6 before, or another code after, a resend at {resend}")
-    return out, resend
+        return out, None
+    if b"6" in blob[:at] or blob.count(b"6", at + 1) != len(blob) - at - 1:
+        raise ValueError(f"publish script reply: -6 before, or another code after, a resend at {at}")
+    return out, at
 
 
 # A process says it is alive (at every reader connection and every third of the liveness TTL).
@@ -852,16 +864,18 @@ Batch = List[Tuple[int, Optional[bytes], "_Pending"]]
 
 
 def pack_envelopes(parts: List[bytes], batch: Batch, offset: float, registry: Any, hints: Set[str],
-                   origin: str, lean: bool, bulks: Dict[str, bytes]) -> Tuple[Batch, List[Optional[str]], int, int]:
+                   origin: str, lean: bool, bulks: Dict[str, Tuple[bytes, bytes]],
+                   key_prefix: str) -> Tuple[Batch, List[Optional[str]], int, int]:
     """Append the publish script's arguments for the envelopes of ``batch`` to ``parts``, in runs:
     consecutive envelopes with the same deadline (in Redis's clock, ``entry.deadline * 1000 +
     offset`` ms) sent the same way make one run, its deadline and its count ``c`` then its
     envelopes: ``c > 0`` envelopes as three arguments each (its bytes, its page group or "", its
     sequence number for a plain page message, else 0), or, with ``lean``, ``-c`` plain page
-    messages to groups in ``hints`` sent without their bytes as two (group, sequence number).
-    What :func:`route_of` and :func:`encode_envelope` say, with what repeats within a batch done
-    once: a message type's routing (looked up once per type), a group's argument (kept in
-    ``bulks``, at most ``LEAN_GROUPS``). Returns ``(items, groups, omitted, count)``: ``batch``
+    messages to groups in ``hints`` sent without their bytes as two (the name of the group's
+    summary key ``<key_prefix>r:<group>``, sequence number). What :func:`route_of` and
+    :func:`encode_envelope` say, with what repeats within a batch done once: a message type's
+    routing (looked up once per type), a group's two arguments (kept in ``bulks``, at most
+    ``LEAN_GROUPS``). Returns ``(items, groups, omitted, count)``: ``batch``
     with each sent payload filled in (None for one sent without its bytes), the group of each plain
     page message (else None), how many were sent without their bytes, and how many arguments
     were appended."""
@@ -894,14 +908,15 @@ def pack_envelopes(parts: List[bytes], batch: Batch, offset: float, registry: An
                     mt = registry.message_type(kind)
                     known = plain[kind] = mt is None or mt.effect is None  # type: ignore[index]
                 route = known
-            group_arg = bulks.get(group)
-            if group_arg is None:
+            args = bulks.get(group)
+            if args is None:
                 if len(bulks) >= LEAN_GROUPS:
                     bulks.clear()
-                group_arg = bulks[group] = _bulk(group.encode())
+                args = bulks[group] = (_bulk(group.encode()), _bulk(f"{key_prefix}r:{group}".encode()))
+            group_arg, key_arg = args
         else:
             route = False
-            group_arg = _EMPTY_BULK
+            group_arg = key_arg = _EMPTY_BULK
         bare = False
         if route:
             # A plain page message carries its sequence number: this process's own inbox gets
@@ -911,7 +926,7 @@ def pack_envelopes(parts: List[bytes], batch: Batch, offset: float, registry: An
                 low, limit = 10 ** (width - 1), 10 ** width
             add_group(group)
             bare = lean and group in hints  # Redis did not need its bytes last time
-            tail = b"%s$%d\r\n%d\r\n" % (group_arg, width, seq)
+            tail = b"%s$%d\r\n%d\r\n" % (key_arg if bare else group_arg, width, seq)
         else:
             tail = group_arg + _NO_REF
             add_group(None)
@@ -1245,7 +1260,7 @@ class RedisBroker(Broker):
         self.sent_without_bytes = 0
         self.resends = 0
         self._lean: Set[str] = set()
-        self._group_args: Dict[str, bytes] = {}  # page group -> its script argument (pack_envelopes)
+        self._group_args: Dict[str, Tuple[bytes, bytes]] = {}  # page group -> its script arguments (pack_envelopes)
         # seq -> publish; insertion order is publish order, hence deadline order.
         self._pending: Dict[int, _Pending] = {}
         # seq -> envelope of a publish routed to this process's own inbox (as a reference: field
@@ -1780,7 +1795,8 @@ class RedisBroker(Broker):
                  _bulk(self.origin.encode())]
         hints = self._lean
         items, groups, omitted, count = pack_envelopes(parts, batch, self._offset - DEADLINE_MARGIN_MS,
-                                                       self.registry, hints, self.origin, lean, self._group_args)
+                                                       self.registry, hints, self.origin, lean, self._group_args,
+                                                       self.key_prefix)
         parts[0] = b"*%d\r\n" % (10 + count)
         self.sent_without_bytes += omitted
         self.sent_with_bytes += len(batch) - omitted
