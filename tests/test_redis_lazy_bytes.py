@@ -30,6 +30,7 @@ from redis_fixtures import WSClient, require_redis_package, token  # noqa: F401
 from test_redis_routing import DIRECTORY, PREFIX, stats
 from test_redis_streams import cluster, connect, marker_to_all, metrics, rows_created  # noqa: F401
 from tornado.websocket import websocket_connect
+from tornado_rt.redis_broker import parse_refs
 
 BIG = "x" * 20_000  # a message text far larger than everything else a process sends Redis meanwhile
 
@@ -250,7 +251,7 @@ async def test_a_resend_in_the_middle_of_a_batch_applies_each_envelope_once_in_o
                 for _, fields in raw.xrange(key):
                     for name, value in zip(fields[::2], fields[1::2]):
                         if name == b"R":
-                            refs += [ref.split(b",")[0] for ref in value.split(b";")[:-1]]
+                            refs += parse_refs(value)[0]
                         elif name == b"e" or name.startswith(b"m"):
                             copies.append(_id(_payload(value)))
         finally:

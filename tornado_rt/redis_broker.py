@@ -314,7 +314,17 @@ local function last_of(new)
 end
 -- One inbox entry per inbox for the page messages between two control entries: XADD costs per
 -- call far more than per field.
-local own_full = false  -- the publisher's pending references are whole ("<ref>,<epoch>,<offset>;")
+-- The publisher's own references: complete tokens in pend[mine], and the range being built,
+-- own_lo..own_hi (consecutive sequence numbers, no history position), written as one token
+-- "<lo>:<hi>;" when a reference does not continue it and at the flush; own_count: references.
+local own_lo, own_hi, own_count = false, 0, 0
+local function own_close(parts)
+  if own_lo then
+    parts[#parts + 1] = string.format('%.0f:%.0f;', own_lo, own_hi)
+    own_count = own_count + own_hi - own_lo + 1
+    own_lo = false
+  end
+end
 local function flush()
   local new = {}
   for _, inbox in ipairs(pending) do
@@ -337,12 +347,12 @@ local function flush()
     end
     last[4] = (last[4] or 0) + 1
     -- envelopes in it (the publisher's own: one reference each, counted here)
-    last[5] = (last[5] or 0) + (inbox == mine and #pend[inbox] or pend_n[inbox])
+    if inbox == mine then own_close(pend[inbox]) end
+    last[5] = (last[5] or 0) + (inbox == mine and own_count or pend_n[inbox])
     local id = string.format('%.0f-%d', a, b)
     if inbox == mine then
-      local refs = own_full and table.concat(pend[inbox]) or (table.concat(pend[inbox], ',,;') .. ',,;')
-      own_full = false
-      redis.call('XADD', inbox, id, 't', now, 'c', last[3], 'R', refs)
+      own_count = 0
+      redis.call('XADD', inbox, id, 't', now, 'c', last[3], 'R', table.concat(pend[inbox]))
     elseif pend_n[inbox] > 1 then
       redis.call('XADD', inbox, id, 't', now, 'c', last[3], unpack(pend[inbox]))
     elseif pend_q[inbox][1] then
@@ -381,19 +391,20 @@ if routing then
     local c = tonumber(ARGV[i + 1])
     i = i + 2
     if c < 0 then
-      -- sent as the summary keys' names: no string built here (but the group for the hashes)
+      -- the first reference, then the summary keys' names: no string built here (but the group
+      -- for the hashes)
       if legacy then
-        for j = i, i - 2 * c - 1, 2 do
+        for j = i + 1, i - c do
           nk = nk + 1
           keys[nk] = string.sub(ARGV[j], skip)
         end
       else
-        for j = i, i - 2 * c - 1, 2 do
+        for j = i + 1, i - c do
           nk = nk + 1
           keys[nk] = ARGV[j]
         end
       end
-      i = i - 2 * c
+      i = i + 1 - c
     else
       for j = i + 1, i + 3 * c - 1, 3 do
         if ARGV[j + 1] ~= '0' then
@@ -468,17 +479,23 @@ while i <= nargs do
   local c = tonumber(ARGV[i + 1])
   i = i + 2
   local lean = c < 0
-  if lean then c = -c end
-  for _ = 1, c do
+  local ref0
+  if lean then
+    c = -c
+    ref0 = tonumber(ARGV[i]) - 1  -- the run's references: consecutive, ref0 + 1 first
+    i = i + 1
+  end
+  for k = 1, c do
     local envelope, group, ref
     if lean then
-      envelope, group, ref = '', ARGV[i], ARGV[i + 1]
-      i = i + 2
+      envelope, group, ref = '', ARGV[i], ref0 + k  -- ref: a number here
+      i = i + 1
+      nr = nr + 1
     else
       envelope, group, ref = ARGV[i], ARGV[i + 1], ARGV[i + 2]
       i = i + 3
+      if ref ~= '0' then nr = nr + 1 end
     end
-    if ref ~= '0' then nr = nr + 1 end
     if stop then
       o = o + 1
       out[o] = '6'  -- not attempted: after an envelope that must be sent again with its bytes
@@ -488,8 +505,12 @@ while i <= nargs do
     elseif quick and lean and regs[nr] == me then
       -- the common case, in short: sent without its bytes, registered by the publisher alone,
       -- no history anywhere: a reference in its own inbox
-      local parts = pend[mine] or own_pend()
-      parts[#parts + 1] = own_full and (ref .. ',,;') or ref
+      if own_lo and ref == own_hi + 1 then
+        own_hi = ref
+      else
+        own_close(pend[mine] or own_pend())
+        own_lo, own_hi = ref, ref
+      end
       o = o + 1
       out[o] = '3'
     elseif quick and lean and not regs[nr] then
@@ -553,16 +574,16 @@ while i <= nargs do
               -- "<ref>,<epoch>,<offset>;", the common "<ref>,,;" joined at the flush (no string
               -- built per envelope) until one has a history position
               result = needed and '1' or '3'
+              local r = tonumber(ref)
               if epoch then
-                if not own_full then
-                  for j = 1, #parts do parts[j] = parts[j] .. ',,;' end
-                  own_full = true
-                end
-                parts[#parts + 1] = ref .. ',' .. epoch .. ',' .. offset .. ';'
-              elseif own_full then
-                parts[#parts + 1] = ref .. ',,;'
+                own_close(parts)
+                own_count = own_count + 1
+                parts[#parts + 1] = string.format('%.0f,%s,%s;', r, epoch, offset)
+              elseif own_lo and r == own_hi + 1 then
+                own_hi = r
               else
-                parts[#parts + 1] = ref
+                own_close(parts)
+                own_lo, own_hi = r, r
               end
             else
               -- a field per envelope, its name carrying the position: no concatenation of envelopes
@@ -871,8 +892,9 @@ def pack_envelopes(parts: List[bytes], batch: Batch, offset: float, registry: An
     offset`` ms) sent the same way make one run, its deadline and its count ``c`` then its
     envelopes: ``c > 0`` envelopes as three arguments each (its bytes, its page group or "", its
     sequence number for a plain page message, else 0), or, with ``lean``, ``-c`` plain page
-    messages to groups in ``hints`` sent without their bytes as two (the name of the group's
-    summary key ``<key_prefix>r:<group>``, sequence number). What :func:`route_of` and
+    messages to groups in ``hints`` sent without their bytes with consecutive sequence numbers
+    (the normal case within a batch) as the first one's sequence number then one argument each,
+    the name of the group's summary key ``<key_prefix>r:<group>``. What :func:`route_of` and
     :func:`encode_envelope` say, with what repeats within a batch done once: a message type's
     routing (looked up once per type), a group's two arguments (kept in ``bulks``, at most
     ``LEAN_GROUPS``). Returns ``(items, groups, omitted, count)``: ``batch``
@@ -888,6 +910,17 @@ def pack_envelopes(parts: List[bytes], batch: Batch, offset: float, registry: An
     run_ms = -1
     run_lean = False
     run_n = 0
+    run_next = 0  # in a lean run: the sequence number that continues it
+
+    def flush_run() -> int:
+        """Append the current run (its deadline, its count, its arguments) to ``parts``; returns
+        how many arguments that was."""
+        nonlocal run
+        append(b"$%d\r\n%d\r\n%s" % (len(b"%d" % run_ms), run_ms, _bulk(b"%d" % (-run_n if run_lean else run_n))))
+        parts.extend(run)
+        n = 3 + run_n if run_lean else 2 + 3 * run_n
+        run = []
+        return n
     low = limit = width = 0  # seqs in [low, limit) have ``width`` digits
     append, add_item, add_group = parts.append, items.append, groups.append
     for item in batch:
@@ -921,29 +954,33 @@ def pack_envelopes(parts: List[bytes], batch: Batch, offset: float, registry: An
         if route:
             # A plain page message carries its sequence number: this process's own inbox gets
             # that reference instead of the bytes (the envelope is still in _pending / _own).
+            add_group(group)
+            bare = lean and group in hints  # Redis did not need its bytes last time
+            if bare:
+                # its reference is implied: the run's first one + its place in the run
+                if ms != run_ms or not run_lean or seq != run_next:
+                    if run_n:
+                        count += flush_run()
+                    run_ms, run_lean, run_n = ms, True, 0
+                    run.append(_bulk(b"%d" % seq))
+                run_next = seq + 1
+                run_n += 1
+                run.append(key_arg)
+                omitted += 1
+                add_item(item)
+                continue
             if not low <= seq < limit:
                 width = len(b"%d" % seq)
                 low, limit = 10 ** (width - 1), 10 ** width
-            add_group(group)
-            bare = lean and group in hints  # Redis did not need its bytes last time
-            tail = b"%s$%d\r\n%d\r\n" % (key_arg if bare else group_arg, width, seq)
+            tail = b"%s$%d\r\n%d\r\n" % (group_arg, width, seq)
         else:
             tail = group_arg + _NO_REF
             add_group(None)
-        if ms != run_ms or bare != run_lean:
+        if ms != run_ms or run_lean:
             if run_n:
-                append(b"$%d\r\n%d\r\n%s" % (len(b"%d" % run_ms), run_ms,
-                                                _bulk(b"%d" % (-run_n if run_lean else run_n))))
-                parts += run
-                count += 2 + run_n * (2 if run_lean else 3)
-                run = []
-            run_ms, run_lean, run_n = ms, bare, 0
+                count += flush_run()
+            run_ms, run_lean, run_n = ms, False, 0
         run_n += 1
-        if bare:
-            run.append(tail)
-            omitted += 1
-            add_item(item)
-            continue
         if payload is None:
             payload = encode_envelope(envelope, origin, seq)
             item = (seq, payload, entry)
@@ -952,9 +989,7 @@ def pack_envelopes(parts: List[bytes], batch: Batch, offset: float, registry: An
         run.append(b"\r\n" + tail)
         add_item(item)
     if run_n:
-        append(b"$%d\r\n%d\r\n%s" % (len(b"%d" % run_ms), run_ms, _bulk(b"%d" % (-run_n if run_lean else run_n))))
-        parts += run
-        count += 2 + run_n * (2 if run_lean else 3)
+        count += flush_run()
     return items, groups, omitted, count
 
 
@@ -1016,26 +1051,50 @@ def merge_replies(control: List[Entry], control_full: bool, inbox: List[Entry],
 
 
 def parse_refs(blob: bytes) -> Optional[Tuple[List[int], Optional[List[Optional[Tuple[str, int]]]]]]:
-    """The references of an inbox entry's ``R`` field (``<seq>,<epoch>,<offset>;`` each, epoch and
-    offset empty unless the envelope joined a history): ``(seqs, positions)``, ``positions`` None
-    when no reference has one (the common case: parsed without a step per reference), else the
+    """The references of an inbox entry's ``R`` field, each ended by ``;``: ``<first>:<last>``
+    (the consecutive sequence numbers first..last, none with a history position: what the
+    publish script writes for a run of them) or ``<seq>,<epoch>,<offset>`` (epoch and offset
+    empty unless the envelope joined a history) -> ``(seqs, positions)``, ``positions`` None when
+    no reference has one (the common case: parsed without a step per reference), else the
     ``(epoch, offset)`` or None of each. Text after the last ``;`` is ignored. None when a
     reference is malformed (the caller then delivers those before it, one at a time)."""
+    if b"," not in blob:  # ranges only
+        seqs: List[int] = []
+        try:
+            for ref in blob.split(b";")[:-1]:
+                first, colon, last = ref.partition(b":")
+                low, high = int(first), int(last)
+                if not colon or not 0 < low <= high:
+                    return None
+                seqs += range(low, high + 1)
+        except ValueError:
+            return None
+        return seqs, None
     parts = blob.split(b",,;")
-    if len(parts) - 1 == blob.count(b";"):  # every reference without a position
+    if b":" not in blob and len(parts) - 1 == blob.count(b";"):  # every reference "<seq>,,"
         try:
             return [int(seq) for seq in parts[:-1]], None
         except ValueError:
             return None
-    seqs: List[int] = []
+    seqs = []
     positions: List[Optional[Tuple[str, int]]] = []
     try:
         for ref in blob.split(b";")[:-1]:
+            if b"," not in ref:
+                first, colon, last = ref.partition(b":")
+                low, high = int(first), int(last)
+                if not colon or not 0 < low <= high:
+                    return None
+                seqs += range(low, high + 1)
+                positions += [None] * (high - low + 1)
+                continue
             seq_b, epoch, offset = ref.split(b",")
             seqs.append(int(seq_b))
             positions.append((epoch.decode(), int(offset)) if epoch else None)
     except (ValueError, UnicodeDecodeError):
         return None
+    if not any(positions):
+        return seqs, None
     return seqs, positions
 
 
@@ -2280,22 +2339,31 @@ class RedisBroker(Broker):
         return envelope
 
     def _on_refs_slowly(self, entry_id: bytes, blob: bytes, at: float) -> None:
-        """:meth:`_on_refs` one reference at a time: those before a malformed one are delivered,
+        """:meth:`_on_refs` one reference (or range) at a time: those before a malformed one are delivered,
         the rest of the entry is logged and ignored."""
         pending, own = self._pending, self._own
         try:
             for ref in blob.split(b";")[:-1]:
-                seq_b, epoch, offset = ref.split(b",")
-                seq = int(seq_b)
-                position = (epoch.decode(), int(offset)) if epoch else None
-                self.inbox_envelopes += 1
-                if seq > self._last_ref:
-                    self._last_ref = seq
-                entry = pending.pop(seq, None)
-                envelope = entry.envelope if entry is not None else self._take(seq, entry_id)
-                if envelope is None:
-                    continue
-                self._hand(envelope, at, position, entry)
+                named: Sequence[int]
+                if b"," in ref:
+                    seq_b, epoch, offset = ref.split(b",")
+                    named = (int(seq_b),)
+                    position = (epoch.decode(), int(offset)) if epoch else None
+                else:  # a range "<first>:<last>"
+                    first, colon, last = ref.partition(b":")
+                    if not colon or not 0 < int(first) <= int(last):
+                        raise ValueError("not a range of references")
+                    named = range(int(first), int(last) + 1)
+                    position = None
+                for seq in named:
+                    self.inbox_envelopes += 1
+                    if seq > self._last_ref:
+                        self._last_ref = seq
+                    entry = pending.pop(seq, None)
+                    envelope = entry.envelope if entry is not None else self._take(seq, entry_id)
+                    if envelope is None:
+                        continue
+                    self._hand(envelope, at, position, entry)
         except (ValueError, UnicodeDecodeError):
             log.error("ignored the rest of a malformed entry %r on Redis stream %s", entry_id, self.inbox)
 
