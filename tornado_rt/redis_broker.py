@@ -224,7 +224,9 @@ STALL = 1.0
 # An inbox's last id and c: the hash <prefix>itops (field: the process id, value "<a>-<b> <c>"),
 # read with one HMGET for the inboxes new to the call, written with one HSET at the end (after
 # the XADDs: never ahead of its inbox), deleted with the inbox by SWEEP_SCRIPT. Trusted only
-# while the inbox is not empty (XLEN) and holds no entry after it (an exclusive XRANGE): an
+# while the inbox is not empty (XLEN) and holds no entry after it (an exclusive XREVRANGE from the
+# end, COUNT 1: it looks at the last entry only, where an XRANGE from the mirror on steps over the
+# entries of its node): an
 # inbox deleted (XLEN 0: it starts again at c = 1) or appended to by anything that did not write
 # the mirror (a publisher of the previous script version) falls back to its last entry
 # (XREVRANGE: whole, up to ~100 envelopes in another process's inbox, what the mirror saves).
@@ -248,13 +250,15 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 -- The control stream's last sequence number: the mirror <prefix>top (set below whenever this
 -- script appends to it) when the stream is not empty and has nothing after it, else its last
 -- entry (XREVRANGE returns the entry whole: with a directory load envelope of a few hundred KB
--- there, that cost Redis far more than the rest of the call).
+-- there, that cost Redis far more than the rest of the call). "Nothing after it" is asked from
+-- the end (XREVRANGE + (<mirror>: the last entry alone is looked at) rather than from the mirror
+-- on (XRANGE (<mirror> +: that steps over the entries of the mirror's node, up to 100).
 local top_key = prefix .. 'top'
 local mirror = redis.call('GET', top_key)
 local n
 local fresh = false
 if mirror and redis.call('XLEN', key) > 0
-    and not redis.call('XRANGE', key, '(' .. mirror .. '-0', '+', 'COUNT', 1)[1] then
+    and not redis.call('XREVRANGE', key, '+', '(' .. mirror .. '-0', 'COUNT', 1)[1] then
   n = tonumber(mirror)
 else
   local top = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
@@ -294,7 +298,7 @@ local function last_of(new)
     if redis.call('XLEN', inbox) > 0 then
       local a, b, c
       if mirrors[i] then a, b, c = string.match(mirrors[i], '^(%d+)-(%d+) (%d+)$') end
-      if a and not redis.call('XRANGE', inbox, '(' .. a .. '-' .. b, '+', 'COUNT', 1)[1] then
+      if a and not redis.call('XREVRANGE', inbox, '+', '(' .. a .. '-' .. b, 'COUNT', 1)[1] then
         last = {tonumber(a), tonumber(b), tonumber(c)}
       else
         -- missing or stale (another writer appended after it): the last entry, whole
