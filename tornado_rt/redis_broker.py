@@ -172,16 +172,16 @@ STALL = 1.0
 # deadline sent the same way; a batch handed over at once is one or two runs): the run's deadline
 # in Redis ms, its count c, then c envelopes as triples (envelope, page group or "", route) when
 # c > 0, or -c plain page messages sent without their bytes (the publisher expects Redis not to
-# need them, see "Bytes on demand" below) as pairs (the name of the group's summary key
-# "<prefix>r:<group>", route) when c < 0 (the name is what the script looks up: no string built
-# per envelope). route: for a
+# need them, see "Bytes on demand" below) when c < 0: the first one's route, then one argument
+# each, the name of its group's summary key "<prefix>r:<group>" (what the script looks up: no
+# string built per envelope); their routes are consecutive (the k-th has the first + k - 1; the
+# publisher starts a new run where they are not). route: for a
 # plain page message — one page group, no side effect — the publisher's sequence number of the
 # envelope (any value but "0"; a server's own inbox gets it as a reference instead of the
 # bytes), else "0". (Each argument costs Redis about as much as a short Lua statement: a deadline
 # per envelope and an empty argument per envelope without bytes were half of them.)
 # Returns {Redis time in ms, the id of the last entry it wrote ("<n>-<k>", or "0-0"), n0, then
-# ONE string of one character per envelope (read_codes; one reply element per envelope cost Redis
-# about 900 instructions each): "+" for an envelope appended to the control stream, the k-th "+"
+# ONE string of one character per envelope (read_codes): "+" for an envelope appended to the control stream, the k-th "+"
 # of the call having the sequence number n0 + k, else the digit of the code -c below (see REPLY_*):
 # -1: appended to the inboxes of the processes registered for its group, the publisher's among
 # them (a reference), and the bytes were needed (another process's inbox or the history);
@@ -218,9 +218,10 @@ STALL = 1.0
 # that inbox, +1 per entry: exact gaps), then one envelope as on the control stream (e, and p, q
 # when it joined a history), or several as a field per envelope (name "m", or "m<epoch>,<offset>"
 # when it joined a history; value the envelope: concatenating them into one Lua string cost more
-# than the XADD). The publisher's own inbox (ARGV[6]) gets instead one field R: per envelope
-# "<its sequence number>,<epoch>,<offset>;" — the publisher holds the envelope, so its bytes are
-# neither copied in Lua, stored, nor read back. No registered process: no XADD.
+# than the XADD). The publisher's own inbox (ARGV[6]) gets instead one field R: references ended
+# by ";", "<first>:<last>" for consecutive sequence numbers without a history position, else
+# "<its sequence number>,<epoch>,<offset>" (parse_refs) — the publisher holds the envelope, so
+# its bytes are neither copied in Lua, stored, nor read back. No registered process: no XADD.
 # An inbox's last id and c: the hash <prefix>itops (field: the process id, value "<a>-<b> <c>"),
 # read with one HMGET for the inboxes new to the call, written with one HSET at the end (after
 # the XADDs: never ahead of its inbox), deleted with the inbox by SWEEP_SCRIPT. Trusted only
