@@ -576,8 +576,8 @@ while i <= nargs do
             end
             if proc == me then
               -- the publisher's own inbox: a reference, not the bytes (it kept the envelope):
-              -- "<ref>,<epoch>,<offset>;", the common "<ref>,,;" joined at the flush (no string
-              -- built per envelope) until one has a history position
+              -- "<ref>,<epoch>,<offset>;" with a history position, else it joins the range
+              -- being built ("<lo>:<hi>;", see own_close)
               result = needed and '1' or '3'
               local r = tonumber(ref)
               if epoch then
@@ -2307,8 +2307,8 @@ class RedisBroker(Broker):
         return size
 
     def _on_refs(self, entry_id: bytes, blob: bytes, at: float) -> None:
-        """Deliver this process's own page messages named by an inbox entry's ``R`` field: each
-        ``<seq>,<epoch>,<offset>;`` (epoch and offset when it joined a history, else empty). The
+        """Deliver this process's own page messages named by an inbox entry's ``R`` field
+        (:func:`parse_refs`: ranges ``<first>:<last>;``, or ``<seq>,<epoch>,<offset>;``). The
         envelope is this process's: still pending, or kept in ``_own`` past its deadline."""
         pending, own = self._pending, self._own
         try:
