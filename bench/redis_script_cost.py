@@ -18,11 +18,13 @@ of its inner commands. Each mode uses its own key prefix on the same Redis:
     python bench/redis_script_cost.py                          # all modes, 2,000 calls of 100
     python bench/redis_script_cost.py --modes own --calls 5000 --pages 1000
     PYTHONPATH=/path/to/other/checkout python bench/redis_script_cost.py   # another version's script
+    python bench/redis_script_cost.py --port 6390 --modes own --calls 100 --repeat 1   # a running Redis
 
 It uses the script and the packing of the ``tornado_rt`` it imports, so the same command compares
 two checkouts. Not part of ``bench/run.py``: a focused measurement for docs/redis.md.
 """
 import argparse
+import inspect
 import os
 import shutil
 import socket
@@ -91,7 +93,9 @@ def run_mode(mode: str, port: int, pid: int, args: argparse.Namespace) -> Dict[s
             + rb._bulk(b"%d" % 10_000) + rb._bulk(b"0-0") + rb._bulk(b"100") + rb._bulk(b"300000")
             + rb._bulk(prefix.encode()) + rb._bulk(me.encode()))
     hints: set = set()
-    bulks: Dict[str, bytes] = {}
+    bulks: Dict[str, Any] = {}
+    # the key prefix, for a checkout whose pack_envelopes takes it (lean groups as summary keys' names)
+    extra = [prefix] if "key_prefix" in inspect.signature(rb.pack_envelopes).parameters else []
     seqs = iter(range(1, 1 << 62))
     t = raw.time()
     offset = t[0] * 1000 + t[1] / 1000 - time.monotonic() * 1000 - rb.DEADLINE_MARGIN_MS
@@ -106,7 +110,7 @@ def run_mode(mode: str, port: int, pid: int, args: argparse.Namespace) -> Dict[s
         lean = True
         while batch:
             parts: List[bytes] = []
-            packed = rb.pack_envelopes(parts, batch, offset, registry, hints, me, lean, bulks)
+            packed = rb.pack_envelopes(parts, batch, offset, registry, hints, me, lean, bulks, *extra)
             items, groups_of = packed[0], packed[1]
             nargs = packed[3] if len(packed) > 3 else 4 * len(items)  # this checkout's format, or 4 per envelope
             conn.send_packed_command([b"*%d\r\n" % (10 + nargs) + head + b"".join(parts)])
@@ -155,27 +159,34 @@ def main() -> None:
     parser.add_argument("--pages", type=int, default=200, help="page groups, round-robin (default 200)")
     parser.add_argument("--modes", default="own,none,other,both", help="comma-separated (default all)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per mode, the median reported (default 3)")
+    parser.add_argument("--port", type=int, default=0,
+                        help="use the redis-server already listening on this port of 127.0.0.1 (e.g. one under "
+                             "valgrind --tool=callgrind, to count its instructions) instead of starting one; "
+                             "its data is flushed")
     args = parser.parse_args()
     import tornado_rt
 
-    port = free_port()
-    proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
-                             "127.0.0.1", "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    port = args.port or free_port()
+    proc: Any = None
+    if not args.port:
+        proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
+                                 "127.0.0.1", "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
     try:
         raw = redis.Redis(port=port)
-        for _ in range(200):
+        for _ in range(200 if proc is not None else 1):
             try:
                 raw.ping()
                 break
             except redis.ConnectionError:
                 time.sleep(0.02)
+        pid = proc.pid if proc is not None else int(raw.info("server")["process_id"])
         print(f"tornado_rt from {os.path.dirname(tornado_rt.__file__)}; {raw.info()['redis_version']}; "
               f"{args.calls} calls of {args.batch} envelopes over {args.pages} pages per run, median of {args.repeat}")
         for mode in args.modes.split(","):
             runs = []
             for r in range(args.repeat):
                 raw.flushall()
-                runs.append(run_mode(mode, port, proc.pid, args))
+                runs.append(run_mode(mode, port, pid, args))
             runs.sort(key=lambda x: x["redis_us_per_envelope"])
             mid = runs[len(runs) // 2]
             inner = ", ".join(f"{k} {v:.2f}" for k, v in sorted(mid["inner_us_per_envelope"].items(),
@@ -184,8 +195,9 @@ def main() -> None:
                   f"{', '.join('%.2f' % x['redis_us_per_envelope'] for x in runs)}); in EVALSHA "
                   f"{mid['evalsha_us_per_envelope']:.2f}, of it inner commands: {inner or '-'}; codes {mid['codes']}")
     finally:
-        proc.kill()
-        proc.wait()
+        if proc is not None:
+            proc.kill()
+            proc.wait()
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from redis_fixtures import (SECRET, RedisProcess, WSClient, free_port, marker_me
                             redis_server, require_redis_binary, require_redis_package, start_nodes,
                             token)
 from tornado_rt import BrokerUnavailable, RealtimeServer, Settings
+from tornado_rt.redis_broker import parse_refs
 
 DIRECTORY = {
     "workspaces": {"1": [1, 2, 3], "2": [4]},
@@ -437,20 +438,19 @@ async def test_publish_returns_after_local_delivery_and_crosses_redis_once(redis
         for client in clients:
             assert await client.recv() == message
         # One Redis entry for three recipients; the next one in the stream is the next publish.
-        # The publisher's own inbox gets a reference to its publish (field R: "<seq>,<epoch>,
-        # <offset>;"), not the bytes: it holds the envelope (issue 16.5).
+        # The publisher's own inbox gets a reference to its publish (field R: "<seq>:<seq>;", or
+        # "<seq>,<epoch>,<offset>;" with a history position), not the bytes: it holds the envelope
+        # (issue 16.5).
         entries = await next_entries(after, 1)
         assert len(entries) == 1
         first_id, fields = entries[0]
         assert b"e" not in fields and b"E" not in fields
-        (first_ref,) = fields[b"R"].split(b";")[:-1]
-        first_seq = int(first_ref.split(b",")[0])
+        ([first_seq], _) = parse_refs(fields[b"R"])
         second = rows_created(10, id=2)
         await node.server.publish_async(second)
         entries = await next_entries(first_id, 1)
         assert len(entries) == 1
-        (second_ref,) = entries[0][1][b"R"].split(b";")[:-1]
-        assert int(second_ref.split(b",")[0]) == first_seq + 1
+        assert parse_refs(entries[0][1][b"R"]) == ([first_seq + 1], None)
         for client in clients:
             assert await client.recv() == second
 

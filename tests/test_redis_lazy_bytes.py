@@ -30,6 +30,7 @@ from redis_fixtures import WSClient, require_redis_package, token  # noqa: F401
 from test_redis_routing import DIRECTORY, PREFIX, stats
 from test_redis_streams import cluster, connect, marker_to_all, metrics, rows_created  # noqa: F401
 from tornado.websocket import websocket_connect
+from tornado_rt.redis_broker import parse_refs
 
 BIG = "x" * 20_000  # a message text far larger than everything else a process sends Redis meanwhile
 
@@ -57,18 +58,22 @@ def test_reply_codes_are_read_with_the_resend_point_and_checked():
     from tornado_rt.redis_broker import (REPLY_ELSEWHERE, REPLY_NOT_TRIED, REPLY_NOWHERE_LEAN, REPLY_OWN,
                                          REPLY_OWN_LEAN, REPLY_REFUSED, REPLY_RESEND, read_codes)
 
-    assert read_codes([]) == ([], None)
-    # Every envelope attempted: the codes as ints (hiredis gives ints, a script reply may give bytes).
-    assert read_codes([7, REPLY_OWN, REPLY_ELSEWHERE, REPLY_OWN_LEAN, REPLY_NOWHERE_LEAN, REPLY_REFUSED]) == (
-        [7, -1, -2, -3, -4, 0], None)
-    assert read_codes([b"12", b"-3"]) == ([12, -3], None)
+    # The reply's tail: [n0, one character per envelope]; the k-th "+" is n0 + k (hiredis gives
+    # the script's strings as bytes; a client decoding replies gives str).
+    assert read_codes([b"0", b""]) == ([], None)
+    assert read_codes([6, b"+1234+0"]) == ([7, REPLY_OWN, REPLY_ELSEWHERE, REPLY_OWN_LEAN, REPLY_NOWHERE_LEAN,
+                                            8, REPLY_REFUSED], None)
+    assert read_codes([b"11", "+3"]) == ([12, -3], None)
+    big = 1_733_000_000_000_000  # a new stream's n: Redis time in ms x 1000
+    assert read_codes([b"%d" % big, b"++"]) == ([big + 1, big + 2], None)
+    assert read_codes([0, b"3" * 100]) == ([REPLY_OWN_LEAN] * 100, None)
     # Stopped at the third: it and everything after it must be sent again.
-    codes, resend = read_codes([REPLY_OWN_LEAN, 9, REPLY_RESEND, REPLY_NOT_TRIED, REPLY_NOT_TRIED])
-    assert resend == 2 and codes[:2] == [-3, 9]
-    assert read_codes([REPLY_RESEND]) == ([-5], 0)
+    codes, resend = read_codes([8, b"3+566"])
+    assert resend == 2 and codes == [-3, 9, -5, -6, -6]
+    assert read_codes([0, b"5"]) == ([-5], 0)
     # What the script never returns is refused, not guessed at.
-    for bad in ([REPLY_RESEND, REPLY_OWN], [REPLY_NOT_TRIED], [REPLY_OWN, REPLY_NOT_TRIED],
-                [REPLY_RESEND, REPLY_RESEND], [-7]):
+    for bad in ([0, b"51"], [0, b"6"], [0, b"16"], [0, b"55"], [0, b"7"], [0, b"3-3"], [0, b"65"],
+                [0, b"5+"], [b"x", b"3"], [0], [0, b"3", b"3"], [0, 3], None):
         with pytest.raises(ValueError):
             read_codes(bad)
 
@@ -246,7 +251,7 @@ async def test_a_resend_in_the_middle_of_a_batch_applies_each_envelope_once_in_o
                 for _, fields in raw.xrange(key):
                     for name, value in zip(fields[::2], fields[1::2]):
                         if name == b"R":
-                            refs += [ref.split(b",")[0] for ref in value.split(b";")[:-1]]
+                            refs += parse_refs(value)[0]
                         elif name == b"e" or name.startswith(b"m"):
                             copies.append(_id(_payload(value)))
         finally:

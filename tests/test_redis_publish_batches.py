@@ -32,36 +32,40 @@ from tornado_rt.redis_broker import (LEAN_GROUPS, REGISTER_SCRIPT, RedisBroker, 
 
 # --- without sockets ----------------------------------------------------------------------------------
 
-def _one_at_a_time(batch, offset, registry, hints, origin, lean):
+def _one_at_a_time(batch, offset, registry, hints, origin, lean, key_prefix):
     """The arguments built one envelope at a time, every part formatted, then grouped into the
     script's runs: consecutive envelopes with the same deadline sent the same way (with their
-    bytes: three arguments each, count > 0; without: two, count < 0) after the run's deadline
-    and count."""
-    runs, items, groups, omitted = [], [], [], 0  # runs: [deadline ms, bare, [argument bytes]]
+    bytes: three arguments each, count > 0; without: count < 0, the first one's sequence number,
+    then one argument each, the group as its summary key's name ``<key_prefix>r:<group>``, as long
+    as the sequence numbers are consecutive) after the run's deadline and count."""
+    runs, items, groups, omitted = [], [], [], 0  # runs: [deadline ms, bare, [argument bytes], next seq]
     for seq, payload, entry in batch:
         ms = int(entry.deadline * 1000 + offset)
         group, route = route_of(entry.envelope, registry)
         bare = bool(route and lean and group in hints)
-        args = []
+        groups.append(group if route else None)
         if bare:
             omitted += 1
-        else:
-            if payload is None:
-                payload = encode_envelope(entry.envelope, origin, seq)
-            args.append(_bulk(payload))
+            items.append((seq, payload, entry))
+            if not runs or runs[-1][0] != ms or not runs[-1][1] or runs[-1][3] != seq:
+                runs.append([ms, True, [_bulk(b"%d" % seq)], None])
+            runs[-1][2].append(_bulk(f"{key_prefix}r:{group}".encode()))
+            runs[-1][3] = seq + 1
+            continue
+        if payload is None:
+            payload = encode_envelope(entry.envelope, origin, seq)
         items.append((seq, payload, entry))
-        groups.append(group if route else None)
-        args.append(_bulk(group.encode()))
-        args.append(_bulk(b"%d" % seq) if route else b"$1\r\n0\r\n")
-        if not runs or runs[-1][0] != ms or runs[-1][1] != bare:
-            runs.append([ms, bare, []])
+        args = [_bulk(payload), _bulk(group.encode()), _bulk(b"%d" % seq) if route else b"$1\r\n0\r\n"]
+        if not runs or runs[-1][0] != ms or runs[-1][1]:
+            runs.append([ms, False, [], None])
         runs[-1][2].append(b"".join(args))
     parts, count = [], 0
-    for ms, bare, envelopes in runs:
+    for ms, bare, envelopes, _ in runs:
+        n = len(envelopes) - 1 if bare else len(envelopes)  # a lean run: the first seq, then n
         parts.append(_bulk(b"%d" % ms))
-        parts.append(_bulk(b"%d" % (-len(envelopes) if bare else len(envelopes))))
+        parts.append(_bulk(b"%d" % (-n if bare else n)))
         parts += envelopes
-        count += 2 + len(envelopes) * (2 if bare else 3)
+        count += 2 + len(envelopes) if bare else 2 + 3 * n
     return b"".join(parts), items, groups, omitted, count
 
 
@@ -97,11 +101,15 @@ def test_arguments_built_per_batch_are_byte_for_byte_those_built_one_at_a_time()
             _page("unknown", "table-1"),  # a type the registry does not know: plain
             _page("plain", "table-3"),
             _page("plain", "table-1"),
+            _page("plain", "table-3"),  # continues the lean run before: consecutive seq
+            _page("plain", "table-1"),  # same deadline, a seq that does not follow: a new lean run
+            _page("plain", "table-1"),
         ]
         # deadlines: equal runs (one batch), a later one, back to an equal one; a payload already
         # encoded (a resend) is sent as it is
-        deadlines = [100.0, 100.0, 100.0004, 100.0004, 101.25, 101.25, 100.0, 7.0]
-        seqs = [9, 10, 99, 100, 999, 1000, 99999, 100000]  # the digits of the sequence numbers change
+        deadlines = [100.0, 100.0, 100.0004, 100.0004, 101.25, 101.25, 100.0, 7.0, 7.0, 7.0, 7.0]
+        # the digits of the sequence numbers change
+        seqs = [9, 10, 99, 100, 999, 1000, 99999, 100000, 100001, 100003, 100004]
         batch = []
         for i, (envelope, deadline) in enumerate(zip(envelopes, deadlines)):
             payload = b"already encoded" if i == 6 else None
@@ -113,24 +121,30 @@ def test_arguments_built_per_batch_are_byte_for_byte_those_built_one_at_a_time()
                     bulks = {}
                     parts = [b"head"]
                     items, groups, omitted, count = pack_envelopes(parts, batch, offset, registry, hints,
-                                                                   "origin1", lean, bulks)
-                    want = _one_at_a_time(batch, offset, registry, hints, "origin1", lean)
+                                                                   "origin1", lean, bulks, "pfx:")
+                    want = _one_at_a_time(batch, offset, registry, hints, "origin1", lean, "pfx:")
                     assert (b"".join(parts), items, groups, omitted, count) == (b"head" + want[0], *want[1:])
                     if registry is not None and lean:
-                        assert omitted == 4 and groups[0] == "table-1" and groups[2] is None
+                        assert omitted == 7 and groups[0] == "table-1" and groups[2] is None
+                        # lean runs: [9], [1000], [99999], [100000, 100001], [100003, 100004]
+                        joined = b"".join(parts)
+                        assert _bulk(b"-2") + _bulk(b"100000") + _bulk(b"pfx:r:table-1") + _bulk(b"pfx:r:table-3") in joined
+                        assert joined.endswith(_bulk(b"-2") + _bulk(b"100003") + _bulk(b"pfx:r:table-1") * 2)
                     # the group arguments are kept for the next batch, and used from there
-                    assert bulks == {g: _bulk(g.encode()) for g in ("table-1", "table-2", "table-3")}
+                    assert bulks == {g: (_bulk(g.encode()), _bulk(f"pfx:r:{g}".encode()))
+                                     for g in ("table-1", "table-2", "table-3")}
                     again = [b"head"]
-                    assert pack_envelopes(again, batch, offset, registry, hints, "origin1", lean, bulks) == (
+                    assert pack_envelopes(again, batch, offset, registry, hints, "origin1", lean, bulks,
+                                          "pfx:") == (
                         items, groups, omitted, count)
                     assert again == parts
         types = _Types()
-        pack_envelopes([], batch, 0.0, types, set(), "o", True, {})
+        pack_envelopes([], batch, 0.0, types, set(), "o", True, {}, "pfx:")
         assert sorted(types.asked) == ["plain", "unknown", "with_effect"]  # once per type per batch
         # the kept group arguments are bounded
-        full = {f"g{i}": b"x" for i in range(LEAN_GROUPS)}
-        pack_envelopes([], batch[:1], 0.0, _Types(), set(), "o", True, full)
-        assert full == {"table-1": _bulk(b"table-1")}
+        full = {f"g{i}": (b"x", b"y") for i in range(LEAN_GROUPS)}
+        pack_envelopes([], batch[:1], 0.0, _Types(), set(), "o", True, full, "pfx:")
+        assert full == {"table-1": (_bulk(b"table-1"), _bulk(b"pfx:r:table-1"))}
     finally:
         loop.close()
 

@@ -45,8 +45,15 @@ def test_references_are_parsed_in_one_step_without_positions_and_one_by_one_with
     assert parse_refs(b"7,,;8,,;junk") == ([7, 8], None)
     # with a history position on some: each reference's own position, None for the others
     assert parse_refs(b"7,ep,4;8,,;9,ep,5;") == ([7, 8, 9], [("ep", 4), None, ("ep", 5)])
+    # ranges of consecutive references (what the publish script writes for a run without
+    # positions), alone or among single ones
+    assert parse_refs(b"7:9;") == ([7, 8, 9], None)
+    assert parse_refs(b"7:7;9:10;12:12;") == ([7, 9, 10, 12], None)
+    assert parse_refs(b"3,,;7:8;junk") == ([3, 7, 8], None)
+    assert parse_refs(b"5:6;7,ep,4;8:9;10,,;") == ([5, 6, 7, 8, 9, 10], [None, None, ("ep", 4), None, None, None])
     # malformed anywhere: None (the caller delivers those before it one by one, and logs the rest)
-    for blob in (b"7,,;x,,;9,,;", b"7,,,;", b"7,ep,4;8,ep;", b"7,ep,x;", b"7,,;8,,;9,x;"):
+    for blob in (b"7,,;x,,;9,,;", b"7,,,;", b"7,ep,4;8,ep;", b"7,ep,x;", b"7,,;8,,;9,x;", b"7:;", b"9:7;",
+                 b"7;", b"0:2;", b"7:8:9;", b"1:2;x:3;", b"1,,;4:x;", b"1,e,2;5:4;"):
         assert parse_refs(blob) is None, blob
 
 
@@ -73,8 +80,14 @@ def test_a_malformed_reference_stops_the_entry_after_the_good_ones_and_duplicate
         assert [row_id(_rows(env)) for env in delivered] == [1, 2]
         assert futures[1].done() and futures[2].done() and not futures[3].done()
         assert "ignored the rest of a malformed entry" in caplog.text
+        caplog.clear()
+        # a malformed range: nothing of it or after it (the script writes ranges "<first>:<last>")
+        with caplog.at_level(logging.ERROR, "tornado_rt.redis"):
+            broker._on_inbox([(b"5-2", [b"t", b"1000", b"c", b"2", b"R", b"4:x;3:3;"])])
+        assert [row_id(_rows(env)) for env in delivered] == [1, 2]
+        assert "ignored the rest of a malformed entry" in caplog.text
         # 5 has the id of 1 (id-1): dropped as a duplicate, its publish still completes
-        broker._on_inbox([(b"6-1", [b"t", b"1000", b"c", b"2", b"R", b"3,,;4,,;5,,;6,,;"])])
+        broker._on_inbox([(b"6-1", [b"t", b"1000", b"c", b"3", b"R", b"3:6;"])])
         assert [row_id(_rows(env)) for env in delivered] == [1, 2, 3, 4, 6]
         assert broker.duplicates == 1 and all(f.done() for f in futures.values())
         assert broker.inbox_envelopes == 2 + 4 and broker._pending == {}

@@ -1,6 +1,7 @@
 """A publisher's own inbox holds references, not bytes (issue 16, item 5): the publish script
-appends to the inbox of the process that published only ``<seq>,<epoch>,<offset>;`` (field R)
-for each of its page messages, and that process delivers the envelope it kept when the reader
+appends to the inbox of the process that published only references (field R: ranges
+``<first>:<last>;`` of consecutive sequence numbers, ``<seq>,<epoch>,<offset>;`` with a history
+position) to its page messages, and that process delivers the envelope it kept when the reader
 reaches the reference, so its place in the merged order is still the one Redis gave it.
 
 * Two processes publish interleaved to one page watched on three processes (the publishers and a

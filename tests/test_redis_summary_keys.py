@@ -19,7 +19,7 @@ import redis as redis_sync
 from redis_fixtures import redis_server, require_redis_package  # noqa: F401
 from tornado_rt.redis_broker import (HELLO_SCRIPT, PUBLISH_SCRIPT, REGISTER_SCRIPT, REPLY_ELSEWHERE,
                                      REPLY_NOT_TRIED, REPLY_NOWHERE_LEAN, REPLY_OWN_LEAN, REPLY_REFUSED,
-                                     REPLY_RESEND, SWEEP_SCRIPT)
+                                     REPLY_RESEND, SWEEP_SCRIPT, parse_refs, read_codes)
 
 # The registration scripts of the version before the summary keys, verbatim: what a process that
 # was not upgraded yet runs against the same Redis.
@@ -107,15 +107,28 @@ def _redis_ms(raw):
     return seconds * 1000 + micros // 1000
 
 
-def _publish(raw, prefix, me, runs):
+def _publish_raw(raw, prefix, me, runs, history_size=0):
     """One call of the publish script: ``runs`` is a list of (deadline ms, lean, envelopes), an
-    envelope (group, route) when lean, else (bytes, group, route). Returns the reply."""
-    args = [1000, "0-0", 0, TTL_MS, prefix, me]
+    envelope (group, route) when lean, else (bytes, group, route), sent as the writer sends them
+    (pack_envelopes: a lean run's routes are consecutive, sent as the first one, and its groups
+    as their summary keys' names). Returns the reply as it is."""
+    args = [1000, "0-0", history_size, TTL_MS, prefix, me]
     for deadline, lean, envelopes in runs:
         args += [deadline, -len(envelopes) if lean else len(envelopes)]
-        for envelope in envelopes:
-            args += list(envelope)
+        if lean:
+            first = int(envelopes[0][1])
+            assert [int(route) for _, route in envelopes] == list(range(first, first + len(envelopes)))
+            args += [first] + [f"{prefix}r:{group}" for group, _ in envelopes]
+        else:
+            for envelope in envelopes:
+                args += list(envelope)
     return raw.eval(PUBLISH_SCRIPT, 1, prefix + "stream", *args)
+
+
+def _publish(raw, prefix, me, runs):
+    """:func:`_publish_raw`, its codes read (``read_codes``): [Redis time, last id, code, ...]."""
+    reply = _publish_raw(raw, prefix, me, runs)
+    return reply[:2] + read_codes(reply[2:])[0]
 
 
 def _routing_on(raw, prefix):
@@ -132,7 +145,7 @@ def _inbox_payloads(raw, prefix, proc):
     for _, fields in raw.xrange(f"{prefix}inbox:{proc}"):
         for name, value in fields:
             if name == b"R":
-                out += [("ref", ref.split(b",")[0]) for ref in value.split(b";") if ref]
+                out += [("ref", b"%d" % seq) for seq in parse_refs(value)[0]]
             elif name == b"e" or name.startswith(b"m"):
                 out.append(("bytes", value))
     return out
@@ -177,6 +190,47 @@ def test_several_runs_in_one_call_each_envelope_gets_its_code_and_only_what_was_
     assert _inbox_payloads(raw, prefix, "pubA")[3:] == [("ref", b"20"), ("ref", b"21")]
 
 
+def test_the_reply_is_one_string_and_the_own_inbox_holds_runs_of_references_as_ranges(raw):
+    prefix = "compact:"
+    raw.eval(HELLO_SCRIPT, 0, prefix, "pubA", TTL_MS, 0)
+    raw.eval(REGISTER_SCRIPT, 0, prefix, "pubA", "+", "table-1", "+", "table-5")
+    _routing_on(raw, prefix)
+    # table 5 keeps a history (as redis_history sets it up): its messages need their bytes
+    raw.hset(prefix + "pos:table-5", mapping={"e": "ep", "o": 0})
+    raw.set(prefix + "hists", 1)
+    live, past = _redis_ms(raw) + 60_000, 1
+    first = _publish_raw(raw, prefix, "pubA", [(live, False, [(b"e0", "", "0")])], history_size=10)
+    assert first[3] == b"+" and int(first[2]) + 1 == int(first[1].split(b"-")[0])
+    reply = _publish_raw(raw, prefix, "pubA", [
+        (live, True, [("table-1", "20"), ("table-1", "21"), ("table-1", "22")]),
+        (live, True, [("table-1", "25"), ("table-3", "26")]),  # same deadline, refs not following: a new run
+        (live, False, [(b"e27", "table-1", "27")]),  # with its bytes (not needed): 26 was nobody's, a new range
+        (live, True, [("table-1", "28"), ("table-1", "29")]),
+        (past, True, [("table-1", "30")]),  # refused: no reference
+        (live, False, [(b"c31", "", "0"),  # the control stream: the inbox entry before it ends
+                       (b"e32", "table-5", "32"),  # a history position: its own token
+                       (b"e33", "table-1", "33")]),
+        (live, True, [("table-1", "34")]),
+    ], history_size=10)
+    n0 = int(reply[2])
+    assert n0 == int(first[2]) + 1  # the control stream's last n before the call
+    assert reply[3] == b"333343330+133"
+    assert read_codes(reply[2:]) == ([-3, -3, -3, -3, -4, -3, -3, -3, 0, n0 + 1, -1, -3, -3], None)
+    before, after = [dict(fields) for _, fields in raw.xrange(prefix + "inbox:pubA")]
+    assert before[b"R"] == b"20:22;25:25;27:29;"
+    assert after[b"R"] == b"32,ep,1;33:34;"
+    assert parse_refs(before[b"R"]) == ([20, 21, 22, 25, 27, 28, 29], None)
+    assert parse_refs(after[b"R"]) == ([32, 33, 34], [("ep", 1), None, None])
+    # the entry counter c and the merged order: the first entry before the control entry, the
+    # second after it
+    assert (before[b"c"], after[b"c"]) == (b"1", b"2")
+    ids = [entry_id for entry_id, _ in raw.xrange(prefix + "inbox:pubA")]
+    assert [int(i.split(b"-")[0]) for i in ids] == [n0, n0 + 1]
+    assert [dict(fields)[b"e"] for _, fields in raw.xrange(prefix + "stream")] == [b"e0", b"c31"]
+    assert [(dict(fields)[b"q"], dict(fields)[b"e"]) for _, fields in raw.xrange(prefix + "hist:table-5")] == [
+        (b"1", b"e32")]
+
+
 def test_registrations_of_an_older_version_are_read_from_the_hash_while_it_is_alive(raw):
     prefix = "mixed-versions:"
     raw.eval(HELLO_SCRIPT, 0, prefix, "new1", TTL_MS, 0)
@@ -195,6 +249,15 @@ def test_registrations_of_an_older_version_are_read_from_the_hash_while_it_is_al
     assert _inbox_payloads(raw, prefix, "old1") == [("bytes", b"a1"), ("bytes", b"a2")]
     assert _inbox_payloads(raw, prefix, "new1") == [("bytes", b"a1")]
 
+    # page messages sent without their bytes (their groups as summary keys' names) are read from
+    # the hashes too: table 4, registered by new1 alone, gets a reference; table 2 (old1's) stops
+    # the call for its bytes
+    raw.eval(REGISTER_SCRIPT, 0, prefix, "new1", "+", "table-4")
+    reply = _publish(raw, prefix, "new1", [(live, True, [("table-4", "7"), ("table-2", "8"), ("table-4", "9")])])
+    assert reply[2:] == [REPLY_OWN_LEAN, REPLY_RESEND, REPLY_NOT_TRIED]
+    assert _inbox_payloads(raw, prefix, "new1") == [("bytes", b"a1"), ("ref", b"7")]
+    raw.eval(REGISTER_SCRIPT, 0, prefix, "new1", "-", "table-4")
+
     # a registration of this version rewrites a group's summary key from its hash, old1 included
     raw.eval(REGISTER_SCRIPT, 0, prefix, "new1", "+", "table-2")
     assert sorted(raw.get(prefix + "r:table-2").split()) == [b"new1", b"old1"]
@@ -204,7 +267,7 @@ def test_registrations_of_an_older_version_are_read_from_the_hash_while_it_is_al
     assert raw.get(prefix + "r:table-1") == b"new1"
     reply = _publish(raw, prefix, "", [(live, False, [(b"b1", "table-1", "1"), (b"b2", "table-3", "1")])])
     assert reply[2:] == [REPLY_ELSEWHERE, REPLY_NOWHERE_LEAN]
-    assert _inbox_payloads(raw, prefix, "new1") == [("bytes", b"a1"), ("bytes", b"b1")]
+    assert _inbox_payloads(raw, prefix, "new1") == [("bytes", b"a1"), ("ref", b"7"), ("bytes", b"b1")]
     assert not raw.exists(f"{prefix}inbox:old1")  # deleted by its sweep, nothing routed there since
 
     # with no older process alive, the summary keys alone route: a field written behind their back

@@ -172,13 +172,17 @@ STALL = 1.0
 # deadline sent the same way; a batch handed over at once is one or two runs): the run's deadline
 # in Redis ms, its count c, then c envelopes as triples (envelope, page group or "", route) when
 # c > 0, or -c plain page messages sent without their bytes (the publisher expects Redis not to
-# need them, see "Bytes on demand" below) as pairs (page group, route) when c < 0. route: for a
+# need them, see "Bytes on demand" below) when c < 0: the first one's route, then one argument
+# each, the name of its group's summary key "<prefix>r:<group>" (what the script looks up: no
+# string built per envelope); their routes are consecutive (the k-th has the first + k - 1; the
+# publisher starts a new run where they are not). route: for a
 # plain page message — one page group, no side effect — the publisher's sequence number of the
 # envelope (any value but "0"; a server's own inbox gets it as a reference instead of the
 # bytes), else "0". (Each argument costs Redis about as much as a short Lua statement: a deadline
 # per envelope and an empty argument per envelope without bytes were half of them.)
-# Returns {Redis time in ms, the id of the last entry it wrote ("<n>-<k>", or "0-0"), then per
-# envelope (see REPLY_* below): its sequence number n > 0 on the control stream;
+# Returns {Redis time in ms, the id of the last entry it wrote ("<n>-<k>", or "0-0"), n0, then
+# ONE string of one character per envelope (read_codes): "+" for an envelope appended to the control stream, the k-th "+"
+# of the call having the sequence number n0 + k, else the digit of the code -c below (see REPLY_*):
 # -1: appended to the inboxes of the processes registered for its group, the publisher's among
 # them (a reference), and the bytes were needed (another process's inbox or the history);
 # -2: the same, not the publisher's (another process's inbox, or only the history);
@@ -187,7 +191,7 @@ STALL = 1.0
 # -5: it came without its bytes and needs them: nothing was applied for it (nor for any later
 # envelope of the call): send it again with its bytes;
 # -6: not attempted (an earlier envelope of the call was -5): send it again;
-# 0: refused, its deadline had passed}.
+# 0: refused, its deadline had passed.
 # Bytes on demand (docs/redis.md "Bytes on demand"): a server sends "" instead of the envelope
 # for a plain page message to a group whose last publish it made was -3 or -4 (the script said
 # the bytes were not needed). Everything the script reads to decide whether an envelope needs its
@@ -214,13 +218,16 @@ STALL = 1.0
 # that inbox, +1 per entry: exact gaps), then one envelope as on the control stream (e, and p, q
 # when it joined a history), or several as a field per envelope (name "m", or "m<epoch>,<offset>"
 # when it joined a history; value the envelope: concatenating them into one Lua string cost more
-# than the XADD). The publisher's own inbox (ARGV[6]) gets instead one field R: per envelope
-# "<its sequence number>,<epoch>,<offset>;" — the publisher holds the envelope, so its bytes are
-# neither copied in Lua, stored, nor read back. No registered process: no XADD.
+# than the XADD). The publisher's own inbox (ARGV[6]) gets instead one field R: references ended
+# by ";", "<first>:<last>" for consecutive sequence numbers without a history position, else
+# "<its sequence number>,<epoch>,<offset>" (parse_refs) — the publisher holds the envelope, so
+# its bytes are neither copied in Lua, stored, nor read back. No registered process: no XADD.
 # An inbox's last id and c: the hash <prefix>itops (field: the process id, value "<a>-<b> <c>"),
 # read with one HMGET for the inboxes new to the call, written with one HSET at the end (after
 # the XADDs: never ahead of its inbox), deleted with the inbox by SWEEP_SCRIPT. Trusted only
-# while the inbox is not empty (XLEN) and holds no entry after it (an exclusive XRANGE): an
+# while the inbox is not empty (XLEN) and holds no entry after it (an exclusive XREVRANGE from the
+# end, COUNT 1: it looks at the last entry only, where an XRANGE from the mirror on steps over the
+# entries of its node): an
 # inbox deleted (XLEN 0: it starts again at c = 1) or appended to by anything that did not write
 # the mirror (a publisher of the previous script version) falls back to its last entry
 # (XREVRANGE: whole, up to ~100 envelopes in another process's inbox, what the mirror saves).
@@ -244,13 +251,15 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 -- The control stream's last sequence number: the mirror <prefix>top (set below whenever this
 -- script appends to it) when the stream is not empty and has nothing after it, else its last
 -- entry (XREVRANGE returns the entry whole: with a directory load envelope of a few hundred KB
--- there, that cost Redis far more than the rest of the call).
+-- there, that cost Redis far more than the rest of the call). "Nothing after it" is asked from
+-- the end (XREVRANGE + (<mirror>: the last entry alone is looked at) rather than from the mirror
+-- on (XRANGE (<mirror> +: that steps over the entries of the mirror's node, up to 100).
 local top_key = prefix .. 'top'
 local mirror = redis.call('GET', top_key)
 local n
 local fresh = false
 if mirror and redis.call('XLEN', key) > 0
-    and not redis.call('XRANGE', key, '(' .. mirror .. '-0', '+', 'COUNT', 1)[1] then
+    and not redis.call('XREVRANGE', key, '+', '(' .. mirror .. '-0', 'COUNT', 1)[1] then
   n = tonumber(mirror)
 else
   local top = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
@@ -271,8 +280,10 @@ local pend_n = {}
 local pend_q = {}
 local pending = {}
 local hi_n, hi_k = 0, 0
-local out = {now, '0-0'}
-local o = 2  -- out's length
+local n0 = n  -- the k-th control entry of this call gets n0 + k
+-- one character per envelope (see REPLY_* below), returned joined: one string, not an element each
+local out = {}
+local o = 0  -- out's length
 -- Each inbox's last entry id and counter c: the mirror <prefix>itops (a hash, field: the process
 -- id, value "<a>-<b> <c>"; written below after the XADDs) when the inbox is not empty and has no
 -- entry after the mirrored id, else its last entry (XREVRANGE returns it whole: up to about 100
@@ -288,7 +299,7 @@ local function last_of(new)
     if redis.call('XLEN', inbox) > 0 then
       local a, b, c
       if mirrors[i] then a, b, c = string.match(mirrors[i], '^(%d+)-(%d+) (%d+)$') end
-      if a and not redis.call('XRANGE', inbox, '(' .. a .. '-' .. b, '+', 'COUNT', 1)[1] then
+      if a and not redis.call('XREVRANGE', inbox, '+', '(' .. a .. '-' .. b, 'COUNT', 1)[1] then
         last = {tonumber(a), tonumber(b), tonumber(c)}
       else
         -- missing or stale (another writer appended after it): the last entry, whole
@@ -308,7 +319,17 @@ local function last_of(new)
 end
 -- One inbox entry per inbox for the page messages between two control entries: XADD costs per
 -- call far more than per field.
-local own_full = false  -- the publisher's pending references are whole ("<ref>,<epoch>,<offset>;")
+-- The publisher's own references: complete tokens in pend[mine], and the range being built,
+-- own_lo..own_hi (consecutive sequence numbers, no history position), written as one token
+-- "<lo>:<hi>;" when a reference does not continue it and at the flush; own_count: references.
+local own_lo, own_hi, own_count = false, 0, 0
+local function own_close(parts)
+  if own_lo then
+    parts[#parts + 1] = string.format('%.0f:%.0f;', own_lo, own_hi)
+    own_count = own_count + own_hi - own_lo + 1
+    own_lo = false
+  end
+end
 local function flush()
   local new = {}
   for _, inbox in ipairs(pending) do
@@ -331,12 +352,12 @@ local function flush()
     end
     last[4] = (last[4] or 0) + 1
     -- envelopes in it (the publisher's own: one reference each, counted here)
-    last[5] = (last[5] or 0) + (inbox == mine and #pend[inbox] or pend_n[inbox])
+    if inbox == mine then own_close(pend[inbox]) end
+    last[5] = (last[5] or 0) + (inbox == mine and own_count or pend_n[inbox])
     local id = string.format('%.0f-%d', a, b)
     if inbox == mine then
-      local refs = own_full and table.concat(pend[inbox]) or (table.concat(pend[inbox], ',,;') .. ',,;')
-      own_full = false
-      redis.call('XADD', inbox, id, 't', now, 'c', last[3], 'R', refs)
+      own_count = 0
+      redis.call('XADD', inbox, id, 't', now, 'c', last[3], 'R', table.concat(pend[inbox]))
     elseif pend_n[inbox] > 1 then
       redis.call('XADD', inbox, id, 't', now, 'c', last[3], unpack(pend[inbox]))
     elseif pend_q[inbox][1] then
@@ -364,6 +385,7 @@ local nargs = #ARGV
 -- member of <prefix>procs that is not one of <prefix>rprocs, which HELLO_SCRIPT fills) the hashes
 -- are read as before, one HKEYS per group (regs[k]: the list instead of the string).
 local regs = {}
+local skip = #prefix + 3  -- a summary key's name <prefix>r:<group>: where its group starts
 if routing then
   -- the summary keys (or, for an older version's hashes, the groups), in call order
   local legacy = redis.call('SDIFF', prefix .. 'procs', prefix .. 'rprocs')[1]
@@ -374,11 +396,20 @@ if routing then
     local c = tonumber(ARGV[i + 1])
     i = i + 2
     if c < 0 then
-      for j = i, i - 2 * c - 1, 2 do
-        nk = nk + 1
-        keys[nk] = r .. ARGV[j]
+      -- the first reference, then the summary keys' names: no string built here (but the group
+      -- for the hashes)
+      if legacy then
+        for j = i + 1, i - c do
+          nk = nk + 1
+          keys[nk] = string.sub(ARGV[j], skip)
+        end
+      else
+        for j = i + 1, i - c do
+          nk = nk + 1
+          keys[nk] = ARGV[j]
+        end
       end
-      i = i - 2 * c
+      i = i + 1 - c
     else
       for j = i + 1, i + 3 * c - 1, 3 do
         if ARGV[j + 1] ~= '0' then
@@ -453,34 +484,45 @@ while i <= nargs do
   local c = tonumber(ARGV[i + 1])
   i = i + 2
   local lean = c < 0
-  if lean then c = -c end
-  for _ = 1, c do
+  local ref0
+  if lean then
+    c = -c
+    ref0 = tonumber(ARGV[i]) - 1  -- the run's references: consecutive, ref0 + 1 first
+    i = i + 1
+  end
+  for k = 1, c do
     local envelope, group, ref
     if lean then
-      envelope, group, ref = '', ARGV[i], ARGV[i + 1]
-      i = i + 2
+      envelope, group, ref = '', ARGV[i], ref0 + k  -- ref: a number here
+      i = i + 1
+      nr = nr + 1
     else
       envelope, group, ref = ARGV[i], ARGV[i + 1], ARGV[i + 2]
       i = i + 3
+      if ref ~= '0' then nr = nr + 1 end
     end
-    if ref ~= '0' then nr = nr + 1 end
     if stop then
       o = o + 1
-      out[o] = -6  -- not attempted: after an envelope that must be sent again with its bytes
+      out[o] = '6'  -- not attempted: after an envelope that must be sent again with its bytes
     elseif not live then
       o = o + 1
-      out[o] = 0
+      out[o] = '0'
     elseif quick and lean and regs[nr] == me then
       -- the common case, in short: sent without its bytes, registered by the publisher alone,
       -- no history anywhere: a reference in its own inbox
-      local parts = pend[mine] or own_pend()
-      parts[#parts + 1] = own_full and (ref .. ',,;') or ref
+      if own_lo and ref == own_hi + 1 then
+        own_hi = ref
+      else
+        own_close(pend[mine] or own_pend())
+        own_lo, own_hi = ref, ref
+      end
       o = o + 1
-      out[o] = -3
+      out[o] = '3'
     elseif quick and lean and not regs[nr] then
       o = o + 1
-      out[o] = -4  -- nobody registered, no history: nothing written
+      out[o] = '4'  -- nobody registered, no history: nothing written
     else
+      if lean then group = string.sub(group, skip) end  -- its summary key's name: the group
       -- An empty control stream started over (Redis lost its data): its first entry must be a
       -- control entry carrying r, before any inbox entry of the new stream (whose ids, above the
       -- old stream's, would otherwise reach r and look like lost envelopes to every reader).
@@ -502,7 +544,7 @@ while i <= nargs do
         -- sent without its bytes (the publisher's hint was stale): nothing applied for it nor for
         -- any later envelope of this call; the publisher sends them again, this one with its bytes
         o = o + 1
-        out[o] = -5
+        out[o] = '5'
         stop = true
       else
         local offset
@@ -515,7 +557,7 @@ while i <= nargs do
           kept = true
         end
         if routed then
-          local result = needed and -2 or -4
+          local result = needed and '2' or '4'
           local head
           for _, proc in ipairs(procs) do
             local inbox = inbox_of[proc]
@@ -534,19 +576,19 @@ while i <= nargs do
             end
             if proc == me then
               -- the publisher's own inbox: a reference, not the bytes (it kept the envelope):
-              -- "<ref>,<epoch>,<offset>;", the common "<ref>,,;" joined at the flush (no string
-              -- built per envelope) until one has a history position
-              result = needed and -1 or -3
+              -- "<ref>,<epoch>,<offset>;" with a history position, else it joins the range
+              -- being built ("<lo>:<hi>;", see own_close)
+              result = needed and '1' or '3'
+              local r = tonumber(ref)
               if epoch then
-                if not own_full then
-                  for j = 1, #parts do parts[j] = parts[j] .. ',,;' end
-                  own_full = true
-                end
-                parts[#parts + 1] = ref .. ',' .. epoch .. ',' .. offset .. ';'
-              elseif own_full then
-                parts[#parts + 1] = ref .. ',,;'
+                own_close(parts)
+                own_count = own_count + 1
+                parts[#parts + 1] = string.format('%.0f,%s,%s;', r, epoch, offset)
+              elseif own_lo and r == own_hi + 1 then
+                own_hi = r
               else
-                parts[#parts + 1] = ref
+                own_close(parts)
+                own_lo, own_hi = r, r
               end
             else
               -- a field per envelope, its name carrying the position: no concatenation of envelopes
@@ -579,7 +621,7 @@ while i <= nargs do
           end
           redis.call(unpack(entry))
           o = o + 1
-          out[o] = n
+          out[o] = '+'
           hi_n = n
           hi_k = 0
           added = true
@@ -612,8 +654,7 @@ if mirrored[1] then
   -- which the next call sees as entries after it)
   redis.call('HSET', itops, unpack(mirrored))
 end
-out[2] = string.format('%.0f-%d', hi_n, hi_k)
-return out
+return {now, string.format('%.0f-%d', hi_n, hi_k), string.format('%.0f', n0), table.concat(out)}
 """
 PUBLISH_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest()
 
@@ -632,22 +673,52 @@ REPLY_NOT_TRIED = -6
 LEAN_GROUPS = 65_536
 
 
+_CODE_OF: List[Optional[int]] = [None] * 256  # a reply character -> its code (see read_codes)
+for _c in range(7):
+    _CODE_OF[ord("0") + _c] = -_c
+_PLUS = ord("+")
+
+
 def read_codes(codes: Any) -> Tuple[List[int], Optional[int]]:
-    """The per-envelope part of a publish script reply -> (the codes as ints, the index of the
+    """The per-envelope part of a publish script reply, ``[n0, codes]`` (``codes``: one character
+    per envelope, see the comment above PUBLISH_SCRIPT) -> (the codes as ints: n > 0 for an
+    envelope on the control stream, the k-th such ``n0 + k``, else REPLY_*; the index of the
     envelope to send again from, or None when every envelope was attempted). Raises ValueError
-    when the codes break the script's rules: a code it never returns, anything but
-    ``REPLY_NOT_TRIED`` after ``REPLY_RESEND``, ``REPLY_NOT_TRIED`` without one before it."""
-    out = [int(code) for code in codes]
-    resend: Optional[int] = None
-    for i, code in enumerate(out):
-        if resend is not None:
-            if code != REPLY_NOT_TRIED:
-                raise ValueError(f"publish script reply: code {code} after a resend at {resend}")
-        elif code == REPLY_RESEND:
-            resend = i
-        elif code < REPLY_NOWHERE_LEAN:
-            raise ValueError(f"publish script reply: unexpected code {code} at {i}")
-    return out, resend
+    when the reply breaks the script's rules: not two elements, a character it never returns,
+    anything but ``REPLY_NOT_TRIED`` after ``REPLY_RESEND``, ``REPLY_NOT_TRIED`` without one before
+    it."""
+    try:
+        first, blob = codes
+        n = int(first)
+    except (TypeError, ValueError):
+        raise ValueError(f"publish script reply: not [n0, codes]: {codes!r:.100}") from None
+    if isinstance(blob, str):
+        blob = blob.encode()
+    elif not isinstance(blob, bytes):
+        raise ValueError(f"publish script reply: codes not a string: {blob!r:.100}")
+    of = _CODE_OF
+    out: List[Any]
+    if _PLUS in blob:
+        out = []
+        for c in blob:
+            if c == _PLUS:
+                n += 1
+                out.append(n)
+            else:
+                out.append(of[c])
+    else:
+        out = [of[c] for c in blob]
+    if None in out:
+        at = out.index(None)
+        raise ValueError(f"publish script reply: unexpected code {blob[at:at + 1]!r} at {at}")
+    at = blob.find(b"5")
+    if at == -1:
+        if b"6" in blob:
+            raise ValueError(f"publish script reply: code -6 without a resend before it at {blob.find(b'6')}")
+        return out, None
+    if b"6" in blob[:at] or blob.count(b"6", at + 1) != len(blob) - at - 1:
+        raise ValueError(f"publish script reply: -6 before, or another code after, a resend at {at}")
+    return out, at
 
 
 # A process says it is alive (at every reader connection and every third of the liveness TTL).
@@ -819,16 +890,19 @@ Batch = List[Tuple[int, Optional[bytes], "_Pending"]]
 
 
 def pack_envelopes(parts: List[bytes], batch: Batch, offset: float, registry: Any, hints: Set[str],
-                   origin: str, lean: bool, bulks: Dict[str, bytes]) -> Tuple[Batch, List[Optional[str]], int, int]:
+                   origin: str, lean: bool, bulks: Dict[str, Tuple[bytes, bytes]],
+                   key_prefix: str) -> Tuple[Batch, List[Optional[str]], int, int]:
     """Append the publish script's arguments for the envelopes of ``batch`` to ``parts``, in runs:
     consecutive envelopes with the same deadline (in Redis's clock, ``entry.deadline * 1000 +
     offset`` ms) sent the same way make one run, its deadline and its count ``c`` then its
     envelopes: ``c > 0`` envelopes as three arguments each (its bytes, its page group or "", its
     sequence number for a plain page message, else 0), or, with ``lean``, ``-c`` plain page
-    messages to groups in ``hints`` sent without their bytes as two (group, sequence number).
-    What :func:`route_of` and :func:`encode_envelope` say, with what repeats within a batch done
-    once: a message type's routing (looked up once per type), a group's argument (kept in
-    ``bulks``, at most ``LEAN_GROUPS``). Returns ``(items, groups, omitted, count)``: ``batch``
+    messages to groups in ``hints`` sent without their bytes with consecutive sequence numbers
+    (the normal case within a batch) as the first one's sequence number then one argument each,
+    the name of the group's summary key ``<key_prefix>r:<group>``. What :func:`route_of` and
+    :func:`encode_envelope` say, with what repeats within a batch done once: a message type's
+    routing (looked up once per type), a group's two arguments (kept in ``bulks``, at most
+    ``LEAN_GROUPS``). Returns ``(items, groups, omitted, count)``: ``batch``
     with each sent payload filled in (None for one sent without its bytes), the group of each plain
     page message (else None), how many were sent without their bytes, and how many arguments
     were appended."""
@@ -841,6 +915,17 @@ def pack_envelopes(parts: List[bytes], batch: Batch, offset: float, registry: An
     run_ms = -1
     run_lean = False
     run_n = 0
+    run_next = 0  # in a lean run: the sequence number that continues it
+
+    def flush_run() -> int:
+        """Append the current run (its deadline, its count, its arguments) to ``parts``; returns
+        how many arguments that was."""
+        nonlocal run
+        append(b"$%d\r\n%d\r\n%s" % (len(b"%d" % run_ms), run_ms, _bulk(b"%d" % (-run_n if run_lean else run_n))))
+        parts.extend(run)
+        n = 3 + run_n if run_lean else 2 + 3 * run_n
+        run = []
+        return n
     low = limit = width = 0  # seqs in [low, limit) have ``width`` digits
     append, add_item, add_group = parts.append, items.append, groups.append
     for item in batch:
@@ -861,41 +946,46 @@ def pack_envelopes(parts: List[bytes], batch: Batch, offset: float, registry: An
                     mt = registry.message_type(kind)
                     known = plain[kind] = mt is None or mt.effect is None  # type: ignore[index]
                 route = known
-            group_arg = bulks.get(group)
-            if group_arg is None:
+            args = bulks.get(group)
+            if args is None:
                 if len(bulks) >= LEAN_GROUPS:
                     bulks.clear()
-                group_arg = bulks[group] = _bulk(group.encode())
+                args = bulks[group] = (_bulk(group.encode()), _bulk(f"{key_prefix}r:{group}".encode()))
+            group_arg, key_arg = args
         else:
             route = False
-            group_arg = _EMPTY_BULK
+            group_arg = key_arg = _EMPTY_BULK
         bare = False
         if route:
             # A plain page message carries its sequence number: this process's own inbox gets
             # that reference instead of the bytes (the envelope is still in _pending / _own).
+            add_group(group)
+            bare = lean and group in hints  # Redis did not need its bytes last time
+            if bare:
+                # its reference is implied: the run's first one + its place in the run
+                if ms != run_ms or not run_lean or seq != run_next:
+                    if run_n:
+                        count += flush_run()
+                    run_ms, run_lean, run_n = ms, True, 0
+                    run.append(_bulk(b"%d" % seq))
+                run_next = seq + 1
+                run_n += 1
+                run.append(key_arg)
+                omitted += 1
+                add_item(item)
+                continue
             if not low <= seq < limit:
                 width = len(b"%d" % seq)
                 low, limit = 10 ** (width - 1), 10 ** width
-            add_group(group)
-            bare = lean and group in hints  # Redis did not need its bytes last time
             tail = b"%s$%d\r\n%d\r\n" % (group_arg, width, seq)
         else:
             tail = group_arg + _NO_REF
             add_group(None)
-        if ms != run_ms or bare != run_lean:
+        if ms != run_ms or run_lean:
             if run_n:
-                append(b"$%d\r\n%d\r\n%s" % (len(b"%d" % run_ms), run_ms,
-                                                _bulk(b"%d" % (-run_n if run_lean else run_n))))
-                parts += run
-                count += 2 + run_n * (2 if run_lean else 3)
-                run = []
-            run_ms, run_lean, run_n = ms, bare, 0
+                count += flush_run()
+            run_ms, run_lean, run_n = ms, False, 0
         run_n += 1
-        if bare:
-            run.append(tail)
-            omitted += 1
-            add_item(item)
-            continue
         if payload is None:
             payload = encode_envelope(envelope, origin, seq)
             item = (seq, payload, entry)
@@ -904,9 +994,7 @@ def pack_envelopes(parts: List[bytes], batch: Batch, offset: float, registry: An
         run.append(b"\r\n" + tail)
         add_item(item)
     if run_n:
-        append(b"$%d\r\n%d\r\n%s" % (len(b"%d" % run_ms), run_ms, _bulk(b"%d" % (-run_n if run_lean else run_n))))
-        parts += run
-        count += 2 + run_n * (2 if run_lean else 3)
+        count += flush_run()
     return items, groups, omitted, count
 
 
@@ -968,26 +1056,50 @@ def merge_replies(control: List[Entry], control_full: bool, inbox: List[Entry],
 
 
 def parse_refs(blob: bytes) -> Optional[Tuple[List[int], Optional[List[Optional[Tuple[str, int]]]]]]:
-    """The references of an inbox entry's ``R`` field (``<seq>,<epoch>,<offset>;`` each, epoch and
-    offset empty unless the envelope joined a history): ``(seqs, positions)``, ``positions`` None
-    when no reference has one (the common case: parsed without a step per reference), else the
+    """The references of an inbox entry's ``R`` field, each ended by ``;``: ``<first>:<last>``
+    (the consecutive sequence numbers first..last, none with a history position: what the
+    publish script writes for a run of them) or ``<seq>,<epoch>,<offset>`` (epoch and offset
+    empty unless the envelope joined a history) -> ``(seqs, positions)``, ``positions`` None when
+    no reference has one (the common case: parsed without a step per reference), else the
     ``(epoch, offset)`` or None of each. Text after the last ``;`` is ignored. None when a
     reference is malformed (the caller then delivers those before it, one at a time)."""
+    if b"," not in blob:  # ranges only
+        seqs: List[int] = []
+        try:
+            for ref in blob.split(b";")[:-1]:
+                first, colon, last = ref.partition(b":")
+                low, high = int(first), int(last)
+                if not colon or not 0 < low <= high:
+                    return None
+                seqs += range(low, high + 1)
+        except ValueError:
+            return None
+        return seqs, None
     parts = blob.split(b",,;")
-    if len(parts) - 1 == blob.count(b";"):  # every reference without a position
+    if b":" not in blob and len(parts) - 1 == blob.count(b";"):  # every reference "<seq>,,"
         try:
             return [int(seq) for seq in parts[:-1]], None
         except ValueError:
             return None
-    seqs: List[int] = []
+    seqs = []
     positions: List[Optional[Tuple[str, int]]] = []
     try:
         for ref in blob.split(b";")[:-1]:
+            if b"," not in ref:
+                first, colon, last = ref.partition(b":")
+                low, high = int(first), int(last)
+                if not colon or not 0 < low <= high:
+                    return None
+                seqs += range(low, high + 1)
+                positions += [None] * (high - low + 1)
+                continue
             seq_b, epoch, offset = ref.split(b",")
             seqs.append(int(seq_b))
             positions.append((epoch.decode(), int(offset)) if epoch else None)
     except (ValueError, UnicodeDecodeError):
         return None
+    if not any(positions):
+        return seqs, None
     return seqs, positions
 
 
@@ -1214,7 +1326,7 @@ class RedisBroker(Broker):
         self.sent_without_bytes = 0
         self.resends = 0
         self._lean: Set[str] = set()
-        self._group_args: Dict[str, bytes] = {}  # page group -> its script argument (pack_envelopes)
+        self._group_args: Dict[str, Tuple[bytes, bytes]] = {}  # page group -> its script arguments (pack_envelopes)
         # seq -> publish; insertion order is publish order, hence deadline order.
         self._pending: Dict[int, _Pending] = {}
         # seq -> envelope of a publish routed to this process's own inbox (as a reference: field
@@ -1749,7 +1861,8 @@ class RedisBroker(Broker):
                  _bulk(self.origin.encode())]
         hints = self._lean
         items, groups, omitted, count = pack_envelopes(parts, batch, self._offset - DEADLINE_MARGIN_MS,
-                                                       self.registry, hints, self.origin, lean, self._group_args)
+                                                       self.registry, hints, self.origin, lean, self._group_args,
+                                                       self.key_prefix)
         parts[0] = b"*%d\r\n" % (10 + count)
         self.sent_without_bytes += omitted
         self.sent_with_bytes += len(batch) - omitted
@@ -2198,8 +2311,8 @@ class RedisBroker(Broker):
         return size
 
     def _on_refs(self, entry_id: bytes, blob: bytes, at: float) -> None:
-        """Deliver this process's own page messages named by an inbox entry's ``R`` field: each
-        ``<seq>,<epoch>,<offset>;`` (epoch and offset when it joined a history, else empty). The
+        """Deliver this process's own page messages named by an inbox entry's ``R`` field
+        (:func:`parse_refs`: ranges ``<first>:<last>;``, or ``<seq>,<epoch>,<offset>;``). The
         envelope is this process's: still pending, or kept in ``_own`` past its deadline."""
         pending, own = self._pending, self._own
         try:
@@ -2235,22 +2348,31 @@ class RedisBroker(Broker):
         return envelope
 
     def _on_refs_slowly(self, entry_id: bytes, blob: bytes, at: float) -> None:
-        """:meth:`_on_refs` one reference at a time: those before a malformed one are delivered,
+        """:meth:`_on_refs` one reference (or range) at a time: those before a malformed one are delivered,
         the rest of the entry is logged and ignored."""
         pending, own = self._pending, self._own
         try:
             for ref in blob.split(b";")[:-1]:
-                seq_b, epoch, offset = ref.split(b",")
-                seq = int(seq_b)
-                position = (epoch.decode(), int(offset)) if epoch else None
-                self.inbox_envelopes += 1
-                if seq > self._last_ref:
-                    self._last_ref = seq
-                entry = pending.pop(seq, None)
-                envelope = entry.envelope if entry is not None else self._take(seq, entry_id)
-                if envelope is None:
-                    continue
-                self._hand(envelope, at, position, entry)
+                named: Sequence[int]
+                if b"," in ref:
+                    seq_b, epoch, offset = ref.split(b",")
+                    named = (int(seq_b),)
+                    position = (epoch.decode(), int(offset)) if epoch else None
+                else:  # a range "<first>:<last>"
+                    first, colon, last = ref.partition(b":")
+                    if not colon or not 0 < int(first) <= int(last):
+                        raise ValueError("not a range of references")
+                    named = range(int(first), int(last) + 1)
+                    position = None
+                for seq in named:
+                    self.inbox_envelopes += 1
+                    if seq > self._last_ref:
+                        self._last_ref = seq
+                    entry = pending.pop(seq, None)
+                    envelope = entry.envelope if entry is not None else self._take(seq, entry_id)
+                    if envelope is None:
+                        continue
+                    self._hand(envelope, at, position, entry)
         except (ValueError, UnicodeDecodeError):
             log.error("ignored the rest of a malformed entry %r on Redis stream %s", entry_id, self.inbox)
 
