@@ -391,6 +391,16 @@ if routing then
   local legacy = redis.call('SDIFF', prefix .. 'procs', prefix .. 'rprocs')[1]
   local r = legacy and '' or (prefix .. 'r:')
   local keys, nk = {}, 0
+  -- a lean run's keys not copied yet (ARGV[span_from..span_to]): the call's only keys, the
+  -- common case, go to MGET straight from ARGV
+  local span_from, span_to = false, 0
+  local function copy_span()
+    for j = span_from, span_to do
+      nk = nk + 1
+      keys[nk] = ARGV[j]
+    end
+    span_from = false
+  end
   local i = 7
   while i <= nargs do
     local c = tonumber(ARGV[i + 1])
@@ -404,15 +414,15 @@ if routing then
           keys[nk] = string.sub(ARGV[j], skip)
         end
       else
-        for j = i + 1, i - c do
-          nk = nk + 1
-          keys[nk] = ARGV[j]
-        end
+        if span_from then copy_span() end
+        span_from, span_to = i + 1, i - c
+        if nk > 0 then copy_span() end
       end
       i = i + 1 - c
     else
       for j = i + 1, i + 3 * c - 1, 3 do
         if ARGV[j + 1] ~= '0' then
+          if span_from then copy_span() end
           nk = nk + 1
           keys[nk] = r .. ARGV[j]
         end
@@ -420,7 +430,9 @@ if routing then
       i = i + 3 * c
     end
   end
-  if nk > 0 then
+  if span_from then
+    regs = redis.call('MGET', unpack(ARGV, span_from, span_to))
+  elseif nk > 0 then
     if legacy then
       local known = {}
       for k = 1, nk do
