@@ -392,12 +392,12 @@ async def test_redis_killed_and_restarted(connect):
 class InProcess:
     """A RealtimeServer with a RedisBroker, listening on a free port of the test's IOLoop."""
 
-    def __init__(self, redis_url, **broker_options):
+    def __init__(self, redis_url, *args, directory=DIRECTORY, settings=None, **broker_options):
         from tornado_rt.redis_broker import RedisBroker
 
-        self.server = RealtimeServer(Settings(jwt_secret=SECRET, ping_interval=0), load_entry_points=False,
-                                     broker=RedisBroker(redis_url, **broker_options))
-        self.server.directory.load(DIRECTORY)
+        self.server = RealtimeServer(Settings(jwt_secret=SECRET, ping_interval=0, **(settings or {})),
+                                     load_entry_points=False, broker=RedisBroker(redis_url, *args, **broker_options))
+        self.server.directory.load(directory)
         sock, port = bind_unused_port()
         self.http = HTTPServer(self.server.make_app())
         self.http.add_sockets([sock])

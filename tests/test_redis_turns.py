@@ -17,12 +17,10 @@ Non-delivery is always proved with a marker that must be the next message receiv
 import asyncio
 
 import pytest
-from tornado.httpserver import HTTPServer
-from tornado.testing import bind_unused_port
 
-from redis_fixtures import SECRET, RedisProcess, marker_message, require_redis_binary, require_redis_package
+from redis_fixtures import RedisProcess, marker_message, require_redis_binary, require_redis_package
+from test_redis import InProcess
 from test_redis_streams import connect, rows_created  # noqa: F401
-from tornado_rt import RealtimeServer, Settings
 from tornado_rt.envelope import message_envelope
 
 TABLES = [10, 11, 12, 13]
@@ -30,23 +28,14 @@ DIRECTORY = {"workspaces": {"1": [1, 2, 3]}, "tables": {str(t): 1 for t in TABLE
 BATCHES = 12
 
 
-class Node:
+class Node(InProcess):
     """A RealtimeServer with a RedisBroker on the test's loop, listening on a free port. Its reader
     blocks up to 600 s (the BLOCK time is the smaller of health_check_interval and a third of
     presence_ttl): within a test no read ends by timing out."""
 
     def __init__(self, redis_url, prefix):
-        from tornado_rt.redis_broker import RedisBroker
-
-        self.server = RealtimeServer(Settings(jwt_secret=SECRET, ping_interval=0, presence_ttl=3600.0),
-                                     load_entry_points=False,
-                                     broker=RedisBroker(redis_url, prefix, health_check_interval=600.0))
-        self.server.directory.load(DIRECTORY)
-        sock, port = bind_unused_port()
-        self.http = HTTPServer(self.server.make_app())
-        self.http.add_sockets([sock])
-        self.ws_url = f"ws://127.0.0.1:{port}/ws/core/"
-        self.name = f"in-process:{port}"
+        super().__init__(redis_url, prefix, directory=DIRECTORY, settings={"presence_ttl": 3600.0},
+                         health_check_interval=600.0)
 
     async def publish(self, items):
         """One batch (one script call to Redis): ``items`` of (message, audience or None); returns
@@ -56,9 +45,6 @@ class Node:
         if not isinstance(done, int):
             await done
 
-    async def stop(self):
-        self.http.stop()
-        await self.server.shutdown(timeout=1)
 
 
 async def _blocked(raw, readers):
