@@ -14,6 +14,8 @@ else. Against a real ``redis-server`` and real ``tornado-rt serve`` subprocesses
 * ... when a history starts after the hint was learnt: offsets consecutive, recovery returns the
   message.
 * ... when the control stream starts over (Redis restarted without data): nothing lost, no gap.
+* A snapshot another process wrote past the new stream's first entries (while this one was
+  stalled) does not make it skip the page messages among them.
 * A resend in the middle of a batch: what came before is applied once (Redis holds one
   reference / one copy each), the rest exactly once, in order.
 * Without sockets: the reading of the script's reply codes.
@@ -21,6 +23,7 @@ else. Against a real ``redis-server`` and real ``tornado-rt serve`` subprocesses
 Non-delivery is proved with a marker that must be the next message received.
 """
 import asyncio
+import signal
 import time
 
 import pytest
@@ -215,6 +218,51 @@ async def test_a_stale_hint_when_the_control_stream_starts_over_loses_nothing(co
         assert exposed["tornado_rt_redis_gaps_total"] == 0
         assert exposed["tornado_rt_redis_envelopes_lost_total"] == 0
         assert (await stats(a))["resends"] == 1  # no hint is learnt from the control stream
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_snapshot_written_past_the_first_entries_of_a_new_stream_loses_no_page_message(connect):  # noqa: F811
+    """Redis restarted without data while A was stalled; B read the new control stream's first
+    entry (a page message for A's client) and wrote its directory snapshot at that entry's
+    position. A, reading that entry late, sees the stream started over and loads the snapshot:
+    the page message is still delivered (the snapshot holds directory changes, not messages)."""
+    require_redis_package()
+    with cluster(connect, 2) as (redis, (a, b)):
+        await a.put_directory(DIRECTORY)
+        on_a, on_b = await connect(a, 1), await connect(b, 2)
+        await on_a.subscribe("table", table_id=10)
+        await a.publish({"message": rows_created(10, 1)})
+        assert await _recv_ids(on_a, 1) == [1]
+
+        a.proc.send_signal(signal.SIGSTOP)
+        try:
+            redis.restart()  # SIGKILL, then a fresh redis-server without data on the same port
+            deadline = time.monotonic() + 30
+            while True:  # until B's publisher is back: a 503 was applied nowhere
+                assert time.monotonic() < deadline, "B did not accept publishes after the restart"
+                status, _ = await b.call("POST", "/api/publish", {"message": rows_created(10, 2)})
+                if status == 200:
+                    break
+                assert status == 503, status
+                await asyncio.sleep(0.05)  # barrier-ok: bounded poll for the reconnect
+            raw = redis_sync.Redis.from_url(redis.url)
+            try:
+                first = int(raw.xrange(f"{PREFIX}:stream", count=1)[0][0].split(b"-")[0])
+                while True:  # until B has written its snapshot at (or past) that first entry
+                    assert time.monotonic() < deadline, "B wrote no snapshot after the restart"
+                    stored = raw.hget(f"{PREFIX}:directory", "p")
+                    if stored is not None and int(stored) >= first:
+                        break
+                    await asyncio.sleep(0.05)  # barrier-ok: bounded poll for B's snapshot write
+            finally:
+                raw.close()
+        finally:
+            a.proc.send_signal(signal.SIGCONT)
+        assert await _recv_ids(on_a, 1) == [2]
+        await marker_to_all(b, on_a, on_b)  # nothing else, nothing twice
+        exposed = await metrics(a)
+        assert exposed["tornado_rt_redis_resets_total"] == 1
+        assert exposed["tornado_rt_redis_envelopes_lost_total"] == 0
 
 
 @pytest.mark.gen_test(timeout=60)

@@ -133,8 +133,8 @@ from typing import Any, Awaitable, Callable, Deque, Dict, List, Mapping, Optiona
 import ujson
 
 from .broker import Broker, BrokerUnavailable
-from .envelope import (DISCONNECT, MESSAGE, REVOKE, Envelope, PublishError, directory_envelope, id_list,
-                       individual_envelope, message_envelope)
+from .envelope import (DIRECTORY, DISCONNECT, MESSAGE, REVOKE, Envelope, PublishError, directory_envelope,
+                       id_list, individual_envelope, message_envelope)
 from .redaction import redact_url
 from .settings import default
 
@@ -1233,6 +1233,8 @@ class RedisBroker(Broker):
         "resends": ("counter", "Publish script calls sent again because an envelope sent without its "
                                "bytes needed them (another process registered its group, a history, "
                                "the control stream)"),
+        "directory_in_snapshot": ("counter", "Directory changes read after a gap that the directory snapshot "
+                                             "loaded then already held (not applied twice)"),
     }
 
     def __init__(self, url: str, channel_prefix: str = _PREFIX, *,
@@ -1362,6 +1364,9 @@ class RedisBroker(Broker):
         self._last_error: Optional[str] = None
         #: The stream sequence number this process has read up to (0: none yet).
         self.position = 0
+        #: After a gap: the directory snapshot loaded holds the directory changes of the control
+        #: stream up to this position; those are not applied again (the rest is delivered).
+        self._directory_through = 0
         self._accepted = 0  # the highest sequence number Redis gave a publish of this process
         self._wrote: Tuple[int, int] = (0, 0)  # the highest entry id a publish of this process got
         self._last_id = b"0-0"
@@ -1379,6 +1384,8 @@ class RedisBroker(Broker):
         self.subscriptions = 0
         self.gaps = 0
         self.lost = 0
+        #: Directory changes read after a gap that the directory snapshot loaded already held.
+        self.directory_in_snapshot = 0
         self.resets = 0
         # The shared directory (share_directory=True and a server with the in-memory directory).
         self._directory: Any = None
@@ -1434,7 +1441,8 @@ class RedisBroker(Broker):
                 "registered": len(self._registered), "registrations": self.registrations,
                 "unregistrations": self.unregistrations, "swept": self.swept,
                 "late_registrations": self.late_registrations, "sent_with_bytes": self.sent_with_bytes,
-                "sent_without_bytes": self.sent_without_bytes, "resends": self.resends}
+                "sent_without_bytes": self.sent_without_bytes, "resends": self.resends,
+                "directory_in_snapshot": self.directory_in_snapshot}
 
     # --- registrations ------------------------------------------------------------------------------
     def register(self, group: str) -> Optional[Awaitable[None]]:
@@ -2429,7 +2437,7 @@ class RedisBroker(Broker):
                     # sync the directory with the snapshot before going on (_sync_directory).
                     self.position, self._last_id = expected - 1, previous
                     break
-            self._on_envelope(payload, at, position)
+            self._on_envelope(payload, at, position, held_by_snapshot=seq <= self._directory_through)
         if self._loaded is not None and not self._loaded.is_set() and self.position >= self._ready_at:
             self._loaded.set()
         if self._directory is not None and self.position - self._snap_position >= self.snapshot_every:
@@ -2439,7 +2447,7 @@ class RedisBroker(Broker):
         return size
 
     def _on_envelope(self, payload: bytes, at: float, position: Optional[Tuple[str, int]] = None,
-                     from_inbox: bool = False) -> None:
+                     from_inbox: bool = False, held_by_snapshot: bool = False) -> None:
         entry = None
         try:
             cut = payload.find(b"\n")
@@ -2459,6 +2467,12 @@ class RedisBroker(Broker):
             audience = envelope.audience
             if audience is not None and audience[0] == "page":
                 self.control_pages += 1
+        elif held_by_snapshot and envelope.kind == DIRECTORY:
+            # Already in the directory loaded after a gap (_sync_directory): not applied twice.
+            self.directory_in_snapshot += 1
+            if entry is not None and not entry.future.done():
+                entry.future.set_result(None)
+            return
         self._hand(envelope, at, position, entry)
 
     def _hand(self, envelope: Envelope, at: float, position: Optional[Tuple[str, int]],
@@ -2587,14 +2601,15 @@ class RedisBroker(Broker):
                 log.error("the directory snapshot in Redis (%s) is not valid, ignored: %s",
                           self.directory_key, exc)
             else:
-                skipped = max(0, position - gap_at + 1)
-                self.lost += skipped
-                self.position = max(position, gap_at - 1)
-                self._last_id = b"%d-0" % self.position
-                log.warning("directory loaded from Redis after the gap (%s at position %d)%s",
-                            self.directory_key, position,
-                            f"; the {skipped} envelopes it already holds are not delivered here"
-                            if skipped else "")
+                # The entries from gap_at on are still in the stream: reading goes on from there
+                # and delivers them, except the directory changes the snapshot already holds
+                # (up to its position), which are not applied twice. (Skipping those entries
+                # whole would lose page messages that were never lost: after a stream started
+                # over, the snapshot another process wrote is past entries this one never read.)
+                self._directory_through = position
+                log.warning("directory loaded from Redis after the gap (%s at position %d): the "
+                            "directory changes up to it are in it, the rest of the stream from "
+                            "position %d is delivered", self.directory_key, position, gap_at)
         if gap_at is not None and self.position < gap_at - 1:
             # Go on from the entry after the gap (the gap is counted; not seen again).
             self.position = gap_at - 1
