@@ -762,6 +762,88 @@ def redis_per_instance_pct(model: Dict[str, Any], K: int, P: int, M: float) -> f
     return M * redis_all(model, K, P) / K / 1e4
 
 
+def inboxes_per_call(x: int, per_call: float) -> float:
+    """Expected distinct inboxes one script call reaches: ``per_call`` plain page messages whose
+    pages have one viewer each, spread evenly over ``x`` processes (the publisher's own among them)."""
+    if x <= 0:
+        return 0.0
+    return x * (1 - (1 - 1 / x) ** per_call)
+
+
+def event_features(K: int, x: int, batch: int) -> Tuple[float, float, float]:
+    """What one instance of K does per cluster publish, x processes with viewers, HTTP batches of
+    ``batch``: (script calls, inboxes reached by those calls, envelopes). A batch gives each
+    instance that one of its page groups hashes to one call (probability 1 - (1 - 1/K)^batch)."""
+    reached = 1 - (1 - 1 / K) ** batch
+    per_call = batch / K / reached
+    calls = reached / batch
+    return calls, calls * inboxes_per_call(x, per_call), 1 / K
+
+
+def _solve3(a: List[List[float]], b: List[float]) -> List[float]:
+    """The 3 x 3 linear system a z = b (Gaussian elimination with partial pivoting)."""
+    m = [row[:] + [v] for row, v in zip(a, b)]
+    for i in range(3):
+        piv = max(range(i, 3), key=lambda r: abs(m[r][i]))
+        m[i], m[piv] = m[piv], m[i]
+        if abs(m[i][i]) < 1e-18:
+            raise ValueError("the runs do not determine the event model (vary K and P)")
+        for r in range(i + 1, 3):
+            f = m[r][i] / m[i][i]
+            m[r] = [u - f * w for u, w in zip(m[r], m[i])]
+    z = [0.0, 0.0, 0.0]
+    for i in (2, 1, 0):
+        z[i] = (m[i][3] - sum(m[i][j] * z[j] for j in range(i + 1, 3))) / m[i][i]
+    return z
+
+
+def event_model(runs: Sequence[Dict[str, Any]]) -> Dict[str, float]:
+    """Redis CPU per cluster publish of ONE instance as what it does (least squares over every
+    run, one viewer per page): c_call per script call, c_inbox per inbox a call reaches (its
+    XADD and trim, the reader's wake-up, its XREAD reply and the next XREAD), c_env per envelope.
+    Unlike :func:`shard_model` (lines in x, then linear in K), it says why K instances do not cut
+    an instance's cost to 1/K: every publish batch still makes one call per instance, and a call
+    of fewer envelopes still reaches nearly as many inboxes."""
+    rows, ys = [], []
+    for r in runs:
+        batch = int(r["config"].get("batch", 100))
+        rows.append(event_features(shards(r), redis_x(r), batch))
+        ys.append(r["watched"]["redis_cpu_us_per_publish"] / shards(r))
+    ata = [[sum(f[i] * f[j] for f in rows) for j in range(3)] for i in range(3)]
+    aty = [sum(f[i] * y for f, y in zip(rows, ys)) for i in range(3)]
+    c_call, c_inbox, c_env = _solve3(ata, aty)
+    return {"c_call": c_call, "c_inbox": c_inbox, "c_env": c_env}
+
+
+def event_per_instance(model: Dict[str, float], K: int, x: int, batch: int = 100) -> float:
+    """Redis CPU µs per cluster publish of one of K instances (:func:`event_model`)."""
+    calls, inboxes, envs = event_features(K, x, batch)
+    return model["c_call"] * calls + model["c_inbox"] * inboxes + model["c_env"] * envs
+
+
+def project_events(model: Dict[str, float], runs: Sequence[Dict[str, Any]], ks: Sequence[int]) -> List[str]:
+    """The event model: its parameters, predicted vs measured per run, and Redis % of one core
+    per instance at P = 16 for each K (batches of 100)."""
+    out = ["", "Redis per instance as what it does (event model, least squares over every run with one viewer per "
+           "page): µs per script call, per inbox a call reaches, per envelope:", "",
+           "| c_call | c_inbox | c_env |", "|---|---|---|",
+           f"| {model['c_call']:.1f} | {model['c_inbox']:.1f} | {model['c_env']:.2f} |", "",
+           "| run | K | x | inboxes per call | Redis per instance: predicted / measured |", "|---|---|---|---|---|"]
+    for r in runs:
+        K, x, batch = shards(r), redis_x(r), int(r["config"].get("batch", 100))
+        calls, inboxes, _ = event_features(K, x, batch)
+        out.append(f"| {r['_path'].replace('.json', '')} | {K} | {x} | {inboxes / calls:.1f} | "
+                   f"{event_per_instance(model, K, x, batch):.1f} / {r['watched']['redis_cpu_us_per_publish'] / K:.1f} |")
+    out += ["", "Event model: Redis % of one core per instance at P = 16 processes with viewers, batches of 100:", "",
+            "| K | inboxes per call | µs per cluster publish | " + " | ".join(f"{m:,}/s" for m in PROJECT_M) + " |",
+            "|---|---|---" + "|---" * len(PROJECT_M) + "|"]
+    for K in ks:
+        calls, inboxes, _ = event_features(K, 16, 100)
+        us = event_per_instance(model, K, 16)
+        out.append(f"| {K} | {inboxes / calls:.1f} | {us:.1f} | " + " | ".join(f"{m * us / 1e4:,.0f}%" for m in PROJECT_M) + " |")
+    return out
+
+
 def _runs_table(runs: Sequence[Dict[str, Any]]) -> List[str]:
     out = ["| run | P (idle) | K | pages | load | publishes/s | lost | idle proc µs/cluster publish | active proc µs/cluster publish | "
            "Redis µs/publish, all instances | Redis µs/publish, each instance | script µs/publish | XREAD µs/publish |",
@@ -842,6 +924,13 @@ def summarize(paths: Sequence[str], calibrate_max_p: int, project_shards: Option
         out += ["", f"Busiest instance over the mean of its run, at most: {sfull['imbalance']:.2f} (the projections assume an even spread)."]
     if project_shards:
         out += project_redis(sfull, project_shards)
+        routed_runs = [r for r in calib_all if routed(r)]
+        try:
+            emodel = event_model(routed_runs) if routed_runs else None
+        except ValueError:
+            emodel = None  # one K and one P only: not determined
+        if emodel is not None:
+            out += project_events(emodel, routed_runs, sorted(set(ks) | set(project_shards)))
     return "\n".join(out) + "\n"
 
 

@@ -172,3 +172,42 @@ def test_summarize_reads_old_runs_and_k_runs_together_and_projects_per_instance(
     assert "| 16 | 8% | 42% | 83% | 167% |" in k3.split("\n\n")[1]
     k4 = text.split("Redis % of one core per instance, K = 4 (K not measured")[1]
     assert "| 16 | 8% | 39% | 78% | 155% |" in k4.split("\n\n")[1]
+
+
+def test_event_model_recovers_the_costs_per_call_inbox_and_envelope():
+    # Runs made from known costs: 100 µs per script call, 50 per inbox a call reaches, 4 per envelope.
+    truth = {"c_call": 100.0, "c_inbox": 50.0, "c_env": 4.0}
+    runs = [synthetic_run(P, 1, K, redis_scale.event_per_instance(truth, K, P - 1) * K)
+            for P in (2, 4, 8) for K in (1, 3, 4)]
+    model = redis_scale.event_model(runs)
+    assert model == pytest.approx(truth)
+    # What one instance does per cluster publish: K = 1, 6 processes with viewers, batches of 100:
+    # one call reaching all 6 inboxes (1 - (5/6)^100 ~ 1), 100 envelopes: per publish 1/100 of it.
+    calls, inboxes, envs = redis_scale.event_features(1, 6, 100)
+    assert (calls, envs) == pytest.approx((0.01, 1.0)) and inboxes == pytest.approx(0.06, rel=1e-6)
+    # K = 4: 25 envelopes per call reach 6 (1 - (5/6)^25) = 5.94 inboxes; each instance gets a
+    # call of each batch (1 - (3/4)^100 ~ 1) and a quarter of the envelopes.
+    calls, inboxes, envs = redis_scale.event_features(4, 6, 100)
+    assert calls == pytest.approx(0.01) and envs == 0.25
+    assert inboxes / calls == pytest.approx(6 * (1 - (5 / 6) ** 25), rel=1e-6)
+    # One K and one P do not determine three costs.
+    with pytest.raises(ValueError):
+        redis_scale.event_model([synthetic_run(4, 1, 1, 10.0), synthetic_run(4, 1, 1, 11.0)])
+
+
+def test_summarize_adds_the_event_model_and_its_projection_per_k(tmp_path):
+    truth = {"c_call": 100.0, "c_inbox": 50.0, "c_env": 4.0}
+    paths = []
+    for P in (2, 4, 8):
+        for K in (1, 4):
+            path = tmp_path / f"run-P{P}-K{K}.json"
+            path.write_text(json.dumps(synthetic_run(P, 1, K, redis_scale.event_per_instance(truth, K, P - 1) * K)))
+            paths.append(str(path))
+    text = redis_scale.summarize(paths, 4, [1, 4, 16])
+    assert "| 100.0 | 50.0 | 4.00 |" in text
+    table = text.split("Event model: Redis % of one core per instance at P = 16")[1]
+    # K = 16 at P = 16: per instance (100 + 50 x inboxes) x calls + 4 / 16 µs per cluster publish.
+    us = redis_scale.event_per_instance(truth, 16, 16)
+    calls, inboxes, _ = redis_scale.event_features(16, 16, 100)
+    assert f"| 16 | {inboxes / calls:.1f} | {us:.1f} | " in table
+    assert f"{100000 * us / 1e4:,.0f}%" in table.split("| 16 |")[1].split("\n")[0]
