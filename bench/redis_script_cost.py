@@ -19,6 +19,7 @@ of its inner commands. Each mode uses its own key prefix on the same Redis:
     python bench/redis_script_cost.py --modes own --calls 5000 --pages 1000
     PYTHONPATH=/path/to/other/checkout python bench/redis_script_cost.py   # another version's script
     python bench/redis_script_cost.py --port 6390 --modes own --calls 100 --repeat 1   # a running Redis
+    python bench/redis_script_cost.py --round-trips --calls 5000   # what a round trip costs Redis
 
 It uses the script and the packing of the ``tornado_rt`` it imports, so the same command compares
 two checkouts. Not part of ``bench/run.py``: a focused measurement for docs/redis.md.
@@ -152,6 +153,31 @@ def run_mode(mode: str, port: int, pid: int, args: argparse.Namespace) -> Dict[s
             "inner_us_per_envelope": inner, "codes": codes_seen, "wall_s": wall}
 
 
+def round_trips(port: int, pid: int, calls: int) -> None:
+    """Redis CPU per command of requests that do almost nothing, one round trip at a time: what a
+    call costs Redis before any work (waking up, reading, parsing, replying, going back to sleep)."""
+    raw = redis.Redis(port=port)
+    trivial = raw.script_load("return 1")
+    many = [str(i) for i in range(300)]
+
+    def pipelined() -> None:
+        pipe = raw.pipeline(transaction=False)
+        for _ in range(10):
+            pipe.ping()
+        pipe.execute()
+
+    for name, fn, per in (("PING", raw.ping, 1), ("EVALSHA of 'return 1'", lambda: raw.evalsha(trivial, 1, "k"), 1),
+                          ("the same with 300 arguments", lambda: raw.evalsha(trivial, 1, "k", *many), 1),
+                          ("10 PINGs in one pipeline, per PING", pipelined, 10)):
+        for _ in range(max(10, calls // 10)):
+            fn()
+        before = cpu_ns(pid)
+        for _ in range(calls):
+            fn()
+        print(f"  {name}: Redis CPU {(cpu_ns(pid) - before) / calls / per / 1000:.2f} µs per command")
+    raw.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=2000, help="measured script calls per mode (default 2,000)")
@@ -163,6 +189,9 @@ def main() -> None:
                         help="use the redis-server already listening on this port of 127.0.0.1 (e.g. one under "
                              "valgrind --tool=callgrind, to count its instructions) instead of starting one; "
                              "its data is flushed")
+    parser.add_argument("--round-trips", action="store_true",
+                        help="instead: Redis CPU per PING, per EVALSHA of 'return 1' (without and with 300 "
+                             "arguments) and per PING of 10 pipelined, --calls of each, one round trip at a time")
     args = parser.parse_args()
     import tornado_rt
 
@@ -180,6 +209,10 @@ def main() -> None:
             except redis.ConnectionError:
                 time.sleep(0.02)
         pid = proc.pid if proc is not None else int(raw.info("server")["process_id"])
+        if args.round_trips:
+            print(f"redis-server {raw.info()['redis_version']}; {args.calls} of each, one round trip at a time")
+            round_trips(port, pid, args.calls)
+            return
         print(f"tornado_rt from {os.path.dirname(tornado_rt.__file__)}; {raw.info()['redis_version']}; "
               f"{args.calls} calls of {args.batch} envelopes over {args.pages} pages per run, median of {args.repeat}")
         for mode in args.modes.split(","):
