@@ -1775,6 +1775,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--latency-sample", type=int,
                    help="latency scenario: every Nth connection reads at once and is timed, the others "
                         "read every 20 ms (default 10; 1 = every connection reads at once)")
+    p.add_argument("--latency-rate", type=float,
+                   help="latency scenario: publishes per second (default 200), to see how the tail "
+                        "depends on how busy the server is")
     p.add_argument("--http-pages", type=int, help="http-pages: pages with one subscriber each (full 2,000)")
     p.add_argument("--http-messages", type=int, help="http-pages: messages per measured window (full 40,000)")
     p.add_argument("--http-windows", type=int, help="http-pages: measured windows, the median reported (default 5)")
@@ -1812,6 +1815,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg["batch"] = args.batch
     if args.latency_sample:
         cfg["latency_sample"] = max(1, args.latency_sample)
+    if args.latency_rate is not None:
+        if not args.latency_rate > 0:
+            p.error("--latency-rate: must be positive")
+        cfg["latency_rate"] = args.latency_rate
     for opt, key in (("http_pages", "http_pages"), ("http_messages", "http_messages"), ("http_windows", "http_windows"),
                      ("http_batch", "http_batch"),
                      ("http_requests", "http_single_requests"), ("redis_pages", "redis_pages"),
