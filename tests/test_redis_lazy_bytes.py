@@ -223,9 +223,10 @@ async def test_a_stale_hint_when_the_control_stream_starts_over_loses_nothing(co
 @pytest.mark.gen_test(timeout=60)
 async def test_a_snapshot_written_past_the_first_entries_of_a_new_stream_loses_no_page_message(connect):  # noqa: F811
     """Redis restarted without data while A was stalled; B read the new control stream's first
-    entry (a page message for A's client) and wrote its directory snapshot at that entry's
-    position. A, reading that entry late, sees the stream started over and loads the snapshot:
-    the page message is still delivered (the snapshot holds directory changes, not messages)."""
+    entries (a page message for A's client, then a directory change) and wrote its directory
+    snapshot at the last one's position. A, reading them late, sees the stream started over and
+    loads the snapshot: the page message is still delivered (the snapshot holds directory
+    changes, not messages), the directory change is not applied twice."""
     require_redis_package()
     with cluster(connect, 2) as (redis, (a, b)):
         await a.put_directory(DIRECTORY)
@@ -245,13 +246,15 @@ async def test_a_snapshot_written_past_the_first_entries_of_a_new_stream_loses_n
                     break
                 assert status == 503, status
                 await asyncio.sleep(0.05)  # barrier-ok: bounded poll for the reconnect
+            # Then a directory change (table 12 joins workspace 1): the new stream's second entry.
+            await b.put_directory({**DIRECTORY, "tables": {**DIRECTORY["tables"], "12": 1}})
             raw = redis_sync.Redis.from_url(redis.url)
             try:
-                first = int(raw.xrange(f"{PREFIX}:stream", count=1)[0][0].split(b"-")[0])
-                while True:  # until B has written its snapshot at (or past) that first entry
+                last = int(raw.xrevrange(f"{PREFIX}:stream", count=1)[0][0].split(b"-")[0])
+                while True:  # until B has written its snapshot at (or past) that last entry
                     assert time.monotonic() < deadline, "B wrote no snapshot after the restart"
                     stored = raw.hget(f"{PREFIX}:directory", "p")
-                    if stored is not None and int(stored) >= first:
+                    if stored is not None and int(stored) >= last:
                         break
                     await asyncio.sleep(0.05)  # barrier-ok: bounded poll for B's snapshot write
             finally:
@@ -263,6 +266,12 @@ async def test_a_snapshot_written_past_the_first_entries_of_a_new_stream_loses_n
         exposed = await metrics(a)
         assert exposed["tornado_rt_redis_resets_total"] == 1
         assert exposed["tornado_rt_redis_envelopes_lost_total"] == 0
+        # The directory change was in the snapshot A loaded: not applied a second time, and A
+        # answers with the new directory.
+        assert (await stats(a))["directory_in_snapshot"] == 1
+        assert exposed["tornado_rt_redis_directory_in_snapshot_total"] == 1
+        added = await on_a.subscribe("table", table_id=12)
+        assert added["type"] == "page_add", added
 
 
 @pytest.mark.gen_test(timeout=60)
