@@ -15,7 +15,8 @@ else. Against a real ``redis-server`` and real ``tornado-rt serve`` subprocesses
   message.
 * ... when the control stream starts over (Redis restarted without data): nothing lost, no gap.
 * A snapshot another process wrote past the new stream's first entries (while this one was
-  stalled) does not make it skip the page messages among them.
+  stalled) does not make it skip the page messages among them; the directory changes among
+  them that the snapshot holds are not applied twice.
 * A resend in the middle of a batch: what came before is applied once (Redis holds one
   reference / one copy each), the rest exactly once, in order.
 * Without sockets: the reading of the script's reply codes.
@@ -53,6 +54,19 @@ async def _recv_ids(client, count):
         assert got["type"] == "rows_created", (client.node.name, str(got)[:300])
         out.append(_id(got))
     return out
+
+
+async def _publish_once_back(node, envelope, timeout=30.0):
+    """After a Redis restart: publish ``envelope`` through ``node`` until its publisher is back
+    (200); a 503 was applied nowhere, so retrying it sends it once. Bounded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert time.monotonic() < deadline, f"{node.name} did not accept publishes after the restart"
+        status, _ = await node.call("POST", "/api/publish", envelope)
+        if status == 200:
+            return
+        assert status == 503, status
+        await asyncio.sleep(0.05)  # barrier-ok: bounded poll for the reconnect
 
 
 # --- pure logic -------------------------------------------------------------------------------------
@@ -199,14 +213,7 @@ async def test_a_stale_hint_when_the_control_stream_starts_over_loses_nothing(co
 
         redis.restart()  # SIGKILL, then a fresh redis-server without data on the same port
         sent = 2
-        deadline = time.monotonic() + 30
-        while True:  # until A's publisher is back: a 503 was applied nowhere
-            assert time.monotonic() < deadline, "A did not accept publishes after the restart"
-            status, _ = await a.call("POST", "/api/publish", {"message": rows_created(10, sent)})
-            if status == 200:
-                break
-            assert status == 503, status
-            await asyncio.sleep(0.05)  # barrier-ok: bounded poll for the reconnect
+        await _publish_once_back(a, {"message": rows_created(10, sent)})
         assert await _recv_ids(on_a, 1) == [sent]
         seen = await stats(a)
         assert seen["resends"] == 1, seen  # sent without its bytes on the old hint, then with them
@@ -239,13 +246,7 @@ async def test_a_snapshot_written_past_the_first_entries_of_a_new_stream_loses_n
         try:
             redis.restart()  # SIGKILL, then a fresh redis-server without data on the same port
             deadline = time.monotonic() + 30
-            while True:  # until B's publisher is back: a 503 was applied nowhere
-                assert time.monotonic() < deadline, "B did not accept publishes after the restart"
-                status, _ = await b.call("POST", "/api/publish", {"message": rows_created(10, 2)})
-                if status == 200:
-                    break
-                assert status == 503, status
-                await asyncio.sleep(0.05)  # barrier-ok: bounded poll for the reconnect
+            await _publish_once_back(b, {"message": rows_created(10, 2)})
             # Then a directory change (table 12 joins workspace 1): the new stream's second entry.
             await b.put_directory({**DIRECTORY, "tables": {**DIRECTORY["tables"], "12": 1}})
             raw = redis_sync.Redis.from_url(redis.url)
