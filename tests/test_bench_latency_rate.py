@@ -36,3 +36,27 @@ def test_latency_rate_must_be_positive():
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 2
     assert "--latency-rate" in done.stderr
+
+
+def test_the_floor_server_delivers_every_publish_of_the_latency_scenario(tmp_path):
+    """The latency scenario's floor (bench/servers/floor_server.py: one frame built per publish,
+    one ``socket.send()`` per connection per loop iteration) is a real server: every publish
+    reaches every subscriber, in order, and the table lists it beside tornado-rt."""
+    out = str(tmp_path / "floor")
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    done = subprocess.run(
+        [sys.executable, SCRIPT, "--quick", "--servers", "tornado-rt,floor", "--scenarios", "latency",
+         "--latency-rate", "40", "--duration", "1", "--workers", "1", "--out", out],
+        capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with open(out + ".json") as f:
+        report = json.load(f)
+    for server in ("tornado-rt", "floor"):
+        result = report["results"]["latency"][server]
+        assert "error" not in result, (server, result.get("error"))
+        assert result["publishes"] == 40, server
+        assert result["drained"] is True and result["undelivered"] == 0, server
+        assert result["lost"] == 0 and result["extra"] == 0 and result["order_errors"] == 0, server
+    with open(out + ".md") as f:
+        table = f.read()
+    assert "floor" in table and "p99 latency ms" in table
