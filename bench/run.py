@@ -68,7 +68,7 @@ SUPPORTS = {
     "naive-tornado": WS,
     "websockets": WS | {"http-pages"},
     "channels": WS,
-    "tornado-rt-redis": {"fanout", "redis-pages"},
+    "tornado-rt-redis": {"fanout", "latency", "redis-pages"},
     "centrifuge-1": WS | {"http-pages"},
     "centrifuge": WS | {"http-pages"},
     "tornado-rt-uvloop": {"http-pages", "http-single"},

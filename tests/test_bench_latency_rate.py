@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+from tools import need
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "run.py")
 
@@ -60,3 +62,24 @@ def test_the_floor_server_delivers_every_publish_of_the_latency_scenario(tmp_pat
     with open(out + ".md") as f:
         table = f.read()
     assert "floor" in table and "p99 latency ms" in table
+
+
+def test_two_processes_over_redis_deliver_every_publish_of_the_latency_scenario(tmp_path):
+    """``tornado-rt-redis`` in the latency scenario: subscribers split over two real tornado-rt
+    processes on a real redis-server, the paced publishes through A; every publish reaches every
+    subscriber on both, in order."""
+    need("redis-server", "redis-server")
+    out = str(tmp_path / "redis")
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    done = subprocess.run(
+        [sys.executable, SCRIPT, "--quick", "--servers", "tornado-rt-redis", "--scenarios", "latency",
+         "--latency-rate", "40", "--duration", "1", "--workers", "1", "--out", out],
+        capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with open(out + ".json") as f:
+        result = json.load(f)["results"]["latency"]["tornado-rt-redis"]
+    assert "error" not in result, result.get("error")
+    assert result["publishes"] == 40
+    assert result["drained"] is True and result["undelivered"] == 0
+    assert result["lost"] == 0 and result["extra"] == 0 and result["order_errors"] == 0
+    assert result["connections"] == 200  # --quick: 200 subscribers, over both processes
