@@ -74,16 +74,19 @@ class Conn(asyncio.Protocol):
             key = next(line.split(":", 1)[1].strip() for line in head.split("\r\n")
                        if line.lower().startswith("sec-websocket-key:"))
             accept = base64.b64encode(hashlib.sha1(key.encode() + GUID).digest()).decode()
+            self.transport.write(f"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                                 f"Sec-WebSocket-Accept: {accept}\r\n\r\n".encode())
             if head.startswith("GET " + common.PUBLISH_PATH):
-                self.transport.write(f"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                                     f"Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n".encode())
-                self.publisher = self.open = True
-                buf = buf[end + 4:]
+                self.publisher = True  # the bench's publish trigger: no token
             else:
-                self._upgrade(head, accept)
-                if not self.open:
+                token = head.split("jwt_token=", 1)[1].split(" ", 1)[0] if "jwt_token=" in head else None
+                if common.decode_token(token) is None:
+                    self.transport.write(frame(common.dumps(common.AUTH_FAILED).encode()))
+                    self.transport.close()
                     return
-                buf = buf[end + 4:]
+                self.transport.write(frame(common.dumps(common.auth_ok("floor")).encode()))
+            self.open = True
+            buf = buf[end + 4:]
         while len(buf) >= 6:  # client frames: masked, up to 65535 bytes
             n = buf[1] & 0x7F
             start = 6
@@ -95,10 +98,11 @@ class Conn(asyncio.Protocol):
                 raise ValueError("client frame too large for the floor server")
             if len(buf) < start + n:
                 break
+            text_frame = buf[0] & 0x0F == 1  # not a close frame
             mask, payload = buf[start - 4:start], buf[start:start + n]
             text = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
             buf = buf[start + n:]
-            if self.publisher:
+            if self.publisher and text_frame:
                 _publish(text)
             elif b'"table_id"' in text:
                 table_id = int(common.json.loads(text)["table_id"])
@@ -109,17 +113,6 @@ class Conn(asyncio.Protocol):
                 subscribers.setdefault(table_id, []).append(self.sock)
                 order.clear()
         self.buf = buf
-
-    def _upgrade(self, head: str, accept: str) -> None:
-        token = head.split("jwt_token=", 1)[1].split(" ", 1)[0] if "jwt_token=" in head else None
-        self.transport.write(f"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                             f"Sec-WebSocket-Accept: {accept}\r\n\r\n".encode())
-        if common.decode_token(token) is None:
-            self.transport.write(frame(common.dumps(common.AUTH_FAILED).encode()))
-            self.transport.close()
-            return
-        self.transport.write(frame(common.dumps(common.auth_ok("floor")).encode()))
-        self.open = True
 
     def connection_lost(self, exc) -> None:
         if self.sock is not None:
