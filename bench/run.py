@@ -73,7 +73,7 @@ SUPPORTS = {
     "centrifuge": WS | {"http-pages"},
     "tornado-rt-uvloop": {"http-pages", "http-single"},
     "tornado-rt-applisten": {"memory", "storm"},
-    "floor": {"http-pages", "latency"},
+    "floor": {"http-pages", "latency", "storm"},
     "tornado-bare": {"http-single"},
 }
 # The HTTP scenarios run tornado-rt as `tornado-rt serve` (its own HTTP API), not embedded.
