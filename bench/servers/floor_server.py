@@ -36,8 +36,7 @@ import common  # noqa: E402
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC11B65"
 OPEN, SEP, CLOSE = b'[{"message":', b'},{"message":', b"}]"
 
-pages: Dict[int, socket.socket] = {}  # table id -> the connection's socket
-subscribers: Dict[int, List[socket.socket]] = {}  # table id -> every subscribed socket (latency)
+subscribers: Dict[int, List[socket.socket]] = {}  # table id -> every subscribed socket
 pending: Dict[socket.socket, List[bytes]] = {}  # frames queued for the next flush
 order: List[socket.socket] = []
 fallbacks = [0]  # sends that did not fit the socket buffer (finished through the transport)
@@ -109,15 +108,12 @@ class Conn(asyncio.Protocol):
                 self.transport.write(frame(common.dumps(common.page_add(table_id)).encode()))
                 if self.sock is None:
                     self.sock = socket.socket(fileno=os.dup(self.transport.get_extra_info("socket").fileno()))
-                pages[table_id] = self.sock
                 subscribers.setdefault(table_id, []).append(self.sock)
                 order.clear()
         self.buf = buf
 
     def connection_lost(self, exc) -> None:
         if self.sock is not None:
-            for t in [t for t, s in pages.items() if s is self.sock]:
-                del pages[t]
             for socks in subscribers.values():
                 if self.sock in socks:
                     socks.remove(self.sock)
@@ -170,7 +166,8 @@ def on_http(method: bytes, path: bytes, body: bytes):
     if method != b"POST" or path != b"/api/publish":
         return 404, b'{"error":"not found","field":null}'
     if not order:
-        order.extend(pages[t] for t in sorted(pages))
+        # http-pages: one subscriber per page, the pages in table-id order
+        order.extend(subscribers[t][-1] for t in sorted(subscribers) if subscribers[t])
     if not (body.startswith(OPEN) and body.endswith(CLOSE)) or not order:
         return 400, b'{"error":"not a bench batch","field":null}'
     messages = body[len(OPEN):-len(CLOSE)].split(SEP)
